@@ -1,0 +1,53 @@
+# kvferry: two commands on a fresh machine.
+#   make run   set up a virtualenv and run the main job on the embedded default
+#   make test  set up, install what the tests need (redis-server, Mooncake's engine), lint, type-check, test
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.kvferry-installed
+APT_PACKAGES := redis-server libibverbs1 ibverbs-providers
+PIP := $(PY) -m pip --disable-pip-version-check
+
+.PHONY: setup run test lint typecheck pytest system-deps mooncake clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e '.[test,redis]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# Debian packages the tests use: a real redis-server, and the verbs libraries Mooncake's wheel
+# links against. Installed only when missing (needs root, as on CI).
+system-deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+# Mooncake's Transfer Engine (CPU build) for the side-by-side benchmark and its tests.
+mooncake: $(STAMP) system-deps
+	@$(PY) -c "import mooncake.engine" 2>/dev/null || $(PIP) install -q 'mooncake-transfer-engine-non-cuda>=0.3.13'
+
+run: $(STAMP)
+	$(VENV)/bin/kvferry bench transfer --local --duration 1 --start-block-size 4KiB --max-block-size 1MiB \
+	  --start-batch-size 1 --max-batch-size 16 --max-threads 1 --total-buffer-size 64MiB
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check kvferry tests
+	$(VENV)/bin/ruff format --check kvferry tests
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+pytest: $(STAMP)
+	$(VENV)/bin/pytest -q
+
+test: $(STAMP) system-deps mooncake lint typecheck pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

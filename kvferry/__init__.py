@@ -1,0 +1,58 @@
+"""kvferry: a KV-cache store and transfer engine for LLM inference, with a benchmark lab.
+
+The curated public API lives here (pinned by tests/test_public_api.py). Importing kvferry reads
+no environment variable, starts no thread and imports no torch.
+"""
+
+from kvferry.config import KvferryConfig, LoadedConfig, load_config
+from kvferry.errors import (
+    AuthError,
+    ConfigError,
+    KvferryError,
+    MissingDependency,
+    PeerClosed,
+    ProtocolError,
+    RemoteError,
+    SegmentError,
+    TransferError,
+    TransferTimeout,
+)
+from kvferry.transfer import (
+    Batch,
+    BatchStatus,
+    MemoryRegion,
+    OpCode,
+    RequestStatus,
+    SegmentHandle,
+    TransferEngine,
+    TransferRequest,
+    TransferState,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AuthError",
+    "Batch",
+    "BatchStatus",
+    "ConfigError",
+    "KvferryConfig",
+    "KvferryError",
+    "LoadedConfig",
+    "MemoryRegion",
+    "MissingDependency",
+    "OpCode",
+    "PeerClosed",
+    "ProtocolError",
+    "RemoteError",
+    "RequestStatus",
+    "SegmentError",
+    "SegmentHandle",
+    "TransferEngine",
+    "TransferError",
+    "TransferRequest",
+    "TransferState",
+    "TransferTimeout",
+    "__version__",
+    "load_config",
+]

@@ -1,0 +1,1 @@
+"""Engines under the transfer benchmark, behind TransferBenchBackend (see base.py)."""

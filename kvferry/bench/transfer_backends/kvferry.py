@@ -1,0 +1,90 @@
+"""kvferry's own TransferEngine as a tebench backend (drives only the public engine API)."""
+
+from __future__ import annotations
+
+from kvferry.bench.transfer_backends.base import Op, TransferBenchBackend
+from kvferry.config.models import KvferryConfig
+from kvferry.errors import ConfigError, SegmentError
+from kvferry.transfer import (
+    MemoryRegion,
+    OpCode,
+    SegmentHandle,
+    TransferEngine,
+    TransferRequest,
+    TransferState,
+)
+
+
+class KvferryBenchBackend(TransferBenchBackend):
+    name = "kvferry"
+
+    def __init__(
+        self, transport: str = "auto", seg_type: str = "DRAM", config: KvferryConfig | None = None
+    ) -> None:
+        super().__init__(transport, seg_type)
+        if seg_type != "DRAM":
+            raise ConfigError(
+                f"--seg-type {seg_type} is not supported by the kvferry backend on this build; "
+                "use DRAM"
+            )
+        config = config or KvferryConfig()
+        if transport != "auto":
+            config = config.model_copy(
+                update={"transfer": config.transfer.model_copy(update={"transport": transport})}
+            )
+        self.config = config
+        self.engine = TransferEngine(config)
+        self._local: MemoryRegion | None = None
+        self._target: MemoryRegion | None = None
+        self._handle: SegmentHandle | None = None
+
+    def start_target(self, total_buffer_size: int) -> str:
+        self._target = self.engine.allocate(total_buffer_size)
+        return self.engine.listen()
+
+    def connect(self, target_seg: str, local_buffer_size: int) -> None:
+        self._local = self.engine.allocate(local_buffer_size)
+        self._handle = self.engine.open_segment(target_seg)
+        self.transport = self._handle.transport
+
+    def local_buffer(self) -> memoryview:
+        if self._local is None:
+            raise SegmentError("connect() first")
+        return self._local.view
+
+    def target_capacity(self) -> int:
+        if self._handle is None:
+            raise SegmentError("connect() first")
+        return self._handle.size
+
+    def run_batch(
+        self, op: Op, local_offsets: list[int], target_offsets: list[int], block_size: int
+    ) -> None:
+        engine, local, handle = self.engine, self._local, self._handle
+        assert local is not None and handle is not None
+        opcode = OpCode.READ if op == "read" else OpCode.WRITE
+        batch = engine.allocate_batch(len(local_offsets))
+        engine.submit(
+            batch,
+            [
+                TransferRequest(opcode, local, lo, handle, to, block_size)
+                for lo, to in zip(local_offsets, target_offsets, strict=True)
+            ],
+        )
+        status = engine.wait(batch)
+        if status.state is not TransferState.COMPLETED:
+            raise status.errors[0]
+        engine.free_batch(batch)
+
+    def describe(self) -> dict[str, object]:
+        from kvferry import __version__
+
+        return {
+            "backend": self.name,
+            "version": __version__,
+            "transport": self.transport,
+            "config": self.config.transfer.model_dump(mode="json"),
+        }
+
+    def close(self) -> None:
+        self.engine.close()

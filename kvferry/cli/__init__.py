@@ -1,0 +1,1 @@
+"""The ``kvferry`` command line: ``main`` wires up one module per subcommand."""

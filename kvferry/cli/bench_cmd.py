@@ -1,0 +1,257 @@
+"""``kvferry bench ...``: parse flags, call the bench harness, print/write results; no logic."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from kvferry.bench import references
+from kvferry.bench.transfer import (
+    COLUMNS,
+    READY_PREFIX,
+    CaseResult,
+    TransferBenchOptions,
+    TransferBenchReport,
+    make_backend,
+    row,
+    run_sweep,
+    serve_target,
+    spawn_local_target,
+    write_csv,
+)
+from kvferry.cli.common import add_config_options, load_from_args
+from kvferry.config.units import parse_duration, parse_size
+from kvferry.errors import ConfigError
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def _seconds(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def add_parser(subparsers: Any) -> None:
+    bench = subparsers.add_parser("bench", help="benchmarks: transfer, ...")
+    kinds = bench.add_subparsers(title="benchmarks", metavar="BENCH")
+    p = kinds.add_parser(
+        "transfer",
+        help="transfer engine sweep (the tebench of kvferry)",
+        description="Sweep block size x batch size x threads and report bandwidth and latency. "
+        "Modes: --target (serve), --target-seg HOST:PORT (initiator), --local (default: spawn a "
+        "target process on loopback and run against it).",
+    )
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--target", action="store_true", help="allocate, register and serve")
+    mode.add_argument("--target-seg", metavar="HOST:PORT", help="run as initiator against it")
+    mode.add_argument("--local", action="store_true", help="spawn a local target (default)")
+    p.add_argument(
+        "--backend",
+        default="kvferry",
+        help="kvferry, mooncake, or both comma-separated (default: kvferry)",
+    )
+    p.add_argument(
+        "--transport",
+        default="auto",
+        choices=["auto", "tcp", "shm", "local", "rdma"],
+        help="transport (kvferry: auto|tcp|shm|local; mooncake: tcp|rdma)",
+    )
+    p.add_argument("--seg-type", default="DRAM", choices=["DRAM", "VRAM"])
+    p.add_argument(
+        "--total-buffer-size",
+        type=_size,
+        default=1 << 30,
+        metavar="SIZE",
+        help="buffer per side (default 1GiB)",
+    )
+    p.add_argument("--start-block-size", type=_size, default=4096, metavar="SIZE")
+    p.add_argument("--max-block-size", type=_size, default=1 << 26, metavar="SIZE")
+    p.add_argument("--start-batch-size", type=int, default=1)
+    p.add_argument("--max-batch-size", type=int, default=1)
+    p.add_argument("--max-threads", type=int, default=1)
+    p.add_argument("--duration", type=_seconds, default=5.0, help="seconds per case (default 5)")
+    p.add_argument("--warmup", type=_seconds, default=1.0, help="warm-up seconds per case")
+    p.add_argument("--op", default="read", choices=["read", "write", "mix"])
+    p.add_argument(
+        "--check-consistency",
+        action="store_true",
+        help="after each case write a pattern, read it back, verify every byte",
+    )
+    p.add_argument("--no-pin", action="store_true", help="do not bind bench threads to NUMA CPUs")
+    p.add_argument(
+        "--reference",
+        action="store_true",
+        help="also measure a plain socket stream and memcpy in the same run",
+    )
+    p.add_argument("--json", metavar="FILE", help="write the report as JSON")
+    p.add_argument("--csv", metavar="FILE", help="write one CSV row per case")
+    p.add_argument("--quiet", action="store_true", help="print only results (and the ready line)")
+    add_config_options(p)
+    p.set_defaults(func=run_transfer)
+
+
+def _options(args: argparse.Namespace, backend: str) -> TransferBenchOptions:
+    options = TransferBenchOptions(
+        backend=backend,
+        seg_type=args.seg_type,
+        total_buffer_size=args.total_buffer_size,
+        start_block_size=args.start_block_size,
+        max_block_size=args.max_block_size,
+        start_batch_size=args.start_batch_size,
+        max_batch_size=args.max_batch_size,
+        max_threads=args.max_threads,
+        duration=args.duration,
+        warmup=args.warmup,
+        op=args.op,
+        check_consistency=args.check_consistency,
+        transport=args.transport,
+        pin_threads=not args.no_pin,
+    )
+    options.validate()
+    return options
+
+
+def run_transfer(args: argparse.Namespace) -> int:
+    console = Console(stderr=False, width=None if sys.stdout.isatty() else 140)
+    err = Console(stderr=True)
+    config = load_from_args(args).config
+    backends = [b.strip() for b in args.backend.split(",") if b.strip()]
+    if not backends:
+        raise ConfigError("--backend is empty; use kvferry, mooncake or both comma-separated")
+
+    if args.target:
+        if len(backends) != 1:
+            raise ConfigError("--target serves one backend; pass a single --backend")
+        options = _options(args, backends[0])
+        backend = make_backend(backends[0], options, config)
+
+        def announce(name: str) -> None:
+            print(READY_PREFIX + name, flush=True)
+            if not args.quiet:
+                print(
+                    "To start initiators, run\n"
+                    f"  kvferry bench transfer --backend {backends[0]} --target-seg {name} "
+                    "--op read --start-block-size 4096 --max-block-size 64MiB "
+                    "--max-batch-size 128 --max-threads 4 --duration 5",
+                    flush=True,
+                )
+
+        serve_target(backend, options.total_buffer_size, announce)
+        return 0
+
+    report = TransferBenchReport(options=_options(args, backends[0]))
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} cases"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+        disable=args.quiet,
+    ) as progress:
+        for name in backends:
+            options = _options(args, name)
+            task = progress.add_task(f"{name}", total=None)
+
+            def on_progress(i: int, n: int, case: Any, task: Any = task, name: str = name) -> None:
+                progress.update(
+                    task,
+                    total=n,
+                    completed=i,
+                    description=f"{name} {case.block_size}B x{case.batch_size} t{case.threads}",
+                )
+
+            def on_case(result: CaseResult, task: Any = task) -> None:
+                progress.advance(task)
+
+            backend = make_backend(name, options, config)
+            try:
+                if args.target_seg:
+                    results, skipped = run_sweep(
+                        backend, options, args.target_seg, on_case=on_case, progress=on_progress
+                    )
+                else:
+                    with spawn_local_target(name, options, config) as (segment, pid):
+                        results, skipped = run_sweep(
+                            backend,
+                            options,
+                            segment,
+                            target_pid=pid,
+                            on_case=on_case,
+                            progress=on_progress,
+                        )
+                report.backends[name] = backend.describe()
+            finally:
+                backend.close()
+            report.cases.extend(results)
+            if skipped and not args.quiet:
+                err.print(f"[dim]{name}: skipped {len(skipped)} case(s) larger than the buffer[/]")
+        if args.reference:
+            task = progress.add_task("reference: socket stream 1MiB, memcpy 16MiB", total=None)
+            report.references["socket_stream_1MiB"] = references.socket_stream(
+                1 << 20, max(1.0, options.duration)
+            )
+            report.references["memcpy_16MiB"] = references.memcpy(
+                16 << 20, max(1.0, options.duration)
+            )
+            progress.remove_task(task)
+
+    _print_report(console, report, multi=len(backends) > 1)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report.to_json(), f, indent=2)
+    if args.csv:
+        write_csv(args.csv, report.cases)
+    return 0
+
+
+def _print_report(console: Console, report: TransferBenchReport, *, multi: bool) -> None:
+    table = Table(title=f"kvferry bench transfer ({report.options.op})", show_lines=False)
+    if multi:
+        table.add_column("Backend")
+    table.add_column("Transport")
+    for column in COLUMNS:
+        table.add_column(column, justify="right")
+    for result in report.cases:
+        transport = str(report.backends.get(result.backend, {}).get("transport", ""))
+        cells = ([result.backend] if multi else []) + [transport] + row(result)
+        table.add_row(*cells)
+    console.print(table)
+    if multi:
+        _print_ratios(console, report)
+    for name, ref in report.references.items():
+        console.print(f"reference {name}: {ref['gbps']:.3f} GB/s")
+    sys.stdout.flush()
+
+
+def _print_ratios(console: Console, report: TransferBenchReport) -> None:
+    names = list(report.backends)
+    if len(names) < 2:
+        return
+    base, other = names[0], names[1]
+    by_case: dict[tuple[int, int, int], dict[str, CaseResult]] = {}
+    for r in report.cases:
+        by_case.setdefault((r.block_size, r.batch_size, r.threads), {})[r.backend] = r
+    table = Table(title=f"{base} / {other}")
+    for column in ("BlkSize (B)", "Batch", "Threads", "BW ratio", "P99 Tx ratio (lower better)"):
+        table.add_column(column, justify="right")
+    for (block, batch, threads), results in by_case.items():
+        if base in results and other in results:
+            a, b = results[base], results[other]
+            bw = a.bw_gbps / b.bw_gbps if b.bw_gbps else float("inf")
+            p99 = a.transfer_us.p99 / b.transfer_us.p99 if b.transfer_us.p99 else float("inf")
+            table.add_row(str(block), str(batch), str(threads), f"{bw:.2f}x", f"{p99:.2f}x")
+    console.print(table)

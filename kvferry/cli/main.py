@@ -1,0 +1,79 @@
+"""The ``kvferry`` entry point: builds the parser from one module per subcommand and runs it.
+
+Owns the top-level error boundary of the CLI: a :class:`~kvferry.errors.KvferryError` becomes
+``error: <message>`` on stderr and exit status 2, Ctrl-C becomes 130; no traceback is shown for
+either. Each subcommand module exposes ``add_parser(subparsers) -> None``, which registers its
+parser and sets ``func=<callable(args) -> int>`` with ``set_defaults``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable
+from typing import cast
+
+from kvferry.errors import KvferryError
+
+# A new subcommand is one more name here. A module that does not exist yet is skipped, so this
+# list may name commands that are still being written.
+_COMMAND_MODULES = ["kvferry.cli.config_cmd", "kvferry.cli.bench_cmd"]
+
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kvferry")
+    except PackageNotFoundError:  # running from a checkout that is not installed
+        return "unknown (not installed)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``kvferry`` parser with every subcommand of ``_COMMAND_MODULES`` that exists."""
+    parser = argparse.ArgumentParser(
+        prog="kvferry",
+        description="KV-cache transfer engine and benchmark lab.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            # Only the command module itself may be missing; a missing dependency *inside* it
+            # is a real error and must surface.
+            if e.name == name:
+                continue
+            raise
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``kvferry`` with ``argv`` (``sys.argv[1:]`` if None) and return the exit status."""
+    try:
+        parser = build_parser()
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:  # --help, --version, or a usage error argparse already printed
+            return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_ERROR)
+        func = cast("Callable[[argparse.Namespace], int] | None", getattr(args, "func", None))
+        if func is None:
+            parser.print_help(sys.stderr)
+            return EXIT_ERROR
+        return func(args)
+    except KvferryError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Observability: counters and histograms readable from Python (exporters build on these)."""

@@ -1,0 +1,103 @@
+"""Thread-safe counters and latency histograms that components update and exporters read.
+
+Owns numbers only: no exporter, no I/O. A Prometheus exporter reads ``snapshot()``.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+# Bucket upper bounds in microseconds: 1, 2, 4, ... 2**26 (~67 s), then +Inf.
+_BOUNDS_US: tuple[float, ...] = tuple(float(1 << i) for i in range(27))
+
+
+class LatencyHistogram:
+    """Power-of-two buckets of latencies in microseconds (cumulative counts on export)."""
+
+    __slots__ = ("buckets", "count", "sum_us")
+
+    def __init__(self) -> None:
+        self.buckets = [0] * (len(_BOUNDS_US) + 1)
+        self.count = 0
+        self.sum_us = 0.0
+
+    def observe_ns(self, ns: int) -> None:
+        # Caller holds the owner's lock. bit_length of the microseconds picks the bucket in O(1).
+        us = ns // 1000
+        index = min(int(us).bit_length(), len(_BOUNDS_US))
+        self.buckets[index] += 1
+        self.count += 1
+        self.sum_us += ns / 1000.0
+
+    def snapshot(self) -> dict[str, object]:
+        return {
+            "bounds_us": list(_BOUNDS_US),
+            "counts": list(self.buckets),
+            "count": self.count,
+            "sum_us": self.sum_us,
+        }
+
+
+@dataclass
+class TransportCounters:
+    """What one transport moved: bytes, operations, failures, retries, request latency."""
+
+    bytes_read: int = 0
+    bytes_written: int = 0
+    requests: int = 0
+    slices: int = 0
+    errors: int = 0
+    retries: int = 0
+    protocol_errors: int = 0
+    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add_request(self, *, read: bool, nbytes: int, slices: int, latency_ns: int) -> None:
+        with self.lock:
+            if read:
+                self.bytes_read += nbytes
+            else:
+                self.bytes_written += nbytes
+            self.requests += 1
+            self.slices += slices
+            self.latency.observe_ns(latency_ns)
+
+    def add(self, *, errors: int = 0, retries: int = 0, protocol_errors: int = 0) -> None:
+        with self.lock:
+            self.errors += errors
+            self.retries += retries
+            self.protocol_errors += protocol_errors
+
+    def snapshot(self) -> dict[str, object]:
+        with self.lock:
+            return {
+                "bytes_read": self.bytes_read,
+                "bytes_written": self.bytes_written,
+                "requests": self.requests,
+                "slices": self.slices,
+                "errors": self.errors,
+                "retries": self.retries,
+                "protocol_errors": self.protocol_errors,
+                "latency": self.latency.snapshot(),
+            }
+
+
+class MetricSet:
+    """Named groups of counters (e.g. one per transport, one for the target server)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._groups: dict[str, TransportCounters] = {}
+
+    def group(self, name: str) -> TransportCounters:
+        with self._lock:
+            counters = self._groups.get(name)
+            if counters is None:
+                counters = self._groups[name] = TransportCounters()
+            return counters
+
+    def snapshot(self) -> dict[str, dict[str, object]]:
+        with self._lock:
+            groups = dict(self._groups)
+        return {name: c.snapshot() for name, c in sorted(groups.items())}

@@ -1,0 +1,25 @@
+"""The transfer engine: segments, batches, transports (local, shm, tcp) and the wire protocol."""
+
+from kvferry.transfer.batch import (
+    Batch,
+    BatchStatus,
+    OpCode,
+    RequestStatus,
+    TransferRequest,
+    TransferState,
+)
+from kvferry.transfer.engine import TransferEngine
+from kvferry.transfer.memory import MemoryRegion
+from kvferry.transfer.segment import SegmentHandle
+
+__all__ = [
+    "Batch",
+    "BatchStatus",
+    "MemoryRegion",
+    "OpCode",
+    "RequestStatus",
+    "SegmentHandle",
+    "TransferEngine",
+    "TransferRequest",
+    "TransferState",
+]

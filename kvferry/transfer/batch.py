@@ -1,0 +1,175 @@
+"""Transfer requests, batches and their status (bookkeeping only, no I/O).
+
+A batch is a fixed-capacity container of requests that complete independently; its overall state
+is PENDING until every request is COMPLETED or FAILED. Completion may be signalled by any thread
+(a transport's progress loop, a synchronous copy), so counters are guarded by the batch's lock and
+waiters sleep on its ``done`` event.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from kvferry.errors import KvferryError, SegmentError
+
+if TYPE_CHECKING:
+    from kvferry.transfer.memory import MemoryRegion
+    from kvferry.transfer.segment import SegmentHandle
+
+
+class OpCode(enum.Enum):
+    """Direction of a request, seen from the initiator."""
+
+    READ = "read"  # target segment -> local buffer
+    WRITE = "write"  # local buffer -> target segment
+
+
+class TransferState(enum.Enum):
+    PENDING = "pending"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class TransferRequest:
+    """Move ``length`` bytes between ``local[local_offset:]`` and a target region.
+
+    Attributes:
+        op: READ (target -> local) or WRITE (local -> target).
+        local: a region registered with (or allocated by) the initiating engine.
+        local_offset: byte offset in ``local``.
+        target: a handle from ``TransferEngine.open_segment``.
+        target_offset: byte offset in the target region.
+        length: bytes to move (> 0).
+        target_region: id of the region within the target segment (default: its first region).
+    """
+
+    op: OpCode
+    local: MemoryRegion
+    local_offset: int
+    target: SegmentHandle
+    target_offset: int
+    length: int
+    target_region: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RequestStatus:
+    state: TransferState
+    transferred_bytes: int
+    error: KvferryError | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BatchStatus:
+    """Overall state plus one status per submitted request, in submission order."""
+
+    state: TransferState
+    requests: list[RequestStatus] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[KvferryError]:
+        return [r.error for r in self.requests if r.error is not None]
+
+
+class RequestState:
+    """Mutable progress of one request; slices count down ``remaining``."""
+
+    __slots__ = (
+        "batch",
+        "done_bytes",
+        "error",
+        "index",
+        "length",
+        "remaining",
+        "started_ns",
+        "state",
+    )
+
+    def __init__(self, batch: Batch, index: int, length: int, slices: int) -> None:
+        self.batch = batch
+        self.index = index
+        self.length = length
+        self.remaining = slices
+        self.done_bytes = 0
+        self.error: KvferryError | None = None
+        self.state = TransferState.PENDING
+        self.started_ns = time.perf_counter_ns()
+
+    def slice_done(self, nbytes: int) -> bool:
+        """One slice of this request arrived; True when that completed the request."""
+        batch = self.batch
+        with batch._lock:
+            if self.state is not TransferState.PENDING:
+                return False
+            self.done_bytes += nbytes
+            self.remaining -= 1
+            if self.remaining:
+                return False
+            self.state = TransferState.COMPLETED
+            batch._finish_one()
+            return True
+
+    def fail(self, error: KvferryError) -> bool:
+        """The request failed (first error wins); True when this call failed it."""
+        batch = self.batch
+        with batch._lock:
+            if self.state is not TransferState.PENDING:
+                return False
+            self.error = error
+            self.state = TransferState.FAILED
+            batch._finish_one()
+            return True
+
+    @property
+    def pending(self) -> bool:
+        return self.state is TransferState.PENDING
+
+
+class Batch:
+    """Up to ``capacity`` requests submitted together (one or several ``submit`` calls)."""
+
+    def __init__(self, batch_id: int, capacity: int) -> None:
+        if capacity <= 0:
+            raise SegmentError(f"batch capacity must be positive, got {capacity}")
+        self.batch_id = batch_id
+        self.capacity = capacity
+        self.requests: list[RequestState] = []
+        self._lock = threading.Lock()
+        self._unfinished = 0
+        self.done = threading.Event()
+        self.done.set()  # an empty batch is complete
+        self.freed = False
+
+    def _add(self, length: int, slices: int) -> RequestState:
+        with self._lock:
+            state = RequestState(self, len(self.requests), length, slices)
+            self.requests.append(state)
+            self._unfinished += 1
+            self.done.clear()
+            return state
+
+    def _finish_one(self) -> None:
+        # caller holds self._lock
+        self._unfinished -= 1
+        if self._unfinished == 0:
+            self.done.set()
+
+    def status(self) -> BatchStatus:
+        with self._lock:
+            per = [RequestStatus(r.state, r.done_bytes, r.error) for r in self.requests]
+            unfinished = self._unfinished
+        if unfinished:
+            overall = TransferState.PENDING
+        elif any(r.state is TransferState.FAILED for r in per):
+            overall = TransferState.FAILED
+        else:
+            overall = TransferState.COMPLETED
+        return BatchStatus(overall, per)
+
+    def __repr__(self) -> str:
+        return f"Batch(id={self.batch_id}, requests={len(self.requests)}/{self.capacity})"

@@ -1,0 +1,224 @@
+"""Memory regions: the bytes a transfer engine may move, and who may map them.
+
+A region is either *allocated* by kvferry (a ``memfd`` mapping, pages touched up front, shareable
+with other processes on the same host) or *registered* from a caller's buffer (numpy array,
+memoryview, bytearray, mmap, CPU torch tensor). Only allocated regions can be reached by the shm
+transport; registered ones are reached over tcp (or local within one process).
+
+This module owns buffer plumbing (addresses, views, mapping a peer's memfd) and does no socket I/O.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from kvferry.errors import SegmentError
+
+PAGE_SIZE = mmap.PAGESIZE
+
+memmove = ctypes.memmove
+"""memmove(dst_addr, src_addr, n): a ctypes foreign call, so it releases the GIL while copying."""
+
+
+@dataclass(frozen=True, slots=True)
+class ShmInfo:
+    """How a process on the same host maps an allocated region: /proc/<pid>/fd/<fd>."""
+
+    pid: int
+    fd: int
+    inode: int
+    device: int
+
+    def to_json(self) -> dict[str, int]:
+        return {"pid": self.pid, "fd": self.fd, "inode": self.inode, "device": self.device}
+
+
+class MemoryRegion:
+    """A registered span of bytes with a stable address.
+
+    Attributes:
+        region_id: id unique within its engine; peers address the region by it.
+        size: bytes.
+        location: "cpu" (or "cuda:N" in the future).
+        view: writable ``memoryview`` of format "B" over the bytes.
+        address: the address of byte 0 (for memmove).
+        shm: how another local process can map it, or None for registered buffers.
+    """
+
+    __slots__ = (
+        "_array",
+        "_keep",
+        "_mmap",
+        "address",
+        "location",
+        "region_id",
+        "shm",
+        "size",
+        "view",
+    )
+
+    def __init__(
+        self,
+        region_id: int,
+        array: np.ndarray[Any, np.dtype[np.uint8]],
+        *,
+        location: str = "cpu",
+        shm: ShmInfo | None = None,
+        keep: object = None,
+        mapping: mmap.mmap | None = None,
+    ) -> None:
+        self.region_id = region_id
+        self._array = array
+        self.size = int(array.nbytes)
+        self.view = memoryview(array).cast("B")
+        self.address = int(array.ctypes.data)
+        self.location = location
+        self.shm = shm
+        self._keep = keep
+        self._mmap = mapping
+
+    @property
+    def array(self) -> np.ndarray[Any, np.dtype[np.uint8]]:
+        """The region as a flat uint8 numpy array (no copy)."""
+        return self._array
+
+    def close(self) -> None:
+        """Drop this object's references; the memory is freed once no view remains."""
+        self.view.release()
+        self._keep = None
+        if self.shm is not None:
+            try:
+                os.close(self.shm.fd)
+            except OSError:
+                pass
+        if self._mmap is not None:
+            try:
+                self._mmap.close()
+            except BufferError:
+                # A caller still holds a view of the region; the mapping goes when it does.
+                pass
+
+    def __repr__(self) -> str:
+        kind = "shm" if self.shm else "registered"
+        return f"MemoryRegion(id={self.region_id}, size={self.size}, {kind}, {self.location})"
+
+
+def allocate_region(region_id: int, size: int, *, use_hugepages: bool = False) -> MemoryRegion:
+    """Allocate ``size`` bytes of shareable memory with every page touched.
+
+    A fresh page costs a fault on first touch (about 3x the copy cost on this class of machine), so
+    the pages are populated here, not on the first transfer.
+
+    Raises:
+        SegmentError: size is not positive or the memory cannot be allocated.
+    """
+    if size <= 0:
+        raise SegmentError(f"allocation size must be positive, got {size}")
+    try:
+        fd = os.memfd_create("kvferry-segment", os.MFD_CLOEXEC)
+        os.ftruncate(fd, size)
+        mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+    except OSError as e:
+        raise SegmentError(f"cannot allocate {size} bytes of shared memory: {e}") from e
+    if use_hugepages and hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            mapping.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:
+            pass  # advice only: THP for shmem may be disabled on this kernel
+    array = np.frombuffer(mapping, dtype=np.uint8)
+    if not hasattr(mmap, "MAP_POPULATE"):
+        array[::PAGE_SIZE] = 0
+    st = os.fstat(fd)
+    shm = ShmInfo(pid=os.getpid(), fd=fd, inode=st.st_ino, device=st.st_dev)
+    return MemoryRegion(region_id, array, shm=shm, keep=mapping, mapping=mapping)
+
+
+def register_buffer(region_id: int, buffer: object) -> MemoryRegion:
+    """Wrap a caller's writable, contiguous buffer as a region (no copy).
+
+    Accepts numpy arrays, memoryview, bytearray, mmap and CPU torch tensors. The caller keeps the
+    buffer alive and unchanged in size until it is unregistered.
+
+    Raises:
+        SegmentError: the buffer is read-only, not contiguous, empty, or of an unsupported type.
+    """
+    location = "cpu"
+    obj: Any = buffer
+    if type(buffer).__module__.startswith("torch"):
+        obj, location = _torch_to_numpy(buffer)
+    try:
+        if isinstance(obj, np.ndarray):
+            if not obj.flags.c_contiguous:
+                raise SegmentError("numpy array must be C-contiguous to be registered")
+            if not obj.flags.writeable:
+                raise SegmentError("numpy array must be writable to be registered")
+            array = obj.reshape(-1).view(np.uint8)
+        else:
+            mv = memoryview(obj)  # type: ignore[arg-type]
+            if mv.readonly:
+                raise SegmentError(
+                    f"{type(buffer).__name__} buffer is read-only; register a writable one"
+                )
+            if not mv.c_contiguous:
+                raise SegmentError("buffer must be C-contiguous to be registered")
+            array = np.frombuffer(mv.cast("B"), dtype=np.uint8)
+    except TypeError as e:
+        raise SegmentError(
+            f"cannot register {type(buffer).__name__}: expected a numpy array, memoryview, "
+            "bytearray, mmap or CPU torch tensor"
+        ) from e
+    if array.nbytes == 0:
+        raise SegmentError("cannot register an empty buffer")
+    return MemoryRegion(region_id, array, location=location, keep=buffer)
+
+
+def _torch_to_numpy(tensor: Any) -> tuple[np.ndarray[Any, np.dtype[np.uint8]], str]:
+    if getattr(tensor, "is_cuda", False):
+        raise SegmentError(
+            "CUDA tensors cannot be registered yet: kvferry's transports move host memory; "
+            "stage through a pinned CPU tensor"
+        )
+    if not tensor.is_contiguous():
+        raise SegmentError("torch tensor must be contiguous to be registered")
+    flat = tensor.detach().reshape(-1).view(__import__("torch").uint8)
+    return flat.numpy(), "cpu"
+
+
+class PeerMapping:
+    """A same-host peer's allocated region, mapped into this process (the shm transport's view)."""
+
+    __slots__ = ("_array", "_mmap", "address", "size")
+
+    def __init__(self, info: ShmInfo, size: int) -> None:
+        path = f"/proc/{info.pid}/fd/{info.fd}"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            raise SegmentError(f"cannot open peer memory {path}: {e}") from e
+        try:
+            st = os.fstat(fd)
+            # The pid/fd pair may name another file if the peer is in another pid namespace or
+            # restarted; the inode check makes sure we map the region we were told about.
+            if (st.st_ino, st.st_dev) != (info.inode, info.device) or st.st_size < size:
+                raise SegmentError(f"{path} is not the peer's region (inode or size differs)")
+            self._mmap = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+        except OSError as e:
+            raise SegmentError(f"cannot map peer memory {path}: {e}") from e
+        finally:
+            os.close(fd)
+        self._array = np.frombuffer(self._mmap, dtype=np.uint8)
+        self.address = int(self._array.ctypes.data)
+        self.size = size
+
+    def close(self) -> None:
+        del self._array
+        try:
+            self._mmap.close()
+        except BufferError:
+            pass

@@ -1,0 +1,1 @@
+"""Metadata services: how an initiator turns a segment name into an address."""

@@ -1,0 +1,114 @@
+"""Tests for the transfer-bench backend registry (kvferry.bench.transfer_backends.registry)."""
+
+from __future__ import annotations
+
+import sys
+import types
+from collections.abc import Iterator
+
+import pytest
+
+from kvferry.bench.transfer_backends import registry
+from kvferry.bench.transfer_backends.base import Op, TransferBenchBackend
+from kvferry.bench.transfer_backends.mooncake import MooncakeBenchBackend
+from kvferry.errors import ConfigError
+
+
+class _DummyBackend(TransferBenchBackend):
+    name = "dummy"
+
+    def start_target(self, total_buffer_size: int) -> str:
+        return "dummy:0"
+
+    def connect(self, target_seg: str, local_buffer_size: int) -> None:
+        pass
+
+    def local_buffer(self) -> memoryview:
+        return memoryview(bytearray(1))
+
+    def target_capacity(self) -> int:
+        return 0
+
+    def run_batch(
+        self, op: Op, local_offsets: list[int], target_offsets: list[int], block_size: int
+    ) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _NotABackend:
+    pass
+
+
+@pytest.fixture
+def out_of_tree_module() -> Iterator[str]:
+    """A throwaway importable module holding backend-ish classes; yields its name."""
+    name = "_kvferry_test_oot_backends"
+    mod = types.ModuleType(name)
+    mod.DummyBackend = _DummyBackend  # type: ignore[attr-defined]
+    mod.NotABackend = _NotABackend  # type: ignore[attr-defined]
+    sys.modules[name] = mod
+    yield name
+    del sys.modules[name]
+
+
+@pytest.fixture
+def clean_registry() -> Iterator[None]:
+    saved = dict(registry.BACKENDS)
+    yield
+    registry.BACKENDS.clear()
+    registry.BACKENDS.update(saved)
+
+
+def test_builtins_are_registered() -> None:
+    assert registry.BACKENDS["kvferry"] == (
+        "kvferry.bench.transfer_backends.kvferry:KvferryBenchBackend"
+    )
+    assert registry.BACKENDS["mooncake"] == (
+        "kvferry.bench.transfer_backends.mooncake:MooncakeBenchBackend"
+    )
+
+
+def test_load_by_name_imports_lazily_without_mooncake_installed() -> None:
+    # The mooncake backend module imports mooncake only inside its methods.
+    assert registry.load("mooncake") is MooncakeBenchBackend
+
+
+def test_unknown_name_lists_valid_names() -> None:
+    with pytest.raises(ConfigError, match="nosuch") as exc:
+        registry.load("nosuch")
+    assert "kvferry" in str(exc.value)
+    assert "mooncake" in str(exc.value)
+
+
+def test_load_dotted_path(out_of_tree_module: str) -> None:
+    assert registry.load(f"{out_of_tree_module}:DummyBackend") is _DummyBackend
+
+
+def test_dotted_path_missing_module_or_class_or_wrong_type(out_of_tree_module: str) -> None:
+    with pytest.raises(ConfigError, match="cannot be found"):
+        registry.load("no_such_package_kvferry.mod:Cls")
+    with pytest.raises(ConfigError, match="no attribute"):
+        registry.load(f"{out_of_tree_module}:Missing")
+    with pytest.raises(ConfigError, match="not a TransferBenchBackend"):
+        registry.load(f"{out_of_tree_module}:NotABackend")
+
+
+def test_register_then_load(out_of_tree_module: str, clean_registry: None) -> None:
+    registry.register("dummy", f"{out_of_tree_module}:DummyBackend")
+    assert registry.load("dummy") is _DummyBackend
+    assert "dummy" in registry.names()
+
+
+def test_register_duplicate_raises(clean_registry: None) -> None:
+    with pytest.raises(ConfigError, match="already registered"):
+        registry.register("mooncake", "somewhere:Else")
+    assert registry.BACKENDS["mooncake"].endswith(":MooncakeBenchBackend")
+
+
+def test_register_rejects_malformed_path(clean_registry: None) -> None:
+    with pytest.raises(ConfigError, match="module:ClassName"):
+        registry.register("bad", "no_colon_here")
+    assert "bad" not in registry.BACKENDS
