@@ -141,8 +141,9 @@ class Batch:
         self.requests: list[RequestState] = []
         self._lock = threading.Lock()
         self._unfinished = 0
-        self.done = threading.Event()
-        self.done.set()  # an empty batch is complete
+        # Created only when a thread has to sleep on the batch: most small batches finish while
+        # their caller drives them, and an Event costs more than the transfer bookkeeping.
+        self._event: threading.Event | None = None
         self.freed = False
 
     def _add(self, length: int, slices: int) -> RequestState:
@@ -150,14 +151,29 @@ class Batch:
             state = RequestState(self, len(self.requests), length, slices)
             self.requests.append(state)
             self._unfinished += 1
-            self.done.clear()
+            if self._event is not None:
+                self._event.clear()
             return state
 
     def _finish_one(self) -> None:
         # caller holds self._lock
         self._unfinished -= 1
-        if self._unfinished == 0:
-            self.done.set()
+        if self._unfinished == 0 and self._event is not None:
+            self._event.set()
+
+    def is_done(self) -> bool:
+        """True when every submitted request completed or failed (an empty batch is done)."""
+        return self._unfinished == 0
+
+    def wait_done(self, timeout: float) -> bool:
+        """Sleep until the batch is done or ``timeout`` seconds pass; True if done."""
+        with self._lock:
+            if self._unfinished == 0:
+                return True
+            if self._event is None:
+                self._event = threading.Event()
+            event = self._event
+        return event.wait(timeout)
 
     def status(self) -> BatchStatus:
         with self._lock:

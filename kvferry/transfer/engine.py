@@ -327,7 +327,7 @@ class TransferEngine:
 
     def status(self, batch: Batch) -> BatchStatus:
         """Overall and per-request state; drives pending I/O a step without blocking."""
-        if batch.done.is_set():
+        if batch.is_done():
             return batch.status()
         for channel in self._channels():
             channel.poll()
@@ -340,8 +340,7 @@ class TransferEngine:
         TransferTimeout after ``transfer.transfer_timeout``, so a wait without timeout ends.
         """
         deadline = time.monotonic() + (timeout if timeout is not None else 1e9)
-        done = batch.done
-        while not done.is_set():
+        while not batch.is_done():
             channels = self._channels()
             if len(channels) == 1:
                 channels[0].progress(batch, deadline)
@@ -349,7 +348,7 @@ class TransferEngine:
                 for channel in channels:
                     channel.progress(batch, min(deadline, time.monotonic() + 0.001))
                 if not channels:
-                    done.wait(max(0.0, min(0.01, deadline - time.monotonic())))
+                    batch.wait_done(max(0.0, min(0.01, deadline - time.monotonic())))
             if time.monotonic() >= deadline:
                 break
         return batch.status()
@@ -360,7 +359,7 @@ class TransferEngine:
         Raises:
             TransferError: requests are still pending (wait for them first).
         """
-        if not batch.done.is_set():
+        if not batch.is_done():
             raise TransferError(f"{batch!r} still has pending requests; wait for it first")
         batch.freed = True
 

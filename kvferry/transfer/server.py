@@ -194,6 +194,10 @@ class TargetServer:
         out_bytes = 0
         counters = self.counters
         served_read = served_write = 0
+        unpack = wire.HEADER.unpack
+        pack = wire.HEADER.pack
+        data_ops = (wire.Op.READ, wire.Op.WRITE)
+        read_op, ok_op = wire.Op.READ, wire.Op.OK
         try:
             while True:
                 # Next header: take it at once if it is already here; otherwise flush the gathered
@@ -205,31 +209,45 @@ class TargetServer:
                         out.clear()
                         out_bytes = 0
                     got = _recv_rest(sock, hdr_view, got, grace)
-                h = wire.decode(hdr, reply=False, max_length=max_frame)
-                if h.op is wire.Op.HELLO:
-                    raise ProtocolError("HELLO after the handshake")
-                region = regions.get(h.region)
-                try:
-                    if region is None:
-                        raise ProtocolError(f"region {h.region} is not granted to this peer")
-                    wire.check_range({h.region: region.size}, h.region, h.offset, h.length)
-                except ProtocolError as e:
-                    # Answer this very request (the initiator fails it without retry), then close:
-                    # a WRITE payload may follow and must not be mistaken for a header.
+                # Hot path: unpack once and check inline (no per-frame objects beyond the views).
+                magic, version, op, region_id, req_id, offset, length = unpack(hdr)
+                if magic != wire.MAGIC or version != wire.WIRE_VERSION or op not in data_ops:
+                    wire.decode(hdr, reply=False, max_length=max_frame)  # raises the precise error
+                    raise ProtocolError(f"op {op:#x} is not allowed after the handshake")
+                region = regions.get(region_id)
+                if region is None or length <= 0 or offset + length > region.size:
+                    # Answer this very request (the initiator fails it without retry), then
+                    # close: a WRITE payload may follow and must not be read as a header.
+                    reason = (
+                        f"region {region_id} is not granted to this peer"
+                        if region is None
+                        else f"range [{offset}, {offset + length}) is outside region "
+                        f"{region_id} of {region.size} bytes"
+                    )
+                    if length > max_frame:
+                        reason = f"frame length {length} exceeds the limit of {max_frame} bytes"
                     if out:
                         _sendmsg_all(sock, out)
-                    _send_error(sock, str(e), h.req_id)
-                    raise _Refused(str(e)) from e
-                view = region.view[h.offset : h.offset + h.length]
-                if h.op is wire.Op.READ:
-                    out.append(wire.encode(wire.Op.OK, h.region, h.req_id, 0, h.length))
+                    _send_error(sock, reason, req_id)
+                    raise _Refused(reason)
+                if length > max_frame:
+                    if out:
+                        _sendmsg_all(sock, out)
+                    reason = f"frame length {length} exceeds the limit of {max_frame} bytes"
+                    _send_error(sock, reason, req_id)
+                    raise _Refused(reason)
+                view = region.view[offset : offset + length]
+                if op == read_op:
+                    out.append(
+                        pack(wire.MAGIC, wire.WIRE_VERSION, ok_op, region_id, req_id, 0, length)
+                    )
                     out.append(view)
-                    out_bytes += h.length
-                    served_read += h.length
+                    out_bytes += length
+                    served_read += length
                 else:
                     _recv_rest(sock, view, 0, grace)
-                    out.append(wire.encode(wire.Op.OK, h.region, h.req_id, 0, 0))
-                    served_write += h.length
+                    out.append(pack(wire.MAGIC, wire.WIRE_VERSION, ok_op, region_id, req_id, 0, 0))
+                    served_write += length
                 if out_bytes >= _FLUSH_BYTES or len(out) >= 512:
                     _sendmsg_all(sock, out)
                     out.clear()

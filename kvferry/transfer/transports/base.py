@@ -95,7 +95,7 @@ class Channel(ABC):
         """Drive completions until the batch is done or the deadline passes."""
         remaining = deadline - time.monotonic()
         if remaining > 0:
-            batch.done.wait(remaining)
+            batch.wait_done(remaining)
 
     def poll(self) -> None:
         """Drive completions without blocking (``status`` calls it); synchronous channels: no-op."""

@@ -285,17 +285,17 @@ class TcpChannel(Channel):
             os.eventfd_write(self._wake_fd, 1)
 
     def progress(self, batch: Batch, deadline: float) -> None:
-        done = batch.done
-        while not done.is_set():
+        is_done = batch.is_done
+        while not is_done():
             if self._lead.acquire(blocking=False):
                 try:
                     self._leading = True
-                    self._drive(done.is_set, deadline)
+                    self._drive(is_done, deadline)
                 finally:
                     self._leading = False
                     self._lead.release()
             else:
-                done.wait(0.0005)
+                batch.wait_done(0.0005)
             if time.monotonic() >= deadline:
                 return
 
@@ -407,7 +407,7 @@ class TcpChannel(Channel):
             item = s.item
             if error is None:
                 if item.request.slice_done(s.length):
-                    self._completed(item, slices=1)
+                    self._completed(item, slices=self.slice_count(item.length))
             elif item.request.fail(error):
                 self.counters.add(errors=1)
 
