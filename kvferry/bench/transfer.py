@@ -130,7 +130,9 @@ class CaseResult:
         d["samples"] = self.transfer_us.count
         d["initiator_cpu_s_per_gb"] = self.cpu_s_per_gb
         d["target_cpu_s_per_gb"] = (
-            self.target_cpu_s / (self.bytes / 1e9) if self.bytes and self.target_cpu_s else None
+            self.target_cpu_s / (self.bytes / 1e9)
+            if self.bytes and self.target_cpu_s is not None
+            else None
         )
         return d
 
