@@ -34,8 +34,8 @@ mooncake: $(STAMP) system-deps
 	@$(PY) -c "import mooncake.engine" 2>/dev/null || $(PIP) install -q 'mooncake-transfer-engine-non-cuda>=0.3.13'
 
 run: $(STAMP)
-	$(VENV)/bin/kvferry bench transfer --local --duration 1 --start-block-size 4KiB --max-block-size 1MiB \
-	  --start-batch-size 1 --max-batch-size 16 --max-threads 1 --total-buffer-size 64MiB
+	$(VENV)/bin/kvferry bench transfer --local --check-consistency --duration 0.5 --warmup 0.2 \
+	  --start-block-size 4KiB --max-block-size 1MiB --max-batch-size 4 --total-buffer-size 64MiB
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check kvferry tests
