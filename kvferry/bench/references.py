@@ -45,7 +45,7 @@ def socket_stream(message_size: int = 1 << 20, duration: float = 2.0) -> dict[st
     try:
         port = parent.recv()
         sock = socket.create_connection(("127.0.0.1", port))
-        payload = memoryview(np.ones(message_size, dtype=np.uint8))
+        payload = memoryview(np.ones(message_size, dtype=np.uint8).data)
         deadline = time.perf_counter() + duration
         sent = 0
         while time.perf_counter() < deadline:

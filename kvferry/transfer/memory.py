@@ -76,7 +76,7 @@ class MemoryRegion:
         self.region_id = region_id
         self._array = array
         self.size = int(array.nbytes)
-        self.view = memoryview(array).cast("B")
+        self.view = memoryview(array.data).cast("B")
         self.address = int(array.ctypes.data)
         self.location = location
         self.shm = shm
@@ -160,7 +160,7 @@ def register_buffer(region_id: int, buffer: object) -> MemoryRegion:
                 raise SegmentError("numpy array must be writable to be registered")
             array = obj.reshape(-1).view(np.uint8)
         else:
-            mv = memoryview(obj)  # type: ignore[arg-type]
+            mv = memoryview(obj)
             if mv.readonly:
                 raise SegmentError(
                     f"{type(buffer).__name__} buffer is read-only; register a writable one"

@@ -82,8 +82,8 @@ AUTO_ORDER = ("local", "shm", "tcp")
 
 
 def load_transport(name: str) -> type[Transport]:
-    return TRANSPORTS.load(name, Transport)
+    return TRANSPORTS.load(name, Transport)  # type: ignore[type-abstract]
 
 
 def load_metadata(name: str) -> type[MetadataService]:
-    return METADATA.load(name, MetadataService)
+    return METADATA.load(name, MetadataService)  # type: ignore[type-abstract]
