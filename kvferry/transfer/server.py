@@ -149,11 +149,13 @@ class TargetServer:
         except _Refused as e:
             self.counters.add(protocol_errors=1)
             log.warning("refused a request from %s: %s", _addr(peer), e)
+            _linger(sock)
         except (ProtocolError, ValueError) as e:
             # An isolation boundary: a bad peer gets a reason and loses only its own connection.
             self.counters.add(protocol_errors=1)
             log.warning("closing connection from %s: %s", _addr(peer), e)
             _send_error(sock, str(e))
+            _linger(sock)
         except (PeerClosed, OSError, TimeoutError):
             pass  # the peer went away; nothing to answer
         except Exception:  # pragma: no cover - a bug must not take the listener down
@@ -208,6 +210,13 @@ class TargetServer:
                         _sendmsg_all(sock, out)
                         out.clear()
                         out_bytes = 0
+                    if served_read or served_write:
+                        # Publish before going idle: a long-lived connection must not keep its
+                        # bytes out of metrics() until it closes.
+                        with counters.lock:
+                            counters.bytes_read += served_read
+                            counters.bytes_written += served_write
+                        served_read = served_write = 0
                     got = _recv_rest(sock, hdr_view, got, grace)
                 # Hot path: unpack once and check inline (no per-frame objects beyond the views).
                 magic, version, op, region_id, req_id, offset, length = unpack(hdr)
@@ -252,6 +261,15 @@ class TargetServer:
                     _sendmsg_all(sock, out)
                     out.clear()
                     out_bytes = 0
+        except (ProtocolError, PeerClosed):
+            # Requests already served are answered before the ERR reply or the close: replies
+            # come in request order, and a peer that half-closed still reads them.
+            if out:
+                try:
+                    _sendmsg_all(sock, out)
+                except OSError:
+                    pass
+            raise
         finally:
             if served_read or served_write:
                 with counters.lock:
@@ -315,6 +333,34 @@ def _sendmsg_all(sock: socket.socket, parts: list[bytes | memoryview]) -> None:
 
 class _Refused(ProtocolError):
     """A request was refused and already answered with an ERR reply."""
+
+
+_LINGER_S = 1.0
+_LINGER_BYTES = 64 << 20
+
+
+def _linger(sock: socket.socket) -> None:
+    """After an ERR reply: half-close, then discard what the peer still sends (bounded).
+
+    Closing a socket with unread bytes resets the connection, and a peer still sending pipelined
+    WRITE payloads would then see ECONNRESET (and retry) instead of the ERR reply that says why.
+    """
+    buf = bytearray(1 << 16)
+    left = _LINGER_BYTES
+    deadline = time.monotonic() + _LINGER_S
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        while left > 0:
+            timeout = deadline - time.monotonic()
+            if timeout <= 0:
+                return
+            sock.settimeout(timeout)
+            k = sock.recv_into(buf)
+            if k == 0:
+                return
+            left -= k
+    except OSError:
+        pass
 
 
 def _send_error(sock: socket.socket, message: str, req_id: int = 0) -> None:

@@ -124,7 +124,7 @@ def decode_json(payload: bytes | bytearray | memoryview) -> dict[str, Any]:
     """
     try:
         doc = json.loads(bytes(payload).decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # deep nesting
         raise ProtocolError(f"handshake payload is not JSON: {e}") from e
     if not isinstance(doc, dict):
         raise ProtocolError("handshake payload must be a JSON object")

@@ -73,7 +73,7 @@ def test_presets_encode_the_tuning_guide() -> None:
     throughput = load_config(preset="throughput", environ={}).config.transfer
     assert (throughput.slice_size, throughput.workers, throughput.max_inflight) == (131072, 4, 512)
     assert throughput.use_hugepages is True
-    assert throughput.grace_period_ns == 1_000_000
+    assert throughput.grace_period_ns == 20_000
     latency = load_config(preset="latency", environ={}).config.transfer
     assert (latency.slice_size, latency.workers, latency.max_inflight) == (65536, 2, 256)
     assert latency.retry_count == 5

@@ -87,6 +87,7 @@ class _Conn:
         self.payload_got = 0
         self.err: bytearray | None = None  # ERR reply message being received
         self.last_progress = time.monotonic()
+        self.error: BaseException | None = None  # a receive failure after some completions
 
     @property
     def busy(self) -> bool:
@@ -147,6 +148,9 @@ class _Conn:
     def pump_recv(self) -> list[tuple[_Slice, KvferryError | None]]:
         """Receive replies without blocking; return finished slices (with an error or None).
 
+        A failure that follows completions in the same call is kept in ``error`` instead of
+        raised, so the slices already popped are returned (and completed) rather than lost.
+
         Raises:
             PeerClosed: the peer closed the connection.
             ProtocolError: the peer sent a reply that does not match what is in flight.
@@ -183,6 +187,11 @@ class _Conn:
                         self.hdr_got = 0
                         self._on_header(done)
             except (BlockingIOError, InterruptedError):
+                break
+            except (OSError, KvferryError) as e:
+                if not done:
+                    raise
+                self.error = e
                 break
             self.last_progress = time.monotonic()
         return done
@@ -392,6 +401,8 @@ class TcpChannel(Channel):
                     if finished:
                         progressed = True
                         self._finish(finished)
+                    if conn.error is not None:
+                        raise conn.error
                     if conn.sendq and not conn.out:
                         progressed |= conn.pump_send(self._max_inflight, self._next_id)
             except (OSError, KvferryError) as e:

@@ -1,0 +1,11 @@
+"""Conformance kits and real test fixtures for kvferry's plug-in points.
+
+``transport_kit.check_transport`` holds the checks every transport of the transfer engine must
+pass; ``target.TargetProcess`` runs a real transfer target in its own process. Nothing here is
+imported by kvferry itself.
+"""
+
+from kvferry.testing.target import TargetProcess, pattern
+from kvferry.testing.transport_kit import TransportKit, check_transport
+
+__all__ = ["TargetProcess", "TransportKit", "check_transport", "pattern"]

@@ -1,0 +1,98 @@
+"""Shared fixtures: real target processes and a real redis-server.
+
+Nothing here is faked: ``target_process`` starts ``python -m kvferry.testing.target`` in a child
+process (real sockets, real shared memory) and ``redis_server`` starts the real redis-server
+binary. Both are torn down even when the test fails; a target also exits when its stdin closes,
+so none outlives a killed test run.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from kvferry.testing.target import TargetProcess
+
+REDIS_SERVER = "redis-server"
+
+
+@pytest.fixture
+def target_process() -> Iterator[Callable[..., TargetProcess]]:
+    """A factory: ``target_process(token=..., registered_size=..., ...)`` starts a target.
+
+    Each target allocates an 8 MiB region filled with ``kvferry.testing.pattern(seed)`` (the
+    process's ``expected(0)``), optionally registers a plain numpy buffer as a second region, and
+    serves until killed. Every target started through the factory is killed and reaped at
+    teardown.
+    """
+    started: list[TargetProcess] = []
+
+    def start(**kwargs: Any) -> TargetProcess:
+        target = TargetProcess.start(**kwargs)
+        started.append(target)
+        return target
+
+    try:
+        yield start
+    finally:
+        for target in started:
+            target.kill()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _redis_ping(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[str]:
+    """A real redis-server on a free port, without persistence; yields its URL."""
+    binary = shutil.which(REDIS_SERVER) or shutil.which("/usr/bin/redis-server")
+    if binary is None:
+        pytest.fail(
+            "redis-server is not installed; the redis tests need the real binary. "
+            "Run `make test` (it installs the redis-server package), or apt-get install "
+            "redis-server",
+            pytrace=False,
+        )
+    port = _free_port()
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while not _redis_ping(port):
+            if proc.poll() is not None:
+                out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+                pytest.fail(f"redis-server exited (rc={proc.returncode}):\n{out}", pytrace=False)
+            if time.monotonic() > deadline:
+                pytest.fail("redis-server did not answer PING within 15s", pytrace=False)
+            time.sleep(0.02)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()

@@ -1,0 +1,521 @@
+"""Faults against real target processes: kill, stall, auth, hostile frames, a live-server fuzzer.
+
+Targets run in their own process (``target_process``); hostile clients are raw sockets speaking
+kvferry's wire format (kvferry/transfer/wire.py) by hand. Bounds on waits are hang detectors with a
+wide margin, not performance checks.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import signal
+import socket
+import struct
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+import pytest
+
+from kvferry import (
+    AuthError,
+    BatchStatus,
+    KvferryConfig,
+    OpCode,
+    PeerClosed,
+    TransferEngine,
+    TransferError,
+    TransferRequest,
+    TransferState,
+    TransferTimeout,
+)
+from kvferry.testing import TargetProcess
+from kvferry.transfer import wire
+from kvferry.transfer.wire import HEADER_SIZE, MAGIC, WIRE_VERSION, Op
+
+StartTarget = Callable[..., TargetProcess]
+MiB = 1 << 20
+TRANSFER_TIMEOUT = 2.0
+MARGIN = 5.0  # generous: the box is small and shared; a hang still shows up as a failure
+HEADER = struct.Struct("<2sBBIQQQ")
+T = TypeVar("T")
+
+
+def fault_engine(**transfer: object) -> TransferEngine:
+    cfg = {"transport": "tcp", "transfer_timeout": TRANSFER_TIMEOUT, "retry_count": 2}
+    return TransferEngine(KvferryConfig(transfer={**cfg, **transfer}))
+
+
+def big_read_batch(ini: TransferEngine, target: TargetProcess) -> list[TransferRequest]:
+    """16 reads of the whole 8 MiB region: 128 MiB, far more than socket buffers hold."""
+    local = ini.allocate(8 * MiB)
+    h = ini.open_segment(target.name)
+    return [TransferRequest(OpCode.READ, local, 0, h, 0, 8 * MiB) for _ in range(16)]
+
+
+def read_all(ini: TransferEngine, target: TargetProcess) -> np.ndarray[Any, Any]:
+    """Read the target's first region with a fresh handle; returns a copy of the bytes."""
+    local = ini.allocate(8 * MiB)
+    h = ini.open_segment(target.name, refresh=True)
+    ini.transfer_sync([TransferRequest(OpCode.READ, local, 0, h, 0, 8 * MiB)], timeout=30)
+    return local.array.copy()
+
+
+def run_bounded(fn: Callable[[], T], limit: float) -> T:
+    """Run ``fn`` in a thread; fail the test if it does not return within ``limit`` seconds."""
+    result: list[T] = []
+    errors: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            result.append(fn())
+        except BaseException as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=body, daemon=True)
+    thread.start()
+    thread.join(limit)
+    assert not thread.is_alive(), f"still running after {limit:g}s: it hangs"
+    if errors:
+        raise errors[0]
+    return result[0]
+
+
+# -- kill and stall ----------------------------------------------------------------------------
+def test_sigkill_mid_batch_fails_the_batch_and_nothing_hangs(target_process: StartTarget) -> None:
+    target = target_process()
+    ini = fault_engine()
+    try:
+        requests = big_read_batch(ini, target)
+        batch = ini.allocate_batch(len(requests))
+        ini.submit(batch, requests)
+        target.signal(signal.SIGKILL)
+        status = run_bounded(
+            lambda: ini.wait(batch, timeout=TRANSFER_TIMEOUT + MARGIN),
+            TRANSFER_TIMEOUT + MARGIN + 5,
+        )
+        assert status.state is TransferState.FAILED
+        failed = [r for r in status.requests if r.state is TransferState.FAILED]
+        assert failed, "a killed target cannot have served 128 MiB"
+        assert all(isinstance(r.error, TransferError) for r in failed)
+        assert any(isinstance(r.error, PeerClosed) for r in failed)
+        assert ini.metrics()["tcp"]["errors"] == len(failed)
+        ini.free_batch(batch)
+        # the handle is dead for good now: a new transfer fails fast, it does not hang
+        h = requests[0].target
+        with pytest.raises(TransferError):
+            run_bounded(
+                lambda: ini.transfer_sync(
+                    [TransferRequest(OpCode.READ, requests[0].local, 0, h, 0, 4096)],
+                    timeout=TRANSFER_TIMEOUT + MARGIN,
+                ),
+                TRANSFER_TIMEOUT + MARGIN + 5,
+            )
+    finally:
+        run_bounded(ini.close, 10)
+
+
+@pytest.mark.parametrize("when", ["before-submit", "mid-batch"])
+def test_sigstop_fails_with_transfer_timeout_then_recovers(
+    target_process: StartTarget, when: str
+) -> None:
+    target = target_process()
+    ini = fault_engine()  # connect_timeout stays 5s: it must not stretch transfer_timeout
+    try:
+        requests = big_read_batch(ini, target)
+        batch = ini.allocate_batch(len(requests))
+
+        def submit_and_wait() -> BatchStatus:
+            if when == "before-submit":
+                target.signal(signal.SIGSTOP)
+            ini.submit(batch, requests)
+            if when == "mid-batch":
+                target.signal(signal.SIGSTOP)
+            return ini.wait(batch, timeout=TRANSFER_TIMEOUT + MARGIN)
+
+        status = run_bounded(submit_and_wait, TRANSFER_TIMEOUT + MARGIN + 5)
+        assert status.state is TransferState.FAILED
+        failed = [r for r in status.requests if r.state is TransferState.FAILED]
+        assert failed
+        errors = {type(r.error) for r in failed}
+        assert errors == {TransferTimeout}, [str(r.error) for r in failed[:3]]
+        target.signal(signal.SIGCONT)
+        # the same engine reconnects to the resumed target and reads the right bytes
+        assert np.array_equal(read_all(ini, target), target.expected(0))
+    finally:
+        target.signal(signal.SIGCONT)
+        run_bounded(ini.close, 10)
+
+
+# -- auth --------------------------------------------------------------------------------------
+def test_auth_token_is_required_and_checked(target_process: StartTarget) -> None:
+    target = target_process(token="s3cret-token")
+    with fault_engine() as anonymous, pytest.raises(AuthError, match="token"):
+        anonymous.open_segment(target.name)
+    wrong = TransferEngine(KvferryConfig(listen={"auth_token": "guess"}))
+    with wrong, pytest.raises(AuthError):
+        wrong.open_segment(target.name)
+    right = TransferEngine(
+        KvferryConfig(transfer={"transport": "tcp"}, listen={"auth_token": "s3cret-token"})
+    )
+    with right:
+        assert np.array_equal(read_all(right, target), target.expected(0))
+    # a raw HELLO without the token gets an ERR reply, then the connection is closed
+    with RawClient(target) as raw:
+        raw.send(frame(Op.HELLO, length=len(b'{"version":1}')) + b'{"version":1}')
+        h, body = raw.reply()
+        assert h.op is Op.ERR and b"token" in body
+        assert raw.closed()
+
+
+# -- raw clients -------------------------------------------------------------------------------
+def frame(
+    op: int,
+    region: int = 0,
+    req_id: int = 0,
+    offset: int = 0,
+    length: int = 0,
+    magic: bytes = MAGIC,
+    version: int = WIRE_VERSION,
+) -> bytes:
+    return HEADER.pack(magic, version, op, region, req_id, offset, length)
+
+
+def hello_frame(token: str | None = None) -> bytes:
+    body = wire.encode_json({"version": WIRE_VERSION, "token": token or ""})
+    return frame(Op.HELLO, length=len(body)) + body
+
+
+class RawClient:
+    """A hand-driven connection to a target, with a timeout on every receive."""
+
+    def __init__(self, target: TargetProcess, timeout: float = 10.0) -> None:
+        host, port = target.name.rsplit(":", 1)
+        self.sock = socket.create_connection((host, int(port)), timeout=timeout)
+
+    def __enter__(self) -> RawClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def recv_exact(self, n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = self.sock.recv(n - len(buf))
+            if not chunk:
+                raise ConnectionError(f"closed after {len(buf)} of {n} bytes")
+            buf += chunk
+        return bytes(buf)
+
+    def reply(self) -> tuple[wire.Header, bytes]:
+        h = wire.decode(self.recv_exact(HEADER_SIZE), reply=True, max_length=64 * MiB)
+        return h, self.recv_exact(h.length)
+
+    def handshake(self, token: str | None = None) -> dict[str, Any]:
+        self.send(hello_frame(token))
+        h, body = self.reply()
+        assert h.op is Op.OK, body
+        return wire.decode_json(body)
+
+    def closed(self) -> bool:
+        """True once the target closed the connection (EOF or reset) with nothing more to say."""
+        try:
+            return self.sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+
+
+@dataclass
+class BadFrame:
+    what: str
+    data: bytes
+    message: str
+    echoes_req_id: bool = True
+
+
+def test_out_of_bounds_frames_get_err_and_close_and_change_nothing(
+    target_process: StartTarget,
+) -> None:
+    target = target_process()
+    size = target.regions[0]["size"]
+    rid = target.region_id(0)
+    expected = target.expected(0)
+    bad = [
+        BadFrame("read past the end", frame(Op.READ, rid, 41, size - 10, 20), "outside"),
+        BadFrame("read at the end", frame(Op.READ, rid, 42, size, 1), "outside"),
+        BadFrame("write past the end", frame(Op.WRITE, rid, 43, size - 1, 2), "outside"),
+        BadFrame("write huge offset", frame(Op.WRITE, rid, 44, 2**64 - 1, 1), "outside"),
+        BadFrame("write unknown region", frame(Op.WRITE, 999, 45, 0, 16), "not granted"),
+        BadFrame("read zero bytes", frame(Op.READ, rid, 46, 0, 0), "outside"),
+        BadFrame("read over max frame", frame(Op.READ, rid, 47, 0, 2**63), "exceeds|outside"),
+        BadFrame("hello again", hello_frame(), "HELLO|not allowed", echoes_req_id=False),
+        BadFrame("reply op", frame(Op.OK, rid, 48, 0, 1), "unexpected op", echoes_req_id=False),
+    ]
+    with fault_engine() as good:
+        # a well-behaved client connected before the attacks, used again after them
+        local = good.allocate(8 * MiB)
+        h = good.open_segment(target.name)
+        good.transfer_sync([TransferRequest(OpCode.READ, local, 0, h, 0, 4096)], timeout=10)
+        for case in bad:
+            with RawClient(target) as raw:
+                doc = raw.handshake()
+                assert [r["id"] for r in doc["regions"]] == [rid]
+                # a correct request first: the raw client speaks the protocol right
+                raw.send(frame(Op.READ, rid, 7, 100, 64))
+                ok, payload = raw.reply()
+                assert (ok.op, ok.req_id, payload) == (Op.OK, 7, expected[100:164].tobytes())
+                raw.send(case.data)
+                err, message = raw.reply()
+                assert err.op is Op.ERR, case.what
+                if case.echoes_req_id:
+                    assert err.req_id == HEADER.unpack(case.data[:HEADER_SIZE])[4], case.what
+                assert message, case.what
+                assert re.search(case.message, message.decode()), (case.what, message)
+                assert raw.closed(), f"{case.what}: the connection stayed open"
+        # the good client's connection still works, and no byte of the target changed
+        good.transfer_sync([TransferRequest(OpCode.READ, local, 0, h, 0, 8 * MiB)], timeout=30)
+        assert np.array_equal(local.array, expected)
+    assert "Traceback" not in target.stderr()
+
+
+# -- live-server fuzzer ------------------------------------------------------------------------
+FUZZ_SEED = 0x6B66
+FUZZ_FRAMES = 3000
+FUZZ_THREADS = 4
+FUZZ_TOKEN = "fuzz-token"
+ANY = None  # an OK reply whose payload is checked elsewhere (the handshake document)
+Reply = tuple[Op, bytes | None, int | None]  # (op, payload or ANY, echoed req_id or 0)
+
+
+@dataclass
+class Conversation:
+    """What one raw connection sends, and exactly which replies it must get before EOF."""
+
+    what: list[str]
+    data: bytes
+    replies: list[Reply]
+    frames: int
+
+
+class Fuzzer:
+    """Seeded generator of hostile conversations against one target region."""
+
+    def __init__(self, seed: int, target: TargetProcess) -> None:
+        self.rng = random.Random(seed)
+        self.rid = target.region_id(0)
+        self.size = int(target.regions[0]["size"])
+        self.expected = target.expected(0)
+        self.req_id = 0
+
+    def _bytes(self, offset: int, n: int) -> bytes:
+        return self.expected[offset : offset + n].tobytes()
+
+    def _not_magic(self) -> bytes:
+        b = self.rng.randbytes(2)
+        return b if b != MAGIC else b"KX"
+
+    def conversation(self) -> Conversation:
+        kinds = [self.garbage, self.hello, self.session]
+        return self.rng.choices(kinds, weights=[1, 3, 6])[0]()
+
+    def garbage(self) -> Conversation:
+        n = self.rng.randint(1, 96)
+        data = bytes([self.rng.choice([0, 0x4A, 0xFF])]) + self.rng.randbytes(n - 1)
+        # a short one leaves the target waiting for the rest of a header until our EOF
+        replies: list[Reply] = [(Op.ERR, b"", 0)] if n >= HEADER_SIZE else []
+        return Conversation([f"garbage[{n}]"], data, replies, 1)
+
+    def hello(self) -> Conversation:
+        rng = self.rng
+        good = wire.encode_json({"version": WIRE_VERSION, "token": FUZZ_TOKEN})
+        cases: list[tuple[str, bytes, bool]] = [  # (what, bytes, answered with ERR)
+            ("bad magic", frame(Op.HELLO, length=len(good), magic=self._not_magic()) + good, True),
+            (
+                "bad version",
+                frame(Op.HELLO, length=len(good), version=rng.choice([0, 2, 255])) + good,
+                True,
+            ),
+            (
+                "first frame not HELLO",
+                frame(rng.choice([2, 3, 0x81, 0x82, 0, rng.randint(4, 255)]), length=len(good))
+                + good,
+                True,
+            ),
+            ("hello too long", frame(Op.HELLO, length=rng.randint(64 * 1024 + 1, 2**64 - 1)), True),
+            ("truncated header", frame(Op.HELLO, length=len(good))[: rng.randint(1, 31)], False),
+            (
+                "truncated body",
+                frame(Op.HELLO, length=len(good)) + good[: rng.randint(0, len(good) - 1)],
+                False,
+            ),
+        ]
+        bodies = [
+            b"\xff" + rng.randbytes(rng.randint(0, 64)),
+            b"[1, 2]",
+            b'"version"',
+            b"42",
+            b"[" * rng.randint(2000, 60000),
+            b'{"version": 1' + b"," * rng.randint(1, 9),
+            b'{"version": 2, "token": "fuzz-token"}',
+            b'{"version": "1", "token": "fuzz-token"}',
+            b'{"token": "fuzz-token"}',
+            b'{"version": 1}',
+            b'{"version": 1, "token": 7}',
+            b'{"version": 1, "token": ["fuzz-token"]}',
+            b'{"version": 1, "token": "fuzz-tokeN"}',
+            b'{"version": 1, "token": "\\ud800"}',
+        ]
+        for body in bodies:
+            cases.append(
+                (f"hello body {body[:24]!r}", frame(Op.HELLO, length=len(body)) + body, True)
+            )
+        what, data, answered = rng.choice(cases)
+        return Conversation([what], data, [(Op.ERR, b"", 0)] if answered else [], 1)
+
+    def session(self) -> Conversation:
+        rng = self.rng
+        what = ["hello"]
+        parts = [hello_frame(FUZZ_TOKEN)]
+        replies: list[Reply] = [(Op.OK, ANY, 0)]
+        for _ in range(rng.randint(0, 12)):
+            self.req_id += 1
+            n = rng.randint(1, 4096)
+            offset = rng.randint(0, self.size - n)
+            if rng.random() < 0.6:
+                what.append(f"READ {offset}+{n}")
+                parts.append(frame(Op.READ, self.rid, self.req_id, offset, n))
+                replies.append((Op.OK, self._bytes(offset, n), self.req_id))
+            else:  # writes carry the bytes already there, so the region never changes
+                what.append(f"WRITE {offset}+{n}")
+                parts.append(frame(Op.WRITE, self.rid, self.req_id, offset, n))
+                parts.append(self._bytes(offset, n))
+                replies.append((Op.OK, b"", self.req_id))
+        frames = len(parts) - sum(1 for w in what if w.startswith("WRITE"))
+        if rng.random() < 0.8:
+            name, data, reply = self._bad_data_frame()
+            what.append(name)
+            parts.append(data)
+            frames += 1
+            if reply is not None:
+                replies.append(reply)
+        return Conversation(what, b"".join(parts), replies, frames)
+
+    def _bad_data_frame(self) -> tuple[str, bytes, Reply | None]:
+        rng, rid, size = self.rng, self.rid, self.size
+        self.req_id += 1
+        q = self.req_id
+        op = rng.choice([Op.READ, Op.WRITE])
+        err_echo = (Op.ERR, b"", q)
+        err = (Op.ERR, b"", 0)
+        choice = rng.randrange(10)
+        if choice == 0:
+            return "random header", bytes([0x4B ^ 0xFF]) + rng.randbytes(31), err
+        if choice == 1:
+            return "bad magic", frame(op, rid, q, 0, 1, magic=self._not_magic()), err
+        if choice == 2:
+            v = rng.choice([0, 2, rng.randint(3, 255)])
+            return f"version {v}", frame(op, rid, q, 0, 1, version=v), err
+        if choice == 3:
+            bad_op = rng.choice([0, 1, 4, 0x81, 0x82, rng.randint(4, 255)])
+            length = rng.choice([0, 1, 2**64 - 1])
+            return f"op {bad_op:#x}", frame(bad_op, rid, q, 0, length), err
+        if choice == 4:
+            n = rng.randint(1, 1 << 20)
+            offset = rng.randint(size - n + 1, size + (1 << 20))
+            return f"{op.name} out of bounds", frame(op, rid, q, offset, n), err_echo
+        if choice == 5:
+            other = rng.choice([0, rid + 1, rng.randint(rid + 2, 2**32 - 1)])
+            return f"{op.name} region {other}", frame(op, other, q, 0, 16), err_echo
+        if choice == 6:
+            return f"{op.name} zero length", frame(op, rid, q, rng.randint(0, size), 0), err_echo
+        if choice == 7:
+            n = rng.choice([2**64 - 1, 2**63, (64 << 20) + 1])
+            return f"{op.name} length {n}", frame(op, rid, q, 0, n), err_echo
+        if choice == 8:
+            return "truncated header", frame(op, rid, q, 0, 16)[: rng.randint(1, 31)], None
+        n = rng.randint(2, 4096)
+        offset = rng.randint(0, size - n)
+        partial = self._bytes(offset, rng.randint(0, n - 1))
+        return "truncated WRITE payload", frame(Op.WRITE, rid, q, offset, n) + partial, None
+
+
+def converse(target: TargetProcess, conv: Conversation) -> list[str]:
+    """Send ``conv``, half-close, read until EOF; return what differs from the expectation."""
+    host, port = target.name.rsplit(":", 1)
+    got = bytearray()
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(conv.data)
+        sock.shutdown(socket.SHUT_WR)
+        while chunk := sock.recv(1 << 16):
+            got += chunk
+    problems: list[str] = []
+    view = memoryview(got)
+    for i, (op, payload, req_id) in enumerate(conv.replies):
+        if len(view) < HEADER_SIZE:
+            return [f"reply {i} ({op.name}) missing; {len(view)} stray bytes"]
+        h = wire.decode(view[:HEADER_SIZE], reply=True, max_length=64 * MiB)
+        body = bytes(view[HEADER_SIZE : HEADER_SIZE + h.length])
+        view = view[HEADER_SIZE + h.length :]
+        if h.op is not op:
+            problems.append(f"reply {i}: {h.op.name} {body[:80]!r}, expected {op.name}")
+        elif op is Op.OK and payload is ANY:
+            doc = wire.decode_json(body)
+            if [r["id"] for r in doc["regions"]] != [target.region_id(0)]:
+                problems.append(f"reply {i}: handshake document {doc}")
+        elif op is Op.OK and body != payload:
+            problems.append(f"reply {i}: wrong payload of {len(body)} bytes")
+        elif op is Op.ERR and not body:
+            problems.append(f"reply {i}: ERR without a reason")
+        if req_id and h.req_id != req_id:
+            problems.append(f"reply {i}: req_id {h.req_id}, expected {req_id}")
+    if len(view):
+        problems.append(f"{len(view)} unexpected bytes after the expected replies")
+    return problems
+
+
+def test_live_server_fuzz(target_process: StartTarget) -> None:
+    target = target_process(token=FUZZ_TOKEN)
+    failures: list[str] = []
+    counts = [0] * FUZZ_THREADS
+
+    def fuzz(index: int) -> None:
+        seed = FUZZ_SEED + index
+        fuzzer = Fuzzer(seed, target)
+        n = 0
+        while counts[index] < FUZZ_FRAMES // FUZZ_THREADS and len(failures) < 5:
+            conv = fuzzer.conversation()
+            try:
+                problems = converse(target, conv)
+            except OSError as e:  # a reset or a timeout is a failure too
+                problems = [f"{type(e).__name__}: {e}"]
+            if problems:
+                failures.append(f"seed {seed} conversation {n} {conv.what}: {problems}")
+            counts[index] += conv.frames
+            n += 1
+
+    threads = [threading.Thread(target=fuzz, args=(i,)) for i in range(FUZZ_THREADS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads), "the fuzzer hung"
+    assert not failures, "\n".join(failures)
+    assert sum(counts) >= FUZZ_FRAMES
+    assert target.alive()
+    log = target.stderr()
+    assert "unexpected error" not in log and "Traceback" not in log, log[-3000:]
+    # the target still serves a good client, and not one byte of its memory changed
+    cfg = KvferryConfig(transfer={"transport": "tcp"}, listen={"auth_token": FUZZ_TOKEN})
+    with TransferEngine(cfg) as good:
+        assert np.array_equal(read_all(good, target), target.expected(0))
+        local = good.register(np.arange(4096, dtype=np.uint8) ^ 0x5A)
+        h = good.open_segment(target.name)
+        good.transfer_sync([TransferRequest(OpCode.WRITE, local, 0, h, 4096, 4096)], 10)
+        assert np.array_equal(read_all(good, target)[4096:8192], local.array)

@@ -1,0 +1,259 @@
+"""The tcp transport (kvferry/transfer/transports/tcp.py) against real target processes."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from kvferry import (
+    KvferryConfig,
+    OpCode,
+    PeerClosed,
+    RemoteError,
+    SegmentError,
+    TransferEngine,
+    TransferRequest,
+    TransferState,
+)
+from kvferry.testing import TargetProcess, TransportKit, check_transport
+from kvferry.transfer import wire
+
+StartTarget = Callable[..., TargetProcess]
+MiB = 1 << 20
+
+
+def tcp_engine(**transfer: object) -> TransferEngine:
+    return TransferEngine(KvferryConfig(transfer={"transport": "tcp", **transfer}))
+
+
+def test_reads_what_the_target_process_holds(target_process: StartTarget) -> None:
+    target = target_process(registered_size=3 * MiB + 5)
+    with tcp_engine() as ini:
+        local = ini.allocate(8 * MiB)
+        h = ini.open_segment(target.name)
+        assert h.transport == "tcp"
+        assert [r.region_id for r in h.regions] == [target.region_id(0), target.region_id(1)]
+        assert h.size == 8 * MiB
+        ini.transfer_sync([TransferRequest(OpCode.READ, local, 0, h, 0, 8 * MiB)], timeout=30)
+        assert np.array_equal(local.array, target.expected(0))
+        n = 3 * MiB + 5
+        ini.transfer_sync(
+            [TransferRequest(OpCode.READ, local, 0, h, 0, n, target.region_id(1))], timeout=30
+        )
+        assert np.array_equal(local.array[:n], target.expected(1))
+        assert ini.metrics()["tcp"]["bytes_read"] == 8 * MiB + n
+
+
+def test_kit(target_process: StartTarget) -> None:
+    target = target_process()
+    with tcp_engine() as ini:
+        h = ini.open_segment(target.name)
+        check_transport(ini, h, ini.allocate(8 * MiB), h.size)
+        assert ini.metrics()["tcp"]["errors"] == 0
+
+
+def test_kit_registered_target_region_and_registered_local_buffer(
+    target_process: StartTarget,
+) -> None:
+    target = target_process(registered_size=4 * MiB)
+    with tcp_engine() as ini:
+        local = ini.register(np.zeros(4 * MiB, dtype=np.uint8))  # a plain buffer, not shm
+        h = ini.open_segment(target.name)
+        check_transport(ini, h, local, 4 * MiB, target_region=target.region_id(1))
+
+
+@pytest.mark.parametrize(
+    "transfer",
+    [
+        {"slice_size": "4KiB", "fragment_ratio": 4, "workers": 1, "max_inflight": 3},
+        {"slice_size": "16KiB", "fragment_ratio": 16, "workers": 3, "max_inflight": 1},
+        {"slice_size": "256KiB", "workers": 2, "grace_period_ns": 0},
+    ],
+    ids=["small-slices-1-worker", "3-workers-no-pipelining", "big-slices-no-spin"],
+)
+def test_kit_under_other_tuning(target_process: StartTarget, transfer: dict[str, object]) -> None:
+    target = target_process()
+    with tcp_engine(**transfer) as ini:
+        h = ini.open_segment(target.name)
+        kit = TransportKit(ini, h, ini.allocate(8 * MiB), h.size)
+        kit.check_slicing_sizes()
+        kit.check_concurrent_batches()
+        kit.check_request_status()
+
+
+def test_kit_over_tcp_to_own_engine() -> None:
+    with TransferEngine(KvferryConfig(transfer={"transport": "tcp"}, listen={"port": 0})) as eng:
+        target = eng.allocate(4 * MiB)
+        local = eng.allocate(4 * MiB)
+        h = eng.open_segment(eng.listen())
+        assert h.transport == "tcp"
+        check_transport(eng, h, local, target.size, target_region=target.region_id)
+        served = eng.metrics()["server"]
+        assert served["bytes_read"] != 0 and served["bytes_written"] != 0
+
+
+@pytest.mark.parametrize("op", [OpCode.READ, OpCode.WRITE])
+def test_refused_range_fails_the_request_without_retry_and_the_channel_recovers(
+    op: OpCode,
+) -> None:
+    cfg = KvferryConfig(transfer={"transport": "tcp"}, listen={"port": 0})
+    with TransferEngine(cfg) as eng:
+        target = eng.allocate(MiB)
+        doomed = eng.allocate(4 * MiB)
+        local = eng.allocate(4 * MiB)
+        h = eng.open_segment(eng.listen())
+        eng.unregister(doomed)  # the handle still lists it; the server no longer serves it
+        batch = eng.allocate_batch(1)
+        # 4 MiB: many slices, so WRITE payloads are still streaming when the refusal comes
+        eng.submit(batch, [TransferRequest(op, local, 0, h, 0, 4 * MiB, doomed.region_id)])
+        status = eng.wait(batch, timeout=10)
+        assert status.state is TransferState.FAILED
+        error = status.requests[0].error
+        assert isinstance(error, RemoteError), repr(error)
+        assert "not granted" in str(error)
+        assert eng.metrics()["tcp"]["retries"] == 0
+        assert eng.metrics()["server"]["protocol_errors"] != 0
+        # the server closed that connection; the next request reconnects and succeeds
+        target.array[:4096] = 9
+        eng.transfer_sync([TransferRequest(OpCode.READ, local, 0, h, 0, 4096)], timeout=10)
+        assert (local.array[:4096] == 9).all()
+
+
+class HalfAnsweringPeer:
+    """A scripted target speaking the wire format by hand.
+
+    On its first data connection it answers only the first ``answer`` READs, then closes (a target
+    dying between replies); later connections get every answer. Replies and the close are sent
+    back to back, so the initiator reads completions and EOF in one go.
+    """
+
+    def __init__(self, size: int, answer: int, expect: int) -> None:
+        self.data = np.random.default_rng(11).integers(0, 256, size, dtype=np.uint8)
+        self.answer, self.expect = answer, expect
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.name = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.data_connections = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _recv(self, conn: socket.socket, n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            chunk = conn.recv(n - len(buf))
+            if not chunk:
+                raise ConnectionError("closed")
+            buf += chunk
+        return buf
+
+    def _run(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with conn:
+                try:
+                    self._serve(conn)
+                except OSError:
+                    pass
+
+    def _serve(self, conn: socket.socket) -> None:
+        conn.settimeout(10)
+        h = wire.decode(self._recv(conn, 32), reply=False, max_length=1 << 16)
+        self._recv(conn, h.length)
+        doc = wire.encode_json(
+            {
+                "version": wire.WIRE_VERSION,
+                "instance": "scripted",
+                "boot_id": "another-host",
+                "pid": 1,
+                "regions": [{"id": 1, "size": self.data.size}],
+            }
+        )
+        conn.sendall(wire.encode(wire.Op.OK, length=len(doc)) + doc)
+        try:
+            first = self._recv(conn, 32)
+        except ConnectionError:
+            return  # open_segment's probe connection: handshake only
+        self.data_connections += 1
+        limit = self.answer if self.data_connections == 1 else None
+        headers = [first]
+        if limit is not None:
+            headers += [self._recv(conn, 32) for _ in range(self.expect - 1)]
+        out = b""
+        while True:
+            for raw in headers:
+                r = wire.decode(raw, reply=False, max_length=1 << 20)
+                if limit is not None and limit == 0:
+                    conn.sendall(out)
+                    conn.shutdown(socket.SHUT_RDWR)
+                    return
+                out += wire.encode(wire.Op.OK, 1, r.req_id, 0, r.length)
+                out += self.data[r.offset : r.offset + r.length].tobytes()
+                if limit is not None:
+                    limit -= 1
+            conn.sendall(out)
+            out = b""
+            try:
+                headers = [self._recv(conn, 32)]
+            except ConnectionError:
+                return
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_completions_read_just_before_a_close_are_not_lost() -> None:
+    requests = 8
+    peer = HalfAnsweringPeer(size=64 * 1024, answer=requests // 2, expect=requests)
+    try:
+        cfg = {"transport": "tcp", "workers": 1, "retry_count": 2, "transfer_timeout": 5}
+        with TransferEngine(KvferryConfig(transfer=cfg)) as ini:
+            local = ini.allocate(64 * 1024)
+            h = ini.open_segment(peer.name)
+            batch = ini.allocate_batch(requests)
+            ini.submit(
+                batch,
+                [
+                    TransferRequest(OpCode.READ, local, i * 1000, h, i * 1000, 1000)
+                    for i in range(requests)
+                ],
+            )
+            status = ini.wait(batch, timeout=15)
+            assert [r.state for r in status.requests] == [TransferState.COMPLETED] * requests, [
+                repr(r.error) for r in status.requests
+            ]
+            n = requests * 1000
+            assert np.array_equal(local.array[:n], peer.data[:n])
+            # only the unanswered half went again, on a fresh connection
+            assert ini.metrics()["tcp"]["retries"] == requests // 2
+            assert peer.data_connections == 2
+    finally:
+        peer.close()
+
+
+def test_close_segment_then_submit_is_refused(target_process: StartTarget) -> None:
+    target = target_process()
+    with tcp_engine() as ini:
+        local = ini.allocate(MiB)
+        h = ini.open_segment(target.name)
+        ini.close_segment(h)
+        with pytest.raises(SegmentError, match="not open"):
+            ini.submit(ini.allocate_batch(1), [TransferRequest(OpCode.READ, local, 0, h, 0, 1)])
+        # reopening gives a fresh, working handle
+        h2 = ini.open_segment(target.name)
+        assert h2 is not h
+        ini.transfer_sync([TransferRequest(OpCode.READ, local, 0, h2, 0, MiB)], timeout=10)
+        assert np.array_equal(local.array, target.expected(0)[:MiB])
+
+
+def test_open_segment_of_a_closed_port_raises_peer_closed() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound but not listening: connections are refused
+        with tcp_engine(connect_timeout=2) as ini, pytest.raises(PeerClosed, match="connect"):
+            ini.open_segment(f"127.0.0.1:{port}")
