@@ -147,7 +147,8 @@ class TargetServer:
             self._handshake(sock)
             self._data_loop(sock)
         except _Refused as e:
-            self.counters.add(protocol_errors=1)
+            # already counted, before the ERR reply went out (a peer may read the counters as
+            # soon as it has the reply)
             log.warning("refused a request from %s: %s", _addr(peer), e)
             _linger(sock)
         except (ProtocolError, ValueError) as e:
@@ -237,12 +238,14 @@ class TargetServer:
                         reason = f"frame length {length} exceeds the limit of {max_frame} bytes"
                     if out:
                         _sendmsg_all(sock, out)
+                    counters.add(protocol_errors=1)
                     _send_error(sock, reason, req_id)
                     raise _Refused(reason)
                 if length > max_frame:
                     if out:
                         _sendmsg_all(sock, out)
                     reason = f"frame length {length} exceeds the limit of {max_frame} bytes"
+                    counters.add(protocol_errors=1)
                     _send_error(sock, reason, req_id)
                     raise _Refused(reason)
                 view = region.view[offset : offset + length]
