@@ -46,6 +46,8 @@ _READ = OpCode.READ
 _HDR = wire.HEADER_SIZE
 _MAX_IOV = 512  # well under IOV_MAX (1024): one header + one payload per slice
 _BURST_BYTES = 4 << 20  # bytes gathered into one sendmsg burst
+_RBUF_BYTES = 64 << 10  # receive buffer for reply headers and small READ payloads
+_SMALL_READ = 16 << 10  # larger READ payloads bypass the buffer (received in place)
 
 
 class _Slice:
@@ -80,9 +82,11 @@ class _Conn:
         self.sendq: deque[_Slice] = deque()
         self.inflight: deque[_Slice] = deque()
         self.out: list[memoryview | bytes] = []  # the burst being sent
-        self.hdr = bytearray(_HDR)
-        self.hdr_view = memoryview(self.hdr)
-        self.hdr_got = 0
+        self.rbuf = bytearray(_RBUF_BYTES)
+        self.rview = memoryview(self.rbuf)
+        self.rpos = 0
+        self.rend = 0
+        self.err_got = 0
         self.payload: memoryview | None = None  # READ reply payload being received
         self.payload_got = 0
         self.err: bytearray | None = None  # ERR reply message being received
@@ -148,6 +152,10 @@ class _Conn:
     def pump_recv(self) -> list[tuple[_Slice, KvferryError | None]]:
         """Receive replies without blocking; return finished slices (with an error or None).
 
+        Replies are read in bulk into a small receive buffer, so a burst of small READ replies
+        costs one syscall; a READ payload larger than ``_SMALL_READ`` is received straight into
+        the caller's buffer after its header (no copy).
+
         A failure that follows completions in the same call is kept in ``error`` instead of
         raised, so the slices already popped are returned (and completed) rather than lost.
 
@@ -169,23 +177,27 @@ class _Conn:
                         self.payload = None
                         done.append((self.inflight.popleft(), None))
                 elif self.err is not None:
-                    k = sock.recv_into(memoryview(self.err)[self.hdr_got :])
-                    if k == 0:
-                        raise PeerClosed("peer closed the connection mid-reply")
-                    self.hdr_got += k
-                    if self.hdr_got == len(self.err):
-                        message = bytes(self.err).decode(errors="replace")
+                    err = self.err
+                    take = min(len(err) - self.err_got, self.rend - self.rpos)
+                    if take:
+                        err[self.err_got : self.err_got + take] = self.rview[
+                            self.rpos : self.rpos + take
+                        ]
+                        self.rpos += take
+                        self.err_got += take
+                    if self.err_got == len(err):
                         self.err = None
-                        self.hdr_got = 0
+                        message = bytes(err).decode(errors="replace")
                         done.append((self.inflight.popleft(), RemoteError(message)))
+                        continue
+                    self._fill(len(err) - self.err_got)
+                elif self.rend - self.rpos >= _HDR:
+                    self._on_header(done)
+                    continue
                 else:
-                    k = sock.recv_into(self.hdr_view[self.hdr_got :])
-                    if k == 0:
-                        raise PeerClosed("peer closed the connection")
-                    self.hdr_got += k
-                    if self.hdr_got == _HDR:
-                        self.hdr_got = 0
-                        self._on_header(done)
+                    head = self.inflight[0]
+                    large = head.item.op is _READ and head.length > _SMALL_READ
+                    self._fill(_HDR - (self.rend - self.rpos) if large else 0)
             except (BlockingIOError, InterruptedError):
                 break
             except (OSError, KvferryError) as e:
@@ -196,25 +208,57 @@ class _Conn:
             self.last_progress = time.monotonic()
         return done
 
+    def _fill(self, exact: int) -> None:
+        """One read into the receive buffer: ``exact`` bytes at most if > 0, else all it holds.
+
+        Raises:
+            BlockingIOError: nothing to read now.
+            PeerClosed: the peer closed the connection.
+        """
+        rpos, rend = self.rpos, self.rend
+        if rpos:
+            left = rend - rpos
+            self.rbuf[:left] = self.rview[rpos:rend]
+            self.rpos, self.rend = 0, left
+            rend = left
+        room = len(self.rbuf) - rend
+        k = self.sock.recv_into(self.rview[rend:], min(exact, room) if exact else room)
+        if k == 0:
+            raise PeerClosed("peer closed the connection")
+        self.rend = rend + k
+
     def _on_header(self, done: list[tuple[_Slice, KvferryError | None]]) -> None:
-        h = wire.decode(self.hdr, reply=True, max_length=self.max_frame)
+        rpos = self.rpos
+        h = wire.decode(self.rview[rpos : rpos + _HDR], reply=True, max_length=self.max_frame)
+        rpos += _HDR
+        self.rpos = rpos
         head = self.inflight[0]
         if h.req_id != head.req_id:
             raise ProtocolError(f"reply for request {h.req_id}, expected {head.req_id}")
         if h.op is wire.Op.ERR:
             if h.length > wire.MAX_ERROR_BYTES:
                 raise ProtocolError(f"error reply of {h.length} bytes is too long")
-            self.err = bytearray(h.length)
             if h.length == 0:
-                self.err = None
                 done.append((self.inflight.popleft(), RemoteError("target refused the request")))
+            else:
+                self.err = bytearray(h.length)
+                self.err_got = 0
             return
         item = head.item
         if item.op is _READ:
-            if h.length != head.length:
-                raise ProtocolError(f"READ reply of {h.length} bytes, asked for {head.length}")
-            self.payload = item.local.view[head.local_offset : head.local_offset + head.length]
-            self.payload_got = 0
+            length = head.length
+            if h.length != length:
+                raise ProtocolError(f"READ reply of {h.length} bytes, asked for {length}")
+            view = item.local.view[head.local_offset : head.local_offset + length]
+            have = min(length, self.rend - rpos)
+            if have:
+                view[:have] = self.rview[rpos : rpos + have]
+                self.rpos = rpos + have
+            if have == length:
+                done.append((self.inflight.popleft(), None))
+            else:
+                self.payload = view
+                self.payload_got = have
         else:
             if h.length != 0:
                 raise ProtocolError("WRITE acknowledgement carries a payload")
