@@ -40,8 +40,11 @@ class TransferConfig(_Model):
         description="A tail under slice_size/fragment_ratio bytes joins the previous slice "
         "(MC_FRAGMENT_RATIO).",
     )
+    # Default 1, not Mooncake's 2: a target serves each connection from its own thread, and
+    # on a 2-core host two busy connection threads contend for the target's GIL (1 MiB x 16
+    # reads: 3.78 GB/s with 1 connection, 2.98 with 2; benchmarks/BENCHMARKS.md).
     workers: int = Field(
-        2,
+        1,
         ge=1,
         le=64,
         description="Connections per peer that slices are spread over (MC_WORKERS_PER_CTX).",

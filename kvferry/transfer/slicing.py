@@ -39,3 +39,11 @@ def plan_slices(length: int, slice_size: int, fragment_ratio: int) -> list[tuple
         else:
             slices.append((full * slice_size, tail))
     return slices
+
+
+def count_slices(length: int, slice_size: int, fragment_ratio: int) -> int:
+    """``len(plan_slices(...))`` without building the list (hot path)."""
+    full, tail = divmod(length, slice_size)
+    if full == 0:
+        return 1
+    return full + (1 if tail >= max(1, slice_size // fragment_ratio) else 0)

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvferry.config.models import TransferConfig
-from kvferry.transfer.slicing import plan_slices
+from kvferry.transfer.slicing import count_slices, plan_slices
 
 
 def assert_tiles(slices: list[tuple[int, int]], length: int) -> None:
@@ -96,3 +96,10 @@ def test_slices_tile_exactly_and_respect_bounds(case: tuple[int, int, int]) -> N
     full, tail = divmod(length, slice_size)
     expected = full + (1 if tail and (tail >= limit or full == 0) else 0)
     assert len(slices) == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(case=slicing_cases())
+def test_count_slices_matches_the_plan(case: tuple[int, int, int]) -> None:
+    length, slice_size, ratio = case
+    assert count_slices(length, slice_size, ratio) == len(plan_slices(length, slice_size, ratio))

@@ -39,11 +39,14 @@ from kvferry.errors import (
 from kvferry.transfer import handshake, wire
 from kvferry.transfer.batch import Batch, OpCode
 from kvferry.transfer.segment import PeerInfo
-from kvferry.transfer.slicing import plan_slices
+from kvferry.transfer.slicing import count_slices, plan_slices
 from kvferry.transfer.transports.base import Channel, Transport, WorkItem
 
 _READ = OpCode.READ
 _HDR = wire.HEADER_SIZE
+_unpack_from = wire.HEADER.unpack_from
+_MAGIC, _VERSION, _ERR = wire.MAGIC, wire.WIRE_VERSION, wire.Op.ERR
+_REPLY_OPS = (wire.Op.OK, wire.Op.ERR)
 _MAX_IOV = 512  # well under IOV_MAX (1024): one header + one payload per slice
 _BURST_BYTES = 4 << 20  # bytes gathered into one sendmsg burst
 _RBUF_BYTES = 64 << 10  # receive buffer for reply headers and small READ payloads
@@ -229,26 +232,31 @@ class _Conn:
 
     def _on_header(self, done: list[tuple[_Slice, KvferryError | None]]) -> None:
         rpos = self.rpos
-        h = wire.decode(self.rview[rpos : rpos + _HDR], reply=True, max_length=self.max_frame)
+        magic, version, op, _, req_id, _, h_length = _unpack_from(self.rbuf, rpos)
+        if magic != _MAGIC or version != _VERSION or op not in _REPLY_OPS:
+            # the precise reason
+            wire.decode(self.rview[rpos : rpos + _HDR], reply=True, max_length=self.max_frame)
+        if h_length > self.max_frame:
+            raise ProtocolError(f"frame length {h_length} exceeds {self.max_frame} bytes")
         rpos += _HDR
         self.rpos = rpos
         head = self.inflight[0]
-        if h.req_id != head.req_id:
-            raise ProtocolError(f"reply for request {h.req_id}, expected {head.req_id}")
-        if h.op is wire.Op.ERR:
-            if h.length > wire.MAX_ERROR_BYTES:
-                raise ProtocolError(f"error reply of {h.length} bytes is too long")
-            if h.length == 0:
+        if req_id != head.req_id:
+            raise ProtocolError(f"reply for request {req_id}, expected {head.req_id}")
+        if op == _ERR:
+            if h_length > wire.MAX_ERROR_BYTES:
+                raise ProtocolError(f"error reply of {h_length} bytes is too long")
+            if h_length == 0:
                 done.append((self.inflight.popleft(), RemoteError("target refused the request")))
             else:
-                self.err = bytearray(h.length)
+                self.err = bytearray(h_length)
                 self.err_got = 0
             return
         item = head.item
         if item.op is _READ:
             length = head.length
-            if h.length != length:
-                raise ProtocolError(f"READ reply of {h.length} bytes, asked for {length}")
+            if h_length != length:
+                raise ProtocolError(f"READ reply of {h_length} bytes, asked for {length}")
             view = item.local.view[head.local_offset : head.local_offset + length]
             have = min(length, self.rend - rpos)
             if have:
@@ -260,7 +268,7 @@ class _Conn:
                 self.payload = view
                 self.payload_got = have
         else:
-            if h.length != 0:
+            if h_length != 0:
                 raise ProtocolError("WRITE acknowledgement carries a payload")
             done.append((self.inflight.popleft(), None))
 
@@ -314,7 +322,7 @@ class TcpChannel(Channel):
 
     # -- public -----------------------------------------------------------------------------
     def slice_count(self, length: int) -> int:
-        return len(plan_slices(length, self._slice_size, self._fragment_ratio))
+        return count_slices(length, self._slice_size, self._fragment_ratio)
 
     def post(self, items: Sequence[WorkItem]) -> None:
         if self._closed:
@@ -323,7 +331,11 @@ class TcpChannel(Channel):
             return
         deadline = time.monotonic() + self._timeout
         inbox = self._inbox
+        single = self._slice_size + max(1, self._slice_size // self._fragment_ratio)
         for item in items:
+            if item.length < single:  # one slice: the common KV-block case, no plan needed
+                inbox.append(_Slice(item, 0, item.length, deadline))
+                continue
             for offset, length in plan_slices(item.length, self._slice_size, self._fragment_ratio):
                 inbox.append(_Slice(item, offset, length, deadline))
         if self._lead.acquire(blocking=False):
