@@ -63,6 +63,19 @@ class TransportCounters:
             self.slices += slices
             self.latency.observe_ns(latency_ns)
 
+    def add_requests(
+        self, *, read_bytes: int, written_bytes: int, slices: int, latencies_ns: list[int]
+    ) -> None:
+        """Record several completed requests under one lock round (hot path)."""
+        with self.lock:
+            self.bytes_read += read_bytes
+            self.bytes_written += written_bytes
+            self.requests += len(latencies_ns)
+            self.slices += slices
+            observe = self.latency.observe_ns
+            for ns in latencies_ns:
+                observe(ns)
+
     def add(self, *, errors: int = 0, retries: int = 0, protocol_errors: int = 0) -> None:
         with self.lock:
             self.errors += errors

@@ -86,19 +86,21 @@ class RequestState:
         "index",
         "length",
         "remaining",
+        "slices",
         "started_ns",
         "state",
     )
 
-    def __init__(self, batch: Batch, index: int, length: int, slices: int) -> None:
+    def __init__(self, batch: Batch, index: int, length: int, slices: int, started_ns: int) -> None:
         self.batch = batch
         self.index = index
         self.length = length
         self.remaining = slices
+        self.slices = slices
         self.done_bytes = 0
         self.error: KvferryError | None = None
         self.state = TransferState.PENDING
-        self.started_ns = time.perf_counter_ns()
+        self.started_ns = started_ns
 
     def slice_done(self, nbytes: int) -> bool:
         """One slice of this request arrived; True when that completed the request."""
@@ -146,14 +148,20 @@ class Batch:
         self._event: threading.Event | None = None
         self.freed = False
 
-    def _add(self, length: int, slices: int) -> RequestState:
+    def _add_many(self, shapes: list[tuple[int, int]]) -> list[RequestState]:
+        """Add requests given as (length, slices); one lock round and one timestamp for all."""
+        now = time.perf_counter_ns()
         with self._lock:
-            state = RequestState(self, len(self.requests), length, slices)
-            self.requests.append(state)
-            self._unfinished += 1
-            if self._event is not None:
+            base = len(self.requests)
+            states = [
+                RequestState(self, base + i, length, slices, now)
+                for i, (length, slices) in enumerate(shapes)
+            ]
+            self.requests.extend(states)
+            self._unfinished += len(states)
+            if self._event is not None and states:
                 self._event.clear()
-            return state
+            return states
 
     def _finish_one(self) -> None:
         # caller holds self._lock

@@ -288,10 +288,12 @@ class TransferEngine:
                 f"{len(batch.requests)} submitted, {len(requests)} more asked"
             )
         checked = [self._check(r) for r in requests]
+        states = batch._add_many(
+            [(r.length, r.target.channel.slice_count(r.length)) for r, _ in checked]
+        )
         groups: dict[int, tuple[Channel, list[WorkItem]]] = {}
-        for request, region_id in checked:
+        for (request, region_id), state in zip(checked, states, strict=True):
             channel = request.target.channel
-            state = batch._add(request.length, channel.slice_count(request.length))
             item = WorkItem(
                 state,
                 request.op,

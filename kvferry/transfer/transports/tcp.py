@@ -470,13 +470,30 @@ class TcpChannel(Channel):
         return progressed
 
     def _finish(self, finished: list[tuple[_Slice, KvferryError | None]]) -> None:
+        read_bytes = written_bytes = slices = 0
+        latencies: list[int] = []
+        now = time.perf_counter_ns()
         for s, error in finished:
             item = s.item
+            request = item.request
             if error is None:
-                if item.request.slice_done(s.length):
-                    self._completed(item, slices=self.slice_count(item.length))
-            elif item.request.fail(error):
+                if request.slice_done(s.length):
+                    # counted per finished call, under one lock round
+                    if item.op is _READ:
+                        read_bytes += item.length
+                    else:
+                        written_bytes += item.length
+                    slices += request.slices
+                    latencies.append(now - request.started_ns)
+            elif request.fail(error):
                 self.counters.add(errors=1)
+        if latencies:
+            self.counters.add_requests(
+                read_bytes=read_bytes,
+                written_bytes=written_bytes,
+                slices=slices,
+                latencies_ns=latencies,
+            )
 
     def _drop(self, index: int, error: KvferryError) -> None:
         conn = self._conns[index]
