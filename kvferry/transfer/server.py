@@ -275,7 +275,7 @@ class TargetServer:
                         view[:have] = rview[rpos : rpos + have]
                         rpos += have
                     if have < length:
-                        _recv_rest(sock, view, have, grace)
+                        _fill(sock, view, have, length, grace)
                     out.append(pack(wire.MAGIC, wire.WIRE_VERSION, ok_op, region_id, req_id, 0, 0))
                     served_write += length
                 if out_bytes >= _FLUSH_BYTES or len(out) >= 512:
@@ -304,7 +304,7 @@ def _addr(peer: tuple[Any, ...]) -> str:
 
 def _recv_exact(sock: socket.socket, n: int) -> bytearray:
     buf = bytearray(n)
-    _recv_rest(sock, memoryview(buf), 0, 0.0)
+    _fill(sock, memoryview(buf), 0, n, 0.0)
     return buf
 
 
@@ -334,38 +334,6 @@ def _fill(sock: socket.socket, view: memoryview, end: int, need: int, grace: flo
             raise PeerClosed("peer closed the connection")
         end += k
     return end
-
-
-def _try_recv(sock: socket.socket, view: memoryview, got: int) -> int:
-    """Read what is already there without blocking; return the new fill level."""
-    size = len(view)
-    while got < size:
-        try:
-            k = sock.recv_into(view[got:], size - got, _DONTWAIT)
-        except (BlockingIOError, InterruptedError):
-            return got
-        if k == 0:
-            raise PeerClosed("peer closed the connection")
-        got += k
-    return got
-
-
-def _recv_rest(sock: socket.socket, view: memoryview, got: int, grace: float) -> int:
-    """Fill ``view`` from ``got``: busy-poll up to ``grace`` seconds, then block."""
-    size = len(view)
-    if grace > 0 and got < size:
-        spin_until = time.monotonic() + grace
-        while got < size:
-            before = got
-            got = _try_recv(sock, view, got)
-            if got == before and time.monotonic() >= spin_until:
-                break
-    while got < size:
-        k = sock.recv_into(view[got:], size - got)
-        if k == 0:
-            raise PeerClosed("peer closed the connection")
-        got += k
-    return got
 
 
 def _sendmsg_all(sock: socket.socket, parts: list[bytes | memoryview]) -> None:
