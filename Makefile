@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kvferry-installed
-APT_PACKAGES := redis-server libibverbs1 ibverbs-providers
+APT_PACKAGES := redis-server fio libibverbs1 ibverbs-providers
 PIP := $(PY) -m pip --disable-pip-version-check
 
 .PHONY: setup run test lint typecheck pytest system-deps mooncake clean

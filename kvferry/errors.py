@@ -6,6 +6,8 @@ Every error kvferry raises on purpose is a :class:`KvferryError`::
     ├── ConfigError            bad config key/value; names the key, the value and what is valid
     ├── MissingDependency      an optional extra is not installed; names the extra
     ├── SegmentError           unknown segment/region, registration failure, out-of-bounds range
+    ├── StorageError           a store tier could not store or load (I/O error, Redis down, ...)
+    │   └── LeaseExpired       a prepare/complete handle whose pins already expired or ended
     ├── ProtocolError          a malformed, oversize or unauthorised frame on the wire
     │   └── AuthError          the peer's shared token did not match
     └── TransferError          a transfer that did not complete
@@ -41,6 +43,14 @@ class MissingDependency(KvferryError, ImportError):
 
 class SegmentError(KvferryError):
     """A segment or memory region is unknown, cannot be registered, or a range is out of bounds."""
+
+
+class StorageError(KvferryError):
+    """A store tier failed to store or load blocks; the message names the tier and the cause."""
+
+
+class LeaseExpired(StorageError):
+    """A two-phase handle was completed after its lease ran out (or twice); its pins are gone."""
 
 
 class ProtocolError(KvferryError):

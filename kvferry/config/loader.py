@@ -19,7 +19,7 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import get_args
+from typing import get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, SecretStr, ValidationError
@@ -289,8 +289,15 @@ def _validate(merged: Mapping[str, _Setting]) -> KvferryConfig:
 
 
 def _coerce(section: str, key: str, value: object) -> object:
-    """Turn boolean text into a bool; everything else is left to the models."""
-    if isinstance(value, str) and SECTIONS[section].model_fields[key].annotation is bool:
+    """Turn boolean text into a bool and list text ("cpu,disk" or "[cpu, disk]") into a list;
+    everything else is left to the models."""
+    annotation = SECTIONS[section].model_fields[key].annotation
+    if isinstance(value, str) and get_origin(annotation) is list:
+        text = value.strip()
+        if text.startswith("["):
+            text = text[1:-1] if text.endswith("]") else text[1:]
+        return [item.strip().strip("'\"") for item in text.split(",") if item.strip()]
+    if isinstance(value, str) and annotation is bool:
         word = value.strip().lower()
         if word in _TRUE:
             return True

@@ -166,17 +166,180 @@ class MetadataConfig(_Model):
     )
 
 
+TierName = str
+"""A tier name from ``kvferry.backends.TIERS`` (cpu, disk, redis, server, mooncake) or a
+"module:Class" path."""
+
+
+class StoreConfig(_Model):
+    """The tiered KV-cache store: keys, tier pipeline, placement, eviction, leases, tracing."""
+
+    tiers: list[TierName] = Field(
+        default_factory=lambda: ["cpu", "disk"],
+        min_length=1,
+        description="Tier pipeline, fastest first (UCM store_pipeline), e.g. [cpu, disk, redis].",
+    )
+    tokens_per_block: int = Field(
+        16, ge=1, le=65536, description="Tokens per KV block (vLLM block_size; 256/512 common)."
+    )
+    slot_size: ByteSize = Field(
+        65536,
+        ge=64,
+        description="Bytes of the largest block a cpu/disk slot holds (one block's KV bytes).",
+    )
+    write_policy: Literal["write_back", "write_through"] = Field(
+        "write_back",
+        description="write_back: lower tiers get a block when it is demoted; write_through: "
+        "every put also goes to every lower tier.",
+    )
+    promote_on_hit: bool = Field(
+        True, description="Copy a block found in a lower tier into the first tier on get/load."
+    )
+    prefetch_depth: int = Field(
+        0,
+        ge=0,
+        le=4096,
+        description="Blocks after a looked-up prefix to promote into the first tier ahead of use.",
+    )
+    eviction_policy: str = Field(
+        "lru", min_length=1, description="Eviction policy per tier: lru, lfu, fifo or module:Class."
+    )
+    evict_start_threshold: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="Fraction of a tier's capacity in use that starts an eviction round.",
+    )
+    evict_ratio: float = Field(
+        0.05, gt=0, le=1, description="Fraction of a tier's capacity one eviction round frees."
+    )
+    lease_seconds: Seconds = Field(
+        10.0,
+        gt=0,
+        description="A pin (prepare_store/prepare_load) expires after this many seconds, so a "
+        "lost caller never pins a block forever.",
+    )
+    trace_file: str = Field(
+        "", description="Write get/put/transfer/eviction events as Chrome trace JSON here."
+    )
+    metrics_port: int = Field(
+        0, ge=0, le=65535, description="In-process Prometheus /metrics port; 0 = no exporter."
+    )
+
+    @field_validator("tiers")
+    @classmethod
+    def _unique_tiers(cls, value: list[str]) -> list[str]:
+        seen = set()
+        for name in value:
+            if name in seen:
+                raise ValueError(f"tier {name!r} appears twice; each tier may appear once")
+            seen.add(name)
+        return value
+
+
+class CpuTierConfig(_Model):
+    """The DRAM tier: a preallocated pool of fixed-size slots."""
+
+    capacity: ByteSize = Field(
+        1 << 30, ge=0, description="Bytes of the slot pool (used when buffer_number is 0)."
+    )
+    buffer_number: int = Field(
+        0,
+        ge=0,
+        description="Slots in the pool (UCM buffer_number); 0 = capacity / store.slot_size.",
+    )
+    pinned: bool = Field(
+        False, description="Page-lock the pool through torch when CUDA is present (faster H2D)."
+    )
+    use_hugepages: bool = Field(False, description="Advise transparent huge pages for the pool.")
+
+
+class DiskTierConfig(_Model):
+    """The SSD tier: preallocated files of fixed-size slots with per-slot headers."""
+
+    path: str = Field(
+        "~/.cache/kvferry/disk", min_length=1, description="Directory of the slot files."
+    )
+    capacity: ByteSize = Field(4 << 30, ge=0, description="Bytes of slot space on disk.")
+    direct_io: bool = Field(
+        True, description="O_DIRECT with aligned buffers where the filesystem supports it."
+    )
+    io_threads: int = Field(4, ge=1, le=256, description="Threads doing disk reads and writes.")
+    files: int = Field(1, ge=1, le=1024, description="Slot files the capacity is spread over.")
+
+
+class RedisTierConfig(_Model):
+    """Redis/Valkey as the shared remote tier."""
+
+    url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL (redis:// or rediss://).")
+    cluster: bool = Field(False, description="Talk to a Redis Cluster (scale-out) at url.")
+    key_prefix: str = Field("kvferry:kv:", min_length=1, description="Namespace of block keys.")
+    ttl: Seconds = Field(0.0, ge=0, description="Seconds a stored block lives; 0 = no expiry.")
+    pool_size: int = Field(16, ge=1, le=4096, description="Connections in the client pool.")
+    socket_timeout: Seconds = Field(
+        2.0, gt=0, description="Seconds before a Redis call counts as failed."
+    )
+
+
+class ServerTierConfig(_Model):
+    """Client side of kvferry store servers (``kvferry serve store``)."""
+
+    addresses: list[str] = Field(
+        default_factory=list,
+        description="host:port of store servers; blocks are spread by consistent hashing.",
+    )
+    membership_url: str = Field(
+        "", description="Redis URL where servers register themselves; empty = use addresses."
+    )
+    membership_key: str = Field(
+        "kvferry:store-servers", min_length=1, description="Redis key of the server membership."
+    )
+    virtual_nodes: int = Field(
+        64, ge=1, le=4096, description="Points per server on the consistent-hash ring."
+    )
+
+
+class MooncakeTierConfig(_Model):
+    """Mooncake Store as a remote tier (needs the mooncake extra)."""
+
+    master_address: str = Field("127.0.0.1:50051", description="mooncake_master host:port.")
+    metadata_server: str = Field(
+        "P2PHANDSHAKE", description="Mooncake metadata server (P2PHANDSHAKE, http://, etcd://)."
+    )
+    local_hostname: str = Field("127.0.0.1", description="This client's address in Mooncake.")
+    protocol: Literal["tcp", "rdma"] = Field("tcp", description="Mooncake transfer protocol.")
+    device_name: str = Field("", description="RDMA device names (rdma only).")
+    global_segment_size: ByteSize = Field(
+        512 << 20, ge=0, description="Bytes this client contributes to the Mooncake pool."
+    )
+    local_buffer_size: ByteSize = Field(
+        256 << 20, ge=0, description="Bytes of this client's local transfer buffer."
+    )
+
+
 class KvferryConfig(_Model):
     """All of kvferry's configuration, one section per component."""
 
     transfer: TransferConfig = Field(default_factory=TransferConfig)
     listen: ListenConfig = Field(default_factory=ListenConfig)
     metadata: MetadataConfig = Field(default_factory=MetadataConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    cpu: CpuTierConfig = Field(default_factory=CpuTierConfig)
+    disk: DiskTierConfig = Field(default_factory=DiskTierConfig)
+    redis: RedisTierConfig = Field(default_factory=RedisTierConfig)
+    server: ServerTierConfig = Field(default_factory=ServerTierConfig)
+    mooncake: MooncakeTierConfig = Field(default_factory=MooncakeTierConfig)
 
 
 SECTIONS: dict[str, type[_Model]] = {
     "transfer": TransferConfig,
     "listen": ListenConfig,
     "metadata": MetadataConfig,
+    "store": StoreConfig,
+    "cpu": CpuTierConfig,
+    "disk": DiskTierConfig,
+    "redis": RedisTierConfig,
+    "server": ServerTierConfig,
+    "mooncake": MooncakeTierConfig,
 }
 """Section name -> model; the loader derives env names (KVFERRY_<SECTION>_<KEY>) from these."""

@@ -1,0 +1,170 @@
+"""The storage tier plug-in point: one ABC that every tier (cpu, disk, redis, server) implements.
+
+A tier stores immutable KV blocks under 16-byte block hashes (``kvferry.index.hashing``). It
+moves bytes and keeps its own key -> location map; it never decides *what* to keep: placement,
+eviction, pins and the prefix index belong to the control plane (``kvferry.store``), which calls
+these primitives. Every primitive takes a batch; the base class has no per-item fallback because
+each tier's batch form is its reason to exist (a pipeline, a gather, a vectored read).
+
+Primitives and their contracts (all must be safe to call from several threads at once):
+
+``contains(keys) -> list[bool]``
+    Presence of each key. Never blocks on more than one round trip (shared tiers).
+``put(keys, values) -> list[PutStatus]``
+    Store each value (bytes-like, at most ``context.slot_size`` bytes for slotted tiers) under
+    its key. A key already present is left unchanged (``EXISTS``: same key, same bytes). A tier
+    that is full answers ``NO_SPACE`` for that block and stores the rest; it never evicts on its
+    own (the store evicts first) and never overwrites another block. A value that is too large
+    raises :class:`ValueError` before anything is stored.
+``get(keys, outs) -> list[int | None]``
+    Copy each present block into the matching writable buffer and give its length; ``None``
+    means the tier does not have it (a miss, or a copy detected torn/corrupt and dropped: a tier
+    never returns bytes it cannot vouch for). A buffer smaller than the block raises
+    :class:`ValueError`.
+``delete(keys) -> int``
+    Remove the keys that are present; the number removed.
+``keys() -> list[bytes]``
+    The keys present now. The store calls it once at open on ``persistent`` tiers to rebuild
+    its index (a disk tier after a restart); shared tiers may raise ``NotImplementedError``.
+``stats() -> TierStats``
+    Usage of the tier.
+``close()``
+    Release files, sockets, memory; idempotent.
+
+Failures of the medium (I/O error, Redis unreachable) raise
+:class:`~kvferry.errors.StorageError` naming the tier; the store turns them into misses for that
+tier and keeps serving from the others.
+
+``SlotTier`` adds the zero-copy primitives of tiers whose blocks live in this process's memory
+(cpu): ``reserve`` hands out writable views of free slots that stay invisible until ``commit``,
+and ``views`` hands out read-only views of present blocks. The store pins a block before it hands
+out a view and only evicts unpinned blocks, so a view never sees its slot reused.
+
+Constructor shape (the same for every tier, so no factory branches on names):
+``Tier(config, context)`` with ``config`` the tier's own section of
+:class:`~kvferry.config.KvferryConfig` (``config_section`` names it) and ``context`` a
+:class:`TierContext`.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from pydantic import BaseModel
+
+Key = bytes
+"""A block hash: 16 bytes from ``kvferry.index.hashing``."""
+
+KEY_BYTES = 16
+
+Buffer = bytes | bytearray | memoryview
+"""A block value given to ``put``."""
+
+
+class PutStatus(enum.Enum):
+    """What happened to one block of a put."""
+
+    STORED = "stored"
+    EXISTS = "exists"
+    NO_SPACE = "no_space"
+
+
+@dataclass(frozen=True)
+class TierContext:
+    """What every tier gets besides its own config."""
+
+    slot_size: int
+    """Largest block in bytes (``store.slot_size``); slotted tiers size their slots by it."""
+    label: str = ""
+    """Instance label for logs and metrics (defaults to the tier name)."""
+
+
+@dataclass
+class TierStats:
+    """Usage of one tier. ``total_blocks`` is None for tiers without a fixed capacity."""
+
+    total_blocks: int | None
+    used_blocks: int
+    peak_blocks: int
+    total_bytes: int | None = None
+    used_bytes: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+    """Tier-specific counters (e.g. disk ``corrupt_dropped``, ``direct_io``)."""
+
+
+class Tier(ABC):
+    """One storage tier. See the module docstring for the contract of each primitive."""
+
+    name: ClassVar[str]
+    """Registry name ("cpu", "disk", ...)."""
+    config_section: ClassVar[str]
+    """The KvferryConfig section that configures this tier."""
+    shared: ClassVar[bool] = False
+    """Other processes add and remove blocks here: the store must ask, not trust its index."""
+    persistent: ClassVar[bool] = False
+    """Blocks survive a restart: the store rebuilds its index from ``keys()`` at open."""
+
+    def __init__(self, config: BaseModel, context: TierContext) -> None:
+        self.config = config
+        self.context = context
+        self.label = context.label or self.name
+
+    @property
+    @abstractmethod
+    def capacity_blocks(self) -> int | None:
+        """Blocks this tier can hold, or None when it manages its own space (redis)."""
+
+    @property
+    @abstractmethod
+    def used_blocks(self) -> int:
+        """Blocks stored now."""
+
+    @abstractmethod
+    def contains(self, keys: Sequence[Key]) -> list[bool]: ...
+
+    @abstractmethod
+    def put(self, keys: Sequence[Key], values: Sequence[Buffer]) -> list[PutStatus]: ...
+
+    @abstractmethod
+    def get(self, keys: Sequence[Key], outs: Sequence[memoryview]) -> list[int | None]: ...
+
+    @abstractmethod
+    def delete(self, keys: Sequence[Key]) -> int: ...
+
+    @abstractmethod
+    def keys(self) -> list[Key]: ...
+
+    @abstractmethod
+    def stats(self) -> TierStats: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.label} used={self.used_blocks}>"
+
+
+class SlotTier(Tier):
+    """A tier whose blocks live in this process's memory and can be lent out as views."""
+
+    @abstractmethod
+    def reserve(self, keys: Sequence[Key], sizes: Sequence[int]) -> list[memoryview | None]:
+        """Take a free slot per key and return a writable view of ``size`` bytes, or None when
+        no slot is free. Reserved slots are invisible (``contains`` is False) until ``commit``.
+
+        Raises:
+            ValueError: a key is already present or reserved, or a size exceeds the slot size.
+        """
+
+    @abstractmethod
+    def commit(self, keys: Sequence[Key], ok: Sequence[bool]) -> None:
+        """Publish the reserved slots whose ``ok`` is True and free the others."""
+
+    @abstractmethod
+    def views(self, keys: Sequence[Key]) -> list[memoryview | None]:
+        """Read-only views of present blocks (None for a miss). The caller must keep the block
+        pinned in the store while it uses the view."""
