@@ -50,11 +50,14 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from pydantic import BaseModel
+
+if TYPE_CHECKING:
+    from kvferry.transfer.memory import MemoryRegion
 
 Key = bytes
 """A block hash: 16 bytes from ``kvferry.index.hashing``."""
@@ -81,6 +84,9 @@ class TierContext:
     """Largest block in bytes (``store.slot_size``); slotted tiers size their slots by it."""
     label: str = ""
     """Instance label for logs and metrics (defaults to the tier name)."""
+    allocate: Callable[[int], MemoryRegion] | None = None
+    """Where memory tiers get their pool; a store server passes its TransferEngine's
+    ``allocate`` so that peers can read the pool directly. None: a private memfd region."""
 
 
 @dataclass

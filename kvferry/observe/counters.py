@@ -30,6 +30,34 @@ class LatencyHistogram:
         self.count += 1
         self.sum_us += ns / 1000.0
 
+    def quantile_us(self, q: float) -> float:
+        """Upper bound of the bucket holding quantile ``q`` (0..1); 0 when empty."""
+        if not self.count:
+            return 0.0
+        rank = q * self.count
+        seen = 0
+        for i, n in enumerate(self.buckets):
+            seen += n
+            if seen >= rank and n:
+                return _BOUNDS_US[i] if i < len(_BOUNDS_US) else float("inf")
+        return _BOUNDS_US[-1]
+
+    def summary_us(self) -> dict[str, float]:
+        """count, mean and bucket-bound p50/p99 in microseconds."""
+        return {
+            "count": float(self.count),
+            "mean": self.sum_us / self.count if self.count else 0.0,
+            "p50_le": self.quantile_us(0.5),
+            "p99_le": self.quantile_us(0.99),
+        }
+
+    def copy(self) -> LatencyHistogram:
+        other = LatencyHistogram()
+        other.buckets = list(self.buckets)
+        other.count = self.count
+        other.sum_us = self.sum_us
+        return other
+
     def snapshot(self) -> dict[str, object]:
         return {
             "bounds_us": list(_BOUNDS_US),

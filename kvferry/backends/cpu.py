@@ -1,0 +1,247 @@
+"""The DRAM tier: a preallocated pool of fixed-size slots, lent out as zero-copy views.
+
+The pool is one region of ``buffer_number`` slots of ``store.slot_size`` bytes (UCM's
+buffer_number; or ``capacity // slot_size``), allocated and touched once at start
+(``kvferry.transfer.memory``: memfd + MAP_POPULATE), so no page fault lands on the data path
+and, in a store server, peers can read the pool through the transfer engine. A slot holds one
+block; its length is kept beside it. No allocation per block: slots come from a free list.
+
+Copies happen under the tier's lock: a memoryview slice assignment holds the GIL anyway, and a
+copy under the lock is what makes ``get`` and ``delete`` from different threads safe without a
+reader count per slot.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+
+from kvferry.backends.base import Buffer, Key, PutStatus, SlotTier, TierContext, TierStats
+from kvferry.config.models import CpuTierConfig
+from kvferry.errors import StorageError
+from kvferry.transfer.memory import MemoryRegion, allocate_region
+
+log = logging.getLogger("kvferry.backends.cpu")
+
+
+class CpuTier(SlotTier):
+    """DRAM slots; see the module docstring."""
+
+    name = "cpu"
+    config_section = "cpu"
+
+    def __init__(self, config: CpuTierConfig, context: TierContext) -> None:
+        super().__init__(config, context)
+        slot = context.slot_size
+        n = config.buffer_number or config.capacity // slot
+        if n <= 0:
+            raise StorageError(
+                f"cpu tier: capacity {config.capacity} bytes holds no slot of {slot} bytes; "
+                "raise cpu.capacity or cpu.buffer_number"
+            )
+        size = n * slot
+        try:
+            if context.allocate is not None:
+                self.region: MemoryRegion = context.allocate(size)
+            else:
+                self.region = allocate_region(0, size, use_hugepages=config.use_hugepages)
+        except Exception as e:
+            raise StorageError(f"cpu tier: cannot allocate {size} bytes: {e}") from e
+        if config.pinned:
+            _pin_with_torch(self.region)
+        self.slot_size = slot
+        self.n_slots = n
+        self._pool = self.region.view
+        self._lock = threading.Lock()
+        self._index: dict[Key, int] = {}  # key -> slot
+        self._reserved: dict[Key, int] = {}
+        self._lengths = [0] * n
+        self._free = list(range(n - 1, -1, -1))  # pop() hands out slot 0 first
+        self._peak = 0
+        self._closed = False
+
+    # -- sizes ----------------------------------------------------------------------------
+    @property
+    def capacity_blocks(self) -> int:
+        return self.n_slots
+
+    @property
+    def used_blocks(self) -> int:
+        return self.n_slots - len(self._free)
+
+    # -- primitives -----------------------------------------------------------------------
+    def contains(self, keys: Sequence[Key]) -> list[bool]:
+        index = self._index
+        return [k in index for k in keys]
+
+    def put(self, keys: Sequence[Key], values: Sequence[Buffer]) -> list[PutStatus]:
+        slot_size = self.slot_size
+        for v in values:
+            if len(v) > slot_size:
+                raise ValueError(
+                    f"cpu tier: a {len(v)}-byte block does not fit a {slot_size}-byte slot "
+                    "(store.slot_size)"
+                )
+        out: list[PutStatus] = []
+        pool, lengths, index, free = self._pool, self._lengths, self._index, self._free
+        with self._lock:
+            self._check_open()
+            for k, v in zip(keys, values):
+                if k in index or k in self._reserved:
+                    out.append(PutStatus.EXISTS)
+                    continue
+                if not free:
+                    out.append(PutStatus.NO_SPACE)
+                    continue
+                slot = free.pop()
+                n = len(v)
+                start = slot * slot_size
+                pool[start : start + n] = v
+                lengths[slot] = n
+                index[k] = slot
+                out.append(PutStatus.STORED)
+            self._note_peak()
+        return out
+
+    def get(self, keys: Sequence[Key], outs: Sequence[memoryview]) -> list[int | None]:
+        res: list[int | None] = []
+        pool, lengths, index, slot_size = self._pool, self._lengths, self._index, self.slot_size
+        with self._lock:
+            self._check_open()
+            for k, out in zip(keys, outs):
+                slot = index.get(k)
+                if slot is None:
+                    res.append(None)
+                    continue
+                n = lengths[slot]
+                if len(out) < n:
+                    raise ValueError(
+                        f"cpu tier: output buffer of {len(out)} bytes is smaller than the "
+                        f"{n}-byte block"
+                    )
+                start = slot * slot_size
+                out[:n] = pool[start : start + n]
+                res.append(n)
+        return res
+
+    def delete(self, keys: Sequence[Key]) -> int:
+        removed = 0
+        with self._lock:
+            for k in keys:
+                slot = self._index.pop(k, None)
+                if slot is not None:
+                    self._free.append(slot)
+                    removed += 1
+        return removed
+
+    def keys(self) -> list[Key]:
+        with self._lock:
+            return list(self._index)
+
+    # -- zero-copy ------------------------------------------------------------------------
+    def reserve(self, keys: Sequence[Key], sizes: Sequence[int]) -> list[memoryview | None]:
+        slot_size = self.slot_size
+        for size in sizes:
+            if not 0 < size <= slot_size:
+                raise ValueError(f"cpu tier: block size {size} is not in (0, {slot_size}]")
+        out: list[memoryview | None] = []
+        with self._lock:
+            self._check_open()
+            for k in keys:
+                if k in self._index or k in self._reserved:
+                    raise ValueError(f"cpu tier: block {k.hex()} is already present or reserved")
+            for k, size in zip(keys, sizes):
+                if not self._free:
+                    out.append(None)
+                    continue
+                slot = self._free.pop()
+                self._reserved[k] = slot
+                self._lengths[slot] = size
+                start = slot * slot_size
+                out.append(self._pool[start : start + size])
+            self._note_peak()
+        return out
+
+    def commit(self, keys: Sequence[Key], ok: Sequence[bool]) -> None:
+        with self._lock:
+            for k, good in zip(keys, ok):
+                slot = self._reserved.pop(k, None)
+                if slot is None:
+                    continue  # never reserved (no space) or already aborted
+                if good:
+                    self._index[k] = slot
+                else:
+                    self._free.append(slot)
+
+    def views(self, keys: Sequence[Key]) -> list[memoryview | None]:
+        out: list[memoryview | None] = []
+        pool, lengths, index, slot_size = self._pool, self._lengths, self._index, self.slot_size
+        with self._lock:
+            self._check_open()
+            for k in keys:
+                slot = index.get(k)
+                if slot is None:
+                    out.append(None)
+                else:
+                    start = slot * slot_size
+                    out.append(pool[start : start + lengths[slot]].toreadonly())
+        return out
+
+    def locate(self, keys: Sequence[Key]) -> list[tuple[int, int] | None]:
+        """(byte offset in ``region``, length) of each present block; None for a miss. Used by
+        the store server, whose peers read the region directly."""
+        out: list[tuple[int, int] | None] = []
+        with self._lock:
+            for k in keys:
+                slot = self._index.get(k, self._reserved.get(k))
+                out.append(None if slot is None else (slot * self.slot_size, self._lengths[slot]))
+        return out
+
+    # -- housekeeping ---------------------------------------------------------------------
+    def stats(self) -> TierStats:
+        with self._lock:
+            used = self.used_blocks
+            used_bytes = sum(self._lengths[s] for s in self._index.values())
+            return TierStats(
+                total_blocks=self.n_slots,
+                used_blocks=used,
+                peak_blocks=self._peak,
+                total_bytes=self.n_slots * self.slot_size,
+                used_bytes=used_bytes,
+                extra={"reserved": float(len(self._reserved))},
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._index.clear()
+            self._reserved.clear()
+        if self.context.allocate is None:
+            self.region.close()
+
+    def _note_peak(self) -> None:
+        used = self.n_slots - len(self._free)
+        if used > self._peak:
+            self._peak = used
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StorageError("cpu tier is closed")
+
+
+def _pin_with_torch(region: MemoryRegion) -> None:
+    """Page-lock the pool through CUDA when torch and a GPU are present; say so otherwise."""
+    try:
+        import torch
+    except ImportError:
+        log.warning("cpu.pinned is set but torch is not installed; the pool stays pageable")
+        return
+    if not torch.cuda.is_available():
+        log.warning("cpu.pinned is set but no CUDA device is present; the pool stays pageable")
+        return
+    result = torch.cuda.cudart().cudaHostRegister(region.address, region.size, 0)
+    if int(result) != 0:
+        log.warning("cudaHostRegister of the cpu pool failed (%s); it stays pageable", result)

@@ -1,0 +1,17 @@
+"""First in, first out: insertion order only; hits do not reorder."""
+
+from __future__ import annotations
+
+from kvferry.store.eviction.base import K
+from kvferry.store.eviction.lru import LruPolicy
+
+
+class FifoPolicy(LruPolicy[K]):
+    name = "fifo"
+
+    def insert(self, key: K) -> None:
+        if key not in self._order:
+            self._order[key] = None
+
+    def touch(self, key: K) -> None:
+        return None

@@ -1,0 +1,117 @@
+"""Store statistics: what the StatsMonitor, the Prometheus exporter and the benches report.
+
+Hit rate has two definitions and both are kept apart, labelled (DESIGN.md "Metrics"):
+- ``hit_rate`` (the headline): block-weighted ratio of sums, hit blocks / looked-up blocks;
+- ``request_hit_rate_mean``: the mean over lookups of each lookup's own hit fraction (aiperf's
+  per-request definition).
+Load and save speeds are GB/s with GB = 1e9 bytes, over the seconds spent moving the bytes.
+
+The counters are plain integers updated under the store's lock; ``snapshot`` copies them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from kvferry.backends.base import TierStats
+from kvferry.observe.counters import LatencyHistogram
+
+
+@dataclass
+class TierCounters:
+    """Per-tier traffic counters kept by the store (the tier itself only reports usage)."""
+
+    lookups: int = 0
+    """Blocks looked up in this tier."""
+    hits: int = 0
+    """Blocks found in this tier (counted at the first tier that had them)."""
+    blocks_in: int = 0
+    blocks_out: int = 0
+    bytes_in: int = 0
+    """Bytes stored into this tier (puts, promotions, demotions)."""
+    bytes_out: int = 0
+    """Bytes read out of this tier."""
+    save_seconds: float = 0.0
+    load_seconds: float = 0.0
+    evictions: int = 0
+    """Blocks evicted from this tier (demoted or dropped)."""
+    demotions: int = 0
+    """Evicted blocks that went on to the next tier instead of being lost."""
+    promotions: int = 0
+    """Blocks copied into this tier from a lower one on a hit or a prefetch."""
+    no_space: int = 0
+    """Blocks a put could not place even after eviction."""
+    errors: int = 0
+    """Tier calls that failed (StorageError); they count as misses."""
+    get_latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+    put_latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+
+    @property
+    def load_gbps(self) -> float:
+        return self.bytes_out / self.load_seconds / 1e9 if self.load_seconds > 0 else 0.0
+
+    @property
+    def save_gbps(self) -> float:
+        return self.bytes_in / self.save_seconds / 1e9 if self.save_seconds > 0 else 0.0
+
+
+@dataclass
+class StoreStats:
+    """A snapshot of a TieredStore's counters."""
+
+    lookups: int = 0
+    """lookup() calls."""
+    lookup_blocks: int = 0
+    """Blocks asked for by lookups."""
+    hit_blocks: int = 0
+    """Leading blocks found by lookups."""
+    request_hit_fraction_sum: float = 0.0
+    puts: int = 0
+    put_blocks: int = 0
+    gets: int = 0
+    get_blocks: int = 0
+    get_hit_blocks: int = 0
+    leases_active: int = 0
+    leases_expired: int = 0
+    """Pins released because their lease ran out (a caller that went away)."""
+    tiers: dict[str, TierCounters] = field(default_factory=dict)
+    usage: dict[str, TierStats] = field(default_factory=dict)
+    lookup_latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+
+    @property
+    def hit_rate(self) -> float:
+        """Headline hit rate: hit blocks / looked-up blocks (block-weighted ratio of sums)."""
+        return self.hit_blocks / self.lookup_blocks if self.lookup_blocks else 0.0
+
+    @property
+    def request_hit_rate_mean(self) -> float:
+        """Per-request mean hit rate (aiperf's definition), labelled as such wherever shown."""
+        return self.request_hit_fraction_sum / self.lookups if self.lookups else 0.0
+
+    def to_json(self) -> dict[str, object]:
+        """JSON-ready form (histograms as their summaries)."""
+        tiers: dict[str, object] = {}
+        for name, t in self.tiers.items():
+            row = {k: v for k, v in asdict(t).items() if not k.endswith("_latency")}
+            row["load_gbps"] = t.load_gbps
+            row["save_gbps"] = t.save_gbps
+            row["get_latency_us"] = t.get_latency.summary_us()
+            row["put_latency_us"] = t.put_latency.summary_us()
+            tiers[name] = row
+        return {
+            "hit_rate": self.hit_rate,
+            "request_hit_rate_mean": self.request_hit_rate_mean,
+            "lookups": self.lookups,
+            "lookup_blocks": self.lookup_blocks,
+            "hit_blocks": self.hit_blocks,
+            "puts": self.puts,
+            "put_blocks": self.put_blocks,
+            "gets": self.gets,
+            "get_blocks": self.get_blocks,
+            "get_hit_blocks": self.get_hit_blocks,
+            "leases_active": self.leases_active,
+            "leases_expired": self.leases_expired,
+            "lookup_latency_us": self.lookup_latency.summary_us(),
+            "tiers": tiers,
+            "usage": {name: asdict(u) for name, u in self.usage.items()},
+        }

@@ -1,0 +1,928 @@
+"""TieredStore: the control plane of kvferry's KV-cache store.
+
+Owns the prefix index (which local tier holds which block), pins and their leases, placement
+(write-back or write-through, promotion on hit, demotion on eviction, prefetch), eviction at the
+high watermark, and the statistics. It moves no bytes itself: tiers (``kvferry.backends``) do.
+
+Tiers form a pipeline, fastest first (``store.tiers``). *Local* tiers (cpu, disk) are known
+exactly: every block they hold is in ``_where`` (key -> bit mask of tiers), so ``lookup`` is
+O(prefix length) dict probes and never scans a tier. *Shared* tiers (redis, server, mooncake)
+are written by other processes too, so the store asks them for what its index does not have.
+
+Concurrency: one lock guards the index, the policies, the leases and the calls into local tiers
+(a cpu copy holds the GIL anyway). Calls into shared tiers (network) are made outside the lock.
+Blocks handed out as views (``prepare_load``, ``prepare_store``) are pinned or reserved, and
+eviction skips them, so a view never sees its slot reused. A failed shared tier (Redis down)
+counts an error and reads as a miss; the local tiers keep serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
+
+from kvferry.backends.base import Buffer, Key, PutStatus, SlotTier, Tier
+from kvferry.backends.registry import create_tier
+from kvferry.config.models import KvferryConfig, StoreConfig
+from kvferry.errors import LeaseExpired, StorageError
+from kvferry.store.eviction import EvictionPolicy, load_policy
+from kvferry.store.leases import Lease, LeaseTable, LoadHandle, StoreHandle
+from kvferry.store.stats import StoreStats, TierCounters
+
+log = logging.getLogger("kvferry.store")
+
+T = TypeVar("T")
+
+
+class TieredStore:
+    """A pipeline of tiers behind one batch API.
+
+    Args:
+        config: the whole kvferry config; ``store`` and each tier's section are used.
+        tiers: already built tiers, fastest first (overrides ``store.tiers``); the store closes
+            them on ``close``.
+        clock: monotonic seconds (a fake clock in tests of lease expiry).
+
+    Raises:
+        ConfigError: an unknown tier or policy name.
+        StorageError: a tier cannot be opened.
+    """
+
+    def __init__(
+        self,
+        config: KvferryConfig | None = None,
+        *,
+        tiers: Sequence[Tier] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config or KvferryConfig()
+        cfg: StoreConfig = self.config.store
+        self._cfg = cfg
+        self._clock = clock
+        self._write_through_on = cfg.write_policy == "write_through"
+        if tiers is None:
+            built: list[Tier] = []
+            try:
+                for name in cfg.tiers:
+                    built.append(create_tier(name, self.config))
+            except BaseException:
+                for tier in built:
+                    tier.close()
+                raise
+            tiers = built
+        if not tiers:
+            raise StorageError("a TieredStore needs at least one tier")
+        self.tiers: list[Tier] = list(tiers)
+        self.names = [t.label for t in self.tiers]
+        policy_cls = load_policy(cfg.eviction_policy)
+        self._policies: list[EvictionPolicy[Key]] = [policy_cls() for _ in self.tiers]
+        self._local = [i for i, t in enumerate(self.tiers) if not t.shared]
+        self._shared = [i for i, t in enumerate(self.tiers) if t.shared]
+        self._local_mask = sum(1 << i for i in self._local)
+        self._high: list[int | None] = []
+        self._round: list[int] = []
+        for t in self.tiers:
+            cap = t.capacity_blocks
+            self._high.append(None if cap is None else int(cap * cfg.evict_start_threshold))
+            self._round.append(0 if cap is None else max(1, math.ceil(cap * cfg.evict_ratio)))
+        self._lock = threading.RLock()
+        self._where: dict[Key, int] = {}
+        self._doomed: set[Key] = set()  # deleted while pinned: freed at the last unpin
+        self._leases = LeaseTable()
+        self._stats = StoreStats(tiers={name: TierCounters() for name in self.names})
+        self._counters = [self._stats.tiers[name] for name in self.names]
+        self._executor: ThreadPoolExecutor | None = None
+        self._closed = False
+        self._rebuild()
+
+    # -- construction helpers -------------------------------------------------------------
+    def _rebuild(self) -> None:
+        """Index the blocks persistent tiers already hold (a disk tier after a restart)."""
+        for i in self._local:
+            tier = self.tiers[i]
+            if not tier.persistent:
+                continue
+            bit = 1 << i
+            policy = self._policies[i]
+            for k in tier.keys():  # noqa: SIM118 - a Tier, not a dict
+                self._where[k] = self._where.get(k, 0) | bit
+                policy.insert(k)
+            log.info("store: %s holds %d blocks from before", tier.label, len(policy))
+
+    @property
+    def slot_size(self) -> int:
+        return int(self._cfg.slot_size)
+
+    @property
+    def first(self) -> Tier:
+        return self.tiers[0]
+
+    # -- lookup ---------------------------------------------------------------------------
+    def lookup(self, hashes: Sequence[Key], *, tier: str | None = None) -> int:
+        """Number of leading blocks of ``hashes`` present in some tier (or in ``tier``).
+
+        O(len(prefix)) probes of the index; shared tiers are asked (one batched round trip
+        each) only for the blocks after the locally known prefix.
+
+        Raises:
+            ValueError: ``tier`` is not one of this store's tiers.
+        """
+        t0 = time.perf_counter_ns()
+        if tier is not None:
+            if tier not in self.names:
+                raise ValueError(f"unknown tier {tier!r}; this store has {self.names}")
+            ti = self.names.index(tier)
+            mask = 1 << ti
+            shared = [ti] if self.tiers[ti].shared else []
+        else:
+            mask = self._local_mask
+            shared = self._shared
+        with self._lock:
+            self._expire()
+            where = self._where
+            n = 0
+            for k in hashes:
+                if where.get(k, 0) & mask:
+                    n += 1
+                else:
+                    break
+        if n < len(hashes) and shared:
+            rest = list(hashes[n:])
+            for si in shared:
+                found = self._shared_contains(si, rest)
+                lead = 0
+                for present in found:
+                    if not present:
+                        break
+                    lead += 1
+                n += lead
+                rest = rest[lead:]
+                if not rest:
+                    break
+        with self._lock:
+            st = self._stats
+            st.lookups += 1
+            st.lookup_blocks += len(hashes)
+            st.hit_blocks += n
+            if hashes:
+                st.request_hit_fraction_sum += n / len(hashes)
+            st.lookup_latency.observe_ns(time.perf_counter_ns() - t0)
+        if self._cfg.prefetch_depth and n and tier is None:
+            self._schedule_prefetch(list(hashes[: min(n, self._cfg.prefetch_depth)]))
+        return n
+
+    def _shared_contains(self, si: int, keys: list[Key]) -> list[bool]:
+        """Ask shared tier ``si``; a failure counts an error and reads as absent."""
+        try:
+            return self.tiers[si].contains(keys)
+        except StorageError as e:
+            with self._lock:
+                self._counters[si].errors += 1
+            log.warning("store: lookup in %s failed: %s", self.names[si], e)
+            return [False] * len(keys)
+
+    def contains(self, hashes: Sequence[Key]) -> list[bool]:
+        """Presence of each block in some tier (not only leading ones)."""
+        with self._lock:
+            where = self._where
+            mask = self._local_mask
+            out = [bool(where.get(k, 0) & mask) for k in hashes]
+        missing = [i for i, present in enumerate(out) if not present]
+        for si in self._shared:
+            if not missing:
+                break
+            found = self._shared_contains(si, [hashes[i] for i in missing])
+            for i, present in zip(list(missing), found):
+                if present:
+                    out[i] = True
+            missing = [i for i in missing if not out[i]]
+        return out
+
+    # -- put --------------------------------------------------------------------------------
+    def put(self, hashes: Sequence[Key], values: Sequence[Buffer]) -> list[PutStatus]:
+        """Store blocks in the first tier (and lower ones under write-through).
+
+        Returns per block STORED, EXISTS (already cached, bytes unchanged) or NO_SPACE (no slot
+        even after eviction; nothing else was disturbed).
+
+        Raises:
+            ValueError: lengths differ, or a block is larger than ``store.slot_size``.
+        """
+        if len(hashes) != len(values):
+            raise ValueError(f"{len(hashes)} hashes but {len(values)} values")
+        limit = self.slot_size
+        for v in values:
+            if len(v) > limit:
+                raise ValueError(
+                    f"a {len(v)}-byte block is larger than store.slot_size ({limit} bytes)"
+                )
+        t0 = time.perf_counter_ns()
+        with self._lock:
+            self._check_open()
+            self._expire()
+            status = self._put_local(0, hashes, values) if not self.first.shared else None
+            st = self._stats
+            st.puts += 1
+            st.put_blocks += len(hashes)
+        if status is None:
+            status = self._put_shared(0, hashes, values)
+        if self._write_through_on and len(self.tiers) > 1:
+            self._write_through(hashes, values, status)
+        c = self._counters[0]
+        with self._lock:
+            c.put_latency.observe_ns(time.perf_counter_ns() - t0)
+        return status
+
+    def _put_local(
+        self, ti: int, hashes: Sequence[Key], values: Sequence[Buffer]
+    ) -> list[PutStatus]:
+        """Put into local tier ``ti`` after making room; caller holds the lock."""
+        bit = 1 << ti
+        where = self._where
+        status: list[PutStatus] = [PutStatus.EXISTS] * len(hashes)
+        todo: list[int] = []
+        seen: set[Key] = set()
+        policy = self._policies[ti]
+        for i, k in enumerate(hashes):
+            if where.get(k, 0) & bit:
+                policy.touch(k)
+                self._doomed.discard(k)
+            elif k not in seen:
+                seen.add(k)
+                todo.append(i)
+        if not todo:
+            return status
+        self._make_room(ti, len(todo))
+        keys = [hashes[i] for i in todo]
+        vals = [values[i] for i in todo]
+        t0 = time.perf_counter()
+        try:
+            got = self.tiers[ti].put(keys, vals)
+        except StorageError as e:
+            self._counters[ti].errors += 1
+            log.warning("store: put into %s failed: %s", self.names[ti], e)
+            got = [PutStatus.NO_SPACE] * len(keys)
+        c = self._counters[ti]
+        c.save_seconds += time.perf_counter() - t0
+        for i, k, v, s in zip(todo, keys, vals, got):
+            status[i] = s
+            if s is PutStatus.STORED or s is PutStatus.EXISTS:
+                where[k] = where.get(k, 0) | bit
+                policy.insert(k)
+                if s is PutStatus.STORED:
+                    c.blocks_in += 1
+                    c.bytes_in += len(v)
+            else:
+                c.no_space += 1
+        return status
+
+    def _put_shared(
+        self, ti: int, hashes: Sequence[Key], values: Sequence[Buffer]
+    ) -> list[PutStatus]:
+        c = self._counters[ti]
+        t0 = time.perf_counter()
+        try:
+            got = self.tiers[ti].put(hashes, values)
+        except StorageError as e:
+            with self._lock:
+                c.errors += 1
+            log.warning("store: put into %s failed: %s", self.names[ti], e)
+            return [PutStatus.NO_SPACE] * len(hashes)
+        with self._lock:
+            c.save_seconds += time.perf_counter() - t0
+            for v, s in zip(values, got):
+                if s is PutStatus.STORED:
+                    c.blocks_in += 1
+                    c.bytes_in += len(v)
+                elif s is PutStatus.NO_SPACE:
+                    c.no_space += 1
+        return got
+
+    def _write_through(
+        self, hashes: Sequence[Key], values: Sequence[Buffer], status: Sequence[PutStatus]
+    ) -> None:
+        keep = [i for i, s in enumerate(status) if s is not PutStatus.NO_SPACE]
+        keys = [hashes[i] for i in keep]
+        vals = [values[i] for i in keep]
+        for ti in range(1, len(self.tiers)):
+            if self.tiers[ti].shared:
+                self._put_shared(ti, keys, vals)
+            else:
+                with self._lock:
+                    self._put_local(ti, keys, vals)
+
+    # -- eviction ---------------------------------------------------------------------------
+    def _make_room(self, ti: int, needed: int) -> None:
+        """Evict from local tier ``ti`` when ``needed`` more blocks would pass the high
+        watermark; caller holds the lock."""
+        tier = self.tiers[ti]
+        cap = tier.capacity_blocks
+        high = self._high[ti]
+        if cap is None or high is None:
+            return
+        used = tier.used_blocks
+        if used + needed <= high:
+            return
+        want = max(self._round[ti], used + needed - high, used + needed - cap)
+        victims = self._policies[ti].victims(min(want, used), self._leases.pinned)
+        if victims:
+            self._evict(ti, victims)
+
+    def _evict(self, ti: int, victims: list[Key]) -> None:
+        """Remove ``victims`` from local tier ``ti``, demoting them to the next tier first when
+        no lower tier has them (write-back); caller holds the lock."""
+        tier = self.tiers[ti]
+        c = self._counters[ti]
+        where = self._where
+        below = range(ti + 1, len(self.tiers))
+        lower_mask = sum(1 << j for j in below)
+        demote = [k for k in victims if not (where.get(k, 0) & lower_mask)]
+        if demote and ti + 1 < len(self.tiers):
+            c.demotions += self._demote(ti, ti + 1, demote)
+        tier.delete(victims)
+        policy = self._policies[ti]
+        clear = ~(1 << ti)
+        for k in victims:
+            policy.remove(k)
+            left = where.get(k, 0) & clear
+            if left:
+                where[k] = left
+            else:
+                where.pop(k, None)
+        c.evictions += len(victims)
+
+    def _demote(self, src: int, dst: int, keys: list[Key]) -> int:
+        """Copy ``keys`` from local tier ``src`` into tier ``dst``; the number that landed."""
+        values = self._read_local(src, keys)
+        present = [(k, v) for k, v in zip(keys, values) if v is not None]
+        if not present:
+            return 0
+        ks = [k for k, _ in present]
+        vs: list[Buffer] = [v for _, v in present if v is not None]
+        if self.tiers[dst].shared:
+            # A network call under the lock: demotion to a remote tier is rare next to reads,
+            # and doing it here keeps "evicted" and "landed below" one step for everyone.
+            got = self._put_shared(dst, ks, vs)
+        else:
+            got = self._put_local(dst, ks, vs)
+        return sum(1 for s in got if s is not PutStatus.NO_SPACE)
+
+    def _read_local(self, ti: int, keys: list[Key]) -> list[Buffer | None]:
+        tier = self.tiers[ti]
+        if isinstance(tier, SlotTier):
+            return list(tier.views(keys))
+        outs = [memoryview(bytearray(self.slot_size)) for _ in keys]
+        try:
+            got = tier.get(keys, outs)
+        except StorageError as e:
+            self._counters[ti].errors += 1
+            log.warning("store: read from %s failed: %s", self.names[ti], e)
+            return [None] * len(keys)
+        return [None if n is None else o[:n] for o, n in zip(outs, got)]
+
+    # -- get --------------------------------------------------------------------------------
+    def get(self, hashes: Sequence[Key], outs: Sequence[memoryview]) -> list[int | None]:
+        """Copy each cached block into its buffer; its length, or None for a miss.
+
+        Looks in the local tiers, fastest first, then in the shared tiers; a block found below
+        the first tier is promoted into it (``store.promote_on_hit``).
+
+        Raises:
+            ValueError: lengths differ, or a buffer is smaller than its block.
+        """
+        if len(hashes) != len(outs):
+            raise ValueError(f"{len(hashes)} hashes but {len(outs)} output buffers")
+        t0 = time.perf_counter_ns()
+        res: list[int | None] = [None] * len(hashes)
+        with self._lock:
+            self._check_open()
+            self._expire()
+            where = self._where
+            groups: dict[int, list[int]] = {}
+            missing: list[int] = []
+            for i, k in enumerate(hashes):
+                m = where.get(k, 0)
+                if m & 1:
+                    groups.setdefault(0, []).append(i)
+                elif m:
+                    groups.setdefault((m & -m).bit_length() - 1, []).append(i)
+                else:
+                    missing.append(i)
+            promote: list[int] = []
+            for ti, idx in sorted(groups.items()):
+                got = self._get_local(ti, [hashes[i] for i in idx], [outs[i] for i in idx])
+                for i, n in zip(idx, got):
+                    res[i] = n
+                    if n is None:
+                        missing.append(i)
+                    elif ti:
+                        promote.append(i)
+            if promote and self._cfg.promote_on_hit and not self.first.shared:
+                self._promote([hashes[i] for i in promote], [outs[i][: res[i]] for i in promote])
+            st = self._stats
+            st.gets += 1
+            st.get_blocks += len(hashes)
+        if missing and self._shared:
+            self._get_shared(hashes, outs, res, sorted(missing))
+        with self._lock:
+            self._stats.get_hit_blocks += sum(1 for n in res if n is not None)
+            self._counters[0].get_latency.observe_ns(time.perf_counter_ns() - t0)
+        return res
+
+    def _get_local(self, ti: int, keys: list[Key], outs: list[memoryview]) -> list[int | None]:
+        """Read from local tier ``ti``; drops index entries the tier no longer vouches for."""
+        tier = self.tiers[ti]
+        c = self._counters[ti]
+        t0 = time.perf_counter()
+        try:
+            got = tier.get(keys, outs)
+        except StorageError as e:
+            c.errors += 1
+            log.warning("store: get from %s failed: %s", self.names[ti], e)
+            got = [None] * len(keys)
+        c.load_seconds += time.perf_counter() - t0
+        c.lookups += len(keys)
+        policy = self._policies[ti]
+        touch = policy.touch
+        nbytes = hits = 0
+        for k, n in zip(keys, got):
+            if n is None:
+                self._forget(ti, k)  # torn/corrupt or lost: never ask this tier for it again
+            else:
+                touch(k)
+                nbytes += n
+                hits += 1
+        c.hits += hits
+        c.blocks_out += hits
+        c.bytes_out += nbytes
+        return got
+
+    def _get_shared(
+        self,
+        hashes: Sequence[Key],
+        outs: Sequence[memoryview],
+        res: list[int | None],
+        missing: list[int],
+    ) -> None:
+        for si in self._shared:
+            if not missing:
+                return
+            tier = self.tiers[si]
+            c = self._counters[si]
+            t0 = time.perf_counter()
+            try:
+                got = tier.get([hashes[i] for i in missing], [outs[i] for i in missing])
+            except StorageError as e:
+                with self._lock:
+                    c.errors += 1
+                log.warning("store: get from %s failed: %s", self.names[si], e)
+                continue
+            found = [(i, n) for i, n in zip(missing, got) if n is not None]
+            for i, n in found:
+                res[i] = n
+            with self._lock:
+                c.load_seconds += time.perf_counter() - t0
+                c.lookups += len(missing)
+                c.hits += len(found)
+                c.blocks_out += len(found)
+                c.bytes_out += sum(n for _, n in found)
+                if found and self._cfg.promote_on_hit and si and not self.first.shared:
+                    self._promote([hashes[i] for i, _ in found], [outs[i][:n] for i, n in found])
+            missing = [i for i in missing if res[i] is None]
+
+    def _promote(self, keys: list[Key], values: list[Buffer]) -> None:
+        """Copy blocks found below into the first tier; caller holds the lock."""
+        before = self._counters[0].blocks_in
+        self._put_local(0, keys, values)
+        self._counters[0].promotions += self._counters[0].blocks_in - before
+
+    def _forget(self, ti: int, key: Key) -> None:
+        m = self._where.get(key, 0) & ~(1 << ti)
+        if m:
+            self._where[key] = m
+        else:
+            self._where.pop(key, None)
+        self._policies[ti].remove(key)
+
+    # -- delete -----------------------------------------------------------------------------
+    def delete(self, hashes: Sequence[Key]) -> int:
+        """Remove blocks from every tier; the number of blocks that were cached locally.
+
+        A block pinned by a load stays readable through the views already handed out and is
+        freed when its last pin goes; lookups stop finding it at once.
+        """
+        removed = 0
+        with self._lock:
+            self._check_open()
+            for k in hashes:
+                m = self._where.pop(k, 0)
+                if not m:
+                    continue
+                removed += 1
+                for ti in self._local:
+                    if m & (1 << ti):
+                        self._policies[ti].remove(k)
+                        if ti == 0 and self._leases.pinned(k):
+                            self._doomed.add(k)
+                        else:
+                            self.tiers[ti].delete([k])
+        for si in self._shared:
+            try:
+                self.tiers[si].delete(hashes)
+            except StorageError as e:
+                with self._lock:
+                    self._counters[si].errors += 1
+                log.warning("store: delete from %s failed: %s", self.names[si], e)
+        return removed
+
+    # -- two-phase store --------------------------------------------------------------------
+    def prepare_store(
+        self, hashes: Sequence[Key], sizes: Sequence[int] | None = None
+    ) -> StoreHandle:
+        """Reserve a slot in the first tier for each block not yet cached.
+
+        Fill ``handle.buffers[i]`` for ``i in handle.pending()``, then call
+        ``complete_store``. Until then the blocks are invisible; if the caller never
+        completes, the lease expires and the slots return to the free list.
+
+        Raises:
+            ValueError: a size is not in (0, store.slot_size].
+        """
+        n = len(hashes)
+        sizes = [self.slot_size] * n if sizes is None else list(sizes)
+        if len(sizes) != n:
+            raise ValueError(f"{n} hashes but {len(sizes)} sizes")
+        for s in sizes:
+            if not 0 < s <= self.slot_size:
+                raise ValueError(f"block size {s} is not in (0, {self.slot_size}] (slot_size)")
+        first = self.first
+        status = [PutStatus.EXISTS] * n
+        buffers: list[memoryview | None] = [None] * n
+        locations: list[tuple[int, int] | None] = [None] * n
+        with self._lock:
+            self._check_open()
+            self._expire()
+            where = self._where
+            todo: list[int] = []
+            seen: set[Key] = set()
+            for i, k in enumerate(hashes):
+                if not (where.get(k, 0) & 1) and k not in seen:
+                    seen.add(k)
+                    todo.append(i)
+            keys = [hashes[i] for i in todo]
+            if isinstance(first, SlotTier):
+                self._make_room(0, len(todo))
+                views = first.reserve(keys, [sizes[i] for i in todo])
+                locate = getattr(first, "locate", None)
+                locs = locate(keys) if locate is not None else [None] * len(keys)
+                staged = False
+            else:
+                views = [memoryview(bytearray(sizes[i])) for i in todo]
+                locs = [None] * len(keys)
+                staged = True
+            reserved: list[Key] = []
+            for i, k, v, loc in zip(todo, keys, views, locs):
+                if v is None:
+                    status[i] = PutStatus.NO_SPACE
+                    self._counters[0].no_space += 1
+                else:
+                    status[i] = PutStatus.STORED
+                    buffers[i] = v
+                    locations[i] = loc
+                    reserved.append(k)
+            lease = self._leases.open("store", reserved, self._deadline()) if reserved else None
+            self._stats.leases_active = len(self._leases.leases)
+        return StoreHandle(list(hashes), sizes, buffers, status, locations, lease, staged=staged)
+
+    def complete_store(
+        self, handle: StoreHandle, ok: bool | Sequence[bool] = True
+    ) -> list[PutStatus]:
+        """Publish the written blocks (``ok`` true) and free the others' slots.
+
+        Returns the final status per block (a block not published reads NO_SPACE).
+
+        Raises:
+            LeaseExpired: the lease ran out (or the handle was completed already); nothing of
+                it was published.
+        """
+        n = len(handle.hashes)
+        oks = [bool(ok)] * n if isinstance(ok, bool) else [bool(x) for x in ok]
+        if len(oks) != n:
+            raise ValueError(f"{n} blocks but {len(oks)} ok flags")
+        final = list(handle.status)
+        pending = handle.pending()
+        if handle.completed:
+            raise LeaseExpired("this store handle was already completed")
+        handle.completed = True
+        if handle.lease is None:
+            return final
+        with self._lock:
+            self._expire()
+            if not handle.lease.active:
+                raise LeaseExpired(
+                    f"store lease {handle.lease.lease_id} expired after "
+                    f"{self._cfg.lease_seconds}s; its {len(pending)} slots were freed"
+                )
+            self._leases.close(handle.lease)
+            self._stats.leases_active = len(self._leases.leases)
+            keys = [handle.hashes[i] for i in pending]
+            good = [oks[i] for i in pending]
+            c = self._counters[0]
+            first = self.first
+            if handle.staged:
+                vals: list[Buffer] = [handle.buffers[i] or b"" for i, g in zip(pending, good) if g]
+                pub = [k for k, g in zip(keys, good) if g]
+                got = self._put_local(0, pub, vals) if not first.shared else None
+                if got is None:
+                    got = []
+                    publish_shared = (pub, vals)
+                else:
+                    publish_shared = None
+                for i, s in zip([i for i, g in zip(pending, good) if g], got):
+                    final[i] = s
+            else:
+                publish_shared = None
+                assert isinstance(first, SlotTier)  # staged is False only for slot tiers
+                first.commit(keys, good)
+                policy = self._policies[0]
+                for i, k, g in zip(pending, keys, good):
+                    if g:
+                        self._where[k] = self._where.get(k, 0) | 1
+                        policy.insert(k)
+                        c.blocks_in += 1
+                        c.bytes_in += handle.sizes[i]
+                    else:
+                        final[i] = PutStatus.NO_SPACE
+            for i, g in zip(pending, good):
+                if not g:
+                    final[i] = PutStatus.NO_SPACE
+            self._stats.puts += 1
+            self._stats.put_blocks += n
+        if publish_shared is not None:
+            got = self._put_shared(0, *publish_shared)
+            for i, s in zip([i for i, g in zip(pending, good) if g], got):
+                final[i] = s
+        if self._write_through_on and len(self.tiers) > 1:
+            idx = [i for i in pending if final[i] is PutStatus.STORED]
+            self._write_through(
+                [handle.hashes[i] for i in idx],
+                [handle.buffers[i] or b"" for i in idx],
+                [PutStatus.STORED] * len(idx),
+            )
+        return final
+
+    # -- two-phase load ---------------------------------------------------------------------
+    def prepare_load(self, hashes: Sequence[Key]) -> LoadHandle:
+        """Pin the leading cached blocks of ``hashes`` in the first tier and lend read-only
+        views of them; blocks found only below are promoted first.
+
+        Read ``handle.buffers`` (``handle.n`` of them), then call ``complete_load``. The pins
+        hold until then or until the lease deadline.
+        """
+        first = self.first
+        with self._lock:
+            self._check_open()
+            self._expire()
+            n = self._local_prefix(hashes)
+        keys = list(hashes[:n])
+        if n < len(hashes) and self._shared:
+            keys += self._fetch_shared_prefix(list(hashes[n:]))
+        if not isinstance(first, SlotTier):
+            # No views to lend: copy out (still a lease, so the API is the same).
+            outs = [memoryview(bytearray(self.slot_size)) for _ in keys]
+            got = self.get(keys, outs)
+            m = next((i for i, g in enumerate(got) if g is None), len(got))
+            buffers: list[memoryview] = [outs[i][: got[i] or 0] for i in range(m)]
+            keys = keys[:m]
+            with self._lock:
+                lease = self._leases.open("load", keys, self._deadline()) if keys else None
+            return LoadHandle(keys, buffers, [None] * len(keys), lease)
+        with self._lock:
+            self._check_open()
+            # Bring the prefix into the first tier, then pin and lend views.
+            below = [k for k in keys if not (self._where.get(k, 0) & 1)]
+            if below:
+                self._promote_prefix(below)
+            m = 0
+            for k in keys:
+                if self._where.get(k, 0) & 1:
+                    m += 1
+                else:
+                    break
+            keys = keys[:m]
+            views = first.views(keys)
+            cut = next((i for i, v in enumerate(views) if v is None), len(views))
+            keys = keys[:cut]
+            lease = self._leases.open("load", keys, self._deadline()) if keys else None
+            self._stats.leases_active = len(self._leases.leases)
+            locate = getattr(first, "locate", None)
+            locs = locate(keys) if locate is not None else [None] * len(keys)
+            c = self._counters[0]
+            touch = self._policies[0].touch
+            for k in keys:
+                touch(k)
+            c.lookups += len(keys)
+            c.hits += len(keys)
+            c.blocks_out += len(keys)
+        return LoadHandle(keys, [v for v in views[:cut] if v is not None], locs, lease)
+
+    def complete_load(self, handle: LoadHandle) -> None:
+        """Unpin the handle's blocks.
+
+        Raises:
+            LeaseExpired: the lease ran out before this call (the views may have been reused).
+        """
+        if handle.completed:
+            raise LeaseExpired("this load handle was already completed")
+        handle.completed = True
+        if handle.lease is None:
+            return
+        with self._lock:
+            self._expire()
+            if not handle.lease.active:
+                raise LeaseExpired(
+                    f"load lease {handle.lease.lease_id} expired after "
+                    f"{self._cfg.lease_seconds}s; the blocks may have been evicted meanwhile"
+                )
+            self._release(handle.lease)
+            self._counters[0].bytes_out += sum(len(b) for b in handle.buffers)
+
+    def _local_prefix(self, hashes: Sequence[Key]) -> int:
+        where, mask = self._where, self._local_mask
+        n = 0
+        for k in hashes:
+            if where.get(k, 0) & mask:
+                n += 1
+            else:
+                break
+        return n
+
+    def _fetch_shared_prefix(self, hashes: list[Key]) -> list[Key]:
+        """Get the leading blocks of ``hashes`` that shared tiers hold into the first tier;
+        returns the keys that landed there."""
+        outs = [memoryview(bytearray(self.slot_size)) for _ in hashes]
+        res: list[int | None] = [None] * len(hashes)
+        self._get_shared(hashes, outs, res, list(range(len(hashes))))
+        m = next((i for i, n in enumerate(res) if n is None), len(res))
+        if m and (not self._cfg.promote_on_hit or self.first.shared):
+            # _get_shared promotes only when promote_on_hit is on; a load needs the bytes in
+            # the first tier regardless.
+            with self._lock:
+                self._put_local(0, hashes[:m], [outs[i][: res[i] or 0] for i in range(m)])
+        return hashes[:m]
+
+    def _promote_prefix(self, keys: list[Key]) -> None:
+        """Copy ``keys`` (held by lower local tiers) into the first tier; caller holds lock."""
+        by_tier: dict[int, list[Key]] = {}
+        for k in keys:
+            m = self._where.get(k, 0)
+            if m:
+                by_tier.setdefault((m & -m).bit_length() - 1, []).append(k)
+        for ti, ks in by_tier.items():
+            outs = [memoryview(bytearray(self.slot_size)) for _ in ks]
+            got = self._get_local(ti, ks, outs)
+            present = [(k, o[:n]) for k, o, n in zip(ks, outs, got) if n is not None]
+            if present:
+                self._promote([k for k, _ in present], [v for _, v in present])
+
+    # -- async forms ------------------------------------------------------------------------
+    def get_async(
+        self, hashes: Sequence[Key], outs: Sequence[memoryview]
+    ) -> Future[list[int | None]]:
+        """``get`` on the store's background thread; ``.result()`` / ``.done()``."""
+        return self._submit(self.get, hashes, outs)
+
+    def put_async(self, hashes: Sequence[Key], values: Sequence[Buffer]) -> Future[list[PutStatus]]:
+        """``put`` on the store's background thread."""
+        return self._submit(self.put, hashes, values)
+
+    def prepare_load_async(self, hashes: Sequence[Key]) -> Future[LoadHandle]:
+        """``prepare_load`` (with its promotions from disk or remote) in the background."""
+        return self._submit(self.prepare_load, hashes)
+
+    def _submit(self, fn: Callable[..., T], *args: object) -> Future[T]:
+        with self._lock:
+            self._check_open()
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(2, thread_name_prefix="kvferry-store")
+            return self._executor.submit(fn, *args)
+
+    def _schedule_prefetch(self, keys: list[Key]) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            if all(self._where.get(k, 0) & 1 for k in keys):
+                return
+        try:
+            self._submit(self._prefetch, keys)
+        except StorageError:
+            pass  # closed meanwhile
+
+    def _prefetch(self, keys: list[Key]) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            below = [k for k in keys if (self._where.get(k, 0) & ~1)]
+            below = [k for k in below if not (self._where.get(k, 0) & 1)]
+            if below:
+                self._promote_prefix(below)
+
+    # -- leases -----------------------------------------------------------------------------
+    def _deadline(self) -> float:
+        return self._clock() + self._cfg.lease_seconds
+
+    def _expire(self) -> None:
+        """Close leases whose deadline passed; caller holds the lock."""
+        leases = self._leases
+        nxt = leases.next_deadline()
+        if nxt is None or nxt > self._clock():
+            return
+        for lease in leases.due(self._clock()):
+            self._stats.leases_expired += 1
+            log.warning(
+                "store: %s lease %d expired after %ss; released %d blocks",
+                lease.kind,
+                lease.lease_id,
+                self._cfg.lease_seconds,
+                len(lease.keys),
+            )
+            if lease.kind == "store":
+                leases.close(lease)
+                first = self.first
+                if isinstance(first, SlotTier):
+                    first.commit(lease.keys, [False] * len(lease.keys))
+            else:
+                self._release(lease)
+        self._stats.leases_active = len(leases.leases)
+
+    def _release(self, lease: Lease) -> None:
+        for k in self._leases.close(lease):
+            if k in self._doomed:
+                self._doomed.discard(k)
+                self.tiers[0].delete([k])
+        self._stats.leases_active = len(self._leases.leases)
+
+    # -- stats, lifecycle -------------------------------------------------------------------
+    def stats(self) -> StoreStats:
+        """A consistent snapshot of the counters and of every tier's usage."""
+        with self._lock:
+            self._expire()
+            st = self._stats
+            snap = StoreStats(
+                lookups=st.lookups,
+                lookup_blocks=st.lookup_blocks,
+                hit_blocks=st.hit_blocks,
+                request_hit_fraction_sum=st.request_hit_fraction_sum,
+                puts=st.puts,
+                put_blocks=st.put_blocks,
+                gets=st.gets,
+                get_blocks=st.get_blocks,
+                get_hit_blocks=st.get_hit_blocks,
+                leases_active=len(self._leases.leases),
+                leases_expired=st.leases_expired,
+                lookup_latency=st.lookup_latency.copy(),
+            )
+            for name, c in st.tiers.items():
+                copy = TierCounters(**{k: v for k, v in vars(c).items() if "latency" not in k})
+                copy.get_latency = c.get_latency.copy()
+                copy.put_latency = c.put_latency.copy()
+                snap.tiers[name] = copy
+        for name, tier in zip(self.names, self.tiers):
+            try:
+                snap.usage[name] = tier.stats()
+            except StorageError as e:
+                log.warning("store: stats of %s failed: %s", name, e)
+        return snap
+
+    def close(self) -> None:
+        """Stop background work and close every tier; idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            executor = self._executor
+        if executor is not None:
+            executor.shutdown(wait=True)
+        for tier in self.tiers:
+            try:
+                tier.close()
+            except Exception:  # an isolation boundary: one tier's failure must not leak others
+                log.exception("store: closing %s failed", tier.label)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StorageError("the store is closed")
+
+    def __enter__(self) -> TieredStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"TieredStore(tiers={self.names}, blocks={len(self._where)})"
