@@ -297,6 +297,15 @@ class ServerTierConfig(_Model):
     virtual_nodes: int = Field(
         64, ge=1, le=4096, description="Points per server on the consistent-hash ring."
     )
+    transport: Literal["auto", "tcp"] = Field(
+        "auto",
+        description="auto: copy block bytes through shared memory when the server is on this "
+        "host, else inline over tcp; tcp: always inline over tcp.",
+    )
+    auth_token: SecretStr | None = Field(
+        None, description="Shared token the store servers require (their listen.auth_token)."
+    )
+    timeout: Seconds = Field(5.0, gt=0, description="Seconds to connect or to wait for a reply.")
 
 
 class MooncakeTierConfig(_Model):

@@ -37,7 +37,7 @@ from kvferry.transfer.memory import MemoryRegion, allocate_region, register_buff
 from kvferry.transfer.metadata.base import MetadataService
 from kvferry.transfer.registry import AUTO_ORDER, load_metadata, load_transport
 from kvferry.transfer.segment import PeerInfo, SegmentHandle
-from kvferry.transfer.server import TargetServer
+from kvferry.transfer.server import CallHandler, TargetServer
 from kvferry.transfer.transports.base import Channel, Transport, TransportContext, WorkItem
 
 
@@ -129,7 +129,7 @@ class TransferEngine:
         return list(self._regions.values())
 
     # -- serving --------------------------------------------------------------------------
-    def listen(self, segment_name: str | None = None) -> str:
+    def listen(self, segment_name: str | None = None, *, call: CallHandler | None = None) -> str:
         """Serve this engine's regions to peers; return the segment name they open.
 
         Binds ``listen.bind_address:listen.port`` (127.0.0.1 by default). With p2p metadata the
@@ -149,6 +149,7 @@ class TransferEngine:
                 self.config.listen,
                 self.config.transfer,
                 self._metrics.group("server"),
+                call,
             )
             host, port = server.start()
             self._server = server

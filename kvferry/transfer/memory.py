@@ -193,7 +193,7 @@ def _torch_to_numpy(tensor: Any) -> tuple[np.ndarray[Any, np.dtype[np.uint8]], s
 class PeerMapping:
     """A same-host peer's allocated region, mapped into this process (the shm transport's view)."""
 
-    __slots__ = ("_array", "_mmap", "address", "size")
+    __slots__ = ("_array", "_mmap", "address", "size", "view")
 
     def __init__(self, info: ShmInfo, size: int) -> None:
         path = f"/proc/{info.pid}/fd/{info.fd}"
@@ -215,8 +215,10 @@ class PeerMapping:
         self._array = np.frombuffer(self._mmap, dtype=np.uint8)
         self.address = int(self._array.ctypes.data)
         self.size = size
+        self.view = memoryview(self._array.data).cast("B")
 
     def close(self) -> None:
+        self.view.release()
         del self._array
         try:
             self._mmap.close()

@@ -22,10 +22,27 @@ from collections.abc import Callable
 from typing import Any
 
 from kvferry.config.models import ListenConfig, TransferConfig
-from kvferry.errors import AuthError, PeerClosed, ProtocolError
+from kvferry.errors import AuthError, KvferryError, PeerClosed, ProtocolError
 from kvferry.observe.counters import TransportCounters
 from kvferry.transfer import wire
 from kvferry.transfer.memory import MemoryRegion
+
+CallHandler = Callable[[int, memoryview], "CallReply"]
+"""(method, payload) -> reply; mounted by a service (the store server) on the listener."""
+
+
+class CallReply:
+    """What a call handler answers: buffers to send (views are sent without a copy) and an
+    optional ``after`` run once they are on the wire (to unpin what the views show)."""
+
+    __slots__ = ("after", "parts")
+
+    def __init__(
+        self, parts: list[bytes | memoryview], after: Callable[[], None] | None = None
+    ) -> None:
+        self.parts = parts
+        self.after = after
+
 
 log = logging.getLogger("kvferry.transfer.server")
 
@@ -44,6 +61,7 @@ class TargetServer:
         listen: bind address, port, token, connection limit.
         transfer: frame size limit, grace period, handshake timeout.
         counters: where served bytes and refused frames are counted.
+        call: handler of CALL frames (a mounted service); None refuses them.
     """
 
     def __init__(
@@ -53,8 +71,10 @@ class TargetServer:
         listen: ListenConfig,
         transfer: TransferConfig,
         counters: TransportCounters,
+        call: CallHandler | None = None,
     ) -> None:
         self._regions = regions
+        self._call = call
         self._describe = describe
         self._listen = listen
         token = listen.auth_token
@@ -206,7 +226,8 @@ class TargetServer:
         unpack_from = wire.HEADER.unpack_from
         pack = wire.HEADER.pack
         data_ops = (wire.Op.READ, wire.Op.WRITE)
-        read_op, ok_op = wire.Op.READ, wire.Op.OK
+        read_op, ok_op, call_op = wire.Op.READ, wire.Op.OK, wire.Op.CALL
+        call = self._call
         try:
             while True:
                 if rend - rpos < hdr_size:
@@ -235,6 +256,12 @@ class TargetServer:
                 hdr = rview[rpos : rpos + hdr_size]
                 rpos += hdr_size
                 if magic != wire.MAGIC or version != wire.WIRE_VERSION or op not in data_ops:
+                    if op == call_op and call is not None and magic == wire.MAGIC:
+                        rpos, rend = self._serve_call(
+                            sock, call, region_id, req_id, length, rview, rpos, rend, out
+                        )
+                        out_bytes = 0
+                        continue
                     wire.decode(hdr, reply=False, max_length=max_frame)  # raises the precise error
                     raise ProtocolError(f"op {op:#x} is not allowed after the handshake")
                 region = regions.get(region_id)
@@ -297,6 +324,66 @@ class TargetServer:
                     counters.bytes_read += served_read
                     counters.bytes_written += served_write
 
+    def _serve_call(
+        self,
+        sock: socket.socket,
+        call: CallHandler,
+        method: int,
+        req_id: int,
+        length: int,
+        rview: memoryview,
+        rpos: int,
+        rend: int,
+        out: list[bytes | memoryview],
+    ) -> tuple[int, int]:
+        """Read a CALL payload, run the handler, send its reply (flushing what is gathered).
+
+        A failing call gets an ERR reply for its own request and the connection goes on; an
+        oversize payload is a protocol error (the frame cannot be skipped safely).
+        """
+        if length > self._max_frame:
+            if out:
+                _sendmsg_all(sock, out)
+            reason = f"call payload {length} exceeds the limit of {self._max_frame} bytes"
+            self.counters.add(protocol_errors=1)
+            _send_error(sock, reason, req_id)
+            raise _Refused(reason)
+        payload = bytearray(length)
+        pview = memoryview(payload)
+        have = min(length, rend - rpos)
+        if have:
+            pview[:have] = rview[rpos : rpos + have]
+            rpos += have
+        if have < length:
+            _fill(sock, pview, have, length, self._grace)
+        try:
+            reply = call(method, pview)
+        except (KvferryError, ValueError) as e:
+            reply = None
+            message = str(e) or type(e).__name__
+        except Exception as e:  # an isolation boundary: a bug in a call answers, never kills
+            self.counters.add(errors=1)
+            log.exception("call %d failed", method)
+            reply = None
+            message = f"internal error in call {method}: {type(e).__name__}"
+        if reply is None:
+            body = message.encode()[: wire.MAX_ERROR_BYTES]
+            out.append(wire.encode(wire.Op.ERR, req_id=req_id, length=len(body)))
+            out.append(body)
+            _sendmsg_all(sock, out)
+            out.clear()
+            return rpos, rend
+        size = sum(len(p) for p in reply.parts)
+        out.append(wire.encode(wire.Op.OK, region=method, req_id=req_id, length=size))
+        out.extend(reply.parts)
+        try:
+            _sendmsg_all(sock, out)
+        finally:
+            out.clear()
+            if reply.after is not None:
+                reply.after()
+        return rpos, rend
+
 
 def _addr(peer: tuple[Any, ...]) -> str:
     return f"{peer[0]}:{peer[1]}" if len(peer) >= 2 else str(peer)
@@ -336,9 +423,12 @@ def _fill(sock: socket.socket, view: memoryview, end: int, need: int, grace: flo
     return end
 
 
+_IOV_MAX = 512  # Linux refuses more than 1024 buffers per sendmsg; stay well under
+
+
 def _sendmsg_all(sock: socket.socket, parts: list[bytes | memoryview]) -> None:
     while parts:
-        n = sock.sendmsg(parts)
+        n = sock.sendmsg(parts[:_IOV_MAX] if len(parts) > _IOV_MAX else parts)
         i = 0
         while i < len(parts) and n >= len(parts[i]):
             n -= len(parts[i])

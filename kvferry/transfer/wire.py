@@ -16,6 +16,10 @@ JSON description of its regions, or ERR and closes. Then READ asks for ``length`
 (reply: OK, no payload). ERR replies carry a short UTF-8 message and the target closes the
 connection after sending one for a malformed frame.
 
+CALL carries a control request for a service mounted on the listener (the store server): ``region``
+is the method number, the payload its arguments; the reply is OK with the result payload, or ERR
+with a message when the call failed (the connection stays open: the frame itself was sound).
+
 Decoding validates everything a peer controls; the server additionally checks ranges against the
 regions it granted (``check_range``).
 """
@@ -44,11 +48,12 @@ class Op(enum.IntEnum):
     HELLO = 1
     READ = 2
     WRITE = 3
+    CALL = 4
     OK = 0x81
     ERR = 0x82
 
 
-_REQUEST_OPS = frozenset((Op.HELLO, Op.READ, Op.WRITE))
+_REQUEST_OPS = frozenset((Op.HELLO, Op.READ, Op.WRITE, Op.CALL))
 _REPLY_OPS = frozenset((Op.OK, Op.ERR))
 
 

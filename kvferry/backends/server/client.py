@@ -1,0 +1,437 @@
+"""The server tier: kvferry store servers (``kvferry serve store``) as a shared remote tier.
+
+Keys are spread over the servers by consistent hashing (``ring``); the member list comes from
+``server.addresses`` or from the Redis hash the servers register in (``server.membership_url``).
+Each thread keeps one connection per server (a call is one request/reply on it).
+
+Data paths, picked per server:
+- same host (``transport: auto`` and the server's handshake shows our boot id): LOCATE pins the
+  blocks and gives their offsets in the server's pool, the bytes are copied straight out of the
+  shared mapping, RELEASE unpins (put: RESERVE, copy in, COMMIT);
+- otherwise inline over tcp: GET's reply carries the bytes, received straight into the caller's
+  buffers (no staging copy); PUT carries them in the request.
+
+Any socket failure closes that connection (a half-read reply must never be parsed as the next
+one) and raises :class:`~kvferry.errors.StorageError` naming the server; the next call
+reconnects.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from kvferry.backends.base import Buffer, Key, PutStatus, Tier, TierContext, TierStats
+from kvferry.backends.server import protocol as p
+from kvferry.backends.server.ring import HashRing
+from kvferry.config.models import ServerTierConfig
+from kvferry.errors import ConfigError, KvferryError, MissingDependency, StorageError
+from kvferry.transfer import handshake, wire
+from kvferry.transfer.memory import PeerMapping
+from kvferry.transfer.segment import PeerInfo
+
+log = logging.getLogger("kvferry.backends.server")
+
+_MEMBERSHIP_REFRESH_S = 5.0
+_MEMBER_STALE_S = 10.0
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+class _Conn:
+    __slots__ = ("peer", "sock")
+
+    def __init__(self, sock: socket.socket, peer: PeerInfo) -> None:
+        self.sock = sock
+        self.peer = peer
+
+
+class ServerTier(Tier):
+    """Client of one or more store servers; see the module docstring."""
+
+    name = "server"
+    config_section = "server"
+    shared = True
+
+    def __init__(self, config: ServerTierConfig, context: TierContext) -> None:
+        super().__init__(config, context)
+        self.cfg = config
+        self._token = config.auth_token.get_secret_value() if config.auth_token else None
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._conns: set[_Conn] = set()
+        self._maps: dict[tuple[str, int], PeerMapping] = {}
+        self._boot = _boot_id()
+        self._req_ids = itertools.count(1)
+        self._ring_at = 0.0
+        self._closed = False
+        self._ring = self._load_ring()
+
+    # -- membership -------------------------------------------------------------------------
+    def _load_ring(self) -> HashRing:
+        members = list(self.cfg.addresses)
+        if self.cfg.membership_url:
+            members += self._members_from_redis()
+        if not members:
+            raise ConfigError(
+                "server tier: no store server known; set server.addresses (host:port, ...) or "
+                "server.membership_url where servers register"
+            )
+        for m in members:
+            _parse_address(m)
+        self._ring_at = time.monotonic()
+        return HashRing(members, self.cfg.virtual_nodes)
+
+    def _members_from_redis(self) -> list[str]:
+        try:
+            import redis
+        except ImportError as e:
+            raise MissingDependency("redis", "redis") from e
+        try:
+            client = redis.Redis.from_url(self.cfg.membership_url, socket_timeout=2)
+            entries = client.hgetall(self.cfg.membership_key)
+        except redis.RedisError as e:
+            raise StorageError(
+                f"server tier: cannot read the membership at {self.cfg.membership_url}: {e}"
+            ) from e
+        now = time.time()
+        members: list[str] = []
+        for m, ts in entries.items():
+            if now - float(ts) <= _MEMBER_STALE_S:
+                members.append(m.decode() if isinstance(m, bytes) else str(m))
+        return members
+
+    def _ring_now(self) -> HashRing:
+        if self.cfg.membership_url and time.monotonic() - self._ring_at > _MEMBERSHIP_REFRESH_S:
+            try:
+                self._ring = self._load_ring()
+            except (StorageError, ConfigError) as e:
+                log.warning("server tier: keeping the old member list: %s", e)
+                self._ring_at = time.monotonic()
+        return self._ring
+
+    # -- connections ------------------------------------------------------------------------
+    def _conn(self, member: str) -> _Conn:
+        conns: dict[str, _Conn] | None = getattr(self._local, "conns", None)
+        if conns is None:
+            conns = self._local.conns = {}
+        conn = conns.get(member)
+        if conn is None:
+            if self._closed:
+                raise StorageError("server tier is closed")
+            try:
+                sock, peer = handshake.connect(
+                    _parse_address(member), token=self._token, timeout=self.cfg.timeout
+                )
+            except KvferryError as e:
+                raise StorageError(f"server tier: store server {member}: {e}") from e
+            sock.settimeout(self.cfg.timeout)
+            conn = conns[member] = _Conn(sock, peer)
+            with self._lock:
+                self._conns.add(conn)
+        return conn
+
+    def _drop(self, member: str) -> None:
+        conns: dict[str, _Conn] = getattr(self._local, "conns", {})
+        conn = conns.pop(member, None)
+        if conn is not None:
+            with self._lock:
+                self._conns.discard(conn)
+            conn.sock.close()
+
+    def _send(self, conn: _Conn, method: p.Method, parts: list[Buffer]) -> None:
+        size = sum(len(x) for x in parts)
+        head = wire.encode(wire.Op.CALL, region=method, req_id=next(self._req_ids), length=size)
+        out: list[Buffer] = [head, *parts]
+        while out:
+            n = conn.sock.sendmsg(out[:512])
+            while out and n >= len(out[0]):
+                n -= len(out[0])
+                out.pop(0)
+            if n:
+                out[0] = memoryview(out[0])[n:]
+
+    def _reply_header(self, conn: _Conn, member: str) -> int:
+        """Read a reply header; the payload length for OK, StorageError (after reading the
+        message) for ERR."""
+        header = wire.decode(
+            handshake.recv_exact(conn.sock, wire.HEADER_SIZE), reply=True, max_length=1 << 40
+        )
+        if header.op is wire.Op.ERR:
+            message = bytes(handshake.recv_exact(conn.sock, header.length)).decode(errors="replace")
+            raise _ServerRefused(f"server tier: store server {member} answered: {message}")
+        return header.length
+
+    def _call(self, member: str, method: p.Method, parts: list[Buffer]) -> bytearray:
+        conn = self._conn(member)
+        try:
+            self._send(conn, method, parts)
+            n = self._reply_header(conn, member)
+            return handshake.recv_exact(conn.sock, n)
+        except _ServerRefused as e:
+            raise StorageError(str(e)) from None
+        except (OSError, KvferryError) as e:
+            self._drop(member)
+            raise StorageError(f"server tier: store server {member}: {e}") from e
+
+    # -- sizes ------------------------------------------------------------------------------
+    @property
+    def capacity_blocks(self) -> None:
+        return None
+
+    @property
+    def used_blocks(self) -> int:
+        return self.stats().used_blocks
+
+    # -- primitives -------------------------------------------------------------------------
+    def contains(self, keys: Sequence[Key]) -> list[bool]:
+        out = [False] * len(keys)
+        for member, idx in self._ring_now().split(keys).items():
+            reply = self._call(member, p.Method.CONTAINS, [p.encode_keys([keys[i] for i in idx])])
+            if len(reply) != len(idx):
+                raise StorageError(f"server tier: {member} sent a malformed CONTAINS reply")
+            for i, b in zip(idx, reply):
+                out[i] = b == 1
+        return out
+
+    def put(self, keys: Sequence[Key], values: Sequence[Buffer]) -> list[PutStatus]:
+        limit = self.context.slot_size
+        for v in values:
+            if len(v) > limit:
+                raise ValueError(
+                    f"server tier: a {len(v)}-byte block is larger than store.slot_size ({limit})"
+                )
+        out = [PutStatus.NO_SPACE] * len(keys)
+        for member, idx in self._ring_now().split(keys).items():
+            ks = [keys[i] for i in idx]
+            vs = [values[i] for i in idx]
+            mapping = self._mapping(member)
+            if mapping is not None:
+                got = self._put_shm(member, mapping, ks, vs)
+            else:
+                head = p.encode_keys(ks) + p.encode_u32s([len(v) for v in vs])
+                reply = self._call(member, p.Method.PUT, [head, *vs])
+                got = p.decode_statuses(reply, len(ks))
+            for i, s in zip(idx, got):
+                out[i] = s
+        return out
+
+    def _put_shm(
+        self, member: str, mapping: PeerMapping, ks: list[Key], vs: list[Buffer]
+    ) -> list[PutStatus]:
+        reply = self._call(
+            member, p.Method.RESERVE, [p.encode_keys(ks), p.encode_u32s([len(v) for v in vs])]
+        )
+        if len(reply) != p.LEASE_REGION.size + p.RES.size * len(ks):
+            raise StorageError(f"server tier: {member} sent a malformed RESERVE reply")
+        lease, _region = p.LEASE_REGION.unpack_from(reply, 0)
+        pos = p.LEASE_REGION.size
+        status: list[PutStatus] = []
+        ok = bytearray(len(ks))
+        view = mapping.view
+        for i, v in enumerate(vs):
+            code, offset = p.RES.unpack_from(reply, pos)
+            pos += p.RES.size
+            s = p.CODE_STATUS.get(code, PutStatus.NO_SPACE)
+            status.append(s)
+            if s is PutStatus.STORED:
+                if offset + len(v) > mapping.size:
+                    raise StorageError(f"server tier: {member} reserved outside its pool")
+                view[offset : offset + len(v)] = v
+                ok[i] = 1
+        if not lease:
+            return status
+        final = self._call(member, p.Method.COMMIT, [p.U64.pack(lease), bytes(ok)])
+        return p.decode_statuses(final, len(ks))
+
+    def get(self, keys: Sequence[Key], outs: Sequence[memoryview]) -> list[int | None]:
+        res: list[int | None] = [None] * len(keys)
+        for member, idx in self._ring_now().split(keys).items():
+            ks = [keys[i] for i in idx]
+            os_ = [outs[i] for i in idx]
+            mapping = self._mapping(member)
+            if mapping is not None:
+                got = self._get_shm(member, mapping, ks, os_)
+            else:
+                got = self._get_inline(member, ks, os_)
+            for i, n in zip(idx, got):
+                res[i] = n
+        return res
+
+    def _get_inline(self, member: str, ks: list[Key], outs: list[memoryview]) -> list[int | None]:
+        conn = self._conn(member)
+        too_small: str | None = None
+        try:
+            self._send(conn, p.Method.GET, [p.encode_keys(ks)])
+            total = self._reply_header(conn, member)
+            table = handshake.recv_exact(conn.sock, 4 * len(ks))
+            lengths = list(memoryview(table).cast("I"))
+            body = sum(n for n in lengths if n != p.MISS)
+            if 4 * len(ks) + body != total:
+                raise StorageError(f"server tier: {member} sent a malformed GET reply")
+            got: list[int | None] = []
+            sock = conn.sock
+            for n, out in zip(lengths, outs):
+                if n == p.MISS:
+                    got.append(None)
+                    continue
+                # Straight into the caller's buffer: the reply bytes are copied once, by recv.
+                target = out if len(out) >= n else memoryview(bytearray(n))
+                if target is not out and too_small is None:
+                    too_small = (
+                        f"server tier: output buffer of {len(out)} bytes is smaller than the "
+                        f"{n}-byte block"
+                    )
+                view = target[:n]
+                have = 0
+                while have < n:
+                    k = sock.recv_into(view[have:], n - have)
+                    if k == 0:
+                        raise OSError("store server closed the connection mid-reply")
+                    have += k
+                got.append(n)
+        except _ServerRefused as e:
+            raise StorageError(str(e)) from None
+        except (OSError, KvferryError) as e:
+            self._drop(member)
+            raise StorageError(f"server tier: store server {member}: {e}") from e
+        if too_small is not None:
+            raise ValueError(too_small)
+        return got
+
+    def _get_shm(
+        self, member: str, mapping: PeerMapping, ks: list[Key], outs: list[memoryview]
+    ) -> list[int | None]:
+        for out in outs:
+            if len(out) < 1:
+                raise ValueError("server tier: an output buffer is empty")
+        reply = self._call(member, p.Method.LOCATE, [p.encode_keys(ks)])
+        if len(reply) != p.LEASE_REGION.size + p.LOC.size * len(ks):
+            raise StorageError(f"server tier: {member} sent a malformed LOCATE reply")
+        lease, _region = p.LEASE_REGION.unpack_from(reply, 0)
+        pos = p.LEASE_REGION.size
+        view = mapping.view
+        got: list[int | None] = []
+        error: str | None = None
+        for out in outs:
+            offset, n = p.LOC.unpack_from(reply, pos)
+            pos += p.LOC.size
+            if n == p.MISS:
+                got.append(None)
+            elif offset + n > mapping.size:
+                error = f"server tier: {member} located a block outside its pool"
+                got.append(None)
+            elif len(out) < n:
+                error = (
+                    f"server tier: output buffer of {len(out)} bytes is smaller than the "
+                    f"{n}-byte block"
+                )
+                got.append(None)
+            else:
+                out[:n] = view[offset : offset + n]
+                got.append(n)
+        if lease:
+            self._call(member, p.Method.RELEASE, [p.U64.pack(lease)])
+        if error is not None:
+            if "smaller" in error:
+                raise ValueError(error)
+            raise StorageError(error)
+        return got
+
+    def _mapping(self, member: str) -> PeerMapping | None:
+        """The server's pool mapped here when it runs on this host (and transport is auto)."""
+        if self.cfg.transport != "auto":
+            return None
+        conn = self._conn(member)
+        peer = conn.peer
+        if not self._boot or peer.boot_id != self._boot or not peer.regions:
+            return None
+        region = peer.regions[0]
+        if region.shm is None:
+            return None
+        key = (member, peer.pid)
+        with self._lock:
+            mapping = self._maps.get(key)
+            if mapping is None:
+                try:
+                    mapping = PeerMapping(region.shm, region.size)
+                except KvferryError as e:
+                    # Another pid namespace or a restarted server: fall back to tcp, say so.
+                    log.warning("server tier: cannot map %s's pool (%s); using tcp", member, e)
+                    return None
+                self._maps[key] = mapping
+        return mapping
+
+    def delete(self, keys: Sequence[Key]) -> int:
+        removed = 0
+        for member, idx in self._ring_now().split(keys).items():
+            reply = self._call(member, p.Method.DELETE, [p.encode_keys([keys[i] for i in idx])])
+            removed += p.U32.unpack(reply)[0]
+        return removed
+
+    def keys(self) -> list[Key]:
+        out: list[Key] = []
+        for member in self._ring_now().members:
+            reply = self._call(member, p.Method.KEYS, [])
+            ks, _ = p.decode_keys(memoryview(reply))
+            out.extend(ks)
+        return out
+
+    def server_stats(self) -> dict[str, dict[str, Any]]:
+        """Each server's StoreStats as JSON, by address."""
+        return {
+            m: json.loads(bytes(self._call(m, p.Method.STATS, [])))
+            for m in self._ring_now().members
+        }
+
+    def stats(self) -> TierStats:
+        used = total = peak = 0
+        for doc in self.server_stats().values():
+            usage = doc.get("usage", {})
+            first: dict[str, Any] = (
+                next(iter(usage.values()), {}) if isinstance(usage, dict) else {}
+            )
+            used += int(first.get("used_blocks", 0))
+            total += int(first.get("total_blocks") or 0)
+            peak += int(first.get("peak_blocks", 0))
+        return TierStats(
+            total_blocks=None,
+            used_blocks=used,
+            peak_blocks=peak,
+            extra={"servers": float(len(self._ring.members)), "server_slots": float(total)},
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            conns, self._conns = self._conns, set()
+            maps, self._maps = self._maps, {}
+        for conn in conns:
+            conn.sock.close()
+        for mapping in maps.values():
+            mapping.close()
+
+
+class _ServerRefused(KvferryError):
+    """The server answered ERR: the reply was read whole, the connection is still good."""
+
+
+def _parse_address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"server address {text!r} is not host:port (e.g. 127.0.0.1:15428)")
+    return host.strip("[]"), int(port)

@@ -1,0 +1,300 @@
+"""The kvferry store server: a single-node process serving a TieredStore over the wire protocol.
+
+The server is a TransferEngine target whose first tier (cpu) lives in an engine-allocated region,
+so a peer can read or write block bytes with plain transfer-engine READ/WRITE frames or, on the
+same host, straight through the shm mapping; the store calls (lookup, get, put, locate, ...) ride
+in CALL frames on the same listener, behind the same handshake and token. Every payload is
+validated (``protocol``); a bad call gets an ERR reply and the connection goes on; a malformed
+frame closes only that connection.
+
+Blocks handed out by LOCATE or RESERVE are pinned by store leases: a client that vanishes
+loses them at ``store.lease_seconds``, never pins them forever.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+from kvferry.backends.base import Key, SlotTier, Tier, TierContext
+from kvferry.backends.registry import load_tier
+from kvferry.backends.server import protocol as p
+from kvferry.config.models import KvferryConfig
+from kvferry.errors import ConfigError, LeaseExpired, MissingDependency, ProtocolError
+from kvferry.store import LoadHandle, StoreHandle, TieredStore
+from kvferry.transfer.engine import TransferEngine
+from kvferry.transfer.server import CallReply
+
+log = logging.getLogger("kvferry.store.server")
+
+_HEARTBEAT_S = 2.0
+
+
+class StoreServer:
+    """A store server; ``start`` listens, ``close`` stops.
+
+    Args:
+        config: ``store`` (tiers must be local: cpu, disk), the tiers' sections, ``listen``
+            (bind address, port, token), ``transfer``; ``server.membership_url`` set means
+            register this server there.
+
+    Raises:
+        ConfigError: a shared tier (redis, server, mooncake) in ``store.tiers``.
+    """
+
+    def __init__(self, config: KvferryConfig) -> None:
+        self.config = config
+        self.engine = TransferEngine(config)
+        tiers: list[Tier] = []
+        try:
+            for i, name in enumerate(config.store.tiers):
+                cls = load_tier(name)
+                if cls.shared:
+                    raise ConfigError(
+                        f"store.tiers: a store server holds local tiers only (cpu, disk), "
+                        f"not {name!r}"
+                    )
+                ctx = TierContext(
+                    slot_size=config.store.slot_size,
+                    label=cls.name,
+                    allocate=self.engine.allocate if i == 0 else None,
+                )
+                tiers.append(cls(getattr(config, cls.config_section), ctx))
+        except BaseException:
+            for tier in tiers:
+                tier.close()
+            self.engine.close()
+            raise
+        self.store = TieredStore(config, tiers=tiers)
+        first = self.store.first
+        self._region_id = first.region.region_id if hasattr(first, "region") else 0
+        self._leases: dict[int, LoadHandle | StoreHandle] = {}
+        self._lock = threading.Lock()
+        self.address: tuple[str, int] = ("", 0)
+        self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self) -> tuple[str, int]:
+        """Listen (``listen.bind_address:listen.port``); returns the bound (host, port)."""
+        self.engine.listen(call=self._call)
+        address = self.engine.address
+        assert address is not None
+        self.address = address
+        if self.config.server.membership_url:
+            self._register()
+        return self.address
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join(timeout=5)
+            self._unregister()
+        self.engine.close()
+        self.store.close()
+
+    def __enter__(self) -> StoreServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- membership -----------------------------------------------------------------------
+    def _member(self) -> str:
+        host, port = self.address
+        if host in ("0.0.0.0", "::"):
+            host = socket.gethostname()
+        return f"{host}:{port}"
+
+    def _redis(self) -> Any:
+        try:
+            import redis
+        except ImportError as e:
+            raise MissingDependency("redis", "redis") from e
+        return redis.Redis.from_url(self.config.server.membership_url, socket_timeout=2)
+
+    def _register(self) -> None:
+        client = self._redis()
+        key = self.config.server.membership_key
+        client.hset(key, self._member(), time.time())
+
+        def beat() -> None:
+            while not self._stop.wait(_HEARTBEAT_S):
+                try:
+                    client.hset(key, self._member(), time.time())
+                except Exception as e:  # keep serving; membership is advisory
+                    log.warning("store server: membership heartbeat failed: %s", e)
+
+        self._heartbeat = threading.Thread(target=beat, name="kvferry-membership", daemon=True)
+        self._heartbeat.start()
+
+    def _unregister(self) -> None:
+        try:
+            self._redis().hdel(self.config.server.membership_key, self._member())
+        except Exception as e:
+            log.warning("store server: leaving the membership failed: %s", e)
+
+    # -- calls ------------------------------------------------------------------------------
+    def _call(self, method: int, payload: memoryview) -> CallReply:
+        try:
+            m = p.Method(method)
+        except ValueError:
+            raise ProtocolError(f"unknown store method {method}") from None
+        handler = self._handlers.get(m)
+        if handler is None:  # pragma: no cover - every Method has a handler
+            raise ProtocolError(f"method {m.name} is not served")
+        return handler(self, payload)
+
+    def _lookup(self, buf: memoryview) -> CallReply:
+        keys, pos = p.decode_keys(buf)
+        p.expect_end(buf, pos)
+        return CallReply([p.U32.pack(self.store.lookup(keys))])
+
+    def _contains(self, buf: memoryview) -> CallReply:
+        keys, pos = p.decode_keys(buf)
+        p.expect_end(buf, pos)
+        return CallReply([bytes(self.store.contains(keys))])
+
+    def _present_pinned(self, keys: list[Key]) -> tuple[LoadHandle | None, dict[Key, int]]:
+        """Pin the present blocks among ``keys``; (handle, key -> index in handle.buffers)."""
+        present = [k for k, ok in zip(keys, self.store.contains(keys)) if ok]
+        if not present:
+            return None, {}
+        handle = self.store.prepare_load(list(dict.fromkeys(present)))
+        return handle, {k: i for i, k in enumerate(handle.hashes)}
+
+    def _get(self, buf: memoryview) -> CallReply:
+        keys, pos = p.decode_keys(buf)
+        p.expect_end(buf, pos)
+        handle, where = self._present_pinned(keys)
+        lengths: list[int] = []
+        parts: list[bytes | memoryview] = []
+        for k in keys:
+            i = where.get(k)
+            if i is None or handle is None:
+                lengths.append(p.MISS)
+            else:
+                view = handle.buffers[i]
+                lengths.append(len(view))
+                parts.append(view)
+        head = p.encode_u32s(lengths)
+        if handle is None:
+            return CallReply([head])
+        return CallReply([head, *parts], after=lambda: self._complete_load(handle))
+
+    def _complete_load(self, handle: LoadHandle) -> None:
+        try:
+            self.store.complete_load(handle)
+        except LeaseExpired as e:
+            log.warning("store server: %s", e)
+
+    def _put(self, buf: memoryview) -> CallReply:
+        keys, pos = p.decode_keys(buf)
+        lengths, pos = p.decode_u32s(buf, pos, len(keys), "value lengths")
+        if pos + sum(lengths) != len(buf):
+            raise ProtocolError(
+                f"PUT announces {sum(lengths)} value bytes but carries {len(buf) - pos}"
+            )
+        values: list[memoryview] = []
+        for n in lengths:
+            values.append(buf[pos : pos + n])
+            pos += n
+        return CallReply([p.encode_statuses(self.store.put(keys, values))])
+
+    def _delete(self, buf: memoryview) -> CallReply:
+        keys, pos = p.decode_keys(buf)
+        p.expect_end(buf, pos)
+        return CallReply([p.U32.pack(self.store.delete(keys))])
+
+    def _locate(self, buf: memoryview) -> CallReply:
+        keys, pos = p.decode_keys(buf)
+        p.expect_end(buf, pos)
+        handle, where = self._present_pinned(keys)
+        lease_id = 0
+        if handle is not None and handle.lease is not None:
+            lease_id = handle.lease.lease_id
+            self._remember(lease_id, handle)
+        out = [p.LEASE_REGION.pack(lease_id, self._region_id)]
+        for k in keys:
+            i = where.get(k)
+            loc = None if i is None or handle is None else handle.locations[i]
+            out.append(p.LOC.pack(0, p.MISS) if loc is None else p.LOC.pack(*loc))
+        return CallReply([b"".join(out)])
+
+    def _release(self, buf: memoryview) -> CallReply:
+        if len(buf) != 8:
+            raise ProtocolError("RELEASE carries one u64 lease id")
+        (lease_id,) = p.U64.unpack(buf)
+        with self._lock:
+            handle = self._leases.pop(lease_id, None)
+        if not isinstance(handle, LoadHandle):
+            raise LeaseExpired(f"lease {lease_id} is unknown or already ended")
+        self.store.complete_load(handle)
+        return CallReply([])
+
+    def _reserve(self, buf: memoryview) -> CallReply:
+        keys, pos = p.decode_keys(buf)
+        sizes, pos = p.decode_u32s(buf, pos, len(keys), "sizes")
+        p.expect_end(buf, pos)
+        if not isinstance(self.store.first, SlotTier):  # pragma: no cover - cpu is first
+            raise ProtocolError("this server's first tier lends no slots")
+        handle = self.store.prepare_store(keys, sizes)
+        lease_id = handle.lease.lease_id if handle.lease is not None else 0
+        if lease_id:
+            self._remember(lease_id, handle)
+        out = [p.LEASE_REGION.pack(lease_id, self._region_id)]
+        for status, loc in zip(handle.status, handle.locations):
+            out.append(p.RES.pack(p.STATUS_CODE[status], loc[0] if loc else 0))
+        return CallReply([b"".join(out)])
+
+    def _commit(self, buf: memoryview) -> CallReply:
+        if len(buf) < 8:
+            raise ProtocolError("COMMIT starts with a u64 lease id")
+        (lease_id,) = p.U64.unpack_from(buf, 0)
+        with self._lock:
+            handle = self._leases.pop(lease_id, None)
+        if not isinstance(handle, StoreHandle):
+            raise LeaseExpired(f"lease {lease_id} is unknown or already ended")
+        ok = bytes(buf[8:])
+        if len(ok) != len(handle.hashes):
+            raise ProtocolError(f"COMMIT carries {len(ok)} flags for {len(handle.hashes)} blocks")
+        final = self.store.complete_store(handle, [b == 1 for b in ok])
+        return CallReply([p.encode_statuses(final)])
+
+    def _stats(self, buf: memoryview) -> CallReply:
+        return CallReply([json.dumps(self.store.stats().to_json()).encode()])
+
+    def _keys(self, buf: memoryview) -> CallReply:
+        keys: list[Key] = []
+        for tier in self.store.tiers:
+            keys.extend(tier.keys())
+        return CallReply([p.encode_keys(list(dict.fromkeys(keys)))])
+
+    def _remember(self, lease_id: int, handle: LoadHandle | StoreHandle) -> None:
+        with self._lock:
+            self._leases[lease_id] = handle
+            if len(self._leases) > 4096:
+                # Leases the store expired (a vanished client) leave our table here.
+                dead = [i for i, h in self._leases.items() if h.lease is None or not h.lease.active]
+                for i in dead:
+                    del self._leases[i]
+
+    _handlers: ClassVar[dict[p.Method, Callable[[StoreServer, memoryview], CallReply]]] = {
+        p.Method.LOOKUP: _lookup,
+        p.Method.CONTAINS: _contains,
+        p.Method.GET: _get,
+        p.Method.PUT: _put,
+        p.Method.DELETE: _delete,
+        p.Method.LOCATE: _locate,
+        p.Method.RELEASE: _release,
+        p.Method.RESERVE: _reserve,
+        p.Method.COMMIT: _commit,
+        p.Method.STATS: _stats,
+        p.Method.KEYS: _keys,
+    }
