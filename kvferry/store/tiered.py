@@ -24,12 +24,13 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from kvferry.backends.base import Buffer, Key, PutStatus, SlotTier, Tier
 from kvferry.backends.registry import create_tier
 from kvferry.config.models import KvferryConfig, StoreConfig
 from kvferry.errors import LeaseExpired, StorageError
+from kvferry.observe.trace import open_tracer
 from kvferry.store.eviction import EvictionPolicy, load_policy
 from kvferry.store.leases import Lease, LeaseTable, LoadHandle, StoreHandle
 from kvferry.store.stats import StoreStats, TierCounters
@@ -98,7 +99,16 @@ class TieredStore:
         self._counters = [self._stats.tiers[name] for name in self.names]
         self._executor: ThreadPoolExecutor | None = None
         self._closed = False
-        self._rebuild()
+        # Off by default: the null tracer's span() is one shared no-op object.
+        self.tracer = open_tracer(cfg.trace_file)
+        self._exporter: Any = None
+        try:
+            self._rebuild()
+            if cfg.metrics_port:
+                self._start_exporter(cfg.metrics_port)
+        except BaseException:
+            self.close()
+            raise
 
     # -- construction helpers -------------------------------------------------------------
     def _rebuild(self) -> None:
@@ -113,6 +123,24 @@ class TieredStore:
                 self._where[k] = self._where.get(k, 0) | bit
                 policy.insert(k)
             log.info("store: %s holds %d blocks from before", tier.label, len(policy))
+
+    def _start_exporter(self, port: int) -> None:
+        from kvferry.observe.prometheus import MetricsExporter
+
+        token = self.config.listen.auth_token
+        exporter = MetricsExporter(
+            self.config.listen.bind_address,
+            port,
+            auth_token=token.get_secret_value() if token is not None else None,
+        )
+        exporter.add_source("store", self.stats)
+        exporter.start()
+        self._exporter = exporter
+
+    @property
+    def exporter(self) -> Any:
+        """The in-process Prometheus exporter (``store.metrics_port``), or None."""
+        return self._exporter
 
     @property
     def slot_size(self) -> int:
@@ -222,7 +250,7 @@ class TieredStore:
                     f"a {len(v)}-byte block is larger than store.slot_size ({limit} bytes)"
                 )
         t0 = time.perf_counter_ns()
-        with self._lock:
+        with self.tracer.span("put", "store", blocks=len(hashes)), self._lock:
             self._check_open()
             self._expire()
             status = self._put_local(0, hashes, values) if not self.first.shared else None
@@ -331,7 +359,8 @@ class TieredStore:
         want = max(self._round[ti], used + needed - high, used + needed - cap)
         victims = self._policies[ti].victims(min(want, used), self._leases.pinned)
         if victims:
-            self._evict(ti, victims)
+            with self.tracer.span("evict", "store", tier=self.names[ti], blocks=len(victims)):
+                self._evict(ti, victims)
 
     def _evict(self, ti: int, victims: list[Key]) -> None:
         """Remove ``victims`` from local tier ``ti``, demoting them to the next tier first when
@@ -399,7 +428,7 @@ class TieredStore:
             raise ValueError(f"{len(hashes)} hashes but {len(outs)} output buffers")
         t0 = time.perf_counter_ns()
         res: list[int | None] = [None] * len(hashes)
-        with self._lock:
+        with self.tracer.span("get", "store", blocks=len(hashes)), self._lock:
             self._check_open()
             self._expire()
             where = self._where
@@ -428,7 +457,8 @@ class TieredStore:
             st.gets += 1
             st.get_blocks += len(hashes)
         if missing and self._shared:
-            self._get_shared(hashes, outs, res, sorted(missing))
+            with self.tracer.span("get_remote", "store", blocks=len(missing)):
+                self._get_shared(hashes, outs, res, sorted(missing))
         with self._lock:
             self._stats.get_hit_blocks += sum(1 for n in res if n is not None)
             self._counters[0].get_latency.observe_ns(time.perf_counter_ns() - t0)
@@ -619,6 +649,7 @@ class TieredStore:
         if handle.completed:
             raise LeaseExpired("this store handle was already completed")
         handle.completed = True
+        self.tracer.instant("complete_store", "store", blocks=len(pending))
         if handle.lease is None:
             return final
         with self._lock:
@@ -740,6 +771,7 @@ class TieredStore:
         if handle.completed:
             raise LeaseExpired("this load handle was already completed")
         handle.completed = True
+        self.tracer.instant("complete_load", "store", blocks=handle.n)
         if handle.lease is None:
             return
         with self._lock:
@@ -908,6 +940,9 @@ class TieredStore:
             executor = self._executor
         if executor is not None:
             executor.shutdown(wait=True)
+        if self._exporter is not None:
+            self._exporter.close()
+        self.tracer.close()
         for tier in self.tiers:
             try:
                 tier.close()

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import random
+import socket
 import threading
+import urllib.request
+from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from kvferry.backends.base import PutStatus, TierContext
 from kvferry.backends.cpu import CpuTier
@@ -256,3 +261,35 @@ def test_threads_hammer_puts_gets_evictions_without_a_wrong_byte() -> None:
         assert st.tiers["cpu"].evictions > 0
         assert st.leases_active == 0
         assert st.usage["cpu"].used_blocks <= 24
+
+
+def test_trace_file_records_puts_gets_and_evictions(tmp_path: Path) -> None:
+    path = tmp_path / "trace.json"
+    with make_store(4, trace_file=str(path), evict_start_threshold=0.5) as store:
+        store.put(keys(4), vals(4))
+        store.put(keys(2, salt=1), vals(2))  # past the high watermark: evicts
+        read(store, keys(2))
+        handle = store.prepare_load(keys(1, salt=1))
+        store.complete_load(handle)
+    events = json.loads(path.read_text())
+    names = {e.get("name") for e in events}
+    assert {"put", "get", "evict", "complete_load"} <= names
+    spans = [e for e in events if e.get("ph") == "X"]
+    assert spans and all(e["dur"] >= 0 for e in spans)
+
+
+def test_in_process_metrics_endpoint() -> None:
+    with make_store(8, metrics_port=_free_port()) as store:
+        store.put(keys(2), vals(2))
+        store.lookup([*keys(2), key(77)])
+        host, port = store.exporter.address
+        text = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5).read().decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    hit = families["kvferry_store_hit_rate"].samples[0].value
+    assert hit == pytest.approx(2 / 3)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

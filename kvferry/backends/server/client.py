@@ -138,6 +138,7 @@ class ServerTier(Tier):
             except KvferryError as e:
                 raise StorageError(f"server tier: store server {member}: {e}") from e
             sock.settimeout(self.cfg.timeout)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
             conn = conns[member] = _Conn(sock, peer)
             with self._lock:
                 self._conns.add(conn)

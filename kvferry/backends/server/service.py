@@ -83,6 +83,8 @@ class StoreServer:
     def start(self) -> tuple[str, int]:
         """Listen (``listen.bind_address:listen.port``); returns the bound (host, port)."""
         self.engine.listen(call=self._call)
+        if self.store.exporter is not None:
+            self.store.exporter.add_source("transfer", self.engine.metrics)
         address = self.engine.address
         assert address is not None
         self.address = address
