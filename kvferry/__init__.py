@@ -4,19 +4,24 @@ The curated public API lives here (pinned by tests/test_public_api.py). Importin
 no environment variable, starts no thread and imports no torch.
 """
 
+from kvferry.backends import PutStatus
 from kvferry.config import KvferryConfig, LoadedConfig, load_config
 from kvferry.errors import (
     AuthError,
     ConfigError,
     KvferryError,
+    LeaseExpired,
     MissingDependency,
     PeerClosed,
     ProtocolError,
     RemoteError,
     SegmentError,
+    StorageError,
     TransferError,
     TransferTimeout,
 )
+from kvferry.index import BlockHasher
+from kvferry.store import LoadHandle, StoreHandle, StoreStats, TieredStore
 from kvferry.transfer import (
     Batch,
     BatchStatus,
@@ -35,19 +40,27 @@ __all__ = [
     "AuthError",
     "Batch",
     "BatchStatus",
+    "BlockHasher",
     "ConfigError",
     "KvferryConfig",
     "KvferryError",
+    "LeaseExpired",
+    "LoadHandle",
     "LoadedConfig",
     "MemoryRegion",
     "MissingDependency",
     "OpCode",
     "PeerClosed",
     "ProtocolError",
+    "PutStatus",
     "RemoteError",
     "RequestStatus",
     "SegmentError",
     "SegmentHandle",
+    "StorageError",
+    "StoreHandle",
+    "StoreStats",
+    "TieredStore",
     "TransferEngine",
     "TransferError",
     "TransferRequest",
