@@ -324,6 +324,9 @@ class MooncakeTierConfig(_Model):
     local_buffer_size: ByteSize = Field(
         256 << 20, ge=0, description="Bytes of this client's local transfer buffer."
     )
+    key_prefix: str = Field(
+        "kvferry:", min_length=1, description="Namespace of kvferry's objects in Mooncake."
+    )
 
 
 class KvferryConfig(_Model):
