@@ -1,0 +1,527 @@
+"""The Redis/Valkey tier: blocks as plain string values in a shared Redis (or Redis Cluster).
+
+This module owns the mapping of the tier primitives onto Redis commands and the translation of
+every Redis failure into :class:`~kvferry.errors.StorageError`. It does not decide what to keep:
+Redis manages its own space (``maxmemory`` and its eviction policy, optional TTLs), so the tier
+has no capacity and never evicts; placement stays with ``kvferry.store``.
+
+Layout: block ``k`` (16 raw bytes) lives at the Redis key ``key_prefix.encode() + k``, binary
+safe, its value the block's bytes. Other clients may add and remove blocks at any time
+(``shared``), and nothing survives a Redis restart without persistence (``persistent`` is False).
+
+Each primitive is one round trip per node (a pipeline with ``transaction=False``, or one
+multi-key command):
+
+- ``put``: ``SET key value NX [PX ttl]`` per block. ``OK`` -> STORED, nil (NX refused) -> EXISTS,
+  an ``OOM`` error reply (Redis at ``maxmemory`` with ``noeviction``) -> NO_SPACE for that block.
+- ``get``: on a single Redis, one ``MGET`` whose reply this module parses itself, straight off
+  the pooled connection's socket into the caller's buffers (:class:`_MgetReader`): redis-py
+  with hiredis would copy each value three times (socket buffer -> hiredis -> ``bytes`` ->
+  caller). On a cluster, pipelined ``GET`` through redis-py, whose pipeline splits the keys by
+  slot, and one copy from each reply's ``bytes`` into the caller's buffer. The choice is
+  measured by ``benchmarks/redis_batch_get.py``.
+- ``contains``: pipelined ``EXISTS``; ``delete``: pipelined ``DEL`` (the count of 1s).
+- ``keys``: ``SCAN MATCH <escaped prefix>*`` over every primary.
+
+``used_blocks`` is approximate by design: counting our keys in Redis is a full ``SCAN``, so the
+tier keeps a local counter of blocks *this client* stored minus those it deleted. It does not see
+blocks written or deleted by other clients, expired by the TTL or evicted by Redis.
+
+Failures: a refused or timed-out connection and every ``redis.exceptions.RedisError`` raise
+:class:`~kvferry.errors.StorageError` naming the tier and the URL (password hidden). The
+connection pool reconnects on its own, so the first call after Redis comes back works again.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import BaseModel
+
+from kvferry.backends.base import (
+    KEY_BYTES,
+    Buffer,
+    Key,
+    PutStatus,
+    Tier,
+    TierContext,
+    TierStats,
+)
+from kvferry.config.models import RedisTierConfig
+from kvferry.errors import MissingDependency, StorageError
+
+if TYPE_CHECKING:
+    from redis import ConnectionPool, Redis
+    from redis.cluster import RedisCluster
+
+_GLOB_SPECIAL = frozenset(b"*?[]\\")
+_SCAN_COUNT = 1000
+# A bigger read buffer than redis-py's 64 KiB default for the replies redis-py parses (cluster
+# GETs: a batch of 64 KiB blocks is megabytes, and each socket read is fed to hiredis apart).
+_SOCKET_READ_SIZE = 1 << 20
+
+
+# Direct MGET reads: a scratch buffer for reply headers and small values; a value remainder of
+# at least _DIRECT_MIN bytes is received straight into the caller's buffer. After such a value the
+# next header is read in _HEADER_READ-byte gulps, so that little of the next value lands in the
+# scratch buffer (where it would cost a copy).
+_SCRATCH_BYTES = 256 * 1024
+_DIRECT_MIN = 16 * 1024
+_HEADER_READ = 64
+_MAX_LINE = 4096  # a header or error line longer than this is not an MGET reply
+
+
+class _ReplyFormatError(Exception):
+    """The server's reply did not parse as the RESP answer to MGET (the stream is lost)."""
+
+
+class _ErrorReply(Exception):
+    """The server answered with an error reply (the stream is still in sync)."""
+
+
+class _MgetReader:
+    """Parses one RESP2/RESP3 ``MGET`` reply from a socket into the callers' buffers.
+
+    Each value is received into its buffer by ``recv_into`` (by ``recvmsg_into`` with a small
+    scratch tail where the socket has it, so that the next value's header arrives in the same
+    call), so the bytes are copied once, by the kernel. One per call; ``scratch`` (at least
+    ``2 * _MAX_LINE`` bytes) is the calling thread's own.
+    """
+
+    def __init__(self, sock: socket.socket, scratch: bytearray) -> None:
+        self.sock = sock
+        self.buf = scratch
+        self.view = memoryview(scratch)
+        self.pos = 0
+        self.end = 0
+        # recvmsg_into on plain TCP/unix sockets only (an SSL socket has no scatter read)
+        self.scatter = type(sock) is socket.socket
+        self.large = False  # the last value was large: read the next header in small gulps
+
+    def _fill(self, limit: int) -> None:
+        """Receive at most ``limit`` more bytes into the scratch buffer."""
+        if self.pos == self.end:
+            self.pos = self.end = 0
+        elif self.end + limit > len(self.buf):
+            kept = self.end - self.pos
+            self.buf[:kept] = self.view[self.pos : self.end]
+            self.pos, self.end = 0, kept
+        limit = min(limit, len(self.buf) - self.end)
+        n = self.sock.recv_into(self.view[self.end : self.end + limit])
+        if n == 0:
+            raise ConnectionResetError("the server closed the connection mid-reply")
+        self.end += n
+
+    def line(self) -> bytes:
+        while True:
+            i = self.buf.find(b"\r\n", self.pos, self.end)
+            if i >= 0:
+                out = bytes(self.view[self.pos : i])
+                self.pos = i + 2
+                return out
+            if self.end - self.pos > _MAX_LINE:
+                raise _ReplyFormatError("reply header line too long")
+            self._fill(_HEADER_READ if self.large else len(self.buf))
+
+    def payload(self, out: memoryview | None, n: int) -> None:
+        """Read an ``n``-byte bulk payload and its CRLF into ``out[:n]`` (None: discard it)."""
+        big = n >= _DIRECT_MIN
+        have = min(self.end - self.pos, n)
+        if out is not None:
+            out[:have] = self.view[self.pos : self.pos + have]
+        self.pos += have
+        got = have
+        while got < n:
+            rest = n - got
+            if out is not None and rest >= _DIRECT_MIN:
+                # the scratch buffer is empty here: everything in it went into out
+                if self.scatter:
+                    self.pos = self.end = 0
+                    k = self.sock.recvmsg_into([out[got:n], self.view[:_HEADER_READ]])[0]
+                    if k > rest:
+                        self.end = k - rest
+                else:
+                    k = self.sock.recv_into(out[got:n])
+                if k == 0:
+                    raise ConnectionResetError("the server closed the connection mid-reply")
+                got += min(k, rest)
+            else:
+                # the tail of a big value: take no more than it, the next value may be big
+                self._fill(rest + 2 if big else len(self.buf))
+                take = min(self.end - self.pos, rest)
+                if out is not None:
+                    out[got : got + take] = self.view[self.pos : self.pos + take]
+                self.pos += take
+                got += take
+        self.large = big
+        while self.end - self.pos < 2:
+            self._fill(_HEADER_READ)
+        if self.buf[self.pos : self.pos + 2] != b"\r\n":
+            raise _ReplyFormatError("bulk string not followed by CRLF")
+        self.pos += 2
+
+    def read(self, outs: Sequence[memoryview]) -> tuple[list[int | None], list[int]]:
+        """Read the reply; returns the sizes and the indexes whose buffer was too small (those
+        values were drained and dropped, so the connection stays usable)."""
+        head = self.line()
+        if head[:1] == b"-":
+            raise _ErrorReply(head[1:].decode(errors="replace"))
+        if head[:1] != b"*" or head[1:] != str(len(outs)).encode():
+            raise _ReplyFormatError(f"expected an array of {len(outs)}, got {head[:32]!r}")
+        sizes: list[int | None] = []
+        too_small: list[int] = []
+        for i, out in enumerate(outs):
+            h = self.line()
+            if h[:1] == b"_" or h == b"$-1":  # RESP3 null, RESP2 null bulk
+                sizes.append(None)
+                continue
+            if h[:1] != b"$":
+                raise _ReplyFormatError(f"expected a bulk string, got {h[:32]!r}")
+            try:
+                n = int(h[1:])
+            except ValueError as e:
+                raise _ReplyFormatError(f"bad bulk length {h[:32]!r}") from e
+            if n < 0:
+                raise _ReplyFormatError(f"bad bulk length {h[:32]!r}")
+            if n > out.nbytes:
+                too_small.append(i)
+                self.payload(None, n)
+            else:
+                self.payload(out, n)
+            sizes.append(n)
+        return sizes, too_small
+
+
+def _import_redis() -> ModuleType:
+    try:
+        import redis
+        import redis.backoff
+        import redis.cluster
+        import redis.retry
+    except ImportError as e:
+        raise MissingDependency("redis", "redis") from e
+    return redis
+
+
+def redact_url(url: str) -> str:
+    """``url`` with the password (if any) replaced by ``***``, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def glob_escape(prefix: bytes) -> bytes:
+    """``prefix`` with Redis glob characters escaped, for ``SCAN MATCH``."""
+    out = bytearray()
+    for b in prefix:
+        if b in _GLOB_SPECIAL:
+            out.append(0x5C)  # backslash
+        out.append(b)
+    return bytes(out)
+
+
+def _as_bytes_view(buf: Buffer) -> memoryview:
+    view = memoryview(buf)
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    return view
+
+
+class RedisTier(Tier):
+    """A Redis/Valkey server or Redis Cluster as a shared, capacity-less remote tier."""
+
+    name = "redis"
+    config_section = "redis"
+    shared = True
+    persistent = False
+
+    def __init__(self, config: BaseModel, context: TierContext) -> None:
+        if not isinstance(config, RedisTierConfig):
+            raise TypeError(f"RedisTier needs a RedisTierConfig, got {type(config).__name__}")
+        super().__init__(config, context)
+        self._cfg = config
+        self._prefix = config.key_prefix.encode()
+        self._url = redact_url(config.url)
+        what = "redis tier" if self.label == "redis" else f"redis tier {self.label!r}"
+        self._where = f"{what} at {self._url}"
+        self._ttl_ms = max(1, round(config.ttl * 1000)) if config.ttl > 0 else None
+        self._lock = threading.Lock()
+        self._used = 0
+        self._peak = 0
+        self._counters = {"errors": 0, "no_space": 0, "hits": 0, "misses": 0}
+        self._closed = False
+        redis = _import_redis()
+        self._errors: tuple[type[BaseException], ...] = (
+            redis.exceptions.RedisError,
+            redis.exceptions.RedisClusterException,
+        )
+        self._oom: type[BaseException] = redis.exceptions.OutOfMemoryError
+        # One quick reconnect on a dropped connection (a restarted server leaves stale pooled
+        # sockets); a server that stays down fails fast instead of backing off for seconds.
+        retry = redis.retry.Retry(redis.backoff.ExponentialBackoff(cap=0.1, base=0.01), 1)
+        common: dict[str, Any] = {
+            "max_connections": config.pool_size,
+            # the blocking pool makes threads wait for a free connection instead of failing
+            "connection_pool_class": redis.BlockingConnectionPool,
+            "timeout": config.socket_timeout,
+            "socket_timeout": config.socket_timeout,
+            "socket_connect_timeout": config.socket_timeout,
+            "socket_read_size": _SOCKET_READ_SIZE,
+            "retry": retry,
+            # RESP2 unless the URL asks for ?protocol=3 (redis-py 8 defaults to RESP3): its
+            # replies to our commands are plain arrays and bulk strings with no push messages
+            # in between, which is what lets get() read MGET replies off the socket itself
+            "protocol": 2,
+        }
+        self._redis = redis
+        self._client: Redis | RedisCluster
+        self._pool: ConnectionPool | None = None  # a single server's pool (not a cluster)
+        self._direct = False
+        self._scratch = threading.local()  # .buf: this thread's _MgetReader scratch buffer
+        """``get`` reads MGET replies itself: a single server speaking RESP2."""
+        with self._failures():
+            if config.cluster:
+                # connects now: it must learn the slot map before the first command
+                self._client = redis.cluster.RedisCluster.from_url(config.url, **common)
+            else:
+                pool_class = common.pop("connection_pool_class")
+                pool = pool_class.from_url(config.url, **common)
+                self._client = redis.Redis(connection_pool=pool)
+                self._pool = pool
+                self._direct = str(pool.connection_kwargs.get("protocol")) == "2"
+
+    # -- helpers -------------------------------------------------------------------------
+
+    @contextmanager
+    def _failures(self) -> Iterator[None]:
+        """Turn any Redis failure into a StorageError naming this tier and its URL."""
+        if self._closed:
+            raise StorageError(f"{self._where}: the tier is closed")
+        try:
+            yield
+        except self._errors as e:
+            with self._lock:
+                self._counters["errors"] += 1
+            raise StorageError(f"{self._where}: {type(e).__name__}: {e}") from e
+
+    def _rkey(self, key: Key) -> bytes:
+        return self._prefix + key
+
+    def _check_result(self, result: object) -> None:
+        if isinstance(result, BaseException):
+            with self._lock:
+                self._counters["errors"] += 1
+            raise StorageError(f"{self._where}: {type(result).__name__}: {result}") from result
+
+    # -- capacity ------------------------------------------------------------------------
+
+    @property
+    def capacity_blocks(self) -> int | None:
+        """None: Redis manages its own space (maxmemory)."""
+        return None
+
+    @property
+    def used_blocks(self) -> int:
+        """Approximate: blocks this client stored minus those it deleted (module docstring)."""
+        return self._used
+
+    # -- primitives ----------------------------------------------------------------------
+
+    def contains(self, keys: Sequence[Key]) -> list[bool]:
+        if not keys:
+            return []
+        with self._failures():
+            pipe = self._client.pipeline(transaction=False)
+            for k in keys:
+                pipe.exists(self._rkey(k))
+            results = pipe.execute(raise_on_error=False)
+        out = []
+        for r in results:
+            self._check_result(r)
+            out.append(bool(r))
+        return out
+
+    def put(self, keys: Sequence[Key], values: Sequence[Buffer]) -> list[PutStatus]:
+        """Store each block with ``SET NX`` (``PX ttl`` when a TTL is configured).
+
+        Raises:
+            ValueError: lengths differ, a key is not 16 bytes or a value exceeds
+                ``context.slot_size`` (nothing is stored).
+            StorageError: Redis failed or could not be reached.
+        """
+        if len(keys) != len(values):
+            raise ValueError(f"{len(keys)} keys but {len(values)} values")
+        views = [_as_bytes_view(v) for v in values]
+        for k, v in zip(keys, views):
+            if len(k) != KEY_BYTES:
+                raise ValueError(f"a key must be {KEY_BYTES} bytes, got {len(k)}")
+            if v.nbytes > self.context.slot_size:
+                raise ValueError(
+                    f"a {v.nbytes}-byte value exceeds the slot size {self.context.slot_size}"
+                )
+        if not keys:
+            return []
+        with self._failures():
+            pipe = self._client.pipeline(transaction=False)
+            for k, v in zip(keys, views):
+                pipe.set(self._rkey(k), v, nx=True, px=self._ttl_ms)
+            results = pipe.execute(raise_on_error=False)
+        status: list[PutStatus] = []
+        for r in results:
+            if isinstance(r, self._oom):
+                status.append(PutStatus.NO_SPACE)
+                continue
+            self._check_result(r)
+            status.append(PutStatus.STORED if r else PutStatus.EXISTS)
+        stored = status.count(PutStatus.STORED)
+        no_space = status.count(PutStatus.NO_SPACE)
+        with self._lock:
+            self._used += stored
+            self._peak = max(self._peak, self._used)
+            self._counters["no_space"] += no_space
+        return status
+
+    def _get_direct(
+        self, rkeys: list[bytes], views: list[memoryview]
+    ) -> tuple[list[int | None], list[int]] | None:
+        """MGET with the reply parsed off the socket into ``views``; None when this connection
+        type offers no socket to read (then the caller goes through redis-py)."""
+        pool = self._pool
+        if pool is None:
+            return None
+        # typed loosely: redis-py leaves send_command and disconnect unannotated
+        conn: Any = pool.get_connection()
+        try:
+            sock = getattr(conn, "_sock", None)
+            if not isinstance(sock, socket.socket):
+                return None
+            scratch: bytearray | None = getattr(self._scratch, "buf", None)
+            if scratch is None:  # one per thread: no 256 KiB allocation per call
+                scratch = self._scratch.buf = bytearray(_SCRATCH_BYTES)
+            conn.send_command("MGET", *rkeys)
+            return _MgetReader(sock, scratch).read(views)
+        except _ErrorReply as e:  # a whole reply was read: the connection is still in sync
+            raise self._redis.exceptions.ResponseError(str(e)) from None
+        except BaseException as e:
+            # a reply read part way leaves the stream out of step: never reuse this socket
+            conn.disconnect()
+            if isinstance(e, OSError | _ReplyFormatError):
+                raise self._redis.exceptions.ConnectionError(f"reading the MGET reply: {e}") from e
+            raise
+        finally:
+            pool.release(conn)
+
+    def _get_copied(
+        self, rkeys: list[bytes], views: list[memoryview]
+    ) -> tuple[list[int | None], list[int]]:
+        """GETs through redis-py, then one copy per value from its ``bytes`` into ``views``."""
+        if self._cfg.cluster:
+            pipe = self._client.pipeline(transaction=False)
+            for rk in rkeys:
+                pipe.get(rk)
+            results = list(pipe.execute(raise_on_error=False))
+        else:
+            results = list(self._client.mget(rkeys))
+        for r in results:
+            self._check_result(r)
+        too_small = [
+            i for i, (r, v) in enumerate(zip(results, views)) if r is not None and len(r) > v.nbytes
+        ]
+        sizes: list[int | None] = []
+        for view, r in zip(views, results):
+            if isinstance(r, bytes):
+                if not too_small:
+                    view[: len(r)] = r  # the one copy: reply bytes -> caller's buffer
+                sizes.append(len(r))
+            else:
+                sizes.append(None)
+        return sizes, too_small
+
+    def get(self, keys: Sequence[Key], outs: Sequence[memoryview]) -> list[int | None]:
+        """Copy each present block into its buffer.
+
+        Raises:
+            ValueError: lengths differ, or a buffer is smaller than its block (the contents of
+                every buffer are then unspecified).
+            StorageError: Redis failed or could not be reached.
+        """
+        if len(keys) != len(outs):
+            raise ValueError(f"{len(keys)} keys but {len(outs)} buffers")
+        if not keys:
+            return []
+        views = [_as_bytes_view(o) for o in outs]
+        rkeys = [self._rkey(k) for k in keys]
+        with self._failures():
+            got = self._get_direct(rkeys, views) if self._direct else None
+            sizes, too_small = got if got is not None else self._get_copied(rkeys, views)
+        if too_small:
+            i = too_small[0]
+            raise ValueError(
+                f"block {i} is {sizes[i]} bytes but its buffer holds {views[i].nbytes}"
+            )
+        hits = len(sizes) - sizes.count(None)
+        with self._lock:
+            self._counters["hits"] += hits
+            self._counters["misses"] += len(sizes) - hits
+        return sizes
+
+    def delete(self, keys: Sequence[Key]) -> int:
+        if not keys:
+            return 0
+        with self._failures():
+            pipe = self._client.pipeline(transaction=False)
+            for k in keys:
+                pipe.delete(self._rkey(k))
+            results = pipe.execute(raise_on_error=False)
+        removed = 0
+        for r in results:
+            self._check_result(r)
+            removed += int(r)
+        with self._lock:
+            self._used = max(0, self._used - removed)
+        return removed
+
+    def keys(self) -> list[Key]:
+        """Every block key under this tier's prefix (a full SCAN: for tools, not hot paths)."""
+        match = glob_escape(self._prefix) + b"*"
+        want = len(self._prefix) + KEY_BYTES
+        found: set[bytes] = set()
+        with self._failures():
+            for rk in self._client.scan_iter(match=match, count=_SCAN_COUNT):
+                if len(rk) == want and rk.startswith(self._prefix):
+                    found.add(bytes(rk[len(self._prefix) :]))
+        return list(found)
+
+    def stats(self) -> TierStats:
+        """Usage as this client saw it: no round trip (``used_blocks`` is approximate)."""
+        with self._lock:
+            extra = {name: float(n) for name, n in self._counters.items()}
+            return TierStats(
+                total_blocks=None,
+                used_blocks=self._used,
+                peak_blocks=self._peak,
+                total_bytes=None,
+                extra=extra,
+            )
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._client.close()
+            if self._pool is not None:  # Redis.close leaves a pool it was handed open
+                self._pool.disconnect()
+        except self._errors:  # closing sockets to a dead server: nothing left to release
+            pass
