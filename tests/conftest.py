@@ -13,10 +13,12 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from kvferry.testing.redis_server import RedisProcesses
 from kvferry.testing.target import TargetProcess
 
 REDIS_SERVER = "redis-server"
@@ -96,3 +98,13 @@ def redis_server() -> Iterator[str]:
             proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisProcesses]:
+    """Private redis-server processes for one test, all stopped at teardown."""
+    processes = RedisProcesses(tmp_path)
+    try:
+        yield processes
+    finally:
+        processes.stop_all()

@@ -12,6 +12,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from kvferry.bench import references
+from kvferry.bench import store as store_bench
 from kvferry.bench.transfer import (
     COLUMNS,
     READY_PREFIX,
@@ -45,7 +46,7 @@ def _seconds(text: str) -> float:
 
 
 def add_parser(subparsers: Any) -> None:
-    bench = subparsers.add_parser("bench", help="benchmarks: transfer, ...")
+    bench = subparsers.add_parser("bench", help="benchmarks: transfer, store")
     kinds = bench.add_subparsers(title="benchmarks", metavar="BENCH")
     p = kinds.add_parser(
         "transfer",
@@ -101,6 +102,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--quiet", action="store_true", help="print only results (and the ready line)")
     add_config_options(p)
     p.set_defaults(func=run_transfer)
+    _add_store_parser(kinds)
 
 
 def _options(args: argparse.Namespace, backend: str) -> TransferBenchOptions:
@@ -255,3 +257,223 @@ def _print_ratios(console: Console, report: TransferBenchReport) -> None:
             p99 = a.transfer_us.p99 / b.transfer_us.p99 if b.transfer_us.p99 else float("inf")
             table.add_row(str(block), str(batch), str(threads), f"{bw:.2f}x", f"{p99:.2f}x")
     console.print(table)
+
+
+# -- kvferry bench store ---------------------------------------------------------------------
+_OP_ALIASES = {
+    "put": "put",
+    "get": "get",
+    "batchput": "batch-put",
+    "batchget": "batch-get",
+    "mixed": "mixed",
+    "mix": "mixed",
+}
+
+
+def _store_op(text: str) -> str:
+    """--op in kvferry's spelling (batch-get) or master_bench's (BatchGet, batch_get)."""
+    op = _OP_ALIASES.get(text.lower().replace("-", "").replace("_", ""))
+    if op is None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an op; valid: {', '.join(store_bench.OPS)} "
+            "(or master_bench's Put, Get, BatchPut, BatchGet)"
+        )
+    return op
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from e
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
+
+
+def _add_store_parser(kinds: Any) -> None:
+    p = kinds.add_parser(
+        "store",
+        help="store benchmark: put/get/batch-put/batch-get/mixed (the master_bench of kvferry)",
+        description="Fill a store with --num-keys keys, run --op for --duration seconds on "
+        "--clients processes x --threads threads, then read every key written back and compare "
+        "its bytes. Every backend is driven through TieredStore.put/get, the calls a user makes.",
+    )
+    p.add_argument("--backend", default="cpu", choices=list(store_bench.BACKENDS))
+    p.add_argument(
+        "--op",
+        "--operation",
+        dest="op",
+        type=_store_op,
+        default="batch-get",
+        metavar="OP",
+        help=f"{', '.join(store_bench.OPS)} (default batch-get); BatchGet etc. also accepted",
+    )
+    p.add_argument("--value-size", type=_size, default=4096, metavar="SIZE", help="default 4KiB")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=0,
+        help="keys per call of batch-put/batch-get/mixed (default 128 for batch ops, else 1)",
+    )
+    p.add_argument("--clients", "--num-clients", dest="clients", type=int, default=1)
+    p.add_argument(
+        "--threads", "--num-threads", dest="threads", type=int, default=1, help="per client"
+    )
+    p.add_argument("--duration", type=_seconds, default=5.0, help="seconds measured (default 5)")
+    p.add_argument("--warmup", type=_seconds, default=1.0, help="seconds before measuring")
+    p.add_argument("--num-keys", type=int, default=10_000, help="keys filled (default 10000)")
+    p.add_argument(
+        "--read-ratio", type=_ratio, default=0.9, help="fraction of gets in --op mixed (0.9)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of values and read positions")
+    p.add_argument("--no-verify", action="store_true", help="skip reading every key back")
+    p.add_argument(
+        "--address",
+        metavar="HOST:PORT",
+        help="server: a running store server; mooncake: a running master (default: start one)",
+    )
+    p.add_argument(
+        "--slot-size",
+        type=_size,
+        metavar="SIZE",
+        help="store.slot_size (default: --value-size rounded up to 4KiB or a power of two)",
+    )
+    p.add_argument(
+        "--capacity",
+        type=_size,
+        metavar="SIZE",
+        help="cpu.capacity (cpu, and the server a run starts) or disk.capacity (disk)",
+    )
+    p.add_argument("--disk-path", metavar="DIR", help="disk.path: the run uses a fresh subdir")
+    p.add_argument("--redis-url", metavar="URL", help="redis.url")
+    p.add_argument("--json", metavar="FILE", help="write the report as JSON")
+    p.add_argument("--csv", metavar="FILE", help="write one CSV row per phase and op")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_config_options(p)
+    p.set_defaults(func=run_store)
+
+
+def _store_flags(args: argparse.Namespace) -> tuple[dict[str, object], dict[str, str]]:
+    """The store flags as dotted config keys, refusing those that do not apply to --backend."""
+    backend = args.backend
+    applies = {
+        "--capacity": ("cpu", "disk", "server"),
+        "--disk-path": ("disk",),
+        "--redis-url": ("redis",),
+        "--address": ("server", "mooncake"),
+    }
+    given = {
+        "--capacity": args.capacity,
+        "--disk-path": args.disk_path,
+        "--redis-url": args.redis_url,
+        "--address": args.address,
+    }
+    for flag, value in given.items():
+        if value is not None and backend not in applies[flag]:
+            raise ConfigError(
+                f"{flag} does not apply to --backend {backend}; it is for "
+                f"--backend {' or '.join(applies[flag])}"
+            )
+    capacity_key = "disk.capacity" if backend == "disk" else "cpu.capacity"
+    flags: dict[str, object] = {
+        "store.slot_size": args.slot_size,
+        capacity_key: args.capacity,
+        "disk.path": args.disk_path,
+        "redis.url": args.redis_url,
+    }
+    names = {
+        "store.slot_size": "--slot-size",
+        capacity_key: "--capacity",
+        "disk.path": "--disk-path",
+        "redis.url": "--redis-url",
+    }
+    return flags, names
+
+
+def run_store(args: argparse.Namespace) -> int:
+    console = Console(stderr=False, width=None if sys.stdout.isatty() else 160)
+    err = Console(stderr=True)
+    flags, names = _store_flags(args)
+    loaded = load_from_args(args, flags, flag_names=names)
+    config = loaded.config
+    # --slot-size, or a slot size the config sets, wins over the one derived from --value-size.
+    slot = config.store.slot_size if loaded.sources["store.slot_size"] != "default" else 0
+    # A mooncake master address the config sets means "use that master", like --address.
+    address = args.address
+    configured = loaded.sources["mooncake.master_address"] != "default"
+    if address is None and args.backend == "mooncake" and configured:
+        address = config.mooncake.master_address
+    options = store_bench.StoreBenchOptions(
+        backend=args.backend,
+        op=args.op,
+        value_size=args.value_size,
+        batch_size=args.batch_size,
+        clients=args.clients,
+        threads=args.threads,
+        duration=args.duration,
+        warmup=args.warmup,
+        num_keys=args.num_keys,
+        read_ratio=args.read_ratio,
+        seed=args.seed,
+        verify=not args.no_verify,
+        slot_size=slot,
+        address=address,
+    )
+    options.validate()
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+        disable=args.quiet,
+    ) as progress:
+        task = progress.add_task(f"{options.backend}: starting", total=None, detail="")
+
+        def on_progress(phase: str, done: float, total: float, unit: str) -> None:
+            detail = (
+                f"{done:.0f}/{total:.0f} keys" if unit == "keys" else f"{done:.1f}/{total:.1f} s"
+            )
+            progress.update(
+                task,
+                description=f"{options.backend} {phase}",
+                completed=done,
+                total=total,
+                detail=detail,
+            )
+
+        report = store_bench.run_store_bench(options, config, on_progress=on_progress)
+    _print_store_report(console, report)
+    if args.json:
+        store_bench.write_json(args.json, report)
+    if args.csv:
+        store_bench.write_csv(args.csv, report)
+    report.raise_for_failures()
+    return 0
+
+
+def _print_store_report(console: Console, report: store_bench.StoreBenchReport) -> None:
+    o = report.options
+    title = (
+        f"kvferry bench store ({o.backend}, {o.op}, value {o.value_size} B, "
+        f"{o.clients} client(s) x {o.threads} thread(s))"
+    )
+    table = Table(title=title)
+    for i, column in enumerate(store_bench.COLUMNS):
+        table.add_column(column, justify="left" if i < 2 else "right")
+    for result in report.phases:
+        table.add_row(*store_bench.row(result))
+    console.print(table)
+    v = report.verify
+    if v is not None:
+        verdict = "OK" if v.ok else "FAILED"
+        evicted = f" (the store evicted {v.evictions} blocks)" if v.missing and v.evictions else ""
+        console.print(
+            f"verify: {v.keys} keys read back, {v.mismatched} differ, "
+            f"{v.missing} missing{evicted}: {verdict}"
+        )
+    for note in report.notes:
+        console.print(f"note: {note}")
+    sys.stdout.flush()

@@ -37,6 +37,9 @@ class TierCounters:
     """Blocks evicted from this tier (demoted or dropped)."""
     demotions: int = 0
     """Evicted blocks that went on to the next tier instead of being lost."""
+    dropped: int = 0
+    """Evicted blocks that were lost because the next tier could not take them (full or down)
+    and the put needed the room."""
     promotions: int = 0
     """Blocks copied into this tier from a lower one on a hit or a prefetch."""
     no_space: int = 0

@@ -180,18 +180,7 @@ class TieredStore:
                 else:
                     break
         if n < len(hashes) and shared:
-            rest = list(hashes[n:])
-            for si in shared:
-                found = self._shared_contains(si, rest)
-                lead = 0
-                for present in found:
-                    if not present:
-                        break
-                    lead += 1
-                n += lead
-                rest = rest[lead:]
-                if not rest:
-                    break
+            n += self._shared_prefix(list(hashes[n:]), mask, shared)
         with self._lock:
             st = self._stats
             st.lookups += 1
@@ -203,6 +192,25 @@ class TieredStore:
         if self._cfg.prefetch_depth and n and tier is None:
             self._schedule_prefetch(list(hashes[: min(n, self._cfg.prefetch_depth)]))
         return n
+
+    def _shared_prefix(self, rest: list[Key], mask: int, shared: list[int]) -> int:
+        """Leading blocks of ``rest`` present locally (under ``mask``) or in a shared tier;
+        each shared tier is asked once, for the blocks not found before it."""
+        with self._lock:
+            where = self._where
+            found = [bool(where.get(k, 0) & mask) for k in rest]
+        for si in shared:
+            ask = [i for i, ok in enumerate(found) if not ok]
+            if not ask:
+                break
+            for i, ok in zip(ask, self._shared_contains(si, [rest[i] for i in ask])):
+                found[i] = ok
+        lead = 0
+        for ok in found:
+            if not ok:
+                break
+            lead += 1
+        return lead
 
     def _shared_contains(self, si: int, keys: list[Key]) -> list[bool]:
         """Ask shared tier ``si``; a failure counts an error and reads as absent."""
@@ -356,23 +364,40 @@ class TieredStore:
         used = tier.used_blocks
         if used + needed <= high:
             return
-        want = max(self._round[ti], used + needed - high, used + needed - cap)
+        must = max(0, used + needed - cap)
+        want = max(self._round[ti], used + needed - high, must)
         victims = self._policies[ti].victims(min(want, used), self._leases.pinned)
         if victims:
             with self.tracer.span("evict", "store", tier=self.names[ti], blocks=len(victims)):
-                self._evict(ti, victims)
+                self._evict(ti, victims, must)
 
-    def _evict(self, ti: int, victims: list[Key]) -> None:
-        """Remove ``victims`` from local tier ``ti``, demoting them to the next tier first when
-        no lower tier has them (write-back); caller holds the lock."""
+    def _evict(self, ti: int, victims: list[Key], must: int) -> None:
+        """Remove ``victims`` from local tier ``ti``, demoting to the next tier first those no
+        lower tier has (write-back); caller holds the lock.
+
+        A victim whose demotion failed (the lower tier is full or down) is kept unless fewer
+        than ``must`` blocks could leave otherwise: the store trades a lost block for room only
+        when a put cannot fit at all.
+        """
         tier = self.tiers[ti]
         c = self._counters[ti]
         where = self._where
-        below = range(ti + 1, len(self.tiers))
-        lower_mask = sum(1 << j for j in below)
+        lower_mask = sum(1 << j for j in range(ti + 1, len(self.tiers)))
         demote = [k for k in victims if not (where.get(k, 0) & lower_mask)]
         if demote and ti + 1 < len(self.tiers):
-            c.demotions += self._demote(ti, ti + 1, demote)
+            landed = self._demote(ti, ti + 1, demote)
+            c.demotions += len(landed)
+            stuck = [k for k in demote if k not in landed]
+        else:
+            stuck = []  # no tier below: eviction from the last tier is a plain drop
+        if stuck:
+            stuck_set = set(stuck)
+            safe = [k for k in victims if k not in stuck_set]
+            extra = max(0, must - len(safe))
+            victims = safe + stuck[:extra]
+            c.dropped += min(extra, len(stuck))
+        if not victims:
+            return
         tier.delete(victims)
         policy = self._policies[ti]
         clear = ~(1 << ti)
@@ -385,12 +410,12 @@ class TieredStore:
                 where.pop(k, None)
         c.evictions += len(victims)
 
-    def _demote(self, src: int, dst: int, keys: list[Key]) -> int:
-        """Copy ``keys`` from local tier ``src`` into tier ``dst``; the number that landed."""
+    def _demote(self, src: int, dst: int, keys: list[Key]) -> set[Key]:
+        """Copy ``keys`` from local tier ``src`` into tier ``dst``; the keys that landed."""
         values = self._read_local(src, keys)
         present = [(k, v) for k, v in zip(keys, values) if v is not None]
         if not present:
-            return 0
+            return set()
         ks = [k for k, _ in present]
         vs: list[Buffer] = [v for _, v in present if v is not None]
         if self.tiers[dst].shared:
@@ -399,7 +424,7 @@ class TieredStore:
             got = self._put_shared(dst, ks, vs)
         else:
             got = self._put_local(dst, ks, vs)
-        return sum(1 for s in got if s is not PutStatus.NO_SPACE)
+        return {k for k, s in zip(ks, got) if s is not PutStatus.NO_SPACE}
 
     def _read_local(self, ti: int, keys: list[Key]) -> list[Buffer | None]:
         tier = self.tiers[ti]

@@ -17,7 +17,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import redis
@@ -28,6 +27,7 @@ from kvferry.backends.redis import _SCRATCH_BYTES, RedisTier, _MgetReader, glob_
 from kvferry.backends.registry import create_tier
 from kvferry.config.models import KvferryConfig, RedisTierConfig
 from kvferry.errors import MissingDependency, StorageError
+from kvferry.testing.redis_server import RedisProcesses, free_port
 from kvferry.testing.tier_kit import check_tier, key, value
 
 pytestmark = pytest.mark.redis
@@ -38,118 +38,13 @@ SLOT = 16384
 # -- real redis-server processes started by these tests ------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _free_cluster_port() -> int:
-    """A free port whose cluster bus port (port + 10000) is free too."""
-    for _ in range(100):
-        port = _free_port()
-        if port + 10000 > 65535:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 10000))
-            except OSError:
-                continue
-        return port
-    pytest.fail("found no free port pair for a cluster node")
-
-
-def _ping(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(64).startswith((b"+PONG", b"-NOAUTH"))  # up (maybe password-only)
-    except OSError:
-        return False
-
-
-class RedisProcess:
-    """One redis-server without persistence on 127.0.0.1:port; restartable on the same port."""
-
-    def __init__(self, port: int, workdir: Path, extra: list[str]) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.fail("redis-server is not installed (apt-get install redis-server)")
-        self.binary = binary
-        self.port = port
-        self.workdir = workdir
-        self.extra = extra
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1"]
-        args += ["--save", "", "--appendonly", "no", "--dir", str(self.workdir), *self.extra]
-        log = self.workdir / "redis.log"
-        with log.open("ab") as out:
-            self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 15
-        while not _ping(self.port):
-            if self.proc.poll() is not None:
-                tail = log.read_text(errors="replace")[-2000:]
-                pytest.fail(f"redis-server on port {self.port} exited:\n{tail}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"redis-server on port {self.port} did not answer PING in 15s")
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc = None
-
-
-class Processes:
-    """A factory starting private redis-server processes under one directory."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.started: list[RedisProcess] = []
-
-    def __call__(self, *extra: str) -> RedisProcess:
-        workdir = self.root / f"redis{len(self.started)}"
-        workdir.mkdir()
-        port = _free_cluster_port() if "--cluster-enabled" in extra else _free_port()
-        server = RedisProcess(port, workdir, list(extra))
-        self.started.append(server)
-        server.start()
-        return server
-
-    def stop_all(self) -> None:
-        for server in self.started:
-            server.stop()
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[Processes]:
-    """Private redis-server processes for one test, all stopped at teardown."""
-    processes = Processes(tmp_path)
-    try:
-        yield processes
-    finally:
-        processes.stop_all()
-
-
 @pytest.fixture(scope="module")
 def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
     """A real 3-primary Redis Cluster on free ports; yields the URLs of its nodes."""
     cli = shutil.which("redis-cli")
     if cli is None:
         pytest.fail("redis-cli is not installed (it comes with the redis-server package)")
-    processes = Processes(tmp_path_factory.mktemp("cluster"))
+    processes = RedisProcesses(tmp_path_factory.mktemp("cluster"))
     try:
         nodes = [
             processes("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
@@ -400,7 +295,7 @@ def test_empty_batches(redis_server: str, request: pytest.FixtureRequest) -> Non
 # -- failures ------------------------------------------------------------------------------
 
 
-def test_oom_answers_no_space(own_redis: Processes) -> None:
+def test_oom_answers_no_space(own_redis: RedisProcesses) -> None:
     server = own_redis("--maxmemory-policy", "noeviction")
     raw = redis.Redis(port=server.port)
     used = int(raw.info("memory")["used_memory"])
@@ -424,7 +319,7 @@ def test_oom_answers_no_space(own_redis: Processes) -> None:
 
 
 def test_refused_connection_is_storage_error() -> None:
-    url = f"redis://:hunter2@127.0.0.1:{_free_port()}/0"
+    url = f"redis://:hunter2@127.0.0.1:{free_port()}/0"
     tier = make(url, "x:", socket_timeout=1)
     try:
         with pytest.raises(StorageError, match=r"redis tier at redis://:\*\*\*@127\.0\.0\.1") as e:
@@ -452,7 +347,7 @@ def test_silent_server_times_out_as_storage_error() -> None:
             tier.close()
 
 
-def test_error_reply_is_storage_error(own_redis: Processes) -> None:
+def test_error_reply_is_storage_error(own_redis: RedisProcesses) -> None:
     # a user that may not run MGET: the server answers the get with an error reply
     server = own_redis()
     raw = redis.Redis(port=server.port)
@@ -517,7 +412,7 @@ def test_reply_cut_short_drops_the_connection() -> None:
         assert not thread.is_alive()
 
 
-def test_recovers_after_restart(own_redis: Processes) -> None:
+def test_recovers_after_restart(own_redis: RedisProcesses) -> None:
     server = own_redis()
     tier = make(server.url, "restart:", socket_timeout=1)
     try:
@@ -542,7 +437,7 @@ def test_recovers_after_restart(own_redis: Processes) -> None:
         tier.close()
 
 
-def test_close_releases_connections(own_redis: Processes) -> None:
+def test_close_releases_connections(own_redis: RedisProcesses) -> None:
     server = own_redis()
     raw = redis.Redis(port=server.port)
     tier = make(server.url, "close:")

@@ -1,0 +1,303 @@
+"""The store bench (``kvferry bench store``): short real runs against real tiers.
+
+Every run here is real: real TieredStores over the cpu tier, the disk tier in ``tmp_path``, a real
+redis-server (the session fixture), a real ``kvferry serve store`` process, real spawned client
+processes. Runs last 0.2 s and fill 256 keys of 4 KiB, so no test allocates more than a few MiB.
+Nothing asserts on timing: only on counts, ordering and verdicts.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from kvferry.bench.store import (
+    BACKENDS,
+    KeySpace,
+    StoreBenchError,
+    StoreBenchOptions,
+    StoreBenchReport,
+    auto_slot_size,
+    run_store_bench,
+)
+from kvferry.cli.main import main
+from kvferry.config.models import (
+    CpuTierConfig,
+    DiskTierConfig,
+    KvferryConfig,
+    MooncakeTierConfig,
+    RedisTierConfig,
+)
+from kvferry.store.tiered import TieredStore
+
+NUM_KEYS = 256
+VALUE = 4096
+SHORT = {"duration": 0.2, "warmup": 0.05, "num_keys": NUM_KEYS, "value_size": VALUE}
+CPU = KvferryConfig(cpu=CpuTierConfig(capacity=4 << 20))
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI reads os.environ; start every test without KVFERRY_* variables."""
+    for name in list(os.environ):
+        if name.startswith("KVFERRY_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("COLUMNS", "200")  # rich wraps tables to the terminal width
+
+
+def options(**kw: object) -> StoreBenchOptions:
+    return StoreBenchOptions(**{**SHORT, **kw})  # type: ignore[arg-type]
+
+
+def rows(report: StoreBenchReport) -> dict[tuple[str, str], object]:
+    return {(p.phase, p.op): p for p in report.phases}
+
+
+def assert_sane(report: StoreBenchReport) -> None:
+    """Every row did work and its statistics are ordered."""
+    for p in report.phases:
+        assert p.ops > 0 and p.blocks >= p.ops, p
+        assert p.seconds > 0 and p.ops_per_s > 0 and p.blocks_per_s >= p.ops_per_s, p
+        t = p.latency_us
+        assert t.count == p.ops
+        assert 0 < t.min <= t.p50 <= t.p90 <= t.p99 <= t.p999 <= t.max, t
+        assert t.min <= t.avg <= t.max
+        if p.op == "get":
+            assert p.hits + p.misses == p.blocks
+            assert p.bytes == p.hits * VALUE
+        else:
+            assert p.stored + p.exists + p.no_space == p.blocks
+            assert p.bytes == p.stored * VALUE
+        assert p.gbps == pytest.approx(p.bytes / 1e9 / p.seconds)
+
+
+def test_cpu_batch_get_reads_every_key_it_filled() -> None:
+    report = run_store_bench(options(op="batch-get", batch_size=16), CPU)
+    assert_sane(report)
+    assert [(p.phase, p.op) for p in report.phases] == [
+        ("fill", "put"),
+        ("read_perf", "get"),
+        ("verify", "get"),
+    ]
+    fill, read, verify = report.phases
+    assert fill.stored == NUM_KEYS and fill.blocks == NUM_KEYS
+    assert read.batch_size == 16 and read.blocks == 16 * read.ops
+    assert read.hits == read.blocks  # everything filled is resident: every read hits
+    assert verify.hits == NUM_KEYS
+    assert report.verify is not None and report.verify.ok
+    assert (report.verify.keys, report.verify.missing, report.verify.mismatched) == (NUM_KEYS, 0, 0)
+    assert report.ok and report.failures == []
+    assert report.backend["slot_size"] == VALUE
+    report.raise_for_failures()
+
+
+def test_cpu_put_writes_fresh_keys_and_verify_reads_them_back() -> None:
+    report = run_store_bench(options(op="put"), CPU)
+    assert_sane(report)
+    put = rows(report)[("write_perf", "put")]
+    assert put.batch_size == 1 and put.blocks == put.ops  # one key per call
+    assert put.stored == put.blocks  # fresh keys: never EXISTS
+    assert report.verify is not None and report.verify.ok
+    # Verify covers the filled keys and every fresh key (warm-up writes included).
+    assert report.verify.keys >= NUM_KEYS + put.blocks
+    assert report.verify.mismatched == 0
+
+
+def test_cpu_mixed_reports_gets_and_puts_apart() -> None:
+    report = run_store_bench(options(op="mixed", batch_size=4, read_ratio=0.5), CPU)
+    assert_sane(report)
+    get, put = rows(report)[("mixed", "get")], rows(report)[("mixed", "put")]
+    assert get.blocks == 4 * get.ops and put.blocks == 4 * put.ops
+    assert get.hits == get.blocks
+    assert report.verify is not None and report.verify.ok
+
+
+def test_disk_tier_under_tmp_path_verifies_and_removes_its_directory(tmp_path: Path) -> None:
+    path = tmp_path / "disk"
+    config = KvferryConfig(disk=DiskTierConfig(path=str(path), capacity=8 << 20))
+    report = run_store_bench(options(backend="disk", op="batch-get", batch_size=8), config)
+    assert_sane(report)
+    assert rows(report)[("read_perf", "get")].hits == rows(report)[("read_perf", "get")].blocks
+    assert report.verify is not None and report.verify.ok and report.verify.keys == NUM_KEYS
+    assert str(path) in str(report.backend["path"])
+    assert list(path.iterdir()) == []  # the run's own directory is gone
+
+
+def test_two_client_processes_each_fill_and_verify_their_own_cpu_store() -> None:
+    report = run_store_bench(options(op="get", clients=2, threads=2), CPU)
+    assert_sane(report)
+    read = rows(report)[("read_perf", "get")]
+    assert (read.clients, read.threads) == (2, 2)
+    assert read.hits == read.blocks
+    assert rows(report)[("fill", "put")].stored == 2 * NUM_KEYS  # one copy per process
+    assert report.verify is not None and report.verify.ok
+    assert report.verify.keys == 2 * NUM_KEYS
+    assert any("not shared between processes" in n for n in report.notes)
+
+
+@pytest.mark.redis
+def test_redis_two_clients_share_one_fill_and_leave_no_keys(redis_server: str) -> None:
+    redis = pytest.importorskip("redis")
+    prefix = "kvferry-store-bench-test:"
+    config = KvferryConfig(redis=RedisTierConfig(url=redis_server, key_prefix=prefix))
+    report = run_store_bench(
+        options(backend="redis", op="mixed", batch_size=8, clients=2, read_ratio=0.7), config
+    )
+    assert_sane(report)
+    # A shared tier is filled once: the clients split the keys.
+    assert rows(report)[("fill", "put")].stored == NUM_KEYS
+    assert rows(report)[("mixed", "get")].hits == rows(report)[("mixed", "get")].blocks
+    put = rows(report)[("mixed", "put")]
+    assert report.verify is not None and report.verify.ok
+    assert report.verify.keys >= NUM_KEYS + put.blocks
+    client = redis.Redis.from_url(redis_server)
+    try:
+        assert list(client.scan_iter(match=prefix + "*")) == []  # every key was deleted
+    finally:
+        client.close()
+
+
+def test_server_backend_starts_its_own_store_server() -> None:
+    config = KvferryConfig(cpu=CpuTierConfig(capacity=4 << 20))
+    report = run_store_bench(options(backend="server", op="batch-get", batch_size=16), config)
+    assert_sane(report)
+    assert report.verify is not None and report.verify.ok
+    addresses = report.backend["addresses"]
+    assert isinstance(addresses, list) and addresses[0].startswith("127.0.0.1:")
+    assert any("kvferry serve store" in n for n in report.notes)
+
+
+@pytest.mark.mooncake
+def test_mooncake_backend_starts_its_own_master() -> None:
+    pytest.importorskip("mooncake")
+    config = KvferryConfig(
+        mooncake=MooncakeTierConfig(global_segment_size=32 << 20, local_buffer_size=4 << 20)
+    )
+    report = run_store_bench(options(backend="mooncake", op="batch-get", batch_size=16), config)
+    assert_sane(report)
+    assert report.verify is not None and report.verify.ok
+    assert any("mooncake_master" in n for n in report.notes)
+
+
+# -- verify must catch what it is there for --------------------------------------------------
+def corrupt_after_fill(phase: str, store: TieredStore, ks: KeySpace) -> None:
+    """Lose filled key #0 and replace filled key #1 with zeros, through the store."""
+    if phase != "fill":
+        return
+    lost, changed = ks.fill_keys(0, 2)
+    assert store.delete([lost, changed]) == 2
+    store.put([changed], [bytes(ks.value_size)])
+
+
+def test_verify_reports_a_lost_key_and_a_changed_key() -> None:
+    report = run_store_bench(options(op="get"), CPU, hook=corrupt_after_fill)
+    v = report.verify
+    assert v is not None and not v.ok
+    assert (v.keys, v.missing, v.mismatched, v.evictions) == (NUM_KEYS, 1, 1, 0)
+    assert any("filled key #0" in e and "missing" in e for e in v.examples)
+    assert any("filled key #1" in e and "differs" in e for e in v.examples)
+    assert not report.ok
+    with pytest.raises(StoreBenchError, match=r"verify failed.*1 differ.*1 are missing"):
+        report.raise_for_failures()
+    data = report.to_json()
+    assert data["ok"] is False and data["verify"]["ok"] is False
+
+
+def test_values_derive_from_the_key_alone() -> None:
+    a, b = KeySpace(b"12345678", 7, 1000), KeySpace(b"12345678", 7, 1000)
+    keys = a.fill_keys(0, 64)
+    assert keys == b.fill_keys(0, 64) and all(len(k) == 16 for k in keys)
+    assert [bytes(a.value(k)) for k in keys] == [bytes(b.value(k)) for k in keys]
+    assert len({bytes(a.value(k)) for k in keys}) == 64  # different keys, different bytes
+    assert all(len(a.value(k)) == 1000 for k in keys)
+    assert KeySpace(b"87654321", 7, 1000).fill_keys(0, 1) != keys[:1]  # fresh per run
+
+
+@pytest.mark.parametrize(
+    ("value", "slot"), [(4096, 4096), (4097, 8192), (100, 128), (10, 64), (65536, 65536)]
+)
+def test_auto_slot_size(value: int, slot: int) -> None:
+    assert auto_slot_size(value) == slot
+
+
+# -- the CLI ------------------------------------------------------------------------------------
+CLI_SHORT = ["--duration", "0.2", "--warmup", "0.05", "--num-keys", str(NUM_KEYS)]
+
+
+def test_cli_writes_table_json_and_csv(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out_json, out_csv = tmp_path / "r.json", tmp_path / "r.csv"
+    argv = ["bench", "store", "--backend", "cpu", "--capacity", "4MiB", "--op", "BatchGet"]
+    argv += [*CLI_SHORT, "--batch-size", "16", "--quiet"]
+    assert main([*argv, "--json", str(out_json), "--csv", str(out_csv)]) == 0
+    printed = capsys.readouterr().out
+    assert "read_perf" in printed and f"verify: {NUM_KEYS} keys read back" in printed
+    assert "OK" in printed
+
+    data = json.loads(out_json.read_text())
+    assert data["schema_version"] == 1 and data["tool"] == "kvferry bench store"
+    assert data["options"]["op"] == "batch-get" and data["options"]["batch_size"] == 16
+    assert data["ok"] is True and data["verify"]["ok"] is True
+    assert [(p["phase"], p["op"]) for p in data["phases"]] == [
+        ("fill", "put"),
+        ("read_perf", "get"),
+        ("verify", "get"),
+    ]
+    read = data["phases"][1]
+    assert read["ops"] > 0 and read["hit_rate"] == 1.0
+    assert read["latency_us"]["p50"] <= read["latency_us"]["p99"]
+    assert data["backend"]["slot_size"] == VALUE
+    assert "cpu_model" in data["machine"] or "cpus" in data["machine"]
+
+    with open(out_csv, newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [(r["phase"], r["op"]) for r in table] == [(p["phase"], p["op"]) for p in data["phases"]]
+    assert int(table[1]["ops"]) == read["ops"]
+    assert float(table[1]["blocks_per_s"]) > 0
+    assert float(table[1]["lat_p50_us"]) <= float(table[1]["lat_p999_us"])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--op", "scan"], "'scan' is not an op; valid: put, get"),
+        (
+            ["--op", "get", "--batch-size", "8"],
+            "--batch-size 8 is invalid: must be 1 with --op get",
+        ),
+        (["--capacity", "1MiB", "--num-keys", "10000"], "--num-keys 10000 does not fit"),
+        (["--redis-url", "redis://x"], "--redis-url does not apply to --backend cpu"),
+        (["--address", "127.0.0.1:1"], "--address does not apply to --backend cpu"),
+        (["--slot-size", "1KiB"], "--slot-size 1024 is invalid: must be >= --value-size"),
+        (["--clients", "0"], "--clients 0 is invalid: must be 1..256"),
+        (["--value-size", "lots"], "expected a size like"),
+        (["--read-ratio", "2"], "expected a number in [0, 1]"),
+        (["--backend", "nfs"], "invalid choice: 'nfs'"),
+    ],
+)
+def test_cli_rejects_bad_flags_with_a_clear_message(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["bench", "store", "--capacity", "4MiB", *CLI_SHORT, *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+
+
+def test_every_backend_has_a_preparer() -> None:
+    from kvferry.bench.store_backends import PREPARERS
+
+    assert set(PREPARERS) == set(BACKENDS)
+
+
+def test_a_client_that_cannot_reach_its_tier_fails_the_run_with_the_tier_message() -> None:
+    pytest.importorskip("redis")
+    with socket.socket() as s:  # a port nothing listens on once this socket is closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = KvferryConfig(redis=RedisTierConfig(url=f"redis://127.0.0.1:{port}/0"))
+    with pytest.raises(StoreBenchError, match=r"client \d failed: StorageError: .*127\.0\.0\.1"):
+        run_store_bench(options(backend="redis", clients=2), config)
