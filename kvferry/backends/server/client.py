@@ -265,6 +265,13 @@ class ServerTier(Tier):
             mapping = self._mapping(member)
             if mapping is not None:
                 got = self._get_shm(member, mapping, ks, os_)
+                # LOCATE lends only blocks it can pin in the server's cpu tier; the others
+                # (a batch larger than that tier, blocks on its disk) come inline.
+                again = [j for j, n in enumerate(got) if n is None]
+                if again:
+                    more = self._get_inline(member, [ks[j] for j in again], [os_[j] for j in again])
+                    for j, n in zip(again, more):
+                        got[j] = n
             else:
                 got = self._get_inline(member, ks, os_)
             for i, n in zip(idx, got):

@@ -175,19 +175,28 @@ class StoreServer:
         keys, pos = p.decode_keys(buf)
         p.expect_end(buf, pos)
         handle, where = self._present_pinned(keys)
+        # Blocks the pinned prefix did not cover (a batch larger than the cpu tier, or blocks
+        # only on disk that found no cpu slot) are copied out instead of lent.
+        rest = [k for k in dict.fromkeys(keys) if k not in where]
+        copied: dict[Key, memoryview] = {}
+        if rest:
+            outs = [memoryview(bytearray(self.store.slot_size)) for _ in rest]
+            for k, out, n in zip(rest, outs, self.store.get(rest, outs)):
+                if n is not None:
+                    copied[k] = out[:n]
         lengths: list[int] = []
         parts: list[bytes | memoryview] = []
         for k in keys:
             i = where.get(k)
-            if i is None or handle is None:
+            view = copied.get(k) if i is None or handle is None else handle.buffers[i]
+            if view is None:
                 lengths.append(p.MISS)
             else:
-                view = handle.buffers[i]
                 lengths.append(len(view))
                 parts.append(view)
         head = p.encode_u32s(lengths)
         if handle is None:
-            return CallReply([head])
+            return CallReply([head, *parts])
         return CallReply([head, *parts], after=lambda: self._complete_load(handle))
 
     def _complete_load(self, handle: LoadHandle) -> None:
