@@ -36,6 +36,10 @@ mooncake: $(STAMP) system-deps
 run: $(STAMP)
 	$(VENV)/bin/kvferry bench transfer --local --check-consistency --duration 0.5 --warmup 0.2 \
 	  --start-block-size 4KiB --max-block-size 1MiB --max-batch-size 4 --total-buffer-size 64MiB
+	$(VENV)/bin/kvferry bench store --backend cpu --op batch-get --value-size 64KiB \
+	  --batch-size 32 --num-keys 2048 --capacity 256MiB --duration 1 --warmup 0.3
+	$(VENV)/bin/kvferry bench store --backend server --op batch-get --value-size 64KiB \
+	  --batch-size 32 --num-keys 2048 --capacity 256MiB --duration 1 --warmup 0.3
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check kvferry tests

@@ -293,28 +293,35 @@ class TieredStore:
                 todo.append(i)
         if not todo:
             return status
-        self._make_room(ti, len(todo))
         keys = [hashes[i] for i in todo]
         vals = [values[i] for i in todo]
-        t0 = time.perf_counter()
-        try:
-            got = self.tiers[ti].put(keys, vals)
-        except StorageError as e:
-            self._counters[ti].errors += 1
-            log.warning("store: put into %s failed: %s", self.names[ti], e)
-            got = [PutStatus.NO_SPACE] * len(keys)
+        # A batch larger than the tier goes in chunks, with room made before each: the older
+        # part of the batch is demoted like any other block instead of answering NO_SPACE.
+        cap = self.tiers[ti].capacity_blocks
+        step = len(keys) if cap is None else max(1, min(len(keys), cap // 2))
         c = self._counters[ti]
+        t0 = time.perf_counter()
+        for start in range(0, len(keys), step):
+            end = min(len(keys), start + step)
+            self._make_room(ti, end - start)
+            try:
+                got = self.tiers[ti].put(keys[start:end], vals[start:end])
+            except StorageError as e:
+                c.errors += 1
+                log.warning("store: put into %s failed: %s", self.names[ti], e)
+                got = [PutStatus.NO_SPACE] * (end - start)
+            # Indexed chunk by chunk: the next chunk's eviction must see these blocks.
+            for i, k, v, st in zip(todo[start:end], keys[start:end], vals[start:end], got):
+                status[i] = st
+                if st is PutStatus.STORED or st is PutStatus.EXISTS:
+                    where[k] = where.get(k, 0) | bit
+                    policy.insert(k)
+                    if st is PutStatus.STORED:
+                        c.blocks_in += 1
+                        c.bytes_in += len(v)
+                else:
+                    c.no_space += 1
         c.save_seconds += time.perf_counter() - t0
-        for i, k, v, s in zip(todo, keys, vals, got):
-            status[i] = s
-            if s is PutStatus.STORED or s is PutStatus.EXISTS:
-                where[k] = where.get(k, 0) | bit
-                policy.insert(k)
-                if s is PutStatus.STORED:
-                    c.blocks_in += 1
-                    c.bytes_in += len(v)
-            else:
-                c.no_space += 1
         return status
 
     def _put_shared(
