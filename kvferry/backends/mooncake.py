@@ -46,6 +46,7 @@ listener on 0.0.0.0 whatever ``local_hostname`` says and logs through glog on st
 from __future__ import annotations
 
 import ctypes
+import importlib
 import mmap
 import socket
 import threading
@@ -115,19 +116,25 @@ def object_name(key: Key, prefix: str = DEFAULT_KEY_PREFIX) -> str:
     return prefix + key.hex()
 
 
-def _import_store_class() -> Any:
+def import_mooncake(module: str, name: str, *, package: str = "mooncake") -> Any:
+    """``from mooncake.<module> import <name>``, or a MissingDependency that says which extra
+    to install (and, when the wheel is there but its shared library failed to load, which
+    Debian packages it needs). Shared by the tier and the transfer bench's Mooncake backend."""
     try:
-        from mooncake.store import MooncakeDistributedStore
+        return getattr(importlib.import_module(f"mooncake.{module}"), name)
     except ImportError as e:
-        err = MissingDependency("mooncake", "mooncake")
-        if e.name not in ("mooncake", "mooncake.store"):
+        err = MissingDependency(package, "mooncake")
+        if e.name not in ("mooncake", f"mooncake.{module}"):
             # The wheel is there but its shared library failed to load (typically libibverbs).
             err.add_note(
                 f"mooncake is installed but failed to load ({e}); on Debian/Ubuntu: "
                 "apt-get install libibverbs1 ibverbs-providers"
             )
         raise err from e
-    return MooncakeDistributedStore
+
+
+def _import_store_class() -> Any:
+    return import_mooncake("store", "MooncakeDistributedStore")
 
 
 def _byte_view(buf: Buffer) -> memoryview:

@@ -51,7 +51,6 @@ from kvferry.config.models import KvferryConfig
 from kvferry.errors import (
     ConfigError,
     KvferryError,
-    MissingDependency,
     PeerClosed,
     SegmentError,
     TransferError,
@@ -76,18 +75,9 @@ _PROBE_MAX_FAILURES = 4
 
 def _engine_class() -> Any:
     """Import ``mooncake.engine.TransferEngine`` or explain which extra to install."""
-    try:
-        from mooncake.engine import TransferEngine
-    except ImportError as e:
-        err = MissingDependency("mooncake-transfer-engine-non-cuda", "mooncake")
-        if e.name not in ("mooncake", "mooncake.engine"):
-            # The wheel is there but its shared library failed to load (typically libibverbs).
-            err.add_note(
-                f"mooncake is installed but failed to load ({e}); on Debian/Ubuntu: "
-                "apt-get install libibverbs1 ibverbs-providers"
-            )
-        raise err from e
-    return TransferEngine
+    from kvferry.backends.mooncake import import_mooncake
+
+    return import_mooncake("engine", "TransferEngine", package="mooncake-transfer-engine-non-cuda")
 
 
 def _span(probes: int, failures: int) -> int:
