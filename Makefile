@@ -14,7 +14,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e '.[test,redis]'
+	$(PIP) install -q -e '.[test,redis,plot]'
 	touch $(STAMP)
 
 setup: $(STAMP)

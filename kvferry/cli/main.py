@@ -18,7 +18,13 @@ from kvferry.errors import KvferryError
 
 # A new subcommand is one more name here. A module that does not exist yet is skipped, so this
 # list may name commands that are still being written.
-_COMMAND_MODULES = ["kvferry.cli.config_cmd", "kvferry.cli.bench_cmd", "kvferry.cli.serve_cmd"]
+_COMMAND_MODULES = [
+    "kvferry.cli.config_cmd",
+    "kvferry.cli.bench_cmd",
+    "kvferry.cli.serve_cmd",
+    "kvferry.cli.trace_cmd",
+    "kvferry.cli.workload_cmd",
+]
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130

@@ -202,7 +202,9 @@ class StoreConfig(_Model):
         description="Blocks after a looked-up prefix to promote into the first tier ahead of use.",
     )
     eviction_policy: str = Field(
-        "lru", min_length=1, description="Eviction policy per tier: lru, lfu, fifo or module:Class."
+        "lru",
+        min_length=1,
+        description="Eviction policy per tier: lru, lfu, fifo, length-aware or module:Class.",
     )
     evict_start_threshold: float = Field(
         0.9,
@@ -211,7 +213,11 @@ class StoreConfig(_Model):
         description="Fraction of a tier's capacity in use that starts an eviction round.",
     )
     evict_ratio: float = Field(
-        0.05, gt=0, le=1, description="Fraction of a tier's capacity one eviction round frees."
+        0.05,
+        ge=0,
+        le=1,
+        description="Fraction of a tier's capacity one eviction round frees (0: only the blocks "
+        "a put needs, which is what the hit-rate simulator uses).",
     )
     lease_seconds: Seconds = Field(
         10.0,

@@ -39,6 +39,9 @@ log = logging.getLogger("kvferry.store")
 
 T = TypeVar("T")
 
+STORED = PutStatus.STORED
+EXISTS = PutStatus.EXISTS
+
 
 class TieredStore:
     """A pipeline of tiers behind one batch API.
@@ -85,6 +88,10 @@ class TieredStore:
         self._local = [i for i, t in enumerate(self.tiers) if not t.shared]
         self._shared = [i for i, t in enumerate(self.tiers) if t.shared]
         self._local_mask = sum(1 << i for i in self._local)
+        # the tiers below each tier, as a mask of _where bits
+        self._lower_masks = [
+            sum(1 << j for j in range(i + 1, len(self.tiers))) for i in range(len(self.tiers))
+        ]
         self._high: list[int | None] = []
         self._round: list[int] = []
         for t in self.tiers:
@@ -240,11 +247,17 @@ class TieredStore:
         return out
 
     # -- put --------------------------------------------------------------------------------
-    def put(self, hashes: Sequence[Key], values: Sequence[Buffer]) -> list[PutStatus]:
+    def put(
+        self, hashes: Sequence[Key], values: Sequence[Buffer], *, depth: int | None = None
+    ) -> list[PutStatus]:
         """Store blocks in the first tier (and lower ones under write-through).
 
         Returns per block STORED, EXISTS (already cached, bytes unchanged) or NO_SPACE (no slot
         even after eviction; nothing else was disturbed).
+
+        ``depth``: when ``hashes`` are consecutive blocks of one prefix chain, the position of
+        ``hashes[0]`` in it (0 = the prompt's first block); depth-aware eviction policies
+        (length-aware) rank blocks by it. None: unknown.
 
         Raises:
             ValueError: lengths differ, or a block is larger than ``store.slot_size``.
@@ -252,16 +265,17 @@ class TieredStore:
         if len(hashes) != len(values):
             raise ValueError(f"{len(hashes)} hashes but {len(values)} values")
         limit = self.slot_size
-        for v in values:
-            if len(v) > limit:
-                raise ValueError(
-                    f"a {len(v)}-byte block is larger than store.slot_size ({limit} bytes)"
-                )
+        biggest = max(map(len, values), default=0)
+        if biggest > limit:
+            raise ValueError(
+                f"a {biggest}-byte block is larger than store.slot_size ({limit} bytes)"
+            )
         t0 = time.perf_counter_ns()
         with self.tracer.span("put", "store", blocks=len(hashes)), self._lock:
             self._check_open()
             self._expire()
-            status = self._put_local(0, hashes, values) if not self.first.shared else None
+            depths = None if depth is None else range(depth, depth + len(hashes))
+            status = self._put_local(0, hashes, values, depths) if not self.first.shared else None
             st = self._stats
             st.puts += 1
             st.put_blocks += len(hashes)
@@ -275,19 +289,28 @@ class TieredStore:
         return status
 
     def _put_local(
-        self, ti: int, hashes: Sequence[Key], values: Sequence[Buffer]
+        self,
+        ti: int,
+        hashes: Sequence[Key],
+        values: Sequence[Buffer],
+        depths: Sequence[int | None] | None = None,
     ) -> list[PutStatus]:
-        """Put into local tier ``ti`` after making room; caller holds the lock."""
+        """Put into local tier ``ti`` after making room; caller holds the lock. ``depths``:
+        each block's depth in its prefix chain, for depth-aware policies (None: unknown)."""
         bit = 1 << ti
         where = self._where
         status: list[PutStatus] = [PutStatus.EXISTS] * len(hashes)
         todo: list[int] = []
         seen: set[Key] = set()
         policy = self._policies[ti]
+        if not policy.uses_depth:
+            depths = None
+        doomed = self._doomed
         for i, k in enumerate(hashes):
             if where.get(k, 0) & bit:
                 policy.touch(k)
-                self._doomed.discard(k)
+                if doomed:
+                    doomed.discard(k)
             elif k not in seen:
                 seen.add(k)
                 todo.append(i)
@@ -311,16 +334,25 @@ class TieredStore:
                 log.warning("store: put into %s failed: %s", self.names[ti], e)
                 got = [PutStatus.NO_SPACE] * (end - start)
             # Indexed chunk by chunk: the next chunk's eviction must see these blocks.
+            insert = policy.insert
+            stored = nbytes = refused = 0
             for i, k, v, st in zip(todo[start:end], keys[start:end], vals[start:end], got):
                 status[i] = st
-                if st is PutStatus.STORED or st is PutStatus.EXISTS:
+                if st is STORED or st is EXISTS:
                     where[k] = where.get(k, 0) | bit
-                    policy.insert(k)
-                    if st is PutStatus.STORED:
-                        c.blocks_in += 1
-                        c.bytes_in += len(v)
+                    insert(k)
+                    if depths is not None:
+                        d = depths[i]
+                        if d is not None:
+                            policy.set_depth(k, d)
+                    if st is STORED:
+                        stored += 1
+                        nbytes += len(v)
                 else:
-                    c.no_space += 1
+                    refused += 1
+            c.blocks_in += stored
+            c.bytes_in += nbytes
+            c.no_space += refused
         c.save_seconds += time.perf_counter() - t0
         return status
 
@@ -373,7 +405,8 @@ class TieredStore:
             return
         must = max(0, used + needed - cap)
         want = max(self._round[ti], used + needed - high, must)
-        victims = self._policies[ti].victims(min(want, used), self._leases.pinned)
+        pins = self._leases
+        victims = self._policies[ti].victims(min(want, used), pins.pinned if pins.pins else None)
         if victims:
             with self.tracer.span("evict", "store", tier=self.names[ti], blocks=len(victims)):
                 self._evict(ti, victims, must)
@@ -389,7 +422,7 @@ class TieredStore:
         tier = self.tiers[ti]
         c = self._counters[ti]
         where = self._where
-        lower_mask = sum(1 << j for j in range(ti + 1, len(self.tiers)))
+        lower_mask = self._lower_masks[ti]
         demote = [k for k in victims if not (where.get(k, 0) & lower_mask)]
         if demote and ti + 1 < len(self.tiers):
             landed = self._demote(ti, ti + 1, demote)
@@ -425,12 +458,14 @@ class TieredStore:
             return set()
         ks = [k for k, _ in present]
         vs: list[Buffer] = [v for _, v in present if v is not None]
+        src_policy = self._policies[src]
+        depths = [src_policy.depth(k) for k in ks] if src_policy.uses_depth else None
         if self.tiers[dst].shared:
             # A network call under the lock: demotion to a remote tier is rare next to reads,
             # and doing it here keeps "evicted" and "landed below" one step for everyone.
             got = self._put_shared(dst, ks, vs)
         else:
-            got = self._put_local(dst, ks, vs)
+            got = self._put_local(dst, ks, vs, depths)
         return {k for k, s in zip(ks, got) if s is not PutStatus.NO_SPACE}
 
     def _read_local(self, ti: int, keys: list[Key]) -> list[Buffer | None]:
@@ -447,11 +482,14 @@ class TieredStore:
         return [None if n is None else o[:n] for o, n in zip(outs, got)]
 
     # -- get --------------------------------------------------------------------------------
-    def get(self, hashes: Sequence[Key], outs: Sequence[memoryview]) -> list[int | None]:
+    def get(
+        self, hashes: Sequence[Key], outs: Sequence[memoryview], *, depth: int | None = None
+    ) -> list[int | None]:
         """Copy each cached block into its buffer; its length, or None for a miss.
 
         Looks in the local tiers, fastest first, then in the shared tiers; a block found below
-        the first tier is promoted into it (``store.promote_on_hit``).
+        the first tier is promoted into it (``store.promote_on_hit``). ``depth`` as for
+        :meth:`put`.
 
         Raises:
             ValueError: lengths differ, or a buffer is smaller than its block.
@@ -477,20 +515,28 @@ class TieredStore:
             promote: list[int] = []
             for ti, idx in sorted(groups.items()):
                 got = self._get_local(ti, [hashes[i] for i in idx], [outs[i] for i in idx])
+                policy = self._policies[ti]
                 for i, n in zip(idx, got):
                     res[i] = n
                     if n is None:
                         missing.append(i)
-                    elif ti:
-                        promote.append(i)
+                    else:
+                        if depth is not None and policy.uses_depth:
+                            policy.set_depth(hashes[i], depth + i)
+                        if ti:
+                            promote.append(i)
             if promote and self._cfg.promote_on_hit and not self.first.shared:
-                self._promote([hashes[i] for i in promote], [outs[i][: res[i]] for i in promote])
+                self._promote(
+                    [hashes[i] for i in promote],
+                    [outs[i][: res[i]] for i in promote],
+                    None if depth is None else [depth + i for i in promote],
+                )
             st = self._stats
             st.gets += 1
             st.get_blocks += len(hashes)
         if missing and self._shared:
             with self.tracer.span("get_remote", "store", blocks=len(missing)):
-                self._get_shared(hashes, outs, res, sorted(missing))
+                self._get_shared(hashes, outs, res, sorted(missing), depth)
         with self._lock:
             self._stats.get_hit_blocks += sum(1 for n in res if n is not None)
             self._counters[0].get_latency.observe_ns(time.perf_counter_ns() - t0)
@@ -530,6 +576,7 @@ class TieredStore:
         outs: Sequence[memoryview],
         res: list[int | None],
         missing: list[int],
+        depth: int | None,
     ) -> None:
         for si in self._shared:
             if not missing:
@@ -554,13 +601,19 @@ class TieredStore:
                 c.blocks_out += len(found)
                 c.bytes_out += sum(n for _, n in found)
                 if found and self._cfg.promote_on_hit and si and not self.first.shared:
-                    self._promote([hashes[i] for i, _ in found], [outs[i][:n] for i, n in found])
+                    self._promote(
+                        [hashes[i] for i, _ in found],
+                        [outs[i][:n] for i, n in found],
+                        None if depth is None else [depth + i for i, _ in found],
+                    )
             missing = [i for i in missing if res[i] is None]
 
-    def _promote(self, keys: list[Key], values: list[Buffer]) -> None:
+    def _promote(
+        self, keys: list[Key], values: list[Buffer], depths: list[int] | None = None
+    ) -> None:
         """Copy blocks found below into the first tier; caller holds the lock."""
         before = self._counters[0].blocks_in
-        self._put_local(0, keys, values)
+        self._put_local(0, keys, values, depths)
         self._counters[0].promotions += self._counters[0].blocks_in - before
 
     def _forget(self, ti: int, key: Key) -> None:
@@ -831,7 +884,7 @@ class TieredStore:
         returns the keys that landed there."""
         outs = [memoryview(bytearray(self.slot_size)) for _ in hashes]
         res: list[int | None] = [None] * len(hashes)
-        self._get_shared(hashes, outs, res, list(range(len(hashes))))
+        self._get_shared(hashes, outs, res, list(range(len(hashes))), None)
         m = next((i for i, n in enumerate(res) if n is None), len(res))
         if m and (not self._cfg.promote_on_hit or self.first.shared):
             # _get_shared promotes only when promote_on_hit is on; a load needs the bytes in

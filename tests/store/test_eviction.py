@@ -44,3 +44,49 @@ def test_lfu_least_frequent_then_oldest() -> None:
 def test_unknown_policy() -> None:
     with pytest.raises(ConfigError, match="unknown eviction policy 'mru'"):
         load_policy("mru")
+
+
+@pytest.mark.parametrize("name", ["lru", "lfu", "fifo", "length-aware"])
+def test_no_pins_gives_the_same_order_as_a_skip_that_skips_nothing(name: str) -> None:
+    p = load_policy(name)()
+    for k in "abcdef":
+        p.insert(k)
+    p.touch("b")
+    p.touch("a")
+    for n in range(7):
+        assert p.victims(n, None) == p.victims(n, lambda k: False)
+
+
+def test_length_aware_evicts_chains_by_recency_and_each_chain_tail_first() -> None:
+    p = load_policy("length-aware")()
+    assert p.uses_depth
+
+    def access(keys: str, first_depth: int = 0, *, insert: bool = True) -> None:
+        for k in keys:
+            p.insert(k) if insert else p.touch(k)
+        for d, k in enumerate(keys, start=first_depth):
+            p.set_depth(k, d)
+
+    access("abc")  # chain 1: a is block 0
+    access("xyz")  # chain 2, more recent
+    assert p.depth("c") == 2 and p.depth("nobody") is None
+    assert p.victims(6, None) == ["c", "b", "a", "z", "y", "x"]
+    access("ab", insert=False)  # a request hits a, b of chain 1 ...
+    access("d", 2)  # ... and stores its own block 2: one access, depths 0..2
+    assert p.victims(6, None) == ["c", "z", "y", "x", "d", "b"]
+    assert p.victims(2, lambda k: k == "z") == ["c", "y"]
+    p.remove("c")
+    p.remove("y")
+    assert p.victims(2, None) == ["z", "x"] and len(p) == 5
+    p.set_depth("nobody", 9)  # unknown keys are ignored
+    assert "nobody" not in p
+
+
+def test_without_depths_length_aware_is_lru() -> None:
+    lru, la = load_policy("lru")(), load_policy("length-aware")()
+    for p in (lru, la):
+        for k in "abcde":
+            p.insert(k)
+        p.touch("c")
+        p.insert("a")
+    assert la.victims(5, None) == lru.victims(5, None)

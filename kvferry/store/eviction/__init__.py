@@ -1,4 +1,4 @@
-"""Eviction policies behind one ABC and one registry: lru (default), lfu, fifo."""
+"""Eviction policies behind one ABC and one registry: lru (default), lfu, fifo, length-aware."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ POLICIES = Registry(
         "lru": "kvferry.store.eviction.lru:LruPolicy",
         "lfu": "kvferry.store.eviction.lfu:LfuPolicy",
         "fifo": "kvferry.store.eviction.fifo:FifoPolicy",
+        "length-aware": "kvferry.store.eviction.length_aware:LengthAwarePolicy",
     },
 )
 

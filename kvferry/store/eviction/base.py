@@ -13,9 +13,21 @@ Primitives and their contracts:
     The block left the tier (deleted, evicted, lost). Unknown keys are ignored.
 ``victims(n, skip) -> list[key]``
     Up to ``n`` keys in eviction order, leaving out those for which ``skip(key)`` is true
-    (pinned blocks). Does not remove them: the store removes what it really evicts.
+    (pinned blocks); ``skip`` is None when nothing is pinned. Does not remove them: the store
+    removes what it really evicts.
 ``__len__``, ``__contains__``
     Keys tracked.
+
+Optional, for policies that rank blocks by their depth in a prefix chain (``uses_depth = True``;
+the store skips these calls for the others):
+
+``set_depth(key, depth)``
+    After ``insert``: the block is block number ``depth`` (0 = first) of its prefix chain. With
+    chained hashes a key's depth never changes, so the store passes it whenever the caller told
+    it (``put(..., depth=)``, ``get(..., depth=)``) or a demotion carries it down a tier.
+    Unknown keys are ignored.
+``depth(key) -> int | None``
+    The depth recorded for a tracked key, None when unknown.
 
 Constructor shape: ``Policy()``; every policy is created fresh per tier.
 """
@@ -33,6 +45,14 @@ class EvictionPolicy(ABC, Generic[K]):
     """Orders the blocks of one tier for eviction."""
 
     name: ClassVar[str]
+    uses_depth: ClassVar[bool] = False
+
+    def set_depth(self, key: K, depth: int) -> None:
+        """Record the depth of a tracked block (policies with ``uses_depth``)."""
+
+    def depth(self, key: K) -> int | None:
+        """The depth recorded for ``key``; None when unknown or not tracked."""
+        return None
 
     @abstractmethod
     def insert(self, key: K) -> None: ...
@@ -44,7 +64,7 @@ class EvictionPolicy(ABC, Generic[K]):
     def remove(self, key: K) -> None: ...
 
     @abstractmethod
-    def victims(self, n: int, skip: Callable[[K], bool]) -> list[K]: ...
+    def victims(self, n: int, skip: Callable[[K], bool] | None) -> list[K]: ...
 
     @abstractmethod
     def __len__(self) -> int: ...

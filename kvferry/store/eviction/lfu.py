@@ -47,13 +47,13 @@ class LfuPolicy(EvictionPolicy[K]):
         if not bucket:
             del self._buckets[c]
 
-    def victims(self, n: int, skip: Callable[[K], bool]) -> list[K]:
+    def victims(self, n: int, skip: Callable[[K], bool] | None) -> list[K]:
         out: list[K] = []
         if n <= 0:
             return out
         for c in sorted(self._buckets):
             for key in self._buckets[c]:
-                if not skip(key):
+                if skip is None or not skip(key):
                     out.append(key)
                     if len(out) >= n:
                         return out

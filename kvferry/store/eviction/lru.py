@@ -9,6 +9,7 @@ iterating from the front (the oldest) stays cheap.
 from __future__ import annotations
 
 from collections.abc import Callable
+from itertools import islice
 
 from kvferry.store.eviction.base import EvictionPolicy, K
 
@@ -34,10 +35,12 @@ class LruPolicy(EvictionPolicy[K]):
     def remove(self, key: K) -> None:
         self._order.pop(key, None)
 
-    def victims(self, n: int, skip: Callable[[K], bool]) -> list[K]:
+    def victims(self, n: int, skip: Callable[[K], bool] | None) -> list[K]:
         out: list[K] = []
         if n <= 0:
             return out
+        if skip is None:
+            return list(islice(self._order, n))
         for key in self._order:
             if not skip(key):
                 out.append(key)

@@ -1,0 +1,847 @@
+"""The hit-rate lab: simulate or replay a request trace against kvferry's real store.
+
+Both modes run the same loop over the same :class:`~kvferry.store.TieredStore` code (index,
+placement, promotion, demotion, eviction policies); only the tiers differ:
+
+- *simulate*: tiers are :class:`~kvferry.backends.memory.MemoryTier` of a given capacity in
+  blocks, holding empty values, so a run costs only keys and bookkeeping;
+- *replay*: the tiers of the config (cpu, disk, redis, server, ...) with real bytes sized from a
+  model's KV geometry, at the trace's timestamps (scaled) or as fast as possible.
+
+So a simulated hit rate and a replay's hit rate with the same capacities and policy are equal
+(a test holds them to it). Per request the loop is what an engine does: ``lookup`` the leading
+cached blocks, ``get`` them, ``put`` the blocks from the first miss on.
+
+Hit rates are reported three ways and always labelled:
+
+- block-weighted (headline): leading hit blocks / blocks looked up, a ratio of sums;
+- token-weighted: hit tokens (``min(hit blocks * block_tokens, input_length)``) / input tokens;
+- per-request mean: mean over requests with blocks of their hit fraction (aiperf's definition).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import resource
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from kvferry.backends.base import Key
+from kvferry.backends.memory import MemoryTier
+from kvferry.bench.stats import Samples
+from kvferry.bench.traces import Trace, TraceRequest
+from kvferry.config.models import KvferryConfig
+from kvferry.config.units import parse_size
+from kvferry.errors import ConfigError, KvferryError
+from kvferry.store.tiered import TieredStore
+
+SCHEMA_VERSION = 1
+
+ProgressFn = Callable[[int, int], None]
+"""``(requests done, requests in all)``."""
+
+DTYPE_BYTES = {
+    "fp32": 4,
+    "float32": 4,
+    "fp16": 2,
+    "float16": 2,
+    "bf16": 2,
+    "bfloat16": 2,
+    "fp8": 1,
+    "float8": 1,
+    "int8": 1,
+}
+
+SIM_SLOT_SIZE = 4096
+"""``store.slot_size`` of a simulation: its values are empty, so the number only has to be valid."""
+
+
+class HitRateError(KvferryError):
+    """A hit-rate run cannot start (bad capacities, tiers, geometry) or went wrong."""
+
+
+# -- sizes -------------------------------------------------------------------------------------
+
+
+def kv_bytes_per_token(model_kv: str) -> int:
+    """Bytes of K and V per token from ``"layers,kv_heads,head_dim,dtype"``.
+
+    ``2 * layers * kv_heads * head_dim * bytes(dtype)``; e.g. Llama-3-8B is
+    ``"32,8,128,bf16"`` = 131072 bytes (128 KiB) per token.
+
+    Raises:
+        ConfigError: not four fields, a field not a positive number, or an unknown dtype.
+    """
+    parts = [p.strip() for p in model_kv.split(",")]
+    if len(parts) != 4:
+        raise ConfigError(
+            f"--model-kv {model_kv!r}: expected layers,kv_heads,head_dim,dtype (e.g. 32,8,128,bf16)"
+        )
+    dims: list[int] = []
+    for name, text in zip(("layers", "kv_heads", "head_dim"), parts[:3]):
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise ConfigError(f"--model-kv {model_kv!r}: {name} must be a whole number >= 1")
+        dims.append(value)
+    dtype = parts[3].lower()
+    if dtype not in DTYPE_BYTES:
+        raise ConfigError(
+            f"--model-kv {model_kv!r}: unknown dtype {parts[3]!r}; valid: {', '.join(DTYPE_BYTES)}"
+        )
+    return 2 * dims[0] * dims[1] * dims[2] * DTYPE_BYTES[dtype]
+
+
+def parse_capacity(text: str, block_bytes: int | None) -> int:
+    """Blocks from ``"5000"`` (blocks) or ``"4GiB"`` (bytes, which need the block size).
+
+    Raises:
+        ConfigError: not a count or size, a size without ``block_bytes``, or less than a block.
+    """
+    text = text.strip()
+    if text.isdigit():
+        blocks = int(text)
+    else:
+        try:
+            nbytes = parse_size(text)
+        except ValueError as e:
+            raise ConfigError(
+                f"capacity {text!r} is neither a block count (5000) nor a size (4GiB): {e}"
+            ) from e
+        if block_bytes is None:
+            raise ConfigError(
+                f"capacity {text!r} is a size; give the KV geometry (--kv-bytes-per-token or "
+                "--model-kv) so it can be turned into blocks, or give blocks"
+            )
+        blocks = nbytes // block_bytes
+    if blocks < 1:
+        raise ConfigError(f"capacity {text!r} holds no block; give at least 1 block")
+    return blocks
+
+
+@dataclass(frozen=True)
+class TierSpec:
+    """One simulated tier: a name (for the report) and its capacity in blocks (None: as large
+    as the trace needs; only the last tier may be so)."""
+
+    name: str
+    capacity_blocks: int | None
+
+
+def parse_tiers(text: str, block_bytes: int | None) -> list[TierSpec]:
+    """``"cpu:5000,disk:50000"`` (capacities as for :func:`parse_capacity`); the last tier may
+    leave its capacity out (``"cpu:5000,disk"``): unbounded, or searched by capacity advice.
+
+    Raises:
+        ConfigError: an empty or repeated name, a bad capacity, or a missing one before the last.
+    """
+    specs: list[TierSpec] = []
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise ConfigError(f"--tiers {text!r}: expected NAME:CAPACITY,... e.g. cpu:5000,disk:50000")
+    for i, item in enumerate(items):
+        name, sep, cap = item.partition(":")
+        name = name.strip()
+        if not name:
+            raise ConfigError(f"--tiers {text!r}: a tier without a name in {item!r}")
+        if any(s.name == name for s in specs):
+            raise ConfigError(f"--tiers {text!r}: tier {name!r} named twice")
+        if not sep or not cap.strip():
+            if i != len(items) - 1:
+                raise ConfigError(
+                    f"--tiers {text!r}: tier {name!r} needs a capacity (only the last may omit it)"
+                )
+            specs.append(TierSpec(name, None))
+        else:
+            specs.append(TierSpec(name, parse_capacity(cap, block_bytes)))
+    return specs
+
+
+# -- the loop both modes run -------------------------------------------------------------------
+
+
+@dataclass
+class Tally:
+    """Hits and totals of one run."""
+
+    requests: int = 0
+    requests_with_blocks: int = 0
+    blocks: int = 0
+    hit_blocks: int = 0
+    tokens: int = 0
+    hit_tokens: int = 0
+    hit_fraction_sum: float = 0.0
+    not_stored: int = 0
+
+    def add(self, req: TraceRequest, n_blocks: int, hit: int, block_tokens: int) -> None:
+        self.requests += 1
+        self.tokens += req.input_length
+        if n_blocks:
+            self.requests_with_blocks += 1
+            self.blocks += n_blocks
+            self.hit_blocks += hit
+            self.hit_tokens += min(hit * block_tokens, req.input_length)
+            self.hit_fraction_sum += hit / n_blocks
+
+
+def trace_keys(trace: Trace, salt: bytes = bytes(8)) -> list[list[Key]]:
+    """Store keys of each request's hash ids: 8 bytes of id + 8 bytes of ``salt`` (a replay
+    against a shared tier uses a fresh salt, so blocks of an earlier run never count as hits)."""
+    if len(salt) != 8:
+        raise ValueError("the key salt is 8 bytes")
+    cache: dict[int, Key] = {}
+    out: list[list[Key]] = []
+    for r in trace.requests:
+        keys = []
+        for h in r.hash_ids:
+            k = cache.get(h)
+            if k is None:
+                k = cache[h] = h.to_bytes(8, "little") + salt
+            keys.append(k)
+        out.append(keys)
+    return out
+
+
+def serve(
+    store: TieredStore,
+    keys: list[Key],
+    outs: Sequence[memoryview],
+    values: Sequence[Any],
+) -> tuple[int, list[int | None]]:
+    """One request, as an engine does it: lookup, get the hit prefix, put the rest.
+
+    Returns the leading blocks actually read (a block that vanished between lookup and get ends
+    the prefix there) and the lengths ``get`` answered. ``outs``/``values`` hold at least
+    ``len(keys)`` buffers.
+    """
+    n = store.lookup(keys)
+    got: list[int | None] = []
+    hit = 0
+    if n:
+        got = store.get(keys[:n], outs[:n], depth=0)
+        for length in got:
+            if length is None:
+                break
+            hit += 1
+    if hit < len(keys):
+        store.put(keys[hit:], values[: len(keys) - hit], depth=hit)
+    return hit, got
+
+
+# -- results -----------------------------------------------------------------------------------
+
+
+@dataclass
+class HitRateResult:
+    """One run: a policy over a tier pipeline, simulated or replayed."""
+
+    mode: Literal["simulate", "replay"]
+    policy: str
+    tiers: list[TierSpec]
+    tally: Tally
+    tier_hit_blocks: dict[str, int]
+    promotions: int
+    demotions: int
+    evictions: int
+    dropped: int
+    seconds: float
+    replay: dict[str, Any] | None = None
+
+    @property
+    def capacity_blocks(self) -> int | None:
+        caps = [t.capacity_blocks for t in self.tiers]
+        return None if any(c is None for c in caps) else sum(c for c in caps if c is not None)
+
+    @property
+    def block_hit_rate(self) -> float:
+        t = self.tally
+        return t.hit_blocks / t.blocks if t.blocks else 0.0
+
+    @property
+    def token_hit_rate(self) -> float:
+        t = self.tally
+        return t.hit_tokens / t.tokens if t.tokens else 0.0
+
+    @property
+    def request_mean_hit_rate(self) -> float:
+        t = self.tally
+        return t.hit_fraction_sum / t.requests_with_blocks if t.requests_with_blocks else 0.0
+
+    @property
+    def lookups_per_s(self) -> float:
+        return self.tally.blocks / self.seconds if self.seconds > 0 else 0.0
+
+    def tier_hit_rates(self) -> dict[str, float]:
+        b = self.tally.blocks
+        return {name: (n / b if b else 0.0) for name, n in self.tier_hit_blocks.items()}
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "policy": self.policy,
+            "tiers": [asdict(t) for t in self.tiers],
+            "capacity_blocks": self.capacity_blocks,
+            "block_hit_rate": self.block_hit_rate,
+            "token_hit_rate": self.token_hit_rate,
+            "request_mean_hit_rate": self.request_mean_hit_rate,
+            "tier_block_hit_rate": self.tier_hit_rates(),
+            "tier_hit_blocks": self.tier_hit_blocks,
+            **asdict(self.tally),
+            "promotions": self.promotions,
+            "demotions": self.demotions,
+            "evictions": self.evictions,
+            "dropped": self.dropped,
+            "seconds": self.seconds,
+            "lookups_per_s": self.lookups_per_s,
+            "replay": self.replay,
+        }
+
+
+def _store_config(base: KvferryConfig | None, policy: str, slot_size: int) -> KvferryConfig:
+    """The config both modes run: ``base``'s store placement settings with ``policy``, and no
+    prefetch (a background thread would make the hit rate depend on timing)."""
+    cfg = (base or KvferryConfig()).model_copy(deep=True)
+    store = cfg.store.model_copy(
+        update={"eviction_policy": policy, "prefetch_depth": 0, "slot_size": slot_size}
+    )
+    return cfg.model_copy(update={"store": store})
+
+
+def sim_store_config(
+    policy: str,
+    *,
+    base: KvferryConfig | None = None,
+    evict_start_threshold: float = 1.0,
+    evict_ratio: float = 0.0,
+) -> KvferryConfig:
+    """A simulation's config: exact capacities by default (evict only what a put needs, when
+    the tier is full), which is what a hit-rate-versus-capacity curve means."""
+    cfg = _store_config(base, policy, SIM_SLOT_SIZE)
+    store = cfg.store.model_copy(
+        update={"evict_start_threshold": evict_start_threshold, "evict_ratio": evict_ratio}
+    )
+    return cfg.model_copy(update={"store": store})
+
+
+def _tier_counts(store: TieredStore) -> tuple[dict[str, int], int, int, int, int]:
+    st = store.stats()
+    hits = {name: c.hits for name, c in st.tiers.items()}
+    return (
+        hits,
+        sum(c.promotions for c in st.tiers.values()),
+        sum(c.demotions for c in st.tiers.values()),
+        sum(c.evictions for c in st.tiers.values()),
+        sum(c.dropped for c in st.tiers.values()),
+    )
+
+
+def simulate(
+    trace: Trace,
+    tiers: Sequence[TierSpec],
+    *,
+    policy: str = "lru",
+    config: KvferryConfig | None = None,
+    keys: list[list[Key]] | None = None,
+    on_progress: ProgressFn | None = None,
+) -> HitRateResult:
+    """Run ``trace`` through a TieredStore over memory tiers of ``tiers``' capacities.
+
+    Args:
+        trace: the requests.
+        tiers: fastest first; a None capacity is unbounded.
+        policy: eviction policy name (the store's registry: lru, lfu, fifo, length-aware, ...).
+        config: store settings (write policy, promotion, watermarks); default
+            :func:`sim_store_config` (exact capacities). ``eviction_policy`` is set to ``policy``.
+        keys: :func:`trace_keys` of ``trace``, when the caller runs many cases.
+        on_progress: called every few hundred requests.
+    """
+    if not tiers:
+        raise HitRateError("a simulation needs at least one tier")
+    if config is None:
+        cfg = sim_store_config(policy)
+    else:
+        cfg = _store_config(config, policy, max(SIM_SLOT_SIZE, config.store.slot_size))
+    slot = cfg.store.slot_size
+    store = TieredStore(
+        cfg,
+        tiers=[MemoryTier.sized(t.capacity_blocks, label=t.name, slot_size=slot) for t in tiers],
+    )
+    keys = trace_keys(trace) if keys is None else keys
+    longest = max((len(k) for k in keys), default=0)
+    empty = memoryview(b"")
+    outs = [memoryview(bytearray(0))] * longest
+    values = [empty] * longest
+    tally = Tally()
+    bt = trace.block_tokens
+    total = len(trace.requests)
+    step = 512
+    try:
+        start = time.perf_counter()
+        for i, (req, ks) in enumerate(zip(trace.requests, keys)):
+            hit, _ = serve(store, ks, outs, values)
+            tally.add(req, len(ks), hit, bt)
+            if on_progress is not None and i % step == 0:
+                on_progress(i, total)
+        seconds = time.perf_counter() - start
+        hits, promotions, demotions, evictions, dropped = _tier_counts(store)
+    finally:
+        store.close()
+    if on_progress is not None:
+        on_progress(total, total)
+    return HitRateResult(
+        mode="simulate",
+        policy=policy,
+        tiers=list(tiers),
+        tally=tally,
+        tier_hit_blocks=hits,
+        promotions=promotions,
+        demotions=demotions,
+        evictions=evictions,
+        dropped=dropped,
+        seconds=seconds,
+    )
+
+
+# -- replay ------------------------------------------------------------------------------------
+
+
+def _rss_mib() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def replay(
+    trace: Trace,
+    config: KvferryConfig,
+    *,
+    kv_bytes_per_token: int,
+    policy: str | None = None,
+    speedup: float | None = None,
+    on_progress: ProgressFn | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+    sleep: Callable[[float], None] = time.sleep,
+) -> HitRateResult:
+    """Replay ``trace`` against the store the config describes, with real bytes.
+
+    Each block is ``kv_bytes_per_token * block_tokens`` bytes (``store.slot_size`` is set to
+    that); every put block carries its key in its first 16 bytes and every block read back is
+    checked for it, so a store that served the wrong bytes shows as ``corrupt_blocks``.
+
+    Args:
+        trace: the requests, replayed in file order.
+        config: tiers and their capacities (``store.tiers``, ``cpu.capacity``, ...).
+        kv_bytes_per_token: from the model's KV geometry (:func:`kv_bytes_per_token`).
+        policy: eviction policy (default: the config's).
+        speedup: replay at the trace's timestamps divided by this; None: as fast as possible.
+
+    Reports, beside the hit rates: QPS, request latency and per-block get/put latency
+    percentiles, effective bandwidth (bytes read + written per second), the write ratio, and
+    RSS at the start, the end and its peak.
+    """
+    if kv_bytes_per_token < 1:
+        raise HitRateError("kv_bytes_per_token must be >= 1")
+    if speedup is not None and not speedup > 0:
+        raise HitRateError(f"speedup must be > 0, got {speedup}")
+    block_bytes = kv_bytes_per_token * trace.block_tokens
+    cfg = _store_config(config, policy or config.store.eviction_policy, block_bytes)
+    salt = os.urandom(8)
+    keys = trace_keys(trace, salt)
+    longest = max((len(k) for k in keys), default=0)
+    arena = bytearray(block_bytes * max(longest, 1))
+    outs = [memoryview(arena)[i * block_bytes : (i + 1) * block_bytes] for i in range(longest)]
+    src = bytearray(block_bytes * max(longest, 1))
+    for i in range(0, len(src), 4096):  # a non-zero pattern, so a dropped copy is visible
+        src[i : i + 8] = i.to_bytes(8, "little")
+    values = [memoryview(src)[i * block_bytes : (i + 1) * block_bytes] for i in range(longest)]
+    store = TieredStore(cfg)
+    tally = Tally()
+    bt = trace.block_tokens
+    request_us = Samples()
+    get_block_us = Samples()
+    put_block_us = Samples()
+    bytes_read = bytes_written = corrupt = late = 0
+    rss = [_rss_mib()]
+    rss_every = max(1, len(trace.requests) // 50)
+    total = len(trace.requests)
+    t0_trace = trace.requests[0].timestamp_ms if trace.requests else 0.0
+    try:
+        start = clock()
+        for i, (req, ks) in enumerate(zip(trace.requests, keys)):
+            if speedup is not None:
+                due = start + (req.timestamp_ms - t0_trace) / 1000.0 / speedup
+                wait = due - clock()
+                if wait > 0:
+                    sleep(wait)
+                elif wait < -0.001:
+                    late += 1
+            for j, k in enumerate(ks):  # the key in the first 16 bytes of each block put
+                values[j][:16] = k
+            t0 = time.perf_counter_ns()
+            n = store.lookup(ks)
+            t1 = time.perf_counter_ns()
+            hit = 0
+            if n:
+                got = store.get(ks[:n], outs[:n], depth=0)
+                for j, length in enumerate(got):
+                    if length is None:
+                        break
+                    if outs[j][:16] != ks[j] or length != block_bytes:
+                        corrupt += 1
+                        break
+                    hit += 1
+            t2 = time.perf_counter_ns()
+            if hit < len(ks):
+                store.put(ks[hit:], values[: len(ks) - hit], depth=hit)
+            t3 = time.perf_counter_ns()
+            tally.add(req, len(ks), hit, bt)
+            request_us.add((t3 - t0) / 1e3)
+            if hit:
+                get_block_us.add((t2 - t1) / 1e3 / hit)
+                bytes_read += hit * block_bytes
+            if hit < len(ks):
+                put_block_us.add((t3 - t2) / 1e3 / (len(ks) - hit))
+                bytes_written += (len(ks) - hit) * block_bytes
+            if i % rss_every == 0:
+                rss.append(_rss_mib())
+                if on_progress is not None:
+                    on_progress(i, total)
+        seconds = clock() - start
+        rss.append(_rss_mib())
+        hits, promotions, demotions, evictions, dropped = _tier_counts(store)
+        tier_specs = [TierSpec(t.label, t.capacity_blocks) for t in store.tiers]
+    finally:
+        store.close()
+    if on_progress is not None:
+        on_progress(total, total)
+    moved = bytes_read + bytes_written
+    extra: dict[str, Any] = {
+        "block_bytes": block_bytes,
+        "kv_bytes_per_token": kv_bytes_per_token,
+        "speedup": speedup,
+        "qps": total / seconds if seconds > 0 else 0.0,
+        "requests_late": late,
+        "request_latency_us": request_us.summary().to_dict() if len(request_us) else None,
+        "get_latency_per_block_us": get_block_us.summary().to_dict() if len(get_block_us) else None,
+        "put_latency_per_block_us": put_block_us.summary().to_dict() if len(put_block_us) else None,
+        "bytes_read": bytes_read,
+        "bytes_written": bytes_written,
+        "bandwidth_gbps": moved / seconds / 1e9 if seconds > 0 else 0.0,
+        "write_ratio": bytes_written / moved if moved else 0.0,
+        "corrupt_blocks": corrupt,
+        "rss_start_mib": rss[0],
+        "rss_end_mib": rss[-1],
+        "rss_peak_mib": max(rss),
+        "rss_samples_mib": rss,
+    }
+    return HitRateResult(
+        mode="replay",
+        policy=cfg.store.eviction_policy,
+        tiers=tier_specs,
+        tally=tally,
+        tier_hit_blocks=hits,
+        promotions=promotions,
+        demotions=demotions,
+        evictions=evictions,
+        dropped=dropped,
+        seconds=seconds,
+        replay=extra,
+    )
+
+
+# -- capacity advice ---------------------------------------------------------------------------
+
+
+@dataclass
+class Advice:
+    """The smallest capacity of the searched tier that reaches a target hit rate."""
+
+    policy: str
+    target: float
+    reachable: bool
+    tiers: list[TierSpec]
+    """The pipeline with the searched (last) tier at the answer (or at the trace's distinct
+    blocks when unreachable)."""
+    block_hit_rate: float
+    runs: int
+    note: str = ""
+
+
+def advise(
+    trace: Trace,
+    tiers: Sequence[TierSpec],
+    target: float,
+    *,
+    policy: str = "lru",
+    config: KvferryConfig | None = None,
+    keys: list[list[Key]] | None = None,
+) -> Advice:
+    """Binary-search the last tier's capacity for the smallest that reaches ``target``
+    (block-weighted), the others fixed. An infinite cache bounds the answer: at the trace's
+    distinct block count nothing is ever evicted.
+
+    LRU's hit rate never falls as capacity grows (the stack property), so its answer is exact;
+    for other policies it is where the search landed, and ``note`` says so.
+    """
+    if not 0 < target <= 1:
+        raise HitRateError(f"target hit rate must be in (0, 1], got {target}")
+    keys = trace_keys(trace) if keys is None else keys
+    distinct = len({k for ks in keys for k in ks})
+    fixed = list(tiers[:-1])
+    name = tiers[-1].name if tiers else "cpu"
+
+    def run(cap: int) -> float:
+        return simulate(
+            trace, [*fixed, TierSpec(name, cap)], policy=policy, config=config, keys=keys
+        ).block_hit_rate
+
+    runs = 1
+    top = max(1, distinct)
+    best = run(top)
+    note = "" if policy == "lru" else f"{policy} may not be monotone in capacity; searched anyway"
+    if best < target:
+        return Advice(policy, target, False, [*fixed, TierSpec(name, top)], best, runs, note)
+    lo, hi = 1, top  # hi reaches the target
+    while lo < hi:
+        mid = (lo + hi) // 2
+        rate = run(mid)
+        runs += 1
+        if rate >= target:
+            hi, best = mid, rate
+        else:
+            lo = mid + 1
+    return Advice(policy, target, True, [*fixed, TierSpec(name, hi)], best, runs, note)
+
+
+# -- report ------------------------------------------------------------------------------------
+
+
+@dataclass
+class HitRateReport:
+    """Everything one ``kvferry bench hitrate`` run measured."""
+
+    source: str
+    block_tokens: int
+    requests: int
+    blocks: int
+    duration_s: float
+    kv_bytes_per_token: int | None
+    results: list[HitRateResult]
+    advice: list[Advice] = field(default_factory=list)
+    prefill_tokens_per_s: float | None = None
+    peak_rss_mib: float = 0.0
+    reference: list[tuple[float, float]] | None = None
+    """(capacity in blocks, hit rate) of a published curve, when given."""
+
+    @property
+    def block_bytes(self) -> int | None:
+        return (
+            None if self.kv_bytes_per_token is None else self.kv_bytes_per_token * self.block_tokens
+        )
+
+    def prefill_saved(self, result: HitRateResult) -> dict[str, float] | None:
+        """Prefill compute a result saves: seconds in all and per second of trace."""
+        rate = self.prefill_tokens_per_s
+        if not rate:
+            return None
+        saved = result.tally.hit_tokens / rate
+        return {
+            "prefill_seconds_saved": saved,
+            "prefill_seconds_saved_per_trace_second": saved / self.duration_s
+            if self.duration_s > 0
+            else math.nan,
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        bb = self.block_bytes
+        results = []
+        for r in self.results:
+            j = r.to_json()
+            if bb is not None and r.capacity_blocks is not None:
+                j["capacity_bytes"] = r.capacity_blocks * bb
+            saved = self.prefill_saved(r)
+            if saved is not None:
+                j.update(saved)
+            results.append(j)
+        advice = []
+        for a in self.advice:
+            j = asdict(a)
+            if bb is not None:
+                j["tier_bytes"] = {
+                    t.name: None if t.capacity_blocks is None else t.capacity_blocks * bb
+                    for t in a.tiers
+                }
+            advice.append(j)
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "source": self.source,
+            "block_tokens": self.block_tokens,
+            "requests": self.requests,
+            "blocks": self.blocks,
+            "trace_duration_s": self.duration_s,
+            "kv_bytes_per_token": self.kv_bytes_per_token,
+            "block_bytes": bb,
+            "prefill_tokens_per_s": self.prefill_tokens_per_s,
+            "peak_rss_mib": self.peak_rss_mib,
+            "hit_rate_definitions": {
+                "block_hit_rate": "leading hit blocks / blocks looked up (ratio of sums)",
+                "token_hit_rate": "min(hit blocks * block_tokens, input_length) / input tokens",
+                "request_mean_hit_rate": "mean over requests with blocks of hit blocks / blocks",
+            },
+            "results": results,
+            "advice": advice,
+            "reference": self.reference,
+        }
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far (MiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+CSV_FIELDS = [
+    "mode",
+    "policy",
+    "tiers",
+    "capacity_blocks",
+    "block_hit_rate",
+    "token_hit_rate",
+    "request_mean_hit_rate",
+    "tier_block_hit_rate",
+    "blocks",
+    "hit_blocks",
+    "promotions",
+    "demotions",
+    "evictions",
+    "seconds",
+    "lookups_per_s",
+]
+
+
+def write_csv(path: str | os.PathLike[str], report: HitRateReport) -> None:
+    """One row per result."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(CSV_FIELDS)
+        for r in report.results:
+            j = r.to_json()
+            w.writerow(
+                [
+                    r.mode,
+                    r.policy,
+                    ";".join(f"{t.name}:{t.capacity_blocks}" for t in r.tiers),
+                    r.capacity_blocks,
+                    f"{r.block_hit_rate:.6f}",
+                    f"{r.token_hit_rate:.6f}",
+                    f"{r.request_mean_hit_rate:.6f}",
+                    ";".join(f"{k}:{v:.6f}" for k, v in r.tier_hit_rates().items()),
+                    j["blocks"],
+                    j["hit_blocks"],
+                    r.promotions,
+                    r.demotions,
+                    r.evictions,
+                    f"{r.seconds:.6f}",
+                    f"{r.lookups_per_s:.0f}",
+                ]
+            )
+
+
+def write_json(path: str | os.PathLike[str], report: HitRateReport) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(report.to_json(), f, indent=1)
+
+
+def read_reference(path: str, block_tokens: int) -> list[tuple[float, float]]:
+    """A published curve from CSV: a ``hit_rate`` column and ``capacity_blocks`` or
+    ``capacity_tokens`` (turned into blocks of ``block_tokens``).
+
+    Raises:
+        HitRateError: unreadable, or without those columns.
+    """
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as e:
+        raise HitRateError(f"cannot read reference curve {path!r}: {e.strerror or e}") from e
+    out: list[tuple[float, float]] = []
+    for i, row in enumerate(rows, start=2):
+        try:
+            rate = float(row["hit_rate"])
+            if row.get("capacity_blocks"):
+                cap = float(row["capacity_blocks"])
+            else:
+                cap = float(row["capacity_tokens"]) / block_tokens
+        except (KeyError, TypeError, ValueError) as e:
+            raise HitRateError(
+                f"{path}:{i}: a reference curve needs hit_rate and capacity_blocks or "
+                f"capacity_tokens columns ({e!r})"
+            ) from e
+        out.append((cap, rate))
+    if not out:
+        raise HitRateError(f"reference curve {path!r} has no rows")
+    return sorted(out)
+
+
+def plot(
+    path: str,
+    report: HitRateReport,
+    *,
+    weighting: Literal["block", "token"] = "block",
+    reference_label: str = "reference",
+) -> None:
+    """Hit rate versus capacity, one curve per policy (and tier pipeline shape), block- or
+    token-weighted, with the reference curve dashed when there is one.
+
+    Raises:
+        HitRateError: matplotlib is missing (``pip install 'kvferry[plot]'``).
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise HitRateError(
+            "plots need matplotlib: pip install 'kvferry[plot]' (or pip install matplotlib)"
+        ) from e
+    curves: dict[str, list[tuple[int, float, float]]] = {}
+    for r in report.results:
+        if r.capacity_blocks is None:
+            continue
+        label = (
+            r.policy if len(r.tiers) == 1 else f"{r.policy} ({'+'.join(t.name for t in r.tiers)})"
+        )
+        curves.setdefault(label, []).append((r.capacity_blocks, r.block_hit_rate, r.token_hit_rate))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, points in curves.items():
+        points.sort()
+        col = 1 if weighting == "block" else 2
+        ax.plot([p[0] for p in points], [p[col] for p in points], marker="o", label=label)
+    if report.reference:
+        ax.plot(
+            [p[0] for p in report.reference],
+            [p[1] for p in report.reference],
+            linestyle="--",
+            color="black",
+            label=reference_label,
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel(f"cache capacity (blocks of {report.block_tokens} tokens)")
+    ax.set_ylabel(f"prefix hit rate ({weighting}-weighted)")
+    ax.set_ylim(0, 1)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    ax.set_title(f"hit rate vs capacity: {os.path.basename(report.source)}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

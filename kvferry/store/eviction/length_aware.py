@@ -1,0 +1,104 @@
+"""Least recently used chain first, and within a chain its deepest blocks first.
+
+In the spirit of the LengthAwareCache of the Mooncake paper (FAST'25), which favours blocks that
+occur early in requests. In a prefix cache a block is only reachable through every block before
+it: losing block 0 of a chain makes the rest of the chain dead weight. Plain LRU does exactly
+that, because an engine touches a prompt's blocks front to back, so the front of the chain is
+the least recent. This policy ranks by recency of the *chain*, not of the block: the blocks a
+request touches in chain order (depth 0, 1, 2, ... as the store reports through ``set_depth``)
+share one recency, and within it the deepest block goes first. A chain's front leaves only after
+its tail.
+
+A run of ``set_depth`` calls with consecutive depths (the hit prefix a ``get`` read, then the
+blocks the following ``put`` stored) is one chain access. Blocks whose depth nobody reports are
+each their own access, so with no depths at all this is plain LRU.
+
+Structure: one dict of keys per access group ("tick"), the groups in an insertion-ordered dict
+(oldest first), keys within a group in depth order; ``victims`` walks groups oldest first and each
+group backwards. O(1) per call except ``victims``, which is O(groups visited + victims).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from kvferry.store.eviction.base import EvictionPolicy, K
+
+
+class LengthAwarePolicy(EvictionPolicy[K]):
+    name = "length-aware"
+    uses_depth = True
+
+    def __init__(self) -> None:
+        self._tick = 0
+        self._group: dict[K, int] = {}  # key -> tick of its group
+        self._groups: dict[int, dict[K, None]] = {}  # tick -> keys, oldest tick first
+        self._depth: dict[K, int] = {}
+        self._chain = -1  # tick of the chain being extended
+        self._last_depth = -2
+
+    def _move(self, key: K, tick: int) -> None:
+        old = self._group.get(key)
+        if old is not None:
+            keys = self._groups[old]
+            del keys[key]
+            if not keys:
+                del self._groups[old]
+        keys = self._groups.get(tick)
+        if keys is None:
+            keys = self._groups[tick] = {}
+        keys[key] = None
+        self._group[key] = tick
+
+    def _fresh(self, key: K) -> None:
+        self._tick += 1
+        self._move(key, self._tick)
+
+    def insert(self, key: K) -> None:
+        self._fresh(key)
+
+    def touch(self, key: K) -> None:
+        if key in self._group:
+            self._fresh(key)
+
+    def set_depth(self, key: K, depth: int) -> None:
+        tick = self._group.get(key)
+        if tick is None:
+            return
+        self._depth[key] = depth
+        if depth == self._last_depth + 1 and self._chain in self._groups:
+            self._move(key, self._chain)
+        else:
+            self._chain = tick
+        self._last_depth = depth
+
+    def depth(self, key: K) -> int | None:
+        return self._depth.get(key)
+
+    def remove(self, key: K) -> None:
+        tick = self._group.pop(key, None)
+        if tick is None:
+            return
+        self._depth.pop(key, None)
+        keys = self._groups[tick]
+        del keys[key]
+        if not keys:
+            del self._groups[tick]
+
+    def victims(self, n: int, skip: Callable[[K], bool] | None) -> list[K]:
+        out: list[K] = []
+        if n <= 0:
+            return out
+        for keys in self._groups.values():
+            for key in reversed(keys):
+                if skip is None or not skip(key):
+                    out.append(key)
+                    if len(out) >= n:
+                        return out
+        return out
+
+    def __len__(self) -> int:
+        return len(self._group)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._group

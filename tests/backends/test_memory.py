@@ -1,0 +1,33 @@
+"""The memory tier (the hit-rate simulator's tier): the conformance kit, capacity, empty values."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvferry.backends.base import PutStatus
+from kvferry.backends.memory import MemoryTier
+from kvferry.testing.tier_kit import check_tier, key
+
+SLOT = 4096
+
+
+def test_conformance() -> None:
+    check_tier(lambda: MemoryTier.sized(32, label="mem", slot_size=SLOT), slot_size=SLOT)
+
+
+def test_unbounded_and_empty_values() -> None:
+    tier = MemoryTier.sized(None, label="sim", slot_size=SLOT)
+    keys = [key(i) for i in range(1000)]
+    assert tier.put(keys, [b""] * 1000) == [PutStatus.STORED] * 1000
+    got = tier.get(keys[:3], [memoryview(bytearray(0))] * 3)
+    assert got == [0, 0, 0]
+    s = tier.stats()
+    assert (s.total_blocks, s.used_blocks, s.used_bytes, tier.label) == (None, 1000, 0, "sim")
+
+
+def test_capacity_refuses_past_full() -> None:
+    tier = MemoryTier.sized(2, label="mem", slot_size=SLOT)
+    got = tier.put([key(1), key(2), key(3)], [b"a", b"b", b"c"])
+    assert got == [PutStatus.STORED, PutStatus.STORED, PutStatus.NO_SPACE]
+    with pytest.raises(ValueError, match="at least 1 block"):
+        MemoryTier.sized(0, label="mem", slot_size=SLOT)

@@ -1,0 +1,128 @@
+"""Trace reading, validation and aiperf-compatible analysis, on the shared real traces."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from kvferry.bench.traces import TraceError, analyze_trace, bundled_path, read_trace
+from kvferry.cli.main import main
+
+# The shared traces, as bundled with kvferry (copied verbatim; see kvferry/data/traces/README.md)
+PARITY = Path(bundled_path("aiperf-parity"))
+GOLDEN = Path(bundled_path("aiperf_parity_golden.json"))
+MOONCAKE = Path(bundled_path("mooncake-synthetic"))
+
+
+def test_bundled_copies_are_verbatim() -> None:
+    shared = Path(__file__).resolve().parents[3] / "shared" / "data" / "traces"
+    if not shared.is_dir():
+        pytest.skip("no ../shared/data/traces beside this checkout to compare the copies with")
+    for name in (
+        "aiperf_parity_trace.jsonl",
+        "aiperf_parity_golden.json",
+        "mooncake_synthetic_trace.jsonl",
+    ):
+        assert (shared / name).read_bytes() == Path(bundled_path(name)).read_bytes(), name
+
+
+def _same(a: object, b: object) -> bool:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, float) or isinstance(b, float):
+        return (
+            isinstance(a, int | float)
+            and isinstance(b, int | float)
+            and math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-12)
+        )
+    return a == b
+
+
+def test_every_number_of_aiperf_golden_is_reproduced() -> None:
+    golden = json.loads(GOLDEN.read_text())
+    trace = read_trace(PARITY, keep_mismatched=True)
+    report = analyze_trace(trace)
+    for key, want in golden.items():
+        assert _same(report[key], want), f"{key}: kvferry {report[key]!r}, aiperf {want!r}"
+    # the lengths of this trace do not match its ids at 512 tokens per block: reported, kept
+    assert [p.line for p in trace.problems] == [1, 2, 3, 4, 5]
+    assert all(p.kept for p in trace.problems)
+    assert report["block_weighted_ideal_hit_rate"] == pytest.approx(1 - 7 / 12)
+
+
+def test_cli_json_equals_golden(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "report.json"
+    rc = main(["trace", "analyze", str(PARITY), "--keep-mismatched", "--json", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    golden = json.loads(GOLDEN.read_text())
+    assert all(_same(report[k], v) for k, v in golden.items())
+    text = capsys.readouterr().out
+    assert "0.3542" in text and "line 1:" in text
+
+
+def test_mooncake_trace_matches_its_readme() -> None:
+    trace = read_trace(MOONCAKE)
+    assert trace.problems == []
+    report = analyze_trace(trace)
+    assert report["total_requests"] == 3993
+    assert report["total_blocks"] == 121877
+    assert report["distinct_blocks"] == 43924
+    assert report["block_weighted_ideal_hit_rate"] == pytest.approx(0.6396, abs=5e-5)
+    assert report["avg_isl"] == pytest.approx(15325, abs=1)
+    # ids form prefix chains: the leading-hit rate equals the ideal one
+    assert report["block_weighted_prefix_hit_rate"] == pytest.approx(
+        report["block_weighted_ideal_hit_rate"]
+    )
+
+
+BAD_LINES = [
+    ('{"timestamp": 0, "input_length": 10, "output_length": 1}', "missing field(s) hash_ids"),
+    ('{"timestamp": 0, "input_length": -5, "output_length": 1, "hash_ids": []}', "input_length"),
+    ('{"timestamp": 0, "input_length": 600, "output_length": 1, "hash_ids": [1]}', "needs 2"),
+    ('{"timestamp": -1, "input_length": 1, "output_length": 1, "hash_ids": [1]}', "timestamp"),
+    ('{"timestamp": 0, "input_length": 1, "output_length": 1, "hash_ids": ["a"]}', "hash_ids[0]"),
+    ('{"timestamp": 0, "input_length": 1, "output_length": 1, "hash_ids": [-3]}', "hash_ids[0]"),
+    ('{"timestamp": 0, "input_length": 1.5, "output_length": 1, "hash_ids": [1]}', "input_length"),
+    ("[1, 2]", "JSON object"),
+    ("{not json", "not valid JSON"),
+]
+GOOD = '{"timestamp": 5, "input_length": 513, "output_length": 2, "hash_ids": [7, 8]}'
+
+
+@pytest.mark.parametrize(("line", "fragment"), BAD_LINES)
+def test_bad_record_is_skipped_and_named(tmp_path: Path, line: str, fragment: str) -> None:
+    path = tmp_path / "t.jsonl"
+    path.write_text(GOOD + "\n\n" + line + "\n" + GOOD + "\n")
+    trace = read_trace(path)
+    assert len(trace.requests) == 2
+    assert [p.line for p in trace.problems] == [3]
+    assert fragment in trace.problems[0].message
+    with pytest.raises(TraceError, match=rf"t\.jsonl:3: .*{fragment[:6]}"):
+        read_trace(path, strict=True)
+
+
+def test_mismatch_kept_only_when_asked_and_block_tokens_fixes_it(tmp_path: Path) -> None:
+    path = tmp_path / "t.jsonl"
+    path.write_text(
+        '{"timestamp": 0, "input_length": 100, "output_length": 1, "hash_ids": [1,2]}\n'
+    )
+    assert read_trace(path).requests == []
+    assert len(read_trace(path, keep_mismatched=True).requests) == 1
+    assert read_trace(path, block_tokens=64).problems == []
+
+
+def test_cli_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["trace", "analyze", str(tmp_path / "nope.jsonl")]) == 2
+    assert "cannot open trace" in capsys.readouterr().err
+    assert main(["trace", "analyze", str(PARITY)]) == 2  # every record mismatched: none left
+    assert "no valid request" in capsys.readouterr().err
+    binary = tmp_path / "b.jsonl"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    assert main(["trace", "analyze", str(binary)]) == 2
+    assert "not UTF-8" in capsys.readouterr().err
+    assert main(["trace", "analyze", str(PARITY), "--block-tokens", "0"]) == 2
+    assert ">= 1" in capsys.readouterr().err
