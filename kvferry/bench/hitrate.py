@@ -502,7 +502,7 @@ def replay(
                     hit += 1
             t2 = time.perf_counter_ns()
             if hit < len(ks):
-                store.put(ks[hit:], values[: len(ks) - hit], depth=hit)
+                store.put(ks[hit:], values[hit : len(ks)], depth=hit)
             t3 = time.perf_counter_ns()
             tally.add(req, len(ks), hit, bt)
             request_us.add((t3 - t0) / 1e3)

@@ -22,7 +22,7 @@ import math
 import os
 import statistics
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -201,19 +201,39 @@ def read_trace(
         TraceError: the file cannot be read, ``block_tokens`` < 1, or (``strict``) a record is
             bad; the message names the file and line.
     """
+    path = resolve_trace(os.fspath(path))
+    return ingest(
+        iter_records(path),
+        source=path,
+        block_tokens=block_tokens,
+        strict=strict,
+        keep_mismatched=keep_mismatched,
+    )
+
+
+def ingest(
+    records: Iterable[tuple[int, Any, str]],
+    *,
+    source: str,
+    block_tokens: int = DEFAULT_BLOCK_TOKENS,
+    strict: bool = False,
+    keep_mismatched: bool = False,
+) -> Trace:
+    """Validate ``(line number, record, JSON error)`` triples into a :class:`Trace` (the
+    options as for :func:`read_trace`; a generated workload comes in this way too)."""
     if block_tokens < 1:
         raise TraceError(f"block_tokens must be >= 1, got {block_tokens}")
-    path = resolve_trace(os.fspath(path))
     requests: list[TraceRequest] = []
     problems: list[Problem] = []
-    for number, record, json_error in iter_records(path):
-        message, mismatch = (
-            (json_error, False) if json_error else check_record(record, block_tokens)
-        )
+    for number, record, json_error in records:
+        if json_error:
+            message, mismatch = json_error, False
+        else:
+            message, mismatch = check_record(record, block_tokens)
         if message:
             kept = mismatch and keep_mismatched
             if strict and not kept:
-                raise TraceError(f"{path}:{number}: {message}")
+                raise TraceError(f"{source}:{number}: {message}")
             problems.append(Problem(number, message, kept))
             if not kept:
                 continue
@@ -226,7 +246,7 @@ def read_trace(
                 hash_ids=record["hash_ids"],
             )
         )
-    return Trace(path=path, block_tokens=block_tokens, requests=requests, problems=problems)
+    return Trace(path=source, block_tokens=block_tokens, requests=requests, problems=problems)
 
 
 # -- analysis (aiperf analyze-trace, same definitions) -------------------------------------------

@@ -40,9 +40,9 @@ class LengthAwarePolicy(EvictionPolicy[K]):
     def _move(self, key: K, tick: int) -> None:
         old = self._group.get(key)
         if old is not None:
-            keys = self._groups[old]
-            del keys[key]
-            if not keys:
+            left = self._groups[old]
+            del left[key]
+            if not left:
                 del self._groups[old]
         keys = self._groups.get(tick)
         if keys is None:

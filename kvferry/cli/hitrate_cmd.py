@@ -1,0 +1,463 @@
+"""``kvferry bench hitrate``: hit rate versus capacity and policy, by simulation or by replay
+against a real store, with capacity advice; parse, call :mod:`kvferry.bench.hitrate`, print."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from kvferry.bench import hitrate as lab
+from kvferry.bench.hitrate import Advice, HitRateReport, HitRateResult, TierSpec
+from kvferry.bench.traces import BUNDLED, Trace, bundled_path, ingest
+from kvferry.cli.common import add_config_options, load_from_args
+from kvferry.cli.trace_cmd import add_trace_options, load, print_problems
+from kvferry.config.models import KvferryConfig
+from kvferry.errors import ConfigError
+
+FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0)
+"""Default sweep: these fractions of the trace's distinct blocks."""
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def add_hitrate_parser(kinds: Any) -> None:
+    p = kinds.add_parser(
+        "hitrate",
+        help="hit rate vs cache capacity and policy: simulate or replay a trace, size the cache",
+        description="Run a Mooncake-format trace (or a generated workload) through kvferry's "
+        "real TieredStore: over simulated tiers of each --capacity (default), or against the "
+        "configured tiers with real bytes (--replay). Reports block-weighted (headline), "
+        "token-weighted and per-request-mean hit rates, per tier.",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument(
+        "--trace",
+        metavar="FILE",
+        help=f"JSONL trace, or a bundled one: {', '.join(k for k in BUNDLED if 'fig' not in k)}",
+    )
+    src.add_argument(
+        "--workload",
+        metavar="NAME[:KEY=VALUE,...]",
+        help="a generated workload (see `kvferry workload`), e.g. multi-turn:sessions=20,turns=8",
+    )
+    add_trace_options(p)
+    p.add_argument(
+        "--capacity",
+        metavar="LIST",
+        help="capacities to sweep: blocks (5000) or sizes (4GiB, with the KV geometry); "
+        "default: 1%%..100%% of the trace's distinct blocks",
+    )
+    p.add_argument(
+        "--policy", default="lru", metavar="LIST", help="eviction policies (default lru)"
+    )
+    p.add_argument(
+        "--tiers",
+        metavar="NAME:CAP,...",
+        help="tier pipeline, fastest first, e.g. cpu:5000,disk:50000; leave the last capacity "
+        "out to sweep it with --capacity or search it with --target-hit-rate",
+    )
+    geo = p.add_mutually_exclusive_group()
+    geo.add_argument(
+        "--kv-bytes-per-token",
+        "--bytes-per-token",
+        dest="kv_bytes_per_token",
+        type=_positive_int,
+        help="KV bytes per token (K and V, all layers)",
+    )
+    geo.add_argument(
+        "--model-kv",
+        metavar="LAYERS,KV_HEADS,HEAD_DIM,DTYPE",
+        help="KV geometry, e.g. 32,8,128,bf16 (Llama-3-8B: 128 KiB per token)",
+    )
+    p.add_argument(
+        "--evict-start-threshold",
+        type=_fraction,
+        default=None,
+        help="simulation: fill fraction that starts eviction (default 1.0: exact capacity)",
+    )
+    p.add_argument(
+        "--evict-ratio",
+        type=float,
+        default=None,
+        help="simulation: fraction of a tier freed per eviction round (default 0: only what a "
+        "put needs)",
+    )
+    p.add_argument("--replay", action="store_true", help="replay against the configured store")
+    p.add_argument(
+        "--backend",
+        metavar="TIERS",
+        help="replay: the store's tier pipeline, e.g. cpu or cpu,disk (store.tiers)",
+    )
+    p.add_argument(
+        "--speedup",
+        type=_positive_float,
+        help="replay at the trace's timestamps divided by this (default: as fast as possible)",
+    )
+    p.add_argument(
+        "--target-hit-rate",
+        type=_fraction,
+        help="find the smallest capacity (of the last tier) that reaches this block hit rate",
+    )
+    p.add_argument(
+        "--prefill-tokens-per-s",
+        type=_positive_float,
+        help="prefill speed of the engine: reports prefill compute saved per second of trace",
+    )
+    p.add_argument("--json", default="", metavar="FILE", help="write the report as JSON")
+    p.add_argument("--csv", default="", metavar="FILE", help="write one row per run as CSV")
+    p.add_argument("--plot", default="", metavar="FILE.png", help="plot hit rate vs capacity")
+    p.add_argument(
+        "--plot-weighting",
+        choices=["block", "token"],
+        default="block",
+        help="which hit rate the plot shows (default block)",
+    )
+    p.add_argument(
+        "--reference",
+        metavar="CSV",
+        help="a published curve to draw beside (hit_rate + capacity_blocks or capacity_tokens "
+        "columns); mooncake-fig9 is bundled",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_config_options(p)
+    p.set_defaults(func=run_hitrate)
+
+
+def _workload_trace(spec_text: str, args: argparse.Namespace) -> Trace:
+    from kvferry.bench.workloads import get_workload
+
+    name, _, rest = spec_text.partition(":")
+    spec = get_workload(name.strip())
+    defaults = {i.name: i.default for i in spec.option_infos()}
+    options: dict[str, object] = {}
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in defaults:
+            raise ConfigError(
+                f"--workload {spec_text!r}: {item!r} is not KEY=VALUE with KEY one of "
+                f"{', '.join(defaults)}"
+            )
+        kind = type(defaults[key])
+        try:
+            options[key] = kind(value) if kind is not bool else value.lower() in ("1", "true")
+        except ValueError as e:
+            raise ConfigError(
+                f"--workload {spec_text!r}: {key} must be a {kind.__name__}, got {value!r}"
+            ) from e
+    options.setdefault("block_tokens", args.block_tokens)
+    records = spec.generate(**options)
+    trace = ingest(
+        ((i, r, "") for i, r in enumerate(records, start=1)),
+        source=f"workload {spec_text}",
+        block_tokens=int(options["block_tokens"]),  # type: ignore[call-overload]
+        strict=True,
+    )
+    return trace
+
+
+def _geometry(args: argparse.Namespace) -> int | None:
+    if args.kv_bytes_per_token:
+        return int(args.kv_bytes_per_token)
+    if args.model_kv:
+        return lab.kv_bytes_per_token(args.model_kv)
+    return None
+
+
+def run_hitrate(args: argparse.Namespace) -> int:
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console.width = 120  # a log or a README keeps every column readable
+    trace = load(args, args.trace) if args.trace else _workload_trace(args.workload, args)
+    print_problems(console, trace)
+    trace.require_requests()
+    kv = _geometry(args)
+    block_bytes = None if kv is None else kv * trace.block_tokens
+    policies = [p.strip() for p in args.policy.split(",") if p.strip()]
+    if not policies:
+        raise ConfigError("--policy: give at least one policy, e.g. lru,lfu")
+    for name in policies:
+        from kvferry.store.eviction import load_policy
+
+        load_policy(name)  # an unknown name fails here, before any run
+    flags: dict[str, object] = {}
+    if args.backend:
+        flags["store.tiers"] = args.backend
+    loaded = load_from_args(args, flags, flag_names={"store.tiers": "--backend"})
+    config = loaded.config
+    keys = lab.trace_keys(trace)
+    distinct = len({k for ks in keys for k in ks})
+    reqs = trace.requests
+    duration = (reqs[-1].timestamp_ms - reqs[0].timestamp_ms) / 1000.0 if reqs else 0.0
+    results: list[HitRateResult] = []
+    advice: list[Advice] = []
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=args.quiet,
+        transient=True,
+    )
+
+    def track(label: str) -> Any:
+        task = progress.add_task(label, total=len(reqs))
+        return lambda done, total: progress.update(task, completed=done)
+
+    with progress:
+        if args.replay:
+            if kv is None:
+                raise ConfigError(
+                    "--replay moves real bytes: give the KV geometry with --kv-bytes-per-token "
+                    "or --model-kv"
+                )
+            if args.capacity or args.tiers or args.target_hit_rate:
+                raise ConfigError(
+                    "--replay runs the configured store: size its tiers in the config "
+                    "(e.g. --set cpu.capacity=4GiB); --capacity, --tiers and "
+                    "--target-hit-rate are for simulation"
+                )
+            for policy in policies:
+                results.append(
+                    lab.replay(
+                        trace,
+                        config,
+                        kv_bytes_per_token=kv,
+                        policy=policy,
+                        speedup=args.speedup,
+                        on_progress=track(f"replay {policy}"),
+                    )
+                )
+        else:
+            sim_config = _sim_config(args, loaded.sources, config)
+            cases = _cases(args, block_bytes, distinct)
+            for policy in policies:
+                for tiers in cases:
+                    label = f"{policy} {'+'.join(f'{t.name}:{t.capacity_blocks}' for t in tiers)}"
+                    results.append(
+                        lab.simulate(
+                            trace,
+                            tiers,
+                            policy=policy,
+                            config=sim_config,
+                            keys=keys,
+                            on_progress=track(label),
+                        )
+                    )
+                if args.target_hit_rate:
+                    # the last tier is searched, the others stay as given
+                    base = lab.parse_tiers(args.tiers, block_bytes) if args.tiers else []
+                    task = progress.add_task(f"advice {policy}", total=None)
+                    advice.append(
+                        lab.advise(
+                            trace,
+                            base or [TierSpec("cpu", None)],
+                            args.target_hit_rate,
+                            policy=policy,
+                            config=sim_config,
+                            keys=keys,
+                        )
+                    )
+                    progress.remove_task(task)
+    reference = None
+    if args.reference:
+        path = bundled_path(args.reference) if args.reference in BUNDLED else args.reference
+        reference = lab.read_reference(path, trace.block_tokens)
+    report = HitRateReport(
+        source=trace.path,
+        block_tokens=trace.block_tokens,
+        requests=len(reqs),
+        blocks=trace.total_blocks,
+        duration_s=duration,
+        kv_bytes_per_token=kv,
+        results=results,
+        advice=advice,
+        prefill_tokens_per_s=args.prefill_tokens_per_s,
+        peak_rss_mib=lab.peak_rss_mib(),
+        reference=reference,
+    )
+    _print_report(console, report, distinct)
+    if args.json:
+        lab.write_json(args.json, report)
+    if args.csv:
+        lab.write_csv(args.csv, report)
+    if args.plot:
+        label = "reference" if not args.reference else args.reference
+        lab.plot(args.plot, report, weighting=args.plot_weighting, reference_label=label)
+        console.print(f"plot: {args.plot}")
+    return 0
+
+
+def _sim_config(
+    args: argparse.Namespace, sources: dict[str, str], config: KvferryConfig
+) -> KvferryConfig:
+    """The config's placement settings, with exact-capacity eviction unless the user set the
+    watermarks (flag > config)."""
+    threshold = args.evict_start_threshold
+    if threshold is None:
+        default = sources.get("store.evict_start_threshold", "default") == "default"
+        threshold = 1.0 if default else config.store.evict_start_threshold
+    ratio = args.evict_ratio
+    if ratio is None:
+        default = sources.get("store.evict_ratio", "default") == "default"
+        ratio = 0.0 if default else config.store.evict_ratio
+    if not 0 <= ratio <= 1:
+        raise ConfigError(f"--evict-ratio must be in [0, 1], got {ratio}")
+    return lab.sim_store_config(
+        config.store.eviction_policy,
+        base=config,
+        evict_start_threshold=threshold,
+        evict_ratio=ratio,
+    )
+
+
+def _cases(
+    args: argparse.Namespace, block_bytes: int | None, distinct: int
+) -> list[list[TierSpec]]:
+    """Tier pipelines to simulate: --tiers as given, its open last tier swept over --capacity,
+    or one cpu tier per --capacity."""
+    if args.capacity:
+        caps = [lab.parse_capacity(c, block_bytes) for c in args.capacity.split(",") if c.strip()]
+    else:
+        caps = sorted({max(1, int(distinct * f)) for f in FRACTIONS})
+    if not args.tiers:
+        return [[TierSpec("cpu", c)] for c in caps]
+    tiers = lab.parse_tiers(args.tiers, block_bytes)
+    if tiers[-1].capacity_blocks is not None:
+        if args.capacity:
+            raise ConfigError(
+                "--capacity sweeps the last tier of --tiers; leave its capacity out "
+                "(e.g. --tiers cpu:5000,disk --capacity 10000,50000)"
+            )
+        return [tiers]
+    if not args.capacity and args.target_hit_rate:
+        return []  # only advice was asked for
+    return [[*tiers[:-1], TierSpec(tiers[-1].name, c)] for c in caps]
+
+
+def _gib(blocks: int | None, block_bytes: int | None) -> str:
+    if blocks is None or block_bytes is None:
+        return "-"
+    return f"{blocks * block_bytes / 2**30:,.2f}"
+
+
+def _print_report(console: Console, report: HitRateReport, distinct: int) -> None:
+    bb = report.block_bytes
+    replay = any(r.mode == "replay" for r in report.results)
+    console.print(
+        f"{report.source}: {report.requests:,} requests, {report.blocks:,} blocks "
+        f"({distinct:,} distinct) of {report.block_tokens} tokens"
+        + (f", {bb:,} B per block" if bb else "")
+    )
+    multi = any(len(r.tiers) > 1 for r in report.results)
+    table = Table(title="kvferry bench hitrate (" + ("replay" if replay else "simulation") + ")")
+    table.add_column("policy")
+    table.add_column("tiers" if multi else "blocks", justify="left" if multi else "right")
+    if bb:
+        table.add_column("GiB", justify="right")
+    for name in ("block", "token", "req-mean"):
+        table.add_column(name, justify="right")
+    if multi:
+        table.add_column("per tier", justify="left")
+    if replay:
+        for name in ("QPS", "p50 us", "p99 us", "GB/s", "write", "RSS MiB"):
+            table.add_column(name, justify="right")
+    else:
+        table.add_column("lookups/s", justify="right")
+    if report.prefill_tokens_per_s:
+        table.add_column("prefill s/s", justify="right")
+    for r in report.results:
+        if multi:
+            where = "+".join(f"{t.name}:{t.capacity_blocks or 'inf'}" for t in r.tiers)
+        else:
+            where = f"{r.capacity_blocks:,}" if r.capacity_blocks else "inf"
+        row = [r.policy, where]
+        if bb:
+            row.append(_gib(r.capacity_blocks, bb))
+        row += [
+            f"{r.block_hit_rate:.4f}",
+            f"{r.token_hit_rate:.4f}",
+            f"{r.request_mean_hit_rate:.4f}",
+        ]
+        if multi:
+            row.append(" ".join(f"{k}:{v:.3f}" for k, v in r.tier_hit_rates().items()))
+        if r.replay is not None:
+            x = r.replay
+            lat = x["request_latency_us"] or {}
+            row += [
+                f"{x['qps']:,.0f}",
+                f"{lat.get('p50', 0):,.0f}",
+                f"{lat.get('p99', 0):,.0f}",
+                f"{x['bandwidth_gbps']:.2f}",
+                f"{x['write_ratio']:.2f}",
+                f"{x['rss_start_mib']:.0f}->{x['rss_end_mib']:.0f}",
+            ]
+        else:
+            row.append(f"{r.lookups_per_s / 1e6:.2f}M")
+        saved = report.prefill_saved(r)
+        if saved is not None:
+            row.append(f"{saved['prefill_seconds_saved_per_trace_second']:.3f}")
+        table.add_row(*row)
+    console.print(table)
+    console.print(
+        "hit rates: block = leading hit blocks / blocks looked up (headline); token = hit "
+        "tokens / input tokens (ratios of sums); req-mean = mean per-request fraction (aiperf)"
+        + (
+            "; prefill s/s = prefill compute seconds saved per second of trace"
+            if report.prefill_tokens_per_s
+            else ""
+        )
+        + f"; peak RSS {report.peak_rss_mib:,.0f} MiB"
+    )
+    for a in report.advice:
+        split = " + ".join(
+            f"{t.name} {t.capacity_blocks:,} blocks"
+            + (f" ({t.capacity_blocks * bb / 2**30:,.2f} GiB)" if bb and t.capacity_blocks else "")
+            for t in a.tiers
+        )
+        if a.reachable:
+            console.print(
+                f"advice ({a.policy}): block hit rate {a.target} needs {split} "
+                f"(reaches {a.block_hit_rate:.4f}; {a.runs} simulations)"
+            )
+        else:
+            console.print(
+                f"advice ({a.policy}): block hit rate {a.target} is out of reach: even an "
+                f"infinite cache gets {a.block_hit_rate:.4f} on this trace"
+            )
+        if a.note:
+            console.print(f"  note: {a.note}")

@@ -1,0 +1,111 @@
+"""``kvferry bench hitrate`` end to end: sweep, outputs, workload input, replay, advice, errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from kvferry.cli.main import main
+
+
+def test_sweep_writes_json_csv_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "r.json"
+    table = tmp_path / "r.csv"
+    png = tmp_path / "r.png"
+    rc = main(
+        [
+            "bench", "hitrate", "--trace", "mooncake-synthetic", "--policy", "lru,fifo",
+            "--capacity", "1953,9765", "--model-kv", "32,8,128,bf16", "--json", str(out),
+            "--csv", str(table), "--plot", str(png), "--reference", "mooncake-fig9",
+            "--plot-weighting", "token", "--prefill-tokens-per-s", "10000", "--quiet",
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["schema_version"] == 1 and report["blocks"] == 121877
+    assert [(r["policy"], r["capacity_blocks"]) for r in report["results"]] == [
+        ("lru", 1953), ("lru", 9765), ("fifo", 1953), ("fifo", 9765),
+    ]  # fmt: skip
+    lru = report["results"][1]
+    assert lru["capacity_bytes"] == 9765 * 131072 * 512
+    assert abs(lru["token_hit_rate"] - 0.4352) < 0.02  # Figure 9 at 5e6 tokens
+    assert lru["prefill_seconds_saved"] == pytest.approx(lru["hit_tokens"] / 10000)
+    assert len(report["reference"]) == 10
+    rows = list(csv.DictReader(table.open()))
+    assert len(rows) == 4 and float(rows[1]["block_hit_rate"]) == pytest.approx(
+        lru["block_hit_rate"], abs=1e-6
+    )
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = capsys.readouterr().out
+    assert "0.4201" in text and "headline" in text
+
+
+def test_workload_input_and_advice(capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(
+        [
+            "bench", "hitrate", "--workload",
+            "long-doc-qa:documents=4,questions=10,doc_tokens=4096",
+            "--target-hit-rate", "0.5", "--capacity", "8,40", "--quiet",
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "advice (lru): block hit rate 0.5 needs cpu" in text
+
+
+def test_replay_from_the_cli(tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    rc = main(
+        [
+            "bench", "hitrate", "--workload", "multi-turn:sessions=6,turns=4", "--replay",
+            "--backend", "cpu", "--set", "cpu.buffer_number=20", "--kv-bytes-per-token", "8",
+            "--json", str(out), "--quiet",
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    r = json.loads(out.read_text())["results"][0]
+    assert r["mode"] == "replay" and r["replay"]["corrupt_blocks"] == 0
+    assert r["tiers"] == [{"name": "cpu", "capacity_blocks": 20}]
+    assert r["hit_blocks"] > 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["--trace", "mooncake-synthetic", "--replay"], "give the KV geometry"),
+        (
+            [
+                "--trace",
+                "mooncake-synthetic",
+                "--replay",
+                "--kv-bytes-per-token",
+                "8",
+                "--capacity",
+                "10",
+            ],
+            "size its tiers in the config",
+        ),
+        (["--trace", "mooncake-synthetic", "--policy", "mru"], "unknown eviction policy"),
+        (["--trace", "mooncake-synthetic", "--capacity", "4GiB"], "give the KV geometry"),
+        (
+            ["--trace", "mooncake-synthetic", "--tiers", "cpu:10,disk:5", "--capacity", "9"],
+            "leave its capacity out",
+        ),
+        (["--workload", "chat"], "unknown workload 'chat'"),
+        (["--workload", "multi-turn:sessions=many"], "sessions must be a int"),
+        (["--workload", "multi-turn:colour=red"], "is not KEY=VALUE"),
+        (["--trace", "nope.jsonl"], "cannot open trace"),
+        (
+            ["--trace", "mooncake-synthetic", "--reference", "missing.csv", "--capacity", "9"],
+            "cannot read reference curve",
+        ),
+    ],
+)
+def test_bad_input_exits_2_with_a_message(
+    argv: list[str], fragment: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["bench", "hitrate", "--quiet", *argv]) == 2
+    assert fragment in capsys.readouterr().err
