@@ -186,19 +186,26 @@ class TieredStore:
                     n += 1
                 else:
                     break
-        if n < len(hashes) and shared:
-            n += self._shared_prefix(list(hashes[n:]), mask, shared)
-        with self._lock:
-            st = self._stats
-            st.lookups += 1
-            st.lookup_blocks += len(hashes)
-            st.hit_blocks += n
-            if hashes:
-                st.request_hit_fraction_sum += n / len(hashes)
-            st.lookup_latency.observe_ns(time.perf_counter_ns() - t0)
+            if not shared:
+                self._count_lookup(hashes, n, t0)
+        if shared:
+            if n < len(hashes):
+                n += self._shared_prefix(list(hashes[n:]), mask, shared)
+            with self._lock:
+                self._count_lookup(hashes, n, t0)
         if self._cfg.prefetch_depth and n and tier is None:
             self._schedule_prefetch(list(hashes[: min(n, self._cfg.prefetch_depth)]))
         return n
+
+    def _count_lookup(self, hashes: Sequence[Key], n: int, t0: int) -> None:
+        """Lookup statistics; caller holds the lock."""
+        st = self._stats
+        st.lookups += 1
+        st.lookup_blocks += len(hashes)
+        st.hit_blocks += n
+        if hashes:
+            st.request_hit_fraction_sum += n / len(hashes)
+        st.lookup_latency.observe_ns(time.perf_counter_ns() - t0)
 
     def _shared_prefix(self, rest: list[Key], mask: int, shared: list[int]) -> int:
         """Leading blocks of ``rest`` present locally (under ``mask``) or in a shared tier;
@@ -306,14 +313,18 @@ class TieredStore:
         if not policy.uses_depth:
             depths = None
         doomed = self._doomed
-        for i, k in enumerate(hashes):
-            if where.get(k, 0) & bit:
-                policy.touch(k)
-                if doomed:
-                    doomed.discard(k)
-            elif k not in seen:
-                seen.add(k)
-                todo.append(i)
+        masks = [where.get(k, 0) for k in hashes]
+        if not any(m & bit for m in masks) and len(set(hashes)) == len(hashes):
+            todo = list(range(len(hashes)))  # the usual case: all new, no repeats
+        else:
+            for i, k in enumerate(hashes):
+                if masks[i] & bit:
+                    policy.touch(k)
+                    if doomed:
+                        doomed.discard(k)
+                elif k not in seen:
+                    seen.add(k)
+                    todo.append(i)
         if not todo:
             return status
         keys = [hashes[i] for i in todo]
@@ -334,6 +345,15 @@ class TieredStore:
                 log.warning("store: put into %s failed: %s", self.names[ti], e)
                 got = [PutStatus.NO_SPACE] * (end - start)
             # Indexed chunk by chunk: the next chunk's eviction must see these blocks.
+            if depths is None and got.count(STORED) == len(got):  # the usual case
+                chunk = keys[start:end]
+                for i in todo[start:end]:
+                    status[i] = STORED
+                where.update(zip(chunk, [where.get(k, 0) | bit for k in chunk]))
+                policy.insert_many(chunk)
+                c.blocks_in += len(chunk)
+                c.bytes_in += sum(map(len, vals[start:end]))
+                continue
             insert = policy.insert
             stored = nbytes = refused = 0
             for i, k, v, st in zip(todo[start:end], keys[start:end], vals[start:end], got):
@@ -439,10 +459,9 @@ class TieredStore:
         if not victims:
             return
         tier.delete(victims)
-        policy = self._policies[ti]
+        self._policies[ti].remove_many(victims)
         clear = ~(1 << ti)
         for k in victims:
-            policy.remove(k)
             left = where.get(k, 0) & clear
             if left:
                 where[k] = left
@@ -504,17 +523,32 @@ class TieredStore:
             where = self._where
             groups: dict[int, list[int]] = {}
             missing: list[int] = []
-            for i, k in enumerate(hashes):
-                m = where.get(k, 0)
-                if m & 1:
-                    groups.setdefault(0, []).append(i)
-                elif m:
-                    groups.setdefault((m & -m).bit_length() - 1, []).append(i)
+            masks = [where.get(k, 0) for k in hashes]
+            got0: list[int | None] | None = None
+            if all(m & 1 for m in masks):  # the usual case: all in the first tier
+                got0 = self._get_local(0, list(hashes), list(outs))
+                if None in got0:  # a block was gone: the general path below sorts it out
+                    groups[0] = list(range(len(hashes)))
                 else:
-                    missing.append(i)
+                    res = got0
+                    policy = self._policies[0]
+                    if depth is not None and policy.uses_depth:
+                        for i, k in enumerate(hashes):
+                            policy.set_depth(k, depth + i)
+            else:
+                for i, m in enumerate(masks):
+                    if m & 1:
+                        groups.setdefault(0, []).append(i)
+                    elif m:
+                        groups.setdefault((m & -m).bit_length() - 1, []).append(i)
+                    else:
+                        missing.append(i)
             promote: list[int] = []
             for ti, idx in sorted(groups.items()):
-                got = self._get_local(ti, [hashes[i] for i in idx], [outs[i] for i in idx])
+                if ti == 0 and got0 is not None:
+                    got = got0  # read above
+                else:
+                    got = self._get_local(ti, [hashes[i] for i in idx], [outs[i] for i in idx])
                 policy = self._policies[ti]
                 for i, n in zip(idx, got):
                     res[i] = n
@@ -534,12 +568,16 @@ class TieredStore:
             st = self._stats
             st.gets += 1
             st.get_blocks += len(hashes)
-        if missing and self._shared:
+            remote = bool(missing and self._shared)
+            if not remote:
+                st.get_hit_blocks += len(res) - res.count(None)
+                self._counters[0].get_latency.observe_ns(time.perf_counter_ns() - t0)
+        if remote:
             with self.tracer.span("get_remote", "store", blocks=len(missing)):
                 self._get_shared(hashes, outs, res, sorted(missing), depth)
-        with self._lock:
-            self._stats.get_hit_blocks += sum(1 for n in res if n is not None)
-            self._counters[0].get_latency.observe_ns(time.perf_counter_ns() - t0)
+            with self._lock:
+                self._stats.get_hit_blocks += len(res) - res.count(None)
+                self._counters[0].get_latency.observe_ns(time.perf_counter_ns() - t0)
         return res
 
     def _get_local(self, ti: int, keys: list[Key], outs: list[memoryview]) -> list[int | None]:
@@ -556,6 +594,13 @@ class TieredStore:
         c.load_seconds += time.perf_counter() - t0
         c.lookups += len(keys)
         policy = self._policies[ti]
+        if None not in got:  # the usual case: every block there
+            policy.touch_many(keys)
+            n_got = len(keys)
+            c.hits += n_got
+            c.blocks_out += n_got
+            c.bytes_out += sum(got)  # type: ignore[arg-type]  # no None here
+            return got
         touch = policy.touch
         nbytes = hits = 0
         for k, n in zip(keys, got):

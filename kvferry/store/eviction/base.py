@@ -17,6 +17,9 @@ Primitives and their contracts:
     removes what it really evicts.
 ``__len__``, ``__contains__``
     Keys tracked.
+``insert_many(keys)``, ``touch_many(keys)``, ``remove_many(keys)``
+    The same for a batch, in order; the base class loops, a policy overrides them to go faster
+    (the store calls these on its hot paths).
 
 Optional, for policies that rank blocks by their depth in a prefix chain (``uses_depth = True``;
 the store skips these calls for the others):
@@ -35,7 +38,7 @@ Constructor shape: ``Policy()``; every policy is created fresh per tier.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from typing import ClassVar, Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
@@ -65,6 +68,18 @@ class EvictionPolicy(ABC, Generic[K]):
 
     @abstractmethod
     def victims(self, n: int, skip: Callable[[K], bool] | None) -> list[K]: ...
+
+    def insert_many(self, keys: Iterable[K]) -> None:
+        for k in keys:
+            self.insert(k)
+
+    def touch_many(self, keys: Iterable[K]) -> None:
+        for k in keys:
+            self.touch(k)
+
+    def remove_many(self, keys: Iterable[K]) -> None:
+        for k in keys:
+            self.remove(k)
 
     @abstractmethod
     def __len__(self) -> int: ...

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from kvferry.store.eviction.base import K
 from kvferry.store.eviction.lru import LruPolicy
 
@@ -14,4 +16,13 @@ class FifoPolicy(LruPolicy[K]):
             self._order[key] = None
 
     def touch(self, key: K) -> None:
+        return None
+
+    def insert_many(self, keys: Iterable[K]) -> None:
+        order = self._order
+        for k in keys:
+            if k not in order:
+                order[k] = None
+
+    def touch_many(self, keys: Iterable[K]) -> None:
         return None

@@ -8,7 +8,7 @@ iterating from the front (the oldest) stays cheap.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from itertools import islice
 
 from kvferry.store.eviction.base import EvictionPolicy, K
@@ -34,6 +34,25 @@ class LruPolicy(EvictionPolicy[K]):
 
     def remove(self, key: K) -> None:
         self._order.pop(key, None)
+
+    def insert_many(self, keys: Iterable[K]) -> None:
+        order = self._order
+        pop = order.pop
+        for k in keys:
+            pop(k, None)
+            order[k] = None
+
+    def touch_many(self, keys: Iterable[K]) -> None:
+        order = self._order
+        pop = order.pop
+        for k in keys:
+            if pop(k, 0) is None:  # present (its value is None): move it to the end
+                order[k] = None
+
+    def remove_many(self, keys: Iterable[K]) -> None:
+        pop = self._order.pop
+        for k in keys:
+            pop(k, None)
 
     def victims(self, n: int, skip: Callable[[K], bool] | None) -> list[K]:
         out: list[K] = []
