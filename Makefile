@@ -40,6 +40,11 @@ run: $(STAMP)
 	  --batch-size 32 --num-keys 2048 --capacity 256MiB --duration 1 --warmup 0.3
 	$(VENV)/bin/kvferry bench store --backend server --op batch-get --value-size 64KiB \
 	  --batch-size 32 --num-keys 2048 --capacity 256MiB --duration 1 --warmup 0.3
+	mkdir -p .kvferry-run
+	$(VENV)/bin/kvferry bench hitrate --trace mooncake-synthetic --policy lru,length-aware \
+	  --capacity 195,1953,3906,9765,19531,97656 --model-kv 32,8,128,bf16 --target-hit-rate 0.5 \
+	  --reference mooncake-fig9 --plot-weighting token --plot .kvferry-run/hitrate.png \
+	  --json .kvferry-run/hitrate.json
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check kvferry tests

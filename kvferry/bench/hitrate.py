@@ -728,9 +728,18 @@ CSV_FIELDS = [
 ]
 
 
+def _open_out(path: str | os.PathLike[str], what: str) -> Any:
+    try:
+        return open(path, "w", newline="", encoding="utf-8")
+    except OSError as e:
+        raise HitRateError(
+            f"cannot write the {what} to {os.fspath(path)!r}: {e.strerror or e}"
+        ) from e
+
+
 def write_csv(path: str | os.PathLike[str], report: HitRateReport) -> None:
     """One row per result."""
-    with open(path, "w", newline="", encoding="utf-8") as f:
+    with _open_out(path, "CSV") as f:
         w = csv.writer(f)
         w.writerow(CSV_FIELDS)
         for r in report.results:
@@ -757,7 +766,7 @@ def write_csv(path: str | os.PathLike[str], report: HitRateReport) -> None:
 
 
 def write_json(path: str | os.PathLike[str], report: HitRateReport) -> None:
-    with open(path, "w", encoding="utf-8") as f:
+    with _open_out(path, "JSON report") as f:
         json.dump(report.to_json(), f, indent=1)
 
 
@@ -843,5 +852,9 @@ def plot(
     ax.legend()
     ax.set_title(f"hit rate vs capacity: {os.path.basename(report.source)}")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=120)
+    except OSError as e:
+        raise HitRateError(f"cannot write the plot to {path!r}: {e.strerror or e}") from e
+    finally:
+        plt.close(fig)

@@ -10,7 +10,14 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from kvferry.bench.traces import DEFAULT_BLOCK_TOKENS, STAT_KEYS, Trace, analyze_trace, read_trace
+from kvferry.bench.traces import (
+    DEFAULT_BLOCK_TOKENS,
+    STAT_KEYS,
+    Trace,
+    TraceError,
+    analyze_trace,
+    read_trace,
+)
 
 PROBLEMS_SHOWN = 10
 
@@ -131,6 +138,11 @@ def run_analyze(args: argparse.Namespace) -> int:
             stats.add_row(name, *[fmt.format(s[k]) for k in STAT_KEYS])
     console.print(stats)
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"schema_version": 1, "file": args.file, **report}, f, indent=1)
+        try:
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump({"schema_version": 1, "file": args.file, **report}, f, indent=1)
+        except OSError as e:
+            raise TraceError(
+                f"cannot write the JSON report to {args.json!r}: {e.strerror or e}"
+            ) from e
     return 0

@@ -95,6 +95,10 @@ def test_replay_from_the_cli(tmp_path: Path) -> None:
             "leave its capacity out",
         ),
         (["--workload", "chat"], "unknown workload 'chat'"),
+        (
+            ["--trace", "mooncake-synthetic", "--capacity", "9", "--json", "/nonexistent/r.json"],
+            "cannot write the JSON report",
+        ),
         (["--workload", "multi-turn:sessions=many"], "sessions must be a int"),
         (["--workload", "multi-turn:colour=red"], "is not KEY=VALUE"),
         (["--trace", "nope.jsonl"], "cannot open trace"),
