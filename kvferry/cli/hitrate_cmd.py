@@ -18,6 +18,7 @@ from kvferry.cli.common import add_config_options, load_from_args
 from kvferry.cli.trace_cmd import add_trace_options, load, print_problems
 from kvferry.config.models import KvferryConfig
 from kvferry.errors import ConfigError
+from kvferry.store.eviction import load_policy
 
 FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0)
 """Default sweep: these fractions of the trace's distinct blocks."""
@@ -210,8 +211,6 @@ def run_hitrate(args: argparse.Namespace) -> int:
     if not policies:
         raise ConfigError("--policy: give at least one policy, e.g. lru,lfu")
     for name in policies:
-        from kvferry.store.eviction import load_policy
-
         load_policy(name)  # an unknown name fails here, before any run
     flags: dict[str, object] = {}
     if args.backend:

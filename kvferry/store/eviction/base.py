@@ -39,9 +39,20 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Iterable
+from itertools import islice
 from typing import ClassVar, Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
+
+
+def take(order: Iterable[K], n: int, skip: Callable[[K], bool] | None) -> list[K]:
+    """The first ``n`` keys of ``order`` that ``skip`` lets through: ``victims`` of a policy is
+    this over its eviction order."""
+    if n <= 0:
+        return []
+    if skip is None:
+        return list(islice(order, n))
+    return list(islice((k for k in order if not skip(k)), n))
 
 
 class EvictionPolicy(ABC, Generic[K]):

@@ -21,8 +21,9 @@ group backwards. O(1) per call except ``victims``, which is O(groups visited + v
 from __future__ import annotations
 
 from collections.abc import Callable
+from itertools import chain
 
-from kvferry.store.eviction.base import EvictionPolicy, K
+from kvferry.store.eviction.base import EvictionPolicy, K, take
 
 
 class LengthAwarePolicy(EvictionPolicy[K]):
@@ -86,16 +87,8 @@ class LengthAwarePolicy(EvictionPolicy[K]):
             del self._groups[tick]
 
     def victims(self, n: int, skip: Callable[[K], bool] | None) -> list[K]:
-        out: list[K] = []
-        if n <= 0:
-            return out
-        for keys in self._groups.values():
-            for key in reversed(keys):
-                if skip is None or not skip(key):
-                    out.append(key)
-                    if len(out) >= n:
-                        return out
-        return out
+        groups = self._groups.values()
+        return take(chain.from_iterable(reversed(keys) for keys in groups), n, skip)
 
     def __len__(self) -> int:
         return len(self._group)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
+from itertools import chain
 
-from kvferry.store.eviction.base import EvictionPolicy, K
+from kvferry.store.eviction.base import EvictionPolicy, K, take
 
 
 class LfuPolicy(EvictionPolicy[K]):
@@ -48,16 +49,8 @@ class LfuPolicy(EvictionPolicy[K]):
             del self._buckets[c]
 
     def victims(self, n: int, skip: Callable[[K], bool] | None) -> list[K]:
-        out: list[K] = []
-        if n <= 0:
-            return out
-        for c in sorted(self._buckets):
-            for key in self._buckets[c]:
-                if skip is None or not skip(key):
-                    out.append(key)
-                    if len(out) >= n:
-                        return out
-        return out
+        buckets = self._buckets
+        return take(chain.from_iterable(buckets[c] for c in sorted(buckets)), n, skip)
 
     def __len__(self) -> int:
         return len(self._count)

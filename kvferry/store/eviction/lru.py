@@ -9,9 +9,8 @@ iterating from the front (the oldest) stays cheap.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from itertools import islice
 
-from kvferry.store.eviction.base import EvictionPolicy, K
+from kvferry.store.eviction.base import EvictionPolicy, K, take
 
 
 class LruPolicy(EvictionPolicy[K]):
@@ -55,17 +54,7 @@ class LruPolicy(EvictionPolicy[K]):
             pop(k, None)
 
     def victims(self, n: int, skip: Callable[[K], bool] | None) -> list[K]:
-        out: list[K] = []
-        if n <= 0:
-            return out
-        if skip is None:
-            return list(islice(self._order, n))
-        for key in self._order:
-            if not skip(key):
-                out.append(key)
-                if len(out) >= n:
-                    break
-        return out
+        return take(self._order, n, skip)
 
     def __len__(self) -> int:
         return len(self._order)
