@@ -24,6 +24,7 @@ _COMMAND_MODULES = [
     "kvferry.cli.serve_cmd",
     "kvferry.cli.trace_cmd",
     "kvferry.cli.workload_cmd",
+    "kvferry.cli.model_cmd",
 ]
 
 EXIT_ERROR = 2
