@@ -1,9 +1,16 @@
-"""``kvferry serve store``: run a store server in the foreground until SIGINT/SIGTERM."""
+"""``kvferry serve store`` and ``kvferry serve mock``: run a server in the foreground until
+SIGINT/SIGTERM.
+
+Each prints one ready line on stdout once it accepts connections (``kvferry-store-ready
+HOST:PORT``, ``kvferry-mock-ready HOST:PORT``), so scripts and tests can start it on port 0 and
+read the address; anything else goes to stderr.
+"""
 
 from __future__ import annotations
 
 import argparse
 import signal
+import sys
 import threading
 
 from rich.console import Console
@@ -33,6 +40,43 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     store.add_argument("--metrics-port", type=int, help="store.metrics_port (Prometheus)")
     store.add_argument("--quiet", action="store_true", help="print only the ready line")
     store.set_defaults(func=run_store)
+
+    mock = kinds.add_parser(
+        "mock",
+        help="a simulated OpenAI-compatible LLM engine (KV blocks, batching, timing; no model)",
+        description="Serve a simulated vLLM-like engine on mock.bind_address:mock.port: "
+        "/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics, /kv/stats, "
+        "/kv/events. Continuous batching over a paged KV cache with prefix caching; step "
+        "times from a timing model (mock.* keys, or fitted to --profile). Prints "
+        "'kvferry-mock-ready HOST:PORT' once it accepts connections.",
+    )
+    add_config_options(mock)
+    for option, key, text in _MOCK_FLAGS:
+        # Values stay text: the config models validate them and name the flag on error.
+        mock.add_argument(option, dest=key.replace(".", "_"), metavar="VALUE", help=text)
+    mock.add_argument("--quiet", action="store_true", help="print only the ready line")
+    mock.set_defaults(func=run_mock)
+
+
+# (option, config key, help) of `serve mock`; each sets one mock.* key.
+_MOCK_FLAGS: list[tuple[str, str, str]] = [
+    ("--port", "mock.port", "HTTP port (default 8000; 0 picks a free port)"),
+    ("--bind", "mock.bind_address", "address to bind (default 127.0.0.1)"),
+    ("--model", "mock.model", "served model name, also the block hash salt"),
+    ("--block-size", "mock.block_size", "tokens per KV block (default 16)"),
+    ("--num-blocks", "mock.num_blocks", "KV blocks in the simulated cache"),
+    ("--max-num-seqs", "mock.max_num_seqs", "requests running at once"),
+    ("--max-num-batched-tokens", "mock.max_num_batched_tokens", "tokens per step"),
+    ("--max-model-len", "mock.max_model_len", "most tokens of prompt + output (0: KV capacity)"),
+    ("--speedup-ratio", "mock.speedup_ratio", "divide every modelled time by this"),
+    ("--profile", "mock.profile", "JSON profile of a real engine to fit the timing to"),
+    ("--tokenizer", "mock.tokenizer", "local HF tokenizer.json or its directory"),
+    (
+        "--auth-token",
+        "mock.auth_token",
+        "Bearer token required on all but /health (KVFERRY_MOCK_AUTH_TOKEN keeps it out of ps)",
+    ),
+]
 
 
 def run_store(args: argparse.Namespace) -> int:
@@ -75,4 +119,24 @@ def run_store(args: argparse.Namespace) -> int:
         stop.wait()
     finally:
         server.close()
+    return 0
+
+
+def run_mock(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from kvferry.serving.mock import READY, MockServer, describe, serve
+
+    flags = {key: getattr(args, key.replace(".", "_")) for _, key, _ in _MOCK_FLAGS}
+    names = {key: option for option, key, _ in _MOCK_FLAGS}
+    loaded = load_from_args(args, flags, flag_names=names)
+
+    def ready(server: MockServer, address: tuple[str, int]) -> None:
+        host, port = address
+        print(f"{READY} {host}:{port}", flush=True)
+        if not args.quiet:
+            # One unwrapped line: it is a log line, often read by scripts, not a terminal view.
+            print(f"mock engine on http://{host}:{port}: {describe(server)}", file=sys.stderr)
+
+    asyncio.run(serve(loaded.config.mock, on_ready=ready))
     return 0

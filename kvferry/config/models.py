@@ -22,6 +22,26 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
+def _bind_address(value: str) -> str:
+    """An IP address to bind; "localhost" and "*" are accepted as 127.0.0.1 and 0.0.0.0."""
+    if value in ("localhost", "*"):
+        return "127.0.0.1" if value == "localhost" else "0.0.0.0"
+    try:
+        ipaddress.ip_address(value)
+    except ValueError as e:
+        raise ValueError(
+            f"must be an IP address such as 127.0.0.1 or 0.0.0.0, got {value!r}"
+        ) from e
+    return value
+
+
+def _blank_is_none(value: SecretStr | None) -> SecretStr | None:
+    """An empty or blank token means no token."""
+    if value is not None and not value.get_secret_value().strip():
+        return None
+    return value
+
+
 class TransferConfig(_Model):
     """Data-plane knobs of the transfer engine (initiator side)."""
 
@@ -131,22 +151,12 @@ class ListenConfig(_Model):
     @field_validator("bind_address")
     @classmethod
     def _valid_address(cls, value: str) -> str:
-        if value in ("localhost", "*"):
-            return "127.0.0.1" if value == "localhost" else "0.0.0.0"
-        try:
-            ipaddress.ip_address(value)
-        except ValueError as e:
-            raise ValueError(
-                f"must be an IP address such as 127.0.0.1 or 0.0.0.0, got {value!r}"
-            ) from e
-        return value
+        return _bind_address(value)
 
     @field_validator("auth_token")
     @classmethod
     def _token_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and not value.get_secret_value().strip():
-            return None
-        return value
+        return _blank_is_none(value)
 
 
 class MetadataConfig(_Model):
@@ -335,6 +345,144 @@ class MooncakeTierConfig(_Model):
     )
 
 
+DEFAULT_MOCK_MODEL_LEN = 32768
+"""``mock.max_model_len`` 0 means the KV capacity, capped at this many tokens."""
+
+
+class MockConfig(_Model):
+    """The simulated OpenAI-compatible engine (``kvferry serve mock``): KV blocks, batching,
+    timing. The timing defaults model an 8B model in bf16 on one H100-class GPU
+    (``kvferry.serving.timing``)."""
+
+    model: str = Field(
+        "kvferry-mock",
+        min_length=1,
+        description="Served model name (/v1/models, responses) and salt of the block hashes.",
+    )
+    bind_address: str = Field(
+        "127.0.0.1", description="Address the HTTP server binds; 127.0.0.1 unless told otherwise."
+    )
+    port: int = Field(8000, ge=0, le=65535, description="HTTP port; 0 picks a free port.")
+    auth_token: SecretStr | None = Field(
+        None,
+        description="Bearer token every endpoint but /health requires; none = no auth.",
+    )
+    block_size: int = Field(
+        16, ge=1, le=65536, description="Tokens per KV block (vLLM block_size; the hash unit)."
+    )
+    num_blocks: int = Field(
+        16384,
+        ge=1,
+        le=1 << 24,
+        description="KV blocks in the simulated GPU cache (16384 x 16 tokens = 262144 tokens).",
+    )
+    max_num_seqs: int = Field(
+        256, ge=1, le=65536, description="Requests running at once (continuous batch size)."
+    )
+    max_num_batched_tokens: int = Field(
+        8192,
+        ge=1,
+        le=1 << 24,
+        description="Tokens one step may compute (decode tokens + prefill chunks); longer "
+        "prompts are prefilled in chunks over several steps.",
+    )
+    max_model_len: int = Field(
+        0,
+        ge=0,
+        le=1 << 24,
+        description="Most tokens (prompt + max_tokens) a request may have, longer ones get 400; "
+        "0 = the KV capacity (num_blocks x block_size), at most 32768.",
+    )
+    vocab_size: int = Field(
+        128256,
+        ge=256,
+        le=1 << 31,
+        description="Token ids are below this (the word tokenizer hashes words into it).",
+    )
+    tokenizer: str = Field(
+        "",
+        description="Local Hugging Face tokenizer.json or its directory; empty = word "
+        "tokenizer (one token per whitespace-separated word).",
+    )
+    speedup_ratio: float = Field(
+        1.0, gt=0, le=1e9, description="Every modelled time is divided by this (10 = 10x faster)."
+    )
+    prefill_base_ms: float = Field(
+        5.0, ge=0, description="Milliseconds of a prefill step besides its tokens (a)."
+    )
+    prefill_per_token_ms: float = Field(
+        0.07, ge=0, description="Milliseconds per uncached prompt token prefilled (b)."
+    )
+    prefill_quadratic_ms: float = Field(
+        6e-7,
+        ge=0,
+        description="Milliseconds per new token x context token (attention, c); c x n^2 "
+        "for n uncached tokens and no cached prefix.",
+    )
+    decode_base_ms: float = Field(
+        7.0, ge=0, description="Milliseconds of a decode step besides its batch (d)."
+    )
+    decode_per_seq_ms: float = Field(
+        0.04, ge=0, description="Milliseconds per sequence in the decode batch (e)."
+    )
+    decode_per_context_token_ms: float = Field(
+        5e-5,
+        ge=0,
+        description="Milliseconds per context token of the decode batch (KV reads, f).",
+    )
+    profile: str = Field(
+        "",
+        description="JSON profile of a real engine (prefill/decode samples); the timing "
+        "coefficients of each kind it holds are fitted from it, replacing a..f.",
+    )
+    event_history: int = Field(
+        10000,
+        ge=0,
+        le=10_000_000,
+        description="KV events kept for /kv/events?since=ID to replay to a reconnecting "
+        "subscriber.",
+    )
+
+    @field_validator("bind_address")
+    @classmethod
+    def _valid_address(cls, value: str) -> str:
+        return _bind_address(value)
+
+    @field_validator("auth_token")
+    @classmethod
+    def _token_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
+        return _blank_is_none(value)
+
+    @model_validator(mode="after")
+    def _longest_request_fits(self) -> MockConfig:
+        capacity = self.num_blocks * self.block_size
+        if self.max_model_len == 1:
+            raise ValueError(
+                "max_model_len 1 leaves no room for an output token; give at least 2 "
+                "(or 0 for the KV capacity)"
+            )
+        if self.max_model_len > capacity:
+            raise ValueError(
+                f"max_model_len {self.max_model_len} exceeds the KV capacity of num_blocks "
+                f"{self.num_blocks} x block_size {self.block_size} = {capacity} tokens, so a "
+                "long request could never be admitted; raise num_blocks or lower max_model_len"
+            )
+        if self.model_len < 2:
+            raise ValueError(
+                f"the KV capacity of num_blocks {self.num_blocks} x block_size "
+                f"{self.block_size} = {capacity} tokens leaves no room for a prompt and an "
+                "output token; raise num_blocks"
+            )
+        return self
+
+    @property
+    def model_len(self) -> int:
+        """The effective max_model_len (0 resolved to the KV capacity, at most 32768)."""
+        if self.max_model_len:
+            return self.max_model_len
+        return min(DEFAULT_MOCK_MODEL_LEN, self.num_blocks * self.block_size)
+
+
 class KvferryConfig(_Model):
     """All of kvferry's configuration, one section per component."""
 
@@ -347,6 +495,7 @@ class KvferryConfig(_Model):
     redis: RedisTierConfig = Field(default_factory=RedisTierConfig)
     server: ServerTierConfig = Field(default_factory=ServerTierConfig)
     mooncake: MooncakeTierConfig = Field(default_factory=MooncakeTierConfig)
+    mock: MockConfig = Field(default_factory=MockConfig)
 
 
 SECTIONS: dict[str, type[_Model]] = {
@@ -359,5 +508,6 @@ SECTIONS: dict[str, type[_Model]] = {
     "redis": RedisTierConfig,
     "server": ServerTierConfig,
     "mooncake": MooncakeTierConfig,
+    "mock": MockConfig,
 }
 """Section name -> model; the loader derives env names (KVFERRY_<SECTION>_<KEY>) from these."""

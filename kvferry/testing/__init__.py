@@ -1,11 +1,13 @@
 """Conformance kits and real test fixtures for kvferry's plug-in points.
 
 ``transport_kit.check_transport`` holds the checks every transport of the transfer engine must
-pass; ``target.TargetProcess`` runs a real transfer target in its own process. Nothing here is
-imported by kvferry itself.
+pass; ``target.TargetProcess`` runs a real transfer target in its own process;
+``mock_engine.MockServerProcess`` runs a simulated engine (``kvferry serve mock``). Nothing here
+is imported by kvferry itself.
 """
 
+from kvferry.testing.mock_engine import MockServerProcess
 from kvferry.testing.target import TargetProcess, pattern
 from kvferry.testing.transport_kit import TransportKit, check_transport
 
-__all__ = ["TargetProcess", "TransportKit", "check_transport", "pattern"]
+__all__ = ["MockServerProcess", "TargetProcess", "TransportKit", "check_transport", "pattern"]
