@@ -12,7 +12,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 
 VLLM_STAMP := $(VENV)/.vllm-installed
 
-.PHONY: setup run test lint typecheck pytest system-deps mooncake vllm clean
+.PHONY: setup run test lint typecheck pytest system-deps mooncake vllm aiperf clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,16 @@ $(VLLM_STAMP): $(STAMP)
 
 vllm: $(VLLM_STAMP)
 
+# aiperf (NVIDIA's LLM benchmark client) for the benchmarks that compare with it; in its own
+# virtualenv, because its pins (transformers, pydantic, ...) need not agree with vLLM's.
+AIPERF_VENV := .venv-aiperf
+$(AIPERF_VENV)/.installed:
+	$(PYTHON) -m venv $(AIPERF_VENV)
+	$(AIPERF_VENV)/bin/python -m pip --disable-pip-version-check install -q 'aiperf==0.13.0'
+	touch $@
+
+aiperf: $(AIPERF_VENV)/.installed
+
 run: $(STAMP)
 	$(VENV)/bin/kvferry bench transfer --local --check-consistency --duration 0.5 --warmup 0.2 \
 	  --start-block-size 4KiB --max-block-size 1MiB --max-batch-size 4 --total-buffer-size 64MiB
@@ -73,4 +83,4 @@ pytest: $(STAMP)
 test: $(STAMP) system-deps mooncake vllm lint typecheck pytest
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(AIPERF_VENV) .pytest_cache .mypy_cache .ruff_cache
