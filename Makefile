@@ -71,7 +71,7 @@ run: $(STAMP)
 	  --json .kvferry-run/hitrate.json
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check kvferry tests
+	$(VENV)/bin/ruff check kvferry tests benchmarks examples
 	$(VENV)/bin/ruff format --check kvferry tests
 
 typecheck: $(STAMP)

@@ -4,20 +4,43 @@
 """
 
 import time
-from kvferry.store import TieredStore
-from kvferry.config.models import KvferryConfig, StoreConfig, CpuTierConfig
-cfg=KvferryConfig(store=StoreConfig(tiers=['cpu'],slot_size=4096),cpu=CpuTierConfig(buffer_number=8192))
-s=TieredStore(cfg)
-keys=[i.to_bytes(16,'little') for i in range(4096)]
-for i in range(0,4096,128): s.put(keys[i:i+128],[b'x'*4096]*128)
+
 import numpy as np
-outbuf=np.zeros((128,4096),np.uint8); outs=[memoryview(outbuf[i]) for i in range(128)]
-b=[keys[i*128:(i+1)*128] for i in range(32)]
-t0=time.perf_counter(); n=0
-while time.perf_counter()-t0<1:
-    for kk in b: s.get(kk,outs); n+=128
-print('get',n/(time.perf_counter()-t0),'blocks/s')
-t0=time.perf_counter(); n=0
-while time.perf_counter()-t0<1:
-    for kk in b: s.lookup(kk[:64]); n+=1
-print('lookup64',1e6*(time.perf_counter()-t0)/n,'us')
+
+from kvferry.config.models import CpuTierConfig, KvferryConfig, StoreConfig
+from kvferry.store import TieredStore
+
+BLOCK = 4096
+BATCH = 128
+N_KEYS = 4096
+
+
+def main() -> None:
+    cfg = KvferryConfig(
+        store=StoreConfig(tiers=["cpu"], slot_size=BLOCK), cpu=CpuTierConfig(buffer_number=8192)
+    )
+    store = TieredStore(cfg)
+    keys = [i.to_bytes(16, "little") for i in range(N_KEYS)]
+    for i in range(0, N_KEYS, BATCH):
+        store.put(keys[i : i + BATCH], [b"x" * BLOCK] * BATCH)
+    out = np.zeros((BATCH, BLOCK), np.uint8)
+    views = [memoryview(out[i]) for i in range(BATCH)]
+    batches = [keys[i * BATCH : (i + 1) * BATCH] for i in range(N_KEYS // BATCH)]
+
+    t0, n = time.perf_counter(), 0
+    while time.perf_counter() - t0 < 1:
+        for batch in batches:
+            store.get(batch, views)
+            n += BATCH
+    print("get", n / (time.perf_counter() - t0), "blocks/s")
+
+    t0, n = time.perf_counter(), 0
+    while time.perf_counter() - t0 < 1:
+        for batch in batches:
+            store.lookup(batch[:64])
+            n += 1
+    print("lookup64", 1e6 * (time.perf_counter() - t0) / n, "us")
+
+
+if __name__ == "__main__":
+    main()

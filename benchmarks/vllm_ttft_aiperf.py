@@ -45,7 +45,12 @@ def _hf_cache(model: Path, cache: Path) -> None:
     repo = cache / "models--local--tiny"
     snap = repo / "snapshots" / SNAPSHOT
     snap.mkdir(parents=True, exist_ok=True)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "config.json"):
+    for name in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "config.json",
+    ):
         if (model / name).exists():
             shutil.copy(model / name, snap / name)
     (repo / "refs").mkdir(exist_ok=True)
@@ -214,7 +219,9 @@ def main() -> int:
         _trace(a, traces["a"], args)
         _trace(b, traces["b"], args)
         with Progress() as progress:
-            results = {s: _run(s, model, work, traces, hf, args, progress) for s in ("kvferry", "plain")}
+            results = {
+                s: _run(s, model, work, traces, hf, args, progress) for s in ("kvferry", "plain")
+            }
         if args.keep:
             for d in work.glob("aiperf-*"):
                 if d.is_dir():
