@@ -1,9 +1,9 @@
-"""``kvferry serve store`` and ``kvferry serve mock``: run a server in the foreground until
-SIGINT/SIGTERM.
+"""``kvferry serve store``, ``kvferry serve mock`` and ``kvferry serve router``: run a server in
+the foreground until SIGINT/SIGTERM.
 
 Each prints one ready line on stdout once it accepts connections (``kvferry-store-ready
-HOST:PORT``, ``kvferry-mock-ready HOST:PORT``), so scripts and tests can start it on port 0 and
-read the address; anything else goes to stderr.
+HOST:PORT``, ``kvferry-mock-ready HOST:PORT``, ``kvferry-router-ready HOST:PORT``), so scripts
+and tests can start it on port 0 and read the address; anything else goes to stderr.
 """
 
 from __future__ import annotations
@@ -57,6 +57,39 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     mock.add_argument("--quiet", action="store_true", help="print only the ready line")
     mock.set_defaults(func=run_mock)
 
+    router = kinds.add_parser(
+        "router",
+        help="a KV-aware router: an OpenAI-compatible front over vLLM or mock workers",
+        description="Route /v1/completions and /v1/chat/completions to the worker that already "
+        "holds most of the prompt's KV blocks, weighed against its load (router.mode kv), or "
+        "round-robin / random. Cached blocks come from each worker's /kv/events, or from the "
+        "router's own decisions (--no-kv-events, or workers without events). Also serves "
+        "/v1/models, /health, /metrics and /router/stats. Prints 'kvferry-router-ready "
+        "HOST:PORT' once it accepts connections.",
+    )
+    add_config_options(router)
+    router.add_argument(
+        "--worker",
+        dest="router_workers",
+        metavar="URL",
+        action="append",
+        default=None,
+        help="a worker's base URL, e.g. http://127.0.0.1:8000 (repeatable; router.workers)",
+    )
+    for option, key, text in _ROUTER_FLAGS:
+        router.add_argument(option, dest=key.replace(".", "_"), metavar="VALUE", help=text)
+    router.add_argument(
+        "--no-kv-events",
+        dest="router_kv_events",
+        action="store_const",
+        const=False,
+        default=None,
+        help="approximate mode: remember routing decisions for --approx-ttl instead of "
+        "reading the workers' /kv/events (router.kv_events false)",
+    )
+    router.add_argument("--quiet", action="store_true", help="print only the ready line")
+    router.set_defaults(func=run_router)
+
 
 # (option, config key, help) of `serve mock`; each sets one mock.* key.
 _MOCK_FLAGS: list[tuple[str, str, str]] = [
@@ -75,6 +108,38 @@ _MOCK_FLAGS: list[tuple[str, str, str]] = [
         "--auth-token",
         "mock.auth_token",
         "Bearer token required on all but /health (KVFERRY_MOCK_AUTH_TOKEN keeps it out of ps)",
+    ),
+]
+
+
+# (option, config key, help) of `serve router`; each sets one router.* key.
+_ROUTER_FLAGS: list[tuple[str, str, str]] = [
+    ("--port", "router.port", "HTTP port (default 8080; 0 picks a free port)"),
+    ("--bind", "router.bind_address", "address to bind (default 127.0.0.1)"),
+    ("--router-mode", "router.mode", "kv (default), round-robin or random"),
+    (
+        "--router-temperature",
+        "router.temperature",
+        "kv mode: 0 = lowest cost; > 0 = softmax draw over -cost/T",
+    ),
+    (
+        "--prefill-weight",
+        "router.prefill_weight",
+        "kv mode: weight of uncached prompt blocks against decode blocks (default 1)",
+    ),
+    ("--block-size", "router.block_size", "tokens per KV block; must equal the workers'"),
+    ("--model", "router.model", "model name salting block hashes (default: the workers')"),
+    ("--tokenizer", "router.tokenizer", "local HF tokenizer.json, as the mock workers'"),
+    ("--approx-ttl", "router.approx_ttl", "seconds a routed prompt counts as cached, no events"),
+    (
+        "--auth-token",
+        "router.auth_token",
+        "Bearer token required on all but /health (KVFERRY_ROUTER_AUTH_TOKEN keeps it out of ps)",
+    ),
+    (
+        "--worker-auth-token",
+        "router.worker_auth_token",
+        "Bearer token sent to the workers (KVFERRY_ROUTER_WORKER_AUTH_TOKEN)",
     ),
 ]
 
@@ -139,4 +204,29 @@ def run_mock(args: argparse.Namespace) -> int:
             print(f"mock engine on http://{host}:{port}: {describe(server)}", file=sys.stderr)
 
     asyncio.run(serve(loaded.config.mock, on_ready=ready))
+    return 0
+
+
+def run_router(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from kvferry.serving.router import READY, RouterServer, describe, serve
+
+    flags: dict[str, object] = {
+        key: getattr(args, key.replace(".", "_")) for _, key, _ in _ROUTER_FLAGS
+    }
+    flags["router.workers"] = args.router_workers
+    flags["router.kv_events"] = args.router_kv_events
+    names = {key: option for option, key, _ in _ROUTER_FLAGS}
+    names["router.workers"] = "--worker"
+    names["router.kv_events"] = "--no-kv-events"
+    loaded = load_from_args(args, flags, flag_names=names)
+
+    def ready(server: RouterServer, address: tuple[str, int]) -> None:
+        host, port = address
+        print(f"{READY} {host}:{port}", flush=True)
+        if not args.quiet:
+            print(f"router on http://{host}:{port}: {describe(server)}", file=sys.stderr)
+
+    asyncio.run(serve(loaded.config.router, on_ready=ready))
     return 0

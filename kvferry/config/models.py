@@ -483,6 +483,125 @@ class MockConfig(_Model):
         return min(DEFAULT_MOCK_MODEL_LEN, self.num_blocks * self.block_size)
 
 
+RouterMode = Literal["kv", "round-robin", "random"]
+
+
+def _worker_url(value: str) -> str:
+    """A worker's base URL: ``http(s)://host:port`` (a bare ``host:port`` gets ``http://``),
+    without a trailing slash."""
+    url = value.strip().rstrip("/")
+    if "://" not in url:
+        url = "http://" + url
+    scheme, _, rest = url.partition("://")
+    host, _, port = rest.partition("/")[0].rpartition(":")
+    if scheme not in ("http", "https") or not host or not port.isdigit():
+        raise ValueError(
+            f"a worker must be a URL like http://127.0.0.1:8000 (scheme http or https, a host "
+            f"and a port), got {value!r}"
+        )
+    return url
+
+
+class RouterConfig(_Model):
+    """The KV-aware router (``kvferry serve router``): an OpenAI-compatible front that sends
+    each request to one of its workers (vLLM or ``kvferry serve mock``)."""
+
+    workers: list[str] = Field(
+        default_factory=list,
+        description="Base URLs of the workers (http://host:port); --worker, repeatable.",
+    )
+    bind_address: str = Field(
+        "127.0.0.1", description="Address the router binds; 127.0.0.1 unless told otherwise."
+    )
+    port: int = Field(8080, ge=0, le=65535, description="HTTP port; 0 picks a free port.")
+    auth_token: SecretStr | None = Field(
+        None, description="Bearer token every endpoint but /health requires; none = no auth."
+    )
+    worker_auth_token: SecretStr | None = Field(
+        None, description="Bearer token the router sends to the workers; none = none sent."
+    )
+    mode: RouterMode = Field(
+        "kv",
+        description="kv: lowest cost (uncached prompt blocks x prefill_weight + decode "
+        "blocks); round-robin; random.",
+    )
+    temperature: float = Field(
+        0.0,
+        ge=0,
+        le=1e9,
+        description="kv mode: 0 = lowest cost (random tie-break); > 0 = sample by softmax of "
+        "-cost/temperature (cost in blocks).",
+    )
+    prefill_weight: float = Field(
+        1.0,
+        ge=0,
+        le=1e9,
+        description="kv mode: weight of the uncached prompt blocks against the decode blocks "
+        "(Dynamo's overlap_score_weight; 0 = load only).",
+    )
+    block_size: int = Field(
+        16,
+        ge=1,
+        le=65536,
+        description="Tokens per KV block; must equal the workers' (checked on /kv/stats).",
+    )
+    model: str = Field(
+        "",
+        description="Model name salting the block hashes; empty = the workers' (/kv/stats or "
+        "/v1/models).",
+    )
+    tokenizer: str = Field(
+        "",
+        description="Local Hugging Face tokenizer.json or its directory, as the mock workers' "
+        "mock.tokenizer; empty = word tokenizer.",
+    )
+    vocab_size: int = Field(
+        128256,
+        ge=256,
+        le=1 << 31,
+        description="Word tokenizer ids are below this; must equal the mock workers' "
+        "mock.vocab_size.",
+    )
+    kv_events: bool = Field(
+        True,
+        description="Mirror each worker's /kv/events; false (--no-kv-events) = approximate: "
+        "remember the router's own decisions for approx_ttl.",
+    )
+    approx_ttl: Seconds = Field(
+        120.0,
+        gt=0,
+        description="Seconds a routed prompt's blocks count as cached on a worker without KV "
+        "events.",
+    )
+    health_interval: Seconds = Field(
+        1.0, gt=0, description="Seconds between /health probes of a worker marked down."
+    )
+    connect_timeout: Seconds = Field(
+        5.0, gt=0, description="Seconds to connect to a worker before it counts as down."
+    )
+
+    @field_validator("workers")
+    @classmethod
+    def _valid_workers(cls, value: list[str]) -> list[str]:
+        urls = [_worker_url(v) for v in value]
+        seen: set[str] = set()
+        for url in urls:
+            if url in seen:
+                raise ValueError(f"worker {url} appears twice; list each worker once")
+            seen.add(url)
+        return urls
+
+    @field_validator("bind_address")
+    @classmethod
+    def _valid_address(cls, value: str) -> str:
+        return _bind_address(value)
+
+    @field_validator("auth_token", "worker_auth_token")
+    @classmethod
+    def _token_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
+        return _blank_is_none(value)
+
+
 class KvferryConfig(_Model):
     """All of kvferry's configuration, one section per component."""
 
@@ -496,6 +615,7 @@ class KvferryConfig(_Model):
     server: ServerTierConfig = Field(default_factory=ServerTierConfig)
     mooncake: MooncakeTierConfig = Field(default_factory=MooncakeTierConfig)
     mock: MockConfig = Field(default_factory=MockConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
 
 
 SECTIONS: dict[str, type[_Model]] = {
@@ -509,5 +629,6 @@ SECTIONS: dict[str, type[_Model]] = {
     "server": ServerTierConfig,
     "mooncake": MooncakeTierConfig,
     "mock": MockConfig,
+    "router": RouterConfig,
 }
 """Section name -> model; the loader derives env names (KVFERRY_<SECTION>_<KEY>) from these."""

@@ -1,0 +1,697 @@
+"""``kvferry serve router``: a KV-aware router, an OpenAI-compatible front over N workers.
+
+Like NVIDIA Dynamo's KV router, it sends each request to the worker where it costs least:
+the one that already holds most of its prompt's KV blocks, weighed against how busy each
+worker is (the cost function is :mod:`kvferry.serving.kv_index`'s). Workers are vLLM servers or
+``kvferry serve mock`` engines (``router.workers``). This module owns the HTTP surface:
+routes, auth, the error boundary, proxying, retries and metrics. Worker health and KV event
+subscriptions are :mod:`kvferry.serving.router_workers`; the index, load and cost are
+:mod:`kvferry.serving.kv_index` (pure).
+
+Routing a request (``POST /v1/completions`` or ``/v1/chat/completions``):
+
+1. The body must be a JSON object (else 400). Its prompt is tokenized the way the mock
+   workers do it (:mod:`kvferry.serving.tokenizer`: ``prompt`` text or token ids, ``messages``
+   through the fixed chat template; the word tokenizer with ``router.vocab_size`` or the
+   ``router.tokenizer`` file) and hashed into full blocks with
+   ``BlockHasher(router.block_size, model_name=<model>, cache_salt=<cache_salt or "">)``, the
+   mock scheduler's keys. A prompt the router cannot read is routed with no blocks (by load
+   only) and the worker answers it (usually 400).
+2. The worker: ``router.mode`` kv = lowest cost among the healthy workers (``temperature`` 0)
+   or a softmax draw (``temperature`` > 0); round-robin; random. In every mode the router
+   records the prompt's blocks as predicted on the chosen worker (``router.approx_ttl``
+   seconds in approximate mode, :data:`PREDICTION_GRACE_S` until the worker's own KV events
+   confirm them otherwise) and counts the predicted overlap (``hit_blocks``).
+3. The request body is forwarded unchanged (with ``router.worker_auth_token`` as its bearer
+   token), and the answer is passed back: status, body, and for ``text/event-stream`` every
+   chunk as it arrives, never buffered. The response carries ``X-Kvferry-Worker: <url>``.
+
+Failures: a worker that refuses or resets the connection, or answers 5xx, before its response
+started is marked down (:meth:`~kvferry.serving.router_workers.WorkerPool.mark_down`) and the
+request is sent once more, to the next best healthy worker. A stream that breaks after it
+started ends with an error chunk ``data: {"error": {...}}`` and ``data: [DONE]`` (no retry: the
+client already has part of the answer); a non-streaming body that breaks is a 502. When no
+healthy worker is left the answer is 503; when the retry failed too it is 502. Errors are
+OpenAI-style ``{"error": {"message", "type", "param", "code"}}``.
+
+Endpoints (all but ``/health`` require ``Authorization: Bearer <token>`` when
+``router.auth_token`` is set):
+
+- ``POST /v1/completions``, ``POST /v1/chat/completions``: routed (above).
+- ``GET /v1/models``: the first healthy worker's answer.
+- ``GET /health``: ``{"status": "ok", "workers", "healthy_workers"}``; 503 with status
+  ``"no healthy worker"`` when none is up.
+- ``GET /router/stats``: JSON, below. ``GET /metrics``: the same in Prometheus text.
+
+``/router/stats``: ``{"mode", "temperature", "prefill_weight", "block_size", "model",
+"requests", "retries", "unrouted", "prompt_blocks", "hit_blocks", "hit_rate", "workers":
+[{"url", "healthy", "down_reason", "kv_source", "requests", "prompt_blocks", "hit_blocks",
+"hit_rate", "errors", "retries", "in_flight", "active_blocks", "indexed_blocks", "kv_events",
+"resyncs", "last_event_id"}]}``. ``hit_rate`` is the router's predicted block-weighted hit rate
+(predicted overlap blocks / full prompt blocks routed), per worker and overall; ``retries``
+per worker counts requests that failed there and went elsewhere; ``unrouted`` counts 503s for
+want of a healthy worker; ``kv_source`` is "events", "approx" or "connecting".
+
+Metrics: per worker (label ``worker``) counters ``kvferry_router_{requests,prompt_blocks,
+hit_blocks,errors,retries,kv_events,kv_resyncs}_total`` and gauges
+``kvferry_router_{predicted_hit_rate,in_flight,active_blocks,indexed_blocks,worker_up}``;
+``kvferry_router_requests_received_total``, ``kvferry_router_unrouted_total``,
+``kvferry_router_http_responses_total{path,status}``.
+
+The server binds 127.0.0.1 unless told otherwise and stops on SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import itertools
+import json
+import logging
+import random
+import signal
+import socket
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, Final
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from kvferry.config.models import RouterConfig
+from kvferry.errors import ConfigError, PeerClosed
+from kvferry.index.hashing import BlockHasher
+from kvferry.serving.kv_index import LoadTracker, PrefixIndex, RoundRobin, pick, score
+from kvferry.serving.openai_api import HttpError, bad_request, data_line, error_body
+from kvferry.serving.router_workers import Worker, WorkerPool, describe_error
+from kvferry.serving.tokenizer import load_tokenizer, render_chat
+
+__all__ = ["PREDICTION_GRACE_S", "READY", "WORKER_HEADER", "RouterServer", "describe", "serve"]
+
+log = logging.getLogger("kvferry.serving.router")
+
+READY: Final = "kvferry-router-ready"
+"""First word of the line ``kvferry serve router`` prints once it accepts connections."""
+
+WORKER_HEADER: Final = "X-Kvferry-Worker"
+"""Response header naming the worker that answered."""
+
+PREDICTION_GRACE_S: Final = 30.0
+"""With KV events, a routed prompt's blocks count as held by its worker for this long, so that
+a repeat arriving before the worker's stored events (or while the first request is still in
+prefill) goes to the same worker; the events then confirm or remove them."""
+
+SHUTDOWN_TIMEOUT_S: Final = 5.0
+MAX_BODY_BYTES: Final = 64 << 20
+MAX_HASHERS: Final = 4096
+"""Block hashers (one per model and cache_salt) kept before the cache is emptied."""
+MAX_ATTEMPTS: Final = 2
+"""A request is sent to at most this many workers (the first choice and one retry)."""
+
+_PATHS: Final = frozenset(
+    {
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/models",
+        "/health",
+        "/metrics",
+        "/router/stats",
+    }
+)
+
+
+def _error_response(status: int, message: str, param: str | None = None) -> web.Response:
+    headers = {"WWW-Authenticate": 'Bearer realm="kvferry"'} if status == 401 else None
+    return web.json_response(error_body(status, message, param), status=status, headers=headers)
+
+
+# --- metrics ---------------------------------------------------------------------------------
+
+
+class _Collector:
+    """Reads the router's state at scrape time (module docstring lists the metrics)."""
+
+    def __init__(self, router: RouterServer) -> None:
+        self._router = router
+
+    def collect(self) -> Iterable[Metric]:
+        router = self._router
+        workers = router.pool.workers
+        p = "kvferry_router_"
+        per_worker: Sequence[tuple[str, str, bool, Callable[[Worker], float]]] = (
+            ("requests", "Requests sent to the worker.", True, lambda w: w.stats.requests),
+            (
+                "prompt_blocks",
+                "Full prompt blocks of the requests sent to the worker.",
+                True,
+                lambda w: w.stats.prompt_blocks,
+            ),
+            (
+                "hit_blocks",
+                "Prompt blocks the router predicted the worker held (expected hits).",
+                True,
+                lambda w: w.stats.hit_blocks,
+            ),
+            ("errors", "Requests to the worker that failed.", True, lambda w: w.stats.errors),
+            (
+                "retries",
+                "Requests that failed on the worker and were sent to another.",
+                True,
+                lambda w: w.stats.retries,
+            ),
+            ("kv_events", "KV events applied.", True, lambda w: w.mirror.events),
+            (
+                "kv_resyncs",
+                "Event stream restarts from a snapshot.",
+                True,
+                lambda w: w.mirror.resyncs,
+            ),
+            (
+                "predicted_hit_rate",
+                "Predicted hit blocks / prompt blocks (block-weighted).",
+                False,
+                lambda w: w.stats.hit_rate,
+            ),
+            (
+                "in_flight",
+                "Requests in flight on the worker.",
+                False,
+                lambda w: router.load.in_flight(w.url),
+            ),
+            (
+                "active_blocks",
+                "KV blocks of the requests in flight on the worker (shared prefixes once).",
+                False,
+                lambda w: router.load.active_blocks(w.url),
+            ),
+            (
+                "indexed_blocks",
+                "Blocks the router's index holds for the worker.",
+                False,
+                lambda w: router.index.blocks(w.url),
+            ),
+            ("worker_up", "1 while the worker is healthy.", False, lambda w: float(w.healthy)),
+        )
+        for name, doc, is_counter, value in per_worker:
+            family: CounterMetricFamily | GaugeMetricFamily
+            if is_counter:
+                family = CounterMetricFamily(p + name, doc, labels=["worker"])
+            else:
+                family = GaugeMetricFamily(p + name, doc, labels=["worker"])
+            for w in workers:
+                family.add_metric([w.url], value(w))
+            yield family
+        yield CounterMetricFamily(
+            p + "requests_received", "Generation requests received.", value=router.requests
+        )
+        yield CounterMetricFamily(
+            p + "unrouted", "Requests answered 503: no healthy worker.", value=router.unrouted
+        )
+        http = CounterMetricFamily(
+            p + "http_responses", "HTTP responses, by path and status.", labels=["path", "status"]
+        )
+        for (path, status), n in sorted(router.responses.items()):
+            http.add_metric([path, str(status)], n)
+        yield http
+
+
+# --- the server ------------------------------------------------------------------------------
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class RouterServer:
+    """The HTTP server of the router (module docstring).
+
+    Args:
+        config: the ``router`` section.
+        seed: seeds the tie-breaks and draws (random if None).
+
+    Raises:
+        ConfigError: ``config.workers`` is empty or the tokenizer cannot be loaded.
+        MissingDependency: ``config.tokenizer`` is set and ``tokenizers`` is not installed.
+    """
+
+    def __init__(self, config: RouterConfig, *, seed: int | None = None) -> None:
+        self.config = config
+        self.tokenizer = load_tokenizer(config.tokenizer, config.vocab_size)
+        self.index = PrefixIndex()
+        self.load = LoadTracker(config.block_size)
+        self.pool = WorkerPool(config, self.index)
+        self.requests = 0
+        self.retries = 0
+        self.unrouted = 0
+        self.responses: dict[tuple[str, int], int] = {}
+        self._rng = random.Random(seed)
+        self._rr = RoundRobin([w.url for w in self.pool.workers])
+        self._hashers: dict[tuple[str, str], BlockHasher] = {}
+        self._ids = itertools.count(1)
+        token = config.auth_token.get_secret_value() if config.auth_token is not None else None
+        self._token = token.encode() if token else None
+        self._upstream_headers = {"Content-Type": "application/json", **self.pool.headers}
+        self._registry = CollectorRegistry(auto_describe=False)
+        self._registry.register(_Collector(self))
+        self._session: aiohttp.ClientSession | None = None
+        self._runner: web.AppRunner | None = None
+        self.address: tuple[str, int] | None = None
+
+    # --- lifecycle ---
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._middleware], client_max_size=MAX_BODY_BYTES)
+        app.router.add_post("/v1/completions", self._generate)
+        app.router.add_post("/v1/chat/completions", self._generate)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/router/stats", self._stats)
+        return app
+
+    async def start(self) -> tuple[str, int]:
+        """Check the workers, bind and serve; returns the (host, port) bound.
+
+        Raises:
+            ConfigError: the address cannot be bound, or a worker's block size or model
+                differs from the router's (:meth:`WorkerPool.start`).
+        """
+        host, port = self.config.bind_address, self.config.port
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        try:
+            sock = socket.create_server((host, port), family=family, backlog=1024)
+        except OSError as e:
+            raise ConfigError(
+                f"router cannot listen on {host}:{port}: {e.strerror or e}; choose another "
+                "router.port (0 picks a free one) or router.bind_address"
+            ) from e
+        try:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.config.connect_timeout),
+            )
+            await self.pool.start(self._session)
+            runner = web.AppRunner(
+                self.app(),
+                access_log=None,
+                handle_signals=False,
+                shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+            )
+            await runner.setup()
+            self._runner = runner
+            await web.SockSite(runner, sock).start()
+        except BaseException:
+            sock.close()
+            await self.close()
+            raise
+        bound = sock.getsockname()
+        self.address = (str(bound[0]), int(bound[1]))
+        return self.address
+
+    async def close(self) -> None:
+        """Stop serving, the probes and the event streams; idempotent."""
+        await self.pool.close()
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    # --- middleware: auth, error boundary, response counting ---
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        path = request.path if request.path in _PATHS else "other"
+        response: web.StreamResponse
+        try:
+            if self._token is not None and path != "/health" and not self._authorized(request):
+                response = _error_response(
+                    401, "missing or wrong API key: send Authorization: Bearer <token>"
+                )
+            else:
+                response = await handler(request)
+        except HttpError as e:
+            response = _error_response(e.status, e.message, e.param)
+        except web.HTTPException as e:  # aiohttp's own: unknown path, wrong method, too large
+            message = e.text or e.reason
+            if e.status == 404:
+                message = f"{request.method} {request.path} not found"
+            elif e.status == 405:
+                message = f"{request.method} is not allowed on {request.path}"
+            response = _error_response(e.status, message)
+        except (asyncio.CancelledError, ConnectionError):
+            raise
+        except Exception as e:  # isolation boundary: a bug is a 500 for this request only
+            log.exception("router: %s %s failed", request.method, request.path)
+            response = _error_response(500, f"internal error: {type(e).__name__}: {e}")
+        key = (path, response.status)
+        self.responses[key] = self.responses.get(key, 0) + 1
+        return response
+
+    def _authorized(self, request: web.Request) -> bool:
+        header = request.headers.get("Authorization", "")
+        if self._token is None:
+            return True
+        if not header.startswith("Bearer "):
+            return False
+        # compare_digest: the time taken does not reveal how much of the token matched.
+        return hmac.compare_digest(header[len("Bearer ") :].strip().encode(), self._token)
+
+    # --- routing ---
+
+    def _hasher(self, cache_salt: str) -> BlockHasher:
+        key = (self.pool.model, cache_salt)
+        hasher = self._hashers.get(key)
+        if hasher is None:
+            if len(self._hashers) >= MAX_HASHERS:  # many tenants: start over, never grow forever
+                self._hashers.clear()
+            hasher = BlockHasher(
+                self.config.block_size, model_name=self.pool.model, cache_salt=cache_salt
+            )
+            self._hashers[key] = hasher
+        return hasher
+
+    def prompt_ids(self, body: Mapping[str, Any], *, chat: bool) -> list[int]:
+        """The prompt's token ids as a mock worker computes them; [] when the prompt is not
+        readable (the worker will say why)."""
+        try:
+            if chat:
+                messages = body.get("messages")
+                if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+                    return []
+                return self.tokenizer.encode(render_chat(messages))
+            prompt = body.get("prompt")
+            if isinstance(prompt, str):
+                return self.tokenizer.encode(prompt)
+            if isinstance(prompt, list) and all(
+                isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= 0xFFFFFFFF
+                for t in prompt
+            ):
+                return prompt
+        except (AttributeError, TypeError, ValueError):  # a malformed message part
+            return []
+        return []
+
+    def choose(
+        self, hashes: Sequence[bytes], prompt_tokens: int, exclude: Iterable[Worker] = ()
+    ) -> tuple[Worker, int] | None:
+        """The worker for a request and its predicted overlap; None if no healthy worker is
+        left outside ``exclude``."""
+        skip = {w.url for w in exclude}
+        candidates = [w for w in self.pool.workers if w.healthy and w.url not in skip]
+        if not candidates:
+            return None
+        urls = [w.url for w in candidates]
+        overlaps = self.index.overlaps(hashes, urls, asyncio.get_running_loop().time())
+        if self.config.mode == "kv":
+            costs = score(
+                urls, hashes, prompt_tokens, overlaps, self.load, self.config.prefill_weight
+            )
+            chosen = pick(costs, self.config.temperature, self._rng).worker
+        elif self.config.mode == "round-robin":
+            chosen = self._rr.next(urls) or urls[0]
+        else:
+            chosen = self._rng.choice(urls)
+        return self.pool.by_url(chosen), overlaps[chosen]
+
+    async def _generate(self, http: web.Request) -> web.StreamResponse:
+        raw = await http.read()
+        try:
+            body = json.loads(raw)
+        except UnicodeDecodeError as e:
+            raise bad_request(f"the request body is not UTF-8: {e}") from e
+        except ValueError as e:
+            raise bad_request(f"the request body is not valid JSON: {e}") from e
+        if not isinstance(body, dict):
+            raise bad_request(f"the request body must be a JSON object, got {type(body).__name__}")
+        self.requests += 1
+        tokens = self.prompt_ids(body, chat=http.path == "/v1/chat/completions")
+        salt = body.get("cache_salt")
+        hashes = self._hasher(salt if isinstance(salt, str) else "").hashes(tokens)
+        tried: list[Worker] = []
+        failures: list[str] = []
+        while len(tried) < MAX_ATTEMPTS:
+            choice = self.choose(hashes, len(tokens), exclude=tried)
+            if choice is None:
+                break
+            worker, overlap = choice
+            if tried:
+                tried[-1].stats.retries += 1
+                self.retries += 1
+            tried.append(worker)
+            try:
+                return await self._forward(http, worker, raw, hashes, len(tokens), overlap)
+            except PeerClosed as e:
+                worker.stats.errors += 1
+                self.pool.mark_down(worker, str(e))
+                failures.append(f"{worker.url} {e}")
+        detail = f" ({'; '.join(failures)})" if failures else ""
+        if not self.pool.healthy():
+            self.unrouted += 1
+            raise HttpError(
+                503,
+                f"no healthy worker to send the request to{detail}; the router retries "
+                f"down workers every {self.config.health_interval:g}s",
+            )
+        raise HttpError(502, f"the request failed on {len(failures)} workers{detail}")
+
+    async def _forward(
+        self,
+        http: web.Request,
+        worker: Worker,
+        raw: bytes,
+        hashes: Sequence[bytes],
+        prompt_tokens: int,
+        overlap: int,
+    ) -> web.StreamResponse:
+        """Send the request to ``worker`` and relay its answer, counting it.
+
+        Raises:
+            PeerClosed: the worker failed before its response started (retry elsewhere).
+        """
+        stats = worker.stats
+        stats.requests += 1
+        stats.prompt_blocks += len(hashes)
+        stats.hit_blocks += overlap
+        now = asyncio.get_running_loop().time()
+        ttl = self.config.approx_ttl if worker.kv_source == "approx" else PREDICTION_GRACE_S
+        self.index.store(worker.url, hashes, until=now + ttl)
+        rid = next(self._ids)
+        self.load.start(rid, worker.url, hashes, prompt_tokens)
+        try:
+            return await self._proxy(http, worker, raw, rid)
+        finally:
+            self.load.finish(rid)
+
+    async def _proxy(
+        self, http: web.Request, worker: Worker, raw: bytes, rid: int
+    ) -> web.StreamResponse:
+        if self._session is None:
+            raise HttpError(503, "the router is shutting down")
+        try:
+            upstream = await self._session.post(
+                worker.url + http.path, data=raw, headers=self._upstream_headers
+            )
+        except (aiohttp.ClientError, OSError, TimeoutError) as e:
+            raise PeerClosed(f"failed before answering: {describe_error(e)}") from e
+        async with upstream:
+            if upstream.status >= 500:
+                text = ""
+                with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
+                    text = " ".join((await upstream.read())[:300].decode(errors="replace").split())
+                raise PeerClosed(f"answered {upstream.status}" + (f": {text}" if text else ""))
+            ctype = upstream.headers.get("Content-Type", "application/json")
+            headers = {"Content-Type": ctype, WORKER_HEADER: worker.url}
+            if not ctype.startswith("text/event-stream"):
+                try:
+                    payload = await upstream.read()
+                except (aiohttp.ClientError, OSError, TimeoutError) as e:
+                    worker.stats.errors += 1
+                    self.pool.mark_down(worker, f"its answer broke off: {describe_error(e)}")
+                    raise HttpError(
+                        502, f"worker {worker.url} failed while answering: {describe_error(e)}"
+                    ) from e
+                return web.Response(status=upstream.status, body=payload, headers=headers)
+            return await self._relay(http, worker, upstream, rid, headers)
+
+    async def _relay(
+        self,
+        http: web.Request,
+        worker: Worker,
+        upstream: aiohttp.ClientResponse,
+        rid: int,
+        headers: dict[str, str],
+    ) -> web.StreamResponse:
+        """Pass an event stream through chunk by chunk; SSE messages seen count as output
+        tokens of the request (one per token for the mock and vLLM's default)."""
+        response = web.StreamResponse(
+            status=upstream.status, headers={**headers, "Cache-Control": "no-cache"}
+        )
+        await response.prepare(http)
+        ended_newline = False
+        while True:
+            try:
+                chunk = await upstream.content.readany()
+            except (aiohttp.ClientError, OSError, TimeoutError) as e:
+                worker.stats.errors += 1
+                reason = describe_error(e)
+                self.pool.mark_down(worker, f"its stream broke off: {reason}")
+                end = data_line(error_body(502, f"worker {worker.url} failed mid-stream: {reason}"))
+                with contextlib.suppress(ConnectionError):
+                    await response.write(end + b"data: [DONE]\n\n")
+                break
+            if not chunk:
+                break
+            messages = chunk.count(b"\n\n") + (ended_newline and chunk[:1] == b"\n")
+            ended_newline = chunk[-1:] == b"\n"
+            self.load.add_output(rid, messages)
+            try:
+                await response.write(chunk)
+            except ConnectionError:  # the client went away: drop the worker's stream too
+                upstream.close()
+                return response
+        with contextlib.suppress(ConnectionError):
+            await response.write_eof()
+        return response
+
+    # --- information ---
+
+    async def _models(self, _: web.Request) -> web.Response:
+        if self._session is None:
+            raise HttpError(503, "the router is shutting down")
+        failures: list[str] = []
+        for worker in self.pool.healthy():
+            try:
+                async with self._session.get(
+                    worker.url + "/v1/models", headers=self.pool.headers
+                ) as r:
+                    if r.status < 500:
+                        body = await r.read()
+                        ctype = r.headers.get("Content-Type", "application/json")
+                        return web.Response(
+                            status=r.status,
+                            body=body,
+                            headers={"Content-Type": ctype, WORKER_HEADER: worker.url},
+                        )
+                    failures.append(f"{worker.url} answered {r.status}")
+            except (aiohttp.ClientError, OSError, TimeoutError) as e:
+                failures.append(f"{worker.url}: {describe_error(e)}")
+        detail = f" ({'; '.join(failures)})" if failures else ""
+        raise HttpError(503, f"no healthy worker answered /v1/models{detail}")
+
+    async def _health(self, _: web.Request) -> web.Response:
+        healthy = len(self.pool.healthy())
+        return web.json_response(
+            {
+                "status": "ok" if healthy else "no healthy worker",
+                "workers": len(self.pool.workers),
+                "healthy_workers": healthy,
+            },
+            status=200 if healthy else 503,
+        )
+
+    async def _metrics(self, _: web.Request) -> web.Response:
+        body = generate_latest(self._registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    def stats(self) -> dict[str, object]:
+        """What ``GET /router/stats`` answers (module docstring)."""
+        workers = []
+        for w in self.pool.workers:
+            s = w.stats
+            workers.append(
+                {
+                    "url": w.url,
+                    "healthy": w.healthy,
+                    "down_reason": w.down_reason,
+                    "kv_source": w.kv_source,
+                    "requests": s.requests,
+                    "prompt_blocks": s.prompt_blocks,
+                    "hit_blocks": s.hit_blocks,
+                    "hit_rate": s.hit_rate,
+                    "errors": s.errors,
+                    "retries": s.retries,
+                    "in_flight": self.load.in_flight(w.url),
+                    "active_blocks": self.load.active_blocks(w.url),
+                    "indexed_blocks": self.index.blocks(w.url),
+                    "kv_events": w.mirror.events,
+                    "resyncs": w.mirror.resyncs,
+                    "last_event_id": w.mirror.last_id,
+                }
+            )
+        prompt = sum(w.stats.prompt_blocks for w in self.pool.workers)
+        hit = sum(w.stats.hit_blocks for w in self.pool.workers)
+        return {
+            "mode": self.config.mode,
+            "temperature": self.config.temperature,
+            "prefill_weight": self.config.prefill_weight,
+            "block_size": self.config.block_size,
+            "model": self.pool.model,
+            "requests": self.requests,
+            "retries": self.retries,
+            "unrouted": self.unrouted,
+            "prompt_blocks": prompt,
+            "hit_blocks": hit,
+            "hit_rate": hit / prompt if prompt else 0.0,
+            "workers": workers,
+        }
+
+    async def _stats(self, _: web.Request) -> web.Response:
+        return web.json_response(self.stats())
+
+
+# --- running it ------------------------------------------------------------------------------
+
+
+async def serve(
+    config: RouterConfig,
+    *,
+    on_ready: Callable[[RouterServer, tuple[str, int]], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Run a router until SIGINT/SIGTERM (or ``stop`` is set), then shut down.
+
+    Args:
+        config: the ``router`` section.
+        on_ready: called with the server and the (host, port) it bound, once it accepts
+            connections.
+        stop: set it to stop the router; one is made (and set by the signals) if None.
+
+    Raises:
+        ConfigError, MissingDependency: no workers, a worker that does not match the
+            router's block size or model, a tokenizer that cannot be loaded, or a port that
+            cannot be bound.
+    """
+    server = RouterServer(config)
+    loop = asyncio.get_running_loop()
+    stop = stop or asyncio.Event()
+    installed: list[signal.Signals] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, stop.set)
+            installed.append(sig)
+    try:
+        address = await server.start()
+        if on_ready is not None:
+            on_ready(server, address)
+        await stop.wait()
+    finally:
+        await server.close()
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
+def describe(server: RouterServer) -> str:
+    """One line about a router, for its log."""
+    config = server.config
+    workers = server.pool.workers
+    up = sum(1 for w in workers if w.healthy)
+    mode: str = config.mode
+    if mode == "kv":
+        mode += f" (prefill_weight {config.prefill_weight:g}, temperature {config.temperature:g})"
+    events = "KV events" if config.kv_events else f"approximate, ttl {config.approx_ttl:g}s"
+    return (
+        f"mode {mode}, {len(workers)} workers ({up} up), block_size {config.block_size}, "
+        f"model {server.pool.model!r}, tokenizer {server.tokenizer.name}, {events}"
+    )

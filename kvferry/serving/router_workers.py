@@ -1,0 +1,421 @@
+"""The router's side of its workers: their health, the start-up check, and the KV event
+subscriptions that keep the router's :class:`~kvferry.serving.kv_index.PrefixIndex` true.
+
+One :class:`Worker` per ``--worker`` URL, all held by a :class:`WorkerPool`, which runs on the
+router's event loop:
+
+- **Start-up check** (:meth:`WorkerPool.start`): ``GET /kv/stats`` of every worker (a kvferry
+  mock answers it; vLLM answers 404 and ``/v1/models`` is read instead). A worker whose block
+  size or model (the block hash salt) differs from the router's is a
+  :class:`~kvferry.errors.ConfigError` that names both values; a worker that cannot be reached
+  starts as down. When ``router.model`` is empty the router takes the first worker's model.
+- **Health**: a worker is marked down (:meth:`WorkerPool.mark_down`) when a request to it
+  fails before its response started, or when its event stream cannot reconnect. Its blocks
+  are dropped from the index (a restarted worker has an empty cache) and it gets no requests
+  until a ``GET /health`` probe, every ``router.health_interval`` seconds, and the start-up
+  check pass again.
+- **KV events** (with ``router.kv_events``): one long-lived ``GET /kv/events`` per worker,
+  read by an :class:`~kvferry.serving.kv_index.EventMirror`. A stream that ends is resumed
+  with ``?since=<last id>``; an ``error`` event or a gap in the ids restarts it from a fresh
+  snapshot. A worker that answers 404 (vLLM without kvferry events) falls back to the
+  approximate mode (``kv_source`` "approx"): the router remembers its own routing decisions for
+  ``router.approx_ttl`` seconds. Events whose block size differs from the router's mark the
+  worker down with that reason.
+
+Every failure here is an isolation boundary for one worker: it is logged and counted, and the
+other workers keep serving. No HTTP server here: :mod:`kvferry.serving.router` owns that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+import aiohttp
+
+from kvferry.config.models import RouterConfig
+from kvferry.errors import ConfigError, PeerClosed
+from kvferry.serving.kv_index import EventMirror, PrefixIndex
+
+__all__ = ["KvSource", "SseParser", "Worker", "WorkerPool", "WorkerStats", "describe_error"]
+
+log = logging.getLogger("kvferry.serving.router")
+
+KvSource = Literal["events", "approx", "connecting"]
+"""Where a worker's cached blocks come from: its KV events, the router's own decisions, or
+(events wanted, not synced yet) the router's decisions until the first snapshot."""
+
+EVENT_READ_TIMEOUT_S: Final = 60.0
+"""A silent event stream is dead after this long (the mock sends a keepalive every 15 s)."""
+
+
+def describe_error(error: BaseException) -> str:
+    """A short one-line description of a network error."""
+    if isinstance(error, aiohttp.ClientConnectorError):
+        code = error.os_error.errno
+        reason = os.strerror(code) if code else str(error.os_error)
+        return f"cannot connect to {error.host}:{error.port}: {reason}"
+    if isinstance(error, TimeoutError):
+        return "timed out"
+    return " ".join((str(error) or type(error).__name__).split())
+
+
+@dataclass
+class WorkerStats:
+    """Counters of one worker, as the router saw its requests pass."""
+
+    requests: int = 0
+    """Requests sent to it (a retried request counts on each worker it was sent to)."""
+    prompt_blocks: int = 0
+    """Full prompt blocks of those requests."""
+    hit_blocks: int = 0
+    """Leading prompt blocks the router predicted it held (its expected prefix-cache hits)."""
+    errors: int = 0
+    """Requests to it that failed (refused, reset, 5xx, broken stream)."""
+    retries: int = 0
+    """Requests that failed on it and were sent to another worker."""
+
+    @property
+    def hit_rate(self) -> float:
+        """Predicted block-weighted hit rate: hit blocks / prompt blocks (0 before any)."""
+        return self.hit_blocks / self.prompt_blocks if self.prompt_blocks else 0.0
+
+
+class Worker:
+    """One worker as the router sees it.
+
+    Attributes:
+        url: base URL (``http://host:port``), also its name in the index and in metrics.
+        healthy: False while marked down.
+        down_reason: why it is down ("" when healthy).
+        kv_source: where its cached blocks come from (:data:`KvSource`).
+        mirror: its KV event mirror.
+        stats: its counters.
+    """
+
+    def __init__(self, url: str, mirror: EventMirror, kv_source: KvSource) -> None:
+        self.url = url
+        self.healthy = False
+        self.down_reason = "not checked yet"
+        self.kv_source: KvSource = kv_source
+        self.mirror = mirror
+        self.stats = WorkerStats()
+        self.up = asyncio.Event()
+        """Set while healthy: the event follower waits on it."""
+
+
+class SseParser:
+    """Splits a ``text/event-stream`` body into the ``data`` of each message (``\\n``-ended
+    lines; comments and other fields are skipped). Pure."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._scan = 0
+
+    def feed(self, chunk: bytes) -> list[str]:
+        """Add received bytes; returns the data of every message they completed, in order."""
+        self._buf += chunk
+        out: list[str] = []
+        start = 0
+        while True:
+            # Resume the search where the last one stopped (a snapshot may arrive in many
+            # chunks), one byte back in case "\n\n" straddles two chunks.
+            end = self._buf.find(b"\n\n", max(start, self._scan - 1))
+            if end < 0:
+                break
+            message = bytes(self._buf[start:end])
+            start = end + 2
+            self._scan = start
+            data = [
+                line[5:].removeprefix(b" ") for line in message.split(b"\n") if line[:5] == b"data:"
+            ]
+            if data:
+                out.append(b"\n".join(data).decode())
+        if start:
+            del self._buf[:start]
+        self._scan = len(self._buf)
+        return out
+
+
+class WorkerPool:
+    """The router's workers: health, start-up check, event subscriptions (module docstring).
+
+    Args:
+        config: the ``router`` section (``workers`` must not be empty).
+        index: the prefix index the event mirrors keep true.
+
+    Raises:
+        ConfigError: ``config.workers`` is empty.
+    """
+
+    def __init__(self, config: RouterConfig, index: PrefixIndex) -> None:
+        if not config.workers:
+            raise ConfigError(
+                "router.workers is empty: give at least one worker URL with --worker "
+                "http://HOST:PORT (repeatable)"
+            )
+        self.config = config
+        self.index = index
+        self.model = config.model
+        """The model salting the block hashes: router.model, or the first worker's."""
+        source: KvSource = "connecting" if config.kv_events else "approx"
+        self.workers = [
+            Worker(url, EventMirror(index, url, config.block_size), source)
+            for url in config.workers
+        ]
+        token = config.worker_auth_token
+        self.headers: dict[str, str] = (
+            {"Authorization": f"Bearer {token.get_secret_value()}"} if token is not None else {}
+        )
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # --- lifecycle ---
+
+    async def start(self, session: aiohttp.ClientSession) -> None:
+        """Check every worker, then start the health probe and the event followers.
+
+        Raises:
+            ConfigError: a reachable worker's block size or model differs from the router's,
+                or it refuses the router's token; the message names every such worker.
+        """
+        self._session = session
+        problems = await asyncio.gather(*(self._first_check(w) for w in self.workers))
+        errors = [p for p in problems if p]
+        if errors:
+            raise ConfigError("; ".join(errors))
+        self._tasks.append(asyncio.create_task(self._probe_loop(), name="kvferry-router-probe"))
+        if self.config.kv_events:
+            for w in self.workers:
+                task = asyncio.create_task(self._follow(w), name=f"kvferry-router-events {w.url}")
+                self._tasks.append(task)
+
+    async def close(self) -> None:
+        """Stop the probe and the event followers; idempotent."""
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def healthy(self) -> list[Worker]:
+        return [w for w in self.workers if w.healthy]
+
+    def by_url(self, url: str) -> Worker:
+        """Raises KeyError for an unknown URL."""
+        for w in self.workers:
+            if w.url == url:
+                return w
+        raise KeyError(url)
+
+    def mark_down(self, worker: Worker, reason: str) -> None:
+        """Take ``worker`` out of routing until a probe brings it back; drops its blocks."""
+        if worker.healthy:
+            log.warning("worker %s is down: %s", worker.url, reason)
+        worker.healthy = False
+        worker.down_reason = reason
+        worker.up.clear()
+        self.index.clear(worker.url)
+        worker.mirror.last_id = None
+
+    def _mark_up(self, worker: Worker) -> None:
+        if not worker.healthy:
+            log.info("worker %s is up", worker.url)
+        worker.healthy = True
+        worker.down_reason = ""
+        worker.up.set()
+
+    # --- checks ---
+
+    async def _get(self, worker: Worker, path: str) -> tuple[int, Any]:
+        """GET ``path`` of ``worker``: status and decoded JSON (None if not JSON)."""
+        if self._session is None:
+            raise RuntimeError("the worker pool is not started")
+        timeout = aiohttp.ClientTimeout(total=self.config.connect_timeout * 2)
+        async with self._session.get(worker.url + path, headers=self.headers, timeout=timeout) as r:
+            raw = await r.read()
+            try:
+                body = json.loads(raw) if raw else None
+            except ValueError:
+                body = None
+            return r.status, body
+
+    async def check(self, worker: Worker) -> None:
+        """The start-up check of one worker (module docstring).
+
+        Raises:
+            ConfigError: the worker's block size or model differs from the router's, or it
+                refuses the router's token.
+            PeerClosed: it answered 5xx.
+            aiohttp.ClientError, OSError, TimeoutError: it cannot be reached.
+        """
+        status, body = await self._get(worker, "/kv/stats")
+        if status in (401, 403):
+            raise ConfigError(
+                f"worker {worker.url} answered {status} to the router: give the token it "
+                "requires with --worker-auth-token (router.worker_auth_token)"
+            )
+        if status >= 500:
+            raise PeerClosed(f"/kv/stats answered {status}")
+        if status == 200 and isinstance(body, dict):
+            size = body.get("block_size")
+            if isinstance(size, int) and size != self.config.block_size:
+                raise ConfigError(
+                    f"worker {worker.url} has block_size {size} (its /kv/stats), the router "
+                    f"has router.block_size {self.config.block_size}; they must be equal "
+                    f"(--block-size {size})"
+                )
+            model = body.get("model")
+            if isinstance(model, str) and model:
+                self._check_model(worker, model, strict=True)
+            return
+        # Not a kvferry mock (vLLM): its model names the hash salt only if none is set.
+        status, body = await self._get(worker, "/v1/models")
+        if status in (401, 403):
+            raise ConfigError(
+                f"worker {worker.url} answered {status} to the router: give the token it "
+                "requires with --worker-auth-token (router.worker_auth_token)"
+            )
+        if status == 200 and isinstance(body, dict):
+            data = body.get("data")
+            if isinstance(data, list) and data and isinstance(data[0], dict):
+                model = data[0].get("id")
+                if isinstance(model, str) and model:
+                    self._check_model(worker, model, strict=False)
+
+    def _check_model(self, worker: Worker, model: str, *, strict: bool) -> None:
+        if not self.model:
+            self.model = model
+            log.info("router hashes blocks for model %r (from %s)", model, worker.url)
+        elif strict and model != self.model:
+            raise ConfigError(
+                f"worker {worker.url} serves model {model!r}, whose name salts its block "
+                f"hashes; the router has router.model {self.model!r}; give --model {model!r} "
+                "or route workers of one model"
+            )
+
+    async def _first_check(self, worker: Worker) -> str:
+        """The start-up check; returns a config problem, "" otherwise (a worker that cannot
+        be reached starts down)."""
+        try:
+            await self.check(worker)
+        except ConfigError as e:
+            return str(e)
+        except (PeerClosed, aiohttp.ClientError, OSError, TimeoutError) as e:
+            self.mark_down(worker, f"start-up check failed: {describe_error(e)}")
+            log.warning("worker %s is down: %s", worker.url, worker.down_reason)
+            return ""
+        self._mark_up(worker)
+        return ""
+
+    async def probe(self, worker: Worker) -> bool:
+        """``GET /health`` and the start-up check of a worker that is down; True if it is
+        up again."""
+        try:
+            status, _ = await self._get(worker, "/health")
+            if status != 200:
+                worker.down_reason = f"/health answered {status}"
+                return False
+            await self.check(worker)
+        except ConfigError as e:
+            if worker.down_reason != str(e):
+                log.error("worker %s refused: %s", worker.url, e)
+            worker.down_reason = str(e)
+            return False
+        except (PeerClosed, aiohttp.ClientError, OSError, TimeoutError) as e:
+            worker.down_reason = f"health probe failed: {describe_error(e)}"
+            return False
+        self._mark_up(worker)
+        return True
+
+    async def _probe_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.config.health_interval)
+            down = [w for w in self.workers if not w.healthy]
+            if down:
+                await asyncio.gather(*(self.probe(w) for w in down))
+            self.index.prune(loop.time())
+
+    # --- KV events ---
+
+    async def _follow(self, worker: Worker) -> None:
+        """Mirror ``worker``'s /kv/events for as long as the router runs (module docstring)."""
+        backoff = 0.05
+        while True:
+            await worker.up.wait()
+            outcome = "ended"
+            try:
+                outcome = await self._read_events(worker)
+            except ConfigError as e:  # another block size
+                log.error("%s", e)
+                self.mark_down(worker, str(e))
+            except (ValueError, UnicodeDecodeError) as e:  # malformed event: start over
+                log.warning("worker %s sent a malformed KV event (%s); resyncing", worker.url, e)
+                worker.mirror.last_id = None
+                worker.mirror.resyncs += 1
+            except aiohttp.ClientConnectorError as e:
+                self.mark_down(worker, f"event stream: {describe_error(e)}")
+            except (aiohttp.ClientError, OSError, TimeoutError) as e:
+                log.info("worker %s event stream broke (%s)", worker.url, describe_error(e))
+            if outcome == "approx":
+                return
+            if outcome == "synced":
+                backoff = 0.05
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self.config.health_interval)
+
+    async def _read_events(self, worker: Worker) -> Literal["approx", "synced", "ended"]:
+        """One /kv/events connection: "approx" when the worker has no event stream,
+        "synced" when events were applied, "ended" when nothing was (reconnect either way)."""
+        if self._session is None:
+            raise RuntimeError("the worker pool is not started")
+        mirror = worker.mirror
+        since = mirror.last_id
+        path = "/kv/events" if since is None else f"/kv/events?since={since}"
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=self.config.connect_timeout, sock_read=EVENT_READ_TIMEOUT_S
+        )
+        synced = False
+        async with self._session.get(worker.url + path, headers=self.headers, timeout=timeout) as r:
+            if r.status == 404 or r.status in (401, 403):
+                if r.status != 404:
+                    log.error(
+                        "worker %s refused the router's /kv/events (%d): using approximate "
+                        "mode; give its token with --worker-auth-token",
+                        worker.url,
+                        r.status,
+                    )
+                else:
+                    log.info("worker %s has no /kv/events: approximate mode", worker.url)
+                worker.kv_source = "approx"
+                return "approx"
+            if r.status != 200:
+                log.info("worker %s /kv/events answered %d", worker.url, r.status)
+                return "ended"
+            parser = SseParser()
+            async for chunk in r.content.iter_any():
+                for data in parser.feed(chunk):
+                    event = json.loads(data)
+                    if not isinstance(event, dict):
+                        raise ValueError(f"a KV event must be a JSON object, got {data[:100]!r}")
+                    if not worker.healthy:
+                        # Marked down while streaming: its blocks were dropped, start over.
+                        return "ended"
+                    if mirror.apply(event) == "resync":
+                        log.info(
+                            "worker %s: KV event stream out of order (%s); resyncing",
+                            worker.url,
+                            event.get("type"),
+                        )
+                        return "ended"
+                    if not synced:
+                        synced = True
+                        worker.kv_source = "events"
+        return "synced" if synced else "ended"
