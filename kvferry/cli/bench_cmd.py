@@ -28,6 +28,7 @@ from kvferry.bench.transfer import (
 )
 from kvferry.cli.common import add_config_options, load_from_args
 from kvferry.cli.hitrate_cmd import add_hitrate_parser
+from kvferry.cli.serve_bench_cmd import add_serve_bench_parser
 from kvferry.config.units import parse_duration, parse_size
 from kvferry.errors import ConfigError
 
@@ -47,7 +48,7 @@ def _seconds(text: str) -> float:
 
 
 def add_parser(subparsers: Any) -> None:
-    bench = subparsers.add_parser("bench", help="benchmarks: transfer, store, hitrate")
+    bench = subparsers.add_parser("bench", help="benchmarks: transfer, store, hitrate, serve")
     kinds = bench.add_subparsers(title="benchmarks", metavar="BENCH")
     p = kinds.add_parser(
         "transfer",
@@ -105,6 +106,7 @@ def add_parser(subparsers: Any) -> None:
     p.set_defaults(func=run_transfer)
     _add_store_parser(kinds)
     add_hitrate_parser(kinds)
+    add_serve_bench_parser(kinds)
 
 
 def _options(args: argparse.Namespace, backend: str) -> TransferBenchOptions:
