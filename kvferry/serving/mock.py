@@ -83,14 +83,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import math
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 from aiohttp import web
@@ -99,6 +98,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 
 from kvferry.config.models import MockConfig
 from kvferry.errors import ConfigError
+from kvferry.serving.http_front import front_middleware
 from kvferry.serving.kv_events import SUBSCRIBER_QUEUE, EventHub, sse
 from kvferry.serving.openai_api import (
     CompletionFormatter,
@@ -156,11 +156,6 @@ def build_engine(config: MockConfig) -> MockEngine:
 
 
 # --- errors ----------------------------------------------------------------------------------
-
-
-def _error_response(status: int, message: str, param: str | None = None) -> web.Response:
-    headers = {"WWW-Authenticate": 'Bearer realm="kvferry"'} if status == 401 else None
-    return web.json_response(error_body(status, message, param), status=status, headers=headers)
 
 
 # --- metrics ---------------------------------------------------------------------------------
@@ -247,8 +242,6 @@ class _Collector:
 
 # --- the server ------------------------------------------------------------------------------
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
 
 class MockServer:
     """The HTTP server of one simulated engine (module docstring).
@@ -279,7 +272,10 @@ class MockServer:
     # --- lifecycle ---
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._middleware], client_max_size=MAX_BODY_BYTES)
+        app = web.Application(
+            middlewares=[front_middleware("mock server", self._token, _PATHS, self.responses, log)],
+            client_max_size=MAX_BODY_BYTES,
+        )
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_get("/v1/models", self._models)
@@ -332,46 +328,6 @@ class MockServer:
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
-
-    # --- middleware: auth, error boundary, response counting ---
-
-    @web.middleware
-    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        path = request.path if request.path in _PATHS else "other"
-        response: web.StreamResponse
-        try:
-            if self._token is not None and path != "/health" and not self._authorized(request):
-                response = _error_response(
-                    401, "missing or wrong API key: send Authorization: Bearer <token>"
-                )
-            else:
-                response = await handler(request)
-        except HttpError as e:
-            response = _error_response(e.status, e.message, e.param)
-        except web.HTTPException as e:  # aiohttp's own: unknown path, wrong method, too large
-            message = e.text or e.reason
-            if e.status == 404:
-                message = f"{request.method} {request.path} not found"
-            elif e.status == 405:
-                message = f"{request.method} is not allowed on {request.path}"
-            response = _error_response(e.status, message)
-        except (asyncio.CancelledError, ConnectionError):
-            raise
-        except Exception as e:  # isolation boundary: a bug is a 500 for this request only
-            log.exception("mock server: %s %s failed", request.method, request.path)
-            response = _error_response(500, f"internal error: {type(e).__name__}: {e}")
-        key = (path, response.status)
-        self.responses[key] = self.responses.get(key, 0) + 1
-        return response
-
-    def _authorized(self, request: web.Request) -> bool:
-        header = request.headers.get("Authorization", "")
-        if self._token is None:
-            return True
-        if not header.startswith("Bearer "):
-            return False
-        # compare_digest: the time taken does not reveal how much of the token matched.
-        return hmac.compare_digest(header[len("Bearer ") :].strip().encode(), self._token)
 
     # --- generation ---
 
