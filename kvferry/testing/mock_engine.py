@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import signal
 import socket
 import subprocess
@@ -28,6 +27,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import IO, Any
+
+from kvferry.testing.ready import read_ready_line
 
 __all__ = ["KvEventReader", "MockServerProcess", "Reply"]
 
@@ -89,7 +90,7 @@ class MockServerProcess:
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, env=dict(env)
         )
         try:
-            line = _ready_line(proc, startup_timeout, log)
+            line = read_ready_line(proc, startup_timeout, log, "kvferry serve mock", READY)
         except BaseException:
             _reap(proc)
             log.close()
@@ -328,30 +329,6 @@ class KvEventReader:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-
-def _ready_line(proc: subprocess.Popen[bytes], timeout: float, log: IO[bytes]) -> str:
-    if proc.stdout is None:  # pragma: no cover - Popen was given stdout=PIPE
-        raise RuntimeError("the server's stdout is not a pipe")
-    deadline = time.monotonic() + timeout
-    buf = b""
-    while b"\n" not in buf:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise RuntimeError(f"kvferry serve mock did not start within {timeout:g}s")
-        ready, _, _ = select.select([proc.stdout], [], [], left)
-        if ready:
-            chunk = os.read(proc.stdout.fileno(), 4096)
-            if not chunk:
-                rc = proc.wait()
-                log.seek(0)
-                err = log.read().decode(errors="replace")
-                raise RuntimeError(f"kvferry serve mock exited before serving (rc={rc}):\n{err}")
-            buf += chunk
-    line = buf.split(b"\n", 1)[0].decode()
-    if not line.startswith(READY + " "):
-        raise RuntimeError(f"kvferry serve mock printed {line!r}, not its ready line")
-    return line
 
 
 def _reap(proc: subprocess.Popen[bytes]) -> None:

@@ -13,18 +13,17 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import Any
 
 from kvferry.testing.mock_engine import MockServerProcess, Reply
+from kvferry.testing.ready import read_ready_line
 
 __all__ = ["READY", "RoutedReply", "RouterProcess"]
 
@@ -78,7 +77,7 @@ class RouterProcess(MockServerProcess):
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, env=dict(env)
         )
         try:
-            line = _ready_line(proc, startup_timeout, log)
+            line = read_ready_line(proc, startup_timeout, log, "kvferry serve router", READY)
         except BaseException:
             if proc.poll() is None:
                 proc.kill()
@@ -138,27 +137,3 @@ class RouterProcess(MockServerProcess):
         except ValueError:
             decoded = None
         return RoutedReply(status, decoded, text, worker or "")
-
-
-def _ready_line(proc: subprocess.Popen[bytes], timeout: float, log: IO[bytes]) -> str:
-    if proc.stdout is None:  # pragma: no cover - Popen was given stdout=PIPE
-        raise RuntimeError("the router's stdout is not a pipe")
-    deadline = time.monotonic() + timeout
-    buf = b""
-    while b"\n" not in buf:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise RuntimeError(f"kvferry serve router did not start within {timeout:g}s")
-        ready, _, _ = select.select([proc.stdout], [], [], left)
-        if ready:
-            chunk = os.read(proc.stdout.fileno(), 4096)
-            if not chunk:
-                rc = proc.wait()
-                log.seek(0)
-                err = log.read().decode(errors="replace")
-                raise RuntimeError(f"kvferry serve router exited before serving (rc={rc}):\n{err}")
-            buf += chunk
-    line = buf.split(b"\n", 1)[0].decode()
-    if not line.startswith(READY + " "):
-        raise RuntimeError(f"kvferry serve router printed {line!r}, not its ready line")
-    return line

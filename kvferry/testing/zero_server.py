@@ -23,15 +23,15 @@ import contextlib
 import importlib
 import json
 import os
-import select
 import signal
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import IO, Any, cast
+
+from kvferry.testing.ready import read_ready_line
 
 __all__ = ["READY", "ZeroServerProcess", "main"]
 
@@ -204,7 +204,7 @@ class ZeroServerProcess:
         log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the server
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log)
         try:
-            line = _ready_line(proc, timeout, log)
+            line = read_ready_line(proc, timeout, log, "the zero server", READY)
         except BaseException:
             _reap(proc)
             log.close()
@@ -237,30 +237,6 @@ class ZeroServerProcess:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
-
-
-def _ready_line(proc: subprocess.Popen[bytes], timeout: float, log: IO[bytes]) -> str:
-    stdout = proc.stdout
-    if stdout is None:  # pragma: no cover - started with stdout=PIPE
-        raise RuntimeError("the zero server's stdout is not a pipe")
-    deadline = time.monotonic() + timeout
-    buf = b""
-    while b"\n" not in buf:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise RuntimeError(f"the zero server did not start within {timeout:g}s")
-        if select.select([stdout], [], [], left)[0]:
-            chunk = os.read(stdout.fileno(), 4096)
-            if not chunk:
-                rc = proc.wait()
-                log.seek(0)
-                err = log.read().decode(errors="replace")
-                raise RuntimeError(f"the zero server exited before serving (rc={rc}):\n{err}")
-            buf += chunk
-    line = buf.split(b"\n", 1)[0].decode()
-    if not line.startswith(READY + " "):
-        raise RuntimeError(f"the zero server printed {line!r}, not its ready line")
-    return line
 
 
 def _reap(proc: subprocess.Popen[bytes]) -> None:
