@@ -26,7 +26,7 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, Any, ClassVar, Self
 
 from kvferry.testing.ready import read_ready_line
 
@@ -53,6 +53,10 @@ class MockServerProcess:
         token: the auth token it was started with (sent by the helpers), or None.
     """
 
+    SERVE_KIND: ClassVar[str] = "mock"
+    """The ``kvferry serve`` subcommand :meth:`start` runs (a subclass names its own)."""
+    READY: ClassVar[str] = READY
+
     host: str
     port: int
     token: str | None
@@ -66,8 +70,9 @@ class MockServerProcess:
         token: str | None = None,
         env: Mapping[str, str] | None = None,
         startup_timeout: float = 30.0,
-    ) -> MockServerProcess:
-        """Launch ``kvferry serve mock --port 0 --quiet *args`` and wait for its ready line.
+    ) -> Self:
+        """Launch ``kvferry serve <SERVE_KIND> --port 0 --quiet *args`` and wait for its ready
+        line.
 
         Args:
             args: more ``serve mock`` flags (``"--num-blocks", "64"``, ``"--set", "k=v"``).
@@ -79,7 +84,7 @@ class MockServerProcess:
             RuntimeError: the server exited or did not print its ready line in time; the
                 message has its stderr.
         """
-        argv = [sys.executable, "-m", "kvferry", "serve", "mock", "--port", "0", "--quiet"]
+        argv = [sys.executable, "-m", "kvferry", "serve", cls.SERVE_KIND, "--port", "0", "--quiet"]
         if token is not None:
             argv += ["--auth-token", token]
         argv += list(args)
@@ -90,7 +95,8 @@ class MockServerProcess:
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, env=dict(env)
         )
         try:
-            line = read_ready_line(proc, startup_timeout, log, "kvferry serve mock", READY)
+            what = f"kvferry serve {cls.SERVE_KIND}"
+            line = read_ready_line(proc, startup_timeout, log, what, cls.READY)
         except BaseException:
             _reap(proc)
             log.close()

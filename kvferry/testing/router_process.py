@@ -12,18 +12,13 @@ calling environment are dropped by default. This module asserts nothing.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from kvferry.testing.mock_engine import MockServerProcess, Reply
-from kvferry.testing.ready import read_ready_line
 
 __all__ = ["READY", "RoutedReply", "RouterProcess"]
 
@@ -46,48 +41,8 @@ class RouterProcess(MockServerProcess):
     endpoint); everything else does.
     """
 
-    @classmethod
-    def start(
-        cls,
-        *args: str,
-        token: str | None = None,
-        env: Mapping[str, str] | None = None,
-        startup_timeout: float = 30.0,
-    ) -> RouterProcess:
-        """Launch ``kvferry serve router --port 0 --quiet *args`` and wait for its ready line.
-
-        Args:
-            args: ``serve router`` flags, ``"--worker", url`` at least once.
-            token: passed as ``--auth-token`` and sent by the helpers.
-            env: the child's environment; the caller's minus ``KVFERRY_*`` if None.
-            startup_timeout: seconds to wait for the ready line.
-
-        Raises:
-            RuntimeError: the router exited or did not print its ready line in time; the
-                message has its stderr.
-        """
-        argv = [sys.executable, "-m", "kvferry", "serve", "router", "--port", "0", "--quiet"]
-        if token is not None:
-            argv += ["--auth-token", token]
-        argv += list(args)
-        if env is None:
-            env = {k: v for k, v in os.environ.items() if not k.startswith("KVFERRY_")}
-        log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the router
-        proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, env=dict(env)
-        )
-        try:
-            line = read_ready_line(proc, startup_timeout, log, "kvferry serve router", READY)
-        except BaseException:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(timeout=30)
-            if proc.stdout is not None:
-                proc.stdout.close()
-            log.close()
-            raise
-        host, _, port = line.split()[1].rpartition(":")
-        return cls(host=host, port=int(port), token=token, proc=proc, log=log)
+    SERVE_KIND: ClassVar[str] = "router"
+    READY: ClassVar[str] = READY
 
     @classmethod
     def over(
