@@ -24,10 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from kvferry.bench.endpoint import ServeBenchOptions, run_serve_bench
-from kvferry.serving.tiny_model import build_tiny_model
+from kvferry.serving.tiny_model import build_tiny_model, place_in_hf_cache
 from kvferry.testing.mock_engine import MockServerProcess
 
-SNAPSHOT = "0" * 40
 COMPARED = (
     ("time_to_first_token", "p50"),
     ("inter_token_latency", "p50"),
@@ -35,17 +34,6 @@ COMPARED = (
     ("request_throughput", "avg"),
     ("output_token_throughput", "avg"),
 )
-
-
-def _hf_cache(model: Path, cache: Path) -> None:
-    repo = cache / "models--local--tiny"
-    snap = repo / "snapshots" / SNAPSHOT
-    snap.mkdir(parents=True, exist_ok=True)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (model / name).exists():
-            shutil.copy(model / name, snap / name)
-    (repo / "refs").mkdir(exist_ok=True)
-    (repo / "refs" / "main").write_text(SNAPSHOT)
 
 
 def _aiperf(url: str, model: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -97,7 +85,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="kvferry-serve-vs-aiperf-") as tmp:
         work = Path(tmp)
         model = build_tiny_model(work / "tiny")
-        _hf_cache(model, work / "hf-hub")
+        place_in_hf_cache(model, work / "hf-hub")
         tok = str(model / "tokenizer.json")
         with MockServerProcess.start("--tokenizer", tok, "--max-model-len", "4096") as mock:
             hits = [mock.kv_stats()]

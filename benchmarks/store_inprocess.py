@@ -1,6 +1,6 @@
 """In-process store: batch-get of 4 KiB blocks (128 per call) and the lookup of a 64-block prefix.
 
-    .venv/bin/python benchmarks/store_inprocess.py
+.venv/bin/python benchmarks/store_inprocess.py
 """
 
 import time

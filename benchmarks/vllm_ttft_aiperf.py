@@ -34,27 +34,8 @@ from typing import Any
 
 from rich.progress import Progress
 
-from kvferry.serving.tiny_model import build_tiny_model, synthetic_corpus
+from kvferry.serving.tiny_model import build_tiny_model, place_in_hf_cache, synthetic_corpus
 from kvferry.testing.engines import SERVED_NAME, StoreServerProcess, VllmServer, connector_config
-
-SNAPSHOT = "0" * 40
-
-
-def _hf_cache(model: Path, cache: Path) -> None:
-    """Place the tokenizer files where huggingface_hub looks for repo ``local/tiny``."""
-    repo = cache / "models--local--tiny"
-    snap = repo / "snapshots" / SNAPSHOT
-    snap.mkdir(parents=True, exist_ok=True)
-    for name in (
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-        "config.json",
-    ):
-        if (model / name).exists():
-            shutil.copy(model / name, snap / name)
-    (repo / "refs").mkdir(exist_ok=True)
-    (repo / "refs" / "main").write_text(SNAPSHOT)
 
 
 def _text(tok: Any, words: list[str], rng: random.Random, n_tokens: int) -> str:
@@ -213,7 +194,7 @@ def main() -> int:
         work = Path(tmp)
         model = build_tiny_model(work / "tiny")
         hf = work / "hf-hub"
-        _hf_cache(model, hf)
+        place_in_hf_cache(model, hf)
         a, b = _prompts(model, args)
         traces = {"a": work / "a.jsonl", "b": work / "b.jsonl"}
         _trace(a, traces["a"], args)

@@ -22,12 +22,13 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kvferry.errors import ConfigError, MissingDependency
 
-__all__ = ["TinyModelSpec", "build_tiny_model", "synthetic_corpus"]
+__all__ = ["TinyModelSpec", "build_tiny_model", "place_in_hf_cache", "synthetic_corpus"]
 
 # Syllables of the synthetic corpus: enough variety for thousands of BPE merges.
 _ONSETS = ["", "b", "c", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w"]
@@ -191,3 +192,33 @@ def build_tiny_model(outdir: str | os.PathLike[str], spec: TinyModelSpec | None 
     model.save_pretrained(out, safe_serialization=True)
     (out / "kvferry_tiny.json").write_text(json.dumps(asdict(spec), indent=2) + "\n")
     return out
+
+
+def place_in_hf_cache(
+    model_dir: str | os.PathLike[str], cache_dir: str | os.PathLike[str], repo: str = "local/tiny"
+) -> Path:
+    """Copy a built model's tokenizer (and config) into a Hugging Face hub cache as ``repo``.
+
+    Tools that only take a hub name (aiperf's ``--tokenizer``) then load it offline with
+    ``HF_HUB_OFFLINE=1 HF_HUB_CACHE=cache_dir``. Returns the snapshot directory.
+
+    Raises:
+        ConfigError: ``repo`` is not ``owner/name``, or ``model_dir`` has no tokenizer.json.
+    """
+    owner, _, name = repo.partition("/")
+    if not owner or not name or "/" in name:
+        raise ConfigError(f"repo must look like 'owner/name', got {repo!r}")
+    src = Path(model_dir)
+    if not (src / "tokenizer.json").exists():
+        raise ConfigError(f"{src} has no tokenizer.json; build it with `kvferry model tiny`")
+    revision = "0" * 40
+    root = Path(cache_dir) / f"models--{owner}--{name}"
+    snapshot = root / "snapshots" / revision
+    snapshot.mkdir(parents=True, exist_ok=True)
+    files = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "config.json")
+    for file in files:
+        if (src / file).exists():
+            shutil.copy(src / file, snapshot / file)
+    (root / "refs").mkdir(exist_ok=True)
+    (root / "refs" / "main").write_text(revision)
+    return snapshot
