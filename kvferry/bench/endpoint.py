@@ -49,6 +49,7 @@ from kvferry.bench.endpoint_client import (
     worker_main,
 )
 from kvferry.bench.endpoint_inputs import (
+    PromptFileSource,
     RequestSource,
     RequestSpec,
     SyntheticSource,
@@ -154,6 +155,8 @@ class ServeBenchOptions:
     """A generated workload ``NAME[:K=V,...]`` (kvferry.bench.workloads), replayed as a trace."""
     trace: str = ""
     """A Mooncake-format trace file (or a bundled trace's name)."""
+    input_file: str = ""
+    """Fixed prompts, aiperf ``single_turn`` JSONL (:class:`PromptFileSource`)."""
     speedup: float = 1.0
     """Trace timestamps are divided by this."""
     trace_block_size: int = 512
@@ -194,8 +197,10 @@ class ServeBenchOptions:
             )
         if self.arrival not in ARRIVALS:
             raise ConfigError(f"--arrival must be poisson or constant, got {self.arrival!r}")
-        if self.trace and self.workload:
-            raise ConfigError("--trace and --workload are exclusive: give one source")
+        given = [f for f, v in (("--trace", self.trace), ("--workload", self.workload),
+                                 ("--input-file", self.input_file)) if v]  # fmt: skip
+        if len(given) > 1:
+            raise ConfigError(f"{' and '.join(given)} are exclusive: give one source of requests")
         checks: list[tuple[str, object, bool, str]] = [
             ("--seed", self.seed, isinstance(self.seed, int) and self.seed >= 0, ">= 0"),
             ("--warmup-requests", self.warmup_requests, self.warmup_requests >= 0, ">= 0"),
@@ -221,15 +226,16 @@ class ServeBenchOptions:
     def from_trace(self) -> bool:
         return bool(self.trace or self.workload)
 
-    def levels(self) -> list[Level]:
+    def levels(self, scheduled: bool | None = None) -> list[Level]:
         """The sweep: one level per request rate, else per concurrency, else the trace's
-        schedule (a trace or workload without either), else concurrency 1."""
+        schedule (a trace or workload without either, or ``scheduled``: an input file whose
+        lines have timestamps), else concurrency 1."""
         if self.request_rate:
             cap = self.concurrency[0] if self.concurrency else 0
             return [Level("request_rate", r, cap) for r in self.request_rate]
         if self.concurrency:
             return [Level("concurrency", c) for c in self.concurrency]
-        if self.from_trace:
+        if self.from_trace or scheduled:
             return [Level("fixed_schedule", self.speedup)]
         return [Level("concurrency", 1)]
 
@@ -312,12 +318,13 @@ def _arrival_offsets(
     options: ServeBenchOptions, level: Level, salt: int, count: int | None, source: RequestSource
 ) -> list[int]:
     """Open loop: send times (ns after the start) of the level's requests, in index order."""
-    limit = source.size
+    limit = None if source.cycles else source.size
     if count is not None:
         limit = count if limit is None else min(limit, count)
     horizon = None if options.duration_s is None else options.duration_s * 1e9
-    if level.kind == "fixed_schedule" and isinstance(source, TraceSource):
-        times = [ms * 1e6 / options.speedup for ms in source.timestamps_ms()]
+    stamps = source.timestamps_ms() if level.kind == "fixed_schedule" else None
+    if stamps is not None:
+        times = [ms * 1e6 / options.speedup for ms in stamps]
         return [round(t) for t in times[:limit] if horizon is None or t < horizon]
     rate = level.value
     rng = random.Random(mix64(options.seed, 0xA77, salt))
@@ -344,7 +351,7 @@ def _plan_level(
         concurrency = int(level.value)
         active = min(workers, concurrency)
         limit = count if count is not None else (1 << 62)
-        if source.size is not None:
+        if source.size is not None and not source.cycles:
             limit = min(limit, source.size)
         for w in range(workers):
             if w >= active:
@@ -361,7 +368,7 @@ def _plan_level(
                     warmup_slots=slots,
                 )
             )
-        planned = None if count is None and source.size is None else limit
+        planned = None if count is None and (source.size is None or source.cycles) else limit
         return plans, planned
     offsets = _arrival_offsets(options, level, salt, count, source)
     cap = level.max_concurrency
@@ -526,6 +533,9 @@ def load_source(options: ServeBenchOptions) -> tuple[RequestSource, str, Any]:
         trace.require_requests()
         source: RequestSource = TraceSource(trace, seed=options.seed, tokenizer=options.tokenizer)
         return source, what, trace
+    if options.input_file:
+        prompts = PromptFileSource(options.input_file, osl=options.osl, tokenizer=options.tokenizer)
+        return prompts, f"input file {options.input_file} ({prompts.size} prompts)", None
     synthetic = SyntheticSource(
         isl=options.isl,
         osl=options.osl,
@@ -644,7 +654,8 @@ def run_serve_bench(
     report = ServeBenchReport(options=options, model=model, url=setup.url, source=what)
     pool = _Pool(setup, options.workers)
     try:
-        for salt, level in enumerate(options.levels(), start=1):
+        scheduled = requests.timestamps_ms() is not None
+        for salt, level in enumerate(options.levels(scheduled), start=1):
             plans, planned = _plan_level(options, level, salt, requests, options.workers)
             started = time.time()
             records, warm_errors = pool.run_level(

@@ -25,10 +25,16 @@ Trace prompts (``TraceSource``, Mooncake format): each hash_id is a deterministi
 blocks in order, the last one cut to ``input_length``. Equal hash_ids therefore give equal
 token blocks and the server sees the trace's prefix sharing; a cut block is a prefix of the
 whole one. ``salt`` differs per sweep level, so one level does not warm the next level's cache.
+
+Prompt files (``PromptFileSource``, aiperf's ``single_turn`` JSONL: ``{"text": ...}`` per line,
+optional ``output_length`` and ``timestamp`` in ms): the prompts are sent as written, in file
+order, wrapping to the start after the last one as aiperf's sequential sampling does, so both
+tools can be given exactly the same inputs. The text is the same in every level of a sweep.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from collections import OrderedDict
@@ -43,6 +49,7 @@ from kvferry.errors import ConfigError, MissingDependency
 
 __all__ = [
     "HfCounter",
+    "PromptFileSource",
     "PromptMaker",
     "RequestSource",
     "RequestSpec",
@@ -395,6 +402,14 @@ class RequestSource:
         """How many distinct requests there are (trace rows), None for unbounded."""
         return None
 
+    cycles = False
+    """True: a run may send more than ``size`` requests, wrapping to the first (a prompt file);
+    False: ``size`` caps the requests of a level (a trace is replayed once)."""
+
+    def timestamps_ms(self) -> list[float] | None:
+        """Each request's send time (ms after the first), or None when it has no schedule."""
+        return None
+
     def prepare(self) -> None:
         """Load the tokenizer and build the prompt material now (workers call it before the
         first level, so its first requests do not pay for it)."""
@@ -453,7 +468,7 @@ class TraceSource(RequestSource):
     def size(self) -> int:
         return len(self.rows)
 
-    def timestamps_ms(self) -> list[float]:
+    def timestamps_ms(self) -> list[float] | None:
         """Each row's timestamp relative to the first row's."""
         if not self.rows:
             return []
@@ -466,6 +481,105 @@ class TraceSource(RequestSource):
             self.seed, salt, hash_ids, max(1, isl), self.block_size
         )
         return RequestSpec(index, text, count, max(1, osl), conversation=f"line-{line}")
+
+
+PROMPT_FIELDS = ("text", "texts", "output_length", "timestamp", "type", "role", "session_id")
+"""What a prompt file line may hold (aiperf ``single_turn`` fields that mean something for a text
+completion; ``type``, ``role`` and ``session_id`` are accepted and ignored)."""
+
+
+class PromptFileSource(RequestSource):
+    """Fixed prompts from a JSONL file in aiperf's ``single_turn`` format (module docstring).
+
+    Args:
+        path: the file.
+        osl: output tokens for a line without ``output_length``.
+        tokenizer: as ``--tokenizer`` ("" = word tokenizer); counts each prompt's ISL.
+
+    Raises:
+        ConfigError: the file cannot be read, or a line is not a valid entry (its line number,
+            what is wrong and what would be right); nothing is skipped.
+    """
+
+    cycles = True
+
+    def __init__(self, path: str | os.PathLike[str], *, osl: int, tokenizer: str = "") -> None:
+        super().__init__(0, tokenizer)
+        self.name = str(path)
+        self.rows: list[tuple[str, int, float | None]] = []
+        try:
+            with open(path, encoding="utf-8") as f:
+                for line_no, line in enumerate(f, start=1):
+                    if line.strip():
+                        self.rows.append(self._row(line, line_no, osl))
+        except OSError as e:
+            raise ConfigError(f"--input-file {self.name!r}: {e.strerror or e}") from e
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"--input-file {self.name!r} is not UTF-8 text: {e}") from e
+        if not self.rows:
+            raise ConfigError(f"--input-file {self.name!r} has no prompt (one JSON object a line)")
+        stamped = sum(r[2] is not None for r in self.rows)
+        if stamped not in (0, len(self.rows)):
+            raise ConfigError(
+                f"--input-file {self.name!r}: {stamped} of {len(self.rows)} lines have a "
+                "timestamp; give every line one (a schedule) or none"
+            )
+        self._isl: list[int] | None = None
+
+    def _row(self, line: str, line_no: int, osl: int) -> tuple[str, int, float | None]:
+        where = f"--input-file {self.name!r} line {line_no}"
+        try:
+            entry = json.loads(line)
+        except ValueError as e:
+            raise ConfigError(f"{where}: not JSON ({e})") from e
+        if not isinstance(entry, dict):
+            raise ConfigError(f'{where}: expected a JSON object like {{"text": "..."}}')
+        unknown = sorted(set(entry) - set(PROMPT_FIELDS))
+        if unknown:
+            raise ConfigError(
+                f"{where}: unsupported field(s) {', '.join(unknown)} (text prompts only; "
+                f"fields: {', '.join(PROMPT_FIELDS)})"
+            )
+        text = entry.get("text")
+        texts = entry.get("texts")
+        if text is not None and texts is not None:
+            raise ConfigError(f"{where}: give text or texts, not both")
+        if texts is not None:
+            if not (isinstance(texts, list) and texts and all(isinstance(t, str) for t in texts)):
+                raise ConfigError(f"{where}: texts must be a non-empty list of strings")
+            text = " ".join(texts)
+        if not isinstance(text, str) or not text.strip():
+            raise ConfigError(f'{where}: needs a non-empty string "text"')
+        out = entry.get("output_length", osl)
+        if isinstance(out, bool) or not isinstance(out, int) or out < 1:
+            raise ConfigError(f"{where}: output_length must be a whole number >= 1, got {out!r}")
+        stamp = entry.get("timestamp")
+        if stamp is not None and (
+            isinstance(stamp, bool) or not isinstance(stamp, int | float) or not stamp >= 0
+        ):
+            raise ConfigError(f"{where}: timestamp must be milliseconds >= 0, got {stamp!r}")
+        return text, out, None if stamp is None else float(stamp)
+
+    @property
+    def size(self) -> int:
+        return len(self.rows)
+
+    def prepare(self) -> None:
+        if self._isl is None:
+            self._isl = [self.maker.counter.count(text) for text, _, _ in self.rows]
+
+    def timestamps_ms(self) -> list[float] | None:
+        if self.rows[0][2] is None:
+            return None
+        first = min(cast(float, r[2]) for r in self.rows)
+        return [cast(float, r[2]) - first for r in self.rows]
+
+    def spec(self, salt: int, index: int) -> RequestSpec:
+        self.prepare()
+        assert self._isl is not None
+        k = index % len(self.rows)
+        text, osl, _ = self.rows[k]
+        return RequestSpec(index, text, self._isl[k], osl, conversation=f"entry-{k + 1}")
 
 
 def workload_trace(spec_text: str, block_tokens: int = DEFAULT_BLOCK_TOKENS) -> Trace:

@@ -144,6 +144,13 @@ def add_serve_bench_parser(kinds: Any) -> None:
         help="a generated trace: prefix-ratio, multi-turn, long-doc-qa, agent (kvferry workload)",
     )
     src.add_argument(
+        "--input-file",
+        default="",
+        metavar="FILE",
+        help='fixed prompts, aiperf single_turn JSONL: {"text": ..., "output_length": N} a '
+        "line, sent in order (wrapping); with timestamps (ms) on every line, at their schedule",
+    )
+    src.add_argument(
         "--trace",
         default="",
         metavar="FILE",
@@ -248,6 +255,7 @@ def options_from_args(args: argparse.Namespace) -> ServeBenchOptions:
         osl_stddev=args.osl_stddev,
         workload=args.workload,
         trace=args.trace,
+        input_file=args.input_file,
         speedup=args.speedup,
         trace_block_size=args.trace_block_size,
         goodput=parse_goodput(args.goodput) if args.goodput.strip() else {},
@@ -262,7 +270,7 @@ def options_from_args(args: argparse.Namespace) -> ServeBenchOptions:
 
 def default_run_name(report: ServeBenchReport) -> str:
     """``<model>-openai-<endpoint>-<levels>``, as aiperf names its artifact directories."""
-    levels = report.options.levels()
+    levels = [r.level for r in report.levels] or report.options.levels()
     kind = levels[0].kind
     if kind == "fixed_schedule":
         load = "fixed_schedule"

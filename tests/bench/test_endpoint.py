@@ -160,6 +160,40 @@ def test_trace_replay_makes_the_server_hit_blocks(
     assert json.loads(lines[1])["metadata"]["conversation_id"] == "line-2"
 
 
+def test_input_file_prompts_are_sent_as_written_and_wrap(
+    server: MockServerProcess, tmp_path: Path
+) -> None:
+    # Two distinct 64-word prompts (4 mock blocks each), the second asking for 2 tokens; five
+    # requests send lines 1, 2, 1, 2, 1 in order, so the last three hit all 4 blocks.
+    prompts = tmp_path / "p.jsonl"
+    words = [f"w{i}" for i in range(128)]
+    prompts.write_text(
+        json.dumps({"text": " ".join(words[:64])}) + "\n\n"
+        + json.dumps({"texts": [" ".join(words[64:100]), " ".join(words[100:])],
+                      "output_length": 2}) + "\n"
+    )  # fmt: skip
+    server.post("/kv/clear", {})
+    before = server.kv_stats()
+    rc = bench(
+        "--url", server.url, "--input-file", str(prompts), "--request-count", "5", "--osl", "3",
+        "--artifact-dir", str(tmp_path / "a"),
+    )  # fmt: skip
+    assert rc == 0
+    after = server.kv_stats()
+    assert after["lookup_blocks"] - before["lookup_blocks"] == 5 * 4
+    assert after["hit_blocks"] - before["hit_blocks"] == 3 * 4
+    lines = [json.loads(x) for x in (tmp_path / "a" / "profile_export.jsonl").read_text().split()]
+    sent = {r["metadata"]["session_num"]: r for r in lines}
+    assert sorted(sent) == [0, 1, 2, 3, 4]
+    assert [sent[i]["metadata"]["conversation_id"] for i in range(5)] == [
+        "entry-1", "entry-2", "entry-1", "entry-2", "entry-1"
+    ]  # fmt: skip
+    assert [sent[i]["metrics"]["output_sequence_length"]["value"] for i in range(5)] == [
+        3, 2, 3, 2, 3
+    ]  # fmt: skip
+    assert {r["metrics"]["input_sequence_length"]["value"] for r in lines} == {64}
+
+
 def test_zero_delay_server_through_the_api() -> None:
     with ZeroServerProcess.start() as zero:
         report = run_serve_bench(
@@ -191,6 +225,8 @@ def _free_port() -> int:
         (["--extra-body", "[1]"], "--extra-body must be a JSON object"),
         (["--url", "localhost:8000"], "--url must be http://HOST:PORT"),
         (["--tokenizer", "/nonexistent/tok"], "no such file or directory"),
+        (["--input-file", "/nonexistent/p.jsonl"], "--input-file '/nonexistent/p.jsonl': No such"),
+        (["--input-file", "p", "--trace", "t"], "not allowed with argument"),
     ],
 )
 def test_bad_flags_are_clear_errors(

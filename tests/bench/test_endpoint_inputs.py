@@ -11,6 +11,7 @@ import pytest
 
 from kvferry.bench.endpoint_inputs import (
     HfCounter,
+    PromptFileSource,
     PromptMaker,
     SyntheticSource,
     TraceSource,
@@ -61,6 +62,45 @@ def test_trace_blocks_share_text_exactly_where_hash_ids_are_equal() -> None:
     other_level = source.spec(2, 0).prompt.split()
     assert other_level[:8] != s[0][:8]  # levels do not share cache contents
     assert source.timestamps_ms() == [0.0, 10.0, 20.0, 30.0]
+
+
+def test_prompt_file(tmp_path: Path) -> None:
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"text": "a b c", "timestamp": 100}\n{"texts": ["d", "e f"], "timestamp": 250.5,'
+                 ' "output_length": 9, "type": "single_turn"}\n')  # fmt: skip
+    source = PromptFileSource(f, osl=4)
+    assert source.size == 2 and source.cycles
+    assert source.timestamps_ms() == [0.0, 150.5]
+    a, b, c = (source.spec(1, i) for i in range(3))
+    assert (a.prompt, a.isl, a.osl) == ("a b c", 3, 4)
+    assert (b.prompt, b.isl, b.osl, b.conversation) == ("d e f", 3, 9, "entry-2")
+    assert c.prompt == a.prompt and c.index == 2  # wraps
+    assert pickle.loads(pickle.dumps(source)).spec(2, 1).prompt == "d e f"
+    plain = tmp_path / "q.jsonl"
+    plain.write_text('{"text": "x"}\n')
+    assert PromptFileSource(plain, osl=1).timestamps_ms() is None
+
+
+@pytest.mark.parametrize(
+    ("lines", "match"),
+    [
+        ("", "has no prompt"),
+        ('{"text": "a"}\nnope\n', "line 2: not JSON"),
+        ("[1]\n", "line 1: expected a JSON object"),
+        ('{"text": "a", "image": "x.png"}\n', "unsupported field\\(s\\) image"),
+        ('{"text": ""}\n', 'needs a non-empty string "text"'),
+        ('{"text": "a", "texts": ["b"]}\n', "text or texts, not both"),
+        ('{"texts": [1]}\n', "texts must be a non-empty list of strings"),
+        ('{"text": "a", "output_length": 0}\n', "output_length must be a whole number >= 1"),
+        ('{"text": "a", "timestamp": -1}\n', "timestamp must be milliseconds >= 0"),
+        ('{"text": "a", "timestamp": 1}\n{"text": "b"}\n', "1 of 2 lines have a timestamp"),
+    ],
+)
+def test_bad_prompt_files(tmp_path: Path, lines: str, match: str) -> None:
+    f = tmp_path / "p.jsonl"
+    f.write_text(lines)
+    with pytest.raises(ConfigError, match=match):
+        PromptFileSource(f, osl=4)
 
 
 def test_workload_trace() -> None:
