@@ -76,6 +76,16 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         default=None,
         help="a worker's base URL, e.g. http://127.0.0.1:8000 (repeatable; router.workers)",
     )
+    router.add_argument(
+        "--vllm-events",
+        dest="router_vllm_events",
+        metavar="URL=ENDPOINT[,REPLAY]",
+        action="append",
+        default=None,
+        help="a vLLM worker's ZeroMQ KV event publisher, e.g. "
+        "http://127.0.0.1:8000=tcp://127.0.0.1:5557,tcp://127.0.0.1:5558 (its --kv-events-config "
+        "endpoint and replay_endpoint; repeatable; router.vllm_events)",
+    )
     for option, key, text in _ROUTER_FLAGS:
         router.add_argument(option, dest=key.replace(".", "_"), metavar="VALUE", help=text)
     router.add_argument(
@@ -217,8 +227,10 @@ def run_router(args: argparse.Namespace) -> int:
     }
     flags["router.workers"] = args.router_workers
     flags["router.kv_events"] = args.router_kv_events
+    flags["router.vllm_events"] = args.router_vllm_events
     names = {key: option for option, key, _ in _ROUTER_FLAGS}
     names["router.workers"] = "--worker"
+    names["router.vllm_events"] = "--vllm-events"
     names["router.kv_events"] = "--no-kv-events"
     loaded = load_from_args(args, flags, flag_names=names)
 

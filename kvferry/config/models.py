@@ -502,6 +502,41 @@ def _worker_url(value: str) -> str:
     return url
 
 
+def _zmq_endpoint(value: str, what: str) -> str:
+    """A ZeroMQ endpoint the router connects to: ``tcp://host:port`` or ``ipc://path``."""
+    scheme, sep, rest = value.partition("://")
+    if sep and scheme == "ipc" and rest:
+        return value
+    host, _, port = rest.rpartition(":")
+    if not sep or scheme != "tcp" or not host or "*" in host or not port.isdigit():
+        raise ValueError(
+            f"{what} must be a ZeroMQ endpoint to connect to, tcp://HOST:PORT or ipc://PATH, "
+            f"got {value!r}"
+        )
+    return value
+
+
+def parse_vllm_events(value: str) -> tuple[str, str, str | None]:
+    """``WORKER_URL=PUB_ENDPOINT[,REPLAY_ENDPOINT]`` (an entry of ``router.vllm_events``) as
+    ``(worker url, pub endpoint, replay endpoint or None)``.
+
+    Raises:
+        ValueError: not of that form (the message says what would be right).
+    """
+    url, sep, endpoints = value.partition("=")
+    if not sep:
+        raise ValueError(
+            "a vLLM event source must be WORKER_URL=tcp://HOST:PORT[,tcp://HOST:REPLAY_PORT] "
+            f"(the worker's --kv-events-config endpoint and replay_endpoint), got {value!r}"
+        )
+    pub, _, replay = endpoints.partition(",")
+    return (
+        _worker_url(url),
+        _zmq_endpoint(pub.strip(), "the event endpoint"),
+        _zmq_endpoint(replay.strip(), "the replay endpoint") if replay.strip() else None,
+    )
+
+
 class RouterConfig(_Model):
     """The KV-aware router (``kvferry serve router``): an OpenAI-compatible front that sends
     each request to one of its workers (vLLM or ``kvferry serve mock``)."""
@@ -567,6 +602,12 @@ class RouterConfig(_Model):
         description="Mirror each worker's /kv/events; false (--no-kv-events) = approximate: "
         "remember the router's own decisions for approx_ttl.",
     )
+    vllm_events: list[str] = Field(
+        default_factory=list,
+        description="vLLM workers' ZeroMQ KV event publishers, WORKER_URL=tcp://HOST:PORT"
+        "[,tcp://HOST:REPLAY_PORT] (vLLM --kv-events-config endpoint, replay_endpoint); "
+        "--vllm-events, repeatable. Needs pyzmq and msgspec (installed with vLLM).",
+    )
     approx_ttl: Seconds = Field(
         120.0,
         gt=0,
@@ -595,6 +636,36 @@ class RouterConfig(_Model):
     @classmethod
     def _valid_address(cls, value: str) -> str:
         return _bind_address(value)
+
+    @field_validator("vllm_events")
+    @classmethod
+    def _valid_vllm_events(cls, value: list[str]) -> list[str]:
+        seen: set[str] = set()
+        out = []
+        for entry in value:
+            url, pub, replay = parse_vllm_events(entry)
+            if url in seen:
+                raise ValueError(f"worker {url} has two vLLM event sources; give one")
+            seen.add(url)
+            out.append(f"{url}={pub}" + (f",{replay}" if replay else ""))
+        return out
+
+    @model_validator(mode="after")
+    def _events_of_known_workers(self) -> RouterConfig:
+        if self.vllm_events and not self.kv_events:
+            raise ValueError(
+                "router.vllm_events with router.kv_events false: approximate mode reads no "
+                "events; drop --no-kv-events or the --vllm-events sources"
+            )
+        workers = set(self.workers)
+        for entry in self.vllm_events:
+            url = parse_vllm_events(entry)[0]
+            if url not in workers:
+                raise ValueError(
+                    f"router.vllm_events names {url}, which is not a worker "
+                    f"({', '.join(self.workers) or 'none given'}); give it with --worker too"
+                )
+        return self
 
     @field_validator("auth_token", "worker_auth_token")
     @classmethod

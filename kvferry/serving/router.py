@@ -156,12 +156,12 @@ class _Collector:
                 True,
                 lambda w: w.stats.retries,
             ),
-            ("kv_events", "KV events applied.", True, lambda w: w.mirror.events),
+            ("kv_events", "KV events applied.", True, lambda w: w.events_applied),
             (
                 "kv_resyncs",
                 "Event stream restarts from a snapshot.",
                 True,
-                lambda w: w.mirror.resyncs,
+                lambda w: w.resyncs,
             ),
             (
                 "predicted_hit_rate",
@@ -571,9 +571,10 @@ class RouterServer:
                     "in_flight": self.load.in_flight(w.url),
                     "active_blocks": self.load.active_blocks(w.url),
                     "indexed_blocks": self.index.blocks(w.url),
-                    "kv_events": w.mirror.events,
-                    "resyncs": w.mirror.resyncs,
-                    "last_event_id": w.mirror.last_id,
+                    "kv_events": w.events_applied,
+                    "resyncs": w.resyncs,
+                    "last_event_id": w.last_event_id,
+                    "skipped_blocks": w.skipped_blocks,
                 }
             )
         prompt = sum(w.stats.prompt_blocks for w in self.pool.workers)

@@ -38,9 +38,10 @@ from typing import Any, Final, Literal
 
 import aiohttp
 
-from kvferry.config.models import RouterConfig
-from kvferry.errors import ConfigError, PeerClosed
+from kvferry.config.models import RouterConfig, parse_vllm_events
+from kvferry.errors import ConfigError, MissingDependency, PeerClosed
 from kvferry.serving.kv_index import EventMirror, PrefixIndex
+from kvferry.serving.vllm_events import VllmEventMirror, follow_vllm_events
 
 __all__ = ["KvSource", "SseParser", "Worker", "WorkerPool", "WorkerStats", "describe_error"]
 
@@ -98,15 +99,47 @@ class Worker:
         stats: its counters.
     """
 
-    def __init__(self, url: str, mirror: EventMirror, kv_source: KvSource) -> None:
+    def __init__(
+        self,
+        url: str,
+        mirror: EventMirror,
+        kv_source: KvSource,
+        vllm: tuple[VllmEventMirror, str, str | None] | None = None,
+    ) -> None:
         self.url = url
         self.healthy = False
         self.down_reason = "not checked yet"
         self.kv_source: KvSource = kv_source
         self.mirror = mirror
+        self.vllm = vllm
+        """A vLLM worker's event mirror, publisher and replay endpoints (router.vllm_events);
+        its events replace /kv/events."""
         self.stats = WorkerStats()
         self.up = asyncio.Event()
         """Set while healthy: the event follower waits on it."""
+
+    @property
+    def events_applied(self) -> int:
+        """KV events (vLLM: event batches) applied."""
+        return self.vllm[0].batches if self.vllm else self.mirror.events
+
+    @property
+    def resyncs(self) -> int:
+        """Times its events had to start over or were missed (vLLM: gaps and resets)."""
+        return self.vllm[0].gaps + self.vllm[0].resets if self.vllm else self.mirror.resyncs
+
+    @property
+    def last_event_id(self) -> int | None:
+        """Id (vLLM: batch number) of the last event applied."""
+        if self.vllm:
+            seq = self.vllm[0].next_seq
+            return None if seq is None else seq - 1
+        return self.mirror.last_id
+
+    @property
+    def skipped_blocks(self) -> int:
+        """vLLM blocks stored that the router could not key (0 for other workers)."""
+        return self.vllm[0].skipped_blocks if self.vllm else 0
 
 
 class SseParser:
@@ -164,10 +197,17 @@ class WorkerPool:
         self.model = config.model
         """The model salting the block hashes: router.model, or the first worker's."""
         source: KvSource = "connecting" if config.kv_events else "approx"
-        self.workers = [
-            Worker(url, EventMirror(index, url, config.block_size), source)
-            for url in config.workers
-        ]
+        vllm = {
+            url: (pub, replay) for url, pub, replay in map(parse_vllm_events, config.vllm_events)
+        }
+        self.workers = []
+        for url in config.workers:
+            mirror = EventMirror(index, url, config.block_size)
+            zmq_source = None
+            if url in vllm:
+                vmirror = VllmEventMirror(index, url, config.block_size)
+                zmq_source = (vmirror, *vllm[url])
+            self.workers.append(Worker(url, mirror, source, zmq_source))
         token = config.worker_auth_token
         self.headers: dict[str, str] = (
             {"Authorization": f"Bearer {token.get_secret_value()}"} if token is not None else {}
@@ -192,7 +232,8 @@ class WorkerPool:
         self._tasks.append(asyncio.create_task(self._probe_loop(), name="kvferry-router-probe"))
         if self.config.kv_events:
             for w in self.workers:
-                task = asyncio.create_task(self._follow(w), name=f"kvferry-router-events {w.url}")
+                follow = self._follow_vllm(w) if w.vllm else self._follow(w)
+                task = asyncio.create_task(follow, name=f"kvferry-router-events {w.url}")
                 self._tasks.append(task)
 
     async def close(self) -> None:
@@ -223,6 +264,8 @@ class WorkerPool:
         worker.up.clear()
         self.index.clear(worker.url)
         worker.mirror.last_id = None
+        if worker.vllm:
+            worker.vllm[0].reset()
 
     def _mark_up(self, worker: Worker) -> None:
         if not worker.healthy:
@@ -368,6 +411,39 @@ class WorkerPool:
                 return
             if outcome == "synced":
                 backoff = 0.05
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self.config.health_interval)
+
+    async def _follow_vllm(self, worker: Worker) -> None:
+        """Mirror a vLLM worker's ZeroMQ KV events (:mod:`kvferry.serving.vllm_events`) for as
+        long as the router runs; restarts the subscriber after a failure."""
+        assert worker.vllm is not None
+        mirror, endpoint, replay = worker.vllm
+        backoff = 0.05
+
+        def applied() -> None:
+            worker.kv_source = "events"
+
+        while True:
+            try:
+                await follow_vllm_events(
+                    mirror,
+                    endpoint,
+                    replay,
+                    model=lambda: self.model,
+                    on_applied=applied,
+                    timeout_s=self.config.connect_timeout,
+                )
+            except MissingDependency as e:
+                log.error("worker %s: %s; approximate mode", worker.url, e)
+                worker.kv_source = "approx"
+                return
+            except ConfigError as e:  # another block size
+                log.error("%s", e)
+                self.mark_down(worker, str(e))
+                await worker.up.wait()
+            except Exception as e:
+                log.warning("worker %s: vLLM KV event subscriber failed (%s)", worker.url, e)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self.config.health_interval)
 
