@@ -20,7 +20,9 @@ router's event loop:
   snapshot. A worker that answers 404 (vLLM without kvferry events) falls back to the
   approximate mode (``kv_source`` "approx"): the router remembers its own routing decisions for
   ``router.approx_ttl`` seconds. Events whose block size differs from the router's mark the
-  worker down with that reason.
+  worker down with that reason. A vLLM worker named in ``router.vllm_events`` is read from
+  vLLM's ZeroMQ publisher instead (:mod:`kvferry.serving.vllm_events`), by a subscriber that
+  is restarted after any failure; a missing pyzmq or msgspec leaves it in approximate mode.
 
 Every failure here is an isolation boundary for one worker: it is logged and counted, and the
 other workers keep serving. No HTTP server here: :mod:`kvferry.serving.router` owns that.
