@@ -26,9 +26,11 @@ Endpoints (all but ``/health`` require ``Authorization: Bearer <token>`` when
 - ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text, below).
 - ``GET /kv/stats``: JSON ``{"model", "block_size", "num_blocks", "used_blocks",
   "cached_blocks", "free_blocks", "usage", "lookup_blocks", "hit_blocks", "hit_rate",
-  "request_hit_rate_mean", "evicted_blocks", "admissions", "last_event_id"}``; ``hit_rate`` is
-  block-weighted (hit blocks / looked-up full prompt blocks), ``request_hit_rate_mean`` is the
-  per-request mean (aiperf's definition).
+  "request_hit_rate_mean", "evicted_blocks", "admissions", "last_event_id", "tokenizer",
+  "vocab_size"}``; ``hit_rate`` is block-weighted (hit blocks / looked-up full prompt blocks),
+  ``request_hit_rate_mean`` is the per-request mean (aiperf's definition); ``tokenizer`` is
+  "words" (with its ``vocab_size``) or "hf" (``mock.tokenizer``; ``vocab_size`` null), so a
+  router can check it tokenizes as the mock does.
 - ``POST /kv/clear``: unpublish every cached block (a ``cleared`` event); answers
   ``{"cleared_blocks": N}``.
 - ``GET /kv/events[?since=ID]``: the KV event stream (below).
@@ -440,6 +442,8 @@ class MockServer:
             "evicted_blocks": s.evicted_blocks,
             "admissions": s.admissions,
             "last_event_id": s.last_event_id,
+            "tokenizer": "hf" if self.config.tokenizer else "words",
+            "vocab_size": None if self.config.tokenizer else self.config.vocab_size,
         }
 
     async def _kv_stats(self, _: web.Request) -> web.Response:

@@ -321,6 +321,7 @@ class WorkerPool:
                     f"has router.block_size {self.config.block_size}; they must be equal "
                     f"(--block-size {size})"
                 )
+            self._check_tokenizer(worker, body.get("tokenizer"), body.get("vocab_size"))
             model = body.get("model")
             if isinstance(model, str) and model:
                 self._check_model(worker, model, strict=True)
@@ -338,6 +339,29 @@ class WorkerPool:
                 model = data[0].get("id")
                 if isinstance(model, str) and model:
                     self._check_model(worker, model, strict=False)
+
+    def _check_tokenizer(self, worker: Worker, kind: object, vocab: object) -> None:
+        """A mock worker must count tokens as the router does, or no prompt block would match
+        (older mocks report no tokenizer: nothing to check)."""
+        mine = "hf" if self.config.tokenizer else "words"
+        if kind in ("words", "hf") and kind != mine:
+            if kind == "hf":
+                theirs, ours = "a Hugging Face tokenizer", "the word tokenizer"
+                fix = "give the router the same file with --tokenizer (router.tokenizer)"
+            else:
+                theirs = "the word tokenizer"
+                ours = f"router.tokenizer {self.config.tokenizer!r}"
+                fix = "drop the router's --tokenizer (router.tokenizer)"
+            raise ConfigError(
+                f"worker {worker.url} tokenizes with {theirs} (its /kv/stats), the router with "
+                f"{ours}; {fix}"
+            )
+        if kind == "words" and isinstance(vocab, int) and vocab != self.config.vocab_size:
+            raise ConfigError(
+                f"worker {worker.url} has vocab_size {vocab} (its /kv/stats), the router has "
+                f"router.vocab_size {self.config.vocab_size}; they must be equal "
+                f"(--set router.vocab_size={vocab})"
+            )
 
     def _check_model(self, worker: Worker, model: str, *, strict: bool) -> None:
         if not self.model:

@@ -416,7 +416,7 @@ def test_start_up_errors_exit_2_with_the_reason(
     assert "no tokenizer.json there" in capsys.readouterr().err
 
 
-def test_profile_and_hf_tokenizer(tmp_path: Path) -> None:
+def test_profile_and_hf_tokenizer(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     tokenizers = pytest.importorskip("tokenizers")
     words = ["[UNK]", "hello", "world", "the", "a", "sea", "quick", "brown", "fox"]
     tok = tokenizers.Tokenizer(
@@ -439,6 +439,12 @@ def test_profile_and_hf_tokenizer(tmp_path: Path) -> None:
         m = s.metrics()
         # Fitted prefill: 10 ms + 0.1 ms/token, so 3 tokens take 10.3 ms.
         assert m['kvferry_mock_model_seconds_total{phase="prefill"}'] == pytest.approx(0.0103)
+        stats = s.kv_stats()
+        assert (stats["tokenizer"], stats["vocab_size"]) == ("hf", None)
+        # A router that would count words instead refuses to start, saying how to fix it.
+        assert main(["serve", "router", "--port", "0", "--worker", s.url]) == 2
+        err = capsys.readouterr().err
+        assert "tokenizes with a Hugging Face tokenizer" in err and "--tokenizer" in err
 
 
 def test_hf_tokenizer_without_the_library_names_the_extra(

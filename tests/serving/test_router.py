@@ -367,3 +367,9 @@ def test_start_up_refuses_mismatched_or_missing_workers(
     assert "must be a URL like http://127.0.0.1:8000" in capsys.readouterr().err
     assert main(["serve", "router", "--worker", url, "--router-mode", "fastest"]) == 2
     assert "router.mode" in capsys.readouterr().err
+    # The router must count tokens as the mock does (its /kv/stats says how).
+    argv = ["serve", "router", "--port", "0", "--worker", url, "--set", "router.vocab_size=1000"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"worker {url} has vocab_size 128256" in err
+    assert "--set router.vocab_size=128256" in err
