@@ -4,6 +4,8 @@
 path but ``/health`` when a token is set (compared in constant time), OpenAI-style JSON errors
 for :class:`~kvferry.serving.openai_api.HttpError` and for aiohttp's own 404/405/413, a 500 for
 this request only when a handler has a bug, and a count of responses per (path, status).
+:func:`listen` binds the server's socket (a clear error naming the config keys) and
+:func:`serve_app` runs an app on it.
 """
 
 from __future__ import annotations
@@ -11,16 +13,60 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import socket
 from collections.abc import Awaitable, Callable, Collection
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from kvferry.errors import ConfigError
 from kvferry.serving.openai_api import HttpError, error_body
 
-__all__ = ["Handler", "bearer_authorized", "error_response", "front_middleware"]
+__all__ = [
+    "Handler",
+    "bearer_authorized",
+    "error_response",
+    "front_middleware",
+    "listen",
+    "serve_app",
+]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def listen(host: str, port: int, section: str) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (IPv6 when ``host`` has a colon).
+
+    Raises:
+        ConfigError: it cannot be bound; names ``<section>.port`` and ``<section>.bind_address``.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=1024)
+    except OSError as e:
+        raise ConfigError(
+            f"{section} server cannot listen on {host}:{port}: {e.strerror or e}; choose another "
+            f"{section}.port (0 picks a free one) or {section}.bind_address"
+        ) from e
+
+
+async def serve_app(
+    app: web.Application, sock: socket.socket, shutdown_timeout: float
+) -> tuple[web.AppRunner, tuple[str, int]]:
+    """Serve ``app`` on ``sock``; returns the runner (``cleanup()`` stops it) and the address
+    bound. The socket is closed if serving cannot start."""
+    runner = web.AppRunner(
+        app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout
+    )
+    try:
+        await runner.setup()
+        await web.SockSite(runner, sock).start()
+    except BaseException:
+        sock.close()
+        await runner.cleanup()
+        raise
+    bound = sock.getsockname()
+    return runner, (str(bound[0]), int(bound[1]))
 
 
 def error_response(status: int, message: str, param: str | None = None) -> web.Response:

@@ -89,7 +89,6 @@ import json
 import logging
 import math
 import signal
-import socket
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, Final
@@ -99,8 +98,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from kvferry.config.models import MockConfig
-from kvferry.errors import ConfigError
-from kvferry.serving.http_front import front_middleware
+from kvferry.serving.http_front import front_middleware, listen, serve_app
 from kvferry.serving.kv_events import SUBSCRIBER_QUEUE, EventHub, sse
 from kvferry.serving.openai_api import (
     CompletionFormatter,
@@ -294,24 +292,13 @@ class MockServer:
         Raises:
             ConfigError: the address cannot be bound.
         """
-        host, port = self.config.bind_address, self.config.port
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        try:
-            sock = socket.create_server((host, port), family=family, backlog=1024)
-        except OSError as e:
-            raise ConfigError(
-                f"mock server cannot listen on {host}:{port}: {e.strerror or e}; choose "
-                "another mock.port (0 picks a free one) or mock.bind_address"
-            ) from e
+        sock = listen(self.config.bind_address, self.config.port, "mock")
         self._engine_task = asyncio.create_task(self.engine.run(), name="kvferry-mock-engine")
-        runner = web.AppRunner(
-            self.app(), access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT_S
-        )
-        await runner.setup()
-        await web.SockSite(runner, sock).start()
-        self._runner = runner
-        bound = sock.getsockname()
-        self.address = (str(bound[0]), int(bound[1]))
+        try:
+            self._runner, self.address = await serve_app(self.app(), sock, SHUTDOWN_TIMEOUT_S)
+        except BaseException:
+            await self.close()
+            raise
         return self.address
 
     @property

@@ -73,7 +73,6 @@ import json
 import logging
 import random
 import signal
-import socket
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final
 
@@ -83,9 +82,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from kvferry.config.models import RouterConfig
-from kvferry.errors import ConfigError, PeerClosed
+from kvferry.errors import PeerClosed
 from kvferry.index.hashing import BlockHasher
-from kvferry.serving.http_front import front_middleware
+from kvferry.serving.http_front import front_middleware, listen, serve_app
 from kvferry.serving.kv_index import LoadTracker, PrefixIndex, RoundRobin, pick, score
 from kvferry.serving.openai_api import HttpError, bad_request, data_line, error_body
 from kvferry.serving.router_workers import Worker, WorkerPool, describe_error
@@ -275,36 +274,18 @@ class RouterServer:
             ConfigError: the address cannot be bound, or a worker's block size or model
                 differs from the router's (:meth:`WorkerPool.start`).
         """
-        host, port = self.config.bind_address, self.config.port
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        try:
-            sock = socket.create_server((host, port), family=family, backlog=1024)
-        except OSError as e:
-            raise ConfigError(
-                f"router cannot listen on {host}:{port}: {e.strerror or e}; choose another "
-                "router.port (0 picks a free one) or router.bind_address"
-            ) from e
+        sock = listen(self.config.bind_address, self.config.port, "router")
         try:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=0),
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.config.connect_timeout),
             )
             await self.pool.start(self._session)
-            runner = web.AppRunner(
-                self.app(),
-                access_log=None,
-                handle_signals=False,
-                shutdown_timeout=SHUTDOWN_TIMEOUT_S,
-            )
-            await runner.setup()
-            self._runner = runner
-            await web.SockSite(runner, sock).start()
+            self._runner, self.address = await serve_app(self.app(), sock, SHUTDOWN_TIMEOUT_S)
         except BaseException:
             sock.close()
             await self.close()
             raise
-        bound = sock.getsockname()
-        self.address = (str(bound[0]), int(bound[1]))
         return self.address
 
     async def close(self) -> None:

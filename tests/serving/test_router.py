@@ -10,6 +10,7 @@ prompt tags, so tests sharing the fleet never share a prefix. No timing is asser
 from __future__ import annotations
 
 import json
+import socket
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -373,3 +374,13 @@ def test_start_up_refuses_mismatched_or_missing_workers(
     err = capsys.readouterr().err
     assert f"worker {url} has vocab_size 128256" in err
     assert "--set router.vocab_size=128256" in err
+    with socket.socket() as taken:  # a port in use: the keys to change, no traceback
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        assert main(["serve", "router", "--port", port, "--worker", url]) == 2
+        err = capsys.readouterr().err
+        assert f"cannot listen on 127.0.0.1:{port}" in err and "router.port" in err
+        assert main(["serve", "mock", "--port", port]) == 2
+        err = capsys.readouterr().err
+        assert "mock.port" in err and "Traceback" not in err
