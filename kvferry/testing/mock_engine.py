@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import IO, Any, ClassVar, Self
 
-from kvferry.testing.ready import read_ready_line
+from kvferry.testing.ready import read_ready_line, reap
 
 __all__ = ["KvEventReader", "MockServerProcess", "Reply"]
 
@@ -98,7 +98,7 @@ class MockServerProcess:
             what = f"kvferry serve {cls.SERVE_KIND}"
             line = read_ready_line(proc, startup_timeout, log, what, cls.READY)
         except BaseException:
-            _reap(proc)
+            reap(proc)
             log.close()
             raise
         host, _, port = line.split()[1].rpartition(":")
@@ -240,14 +240,14 @@ class MockServerProcess:
             try:
                 self.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                _reap(self.proc)
+                reap(self.proc)
         rc = self.proc.wait()
         self._close_files()
         return rc
 
     def kill(self) -> None:
         """SIGKILL and reap; idempotent."""
-        _reap(self.proc)
+        reap(self.proc)
         self._close_files()
 
     def _close_files(self) -> None:
@@ -335,12 +335,3 @@ class KvEventReader:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-
-def _reap(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        try:
-            proc.kill()
-        except ProcessLookupError:
-            pass
-    proc.wait(timeout=30)

@@ -1,14 +1,15 @@
-"""Reading the ready line of a kvferry server started as a child process."""
+"""Reading the ready line of a kvferry server started as a child process, and reaping it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import subprocess
 import time
 from typing import IO
 
-__all__ = ["read_ready_line"]
+__all__ = ["read_ready_line", "reap"]
 
 
 def read_ready_line(
@@ -48,3 +49,11 @@ def read_ready_line(
     if not line.startswith(ready + " "):
         raise RuntimeError(f"{what} printed {line!r}, not its ready line")
     return line
+
+
+def reap(proc: subprocess.Popen[bytes]) -> None:
+    """Kill ``proc`` if it still runs and wait for it (30 s at most)."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+    proc.wait(timeout=30)

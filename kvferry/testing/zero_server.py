@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import IO, Any, cast
 
-from kvferry.testing.ready import read_ready_line
+from kvferry.testing.ready import read_ready_line, reap
 
 __all__ = ["READY", "ZeroServerProcess", "main"]
 
@@ -206,7 +206,7 @@ class ZeroServerProcess:
         try:
             line = read_ready_line(proc, timeout, log, "the zero server", READY)
         except BaseException:
-            _reap(proc)
+            reap(proc)
             log.close()
             raise
         host, _, port = line.split()[1].rpartition(":")
@@ -222,7 +222,7 @@ class ZeroServerProcess:
             try:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                _reap(self.proc)
+                reap(self.proc)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
         self.log.close()
@@ -237,13 +237,6 @@ class ZeroServerProcess:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
-
-
-def _reap(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-    proc.wait(timeout=30)
 
 
 if __name__ == "__main__":
