@@ -278,6 +278,7 @@ class TieredStore:
                 f"a {biggest}-byte block is larger than store.slot_size ({limit} bytes)"
             )
         t0 = time.perf_counter_ns()
+        local_only = not self.first.shared and not (self._write_through_on and len(self.tiers) > 1)
         with self.tracer.span("put", "store", blocks=len(hashes)), self._lock:
             self._check_open()
             self._expire()
@@ -286,6 +287,9 @@ class TieredStore:
             st = self._stats
             st.puts += 1
             st.put_blocks += len(hashes)
+            if local_only:  # the usual case: done, in one lock section
+                self._counters[0].put_latency.observe_ns(time.perf_counter_ns() - t0)
+                return status  # type: ignore[return-value]  # not None: the first tier is local
         if status is None:
             status = self._put_shared(0, hashes, values)
         if self._write_through_on and len(self.tiers) > 1:
@@ -313,10 +317,14 @@ class TieredStore:
         if not policy.uses_depth:
             depths = None
         doomed = self._doomed
-        masks = [where.get(k, 0) for k in hashes]
-        if not any(m & bit for m in masks) and len(set(hashes)) == len(hashes):
-            todo = list(range(len(hashes)))  # the usual case: all new, no repeats
+        # The usual case: blocks no tier has, no repeats (C-level checks, no loop here).
+        fresh = where.keys().isdisjoint(hashes) and len(set(hashes)) == len(hashes)
+        # consecutive depths of fresh blocks: one chain, which a policy takes in one call
+        chained = fresh and isinstance(depths, range) and depths.step == 1
+        if fresh:
+            todo = list(range(len(hashes)))
         else:
+            masks = [where.get(k, 0) for k in hashes]
             for i, k in enumerate(hashes):
                 if masks[i] & bit:
                     policy.touch(k)
@@ -327,8 +335,11 @@ class TieredStore:
                     todo.append(i)
         if not todo:
             return status
-        keys = [hashes[i] for i in todo]
-        vals = [values[i] for i in todo]
+        if fresh:
+            keys, vals = list(hashes), list(values)
+        else:
+            keys = [hashes[i] for i in todo]
+            vals = [values[i] for i in todo]
         # A batch larger than the tier goes in chunks, with room made before each: the older
         # part of the batch is demoted like any other block instead of answering NO_SPACE.
         cap = self.tiers[ti].capacity_blocks
@@ -345,12 +356,19 @@ class TieredStore:
                 log.warning("store: put into %s failed: %s", self.names[ti], e)
                 got = [PutStatus.NO_SPACE] * (end - start)
             # Indexed chunk by chunk: the next chunk's eviction must see these blocks.
-            if depths is None and got.count(STORED) == len(got):  # the usual case
+            if got.count(STORED) == len(got) and (depths is None or chained):  # the usual case
                 chunk = keys[start:end]
-                for i in todo[start:end]:
-                    status[i] = STORED
-                where.update(zip(chunk, [where.get(k, 0) | bit for k in chunk]))
-                policy.insert_many(chunk)
+                if fresh:  # todo is 0..n-1
+                    status[start:end] = got
+                    where.update(dict.fromkeys(chunk, bit))
+                else:
+                    for i in todo[start:end]:
+                        status[i] = STORED
+                    where.update(zip(chunk, [where.get(k, 0) | bit for k in chunk]))
+                if depths is None:
+                    policy.insert_many(chunk)
+                else:
+                    policy.insert_chain(chunk, depths[start])  # type: ignore[arg-type]
                 c.blocks_in += len(chunk)
                 c.bytes_in += sum(map(len, vals[start:end]))
                 continue
@@ -443,8 +461,8 @@ class TieredStore:
         c = self._counters[ti]
         where = self._where
         lower_mask = self._lower_masks[ti]
-        demote = [k for k in victims if not (where.get(k, 0) & lower_mask)]
-        if demote and ti + 1 < len(self.tiers):
+        demote = [k for k in victims if not (where.get(k, 0) & lower_mask)] if lower_mask else []
+        if demote:
             landed = self._demote(ti, ti + 1, demote)
             c.demotions += len(landed)
             stuck = [k for k in demote if k not in landed]
@@ -460,13 +478,18 @@ class TieredStore:
             return
         tier.delete(victims)
         self._policies[ti].remove_many(victims)
-        clear = ~(1 << ti)
-        for k in victims:
-            left = where.get(k, 0) & clear
-            if left:
-                where[k] = left
-            else:
-                where.pop(k, None)
+        if self._local_mask == 1 << ti:  # the only local tier: nothing else holds them
+            pop = where.pop
+            for k in victims:
+                pop(k, None)
+        else:
+            clear = ~(1 << ti)
+            for k in victims:
+                left = where.get(k, 0) & clear
+                if left:
+                    where[k] = left
+                else:
+                    where.pop(k, None)
         c.evictions += len(victims)
 
     def _demote(self, src: int, dst: int, keys: list[Key]) -> set[Key]:
@@ -523,19 +546,22 @@ class TieredStore:
             where = self._where
             groups: dict[int, list[int]] = {}
             missing: list[int] = []
-            masks = [where.get(k, 0) for k in hashes]
             got0: list[int | None] | None = None
-            if all(m & 1 for m in masks):  # the usual case: all in the first tier
-                got0 = self._get_local(0, list(hashes), list(outs))
+            if self._local_mask == 1:  # one local tier: indexed means in the first tier
+                masks = None
+                first_all = all(map(where.__contains__, hashes))
+            else:
+                masks = [where.get(k, 0) for k in hashes]
+                first_all = all(m & 1 for m in masks)
+            if first_all:  # the usual case: all in the first tier
+                got0 = self._get_local(0, list(hashes), list(outs), depth)
                 if None in got0:  # a block was gone: the general path below sorts it out
                     groups[0] = list(range(len(hashes)))
                 else:
                     res = got0
-                    policy = self._policies[0]
-                    if depth is not None and policy.uses_depth:
-                        for i, k in enumerate(hashes):
-                            policy.set_depth(k, depth + i)
             else:
+                if masks is None:
+                    masks = [where.get(k, 0) for k in hashes]
                 for i, m in enumerate(masks):
                     if m & 1:
                         groups.setdefault(0, []).append(i)
@@ -580,8 +606,12 @@ class TieredStore:
                 self._counters[0].get_latency.observe_ns(time.perf_counter_ns() - t0)
         return res
 
-    def _get_local(self, ti: int, keys: list[Key], outs: list[memoryview]) -> list[int | None]:
-        """Read from local tier ``ti``; drops index entries the tier no longer vouches for."""
+    def _get_local(
+        self, ti: int, keys: list[Key], outs: list[memoryview], depth: int | None = None
+    ) -> list[int | None]:
+        """Read from local tier ``ti``; drops index entries the tier no longer vouches for.
+        ``depth``: ``keys`` are consecutive chain blocks from that depth (told to a depth-aware
+        policy when every block was read)."""
         tier = self.tiers[ti]
         c = self._counters[ti]
         t0 = time.perf_counter()
@@ -595,7 +625,10 @@ class TieredStore:
         c.lookups += len(keys)
         policy = self._policies[ti]
         if None not in got:  # the usual case: every block there
-            policy.touch_many(keys)
+            if depth is not None and policy.uses_depth:
+                policy.touch_chain(keys, depth)
+            else:
+                policy.touch_many(keys)
             n_got = len(keys)
             c.hits += n_got
             c.blocks_out += n_got

@@ -90,3 +90,34 @@ def test_without_depths_length_aware_is_lru() -> None:
         p.touch("c")
         p.insert("a")
     assert la.victims(5, None) == lru.victims(5, None)
+
+
+@pytest.mark.parametrize("name", ["lru", "lfu", "fifo", "length-aware"])
+@pytest.mark.parametrize("seed", range(5))
+def test_batch_primitives_equal_their_key_by_key_definition(name: str, seed: int) -> None:
+    """The fast batch paths (insert_many, touch_many, remove_many, insert_chain, touch_chain)
+    leave exactly the state the contract's key-by-key calls leave, repeats and unknown keys
+    included."""
+    import random
+
+    from kvferry.store.eviction.base import EvictionPolicy
+
+    rng = random.Random(seed)
+    fast, slow = load_policy(name)(), load_policy(name)()
+    universe = [f"k{i}" for i in range(40)]
+    for _ in range(400):
+        keys = [rng.choice(universe) for _ in range(rng.randint(0, 8))]
+        if rng.random() < 0.5:  # mostly fresh blocks, as a store's put sends them
+            keys = list(dict.fromkeys(f"n{rng.randint(0, 10**6)}" for _ in keys))
+            universe.extend(keys)
+        op = rng.choice(["insert_many", "touch_many", "remove_many", "insert_chain", "touch_chain"])
+        if op.endswith("_chain"):
+            depth = rng.choice([0, 1, 3])
+            getattr(fast, op)(keys, depth)
+            getattr(EvictionPolicy, op)(slow, keys, depth)
+        else:
+            getattr(fast, op)(keys)
+            getattr(EvictionPolicy, op)(slow, keys)
+        assert len(fast) == len(slow)
+        assert fast.victims(len(fast), None) == slow.victims(len(slow), None), op
+        assert [fast.depth(k) for k in universe] == [slow.depth(k) for k in universe]

@@ -31,6 +31,13 @@ the store skips these calls for the others):
     Unknown keys are ignored.
 ``depth(key) -> int | None``
     The depth recorded for a tracked key, None when unknown.
+``insert_chain(keys, first_depth)``
+    Consecutive blocks of one chain entered the tier, ``keys[i]`` at depth ``first_depth + i``:
+    exactly ``insert(k); set_depth(k, d)`` key by key (what a put does).
+``touch_chain(keys, first_depth)``
+    The same blocks were read: exactly ``touch_many(keys)``, then ``set_depth(k, d)`` key by key
+    (what a get does). The base class does both literally; a policy overrides them to do it in
+    one pass.
 
 Constructor shape: ``Policy()``; every policy is created fresh per tier.
 """
@@ -38,7 +45,7 @@ Constructor shape: ``Policy()``; every policy is created fresh per tier.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from itertools import islice
 from typing import ClassVar, Generic, TypeVar
 
@@ -67,6 +74,18 @@ class EvictionPolicy(ABC, Generic[K]):
     def depth(self, key: K) -> int | None:
         """The depth recorded for ``key``; None when unknown or not tracked."""
         return None
+
+    def insert_chain(self, keys: Sequence[K], first_depth: int) -> None:
+        """Insert consecutive chain blocks, ``keys[i]`` at depth ``first_depth + i``."""
+        for i, k in enumerate(keys):
+            self.insert(k)
+            self.set_depth(k, first_depth + i)
+
+    def touch_chain(self, keys: Sequence[K], first_depth: int) -> None:
+        """Touch consecutive chain blocks, ``keys[i]`` at depth ``first_depth + i``."""
+        self.touch_many(keys)
+        for i, k in enumerate(keys):
+            self.set_depth(k, first_depth + i)
 
     @abstractmethod
     def insert(self, key: K) -> None: ...

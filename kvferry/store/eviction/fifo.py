@@ -20,7 +20,11 @@ class FifoPolicy(LruPolicy[K]):
 
     def insert_many(self, keys: Iterable[K]) -> None:
         order = self._order
-        for k in keys:
+        new = dict.fromkeys(keys)  # first occurrence order, as the loop below keeps it
+        if order.keys().isdisjoint(new):
+            order.update(new)
+            return
+        for k in new:
             if k not in order:
                 order[k] = None
 

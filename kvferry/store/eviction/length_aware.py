@@ -20,7 +20,7 @@ group backwards. O(1) per call except ``victims``, which is O(groups visited + v
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from itertools import chain
 
 from kvferry.store.eviction.base import EvictionPolicy, K, take
@@ -75,6 +75,64 @@ class LengthAwarePolicy(EvictionPolicy[K]):
 
     def depth(self, key: K) -> int | None:
         return self._depth.get(key)
+
+    def insert_chain(self, keys: Sequence[K], first_depth: int) -> None:
+        # insert(k); set_depth(k, d) key by key, going straight to each key's final group
+        group, groups = self._group, self._groups
+        for i, k in enumerate(keys):
+            old = group.get(k)
+            if old is not None:
+                left = groups[old]
+                del left[k]
+                if not left:
+                    del groups[old]
+            self._link(k, first_depth + i)
+
+    def touch_chain(self, keys: Sequence[K], first_depth: int) -> None:
+        # touch_many(keys), then set_depth(k, d) key by key (unknown keys are left out)
+        if len(set(keys)) != len(keys):  # a repeated key: the literal definition
+            super().touch_chain(keys, first_depth)
+            return
+        group, groups = self._group, self._groups
+        known = []
+        for i, k in enumerate(keys):
+            old = group.get(k)
+            if old is None:
+                continue
+            left = groups[old]
+            del left[k]
+            if not left:
+                del groups[old]
+            known.append(i)
+        for i in known:
+            self._link(keys[i], first_depth + i)
+
+    def _link(self, key: K, depth: int) -> None:
+        """Place ``key`` (in no group now) as a fresh access at ``depth``: joins the chain being
+        extended when it follows on, else starts one."""
+        self._tick += 1
+        groups = self._groups
+        if depth == self._last_depth + 1 and self._chain in groups:
+            tick = self._chain
+            groups[tick][key] = None
+        else:
+            tick = self._chain = self._tick
+            groups[tick] = {key: None}
+        self._group[key] = tick
+        self._depth[key] = depth
+        self._last_depth = depth
+
+    def remove_many(self, keys: Iterable[K]) -> None:
+        group, groups, depth_of = self._group, self._groups, self._depth
+        for k in keys:
+            tick = group.pop(k, None)
+            if tick is None:
+                continue
+            depth_of.pop(k, None)
+            left = groups[tick]
+            del left[k]
+            if not left:
+                del groups[tick]
 
     def remove(self, key: K) -> None:
         tick = self._group.pop(key, None)

@@ -8,7 +8,7 @@ victims), not a sort of the whole tier.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from itertools import chain
 
 from kvferry.store.eviction.base import EvictionPolicy, K, take
@@ -47,6 +47,43 @@ class LfuPolicy(EvictionPolicy[K]):
         del bucket[key]
         if not bucket:
             del self._buckets[c]
+
+    def insert_many(self, keys: Iterable[K]) -> None:
+        keys = keys if isinstance(keys, list) else list(keys)
+        new = dict.fromkeys(keys, 1)
+        if len(new) == len(keys) and self._count.keys().isdisjoint(new):
+            self._count.update(new)  # the usual case: new blocks, no repeats
+            self._buckets.setdefault(1, OrderedDict()).update(dict.fromkeys(keys))
+            return
+        for k in keys:
+            self.insert(k)
+
+    def touch_many(self, keys: Iterable[K]) -> None:
+        count, buckets = self._count, self._buckets
+        for k in keys:
+            c = count.get(k)
+            if c is None:
+                continue
+            bucket = buckets[c]
+            del bucket[k]
+            if not bucket:
+                del buckets[c]
+            count[k] = c + 1
+            up = buckets.get(c + 1)
+            if up is None:
+                up = buckets[c + 1] = OrderedDict()
+            up[k] = None
+
+    def remove_many(self, keys: Iterable[K]) -> None:
+        count, buckets = self._count, self._buckets
+        for k in keys:
+            c = count.pop(k, None)
+            if c is None:
+                continue
+            bucket = buckets[c]
+            del bucket[k]
+            if not bucket:
+                del buckets[c]
 
     def victims(self, n: int, skip: Callable[[K], bool] | None) -> list[K]:
         buckets = self._buckets

@@ -36,6 +36,11 @@ class LruPolicy(EvictionPolicy[K]):
 
     def insert_many(self, keys: Iterable[K]) -> None:
         order = self._order
+        keys = keys if isinstance(keys, list) else list(keys)
+        new = dict.fromkeys(keys)
+        if len(new) == len(keys) and order.keys().isdisjoint(new):
+            order.update(new)  # the usual case (new blocks, no repeats): one C-level pass
+            return
         pop = order.pop
         for k in keys:
             pop(k, None)
