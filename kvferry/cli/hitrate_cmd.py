@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from kvferry.bench import hitrate as lab
-from kvferry.bench.hitrate import Advice, HitRateReport, HitRateResult, TierSpec
+from kvferry.bench.hitrate import Advice, HitRateReport, HitRateResult, SimCase, TierSpec
 from kvferry.bench.traces import BUNDLED, Trace, bundled_path, ingest
 from kvferry.cli.common import add_config_options, load_from_args
 from kvferry.cli.trace_cmd import add_trace_options, load, print_problems
@@ -152,6 +152,14 @@ def add_hitrate_parser(kinds: Any) -> None:
         help="a published curve to draw beside (hit_rate + capacity_blocks or capacity_tokens "
         "columns); mooncake-fig9 is bundled",
     )
+    p.add_argument(
+        "--jobs",
+        type=_positive_int,
+        default=0,
+        metavar="N",
+        help="simulation runs at once, each in its own process (default: one per CPU; "
+        "1 = one after the other in this process)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_config_options(p)
     p.set_defaults(func=run_hitrate)
@@ -263,20 +271,21 @@ def run_hitrate(args: argparse.Namespace) -> int:
                 )
         else:
             sim_config = _sim_config(args, loaded.sources, config)
-            cases = _cases(args, block_bytes, distinct)
+            cases = [
+                SimCase(policy, tiers)
+                for policy in policies
+                for tiers in _cases(args, block_bytes, distinct)
+            ]
+            tasks = [progress.add_task(case.label, total=len(reqs)) for case in cases]
+            results = lab.sweep(
+                trace,
+                cases,
+                config=sim_config,
+                keys=keys,
+                jobs=args.jobs or lab.default_jobs(),
+                on_progress=lambda i, done, total: progress.update(tasks[i], completed=done),
+            )
             for policy in policies:
-                for tiers in cases:
-                    label = f"{policy} {'+'.join(f'{t.name}:{t.capacity_blocks}' for t in tiers)}"
-                    results.append(
-                        lab.simulate(
-                            trace,
-                            tiers,
-                            policy=policy,
-                            config=sim_config,
-                            keys=keys,
-                            on_progress=track(label),
-                        )
-                    )
                 if args.target_hit_rate:
                     # the last tier is searched, the others stay as given
                     base = lab.parse_tiers(args.tiers, block_bytes) if args.tiers else []

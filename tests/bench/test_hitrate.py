@@ -159,3 +159,30 @@ def test_sizes_and_geometry() -> None:
 def test_bad_input_is_a_clear_error(call: object, fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment):
         call()  # type: ignore[operator]
+
+
+def test_sweep_in_worker_processes_equals_the_runs_one_by_one(mooncake: Trace) -> None:
+    trace = _head(mooncake, 1500)
+    cases = [
+        hitrate.SimCase(policy, [TierSpec("cpu", cap)])
+        for policy in ("lru", "length-aware")
+        for cap in (300, 3000)
+    ] + [hitrate.SimCase("lfu", [TierSpec("cpu", 200), TierSpec("disk", 900)])]
+    seen: dict[int, tuple[int, int]] = {}
+
+    def progress(i: int, done: int, total: int) -> None:
+        seen[i] = (done, total)
+
+    forked = hitrate.sweep(trace, cases, jobs=2, on_progress=progress)
+    here = hitrate.sweep(trace, cases, jobs=1)
+
+    def same(r: hitrate.HitRateResult) -> dict[str, object]:
+        j = r.to_json()
+        return {k: v for k, v in j.items() if k not in ("seconds", "lookups_per_s")}
+
+    assert [same(r) for r in forked] == [same(r) for r in here]
+    assert [(r.policy, r.tiers) for r in forked] == [(c.policy, c.tiers) for c in cases]
+    assert all(r.seconds > 0 for r in forked)
+    assert seen == {i: (1500, 1500) for i in range(len(cases))}
+    with pytest.raises(hitrate.HitRateError, match="jobs must be at least 1"):
+        hitrate.sweep(trace, cases, jobs=0)

@@ -102,6 +102,7 @@ def test_replay_from_the_cli(tmp_path: Path) -> None:
         (["--workload", "multi-turn:sessions=many"], "sessions must be a int"),
         (["--workload", "multi-turn:colour=red"], "is not KEY=VALUE"),
         (["--trace", "nope.jsonl"], "cannot open trace"),
+        (["--trace", "mooncake-synthetic", "--jobs", "0"], "expected a whole number >= 1"),
         (
             ["--trace", "mooncake-synthetic", "--reference", "missing.csv", "--capacity", "9"],
             "cannot read reference curve",
