@@ -1,0 +1,161 @@
+"""Simulation speed of the hit-rate lab: block lookups per second per policy run, and the
+improvement over another checkout of kvferry measured at the same time.
+
+One checkout:
+    .venv/bin/python benchmarks/hitrate_speed.py --json benchmarks/results/hitrate_speed_runs.json
+
+Against a base commit (single runs of the two alternate on one CPU; the ratio is the median of
+adjacent pairs, because this VM's speed drifts by up to 2x within a minute):
+    git worktree add /tmp/base <commit>
+    .venv/bin/python benchmarks/hitrate_speed.py --base /tmp/base
+
+Each case is the best of ``--repeat`` runs of ``kvferry.bench.hitrate.simulate`` on the bundled
+Mooncake trace (121,877 blocks), with the trace's keys built once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent.parent
+
+
+def measure(policies: list[str], capacities: list[int], repeat: int) -> list[dict[str, object]]:
+    from kvferry.bench import hitrate
+    from kvferry.bench.traces import read_trace
+
+    trace = read_trace("mooncake-synthetic")
+    keys = hitrate.trace_keys(trace)
+    blocks = sum(len(k) for k in keys)
+    rows: list[dict[str, object]] = []
+    for policy in policies:
+        for cap in capacities:
+            runs = [
+                hitrate.simulate(trace, [hitrate.TierSpec("cpu", cap)], policy=policy, keys=keys)
+                for _ in range(repeat)
+            ]
+            rows.append(
+                {
+                    "policy": policy,
+                    "capacity_blocks": cap,
+                    "block_hit_rate": runs[0].block_hit_rate,
+                    "lookups_per_s": max(blocks / r.seconds for r in runs),
+                }
+            )
+    return rows
+
+
+def _worker(root: Path, cpu: int) -> subprocess.Popen[str]:
+    """A process of checkout ``root`` on ``cpu`` that answers "policy capacity" lines with one
+    run's lookups/s and hit rate (the trace is loaded once)."""
+    env = dict(os.environ, PYTHONPATH=str(root))
+    return subprocess.Popen(
+        ["taskset", "-c", str(cpu), sys.executable, __file__, "--serve"],
+        cwd=root,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _serve() -> None:
+    from kvferry.bench import hitrate
+    from kvferry.bench.traces import read_trace
+
+    trace = read_trace("mooncake-synthetic")
+    keys = hitrate.trace_keys(trace)
+    blocks = sum(len(k) for k in keys)
+    for line in sys.stdin:
+        policy, cap = line.split()
+        r = hitrate.simulate(trace, [hitrate.TierSpec("cpu", int(cap))], policy=policy, keys=keys)
+        print(json.dumps([blocks / r.seconds, r.block_hit_rate]), flush=True)
+
+
+def _ask(worker: subprocess.Popen[str], policy: str, cap: int) -> tuple[float, float]:
+    assert worker.stdin is not None and worker.stdout is not None
+    worker.stdin.write(f"{policy} {cap}\n")
+    worker.stdin.flush()
+    rate, hit = json.loads(worker.stdout.readline())
+    return rate, hit
+
+
+def compare(
+    base: Path, policies: list[str], caps: list[int], repeat: int
+) -> list[dict[str, object]]:
+    """Alternate single runs of the base and this checkout on one CPU (never at once) and take
+    the median of the adjacent pairs' ratios: the VM's speed drifts by up to 2x within a minute,
+    but little between two runs a fraction of a second apart."""
+    mine, other = _worker(HERE, 1), _worker(base.resolve(), 1)
+    rows: list[dict[str, object]] = []
+    try:
+        for policy in policies:
+            for cap in caps:
+                ratios, mine_rates, base_rates = [], [], []
+                for _ in range(repeat):
+                    b_rate, b_hit = _ask(other, policy, cap)
+                    m_rate, m_hit = _ask(mine, policy, cap)
+                    if b_hit != m_hit:
+                        raise SystemExit(f"{policy} {cap}: hit rates differ ({b_hit} vs {m_hit})")
+                    ratios.append(m_rate / b_rate)
+                    mine_rates.append(m_rate)
+                    base_rates.append(b_rate)
+                rows.append(
+                    {
+                        "policy": policy,
+                        "capacity_blocks": cap,
+                        "block_hit_rate": m_hit,
+                        "base_lookups_per_s": statistics.median(base_rates),
+                        "lookups_per_s": statistics.median(mine_rates),
+                        "ratio_median": statistics.median(ratios),
+                        "ratios": ratios,
+                    }
+                )
+    finally:
+        for w in (mine, other):
+            w.kill()
+            w.wait()
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--policy", default="lru,fifo,lfu,length-aware")
+    p.add_argument("--capacity", default="1953,9765,19531")
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--base", type=Path, help="another kvferry checkout to compare with")
+    p.add_argument("--json", default="")
+    p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.serve:
+        _serve()
+        return
+    policies = [x for x in a.policy.split(",") if x]
+    caps = [int(x) for x in a.capacity.split(",") if x]
+    if a.base is None:
+        rows = measure(policies, caps, a.repeat)
+        for r in rows:
+            print(f"{r['policy']:13} {r['capacity_blocks']:>7} {r['lookups_per_s'] / 1e6:.3f}M")
+        report: dict[str, object] = {"rows": rows}
+    else:
+        rows = compare(a.base, policies, caps, a.repeat)
+        print(f"{'policy':13} {'blocks':>7} {'base':>8} {'this':>8}  ratio (median of pairs)")
+        for r in rows:
+            print(
+                f"{r['policy']:13} {r['capacity_blocks']:>7} "
+                f"{r['base_lookups_per_s'] / 1e6:>7.3f}M {r['lookups_per_s'] / 1e6:>7.3f}M  "
+                f"{r['ratio_median']:.2f}x"
+            )
+        report = {"base": str(a.base), "rows": rows}
+    if a.json:
+        Path(a.json).write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
