@@ -16,7 +16,8 @@ Endpoints (all but ``/health`` require ``Authorization: Bearer <token>`` when
   (default 16), ``min_tokens``, ``ignore_eos``, ``stream``, ``stream_options.include_usage``,
   ``cache_salt`` (tenant; blocks of different salts never match), ``return_token_ids``;
   other sampling fields are accepted and ignored.
-- ``POST /v1/chat/completions``: ``messages`` (rendered by the fixed template of
+- ``POST /v1/chat/completions``: ``messages`` (rendered by the model's chat template when the
+  Hugging Face tokenizer has one, as vLLM does, else by the fixed template of
   :func:`~kvferry.serving.tokenizer.render_chat`), ``max_tokens`` or
   ``max_completion_tokens`` (default: the rest of ``max_model_len``), the same options.
 - Streaming answers are SSE ``data: {chunk}`` lines in OpenAI's chunk format (chat: a first

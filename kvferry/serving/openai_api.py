@@ -20,7 +20,7 @@ from typing import Any, Final
 
 from kvferry.config.models import MockConfig
 from kvferry.serving.scheduler import MockRequest, SamplingParams
-from kvferry.serving.tokenizer import MockTokenizer, render_chat
+from kvferry.serving.tokenizer import MockTokenizer
 
 __all__ = [
     "COMPLETIONS_DEFAULT_MAX_TOKENS",
@@ -257,7 +257,13 @@ class RequestParser:
                         "the mock engine takes text only",
                         "messages",
                     )
-        return self.tokenizer.encode(render_chat(messages))
+        try:
+            ids = self.tokenizer.chat_ids(messages)
+        except ValueError as e:  # the model's chat template refused the conversation
+            raise bad_request(str(e), "messages") from e
+        if not ids:
+            raise bad_request("messages render to an empty prompt", "messages")
+        return ids
 
 
 # --- responses -------------------------------------------------------------------------------

@@ -88,7 +88,7 @@ from kvferry.serving.http_front import front_middleware, listen, serve_app
 from kvferry.serving.kv_index import LoadTracker, PrefixIndex, RoundRobin, pick, score
 from kvferry.serving.openai_api import HttpError, bad_request, data_line, error_body
 from kvferry.serving.router_workers import Worker, WorkerPool, describe_error
-from kvferry.serving.tokenizer import load_tokenizer, render_chat
+from kvferry.serving.tokenizer import load_tokenizer
 
 __all__ = ["PREDICTION_GRACE_S", "READY", "WORKER_HEADER", "RouterServer", "describe", "serve"]
 
@@ -320,7 +320,7 @@ class RouterServer:
                 messages = body.get("messages")
                 if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
                     return []
-                return self.tokenizer.encode(render_chat(messages))
+                return self.tokenizer.chat_ids(messages)
             prompt = body.get("prompt")
             if isinstance(prompt, str):
                 return self.tokenizer.encode(prompt)

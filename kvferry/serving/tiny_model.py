@@ -121,6 +121,16 @@ def _train_tokenizer(vocab_size: int, seed: int) -> object:
     return tok
 
 
+TINY_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+"""The tiny model's chat template (transformers writes it to ``chat_template.jinja``): a BOS,
+``<|role|>`` and the content on lines of their own per message, then the assistant's header.
+vLLM needs one to serve chat completions; the mock and the router render it the same way."""
+
+
 def build_tiny_model(outdir: str | os.PathLike[str], spec: TinyModelSpec | None = None) -> Path:
     """Write the tiny model and its tokenizer to ``outdir`` (created; existing files of the same
     names are replaced) and return the directory.
@@ -151,6 +161,7 @@ def build_tiny_model(outdir: str | os.PathLike[str], spec: TinyModelSpec | None 
         bos_token="<|begin_of_text|>",
         eos_token="<|end_of_text|>",
         model_max_length=spec.max_position_embeddings,
+        chat_template=TINY_CHAT_TEMPLATE,
     )
     fast.save_pretrained(out)
     bos = fast.convert_tokens_to_ids("<|begin_of_text|>")
@@ -215,7 +226,13 @@ def place_in_hf_cache(
     root = Path(cache_dir) / f"models--{owner}--{name}"
     snapshot = root / "snapshots" / revision
     snapshot.mkdir(parents=True, exist_ok=True)
-    files = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "config.json")
+    files = (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "special_tokens_map.json",
+        "config.json",
+    )
     for file in files:
         if (src / file).exists():
             shutil.copy(src / file, snapshot / file)

