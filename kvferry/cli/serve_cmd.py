@@ -84,7 +84,8 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         default=None,
         help="a vLLM worker's ZeroMQ KV event publisher, e.g. "
         "http://127.0.0.1:8000=tcp://127.0.0.1:5557,tcp://127.0.0.1:5558 (its --kv-events-config "
-        "endpoint and replay_endpoint; repeatable; router.vllm_events)",
+        "endpoint and replay_endpoint; repeatable; router.vllm_events). Without it the router "
+        "finds each vLLM worker's publisher through its /kv_event_sources",
     )
     for option, key, text in _ROUTER_FLAGS:
         router.add_argument(option, dest=key.replace(".", "_"), metavar="VALUE", help=text)

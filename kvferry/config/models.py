@@ -606,7 +606,8 @@ class RouterConfig(_Model):
         default_factory=list,
         description="vLLM workers' ZeroMQ KV event publishers, WORKER_URL=tcp://HOST:PORT"
         "[,tcp://HOST:REPLAY_PORT] (vLLM --kv-events-config endpoint, replay_endpoint); "
-        "--vllm-events, repeatable. Needs pyzmq and msgspec (installed with vLLM).",
+        "--vllm-events, repeatable. Without it a vLLM worker's publisher is found through its "
+        "/kv_event_sources. Needs pyzmq and msgspec (installed with vLLM).",
     )
     approx_ttl: Seconds = Field(
         120.0,

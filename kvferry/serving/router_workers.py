@@ -17,12 +17,15 @@ router's event loop:
 - **KV events** (with ``router.kv_events``): one long-lived ``GET /kv/events`` per worker,
   read by an :class:`~kvferry.serving.kv_index.EventMirror`. A stream that ends is resumed
   with ``?since=<last id>``; an ``error`` event or a gap in the ids restarts it from a fresh
-  snapshot. A worker that answers 404 (vLLM without kvferry events) falls back to the
+  snapshot. A worker that answers 404 and publishes no vLLM events either falls back to the
   approximate mode (``kv_source`` "approx"): the router remembers its own routing decisions for
   ``router.approx_ttl`` seconds. Events whose block size differs from the router's mark the
   worker down with that reason. A vLLM worker named in ``router.vllm_events`` is read from
   vLLM's ZeroMQ publisher instead (:mod:`kvferry.serving.vllm_events`), by a subscriber that
   is restarted after any failure; a missing pyzmq or msgspec leaves it in approximate mode.
+  A worker not named there that answers 404 is asked for vLLM's ``/kv_event_sources``: a
+  publisher found there is followed the same way (approximate mode when there is none, or
+  none the router can reach; the log says which).
 
 Every failure here is an isolation boundary for one worker: it is logged and counted, and the
 other workers keep serving. No HTTP server here: :mod:`kvferry.serving.router` owns that.
@@ -43,7 +46,11 @@ import aiohttp
 from kvferry.config.models import RouterConfig, parse_vllm_events
 from kvferry.errors import ConfigError, MissingDependency, PeerClosed
 from kvferry.serving.kv_index import EventMirror, PrefixIndex
-from kvferry.serving.vllm_events import VllmEventMirror, follow_vllm_events
+from kvferry.serving.vllm_events import (
+    VllmEventMirror,
+    discovered_endpoints,
+    follow_vllm_events,
+)
 
 __all__ = ["KvSource", "SseParser", "Worker", "WorkerPool", "WorkerStats", "describe_error"]
 
@@ -440,6 +447,9 @@ class WorkerPool:
                 log.info("worker %s event stream broke (%s)", worker.url, describe_error(e))
             if outcome == "approx":
                 return
+            if outcome == "vllm":  # a vLLM server: its ZeroMQ publisher from now on
+                await self._follow_vllm(worker)
+                return
             if outcome == "synced":
                 backoff = 0.05
             await asyncio.sleep(backoff)
@@ -478,9 +488,11 @@ class WorkerPool:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self.config.health_interval)
 
-    async def _read_events(self, worker: Worker) -> Literal["approx", "synced", "ended"]:
-        """One /kv/events connection: "approx" when the worker has no event stream,
-        "synced" when events were applied, "ended" when nothing was (reconnect either way)."""
+    async def _read_events(self, worker: Worker) -> Literal["approx", "vllm", "synced", "ended"]:
+        """One /kv/events connection: "approx" when the worker has no event stream, "vllm"
+        when it has none but is a vLLM server whose ZeroMQ publisher was found (its
+        ``worker.vllm`` is set), "synced" when events were applied, "ended" when nothing was
+        (reconnect either way)."""
         if self._session is None:
             raise RuntimeError("the worker pool is not started")
         mirror = worker.mirror
@@ -491,38 +503,78 @@ class WorkerPool:
         )
         synced = False
         async with self._session.get(worker.url + path, headers=self.headers, timeout=timeout) as r:
-            if r.status == 404 or r.status in (401, 403):
-                if r.status != 404:
-                    log.error(
-                        "worker %s refused the router's /kv/events (%d): using approximate "
-                        "mode; give its token with --worker-auth-token",
-                        worker.url,
-                        r.status,
-                    )
-                else:
-                    log.info("worker %s has no /kv/events: approximate mode", worker.url)
+            if r.status in (401, 403):
+                log.error(
+                    "worker %s refused the router's /kv/events (%d): using approximate "
+                    "mode; give its token with --worker-auth-token",
+                    worker.url,
+                    r.status,
+                )
                 worker.kv_source = "approx"
                 return "approx"
-            if r.status != 200:
+            if r.status == 404:
+                no_events = True
+            elif r.status != 200:
                 log.info("worker %s /kv/events answered %d", worker.url, r.status)
                 return "ended"
-            parser = SseParser()
-            async for chunk in r.content.iter_any():
-                for data in parser.feed(chunk):
-                    event = json.loads(data)
-                    if not isinstance(event, dict):
-                        raise ValueError(f"a KV event must be a JSON object, got {data[:100]!r}")
-                    if not worker.healthy:
-                        # Marked down while streaming: its blocks were dropped, start over.
-                        return "ended"
-                    if mirror.apply(event) == "resync":
-                        log.info(
-                            "worker %s: KV event stream out of order (%s); resyncing",
-                            worker.url,
-                            event.get("type"),
-                        )
-                        return "ended"
-                    if not synced:
-                        synced = True
-                        worker.kv_source = "events"
+            else:
+                no_events = False
+                parser = SseParser()
+                async for chunk in r.content.iter_any():
+                    for data in parser.feed(chunk):
+                        event = json.loads(data)
+                        if not isinstance(event, dict):
+                            raise ValueError(
+                                f"a KV event must be a JSON object, got {data[:100]!r}"
+                            )
+                        if not worker.healthy:
+                            # Marked down while streaming: its blocks were dropped, start over.
+                            return "ended"
+                        if mirror.apply(event) == "resync":
+                            log.info(
+                                "worker %s: KV event stream out of order (%s); resyncing",
+                                worker.url,
+                                event.get("type"),
+                            )
+                            return "ended"
+                        if not synced:
+                            synced = True
+                            worker.kv_source = "events"
+        if no_events:
+            return await self._discover_vllm(worker)
         return "synced" if synced else "ended"
+
+    async def _discover_vllm(self, worker: Worker) -> Literal["approx", "vllm"]:
+        """A worker without /kv/events: ask it for vLLM's ``/kv_event_sources`` and, when it
+        names a publisher the router can reach, follow that (:func:`discovered_endpoints`);
+        else approximate mode, saying why."""
+        try:
+            status, body = await self._get(worker, "/kv_event_sources")
+        except (aiohttp.ClientError, OSError, TimeoutError) as e:
+            status, body = 0, describe_error(e)
+        if status != 200:
+            log.info(
+                "worker %s has no /kv/events and no vLLM /kv_event_sources (%s): approximate mode",
+                worker.url,
+                status or body,
+            )
+            worker.kv_source = "approx"
+            return "approx"
+        try:
+            endpoint, replay = discovered_endpoints(body, worker.url)
+        except ValueError as e:
+            log.warning("worker %s: %s; approximate mode", worker.url, e)
+            worker.kv_source = "approx"
+            return "approx"
+        log.info(
+            "worker %s: following vLLM's KV events at %s (replay %s), from /kv_event_sources",
+            worker.url,
+            endpoint,
+            replay or "none",
+        )
+        worker.vllm = (
+            VllmEventMirror(self.index, worker.url, self.config.block_size),
+            endpoint,
+            replay,
+        )
+        return "vllm"

@@ -23,13 +23,20 @@ stored (events missed before it subscribed, with no replay), another KV cache gr
 (``group_idx`` > 0: hybrid models), or a medium other than the GPU (vLLM's offloading tiers).
 Events whose block size differs from the router's raise :class:`~kvferry.errors.ConfigError`.
 
-**Order** (:func:`follow_vllm_events`): the first batch, a gap in ``seq`` and a worker that was
-marked down are answered by a replay request from the first batch missed (from 0 after a
-reset, the whole buffer); without a replay endpoint, or when vLLM's buffer no longer reaches
-back that far, the router goes on with what it has (``gaps`` counts it; blocks it never saw
-stored are not routed to, never routed to wrongly). ``seq`` going back (other than live batches
-a replay already brought) means vLLM restarted: its blocks are dropped and mirroring starts
-over from a replay.
+**Order** (:func:`follow_vllm_events`): a new subscriber first asks the replay socket for the
+whole buffer (what vLLM cached before the router came up, known at once rather than at the
+worker's next batch); then the first batch, a gap in ``seq`` and a worker that was marked down
+are answered by a replay request from the first batch missed (from 0 after a reset); without
+a replay endpoint, or when vLLM's buffer no longer reaches back that far, the router goes on
+with what it has (``gaps`` counts it; blocks it never saw stored are not routed to, never
+routed to wrongly). ``seq`` going back means vLLM restarted (unless the batch is the live copy
+of one a replay brought, same number and same bytes): its blocks are dropped and mirroring
+starts over from a replay.
+
+**Discovery** (:func:`discovered_endpoints`): vLLM's ``GET /kv_event_sources`` answers its
+publishers' resolved configs by data-parallel rank, so a router given only the worker's URL can
+find the endpoints itself: a wildcard bind (``tcp://*:5557``) is reached at the worker URL's
+host, ``ipc://`` paths as they are (same machine).
 """
 
 from __future__ import annotations
@@ -39,12 +46,19 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 from kvferry.errors import ConfigError, MissingDependency
 from kvferry.index.hashing import BlockHasher
 from kvferry.serving.kv_index import PrefixIndex
 
-__all__ = ["END_SEQ", "VllmEventMirror", "decode_batch", "follow_vllm_events"]
+__all__ = [
+    "END_SEQ",
+    "VllmEventMirror",
+    "decode_batch",
+    "discovered_endpoints",
+    "follow_vllm_events",
+]
 
 log = logging.getLogger("kvferry.serving.router")
 
@@ -53,6 +67,64 @@ END_SEQ: Final = -1
 PRIMARY_MEDIA: Final = (None, "GPU")
 """Media whose blocks are the worker's own prefix cache (vLLM names its main KV cache GPU on
 every device, CPU builds included)."""
+
+
+_WILDCARD_HOSTS: Final = frozenset(("*", "0.0.0.0", "::", "[::]", "[*]"))
+
+
+def discovered_endpoints(sources: object, worker_url: str) -> tuple[str, str | None]:
+    """The publisher and replay endpoints to subscribe to, from a vLLM server's answer to
+    ``GET /kv_event_sources`` (``{"<dp rank>": KVEventsConfig as JSON}``).
+
+    Raises:
+        ValueError: the answer gives nothing the router can read: no publisher (vLLM was
+            started without ``--kv-events-config``), not ZeroMQ, several data-parallel ranks
+            (each its own stream of one worker URL), or an endpoint the router cannot connect
+            to (the message says what to give ``--vllm-events`` instead).
+    """
+    if not isinstance(sources, dict):
+        raise ValueError(f"/kv_event_sources answered {sources!r:.200}, not a JSON object")
+    configs = [c for c in sources.values() if isinstance(c, dict)]
+    if len(configs) != len(sources):
+        raise ValueError(f"/kv_event_sources answered {sources!r:.200}: not configs by rank")
+    configs = [c for c in configs if c.get("enable_kv_cache_events", True)]
+    if not configs:
+        raise ValueError(
+            "vLLM publishes no KV events; start it with --kv-events-config, e.g. "
+            '{"enable_kv_cache_events": true, "publisher": "zmq", '
+            '"endpoint": "tcp://*:5557", "replay_endpoint": "tcp://*:5558"}'
+        )
+    if len(configs) > 1:
+        raise ValueError(
+            f"vLLM has {len(configs)} data-parallel ranks publishing KV events, and the router "
+            "keys one worker URL by one event stream; give --vllm-events for the rank to follow"
+        )
+    config = configs[0]
+    if config.get("publisher") != "zmq":
+        raise ValueError(f"vLLM's KV event publisher is {config.get('publisher')!r}, not zmq")
+    host = urlsplit(worker_url).hostname or "127.0.0.1"
+    host = f"[{host}]" if ":" in host else host
+    endpoint = config.get("endpoint")
+    replay = config.get("replay_endpoint")
+    return (
+        _connectable(endpoint, host, "endpoint"),
+        None if replay is None else _connectable(replay, host, "replay_endpoint"),
+    )
+
+
+def _connectable(endpoint: object, host: str, what: str) -> str:
+    """``endpoint`` as the router connects to it: a wildcard host becomes ``host``."""
+    if isinstance(endpoint, str):
+        scheme, sep, rest = endpoint.partition("://")
+        if sep and scheme == "ipc" and rest:
+            return endpoint
+        bound, _, port = rest.rpartition(":")
+        if sep and scheme == "tcp" and bound and port.isdigit() and int(port) > 0:
+            return f"tcp://{host if bound in _WILDCARD_HOSTS else bound}:{port}"
+    raise ValueError(
+        f"vLLM's KV event {what} {endpoint!r} is not one the router can connect to "
+        "(tcp://HOST:PORT or ipc://PATH); give the worker's endpoints with --vllm-events"
+    )
 
 
 def decode_batch(payload: bytes) -> list[Mapping[str, Any]]:
@@ -297,11 +369,30 @@ async def follow_vllm_events(
         mirror.next_seq = seq + 1
         on_applied()
 
-    # True from a replay until the first live batch applied: live batches the replay already
-    # brought may still be queued, and are skipped; at other times a batch number going back
-    # means the publisher restarted.
-    replayed = False
+    # The batches replays applied that the live stream has not passed yet (seq -> hash of the
+    # payload): a live batch below next_seq is one of them arriving late (skipped), or else
+    # proof that the publisher restarted and counts from 0 again.
+    replayed: dict[int, int] = {}
+
+    async def catch_up(start: int) -> bool:
+        """Apply the replay from ``start``; True when it reached back that far."""
+        assert replay is not None
+        try:
+            outcome = await _replay(ctx, replay, start, timeout_s)
+        except (TimeoutError, ValueError, zmq.ZMQError) as e:
+            log.warning("worker %s: vLLM KV event replay failed: %s", worker, e)
+            return False
+        for rseq, rpayload in outcome.batches:
+            if rseq >= start and (mirror.next_seq is None or rseq >= mirror.next_seq):
+                apply(rseq, rpayload)
+                replayed[rseq] = hash(rpayload)
+        return outcome.complete
+
     try:
+        if replay is not None and mirror.next_seq is None:
+            # What vLLM cached before the router subscribed, now rather than at its next batch
+            # (an idle worker may publish nothing for a long time).
+            await catch_up(0)
         while True:
             frames = await sub.recv_multipart()
             if len(frames) != 3:
@@ -311,27 +402,15 @@ async def follow_vllm_events(
             seq = int.from_bytes(seq_bytes, "big", signed=True)
             expected = mirror.next_seq
             if expected is not None and seq < expected:
-                if replayed:
+                if replayed.get(seq) == hash(payload):
                     continue  # already applied (a replay overlapped the live stream)
                 log.info("worker %s: vLLM KV events went back to %d: vLLM restarted", worker, seq)
                 mirror.reset()
+                replayed.clear()
                 expected = None
             if expected is None or seq > expected:
                 start = 0 if expected is None else expected
-                caught_up = False
-                if replay is not None:
-                    try:
-                        outcome = await _replay(ctx, replay, start, timeout_s)
-                    except (TimeoutError, ValueError, zmq.ZMQError) as e:
-                        log.warning("worker %s: vLLM KV event replay failed: %s", worker, e)
-                    else:
-                        for rseq, rpayload in outcome.batches:
-                            if rseq >= start and (
-                                mirror.next_seq is None or rseq >= mirror.next_seq
-                            ):
-                                apply(rseq, rpayload)
-                        caught_up = outcome.complete
-                        replayed = True
+                caught_up = replay is not None and await catch_up(start)
                 if not caught_up and (expected is not None or seq > 0):
                     mirror.gaps += 1
                     log.info(
@@ -343,7 +422,7 @@ async def follow_vllm_events(
                 if mirror.next_seq is not None and seq < mirror.next_seq:
                     continue  # the replay covered it
             apply(seq, payload)
-            replayed = False
+            replayed.clear()  # the live stream is past every replayed batch
     finally:
         with contextlib.suppress(Exception):
             sub.close()

@@ -180,3 +180,38 @@ def test_chat_prompts_are_keyed_with_the_models_chat_template(fleet: Fleet) -> N
     assert after["indexed_blocks"] == before[holder]["indexed_blocks"] + full
     assert after["skipped_blocks"] == 0
     assert chat("is the sea calm today")[0] == holder
+
+
+def test_a_router_given_only_the_urls_finds_vllms_publishers(fleet: Fleet) -> None:
+    """Without --vllm-events the router asks each vLLM for /kv_event_sources, follows the
+    publishers it names and, from their replay, indexes what the configured router indexed."""
+    bs = fleet.block_size
+    for i, worker in enumerate(fleet.workers):  # each worker holds something of its own
+        worker.complete(_tokens(40 + i, 3 * bs), max_tokens=1)
+    wait_for(
+        lambda: all(w["event_blocks"] >= 3 for w in fleet.router.worker_stats().values()),
+        "both workers announced their blocks",
+    )
+    flags = ["--block-size", str(bs), "--tokenizer", str(fleet.model)]
+    with RouterProcess.over([w.url for w in fleet.workers], *flags) as plain:
+
+        def same() -> bool:
+            ours, theirs = plain.worker_stats(), fleet.router.worker_stats()
+            return all(
+                ours[url]["kv_source"] == "events"
+                and ours[url]["indexed_blocks"] == theirs[url]["indexed_blocks"]
+                for url in theirs
+            )
+
+        wait_for(same, "the plain router indexed what the configured one did")
+        stats = plain.worker_stats()
+        assert all(w["skipped_blocks"] == 0 for w in stats.values())
+        # and it keeps following: a new prefix vLLM caches shows up in both
+        holder = _complete(fleet, [*_tokens(50, 4 * bs), 7])
+        wait_for(
+            lambda: (
+                plain.worker_stats()[holder]["indexed_blocks"]
+                == stats[holder]["indexed_blocks"] + 4
+            ),
+            "the plain router saw the new blocks",
+        )

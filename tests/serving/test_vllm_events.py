@@ -18,7 +18,7 @@ from kvferry.errors import ConfigError
 from kvferry.index.hashing import BlockHasher
 from kvferry.serving.kv_index import PrefixIndex
 from kvferry.serving.tokenizer import WordTokenizer
-from kvferry.serving.vllm_events import VllmEventMirror, decode_batch
+from kvferry.serving.vllm_events import VllmEventMirror, decode_batch, discovered_endpoints
 from kvferry.testing.mock_engine import MockServerProcess
 from kvferry.testing.router_process import RouterProcess
 
@@ -111,6 +111,51 @@ def test_vllm_publisher_config_is_validated() -> None:
                      kv_events=False)  # fmt: skip
 
 
+def _source(**config: Any) -> dict[str, Any]:
+    """vLLM's /kv_event_sources answer for one rank."""
+    return {"0": {"enable_kv_cache_events": True, "publisher": "zmq", **config}}
+
+
+@pytest.mark.parametrize(
+    ("worker", "endpoint", "replay", "expected"),
+    [
+        ("http://10.0.0.7:8000", "tcp://*:5557", "tcp://*:5558",
+         ("tcp://10.0.0.7:5557", "tcp://10.0.0.7:5558")),
+        ("http://gpu-3:8000", "tcp://0.0.0.0:6000", None, ("tcp://gpu-3:6000", None)),
+        ("http://[fd00::2]:8000", "tcp://[::]:5557", None, ("tcp://[fd00::2]:5557", None)),
+        # tcp://*:0 resolved by vLLM to the node's address: used as it is
+        ("http://vip:8000", "tcp://10.1.2.3:40111", None, ("tcp://10.1.2.3:40111", None)),
+        ("http://h:1", "ipc:///tmp/ev", "ipc:///tmp/rp", ("ipc:///tmp/ev", "ipc:///tmp/rp")),
+    ],
+)  # fmt: skip
+def test_discovered_endpoints_are_what_the_router_connects_to(
+    worker: str, endpoint: str, replay: str | None, expected: tuple[str, str | None]
+) -> None:
+    assert discovered_endpoints(_source(endpoint=endpoint, replay_endpoint=replay), worker) == (
+        expected
+    )
+
+
+@pytest.mark.parametrize(
+    ("answer", "match"),
+    [
+        ({}, "publishes no KV events; start it with --kv-events-config"),
+        (_source(endpoint="tcp://*:1", enable_kv_cache_events=False), "publishes no KV events"),
+        ({"0": _source(endpoint="tcp://*:1")["0"], "1": _source(endpoint="tcp://*:2")["0"]},
+         "2 data-parallel ranks"),
+        (_source(endpoint="tcp://*:1", publisher="null"), "publisher is 'null', not zmq"),
+        (_source(endpoint="inproc://cache"), "endpoint 'inproc://cache' is not one"),
+        (_source(endpoint="tcp://*:0"), "endpoint 'tcp://\\*:0' is not one"),
+        (_source(endpoint="tcp://*:1", replay_endpoint=5), "replay_endpoint 5 is not one"),
+        (["tcp://*:1"], "not a JSON object"),
+        ({"0": "tcp://*:1"}, "not configs by rank"),
+    ],
+)  # fmt: skip
+def test_unusable_event_sources_say_why(answer: object, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        discovered_endpoints(answer, "http://127.0.0.1:8000")
+
+
 # --- a router process and vLLM's own publisher --------------------------------------------------
 
 kv_events = pytest.importorskip(
@@ -185,13 +230,21 @@ def test_router_routes_to_the_blocks_a_vllm_publisher_announced(
         target = two_mocks[1]
         source = f"{target.url}={publisher.pub},{publisher.replay}"
         with RouterProcess.over(two_mocks, "--vllm-events", source) as router:
+            # The subscriber starts with a replay: what was published before it is known at
+            # once, with nothing published since.
+            wait_for(
+                lambda: router.worker_stats()[target.url]["kv_source"] == "events",
+                f"the router replayed vLLM's buffer:\n{router.stderr()}",
+            )
+            assert router.worker_stats()[target.url]["indexed_blocks"] == 4
             late = words("late", 64)
-            # ZeroMQ drops what a subscriber has not connected for yet: publish until one lands.
+            # Live batches (ZeroMQ drops what a subscriber has not connected for yet, so publish
+            # until several have landed: a restart below must count back from well above 0).
             deadline = time.monotonic() + 10
-            while router.worker_stats()[target.url]["kv_source"] != "events":
+            while (router.worker_stats()[target.url]["last_event_id"] or 0) < 8:
                 assert time.monotonic() < deadline, f"router never read vLLM:\n{router.stderr()}"
                 publisher.store(late)
-                time.sleep(0.1)
+                time.sleep(0.05)
             stats = router.worker_stats()[target.url]
             assert stats["indexed_blocks"] >= 8  # 4 early (replayed) + 4 late blocks
             assert stats["skipped_blocks"] == 0
