@@ -150,6 +150,32 @@ def test_sigstop_fails_with_transfer_timeout_then_recovers(
         run_bounded(ini.close, 10)
 
 
+def test_submit_never_waits_on_a_peer_that_does_not_answer(target_process: StartTarget) -> None:
+    """Connections beyond the first are made by connector threads: a submit that needs one to a
+    stopped target returns at once (the old way, it waited out connect_timeout in the handshake),
+    and the batch completes, with the right bytes, once the target runs again."""
+    target = target_process()
+    ini = fault_engine(workers=2, transfer_timeout=60.0, connect_timeout=30.0)
+    try:
+        local = ini.allocate(1 * MiB)
+        h = ini.open_segment(target.name)  # connection 1 of 2 made here
+        requests = [
+            TransferRequest(OpCode.READ, local, i * 64 * 1024, h, i * 64 * 1024, 64 * 1024)
+            for i in range(8)
+        ]
+        batch = ini.allocate_batch(len(requests))
+        target.signal(signal.SIGSTOP)
+        run_bounded(lambda: ini.submit(batch, requests), MARGIN)  # a hang detector: 30 s before
+        assert ini.status(batch).state is TransferState.PENDING
+        target.signal(signal.SIGCONT)
+        status = run_bounded(lambda: ini.wait(batch, timeout=30), 40)
+        assert status.state is TransferState.COMPLETED, [str(r.error) for r in status.requests]
+        assert np.array_equal(local.array[: 8 * 64 * 1024], target.expected(0)[: 8 * 64 * 1024])
+    finally:
+        target.signal(signal.SIGCONT)
+        run_bounded(ini.close, 10)
+
+
 # -- auth --------------------------------------------------------------------------------------
 def test_auth_token_is_required_and_checked(target_process: StartTarget) -> None:
     target = target_process(token="s3cret-token")

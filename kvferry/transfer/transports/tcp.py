@@ -12,6 +12,11 @@ round trip, so the leader busy-polls for ``grace_period_ns`` before it blocks in
 waiters sleep on their batch's event and take over the lead when it is free. ``post`` pushes bytes
 out at once when no leader is active, and wakes the leader (an eventfd in its poll set) otherwise.
 
+Connections. The first one is made when the channel opens (a bad address or token fails there).
+Any other (the ``workers`` beyond the first, and every reconnect) is made by a short-lived
+connector thread, so neither ``post`` nor a status poll ever waits on a peer that does not
+answer; the leader installs the connection on its next pass (the connector wakes it).
+
 Faults. A connection that closes, errors or makes no progress for half of ``transfer_timeout`` is
 torn down; its unfinished slices are retried on a fresh connection up to ``retry_count`` times.
 A request still unfinished ``transfer_timeout`` after it was posted fails with TransferTimeout,
@@ -317,6 +322,10 @@ class TcpChannel(Channel):
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._closed = False
         self._reconnect_at = [0.0] * self._workers
+        self._connecting = [False] * self._workers  # a connector thread is at work for the slot
+        # (slot, connection or None, error) from connector threads, for the leader to install
+        self._arrived: deque[tuple[int, _Conn | None, KvferryError | None]] = deque()
+        self._state = threading.Lock()  # _closed and the eventfd against connector threads
         # Fail fast: the first connection is made now so a bad address or token surfaces at open.
         self._conns[0] = self._connect()
 
@@ -375,9 +384,10 @@ class TcpChannel(Channel):
 
     def close(self) -> None:
         with self._lead:
-            if self._closed:
-                return
-            self._closed = True
+            with self._state:
+                if self._closed:
+                    return
+                self._closed = True
             slices = list(self._inbox)
             self._inbox.clear()
             for i, conn in enumerate(self._conns):
@@ -385,9 +395,14 @@ class TcpChannel(Channel):
                     slices.extend(conn.take_all())
                     conn.close()
                     self._conns[i] = None
+            while self._arrived:
+                conn = self._arrived.popleft()[1]
+                if conn is not None:
+                    conn.close()
             for s in slices:
                 s.item.request.fail(PeerClosed(f"channel to {self.peer.name} was closed"))
-            os.close(self._wake_fd)
+            with self._state:
+                os.close(self._wake_fd)
 
     # -- leader-only below (caller holds self._lead) ----------------------------------------
     def _next_id(self) -> int:
@@ -404,45 +419,72 @@ class TcpChannel(Channel):
         return _Conn(sock, self._max_frame)
 
     def _dispatch(self) -> None:
-        """Deal inbox slices round-robin over connections, (re)connecting where needed."""
+        """Deal inbox slices round-robin over connections; install the connections connector
+        threads made, and start one for each missing connection while slices wait."""
+        now = time.monotonic()
+        failure: KvferryError | None = None
+        while self._arrived:
+            i, made, error = self._arrived.popleft()
+            self._connecting[i] = False
+            if made is not None:
+                self._conns[i] = made
+            else:
+                self._reconnect_at[i] = now + 0.01
+                failure = error
         inbox = self._inbox
         if not inbox:
             return
-        now = time.monotonic()
         live: list[_Conn] = []
-        failure: KvferryError | None = None
         first_deadline: float | None = None
         for i in range(self._workers):
             conn = self._conns[i]
-            if conn is None and now >= self._reconnect_at[i]:
+            if conn is None and not self._connecting[i] and now >= self._reconnect_at[i]:
                 # A stalled peer accepts TCP connections but never answers the handshake: never
-                # block connecting past the earliest deadline of the waiting slices.
+                # try past the earliest deadline of the waiting slices.
                 if first_deadline is None:
                     first_deadline = min(s.deadline for s in inbox)
-                budget = min(self._connect_timeout, first_deadline - time.monotonic())
-                if budget <= 0:
-                    continue  # too late: _check_time fails these slices with TransferTimeout
-                try:
-                    conn = self._conns[i] = self._connect(budget)
-                except KvferryError as e:
-                    self._reconnect_at[i] = now + 0.01
-                    failure = e
-                    continue
+                budget = min(self._connect_timeout, first_deadline - now)
+                if budget > 0:  # else too late: _check_time fails them with TransferTimeout
+                    self._connect_in_background(i, budget)
             if conn is not None:
                 live.append(conn)
         if not live:
-            if failure is not None:
+            if failure is not None and not any(self._connecting):
                 # Every connection attempt failed: each waiting slice spends one retry.
                 slices = list(inbox)
                 inbox.clear()
                 self._retry_or_fail(slices, failure)
-            return  # otherwise reconnects are backing off; slices wait in the inbox
+            return  # otherwise connections are on their way or backing off; slices wait
         n = len(live)
         rr = self._rr
         while inbox:
             live[rr % n].sendq.append(inbox.popleft())
             rr += 1
         self._rr = rr
+
+    def _connect_in_background(self, index: int, budget: float) -> None:
+        """Connect slot ``index`` in a connector thread; the result lands in ``_arrived``."""
+        self._connecting[index] = True
+
+        def connect() -> None:
+            made: _Conn | None = None
+            error: KvferryError | None = None
+            try:
+                made = self._connect(budget)
+            except KvferryError as e:
+                error = e
+            with self._state:
+                if self._closed:
+                    if made is not None:
+                        made.close()
+                    return
+                self._arrived.append((index, made, error))
+                if self._blocked:
+                    os.eventfd_write(self._wake_fd, 1)
+
+        threading.Thread(
+            target=connect, name=f"kvferry-connect {self.peer.name}", daemon=True
+        ).start()
 
     def _pump_all(self) -> bool:
         progressed = False
@@ -588,11 +630,13 @@ class TcpChannel(Channel):
                 events |= select.POLLOUT
             if events:
                 poller.register(conn.fd, events)
-        # Publish "blocked" before the last inbox check: a poster either sees it and writes the
-        # eventfd, or its slices are seen here.
+        # Publish "blocked" before the last checks: a poster or a connector thread either sees
+        # it and writes the eventfd, or what it brought is seen here.
         self._blocked = True
         try:
-            if self._inbox:
+            if self._arrived:
+                return
+            if self._inbox and not any(self._connecting):
                 time.sleep(0.001)  # reconnects backing off: come back soon
                 return
             timeout_ms = max(0, int((until - time.monotonic()) * 1000) + 1)
