@@ -11,6 +11,12 @@ adjacent pairs, because this VM's speed drifts by up to 2x within a minute):
 
 Each case is the best of ``--repeat`` runs of ``kvferry.bench.hitrate.simulate`` on the bundled
 Mooncake trace (121,877 blocks), with the trace's keys built once.
+
+The bare reference (``--bare``): the same exact LRU written as a loop over three plain dicts (the
+index, the tier and the order, what the store keeps per block), with none of the store around
+them: no locks, statistics, validation or policy interface. It must count the same hits as the
+store's LRU (checked), and its speed is what pure Python reaches on this machine; kvferry's LRU
+is reported as a fraction of it, runs alternating.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent.parent
@@ -48,6 +55,86 @@ def measure(policies: list[str], capacities: list[int], repeat: int) -> list[dic
                     "lookups_per_s": max(blocks / r.seconds for r in runs),
                 }
             )
+    return rows
+
+
+def bare_lru(keys: list[list[bytes]], cap: int) -> tuple[int, float]:
+    """Hit blocks and seconds of the bare reference (module docstring): per request, the
+    cached prefix is read (moved to the LRU end in order), cached blocks after it are touched,
+    and the new ones are stored after evicting from the LRU front, in chunks of at most
+    ``cap // 2`` as the store makes room."""
+    from collections import deque
+    from itertools import islice, repeat
+
+    where: dict[bytes, int] = {}
+    blocks: dict[bytes, bytes] = {}
+    order: dict[bytes, None] = {}
+    hits = 0
+    step = max(1, cap // 2)
+    start = time.perf_counter()
+    for ks in keys:
+        n = 0
+        for k in ks:
+            if k in where:
+                n += 1
+            else:
+                break
+        for k in ks[:n]:
+            del order[k]
+            order[k] = None
+        hits += n
+        new = []
+        for k in dict.fromkeys(ks[n:]):
+            if k in where:
+                del order[k]
+                order[k] = None
+            else:
+                new.append(k)
+        for i in range(0, len(new), step):
+            chunk = new[i : i + step]
+            over = len(blocks) + len(chunk) - cap
+            if over > 0:
+                victims = list(islice(order, over))
+                deque(map(blocks.pop, victims, repeat(None)), maxlen=0)
+                deque(map(order.pop, victims, repeat(None)), maxlen=0)
+                deque(map(where.pop, victims, repeat(None)), maxlen=0)
+            where.update(dict.fromkeys(chunk, 1))
+            blocks.update(dict.fromkeys(chunk, b""))
+            order.update(dict.fromkeys(chunk))
+    return hits, time.perf_counter() - start
+
+
+def bare_reference(caps: list[int], repeat: int) -> list[dict[str, object]]:
+    """kvferry's LRU next to :func:`bare_lru`, alternating single runs; same hits required."""
+    from kvferry.bench import hitrate
+    from kvferry.bench.traces import read_trace
+
+    trace = read_trace("mooncake-synthetic")
+    keys = hitrate.trace_keys(trace)
+    blocks = sum(len(k) for k in keys)
+    rows: list[dict[str, object]] = []
+    for cap in caps:
+        ours, bare, ratios = [], [], []
+        for _ in range(repeat):
+            r = hitrate.simulate(trace, [hitrate.TierSpec("cpu", cap)], policy="lru", keys=keys)
+            hits, seconds = bare_lru(keys, cap)
+            if hits != r.tally.hit_blocks:
+                raise SystemExit(
+                    f"lru {cap}: the bare loop hit {hits} blocks, kvferry {r.tally.hit_blocks}"
+                )
+            ours.append(blocks / r.seconds)
+            bare.append(blocks / seconds)
+            ratios.append(ours[-1] / bare[-1])
+        rows.append(
+            {
+                "policy": "lru",
+                "capacity_blocks": cap,
+                "hit_blocks": hits,
+                "lookups_per_s": statistics.median(ours),
+                "bare_lookups_per_s": statistics.median(bare),
+                "fraction_of_bare": statistics.median(ratios),
+            }
+        )
     return rows
 
 
@@ -130,6 +217,7 @@ def main() -> None:
     p.add_argument("--capacity", default="1953,9765,19531")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--base", type=Path, help="another kvferry checkout to compare with")
+    p.add_argument("--bare", action="store_true", help="LRU next to the bare-dict reference")
     p.add_argument("--json", default="")
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -138,11 +226,21 @@ def main() -> None:
         return
     policies = [x for x in a.policy.split(",") if x]
     caps = [int(x) for x in a.capacity.split(",") if x]
-    if a.base is None:
+    if a.bare:
+        rows = bare_reference(caps, a.repeat)
+        print(f"{'policy':13} {'blocks':>7} {'kvferry':>8} {'bare':>8}  fraction (median)")
+        for r in rows:
+            print(
+                f"{r['policy']:13} {r['capacity_blocks']:>7} "
+                f"{r['lookups_per_s'] / 1e6:>7.3f}M {r['bare_lookups_per_s'] / 1e6:>7.3f}M  "
+                f"{r['fraction_of_bare']:.2f}"
+            )
+        report: dict[str, object] = {"reference": "bare-dict LRU", "rows": rows}
+    elif a.base is None:
         rows = measure(policies, caps, a.repeat)
         for r in rows:
             print(f"{r['policy']:13} {r['capacity_blocks']:>7} {r['lookups_per_s'] / 1e6:.3f}M")
-        report: dict[str, object] = {"rows": rows}
+        report = {"rows": rows}
     else:
         rows = compare(a.base, policies, caps, a.repeat)
         print(f"{'policy':13} {'blocks':>7} {'base':>8} {'this':>8}  ratio (median of pairs)")
