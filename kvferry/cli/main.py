@@ -2,19 +2,24 @@
 
 Owns the top-level error boundary of the CLI: a :class:`~kvferry.errors.KvferryError` becomes
 ``error: <message>`` on stderr and exit status 2, Ctrl-C becomes 130; no traceback is shown for
-either. Each subcommand module exposes ``add_parser(subparsers) -> None``, which registers its
-parser and sets ``func=<callable(args) -> int>`` with ``set_defaults``.
+either. Also where kvferry's log lines go: stderr, one timestamped line each, at
+``--log-level`` (or ``KVFERRY_LOG_LEVEL``; default warning). Each subcommand module exposes
+``add_parser(subparsers) -> None``, which registers its parser and sets
+``func=<callable(args) -> int>`` with ``set_defaults``.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import os
 import sys
 from collections.abc import Callable
-from typing import cast
+from typing import TextIO, cast
 
-from kvferry.errors import KvferryError
+from kvferry.config.loader import ENV_LOG_LEVEL
+from kvferry.errors import ConfigError, KvferryError
 
 # A new subcommand is one more name here. A module that does not exist yet is skipped, so this
 # list may name commands that are still being written.
@@ -29,6 +34,40 @@ _COMMAND_MODULES = [
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class _StderrHandler(logging.StreamHandler[TextIO]):
+    """Writes to whatever ``sys.stderr`` is when a line is logged (tests swap it)."""
+
+    @property
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: TextIO) -> None:
+        pass
+
+
+def setup_logging(level: str | None) -> None:
+    """Send the ``kvferry`` loggers' lines at ``level`` (None: ``KVFERRY_LOG_LEVEL``, else
+    warning) to stderr as ``time LEVEL logger: message``.
+
+    Raises:
+        ConfigError: the level is not one of LOG_LEVELS.
+    """
+    if level is None:
+        level = os.environ.get(ENV_LOG_LEVEL, "").strip().lower() or "warning"
+        if level not in LOG_LEVELS:
+            raise ConfigError(
+                f"{ENV_LOG_LEVEL}={level!r} is not a log level; use one of {', '.join(LOG_LEVELS)}"
+            )
+    logger = logging.getLogger("kvferry")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(level.upper())
 
 
 def _version() -> str:
@@ -47,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="KV-cache transfer engine and benchmark lab.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        default=None,
+        help=f"what kvferry logs to stderr (default: ${ENV_LOG_LEVEL}, else warning); "
+        "give it before the command: kvferry --log-level info serve router ...",
+    )
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
     for name in _COMMAND_MODULES:
         try:
@@ -69,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             args = parser.parse_args(argv)
         except SystemExit as e:  # --help, --version, or a usage error argparse already printed
             return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_ERROR)
+        setup_logging(args.log_level)
         func = cast("Callable[[argparse.Namespace], int] | None", getattr(args, "func", None))
         if func is None:
             parser.print_help(sys.stderr)

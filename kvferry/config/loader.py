@@ -33,6 +33,8 @@ ENV_CONFIG = "KVFERRY_CONFIG"
 """Path of the config file, used when ``load_config`` gets no ``config_file``."""
 ENV_PRESET = "KVFERRY_PRESET"
 """Name of the preset, used when ``load_config`` gets no ``preset``."""
+ENV_LOG_LEVEL = "KVFERRY_LOG_LEVEL"
+"""How much the ``kvferry`` command logs (``--log-level``); not a config key."""
 
 SECRET_MASK = "***"
 
@@ -231,7 +233,7 @@ def _env_layer(env: Mapping[str, str]) -> dict[str, _Setting]:
     layer: dict[str, _Setting] = {}
     unknown: list[str] = []
     for name, value in env.items():
-        if not name.startswith(ENV_PREFIX) or name in (ENV_CONFIG, ENV_PRESET):
+        if not name.startswith(ENV_PREFIX) or name in (ENV_CONFIG, ENV_PRESET, ENV_LOG_LEVEL):
             continue
         dotted = known.get(name)
         if dotted is None:
@@ -239,13 +241,14 @@ def _env_layer(env: Mapping[str, str]) -> dict[str, _Setting]:
             continue
         layer[dotted] = _Setting(value, f"env:{name}", f"env {name}")
     if unknown:
-        candidates = [*known, ENV_CONFIG, ENV_PRESET]
+        candidates = [*known, ENV_CONFIG, ENV_PRESET, ENV_LOG_LEVEL]
         lines = [f"{name}{_suggest(name, candidates)}" for name in sorted(unknown)]
         raise ConfigError(
             "unknown environment variable"
             + ("s " if len(lines) > 1 else " ")
             + "; ".join(lines)
-            + f". kvferry reads {ENV_CONFIG}, {ENV_PRESET} and KVFERRY_<SECTION>_<KEY> for "
+            + f". kvferry reads {ENV_CONFIG}, {ENV_PRESET}, {ENV_LOG_LEVEL} and "
+            "KVFERRY_<SECTION>_<KEY> for "
             "the keys listed by `kvferry config show`"
         )
     return layer

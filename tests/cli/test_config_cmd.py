@@ -173,6 +173,29 @@ def test_usage_errors_and_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().out.startswith("kvferry ")
 
 
+def test_log_level_flag_and_environment(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import logging
+
+    log = logging.getLogger("kvferry.test")
+    assert main(["--log-level", "info", "config", "presets"]) == 0
+    log.info("shown at info")
+    log.debug("not shown at info")
+    err = capsys.readouterr().err
+    assert " INFO kvferry.test: shown at info" in err and "not shown" not in err
+    monkeypatch.setenv("KVFERRY_LOG_LEVEL", "error")
+    assert main(["config", "presets"]) == 0  # the variable is not an unknown config key
+    log.warning("hidden at error")
+    assert "hidden" not in capsys.readouterr().err
+    monkeypatch.setenv("KVFERRY_LOG_LEVEL", "loud")
+    assert main(["config", "presets"]) == 2
+    assert "KVFERRY_LOG_LEVEL='loud' is not a log level" in capsys.readouterr().err
+    assert main(["--log-level", "loud", "config", "presets"]) == 2
+    assert "invalid choice: 'loud'" in capsys.readouterr().err
+    logging.getLogger("kvferry").setLevel(logging.WARNING)  # as the other tests expect
+
+
 def test_keyboard_interrupt_exits_130(monkeypatch: pytest.MonkeyPatch) -> None:
     from kvferry.cli import config_cmd
 
