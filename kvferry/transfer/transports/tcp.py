@@ -473,6 +473,8 @@ class TcpChannel(Channel):
                 made = self._connect(budget)
             except KvferryError as e:
                 error = e
+            except Exception as e:  # never leave the slot marked "connecting" for good
+                error = PeerClosed(f"connecting to {self.peer.name} failed: {e!r}")
             with self._state:
                 if self._closed:
                     if made is not None:
