@@ -31,7 +31,10 @@ a replay endpoint, or when vLLM's buffer no longer reaches back that far, the ro
 with what it has (``gaps`` counts it; blocks it never saw stored are not routed to, never
 routed to wrongly). ``seq`` going back means vLLM restarted (unless the batch is the live copy
 of one a replay brought, same number and same bytes): its blocks are dropped and mirroring
-starts over from a replay.
+starts over from a replay. So does a reconnect of the subscriber after which the publisher's
+buffer no longer holds the last batch applied byte for byte: a restarted vLLM's first batches
+can be lost while the subscriber reconnects, so that the first one heard has the very number
+expected next.
 
 **Discovery** (:func:`discovered_endpoints`): vLLM's ``GET /kv_event_sources`` answers its
 publishers' resolved configs by data-parallel rank, so a router given only the worker's URL can
@@ -352,14 +355,24 @@ async def follow_vllm_events(
         import zmq.asyncio
     except ImportError as e:
         raise MissingDependency("pyzmq (to read vLLM KV events)", "vllm") from e
+    from zmq.utils.monitor import parse_monitor_message
+
     ctx = zmq.asyncio.Context.instance()
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
+    # Connection events of the subscriber: a reconnect is when a restarted vLLM can slip by.
+    monitor = sub.get_monitor_socket(zmq.EVENT_CONNECTED)
     sub.connect(endpoint)
+    poller = zmq.asyncio.Poller()
+    poller.register(sub, zmq.POLLIN)
+    poller.register(monitor, zmq.POLLIN)
     worker = mirror.worker
+    last: tuple[int, int] | None = None  # number and payload hash of the last batch applied
+    connected_before = False
 
     def apply(seq: int, payload: bytes) -> None:
+        nonlocal last
         try:
             events = decode_batch(payload)
         except ValueError as e:
@@ -367,6 +380,7 @@ async def follow_vllm_events(
             events = []
         mirror.apply(events, model())
         mirror.next_seq = seq + 1
+        last = (seq, hash(payload))
         on_applied()
 
     # The batches replays applied that the live stream has not passed yet (seq -> hash of the
@@ -388,12 +402,43 @@ async def follow_vllm_events(
                 replayed[rseq] = hash(rpayload)
         return outcome.complete
 
+    async def still_the_same_publisher() -> bool:
+        """After a reconnect: does the publisher's replay buffer still hold the last batch
+        applied, byte for byte? A restarted vLLM counts from 0 again, and its first batches
+        may be lost while the subscriber reconnects, so the numbers alone can line up."""
+        if replay is None or last is None or mirror.next_seq is None:
+            return True  # nothing to compare (a replay from 0 follows anyway when reset)
+        try:
+            outcome = await _replay(ctx, replay, last[0], timeout_s)
+        except (TimeoutError, ValueError, zmq.ZMQError) as e:
+            log.warning("worker %s: vLLM KV event replay failed: %s", worker, e)
+            return True
+        if not outcome.batches:
+            return False  # fewer batches than we applied: a new publisher
+        seq, payload = outcome.batches[0]
+        if seq > last[0]:
+            return True  # that batch left its buffer: cannot tell, the numbers decide
+        return seq == last[0] and hash(payload) == last[1]
+
     try:
         if replay is not None and mirror.next_seq is None:
             # What vLLM cached before the router subscribed, now rather than at its next batch
             # (an idle worker may publish nothing for a long time).
             await catch_up(0)
         while True:
+            ready = dict(await poller.poll())
+            if monitor in ready:
+                event = parse_monitor_message(await monitor.recv_multipart())
+                if event["event"] == zmq.EVENT_CONNECTED:
+                    if connected_before and not await still_the_same_publisher():
+                        log.info("worker %s: vLLM's KV event publisher restarted", worker)
+                        mirror.reset()
+                        replayed.clear()
+                        last = None
+                        await catch_up(0)
+                    connected_before = True
+            if sub not in ready:
+                continue
             frames = await sub.recv_multipart()
             if len(frames) != 3:
                 log.warning("worker %s: a vLLM KV event message of %d frames", worker, len(frames))
@@ -424,5 +469,8 @@ async def follow_vllm_events(
             apply(seq, payload)
             replayed.clear()  # the live stream is past every replayed batch
     finally:
+        with contextlib.suppress(Exception):
+            sub.disable_monitor()
+            monitor.close()
         with contextlib.suppress(Exception):
             sub.close()

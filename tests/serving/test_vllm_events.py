@@ -273,3 +273,38 @@ def test_router_routes_to_the_blocks_a_vllm_publisher_announced(
             )
     finally:
         publisher.close()
+
+
+def test_a_quick_restart_is_seen_even_when_the_numbers_line_up(
+    two_mocks: list[MockServerProcess], tmp_path: Path
+) -> None:
+    """The router applied batch 0; vLLM restarts, and its new batch 0 goes out before the
+    subscriber has reconnected (ZeroMQ drops it), so the first batch the router hears is the
+    new batch 1: the number it expected next. The reconnect itself makes it compare the last
+    batch it applied with the publisher's buffer, and those bytes differ."""
+    publisher = Publisher(tmp_path)
+    try:
+        publisher.store(words("old", 64))
+        time.sleep(0.2)
+        target = two_mocks[1]
+        source = f"{target.url}={publisher.pub},{publisher.replay}"
+        with RouterProcess.over(two_mocks, "--vllm-events", source) as router:
+            wait_for(
+                lambda: router.worker_stats()[target.url]["indexed_blocks"] == 4,
+                "the router replayed the old publisher's batch 0",
+            )
+            publisher.close()
+            publisher = Publisher(tmp_path)
+            publisher.store(words("new", 32))  # batch 0: published before anyone reconnected
+            time.sleep(1.0)
+            publisher.store(words("newer", 32))  # batch 1, heard live
+            wait_for(
+                lambda: router.worker_stats()[target.url]["resyncs"] >= 1,
+                f"the router noticed the restart:\n{router.stderr()}",
+            )
+            wait_for(
+                lambda: router.worker_stats()[target.url]["indexed_blocks"] == 4,
+                "only the new publisher's 2 + 2 blocks are indexed",
+            )
+    finally:
+        publisher.close()
