@@ -16,7 +16,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
-from typing import TextIO, cast
+from typing import Any, TextIO, cast
 
 from kvferry.config.loader import ENV_LOG_LEVEL
 from kvferry.errors import ConfigError, KvferryError
@@ -86,13 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="KV-cache transfer engine and benchmark lab.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    parser.add_argument(
-        "--log-level",
-        choices=LOG_LEVELS,
-        default=None,
-        help=f"what kvferry logs to stderr (default: ${ENV_LOG_LEVEL}, else warning); "
-        "give it before the command: kvferry --log-level info serve router ...",
-    )
+    log_help = f"what kvferry logs to stderr (default: ${ENV_LOG_LEVEL}, else warning)"
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default=None, help=log_help)
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
     for name in _COMMAND_MODULES:
         try:
@@ -104,7 +99,23 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.add_parser(subparsers)
+    _add_to_every_command(subparsers, "--log-level", choices=LOG_LEVELS, help=log_help)
     return parser
+
+
+def _add_to_every_command(
+    subparsers: argparse._SubParsersAction,  # type: ignore[type-arg]
+    flag: str,
+    **kwargs: Any,
+) -> None:
+    """Let ``flag`` of the top-level parser also follow any (sub)command: ``kvferry serve router
+    --log-level info``. SUPPRESS keeps a value given before the command when it is not repeated."""
+    for sub in set(subparsers.choices.values()):
+        nested = [a for a in sub._actions if isinstance(a, argparse._SubParsersAction)]
+        for action in nested:
+            _add_to_every_command(action, flag, **kwargs)
+        if flag not in sub._option_string_actions:
+            sub.add_argument(flag, default=argparse.SUPPRESS, **kwargs)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -193,6 +193,10 @@ def test_log_level_flag_and_environment(
     assert "KVFERRY_LOG_LEVEL='loud' is not a log level" in capsys.readouterr().err
     assert main(["--log-level", "loud", "config", "presets"]) == 2
     assert "invalid choice: 'loud'" in capsys.readouterr().err
+    # after the command too, and there it wins over the variable and a value given before
+    assert main(["--log-level", "error", "config", "presets", "--log-level", "debug"]) == 0
+    log.debug("shown at debug")
+    assert "shown at debug" in capsys.readouterr().err
     logging.getLogger("kvferry").setLevel(logging.WARNING)  # as the other tests expect
 
 
