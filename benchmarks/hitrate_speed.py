@@ -29,17 +29,25 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent.parent
 
 
-def measure(policies: list[str], capacities: list[int], repeat: int) -> list[dict[str, object]]:
+def _trace() -> tuple[Any, list[list[bytes]], int]:
+    """The bundled Mooncake trace, its store keys (built once) and their number."""
     from kvferry.bench import hitrate
     from kvferry.bench.traces import read_trace
 
     trace = read_trace("mooncake-synthetic")
     keys = hitrate.trace_keys(trace)
-    blocks = sum(len(k) for k in keys)
+    return trace, keys, sum(len(k) for k in keys)
+
+
+def measure(policies: list[str], capacities: list[int], repeat: int) -> list[dict[str, object]]:
+    from kvferry.bench import hitrate
+
+    trace, keys, blocks = _trace()
     rows: list[dict[str, object]] = []
     for policy in policies:
         for cap in capacities:
@@ -107,11 +115,8 @@ def bare_lru(keys: list[list[bytes]], cap: int) -> tuple[int, float]:
 def bare_reference(caps: list[int], repeat: int) -> list[dict[str, object]]:
     """kvferry's LRU next to :func:`bare_lru`, alternating single runs; same hits required."""
     from kvferry.bench import hitrate
-    from kvferry.bench.traces import read_trace
 
-    trace = read_trace("mooncake-synthetic")
-    keys = hitrate.trace_keys(trace)
-    blocks = sum(len(k) for k in keys)
+    trace, keys, blocks = _trace()
     rows: list[dict[str, object]] = []
     for cap in caps:
         ours, bare, ratios = [], [], []
@@ -154,11 +159,8 @@ def _worker(root: Path, cpu: int) -> subprocess.Popen[str]:
 
 def _serve() -> None:
     from kvferry.bench import hitrate
-    from kvferry.bench.traces import read_trace
 
-    trace = read_trace("mooncake-synthetic")
-    keys = hitrate.trace_keys(trace)
-    blocks = sum(len(k) for k in keys)
+    trace, keys, blocks = _trace()
     for line in sys.stdin:
         policy, cap = line.split()
         r = hitrate.simulate(trace, [hitrate.TierSpec("cpu", int(cap))], policy=policy, keys=keys)

@@ -267,11 +267,11 @@ class ChatTemplate:
         conversation = []
         for message in messages:
             role = message.get("role")
-            content = message.get("content")
-            if isinstance(content, list):
-                content = "\n".join(str(part.get("text", "")) for part in content)
             conversation.append(
-                {"role": "system" if role == "developer" else role, "content": content or ""}
+                {
+                    "role": "system" if role == "developer" else role,
+                    "content": _content_text(message.get("content"), "\n"),
+                }
             )
         try:
             return str(
@@ -294,13 +294,17 @@ def render_chat(messages: Sequence[Mapping[str, object]]) -> str:
     ``content`` is a string or a list of ``{"type": "text", "text": ...}`` parts (joined with a
     space); messages must have been validated by the caller.
     """
-    lines = []
-    for message in messages:
-        content = message.get("content")
-        if isinstance(content, list):
-            text = " ".join(str(part.get("text", "")) for part in content)
-        else:
-            text = "" if content is None else str(content)
-        lines.append(f"<|{message.get('role')}|> {text}")
+    lines = [
+        f"<|{message.get('role')}|> {_content_text(message.get('content'), ' ')}"
+        for message in messages
+    ]
     lines.append("<|assistant|>")
     return "\n".join(lines)
+
+
+def _content_text(content: object, joiner: str) -> str:
+    """A message's ``content``: a string, or text parts (``{"type": "text", "text": ...}``)
+    joined with ``joiner``; None is empty."""
+    if isinstance(content, list):
+        return joiner.join(str(part.get("text", "")) for part in content)
+    return "" if content is None else str(content)

@@ -388,13 +388,19 @@ async def follow_vllm_events(
     # proof that the publisher restarted and counts from 0 again.
     replayed: dict[int, int] = {}
 
-    async def catch_up(start: int) -> bool:
-        """Apply the replay from ``start``; True when it reached back that far."""
+    async def replay_from(start: int) -> ReplayOutcome | None:
+        """The replay socket's batches from ``start``; None (logged) when it failed."""
         assert replay is not None
         try:
-            outcome = await _replay(ctx, replay, start, timeout_s)
+            return await _replay(ctx, replay, start, timeout_s)
         except (TimeoutError, ValueError, zmq.ZMQError) as e:
             log.warning("worker %s: vLLM KV event replay failed: %s", worker, e)
+            return None
+
+    async def catch_up(start: int) -> bool:
+        """Apply the replay from ``start``; True when it reached back that far."""
+        outcome = await replay_from(start)
+        if outcome is None:
             return False
         for rseq, rpayload in outcome.batches:
             if rseq >= start and (mirror.next_seq is None or rseq >= mirror.next_seq):
@@ -408,11 +414,9 @@ async def follow_vllm_events(
         may be lost while the subscriber reconnects, so the numbers alone can line up."""
         if replay is None or last is None or mirror.next_seq is None:
             return True  # nothing to compare (a replay from 0 follows anyway when reset)
-        try:
-            outcome = await _replay(ctx, replay, last[0], timeout_s)
-        except (TimeoutError, ValueError, zmq.ZMQError) as e:
-            log.warning("worker %s: vLLM KV event replay failed: %s", worker, e)
-            return True
+        outcome = await replay_from(last[0])
+        if outcome is None:
+            return True  # cannot tell: the numbers decide
         if not outcome.batches:
             return False  # fewer batches than we applied: a new publisher
         seq, payload = outcome.batches[0]
