@@ -25,6 +25,7 @@ from kvferry.store import LoadHandle, StoreHandle, StoreStats, TieredStore
 from kvferry.transfer import (
     Batch,
     BatchStatus,
+    DeviceRegion,
     MemoryRegion,
     OpCode,
     RequestStatus,
@@ -42,6 +43,7 @@ __all__ = [
     "BatchStatus",
     "BlockHasher",
     "ConfigError",
+    "DeviceRegion",
     "KvferryConfig",
     "KvferryError",
     "LeaseExpired",

@@ -14,6 +14,7 @@ EXPECTED_ALL = [
     "BatchStatus",
     "BlockHasher",
     "ConfigError",
+    "DeviceRegion",
     "KvferryConfig",
     "KvferryError",
     "LeaseExpired",

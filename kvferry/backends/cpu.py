@@ -49,8 +49,7 @@ class CpuTier(SlotTier):
                 self.region = allocate_region(0, size, use_hugepages=config.use_hugepages)
         except Exception as e:
             raise StorageError(f"cpu tier: cannot allocate {size} bytes: {e}") from e
-        if config.pinned:
-            _pin_with_torch(self.region)
+        self._pinned = config.pinned and _pin_with_torch(self.region)
         self.slot_size = slot
         self.n_slots = n
         self._pool = self.region.view
@@ -222,6 +221,10 @@ class CpuTier(SlotTier):
             self._closed = True
             self._index.clear()
             self._reserved.clear()
+        if self._pinned:
+            # Unpin before the memory goes: CUDA keeps a registration past munmap, and a later
+            # pool mapped at the same address could not be pinned.
+            _unpin_with_torch(self.region)
         if self.context.allocate is None:
             self.region.close()
 
@@ -235,16 +238,27 @@ class CpuTier(SlotTier):
             raise StorageError("cpu tier is closed")
 
 
-def _pin_with_torch(region: MemoryRegion) -> None:
-    """Page-lock the pool through CUDA when torch and a GPU are present; say so otherwise."""
+def _pin_with_torch(region: MemoryRegion) -> bool:
+    """Page-lock the pool through CUDA when torch and a GPU are present; say so otherwise.
+    True when the pool is pinned."""
     try:
         import torch
     except ImportError:
         log.warning("cpu.pinned is set but torch is not installed; the pool stays pageable")
-        return
+        return False
     if not torch.cuda.is_available():
         log.warning("cpu.pinned is set but no CUDA device is present; the pool stays pageable")
-        return
+        return False
     result = torch.cuda.cudart().cudaHostRegister(region.address, region.size, 0)
     if int(result) != 0:
         log.warning("cudaHostRegister of the cpu pool failed (%s); it stays pageable", result)
+        return False
+    return True
+
+
+def _unpin_with_torch(region: MemoryRegion) -> None:
+    import torch
+
+    result = torch.cuda.cudart().cudaHostUnregister(region.address)
+    if int(result) != 0:
+        log.warning("cudaHostUnregister of the cpu pool failed (%s)", result)

@@ -352,15 +352,15 @@ def check_consistency(backend: TransferBenchBackend, case: Case) -> None:
     """
     block, batch, threads = case.block_size, case.batch_size, case.threads
     span = block * batch * threads
-    local = np.frombuffer(backend.local_buffer(), dtype=np.uint8)
     rng = np.random.default_rng(block * 1_000_003 + batch * 101 + threads)
     pattern = rng.integers(0, 256, size=span, dtype=np.uint8)
     offsets = [i * block for i in range(batch * threads)]
-    local[:span] = pattern
+    backend.write_local(0, pattern)
     backend.run_batch("write", offsets, offsets, block)
-    local[:span] = 0
+    backend.write_local(0, np.zeros(span, dtype=np.uint8))
     backend.run_batch("read", offsets, offsets, block)
-    bad = np.flatnonzero(local[:span] != pattern)
+    local = backend.read_local(0, span)
+    bad = np.flatnonzero(local != pattern)
     if bad.size:
         at = int(bad[0])
         raise ConsistencyError(

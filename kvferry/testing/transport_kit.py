@@ -148,7 +148,8 @@ class TransportKit:
         ):
             grew = int(after.get(key, 0)) - int(before.get(key, 0))
             assert grew == want, f"roundtrip: counter {key} grew by {grew}, expected {want}"
-        slices = sum(self.handle.channel.slice_count(k) for _, k in spans)
+        rid = self.handle.peer.region(self.target_region).region_id
+        slices = sum(self.handle.channel.slice_count(k, rid) for _, k in spans)
         grew = int(after.get("slices", 0)) - int(before.get("slices", 0))
         assert grew == 2 * slices, (
             f"roundtrip: counter slices grew by {grew}, expected {2 * slices}"

@@ -9,12 +9,13 @@ from kvferry.transfer.batch import (
     TransferState,
 )
 from kvferry.transfer.engine import TransferEngine
-from kvferry.transfer.memory import MemoryRegion
+from kvferry.transfer.memory import DeviceRegion, MemoryRegion
 from kvferry.transfer.segment import SegmentHandle
 
 __all__ = [
     "Batch",
     "BatchStatus",
+    "DeviceRegion",
     "MemoryRegion",
     "OpCode",
     "RequestStatus",

@@ -14,10 +14,12 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from kvferry.errors import KvferryError, SegmentError
+from kvferry.errors import KvferryError, SegmentError, TransferError
 
 if TYPE_CHECKING:
-    from kvferry.transfer.memory import MemoryRegion
+    from collections.abc import Callable
+
+    from kvferry.transfer.memory import DeviceRegion, MemoryRegion
     from kvferry.transfer.segment import SegmentHandle
 
 
@@ -40,7 +42,8 @@ class TransferRequest:
 
     Attributes:
         op: READ (target -> local) or WRITE (local -> target).
-        local: a region registered with (or allocated by) the initiating engine.
+        local: a region registered with (or allocated by) the initiating engine; device memory
+            is staged through a pinned host buffer by the engine.
         local_offset: byte offset in ``local``.
         target: a handle from ``TransferEngine.open_segment``.
         target_offset: byte offset in the target region.
@@ -49,7 +52,7 @@ class TransferRequest:
     """
 
     op: OpCode
-    local: MemoryRegion
+    local: MemoryRegion | DeviceRegion
     local_offset: int
     target: SegmentHandle
     target_offset: int
@@ -77,7 +80,12 @@ class BatchStatus:
 
 
 class RequestState:
-    """Mutable progress of one request; slices count down ``remaining``."""
+    """Mutable progress of one request; slices count down ``remaining``.
+
+    ``on_complete`` (None for host memory) runs after the last slice and before the request is
+    COMPLETED: a READ into device memory copies its staged bytes there. If it raises, the
+    request FAILS instead.
+    """
 
     __slots__ = (
         "batch",
@@ -85,6 +93,7 @@ class RequestState:
         "error",
         "index",
         "length",
+        "on_complete",
         "remaining",
         "slices",
         "started_ns",
@@ -101,6 +110,7 @@ class RequestState:
         self.error: KvferryError | None = None
         self.state = TransferState.PENDING
         self.started_ns = started_ns
+        self.on_complete: Callable[[], None] | None = None
 
     def slice_done(self, nbytes: int) -> bool:
         """One slice of this request arrived; True when that completed the request."""
@@ -111,6 +121,25 @@ class RequestState:
             self.done_bytes += nbytes
             self.remaining -= 1
             if self.remaining:
+                return False
+            if self.on_complete is None:
+                self.state = TransferState.COMPLETED
+                batch._finish_one()
+                return True
+        return self._complete_staged(self.on_complete)
+
+    def _complete_staged(self, hook: Callable[[], None]) -> bool:
+        # Outside the batch lock: the hook is a device copy, and other requests of the batch
+        # keep completing meanwhile.
+        self.on_complete = None  # the hook holds the staging buffer: let it go now, not when
+        # the batch (a reference cycle with its requests) is collected
+        try:
+            hook()
+        except Exception as e:  # a CUDA error must fail the request, not kill the I/O thread
+            return self.fail(TransferError(f"copying the received bytes to device memory: {e}"))
+        batch = self.batch
+        with batch._lock:
+            if self.state is not TransferState.PENDING:
                 return False
             self.state = TransferState.COMPLETED
             batch._finish_one()
@@ -124,6 +153,7 @@ class RequestState:
                 return False
             self.error = error
             self.state = TransferState.FAILED
+            self.on_complete = None
             batch._finish_one()
             return True
 

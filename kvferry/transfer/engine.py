@@ -14,7 +14,10 @@ An engine owns memory regions it allocated or registered, optionally serves them
 
 The engine validates every request before anything moves (a submit is all or nothing), picks a
 transport per segment by locality (local > shm > tcp) unless ``transfer.transport`` forces one,
-and leaves the byte moving to the transports.
+and leaves the byte moving to the transports. A request whose local buffer is GPU memory
+(``DeviceRegion``) is staged here: a WRITE copies its bytes to a pinned host buffer before it is
+posted, a READ lands in one and is copied to the device before it completes. Transports only ever
+see host memory on the initiator's side.
 """
 
 from __future__ import annotations
@@ -26,19 +29,28 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Sequence
-from typing import Any
+from functools import partial
+from typing import Any, Literal, TypeVar, overload
 
 from kvferry.config.models import KvferryConfig
 from kvferry.errors import KvferryError, SegmentError, TransferError
 from kvferry.observe.counters import MetricSet
 from kvferry.transfer import handshake, wire
-from kvferry.transfer.batch import Batch, BatchStatus, TransferRequest, TransferState
-from kvferry.transfer.memory import MemoryRegion, allocate_region, register_buffer
+from kvferry.transfer.batch import Batch, BatchStatus, OpCode, TransferRequest, TransferState
+from kvferry.transfer.memory import (
+    DeviceRegion,
+    MemoryRegion,
+    allocate_device,
+    allocate_region,
+    register_buffer,
+)
 from kvferry.transfer.metadata.base import MetadataService
 from kvferry.transfer.registry import AUTO_ORDER, load_metadata, load_transport
 from kvferry.transfer.segment import PeerInfo, SegmentHandle
 from kvferry.transfer.server import CallHandler, TargetServer
 from kvferry.transfer.transports.base import Channel, Transport, TransportContext, WorkItem
+
+_R = TypeVar("_R", MemoryRegion, DeviceRegion, MemoryRegion | DeviceRegion)
 
 
 def _boot_id() -> str:
@@ -64,7 +76,7 @@ class TransferEngine:
         self.config = config or KvferryConfig()
         self.instance = uuid.uuid4().hex
         self._lock = threading.Lock()
-        self._regions: dict[int, MemoryRegion] = {}
+        self._regions: dict[int, MemoryRegion | DeviceRegion] = {}
         self._region_ids = itertools.count(1)
         self._batch_ids = itertools.count(1)
         self._metrics = MetricSet()
@@ -84,48 +96,61 @@ class TransferEngine:
         self._closed = False
 
     # -- memory ---------------------------------------------------------------------------
-    def allocate(self, size: int, location: str = "cpu") -> MemoryRegion:
-        """Allocate and register ``size`` bytes of touched, shareable memory.
+    @overload
+    def allocate(self, size: int, location: Literal["cpu"] = "cpu") -> MemoryRegion: ...
+
+    @overload
+    def allocate(self, size: int, location: str) -> MemoryRegion | DeviceRegion: ...
+
+    def allocate(self, size: int, location: str = "cpu") -> MemoryRegion | DeviceRegion:
+        """Allocate and register ``size`` bytes of memory.
 
         Args:
             size: bytes (> 0).
-            location: "cpu" or "cpu:<numa node>" (the node is advisory on single-node hosts).
+            location: "cpu" or "cpu:<numa node>" (touched, shareable host memory; the node is
+                advisory on single-node hosts), or "cuda" / "cuda:<index>" (zeroed GPU memory,
+                needs torch with CUDA; a ``DeviceRegion``).
 
         Raises:
             SegmentError: a bad size or location, or the memory cannot be had.
         """
+        if location == "cuda" or (location.startswith("cuda:") and location[5:].isdigit()):
+            return self._add_region(allocate_device(next(self._region_ids), size, location))
         if location != "cpu" and not (location.startswith("cpu:") and location[4:].isdigit()):
             raise SegmentError(
-                f"location {location!r} is not supported; use 'cpu' or 'cpu:<numa node>' "
-                "(GPU memory: register a CUDA tensor where a GPU exists)"
+                f"location {location!r} is not supported; use 'cpu', 'cpu:<numa node>', 'cuda' "
+                "or 'cuda:<index>'"
             )
-        region = allocate_region(
-            next(self._region_ids), size, use_hugepages=self.config.transfer.use_hugepages
+        return self._add_region(
+            allocate_region(
+                next(self._region_ids), size, use_hugepages=self.config.transfer.use_hugepages
+            )
         )
-        self._regions[region.region_id] = region
-        return region
 
-    def register(self, buffer: object) -> MemoryRegion:
-        """Register a caller's writable buffer (numpy, memoryview, bytearray, mmap, torch CPU).
+    def register(self, buffer: object) -> MemoryRegion | DeviceRegion:
+        """Register a caller's writable buffer (numpy, memoryview, bytearray, mmap, torch
+        tensor; a CUDA tensor becomes a ``DeviceRegion``).
 
         The caller keeps the buffer alive until ``unregister``. Peers reach registered buffers
-        over tcp (shm needs memory from ``allocate``).
+        over tcp (shm needs host memory from ``allocate``).
 
         Raises:
             SegmentError: the buffer cannot be registered (read-only, non-contiguous, ...).
         """
-        region = register_buffer(next(self._region_ids), buffer)
+        return self._add_region(register_buffer(next(self._region_ids), buffer))
+
+    def _add_region(self, region: _R) -> _R:
         self._regions[region.region_id] = region
         return region
 
-    def unregister(self, region: MemoryRegion) -> None:
+    def unregister(self, region: MemoryRegion | DeviceRegion) -> None:
         """Stop serving and moving ``region``; peers' later requests to it are refused."""
         if self._regions.pop(region.region_id, None) is None:
             raise SegmentError(f"{region!r} is not registered with this engine")
         region.close()
 
     @property
-    def regions(self) -> list[MemoryRegion]:
+    def regions(self) -> list[MemoryRegion | DeviceRegion]:
         return list(self._regions.values())
 
     # -- serving --------------------------------------------------------------------------
@@ -289,17 +314,24 @@ class TransferEngine:
                 f"{len(batch.requests)} submitted, {len(requests)} more asked"
             )
         checked = [self._check(r) for r in requests]
+        staged = self._stage(checked)
         states = batch._add_many(
-            [(r.length, r.target.channel.slice_count(r.length)) for r, _ in checked]
+            [(r.length, r.target.channel.slice_count(r.length, rid)) for r, rid in checked]
         )
         groups: dict[int, tuple[Channel, list[WorkItem]]] = {}
-        for (request, region_id), state in zip(checked, states, strict=True):
+        for i, ((request, region_id), state) in enumerate(zip(checked, states, strict=True)):
             channel = request.target.channel
+            local, local_offset = request.local, request.local_offset
+            if isinstance(local, DeviceRegion):
+                host = staged[i]
+                if request.op is OpCode.READ:
+                    state.on_complete = partial(local.from_host, local_offset, host.array)
+                local, local_offset = host, 0
             item = WorkItem(
                 state,
                 request.op,
-                request.local,
-                request.local_offset,
+                local,
+                local_offset,
                 region_id,
                 request.target_offset,
                 request.length,
@@ -307,6 +339,28 @@ class TransferEngine:
             groups.setdefault(id(channel), (channel, []))[1].append(item)
         for channel, items in groups.values():
             channel.post(items)
+
+    @staticmethod
+    def _stage(checked: list[tuple[TransferRequest, int]]) -> dict[int, MemoryRegion]:
+        """Pinned host buffers for the requests whose local buffer is device memory (by index);
+        a WRITE's bytes are copied into its buffer now, before anything is posted.
+
+        Raises:
+            TransferError: a device copy failed; nothing of this submit was started.
+        """
+        staged: dict[int, MemoryRegion] = {}
+        for i, (r, _) in enumerate(checked):
+            device = r.local
+            if isinstance(device, DeviceRegion):
+                try:
+                    host = staged[i] = device.stage(r.length)
+                    if r.op is OpCode.WRITE:
+                        device.to_host(r.local_offset, host.array)
+                except Exception as e:  # CUDA errors come as RuntimeError (or torch's own)
+                    raise TransferError(
+                        f"staging {r.length} bytes of {device!r} through host memory: {e}"
+                    ) from e
+        return staged
 
     def _check(self, r: TransferRequest) -> tuple[TransferRequest, int]:
         if self._regions.get(r.local.region_id) is not r.local:
@@ -428,7 +482,7 @@ class TransferEngine:
 
 def requests_for(
     op: Any,
-    local: MemoryRegion,
+    local: MemoryRegion | DeviceRegion,
     target: SegmentHandle,
     offsets: Iterable[tuple[int, int]],
     length: int,

@@ -5,6 +5,12 @@ with other processes on the same host) or *registered* from a caller's buffer (n
 memoryview, bytearray, mmap, CPU torch tensor). Only allocated regions can be reached by the shm
 transport; registered ones are reached over tcp (or local within one process).
 
+GPU memory (a CUDA tensor, or ``allocate(size, location="cuda:N")``) is a ``DeviceRegion``: no
+socket or memmove can reach it, so every transfer that touches it is staged through a pinned host
+buffer with a synchronous copy (``stage``, ``to_host``, ``from_host``), the way Mooncake's tcp
+transport stages GPU memory. Peers see it as a region like any other (its location says where
+it lives) and reach it over tcp or local, never shm.
+
 This module owns buffer plumbing (addresses, views, mapping a peer's memfd) and does no socket I/O.
 """
 
@@ -45,7 +51,7 @@ class MemoryRegion:
     Attributes:
         region_id: id unique within its engine; peers address the region by it.
         size: bytes.
-        location: "cpu" (or "cuda:N" in the future).
+        location: "cpu" (device memory is a ``DeviceRegion``).
         view: writable ``memoryview`` of format "B" over the bytes.
         address: the address of byte 0 (for memmove).
         shm: how another local process can map it, or None for registered buffers.
@@ -139,11 +145,12 @@ def allocate_region(region_id: int, size: int, *, use_hugepages: bool = False) -
     return MemoryRegion(region_id, array, shm=shm, keep=mapping, mapping=mapping)
 
 
-def register_buffer(region_id: int, buffer: object) -> MemoryRegion:
+def register_buffer(region_id: int, buffer: object) -> MemoryRegion | DeviceRegion:
     """Wrap a caller's writable, contiguous buffer as a region (no copy).
 
-    Accepts numpy arrays, memoryview, bytearray, mmap and CPU torch tensors. The caller keeps the
-    buffer alive and unchanged in size until it is unregistered.
+    Accepts numpy arrays, memoryview, bytearray, mmap and torch tensors (a CUDA tensor becomes a
+    ``DeviceRegion``). The caller keeps the buffer alive and unchanged in size until it is
+    unregistered.
 
     Raises:
         SegmentError: the buffer is read-only, not contiguous, empty, or of an unsupported type.
@@ -151,6 +158,8 @@ def register_buffer(region_id: int, buffer: object) -> MemoryRegion:
     location = "cpu"
     obj: Any = buffer
     if type(buffer).__module__.startswith("torch"):
+        if getattr(buffer, "is_cuda", False):
+            return DeviceRegion(region_id, buffer)
         obj, location = _torch_to_numpy(buffer)
     try:
         if isinstance(obj, np.ndarray):
@@ -179,15 +188,98 @@ def register_buffer(region_id: int, buffer: object) -> MemoryRegion:
 
 
 def _torch_to_numpy(tensor: Any) -> tuple[np.ndarray[Any, np.dtype[np.uint8]], str]:
-    if getattr(tensor, "is_cuda", False):
-        raise SegmentError(
-            "CUDA tensors cannot be registered yet: kvferry's transports move host memory; "
-            "stage through a pinned CPU tensor"
-        )
     if not tensor.is_contiguous():
         raise SegmentError("torch tensor must be contiguous to be registered")
     flat = tensor.detach().reshape(-1).view(__import__("torch").uint8)
     return flat.numpy(), "cpu"
+
+
+class DeviceRegion:
+    """A registered span of device (GPU) memory, reached only by copies through host memory.
+
+    Made from a contiguous CUDA tensor (``register``) or by ``allocate(size, "cuda:N")``. The
+    engine stages an initiator's device bytes through a pinned host buffer around each request;
+    a target stages each request it serves. Copies are synchronous: when ``to_host`` or
+    ``from_host`` returns, the bytes are where they were sent.
+
+    The constructor takes any contiguous torch tensor; on a CPU tensor every staging step runs
+    with CPU copies (tests use that to exercise the staging paths where no GPU exists).
+
+    Attributes:
+        region_id: id unique within its engine.
+        size: bytes.
+        location: the tensor's device, e.g. "cuda:0".
+        tensor: the region as a flat uint8 tensor on its device (no copy).
+    """
+
+    __slots__ = ("_pinned", "_torch", "location", "region_id", "size", "tensor")
+
+    shm: ShmInfo | None = None  # device memory is never mapped by a peer
+
+    def __init__(self, region_id: int, tensor: Any) -> None:
+        import torch
+
+        if not tensor.is_contiguous():
+            raise SegmentError("torch tensor must be contiguous to be registered")
+        if tensor.numel() == 0:
+            raise SegmentError("cannot register an empty buffer")
+        self._torch = torch
+        self.region_id = region_id
+        self.tensor = tensor.detach().reshape(-1).view(torch.uint8)
+        self.size = int(self.tensor.numel())
+        self.location = str(tensor.device)
+        self._pinned = bool(tensor.is_cuda)
+
+    def stage(self, size: int) -> MemoryRegion:
+        """A host buffer of ``size`` bytes to move this region's bytes through (pinned when the
+        region is on a GPU; torch's host allocator caches and reuses the pinned blocks)."""
+        host = self._torch.empty(size, dtype=self._torch.uint8, pin_memory=self._pinned)
+        return MemoryRegion(-1, host.numpy(), keep=host)
+
+    def to_host(self, offset: int, dst: np.ndarray[Any, np.dtype[np.uint8]]) -> None:
+        """Copy ``dst.size`` bytes at ``offset`` of this region into host memory ``dst``."""
+        n = dst.size
+        self._torch.from_numpy(dst).copy_(self.tensor[offset : offset + n])
+
+    def from_host(self, offset: int, src: np.ndarray[Any, np.dtype[np.uint8]]) -> None:
+        """Copy host memory ``src`` to ``offset`` of this region."""
+        n = src.size
+        self.tensor[offset : offset + n].copy_(self._torch.from_numpy(src))
+
+    def close(self) -> None:
+        """Nothing to release here: the caller (or the engine, for ``allocate``) owns the
+        tensor, which is freed with its last reference."""
+
+    def __repr__(self) -> str:
+        return f"DeviceRegion(id={self.region_id}, size={self.size}, {self.location})"
+
+
+def allocate_device(region_id: int, size: int, location: str) -> DeviceRegion:
+    """Allocate ``size`` zeroed bytes of GPU memory at ``location`` ("cuda" or "cuda:N").
+
+    Raises:
+        SegmentError: bad size, torch or a CUDA device is missing, or the memory cannot be had.
+    """
+    if size <= 0:
+        raise SegmentError(f"allocation size must be positive, got {size}")
+    try:
+        import torch
+    except ImportError as e:
+        raise SegmentError(
+            f"location {location!r} needs torch with CUDA; torch is not installed"
+        ) from e
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(location[5:]) if location.startswith("cuda:") else 0
+    if index >= count:
+        raise SegmentError(
+            f"location {location!r}: this machine has {count} CUDA device(s); "
+            + ("use 'cpu'" if count == 0 else f"use cuda:0 .. cuda:{count - 1}")
+        )
+    try:
+        tensor = torch.zeros(size, dtype=torch.uint8, device=location)
+    except RuntimeError as e:  # out of memory, device busy
+        raise SegmentError(f"cannot allocate {size} bytes on {location}: {e}") from e
+    return DeviceRegion(region_id, tensor)
 
 
 class PeerMapping:

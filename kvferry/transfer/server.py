@@ -25,7 +25,7 @@ from kvferry.config.models import ListenConfig, TransferConfig
 from kvferry.errors import AuthError, KvferryError, PeerClosed, ProtocolError
 from kvferry.observe.counters import TransportCounters
 from kvferry.transfer import wire
-from kvferry.transfer.memory import MemoryRegion
+from kvferry.transfer.memory import DeviceRegion, MemoryRegion
 
 CallHandler = Callable[[int, memoryview], "CallReply"]
 """(method, payload) -> reply; mounted by a service (the store server) on the listener."""
@@ -66,7 +66,7 @@ class TargetServer:
 
     def __init__(
         self,
-        regions: dict[int, MemoryRegion],
+        regions: dict[int, MemoryRegion | DeviceRegion],
         describe: Callable[[], dict[str, Any]],
         listen: ListenConfig,
         transfer: TransferConfig,
@@ -288,7 +288,15 @@ class TargetServer:
                     counters.add(protocol_errors=1)
                     _send_error(sock, reason, req_id)
                     raise _Refused(reason)
-                view = region.view[offset : offset + length]
+                if isinstance(region, DeviceRegion):
+                    device: DeviceRegion | None = region
+                    staged = self._device_copy(
+                        sock, region, op == read_op, offset, length, req_id, out
+                    )
+                    view = staged.view
+                else:
+                    device = None
+                    view = region.view[offset : offset + length]
                 if op == read_op:
                     out.append(
                         pack(wire.MAGIC, wire.WIRE_VERSION, ok_op, region_id, req_id, 0, length)
@@ -303,6 +311,8 @@ class TargetServer:
                         rpos += have
                     if have < length:
                         _fill(sock, view, have, length, grace)
+                    if device is not None:
+                        self._device_copy(sock, device, False, offset, length, req_id, out, staged)
                     out.append(pack(wire.MAGIC, wire.WIRE_VERSION, ok_op, region_id, req_id, 0, 0))
                     served_write += length
                 if out_bytes >= _FLUSH_BYTES or len(out) >= 512:
@@ -323,6 +333,40 @@ class TargetServer:
                 with counters.lock:
                     counters.bytes_read += served_read
                     counters.bytes_written += served_write
+
+    def _device_copy(
+        self,
+        sock: socket.socket,
+        region: DeviceRegion,
+        read: bool,
+        offset: int,
+        length: int,
+        req_id: int,
+        out: list[bytes | memoryview],
+        staged: MemoryRegion | None = None,
+    ) -> MemoryRegion:
+        """Stage one request on a device region: for a READ, a host buffer holding its bytes; for a
+        WRITE, first (``staged`` None) the host buffer to receive the payload into, then (given
+        ``staged``) the copy of that payload to the device.
+
+        A failed device copy is answered with an ERR reply for this request and the connection is
+        closed, like a refused range (the peer's request fails without a retry).
+        """
+        try:
+            if staged is None:
+                staged = region.stage(length)
+                if read:
+                    region.to_host(offset, staged.array)
+            else:
+                region.from_host(offset, staged.array)
+        except Exception as e:  # CUDA errors come as RuntimeError (or torch's own)
+            reason = f"device copy of [{offset}, {offset + length}) of {region!r} failed: {e}"
+            if out:
+                _sendmsg_all(sock, out)  # consumes the list
+            self.counters.add(errors=1)
+            _send_error(sock, reason, req_id)
+            raise _Refused(reason) from e
+        return staged
 
     def _serve_call(
         self,

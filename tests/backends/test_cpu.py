@@ -71,3 +71,41 @@ def test_closed_tier_refuses() -> None:
     tier.close()
     with pytest.raises(StorageError, match="closed"):
         tier.put([key(1)], [b"x"])
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+@pytest.mark.skipif(not _cuda(), reason="no CUDA device here (runs on a GPU machine)")
+def test_pinned_pool_is_page_locked_and_unpinned_on_close(caplog: pytest.LogCaptureFixture) -> None:
+    import torch
+
+    for round_ in range(3):  # a new pool may be mapped where the last one was: pinning again works
+        tier = CpuTier(CpuTierConfig(buffer_number=256, pinned=True), TierContext(slot_size=SLOT))
+        try:
+            assert torch.from_numpy(tier.region.array).is_pinned(), f"round {round_}"
+            keys = [key(i) for i in range(4)]
+            assert tier.put(keys, [value(i, SLOT) for i in range(4)]) == [PutStatus.STORED] * 4
+            (loc,) = tier.locate(keys[1:2])
+            assert loc is not None
+            on_gpu = torch.from_numpy(tier.region.array[loc[0] : loc[0] + loc[1]]).cuda()
+            assert bytes(on_gpu.cpu().numpy()) == value(1, SLOT)
+        finally:
+            tier.close()
+    assert "failed" not in caplog.text
+
+
+def test_pinned_without_a_gpu_warns_and_stays_pageable(caplog: pytest.LogCaptureFixture) -> None:
+    if _cuda():
+        pytest.skip("this machine has a GPU: the pinned pool test runs")
+    tier = CpuTier(CpuTierConfig(buffer_number=4, pinned=True), TierContext(slot_size=SLOT))
+    try:
+        assert tier.put([key(1)], [value(1, 10)]) == [PutStatus.STORED]
+        assert "stays pageable" in caplog.text
+    finally:
+        tier.close()

@@ -545,3 +545,22 @@ def test_live_server_fuzz(target_process: StartTarget) -> None:
         h = good.open_segment(target.name)
         good.transfer_sync([TransferRequest(OpCode.WRITE, local, 0, h, 4096, 4096)], 10)
         assert np.array_equal(read_all(good, target)[4096:8192], local.array)
+
+
+def test_replies_pipelined_before_a_refused_frame_are_sent_once(
+    target_process: StartTarget,
+) -> None:
+    # The good READ's reply is still gathered (unsent) when the bad frame behind it in the same
+    # burst is refused: it must go out once, before the ERR, and nothing after it.
+    target = target_process()
+    size = target.regions[0]["size"]
+    rid = target.region_id(0)
+    expected = target.expected(0)
+    with RawClient(target) as raw:
+        raw.handshake()
+        raw.send(frame(Op.READ, rid, 7, 100, 64) + frame(Op.READ, rid, 8, size, 1))
+        ok, payload = raw.reply()
+        assert (ok.op, ok.req_id, payload) == (Op.OK, 7, expected[100:164].tobytes())
+        err, message = raw.reply()
+        assert (err.op, err.req_id) == (Op.ERR, 8), message
+        assert raw.closed(), "more bytes followed the ERR reply"

@@ -103,3 +103,15 @@ def test_slices_tile_exactly_and_respect_bounds(case: tuple[int, int, int]) -> N
 def test_count_slices_matches_the_plan(case: tuple[int, int, int]) -> None:
     length, slice_size, ratio = case
     assert count_slices(length, slice_size, ratio) == len(plan_slices(length, slice_size, ratio))
+
+
+@pytest.mark.parametrize(
+    ("update", "message"),
+    [
+        ({"device_slice_size": "1KiB"}, "between 4KiB and 1GiB"),
+        ({"device_slice_size": "64MiB"}, "device_slice_size .* exceeds max_frame_size"),
+    ],
+)
+def test_device_slice_size_is_validated(update: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        TransferConfig(**update)  # type: ignore[arg-type]

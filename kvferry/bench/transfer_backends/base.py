@@ -19,8 +19,13 @@ Primitives and their contracts:
     opens the target segment. Called once, from the main thread, before any ``run_batch``.
 
 ``local_buffer() -> memoryview``
-    The initiator's registered local buffer as a writable byte view (for filling patterns and
-    checking consistency). Valid until ``close``.
+    The initiator's registered local buffer as a writable byte view. Valid until ``close``.
+    A backend whose local buffer is not host memory (``--seg-type VRAM``) raises and overrides
+    ``write_local`` and ``read_local`` instead.
+
+``write_local(offset, data)`` / ``read_local(offset, n) -> ndarray``
+    Put bytes into / copy bytes out of the local buffer (for ``--check-consistency``); the
+    defaults go through ``local_buffer()``.
 
 ``target_capacity() -> int``
     Bytes of the target segment usable from offset 0.
@@ -40,7 +45,9 @@ Implementations live in sibling modules and are registered in ``registry.py``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import numpy as np
 
 if TYPE_CHECKING:
     from kvferry.config.models import KvferryConfig
@@ -70,6 +77,14 @@ class TransferBenchBackend(ABC):
     @abstractmethod
     def local_buffer(self) -> memoryview:
         """The initiator's local buffer as a writable byte view."""
+
+    def write_local(self, offset: int, data: np.ndarray[Any, np.dtype[np.uint8]]) -> None:
+        """Copy ``data`` into the local buffer at ``offset``."""
+        np.frombuffer(self.local_buffer(), dtype=np.uint8)[offset : offset + data.size] = data
+
+    def read_local(self, offset: int, n: int) -> np.ndarray[Any, np.dtype[np.uint8]]:
+        """A copy of ``n`` bytes of the local buffer at ``offset``."""
+        return np.frombuffer(self.local_buffer(), dtype=np.uint8)[offset : offset + n].copy()
 
     @abstractmethod
     def target_capacity(self) -> int:

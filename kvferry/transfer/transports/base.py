@@ -46,15 +46,16 @@ from kvferry.transfer.batch import OpCode, RequestState
 if TYPE_CHECKING:
     from kvferry.config.models import ListenConfig, TransferConfig
     from kvferry.transfer.batch import Batch
-    from kvferry.transfer.memory import MemoryRegion
+    from kvferry.transfer.memory import DeviceRegion, MemoryRegion
     from kvferry.transfer.segment import PeerInfo
 
 
 @dataclass(slots=True)
 class WorkItem:
-    """One validated request as a transport sees it. Not frozen: a frozen dataclass's
-    ``__init__`` sets each field through ``object.__setattr__``, which was a tenth of the
-    initiator's time for 4 KiB transfers; transports treat it as read-only."""
+    """One validated request as a transport sees it; ``local`` is always host memory (the engine
+    stages device buffers). Not frozen: a frozen dataclass's ``__init__`` sets each field
+    through ``object.__setattr__``, which was a tenth of the initiator's time for 4 KiB
+    transfers; transports treat it as read-only."""
 
     request: RequestState
     op: OpCode
@@ -74,7 +75,7 @@ class TransportContext:
     pid: int
     listen: ListenConfig
     counters: dict[str, TransportCounters]
-    local_regions: dict[int, MemoryRegion]
+    local_regions: dict[int, MemoryRegion | DeviceRegion]
 
 
 class Channel(ABC):
@@ -85,8 +86,9 @@ class Channel(ABC):
     def __init__(self, counters: TransportCounters) -> None:
         self.counters = counters
 
-    def slice_count(self, length: int) -> int:
-        """How many completions a request of ``length`` bytes takes on this channel."""
+    def slice_count(self, length: int, region_id: int | None = None) -> int:
+        """How many completions a request of ``length`` bytes to the target's region
+        ``region_id`` takes on this channel."""
         return 1
 
     @abstractmethod

@@ -306,6 +306,12 @@ class TcpChannel(Channel):
         self._max_inflight = cfg.max_inflight
         self._slice_size = cfg.slice_size
         self._fragment_ratio = cfg.fragment_ratio
+        # GPU regions of the peer: every slice there is a device copy at the target, so their
+        # slices are coarser (transfer.device_slice_size)
+        self._device_regions = frozenset(
+            r.region_id for r in peer.regions if not r.location.startswith("cpu")
+        )
+        self._device_slice = max(cfg.slice_size, cfg.device_slice_size)
         self._retry_count = cfg.retry_count
         self._timeout = cfg.transfer_timeout
         self._stall = cfg.transfer_timeout / 2
@@ -330,7 +336,9 @@ class TcpChannel(Channel):
         self._conns[0] = self._connect()
 
     # -- public -----------------------------------------------------------------------------
-    def slice_count(self, length: int) -> int:
+    def slice_count(self, length: int, region_id: int | None = None) -> int:
+        if region_id in self._device_regions:
+            return count_slices(length, self._device_slice, self._fragment_ratio)
         return count_slices(length, self._slice_size, self._fragment_ratio)
 
     def post(self, items: Sequence[WorkItem]) -> None:
@@ -341,11 +349,13 @@ class TcpChannel(Channel):
         deadline = time.monotonic() + self._timeout
         inbox = self._inbox
         single = self._slice_size + max(1, self._slice_size // self._fragment_ratio)
+        device = self._device_regions
         for item in items:
             if item.length < single:  # one slice: the common KV-block case, no plan needed
                 inbox.append(_Slice(item, 0, item.length, deadline))
                 continue
-            for offset, length in plan_slices(item.length, self._slice_size, self._fragment_ratio):
+            size = self._device_slice if device and item.region_id in device else self._slice_size
+            for offset, length in plan_slices(item.length, size, self._fragment_ratio):
                 inbox.append(_Slice(item, offset, length, deadline))
         if self._lead.acquire(blocking=False):
             try:
