@@ -77,6 +77,7 @@ class TransferEngine:
         self.instance = uuid.uuid4().hex
         self._lock = threading.Lock()
         self._regions: dict[int, MemoryRegion | DeviceRegion] = {}
+        self._has_device = False
         self._region_ids = itertools.count(1)
         self._batch_ids = itertools.count(1)
         self._metrics = MetricSet()
@@ -140,6 +141,8 @@ class TransferEngine:
         return self._add_region(register_buffer(next(self._region_ids), buffer))
 
     def _add_region(self, region: _R) -> _R:
+        if isinstance(region, DeviceRegion):
+            self._has_device = True  # submit stages only from here on
         self._regions[region.region_id] = region
         return region
 
@@ -314,7 +317,7 @@ class TransferEngine:
                 f"{len(batch.requests)} submitted, {len(requests)} more asked"
             )
         checked = [self._check(r) for r in requests]
-        staged = self._stage(checked)
+        staged = self._stage(checked) if self._has_device else {}
         states = batch._add_many(
             [(r.length, r.target.channel.slice_count(r.length, rid)) for r, rid in checked]
         )
