@@ -42,12 +42,13 @@ from kvferry.errors import (
     TransferTimeout,
 )
 from kvferry.transfer import handshake, wire
-from kvferry.transfer.batch import Batch, OpCode
+from kvferry.transfer.batch import Batch, OpCode, RequestState, TransferState, finish_slices
 from kvferry.transfer.segment import PeerInfo
 from kvferry.transfer.slicing import count_slices, plan_slices
 from kvferry.transfer.transports.base import Channel, Transport, WorkItem
 
 _READ = OpCode.READ
+_PENDING = TransferState.PENDING
 _HDR = wire.HEADER_SIZE
 _unpack_from = wire.HEADER.unpack_from
 _MAGIC, _VERSION, _ERR = wire.MAGIC, wire.WIRE_VERSION, wire.Op.ERR
@@ -129,7 +130,7 @@ class _Conn:
         sendq, inflight = self.sendq, self.inflight
         while sendq and len(inflight) < max_inflight and len(out) < _MAX_IOV:
             s = sendq.popleft()
-            if not s.item.request.pending:
+            if s.item.request.state is not _PENDING:
                 continue  # its request already failed; don't waste the wire
             s.req_id = next_id()
             item = s.item
@@ -524,30 +525,36 @@ class TcpChannel(Channel):
         return progressed
 
     def _finish(self, finished: list[tuple[_Slice, KvferryError | None]]) -> None:
-        read_bytes = written_bytes = slices = 0
-        latencies: list[int] = []
-        now = time.perf_counter_ns()
+        ok: list[tuple[RequestState, int]] = []
+        items: list[WorkItem] = []
         for s, error in finished:
             item = s.item
-            request = item.request
             if error is None:
-                if request.slice_done(s.length):
-                    # counted per finished call, under one lock round
-                    if item.op is _READ:
-                        read_bytes += item.length
-                    else:
-                        written_bytes += item.length
-                    slices += request.slices
-                    latencies.append(now - request.started_ns)
-            elif request.fail(error):
+                ok.append((item.request, s.length))
+                items.append(item)
+            elif item.request.fail(error):
                 self.counters.add(errors=1)
-        if latencies:
-            self.counters.add_requests(
-                read_bytes=read_bytes,
-                written_bytes=written_bytes,
-                slices=slices,
-                latencies_ns=latencies,
-            )
+        completed = finish_slices(ok)
+        if not completed:
+            return
+        # counted per finished call, under one lock round
+        read_bytes = written_bytes = slices = 0
+        now = time.perf_counter_ns()
+        latencies: list[int] = []
+        for at in completed:
+            item = items[at]
+            if item.op is _READ:
+                read_bytes += item.length
+            else:
+                written_bytes += item.length
+            slices += item.request.slices
+            latencies.append(now - item.request.started_ns)
+        self.counters.add_requests(
+            read_bytes=read_bytes,
+            written_bytes=written_bytes,
+            slices=slices,
+            latencies_ns=latencies,
+        )
 
     def _drop(self, index: int, error: KvferryError) -> None:
         conn = self._conns[index]
