@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The checks that need a GPU, in one go (CI has none; run this where a CUDA GPU and a CUDA torch
-# exist). Runs the GPU cases of the tests (device regions, pinned cpu pool, the VRAM transfer
-# sweep), then a same-run tcp sweep of VRAM against DRAM buffers (the cost of staging GPU memory
-# through pinned host buffers).
+# exist). Runs the GPU cases of the tests (device regions, pinned cpu pool, vLLM KV blocks, the
+# VRAM transfer sweep), then a same-run tcp sweep of VRAM against DRAM buffers (the cost of
+# staging GPU memory through pinned host buffers).
 #
 #   benchmarks/gpu_check.sh [OUT_DIR]      # logs and JSON land in OUT_DIR (default: artifacts/gpu)
 #
@@ -19,6 +19,7 @@ $py -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_av
 # -m "not redis": those tests need a redis-server binary and touch no GPU path
 $py -m pytest -q -p no:cacheprovider -rs -m "not redis" \
   tests/transfer tests/backends/test_cpu.py tests/bench/test_transfer_bench.py \
+  tests/serving/test_kv_blocks.py \
   2>&1 | tee "$out/pytest.log"
 tests_rc=${PIPESTATUS[0]}
 

@@ -63,6 +63,7 @@ from kvferry.config import KvferryConfig
 from kvferry.errors import ConfigError, StorageError
 from kvferry.index import BlockHasher
 from kvferry.serving.connector_config import ConnectorSettings, parse_extra_config, store_mode
+from kvferry.serving.kv_blocks import KvLayer, gather_blocks, host_staging, scatter_blocks
 from kvferry.store import TieredStore
 
 if TYPE_CHECKING:
@@ -207,14 +208,6 @@ class _ReqState:
     started: bool = False
 
 
-@dataclass
-class _Layer:
-    name: str
-    tensor: torch.Tensor
-    offset: int
-    size: int
-
-
 class _Breaker:
     """After a store failure, skip the store for ``retry_after`` seconds."""
 
@@ -295,7 +288,7 @@ class KvferryConnector(KVConnectorBase_V1):  # type: ignore[misc]
             self._reqs: dict[str, _ReqState] = {}
             self._open_scheduler_store()
         else:
-            self._layers: list[_Layer] = []
+            self._layers: list[KvLayer] = []
             self._failed_block_ids: set[int] = set()
             self._failed_reqs: set[str] = set()
             self._warned_rejected = False
@@ -492,7 +485,7 @@ class KvferryConnector(KVConnectorBase_V1):  # type: ignore[misc]
                     f"kvferry connector: layer {name} has {size} bytes per block in its KV "
                     f"cache view {tuple(t.shape)}, the KV cache spec says {self.page_bytes}"
                 )
-            layers.append(_Layer(name, t, offset, size))
+            layers.append(KvLayer(name, t, offset, size))
             offset += size
         self._layers = layers
         log.info(
@@ -501,12 +494,6 @@ class KvferryConnector(KVConnectorBase_V1):  # type: ignore[misc]
             tuple(layers[0].tensor.shape[1:]) if layers else (),
             layers[0].tensor.dtype if layers else "",
         )
-
-    def _rows(self, staging: torch.Tensor, layer: _Layer) -> torch.Tensor:
-        """The part of each staged block that belongs to ``layer``, as that layer's blocks."""
-        t = layer.tensor
-        part = staging[:, layer.offset : layer.offset + layer.size]
-        return part.view(t.dtype).view((staging.shape[0], *t.shape[1:]))
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
@@ -519,7 +506,7 @@ class KvferryConnector(KVConnectorBase_V1):  # type: ignore[misc]
     def _load(self, store: TieredStore | None, spec: TransferSpec) -> None:
         n = len(spec.hashes)
         bb = self.block_bytes
-        staging = torch.empty((n, bb), dtype=torch.uint8)
+        staging = host_staging(n, bb, self._layers)
         view = staging.numpy().data.cast("B")
         outs = [view[i * bb : (i + 1) * bb] for i in range(n)]
         t0 = time.perf_counter()
@@ -540,10 +527,7 @@ class KvferryConnector(KVConnectorBase_V1):  # type: ignore[misc]
                     self._breaker.trip("load", StorageError("a store tier failed (see its log)"))
         good = next((i for i, g in enumerate(got) if g != bb), n)
         if good:
-            ids = torch.tensor(spec.block_ids[:good], dtype=torch.long)
-            rows = staging[:good]
-            for layer in self._layers:
-                layer.tensor[ids] = self._rows(rows, layer)
+            scatter_blocks(self._layers, spec.block_ids[:good], staging[:good])
         seconds = time.perf_counter() - t0
         if good < n:
             self._failed_block_ids.update(spec.block_ids[good:])
@@ -581,10 +565,8 @@ class KvferryConnector(KVConnectorBase_V1):  # type: ignore[misc]
         n = len(spec.hashes)
         bb = self.block_bytes
         t0 = time.perf_counter()
-        staging = torch.empty((n, bb), dtype=torch.uint8)
-        ids = torch.tensor(spec.block_ids, dtype=torch.long)
-        for layer in self._layers:
-            self._rows(staging, layer).copy_(layer.tensor[ids])
+        staging = host_staging(n, bb, self._layers)
+        gather_blocks(self._layers, spec.block_ids, staging)
         view = staging.numpy().data.cast("B")
         values = [view[i * bb : (i + 1) * bb] for i in range(n)]
         errors = store.error_count()
