@@ -150,7 +150,8 @@ def run_transfer(args: argparse.Namespace) -> int:
                 print(
                     "To start initiators, run\n"
                     f"  kvferry bench transfer --backend {backends[0]} --target-seg {name} "
-                    "--op read --start-block-size 4096 --max-block-size 64MiB "
+                    + ("--seg-type VRAM " if options.seg_type == "VRAM" else "")
+                    + "--op read --start-block-size 4096 --max-block-size 64MiB "
                     "--max-batch-size 128 --max-threads 4 --duration 5",
                     flush=True,
                 )
