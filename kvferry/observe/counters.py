@@ -87,6 +87,7 @@ class TransportCounters:
     errors: int = 0
     retries: int = 0
     protocol_errors: int = 0
+    frames: int = 0  # data frames served (the target server's group; READV counts once)
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -127,6 +128,7 @@ class TransportCounters:
                 "errors": self.errors,
                 "retries": self.retries,
                 "protocol_errors": self.protocol_errors,
+                "frames": self.frames,
                 "latency": self.latency.snapshot(),
             }
 

@@ -91,6 +91,9 @@ def parse_peer(doc: dict[str, Any], address: tuple[str, int], name: str | None) 
         raise ProtocolError(f"target speaks wire version {version}, we speak {wire.WIRE_VERSION}")
     if not isinstance(regions, list) or not isinstance(pid, int):
         raise ProtocolError("handshake reply has malformed regions or pid")
+    ops = doc.get("ops", [])
+    if not isinstance(ops, list) or not all(isinstance(o, str) for o in ops):
+        raise ProtocolError(f"handshake reply has malformed ops {ops!r}")
     return PeerInfo(
         name=name or f"{address[0]}:{address[1]}",
         address=address,
@@ -98,4 +101,5 @@ def parse_peer(doc: dict[str, Any], address: tuple[str, int], name: str | None) 
         boot_id=str(boot_id),
         pid=pid,
         regions=tuple(RegionInfo.from_json(r) for r in regions),
+        ops=frozenset(ops),
     )

@@ -66,6 +66,7 @@ class PeerInfo:
     boot_id: str
     pid: int
     regions: tuple[RegionInfo, ...]
+    ops: frozenset[str] = frozenset()  # optional wire ops the target serves ("readv")
 
     def region(self, region_id: int | None) -> RegionInfo:
         """The region with this id (None: the first one).

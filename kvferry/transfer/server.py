@@ -19,7 +19,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from kvferry.config.models import ListenConfig, TransferConfig
 from kvferry.errors import AuthError, KvferryError, PeerClosed, ProtocolError
@@ -222,11 +222,12 @@ class TargetServer:
         out: list[bytes | memoryview] = []
         out_bytes = 0
         counters = self.counters
-        served_read = served_write = 0
+        served_read = served_write = frames = 0
         unpack_from = wire.HEADER.unpack_from
         pack = wire.HEADER.pack
         data_ops = (wire.Op.READ, wire.Op.WRITE)
         read_op, ok_op, call_op = wire.Op.READ, wire.Op.OK, wire.Op.CALL
+        readv_op = wire.Op.READV
         call = self._call
         try:
             while True:
@@ -239,23 +240,36 @@ class TargetServer:
                         rpos, rend = 0, left
                     rend = _try_fill(sock, rview, rend)
                     if rend < hdr_size:
+                        if served_read or served_write:
+                            # Publish before going idle (a long-lived connection must not keep
+                            # its bytes out of metrics() until it closes), and before the last
+                            # replies go out: a peer that has them sees them counted.
+                            with counters.lock:
+                                counters.bytes_read += served_read
+                                counters.bytes_written += served_write
+                                counters.frames += frames
+                            served_read = served_write = frames = 0
                         if out:
                             _sendmsg_all(sock, out)
                             out.clear()
                             out_bytes = 0
-                        if served_read or served_write:
-                            # Publish before going idle: a long-lived connection must not keep
-                            # its bytes out of metrics() until it closes.
-                            with counters.lock:
-                                counters.bytes_read += served_read
-                                counters.bytes_written += served_write
-                            served_read = served_write = 0
                         rend = _fill(sock, rview, rend, hdr_size, grace)
                 # Hot path: unpack once and check inline (no per-frame objects beyond the views).
                 magic, version, op, region_id, req_id, offset, length = unpack_from(rbuf, rpos)
                 hdr = rview[rpos : rpos + hdr_size]
                 rpos += hdr_size
                 if magic != wire.MAGIC or version != wire.WIRE_VERSION or op not in data_ops:
+                    if op == readv_op and magic == wire.MAGIC and version == wire.WIRE_VERSION:
+                        rpos, rend, served = self._serve_readv(
+                            sock, req_id, offset, length, rview, rpos, rend, out
+                        )
+                        out_bytes += served
+                        served_read += served
+                        frames += 1
+                        if out_bytes >= _FLUSH_BYTES or len(out) >= 512:
+                            _sendmsg_all(sock, out)
+                            out_bytes = 0
+                        continue
                     if op == call_op and call is not None and magic == wire.MAGIC:
                         rpos, rend = self._serve_call(
                             sock, call, region_id, req_id, length, rview, rpos, rend, out
@@ -304,6 +318,7 @@ class TargetServer:
                     out.append(view)
                     out_bytes += length
                     served_read += length
+                    frames += 1
                 else:
                     have = min(length, rend - rpos)
                     if have:
@@ -315,6 +330,7 @@ class TargetServer:
                         self._device_copy(sock, device, False, offset, length, req_id, out, staged)
                     out.append(pack(wire.MAGIC, wire.WIRE_VERSION, ok_op, region_id, req_id, 0, 0))
                     served_write += length
+                    frames += 1
                 if out_bytes >= _FLUSH_BYTES or len(out) >= 512:
                     _sendmsg_all(sock, out)
                     out.clear()
@@ -333,6 +349,7 @@ class TargetServer:
                 with counters.lock:
                     counters.bytes_read += served_read
                     counters.bytes_written += served_write
+                    counters.frames += frames
 
     def _device_copy(
         self,
@@ -367,6 +384,73 @@ class TargetServer:
             _send_error(sock, reason, req_id)
             raise _Refused(reason) from e
         return staged
+
+    def _serve_readv(
+        self,
+        sock: socket.socket,
+        req_id: int,
+        count: int,
+        length: int,
+        rview: memoryview,
+        rpos: int,
+        rend: int,
+        out: list[bytes | memoryview],
+    ) -> tuple[int, int, int]:
+        """Serve one READV: read its descriptors, check every range before a byte is touched,
+        queue one OK and the ranges' bytes. Returns (rpos, rend, payload bytes queued).
+
+        A bad frame (count or length off, a range outside what was granted, too many bytes) is
+        answered with one ERR for the frame and the connection closes, as for a refused READ.
+        """
+        entry = wire.VECTOR_ENTRY.size
+        if not 1 <= count <= wire.MAX_VECTOR or length != count * entry:
+            reason = (
+                f"READV of {count} ranges in {length} descriptor bytes: want 1..{wire.MAX_VECTOR} "
+                f"ranges of {entry} bytes each"
+            )
+            self._refuse(sock, out, reason, req_id)
+        desc = bytearray(length)
+        dview = memoryview(desc)
+        have = min(length, rend - rpos)
+        if have:
+            dview[:have] = rview[rpos : rpos + have]
+            rpos += have
+        if have < length:
+            _fill(sock, dview, have, length, self._grace)
+        regions = self._regions
+        parts: list[memoryview] = []
+        total = 0
+        for region_id, offset, n in wire.VECTOR_ENTRY.iter_unpack(desc):
+            region = regions.get(region_id)
+            if region is None or n <= 0 or offset + n > region.size:
+                reason = (
+                    f"region {region_id} is not granted to this peer"
+                    if region is None
+                    else f"range [{offset}, {offset + n}) is outside region "
+                    f"{region_id} of {region.size} bytes"
+                )
+                self._refuse(sock, out, reason, req_id)
+            total += n
+            if total > self._max_frame:
+                reason = f"READV of more than {self._max_frame} bytes (the frame limit)"
+                self._refuse(sock, out, reason, req_id)
+            if isinstance(region, DeviceRegion):
+                parts.append(self._device_copy(sock, region, True, offset, n, req_id, out).view)
+            else:
+                parts.append(region.view[offset : offset + n])
+        out.append(wire.HEADER.pack(wire.MAGIC, wire.WIRE_VERSION, wire.Op.OK, 0, req_id, 0, total))
+        out.extend(parts)
+        return rpos, rend, total
+
+    def _refuse(
+        self, sock: socket.socket, out: list[bytes | memoryview], reason: str, req_id: int
+    ) -> NoReturn:
+        """Answer what is gathered, then ERR for ``req_id``; the connection closes."""
+        if out:
+            _sendmsg_all(sock, out)  # consumes the list
+        self.counters.add(protocol_errors=1)
+        _send_error(sock, reason, req_id)
+        raise _Refused(reason)
 
     def _serve_call(
         self,

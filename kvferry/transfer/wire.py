@@ -16,6 +16,12 @@ JSON description of its regions, or ERR and closes. Then READ asks for ``length`
 (reply: OK, no payload). ERR replies carry a short UTF-8 message and the target closes the
 connection after sending one for a malformed frame.
 
+READV (a target that lists "readv" in its handshake ``ops``) asks for several ranges in one frame:
+``offset`` is their count N (1..MAX_VECTOR), ``length`` is N * 20, and N descriptors ``<IQQ>``
+(region, offset, length) follow. The reply is one OK whose payload is the ranges' bytes one after
+another, or one ERR for the whole frame (then the target closes, as for a refused READ). It saves
+a header and a round of per-frame work per small block.
+
 CALL carries a control request for a service mounted on the listener (the store server): ``region``
 is the method number, the payload its arguments; the reply is OK with the result payload, or ERR
 with a message when the call failed (the connection stays open: the frame itself was sound).
@@ -49,11 +55,15 @@ class Op(enum.IntEnum):
     READ = 2
     WRITE = 3
     CALL = 4
+    READV = 5
     OK = 0x81
     ERR = 0x82
 
 
-_REQUEST_OPS = frozenset((Op.HELLO, Op.READ, Op.WRITE, Op.CALL))
+_REQUEST_OPS = frozenset((Op.HELLO, Op.READ, Op.WRITE, Op.CALL, Op.READV))
+
+VECTOR_ENTRY = struct.Struct("<IQQ")  # region, offset, length of one READV range
+MAX_VECTOR = 1024  # ranges in one READV frame
 _REPLY_OPS = frozenset((Op.OK, Op.ERR))
 
 

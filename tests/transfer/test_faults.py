@@ -210,6 +210,12 @@ def frame(
     return HEADER.pack(magic, version, op, region, req_id, offset, length)
 
 
+def readv_frame(req_id: int, ranges: list[tuple[int, int, int]]) -> bytes:
+    """A READV asking for ``(region, offset, length)`` ranges."""
+    body = b"".join(wire.VECTOR_ENTRY.pack(*r) for r in ranges)
+    return frame(Op.READV, 0, req_id, len(ranges), len(body)) + body
+
+
 def hello_frame(token: str | None = None) -> bytes:
     body = wire.encode_json({"version": WIRE_VERSION, "token": token or ""})
     return frame(Op.HELLO, length=len(body)) + body
@@ -414,10 +420,17 @@ class Fuzzer:
             self.req_id += 1
             n = rng.randint(1, 4096)
             offset = rng.randint(0, self.size - n)
-            if rng.random() < 0.6:
+            roll = rng.random()
+            if roll < 0.45:
                 what.append(f"READ {offset}+{n}")
                 parts.append(frame(Op.READ, self.rid, self.req_id, offset, n))
                 replies.append((Op.OK, self._bytes(offset, n), self.req_id))
+            elif roll < 0.6:
+                ranges = [self._range() for _ in range(rng.randint(1, 6))]
+                what.append(f"READV {ranges}")
+                parts.append(readv_frame(self.req_id, [(self.rid, o, k) for o, k in ranges]))
+                payload = b"".join(self._bytes(o, k) for o, k in ranges)
+                replies.append((Op.OK, payload, self.req_id))
             else:  # writes carry the bytes already there, so the region never changes
                 what.append(f"WRITE {offset}+{n}")
                 parts.append(frame(Op.WRITE, self.rid, self.req_id, offset, n))
@@ -433,6 +446,31 @@ class Fuzzer:
                 replies.append(reply)
         return Conversation(what, b"".join(parts), replies, frames)
 
+    def _range(self) -> tuple[int, int]:
+        n = self.rng.randint(1, 4096)
+        return self.rng.randint(0, self.size - n), n
+
+    def _bad_readv(self, q: int) -> tuple[str, bytes]:
+        rng, rid, size = self.rng, self.rid, self.size
+        good = [(rid, *self._range()) for _ in range(rng.randint(1, 5))]
+        choice = rng.randrange(5)
+        if choice == 0:
+            count = rng.choice([0, wire.MAX_VECTOR + 1, 2**64 - 1])
+            return f"READV of {count} ranges", frame(Op.READV, 0, q, count, 20 * (count % 7))
+        if choice == 1:
+            length = rng.choice([0, 19 * len(good), 21 * len(good), 2**64 - 1])
+            return f"READV length {length}", frame(Op.READV, 0, q, len(good), length)
+        if choice == 2:
+            n = rng.randint(1, 1 << 20)
+            bad = (rid, rng.randint(size - n + 1, size + (1 << 20)), n)
+        elif choice == 3:
+            bad = (rng.choice([0, rid + 1, 2**32 - 1]), 0, 16)
+        else:
+            bad = (rid, rng.randint(0, size), rng.choice([0, 2**63, 2**64 - 1]))
+        ranges = good[:]
+        ranges.insert(rng.randint(0, len(ranges)), bad)
+        return f"READV with {bad}", readv_frame(q, ranges)
+
     def _bad_data_frame(self) -> tuple[str, bytes, Reply | None]:
         rng, rid, size = self.rng, self.rid, self.size
         self.req_id += 1
@@ -440,7 +478,10 @@ class Fuzzer:
         op = rng.choice([Op.READ, Op.WRITE])
         err_echo = (Op.ERR, b"", q)
         err = (Op.ERR, b"", 0)
-        choice = rng.randrange(10)
+        choice = rng.randrange(12)
+        if choice >= 10:  # a READV refused as a whole: nothing of it is sent, ERR echoes it
+            name, data = self._bad_readv(q)
+            return name, data, err_echo
         if choice == 0:
             return "random header", bytes([0x4B ^ 0xFF]) + rng.randbytes(31), err
         if choice == 1:
@@ -449,7 +490,7 @@ class Fuzzer:
             v = rng.choice([0, 2, rng.randint(3, 255)])
             return f"version {v}", frame(op, rid, q, 0, 1, version=v), err
         if choice == 3:
-            bad_op = rng.choice([0, 1, 4, 0x81, 0x82, rng.randint(4, 255)])
+            bad_op = rng.choice([0, 1, 4, 0x81, 0x82, rng.randint(6, 255)])
             length = rng.choice([0, 1, 2**64 - 1])
             return f"op {bad_op:#x}", frame(bad_op, rid, q, 0, length), err
         if choice == 4:
@@ -564,3 +605,27 @@ def test_replies_pipelined_before_a_refused_frame_are_sent_once(
         err, message = raw.reply()
         assert (err.op, err.req_id) == (Op.ERR, 8), message
         assert raw.closed(), "more bytes followed the ERR reply"
+
+
+def test_readv_answers_every_range_or_refuses_the_frame(target_process: StartTarget) -> None:
+    target = target_process()
+    rid = target.region_id(0)
+    size = target.regions[0]["size"]
+    expected = target.expected(0)
+    with RawClient(target) as raw:
+        doc = raw.handshake()
+        assert "readv" in doc["ops"]
+        ranges = [(rid, 5, 100), (rid, size - 7, 7), (rid, 0, 1), (rid, 4096, 16384)]
+        raw.send(readv_frame(9, ranges) + frame(Op.READ, rid, 10, 3, 4))
+        ok, payload = raw.reply()
+        assert (ok.op, ok.req_id) == (Op.OK, 9)
+        assert payload == b"".join(expected[o : o + n].tobytes() for _, o, n in ranges)
+        ok, payload = raw.reply()  # the connection goes on after a READV
+        assert (ok.op, ok.req_id, payload) == (Op.OK, 10, expected[3:7].tobytes())
+        # one range out of bounds: no byte of the others, one ERR, the connection closes
+        raw.send(readv_frame(11, [(rid, 0, 64), (rid, size - 1, 2), (rid, 64, 64)]))
+        err, message = raw.reply()
+        assert (err.op, err.req_id) == (Op.ERR, 11)
+        assert b"outside" in message
+        assert raw.closed()
+    assert "Traceback" not in target.stderr()

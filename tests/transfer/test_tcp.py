@@ -257,3 +257,44 @@ def test_open_segment_of_a_closed_port_raises_peer_closed() -> None:
         port = s.getsockname()[1]  # bound but not listening: connections are refused
         with tcp_engine(connect_timeout=2) as ini, pytest.raises(PeerClosed, match="connect"):
             ini.open_segment(f"127.0.0.1:{port}")
+
+
+@pytest.mark.parametrize("vectored", [True, False])
+def test_a_burst_of_small_reads_goes_as_readv_frames(vectored: bool) -> None:
+    cfg = KvferryConfig(
+        transfer={"transport": "tcp", "vectored_reads": vectored}, listen={"port": 0}
+    )
+    rng = np.random.default_rng(5)
+    with TransferEngine(cfg) as eng:
+        target = eng.allocate(4 * MiB)
+        target.array[:] = rng.integers(0, 256, target.size, dtype=np.uint8)
+        local = eng.allocate(4 * MiB)
+        h = eng.open_segment(eng.listen())
+        # 200 scattered small READs (more than one READV holds), then a mixed burst: small
+        # READs around a large READ and WRITEs, which end a run of vectored READs
+        blocks = rng.permutation(1024)[:200]
+        reqs = [
+            TransferRequest(OpCode.READ, local, i * 4096, h, int(b) * 4096, 4096)
+            for i, b in enumerate(blocks)
+        ]
+        eng.transfer_sync(reqs, timeout=30)
+        for i, b in enumerate(blocks):
+            assert np.array_equal(
+                local.array[i * 4096 : (i + 1) * 4096], target.array[b * 4096 : (b + 1) * 4096]
+            )
+        frames = eng.metrics()["server"]["frames"]
+        assert frames == (200 if not vectored else 4), frames  # 64 + 64 + 64 + 8
+        local.array[:] = 0
+        mixed = [
+            TransferRequest(OpCode.READ, local, 0, h, 100, 3000),
+            TransferRequest(OpCode.READ, local, 4096, h, 9000, 16384),
+            TransferRequest(OpCode.READ, local, 65536, h, 1 << 20, 300_000),
+            TransferRequest(OpCode.READ, local, 8192 + 16384, h, 7, 1),
+            TransferRequest(OpCode.WRITE, local, 2 << 20, h, 3 << 20, 4096),
+            TransferRequest(OpCode.READ, local, 40000, h, 2 << 20, 5000),
+        ]
+        local.array[2 << 20 : (2 << 20) + 4096] = 7
+        eng.transfer_sync(mixed, timeout=30)
+        for r in mixed:
+            lo, to, n = r.local_offset, r.target_offset, r.length
+            assert np.array_equal(local.array[lo : lo + n], target.array[to : to + n]), r

@@ -57,12 +57,15 @@ _MAX_IOV = 512  # well under IOV_MAX (1024): one header + one payload per slice
 _BURST_BYTES = 4 << 20  # bytes gathered into one sendmsg burst
 _RBUF_BYTES = 64 << 10  # receive buffer for reply headers and small READ payloads
 _SMALL_READ = 16 << 10  # larger READ payloads bypass the buffer (received in place)
+_MAX_VECTOR = 64  # small READs asked for in one READV frame
+_VECTOR_ENTRY = wire.VECTOR_ENTRY
 
 
 class _Slice:
     __slots__ = (
         "attempts",
         "deadline",
+        "group",
         "item",
         "length",
         "local_offset",
@@ -78,14 +81,26 @@ class _Slice:
         self.attempts = 0
         self.req_id = 0
         self.deadline = deadline
+        self.group = 0  # on the first slice of a READV: how many slices it asked for
 
 
 class _Conn:
     """One socket to the peer with its send and receive state machines."""
 
-    def __init__(self, sock: socket.socket, max_frame: int) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        max_frame: int,
+        *,
+        vector: bool = False,
+        device: frozenset[int] = frozenset(),
+    ) -> None:
         sock.setblocking(False)
         self.sock = sock
+        self.vector = vector  # the target serves READV: runs of small READs go in one frame
+        self.device = device  # regions in GPU memory: never vectored (their slices are large)
+        self.vec_left = 0  # bytes of a READV reply still to hand out to its slices
+        self.vec_got = 0  # bytes of the head slice already handed out
         self.fd = sock.fileno()
         self.max_frame = max_frame
         self.sendq: deque[_Slice] = deque()
@@ -133,8 +148,12 @@ class _Conn:
             if s.item.request.state is not _PENDING:
                 continue  # its request already failed; don't waste the wire
             s.req_id = next_id()
+            s.group = 0
             item = s.item
             if item.op is _READ:
+                if self.vector and s.length <= _SMALL_READ and sendq and self._vectorable(s):
+                    self._gather_vector(s, max_inflight)
+                    continue
                 out.append(
                     wire.encode(wire.Op.READ, item.region_id, s.req_id, s.target_offset, s.length)
                 )
@@ -147,6 +166,45 @@ class _Conn:
             inflight.append(s)
             if burst >= _BURST_BYTES:
                 break
+
+    def _vectorable(self, s: _Slice) -> bool:
+        return (
+            s.item.op is _READ and s.length <= _SMALL_READ and s.item.region_id not in self.device
+        )
+
+    def _gather_vector(self, first: _Slice, max_inflight: int) -> None:
+        """Send ``first`` and the small READs queued right behind it as one READV frame (one
+        req_id for all; a lone one goes as a plain READ)."""
+        group = [first]
+        sendq, inflight = self.sendq, self.inflight
+        room = min(_MAX_VECTOR, max_inflight - len(inflight))
+        while sendq and len(group) < room:
+            s = sendq[0]
+            if s.item.request.state is not _PENDING:
+                sendq.popleft()  # its request already failed
+                continue
+            if not self._vectorable(s):
+                break
+            sendq.popleft()
+            s.req_id = first.req_id
+            s.group = 0
+            group.append(s)
+        item = first.item
+        if len(group) == 1:
+            self.out.append(
+                wire.encode(
+                    wire.Op.READ, item.region_id, first.req_id, first.target_offset, first.length
+                )
+            )
+            inflight.append(first)
+            return
+        first.group = len(group)
+        pack = _VECTOR_ENTRY.pack
+        self.out.append(
+            wire.encode(wire.Op.READV, 0, first.req_id, len(group), len(group) * _VECTOR_ENTRY.size)
+            + b"".join([pack(s.item.region_id, s.target_offset, s.length) for s in group])
+        )
+        inflight.extend(group)
 
     def _advance(self, n: int) -> None:
         out = self.out
@@ -197,9 +255,25 @@ class _Conn:
                     if self.err_got == len(err):
                         self.err = None
                         message = bytes(err).decode(errors="replace")
-                        done.append((self.inflight.popleft(), RemoteError(message)))
+                        self._fail_head(done, RemoteError(message))
                         continue
                     self._fill(len(err) - self.err_got)
+                elif self.vec_left:
+                    if self.rend == self.rpos:
+                        self._fill(0)
+                    head = self.inflight[0]
+                    got = self.vec_got
+                    take = min(head.length - got, self.rend - self.rpos)
+                    at = head.local_offset + got
+                    head.item.local.view[at : at + take] = self.rview[self.rpos : self.rpos + take]
+                    self.rpos += take
+                    self.vec_left -= take
+                    if got + take == head.length:
+                        self.vec_got = 0
+                        done.append((self.inflight.popleft(), None))
+                    else:
+                        self.vec_got = got + take
+                    continue
                 elif self.rend - self.rpos >= _HDR:
                     self._on_header(done)
                     continue
@@ -253,12 +327,19 @@ class _Conn:
             if h_length > wire.MAX_ERROR_BYTES:
                 raise ProtocolError(f"error reply of {h_length} bytes is too long")
             if h_length == 0:
-                done.append((self.inflight.popleft(), RemoteError("target refused the request")))
+                self._fail_head(done, RemoteError("target refused the request"))
             else:
                 self.err = bytearray(h_length)
                 self.err_got = 0
             return
         item = head.item
+        if head.group:  # a READV's reply: its bytes go to its slices in order (pump_recv)
+            want = sum(self.inflight[i].length for i in range(head.group))
+            if h_length != want:
+                raise ProtocolError(f"READV reply of {h_length} bytes, asked for {want}")
+            self.vec_left = h_length
+            self.vec_got = 0
+            return
         if item.op is _READ:
             length = head.length
             if h_length != length:
@@ -278,6 +359,13 @@ class _Conn:
                 raise ProtocolError("WRITE acknowledgement carries a payload")
             done.append((self.inflight.popleft(), None))
 
+    def _fail_head(
+        self, done: list[tuple[_Slice, KvferryError | None]], error: KvferryError
+    ) -> None:
+        """An ERR reply: it answers the head slice, or every slice of the head's READV."""
+        for _ in range(max(1, self.inflight[0].group)):
+            done.append((self.inflight.popleft(), error))
+
     def take_all(self) -> list[_Slice]:
         """Remove and return every unfinished slice (for retry after a fault)."""
         slices = list(self.inflight) + list(self.sendq)
@@ -286,6 +374,7 @@ class _Conn:
         self.out.clear()
         self.payload = None
         self.err = None
+        self.vec_left = self.vec_got = 0
         return slices
 
     def close(self) -> None:
@@ -313,6 +402,7 @@ class TcpChannel(Channel):
             r.region_id for r in peer.regions if not r.location.startswith("cpu")
         )
         self._device_slice = max(cfg.slice_size, cfg.device_slice_size)
+        self._vector = cfg.vectored_reads
         self._retry_count = cfg.retry_count
         self._timeout = cfg.transfer_timeout
         self._stall = cfg.transfer_timeout / 2
@@ -421,13 +511,14 @@ class TcpChannel(Channel):
         return self._req_id
 
     def _connect(self, timeout: float | None = None) -> _Conn:
-        sock, _ = handshake.connect(
+        sock, peer = handshake.connect(
             self.peer.address,
             token=self._token,
             timeout=self._connect_timeout if timeout is None else timeout,
             name=self.peer.name,
         )
-        return _Conn(sock, self._max_frame)
+        vector = self._vector and "readv" in peer.ops
+        return _Conn(sock, self._max_frame, vector=vector, device=self._device_regions)
 
     def _dispatch(self) -> None:
         """Deal inbox slices round-robin over connections; install the connections connector
