@@ -164,11 +164,12 @@ class RequestState:
             self.remaining -= 1
             if self.remaining:
                 return False
-            if self.on_complete is None:
+            hook = self.on_complete
+            if hook is None:
                 self.state = TransferState.COMPLETED
                 batch._finish_one()
                 return True
-        return self._complete_staged(self.on_complete)
+        return self._complete_staged(hook)
 
     def _complete_staged(self, hook: Callable[[], None]) -> bool:
         # Outside the batch lock: the hook is a device copy, and other requests of the batch
