@@ -111,10 +111,11 @@ class TransferConfig(_Model):
         description="Smallest slice to a GPU region of a tcp peer: each slice there costs the "
         "target a device copy (~10-20 us fixed), so slices to GPU memory are at least this big.",
     )
-    vectored_reads: bool = Field(
+    vectored_io: bool = Field(
         True,
-        description="Ask for a burst of small READs (<= 16KiB each, up to 64) in one READV frame "
-        "when the target supports it: one header and one reply instead of one per block.",
+        description="Send a run of small READs or WRITEs (<= 16KiB each, up to 64) as one "
+        "READV/WRITEV frame when the target serves them: one header and one reply instead of "
+        "one per block.",
     )
 
     @field_validator("slice_size")

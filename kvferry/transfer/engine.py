@@ -196,7 +196,7 @@ class TransferEngine:
     def _describe(self) -> dict[str, Any]:
         return {
             "version": wire.WIRE_VERSION,
-            "ops": ["readv"],
+            "ops": ["readv", "writev"],
             "instance": self.instance,
             "boot_id": self._ctx.boot_id,
             "pid": self._ctx.pid,

@@ -227,7 +227,7 @@ class TargetServer:
         pack = wire.HEADER.pack
         data_ops = (wire.Op.READ, wire.Op.WRITE)
         read_op, ok_op, call_op = wire.Op.READ, wire.Op.OK, wire.Op.CALL
-        readv_op = wire.Op.READV
+        readv_op, writev_op = wire.Op.READV, wire.Op.WRITEV
         call = self._call
         try:
             while True:
@@ -269,6 +269,13 @@ class TargetServer:
                         if out_bytes >= _FLUSH_BYTES or len(out) >= 512:
                             _sendmsg_all(sock, out)
                             out_bytes = 0
+                        continue
+                    if op == writev_op and magic == wire.MAGIC and version == wire.WIRE_VERSION:
+                        rpos, rend, served = self._serve_writev(
+                            sock, req_id, offset, length, rview, rpos, rend, out
+                        )
+                        served_write += served
+                        frames += 1
                         continue
                     if op == call_op and call is not None and magic == wire.MAGIC:
                         rpos, rend = self._serve_call(
@@ -385,30 +392,25 @@ class TargetServer:
             raise _Refused(reason) from e
         return staged
 
-    def _serve_readv(
+    def _vector_ranges(
         self,
         sock: socket.socket,
         req_id: int,
         count: int,
-        length: int,
         rview: memoryview,
         rpos: int,
         rend: int,
         out: list[bytes | memoryview],
-    ) -> tuple[int, int, int]:
-        """Serve one READV: read its descriptors, check every range before a byte is touched,
-        queue one OK and the ranges' bytes. Returns (rpos, rend, payload bytes queued).
+    ) -> tuple[int, int, list[tuple[MemoryRegion | DeviceRegion, int, int]], int]:
+        """Read and check the ``count`` range descriptors of a READV/WRITEV, every one before a
+        byte is touched. Returns (rpos, rend, [(region, offset, length)], total bytes).
 
-        A bad frame (count or length off, a range outside what was granted, too many bytes) is
-        answered with one ERR for the frame and the connection closes, as for a refused READ.
-        """
+        A bad one refuses the frame (ERR echoing ``req_id``; the connection closes)."""
         entry = wire.VECTOR_ENTRY.size
-        if not 1 <= count <= wire.MAX_VECTOR or length != count * entry:
-            reason = (
-                f"READV of {count} ranges in {length} descriptor bytes: want 1..{wire.MAX_VECTOR} "
-                f"ranges of {entry} bytes each"
-            )
+        if not 1 <= count <= wire.MAX_VECTOR:
+            reason = f"a vector of {count} ranges: want 1..{wire.MAX_VECTOR}"
             self._refuse(sock, out, reason, req_id)
+        length = count * entry
         desc = bytearray(length)
         dview = memoryview(desc)
         have = min(length, rend - rpos)
@@ -418,7 +420,7 @@ class TargetServer:
         if have < length:
             _fill(sock, dview, have, length, self._grace)
         regions = self._regions
-        parts: list[memoryview] = []
+        ranges: list[tuple[MemoryRegion | DeviceRegion, int, int]] = []
         total = 0
         for region_id, offset, n in wire.VECTOR_ENTRY.iter_unpack(desc):
             region = regions.get(region_id)
@@ -432,8 +434,65 @@ class TargetServer:
                 self._refuse(sock, out, reason, req_id)
             total += n
             if total > self._max_frame:
-                reason = f"READV of more than {self._max_frame} bytes (the frame limit)"
+                reason = f"a vector of more than {self._max_frame} bytes (the frame limit)"
                 self._refuse(sock, out, reason, req_id)
+            ranges.append((region, offset, n))
+        return rpos, rend, ranges, total
+
+    def _serve_writev(
+        self,
+        sock: socket.socket,
+        req_id: int,
+        count: int,
+        length: int,
+        rview: memoryview,
+        rpos: int,
+        rend: int,
+        out: list[bytes | memoryview],
+    ) -> tuple[int, int, int]:
+        """Serve one WRITEV: check every range, then take its bytes straight into the regions
+        (device regions through a staging buffer) and queue one OK. Returns (rpos, rend, bytes
+        written)."""
+        rpos, rend, ranges, total = self._vector_ranges(sock, req_id, count, rview, rpos, rend, out)
+        if length != count * wire.VECTOR_ENTRY.size + total:
+            reason = f"WRITEV frame of {length} bytes carries {count} ranges of {total} bytes"
+            self._refuse(sock, out, reason, req_id)
+        for region, offset, n in ranges:
+            if isinstance(region, DeviceRegion):
+                staged = self._device_copy(sock, region, False, offset, n, req_id, out)
+                view = staged.view
+            else:
+                view = region.view[offset : offset + n]
+            have = min(n, rend - rpos)
+            if have:
+                view[:have] = rview[rpos : rpos + have]
+                rpos += have
+            if have < n:
+                _fill(sock, view, have, n, self._grace)
+            if isinstance(region, DeviceRegion):
+                self._device_copy(sock, region, False, offset, n, req_id, out, staged)
+        out.append(wire.HEADER.pack(wire.MAGIC, wire.WIRE_VERSION, wire.Op.OK, 0, req_id, 0, 0))
+        return rpos, rend, total
+
+    def _serve_readv(
+        self,
+        sock: socket.socket,
+        req_id: int,
+        count: int,
+        length: int,
+        rview: memoryview,
+        rpos: int,
+        rend: int,
+        out: list[bytes | memoryview],
+    ) -> tuple[int, int, int]:
+        """Serve one READV: check every range before a byte is touched, queue one OK and the
+        ranges' bytes. Returns (rpos, rend, payload bytes queued)."""
+        if length != count * wire.VECTOR_ENTRY.size:
+            reason = f"READV of {count} ranges in {length} descriptor bytes"
+            self._refuse(sock, out, reason, req_id)
+        rpos, rend, ranges, total = self._vector_ranges(sock, req_id, count, rview, rpos, rend, out)
+        parts: list[memoryview] = []
+        for region, offset, n in ranges:
             if isinstance(region, DeviceRegion):
                 parts.append(self._device_copy(sock, region, True, offset, n, req_id, out).view)
             else:

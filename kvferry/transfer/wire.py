@@ -20,7 +20,9 @@ READV (a target that lists "readv" in its handshake ``ops``) asks for several ra
 ``offset`` is their count N (1..MAX_VECTOR), ``length`` is N * 20, and N descriptors ``<IQQ>``
 (region, offset, length) follow. The reply is one OK whose payload is the ranges' bytes one after
 another, or one ERR for the whole frame (then the target closes, as for a refused READ). It saves
-a header and a round of per-frame work per small block.
+a header and a round of per-frame work per small block. WRITEV (op "writev") is its mirror:
+``length`` is N * 20 plus the ranges' bytes, which follow the descriptors one after another; the
+reply is one OK without payload, or one ERR for the whole frame.
 
 CALL carries a control request for a service mounted on the listener (the store server): ``region``
 is the method number, the payload its arguments; the reply is OK with the result payload, or ERR
@@ -56,11 +58,12 @@ class Op(enum.IntEnum):
     WRITE = 3
     CALL = 4
     READV = 5
+    WRITEV = 6
     OK = 0x81
     ERR = 0x82
 
 
-_REQUEST_OPS = frozenset((Op.HELLO, Op.READ, Op.WRITE, Op.CALL, Op.READV))
+_REQUEST_OPS = frozenset((Op.HELLO, Op.READ, Op.WRITE, Op.CALL, Op.READV, Op.WRITEV))
 
 VECTOR_ENTRY = struct.Struct("<IQQ")  # region, offset, length of one READV range
 MAX_VECTOR = 1024  # ranges in one READV frame

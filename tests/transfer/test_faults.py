@@ -216,6 +216,13 @@ def readv_frame(req_id: int, ranges: list[tuple[int, int, int]]) -> bytes:
     return frame(Op.READV, 0, req_id, len(ranges), len(body)) + body
 
 
+def writev_frame(req_id: int, ranges: list[tuple[int, int, int]], data: list[bytes]) -> bytes:
+    """A WRITEV of ``data`` (the payload; need not match the ranges) to ``ranges``."""
+    body = b"".join(wire.VECTOR_ENTRY.pack(*r) for r in ranges)
+    payload = b"".join(data)
+    return frame(Op.WRITEV, 0, req_id, len(ranges), len(body) + len(payload)) + body + payload
+
+
 def hello_frame(token: str | None = None) -> bytes:
     body = wire.encode_json({"version": WIRE_VERSION, "token": token or ""})
     return frame(Op.HELLO, length=len(body)) + body
@@ -425,12 +432,18 @@ class Fuzzer:
                 what.append(f"READ {offset}+{n}")
                 parts.append(frame(Op.READ, self.rid, self.req_id, offset, n))
                 replies.append((Op.OK, self._bytes(offset, n), self.req_id))
-            elif roll < 0.6:
+            elif roll < 0.55:
                 ranges = [self._range() for _ in range(rng.randint(1, 6))]
                 what.append(f"READV {ranges}")
                 parts.append(readv_frame(self.req_id, [(self.rid, o, k) for o, k in ranges]))
                 payload = b"".join(self._bytes(o, k) for o, k in ranges)
                 replies.append((Op.OK, payload, self.req_id))
+            elif roll < 0.65:  # carries the bytes already there, like the WRITEs
+                ranges = [self._range() for _ in range(rng.randint(1, 6))]
+                what.append(f"WRITEV {ranges}")
+                data = [self._bytes(o, k) for o, k in ranges]
+                parts.append(writev_frame(self.req_id, [(self.rid, o, k) for o, k in ranges], data))
+                replies.append((Op.OK, b"", self.req_id))
             else:  # writes carry the bytes already there, so the region never changes
                 what.append(f"WRITE {offset}+{n}")
                 parts.append(frame(Op.WRITE, self.rid, self.req_id, offset, n))
@@ -451,15 +464,19 @@ class Fuzzer:
         return self.rng.randint(0, self.size - n), n
 
     def _bad_readv(self, q: int) -> tuple[str, bytes]:
+        """A READV or WRITEV refused as a whole (WRITEVs carry the bytes already there)."""
         rng, rid, size = self.rng, self.rid, self.size
         good = [(rid, *self._range()) for _ in range(rng.randint(1, 5))]
+        op = rng.choice([Op.READV, Op.WRITEV])
         choice = rng.randrange(5)
         if choice == 0:
             count = rng.choice([0, wire.MAX_VECTOR + 1, 2**64 - 1])
-            return f"READV of {count} ranges", frame(Op.READV, 0, q, count, 20 * (count % 7))
+            return f"{op.name} of {count} ranges", frame(op, 0, q, count, 20 * (count % 7))
         if choice == 1:
-            length = rng.choice([0, 19 * len(good), 21 * len(good), 2**64 - 1])
-            return f"READV length {length}", frame(Op.READV, 0, q, len(good), length)
+            right = 20 * len(good) + (sum(n for _, _, n in good) if op is Op.WRITEV else 0)
+            length = rng.choice([0, right - 1, right + 1, 2**64 - 1])
+            desc = b"".join(wire.VECTOR_ENTRY.pack(*r) for r in good)
+            return f"{op.name} length {length}", frame(op, 0, q, len(good), length) + desc
         if choice == 2:
             n = rng.randint(1, 1 << 20)
             bad = (rid, rng.randint(size - n + 1, size + (1 << 20)), n)
@@ -469,7 +486,10 @@ class Fuzzer:
             bad = (rid, rng.randint(0, size), rng.choice([0, 2**63, 2**64 - 1]))
         ranges = good[:]
         ranges.insert(rng.randint(0, len(ranges)), bad)
-        return f"READV with {bad}", readv_frame(q, ranges)
+        if op is Op.READV:
+            return f"READV with {bad}", readv_frame(q, ranges)
+        data = [self._bytes(o, n) for _, o, n in good]
+        return f"WRITEV with {bad}", writev_frame(q, ranges, data)
 
     def _bad_data_frame(self) -> tuple[str, bytes, Reply | None]:
         rng, rid, size = self.rng, self.rid, self.size
@@ -629,3 +649,30 @@ def test_readv_answers_every_range_or_refuses_the_frame(target_process: StartTar
         assert b"outside" in message
         assert raw.closed()
     assert "Traceback" not in target.stderr()
+
+
+def test_writev_lands_every_range_or_none(target_process: StartTarget) -> None:
+    target = target_process()
+    rid = target.region_id(0)
+    size = target.regions[0]["size"]
+    expected = target.expected(0)
+    ranges = [(rid, 5, 100), (rid, size - 7, 7), (rid, 4096, 16384)]
+    data = [bytes([i + 1]) * n for i, (_, _, n) in enumerate(ranges)]
+    with RawClient(target) as raw:
+        assert "writev" in raw.handshake()["ops"]
+        raw.send(writev_frame(3, ranges, data) + readv_frame(4, ranges))
+        ok, payload = raw.reply()
+        assert (ok.op, ok.req_id, payload) == (Op.OK, 3, b"")
+        ok, payload = raw.reply()
+        assert (ok.op, ok.req_id, payload) == (Op.OK, 4, b"".join(data))
+        # a range out of bounds after a good one: nothing of the frame lands
+        bad = [(rid, 0, 64), (rid, size - 1, 2)]
+        raw.send(writev_frame(5, bad, [b"\xee" * 64, b"\xee" * 2]))
+        err, message = raw.reply()
+        assert (err.op, err.req_id) == (Op.ERR, 5) and b"outside" in message
+        assert raw.closed()
+    with RawClient(target) as raw:
+        raw.handshake()
+        raw.send(frame(Op.READ, rid, 6, 0, 64))
+        _, payload = raw.reply()
+        assert payload == expected[:5].tobytes() + b"\x01" * 59

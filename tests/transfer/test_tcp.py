@@ -260,10 +260,8 @@ def test_open_segment_of_a_closed_port_raises_peer_closed() -> None:
 
 
 @pytest.mark.parametrize("vectored", [True, False])
-def test_a_burst_of_small_reads_goes_as_readv_frames(vectored: bool) -> None:
-    cfg = KvferryConfig(
-        transfer={"transport": "tcp", "vectored_reads": vectored}, listen={"port": 0}
-    )
+def test_a_burst_of_small_reads_or_writes_goes_as_vector_frames(vectored: bool) -> None:
+    cfg = KvferryConfig(transfer={"transport": "tcp", "vectored_io": vectored}, listen={"port": 0})
     rng = np.random.default_rng(5)
     with TransferEngine(cfg) as eng:
         target = eng.allocate(4 * MiB)
@@ -284,6 +282,19 @@ def test_a_burst_of_small_reads_goes_as_readv_frames(vectored: bool) -> None:
             )
         frames = eng.metrics()["server"]["frames"]
         assert frames == (200 if not vectored else 4), frames  # 64 + 64 + 64 + 8
+        # the same for a burst of small WRITEs (WRITEV)
+        local.array[: 200 * 4096] = rng.integers(0, 256, 200 * 4096, dtype=np.uint8)
+        writes = [
+            TransferRequest(OpCode.WRITE, local, i * 4096, h, int(b) * 4096, 4096)
+            for i, b in enumerate(blocks)
+        ]
+        eng.transfer_sync(writes, timeout=30)
+        for i, b in enumerate(blocks):
+            assert np.array_equal(
+                target.array[b * 4096 : (b + 1) * 4096], local.array[i * 4096 : (i + 1) * 4096]
+            )
+        frames = eng.metrics()["server"]["frames"] - frames
+        assert frames == (200 if not vectored else 4), frames
         local.array[:] = 0
         mixed = [
             TransferRequest(OpCode.READ, local, 0, h, 100, 3000),

@@ -92,12 +92,14 @@ class _Conn:
         sock: socket.socket,
         max_frame: int,
         *,
-        vector: bool = False,
+        vector: frozenset[OpCode] = frozenset(),
         device: frozenset[int] = frozenset(),
     ) -> None:
         sock.setblocking(False)
         self.sock = sock
-        self.vector = vector  # the target serves READV: runs of small READs go in one frame
+        # ops whose runs of small slices go in one frame (READV/WRITEV, where the target serves
+        # them)
+        self.vector = vector
         self.device = device  # regions in GPU memory: never vectored (their slices are large)
         self.vec_left = 0  # bytes of a READV reply still to hand out to its slices
         self.vec_got = 0  # bytes of the head slice already handed out
@@ -150,10 +152,12 @@ class _Conn:
             s.req_id = next_id()
             s.group = 0
             item = s.item
+            if item.op in self.vector and s.length <= _SMALL_READ and sendq and self._vectorable(s):
+                burst += self._gather_vector(s, max_inflight)
+                if burst >= _BURST_BYTES:
+                    break
+                continue
             if item.op is _READ:
-                if self.vector and s.length <= _SMALL_READ and sendq and self._vectorable(s):
-                    self._gather_vector(s, max_inflight)
-                    continue
                 out.append(
                     wire.encode(wire.Op.READ, item.region_id, s.req_id, s.target_offset, s.length)
                 )
@@ -168,43 +172,53 @@ class _Conn:
                 break
 
     def _vectorable(self, s: _Slice) -> bool:
-        return (
-            s.item.op is _READ and s.length <= _SMALL_READ and s.item.region_id not in self.device
-        )
+        return s.length <= _SMALL_READ and s.item.region_id not in self.device
 
-    def _gather_vector(self, first: _Slice, max_inflight: int) -> None:
-        """Send ``first`` and the small READs queued right behind it as one READV frame (one
-        req_id for all; a lone one goes as a plain READ)."""
+    def _gather_vector(self, first: _Slice, max_inflight: int) -> int:
+        """Send ``first`` and the small slices of the same op queued right behind it as one
+        READV or WRITEV frame (one req_id for all; a lone one goes as a plain READ or WRITE).
+        Returns the payload bytes queued to send."""
+        op = first.item.op
         group = [first]
-        sendq, inflight = self.sendq, self.inflight
-        room = min(_MAX_VECTOR, max_inflight - len(inflight))
+        sendq, inflight, out = self.sendq, self.inflight, self.out
+        room = min(_MAX_VECTOR, max_inflight - len(inflight), _MAX_IOV - len(out) - 1)
         while sendq and len(group) < room:
             s = sendq[0]
             if s.item.request.state is not _PENDING:
                 sendq.popleft()  # its request already failed
                 continue
-            if not self._vectorable(s):
+            if s.item.op is not op or not self._vectorable(s):
                 break
             sendq.popleft()
             s.req_id = first.req_id
             s.group = 0
             group.append(s)
         item = first.item
-        if len(group) == 1:
-            self.out.append(
-                wire.encode(
-                    wire.Op.READ, item.region_id, first.req_id, first.target_offset, first.length
-                )
-            )
-            inflight.append(first)
-            return
-        first.group = len(group)
-        pack = _VECTOR_ENTRY.pack
-        self.out.append(
-            wire.encode(wire.Op.READV, 0, first.req_id, len(group), len(group) * _VECTOR_ENTRY.size)
-            + b"".join([pack(s.item.region_id, s.target_offset, s.length) for s in group])
+        views = (
+            []
+            if op is _READ
+            else [s.item.local.view[s.local_offset : s.local_offset + s.length] for s in group]
         )
         inflight.extend(group)
+        if len(group) == 1:
+            code = wire.Op.READ if op is _READ else wire.Op.WRITE
+            out.append(
+                wire.encode(code, item.region_id, first.req_id, first.target_offset, first.length)
+            )
+            out.extend(views)
+            return 0 if op is _READ else first.length
+        first.group = len(group)
+        pack = _VECTOR_ENTRY.pack
+        desc = b"".join([pack(s.item.region_id, s.target_offset, s.length) for s in group])
+        if op is _READ:
+            out.append(wire.encode(wire.Op.READV, 0, first.req_id, len(group), len(desc)) + desc)
+            return 0
+        total = sum(s.length for s in group)
+        out.append(
+            wire.encode(wire.Op.WRITEV, 0, first.req_id, len(group), len(desc) + total) + desc
+        )
+        out.extend(views)
+        return total
 
     def _advance(self, n: int) -> None:
         out = self.out
@@ -333,7 +347,14 @@ class _Conn:
                 self.err_got = 0
             return
         item = head.item
-        if head.group:  # a READV's reply: its bytes go to its slices in order (pump_recv)
+        if head.group:
+            if item.op is not _READ:  # a WRITEV's acknowledgement answers all its slices
+                if h_length != 0:
+                    raise ProtocolError("WRITEV acknowledgement carries a payload")
+                for _ in range(head.group):
+                    done.append((self.inflight.popleft(), None))
+                return
+            # a READV's reply: its bytes go to its slices in order (pump_recv)
             want = sum(self.inflight[i].length for i in range(head.group))
             if h_length != want:
                 raise ProtocolError(f"READV reply of {h_length} bytes, asked for {want}")
@@ -402,7 +423,7 @@ class TcpChannel(Channel):
             r.region_id for r in peer.regions if not r.location.startswith("cpu")
         )
         self._device_slice = max(cfg.slice_size, cfg.device_slice_size)
-        self._vector = cfg.vectored_reads
+        self._vector = cfg.vectored_io
         self._retry_count = cfg.retry_count
         self._timeout = cfg.transfer_timeout
         self._stall = cfg.transfer_timeout / 2
@@ -517,7 +538,11 @@ class TcpChannel(Channel):
             timeout=self._connect_timeout if timeout is None else timeout,
             name=self.peer.name,
         )
-        vector = self._vector and "readv" in peer.ops
+        vector = frozenset(
+            op
+            for op, name in ((OpCode.READ, "readv"), (OpCode.WRITE, "writev"))
+            if self._vector and name in peer.ops
+        )
         return _Conn(sock, self._max_frame, vector=vector, device=self._device_regions)
 
     def _dispatch(self) -> None:
