@@ -49,10 +49,18 @@ def fault_engine(**transfer: object) -> TransferEngine:
     return TransferEngine(KvferryConfig(transfer={**cfg, **transfer}))
 
 
-def big_read_batch(ini: TransferEngine, target: TargetProcess) -> list[TransferRequest]:
-    """16 reads of the whole 8 MiB region: 128 MiB, far more than socket buffers hold."""
+def big_read_batch(
+    ini: TransferEngine, target: TargetProcess, blocks: str = "large"
+) -> list[TransferRequest]:
+    """16 reads of the whole 8 MiB region: 128 MiB, far more than socket buffers hold; or
+    ("small") 8192 reads of 4 KiB, which go as READV frames of 64."""
     local = ini.allocate(8 * MiB)
     h = ini.open_segment(target.name)
+    if blocks == "small":
+        return [
+            TransferRequest(OpCode.READ, local, (i % 2048) * 4096, h, (i * 7 % 2048) * 4096, 4096)
+            for i in range(8192)
+        ]
     return [TransferRequest(OpCode.READ, local, 0, h, 0, 8 * MiB) for _ in range(16)]
 
 
@@ -85,11 +93,14 @@ def run_bounded(fn: Callable[[], T], limit: float) -> T:
 
 
 # -- kill and stall ----------------------------------------------------------------------------
-def test_sigkill_mid_batch_fails_the_batch_and_nothing_hangs(target_process: StartTarget) -> None:
+@pytest.mark.parametrize("blocks", ["large", "small"])
+def test_sigkill_mid_batch_fails_the_batch_and_nothing_hangs(
+    target_process: StartTarget, blocks: str
+) -> None:
     target = target_process()
     ini = fault_engine()
     try:
-        requests = big_read_batch(ini, target)
+        requests = big_read_batch(ini, target, blocks)
         batch = ini.allocate_batch(len(requests))
         ini.submit(batch, requests)
         target.signal(signal.SIGKILL)
@@ -99,7 +110,7 @@ def test_sigkill_mid_batch_fails_the_batch_and_nothing_hangs(target_process: Sta
         )
         assert status.state is TransferState.FAILED
         failed = [r for r in status.requests if r.state is TransferState.FAILED]
-        assert failed, "a killed target cannot have served 128 MiB"
+        assert failed, "a killed target cannot have served the whole batch"
         assert all(isinstance(r.error, TransferError) for r in failed)
         assert any(isinstance(r.error, PeerClosed) for r in failed)
         assert ini.metrics()["tcp"]["errors"] == len(failed)
@@ -118,14 +129,16 @@ def test_sigkill_mid_batch_fails_the_batch_and_nothing_hangs(target_process: Sta
         run_bounded(ini.close, 10)
 
 
-@pytest.mark.parametrize("when", ["before-submit", "mid-batch"])
+@pytest.mark.parametrize(
+    ("when", "blocks"), [("before-submit", "large"), ("mid-batch", "large"), ("mid-batch", "small")]
+)
 def test_sigstop_fails_with_transfer_timeout_then_recovers(
-    target_process: StartTarget, when: str
+    target_process: StartTarget, when: str, blocks: str
 ) -> None:
     target = target_process()
     ini = fault_engine()  # connect_timeout stays 5s: it must not stretch transfer_timeout
     try:
-        requests = big_read_batch(ini, target)
+        requests = big_read_batch(ini, target, blocks)
         batch = ini.allocate_batch(len(requests))
 
         def submit_and_wait() -> BatchStatus:
