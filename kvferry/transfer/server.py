@@ -227,7 +227,7 @@ class TargetServer:
         pack = wire.HEADER.pack
         data_ops = (wire.Op.READ, wire.Op.WRITE)
         read_op, ok_op, call_op = wire.Op.READ, wire.Op.OK, wire.Op.CALL
-        readv_op, writev_op = wire.Op.READV, wire.Op.WRITEV
+        vector_ops, writev_op = (wire.Op.READV, wire.Op.WRITEV), wire.Op.WRITEV
         call = self._call
         try:
             while True:
@@ -259,23 +259,20 @@ class TargetServer:
                 hdr = rview[rpos : rpos + hdr_size]
                 rpos += hdr_size
                 if magic != wire.MAGIC or version != wire.WIRE_VERSION or op not in data_ops:
-                    if op == readv_op and magic == wire.MAGIC and version == wire.WIRE_VERSION:
-                        rpos, rend, served = self._serve_readv(
-                            sock, req_id, offset, length, rview, rpos, rend, out
+                    if op in vector_ops and magic == wire.MAGIC and version == wire.WIRE_VERSION:
+                        write = op == writev_op
+                        rpos, rend, served = self._serve_vector(
+                            sock, write, req_id, offset, length, rview, rpos, rend, out
                         )
+                        frames += 1
+                        if write:
+                            served_write += served
+                            continue
                         out_bytes += served
                         served_read += served
-                        frames += 1
                         if out_bytes >= _FLUSH_BYTES or len(out) >= 512:
                             _sendmsg_all(sock, out)
                             out_bytes = 0
-                        continue
-                    if op == writev_op and magic == wire.MAGIC and version == wire.WIRE_VERSION:
-                        rpos, rend, served = self._serve_writev(
-                            sock, req_id, offset, length, rview, rpos, rend, out
-                        )
-                        served_write += served
-                        frames += 1
                         continue
                     if op == call_op and call is not None and magic == wire.MAGIC:
                         rpos, rend = self._serve_call(
@@ -289,12 +286,7 @@ class TargetServer:
                 if region is None or length <= 0 or offset + length > region.size:
                     # Answer this very request (the initiator fails it without retry), then
                     # close: a WRITE payload may follow and must not be read as a header.
-                    reason = (
-                        f"region {region_id} is not granted to this peer"
-                        if region is None
-                        else f"range [{offset}, {offset + length}) is outside region "
-                        f"{region_id} of {region.size} bytes"
-                    )
+                    reason = _refusal(region_id, region, offset, length)
                     if length > max_frame:
                         reason = f"frame length {length} exceeds the limit of {max_frame} bytes"
                     if out:
@@ -326,7 +318,7 @@ class TargetServer:
                     out_bytes += length
                     served_read += length
                     frames += 1
-                else:
+                else:  # _take, inline: the hot path of small WRITEs
                     have = min(length, rend - rpos)
                     if have:
                         view[:have] = rview[rpos : rpos + have]
@@ -410,28 +402,15 @@ class TargetServer:
         if not 1 <= count <= wire.MAX_VECTOR:
             reason = f"a vector of {count} ranges: want 1..{wire.MAX_VECTOR}"
             self._refuse(sock, out, reason, req_id)
-        length = count * entry
-        desc = bytearray(length)
-        dview = memoryview(desc)
-        have = min(length, rend - rpos)
-        if have:
-            dview[:have] = rview[rpos : rpos + have]
-            rpos += have
-        if have < length:
-            _fill(sock, dview, have, length, self._grace)
+        desc = bytearray(count * entry)
+        rpos = _take(sock, memoryview(desc), rview, rpos, rend, self._grace)
         regions = self._regions
         ranges: list[tuple[MemoryRegion | DeviceRegion, int, int]] = []
         total = 0
         for region_id, offset, n in wire.VECTOR_ENTRY.iter_unpack(desc):
             region = regions.get(region_id)
             if region is None or n <= 0 or offset + n > region.size:
-                reason = (
-                    f"region {region_id} is not granted to this peer"
-                    if region is None
-                    else f"range [{offset}, {offset + n}) is outside region "
-                    f"{region_id} of {region.size} bytes"
-                )
-                self._refuse(sock, out, reason, req_id)
+                self._refuse(sock, out, _refusal(region_id, region, offset, n), req_id)
             total += n
             if total > self._max_frame:
                 reason = f"a vector of more than {self._max_frame} bytes (the frame limit)"
@@ -439,9 +418,10 @@ class TargetServer:
             ranges.append((region, offset, n))
         return rpos, rend, ranges, total
 
-    def _serve_writev(
+    def _serve_vector(
         self,
         sock: socket.socket,
+        write: bool,
         req_id: int,
         count: int,
         length: int,
@@ -450,55 +430,40 @@ class TargetServer:
         rend: int,
         out: list[bytes | memoryview],
     ) -> tuple[int, int, int]:
-        """Serve one WRITEV: check every range, then take its bytes straight into the regions
-        (device regions through a staging buffer) and queue one OK. Returns (rpos, rend, bytes
-        written)."""
-        rpos, rend, ranges, total = self._vector_ranges(sock, req_id, count, rview, rpos, rend, out)
-        if length != count * wire.VECTOR_ENTRY.size + total:
-            reason = f"WRITEV frame of {length} bytes carries {count} ranges of {total} bytes"
-            self._refuse(sock, out, reason, req_id)
-        for region, offset, n in ranges:
-            if isinstance(region, DeviceRegion):
-                staged = self._device_copy(sock, region, False, offset, n, req_id, out)
-                view = staged.view
-            else:
-                view = region.view[offset : offset + n]
-            have = min(n, rend - rpos)
-            if have:
-                view[:have] = rview[rpos : rpos + have]
-                rpos += have
-            if have < n:
-                _fill(sock, view, have, n, self._grace)
-            if isinstance(region, DeviceRegion):
-                self._device_copy(sock, region, False, offset, n, req_id, out, staged)
-        out.append(wire.HEADER.pack(wire.MAGIC, wire.WIRE_VERSION, wire.Op.OK, 0, req_id, 0, 0))
-        return rpos, rend, total
-
-    def _serve_readv(
-        self,
-        sock: socket.socket,
-        req_id: int,
-        count: int,
-        length: int,
-        rview: memoryview,
-        rpos: int,
-        rend: int,
-        out: list[bytes | memoryview],
-    ) -> tuple[int, int, int]:
-        """Serve one READV: check every range before a byte is touched, queue one OK and the
-        ranges' bytes. Returns (rpos, rend, payload bytes queued)."""
-        if length != count * wire.VECTOR_ENTRY.size:
+        """Serve one READV (queue one OK and the ranges' bytes) or WRITEV (take its bytes
+        straight into the regions, then queue one OK); every range is checked before a byte is
+        touched, device regions go through a staging buffer. Returns (rpos, rend, bytes)."""
+        descriptors = count * wire.VECTOR_ENTRY.size
+        if not write and length != descriptors:
             reason = f"READV of {count} ranges in {length} descriptor bytes"
             self._refuse(sock, out, reason, req_id)
         rpos, rend, ranges, total = self._vector_ranges(sock, req_id, count, rview, rpos, rend, out)
-        parts: list[memoryview] = []
+        if write and length != descriptors + total:
+            reason = f"WRITEV frame of {length} bytes carries {count} ranges of {total} bytes"
+            self._refuse(sock, out, reason, req_id)
+        ok = wire.HEADER.pack(
+            wire.MAGIC, wire.WIRE_VERSION, wire.Op.OK, 0, req_id, 0, 0 if write else total
+        )
+        if not write:
+            out.append(ok)
+            for region, offset, n in ranges:
+                if isinstance(region, DeviceRegion):
+                    out.append(self._device_copy(sock, region, True, offset, n, req_id, out).view)
+                else:
+                    out.append(region.view[offset : offset + n])
+            return rpos, rend, total
         for region, offset, n in ranges:
+            device: DeviceRegion | None = None
             if isinstance(region, DeviceRegion):
-                parts.append(self._device_copy(sock, region, True, offset, n, req_id, out).view)
+                device = region
+                staged = self._device_copy(sock, device, False, offset, n, req_id, out)
+                view = staged.view
             else:
-                parts.append(region.view[offset : offset + n])
-        out.append(wire.HEADER.pack(wire.MAGIC, wire.WIRE_VERSION, wire.Op.OK, 0, req_id, 0, total))
-        out.extend(parts)
+                view = region.view[offset : offset + n]
+            rpos = _take(sock, view, rview, rpos, rend, self._grace)
+            if device is not None:
+                self._device_copy(sock, device, False, offset, n, req_id, out, staged)
+        out.append(ok)
         return rpos, rend, total
 
     def _refuse(
@@ -535,14 +500,8 @@ class TargetServer:
             self.counters.add(protocol_errors=1)
             _send_error(sock, reason, req_id)
             raise _Refused(reason)
-        payload = bytearray(length)
-        pview = memoryview(payload)
-        have = min(length, rend - rpos)
-        if have:
-            pview[:have] = rview[rpos : rpos + have]
-            rpos += have
-        if have < length:
-            _fill(sock, pview, have, length, self._grace)
+        pview = memoryview(bytearray(length))
+        rpos = _take(sock, pview, rview, rpos, rend, self._grace)
         try:
             reply = call(method, pview)
         except (KvferryError, ValueError) as e:
@@ -580,6 +539,32 @@ def _recv_exact(sock: socket.socket, n: int) -> bytearray:
     buf = bytearray(n)
     _fill(sock, memoryview(buf), 0, n, 0.0)
     return buf
+
+
+def _refusal(
+    region_id: int, region: MemoryRegion | DeviceRegion | None, offset: int, length: int
+) -> str:
+    """Why a range is refused: its region is not granted, or it lies outside it."""
+    if region is None:
+        return f"region {region_id} is not granted to this peer"
+    return (
+        f"range [{offset}, {offset + length}) is outside region {region_id} of {region.size} bytes"
+    )
+
+
+def _take(
+    sock: socket.socket, view: memoryview, rview: memoryview, rpos: int, rend: int, grace: float
+) -> int:
+    """Fill ``view`` with the next bytes of the stream: what the receive buffer already holds
+    (``rview[rpos:rend]``), then the socket. Returns the new ``rpos``."""
+    n = len(view)
+    have = min(n, rend - rpos)
+    if have:
+        view[:have] = rview[rpos : rpos + have]
+        rpos += have
+    if have < n:
+        _fill(sock, view, have, n, grace)
+    return rpos
 
 
 def _try_fill(sock: socket.socket, view: memoryview, end: int) -> int:
