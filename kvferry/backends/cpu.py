@@ -222,8 +222,8 @@ class CpuTier(SlotTier):
             self._index.clear()
             self._reserved.clear()
         if self._pinned:
-            # Unpin before the memory goes: CUDA keeps a registration past munmap, and a later
-            # pool mapped at the same address could not be pinned.
+            # Unpin before the memory goes: the registration is CUDA state on this address
+            # range, which a later pool may be mapped at again.
             _unpin_with_torch(self.region)
         if self.context.allocate is None:
             self.region.close()
