@@ -10,7 +10,9 @@ adjacent pairs, because this VM's speed drifts by up to 2x within a minute):
     .venv/bin/python benchmarks/hitrate_speed.py --base /tmp/base
 
 Each case is the best of ``--repeat`` runs of ``kvferry.bench.hitrate.simulate`` on the bundled
-Mooncake trace (121,877 blocks), with the trace's keys built once.
+Mooncake trace (121,877 blocks; ``--trace FILE`` for another), with the trace's keys built once.
+``--engine`` as for ``kvferry bench hitrate`` (auto: LRU over one tier takes the one-pass
+stack shortcut; store: always the TieredStore loop).
 
 The bare reference (``--bare``): the same exact LRU written as a loop over three plain dicts (the
 index, the tier and the order, what the store keeps per block), with none of the store around
@@ -34,31 +36,39 @@ from typing import Any
 HERE = Path(__file__).resolve().parent.parent
 
 
+TRACE = "mooncake-synthetic"
+BLOCK_TOKENS = 512
+
+
 def _trace() -> tuple[Any, list[list[bytes]], int]:
-    """The bundled Mooncake trace, its store keys (built once) and their number."""
+    """The trace (``--trace``), its store keys (built once) and their number."""
     from kvferry.bench import hitrate
     from kvferry.bench.traces import read_trace
 
-    trace = read_trace("mooncake-synthetic")
+    trace = read_trace(TRACE, block_tokens=BLOCK_TOKENS, strict=True)
     keys = hitrate.trace_keys(trace)
     return trace, keys, sum(len(k) for k in keys)
 
 
-def measure(policies: list[str], capacities: list[int], repeat: int) -> list[dict[str, object]]:
+def measure(
+    policies: list[str], capacities: list[int], repeat: int, engine: str
+) -> list[dict[str, object]]:
     from kvferry.bench import hitrate
 
     trace, keys, blocks = _trace()
     rows: list[dict[str, object]] = []
     for policy in policies:
         for cap in capacities:
+            tiers = [hitrate.TierSpec("cpu", cap)]
             runs = [
-                hitrate.simulate(trace, [hitrate.TierSpec("cpu", cap)], policy=policy, keys=keys)
+                hitrate.simulate(trace, tiers, policy=policy, keys=keys, engine=engine)
                 for _ in range(repeat)
             ]
             rows.append(
                 {
                     "policy": policy,
                     "capacity_blocks": cap,
+                    "engine": runs[0].engine,
                     "block_hit_rate": runs[0].block_hit_rate,
                     "lookups_per_s": max(blocks / r.seconds for r in runs),
                 }
@@ -112,7 +122,7 @@ def bare_lru(keys: list[list[bytes]], cap: int) -> tuple[int, float]:
     return hits, time.perf_counter() - start
 
 
-def bare_reference(caps: list[int], repeat: int) -> list[dict[str, object]]:
+def bare_reference(caps: list[int], repeat: int, engine: str) -> list[dict[str, object]]:
     """kvferry's LRU next to :func:`bare_lru`, alternating single runs; same hits required."""
     from kvferry.bench import hitrate
 
@@ -121,7 +131,8 @@ def bare_reference(caps: list[int], repeat: int) -> list[dict[str, object]]:
     for cap in caps:
         ours, bare, ratios = [], [], []
         for _ in range(repeat):
-            r = hitrate.simulate(trace, [hitrate.TierSpec("cpu", cap)], policy="lru", keys=keys)
+            tiers = [hitrate.TierSpec("cpu", cap)]
+            r = hitrate.simulate(trace, tiers, policy="lru", keys=keys, engine=engine)
             hits, seconds = bare_lru(keys, cap)
             if hits != r.tally.hit_blocks:
                 raise SystemExit(
@@ -134,6 +145,7 @@ def bare_reference(caps: list[int], repeat: int) -> list[dict[str, object]]:
             {
                 "policy": "lru",
                 "capacity_blocks": cap,
+                "engine": r.engine,
                 "hit_blocks": hits,
                 "lookups_per_s": statistics.median(ours),
                 "bare_lookups_per_s": statistics.median(bare),
@@ -220,29 +232,41 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--base", type=Path, help="another kvferry checkout to compare with")
     p.add_argument("--bare", action="store_true", help="LRU next to the bare-dict reference")
+    p.add_argument("--trace", default="mooncake-synthetic", help="trace file or bundled name")
+    p.add_argument("--block-tokens", type=int, default=512, help="tokens per hash id of --trace")
+    p.add_argument("--engine", default="auto", choices=["auto", "store", "stack"])
     p.add_argument("--json", default="")
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
+    global TRACE, BLOCK_TOKENS
+    TRACE, BLOCK_TOKENS = a.trace, a.block_tokens
     if a.serve:
         _serve()
         return
     policies = [x for x in a.policy.split(",") if x]
     caps = [int(x) for x in a.capacity.split(",") if x]
     if a.bare:
-        rows = bare_reference(caps, a.repeat)
-        print(f"{'policy':13} {'blocks':>7} {'kvferry':>8} {'bare':>8}  fraction (median)")
+        rows = bare_reference(caps, a.repeat, a.engine)
+        print(f"{'policy':13} {'blocks':>7} {'kvferry':>8} {'bare':>8}  ratio (median)  engine")
         for r in rows:
             print(
                 f"{r['policy']:13} {r['capacity_blocks']:>7} "
                 f"{r['lookups_per_s'] / 1e6:>7.3f}M {r['bare_lookups_per_s'] / 1e6:>7.3f}M  "
-                f"{r['fraction_of_bare']:.2f}"
+                f"{r['fraction_of_bare']:.2f}  {r['engine']}"
             )
-        report: dict[str, object] = {"reference": "bare-dict LRU", "rows": rows}
+        report: dict[str, object] = {
+            "reference": "bare-dict LRU",
+            "trace": TRACE,
+            "rows": rows,
+        }
     elif a.base is None:
-        rows = measure(policies, caps, a.repeat)
+        rows = measure(policies, caps, a.repeat, a.engine)
         for r in rows:
-            print(f"{r['policy']:13} {r['capacity_blocks']:>7} {r['lookups_per_s'] / 1e6:.3f}M")
-        report = {"rows": rows}
+            print(
+                f"{r['policy']:13} {r['capacity_blocks']:>7} "
+                f"{r['lookups_per_s'] / 1e6:.3f}M  {r['engine']}"
+            )
+        report = {"trace": TRACE, "rows": rows}
     else:
         rows = compare(a.base, policies, caps, a.repeat)
         print(f"{'policy':13} {'blocks':>7} {'base':>8} {'this':>8}  ratio (median of pairs)")

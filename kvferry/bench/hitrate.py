@@ -12,6 +12,11 @@ So a simulated hit rate and a replay's hit rate with the same capacities and pol
 (a test holds them to it). Per request the loop is what an engine does: ``lookup`` the leading
 cached blocks, ``get`` them, ``put`` the blocks from the first miss on.
 
+One shortcut, on by default (``engine="auto"``): a simulation of LRU over one tier with exact
+capacities takes its counts from :class:`~kvferry.bench.lru_stack.LruStack` (one pass over the
+trace answers every capacity) wherever they are provably the store loop's, block for block;
+tests hold the two equal. ``engine="store"`` always runs the loop.
+
 Hit rates are reported three ways and always labelled:
 
 - block-weighted (headline): leading hit blocks / blocks looked up, a ratio of sums;
@@ -36,8 +41,11 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+import numpy as np
+
 from kvferry.backends.base import Key
 from kvferry.backends.memory import MemoryTier
+from kvferry.bench.lru_stack import LruStack
 from kvferry.bench.stats import Samples
 from kvferry.bench.traces import Trace, TraceRequest
 from kvferry.config.models import KvferryConfig
@@ -61,6 +69,10 @@ DTYPE_BYTES = {
     "float8": 1,
     "int8": 1,
 }
+
+ENGINES = ("auto", "store", "stack")
+"""How a simulation counts: ``store`` runs the TieredStore loop, ``stack`` LRU's one-pass
+shortcut (refused where it is not exact), ``auto`` the shortcut wherever it is exact."""
 
 SIM_SLOT_SIZE = 4096
 """``store.slot_size`` of a simulation: its values are empty, so the number only has to be valid."""
@@ -258,6 +270,9 @@ class HitRateResult:
     dropped: int
     seconds: float
     replay: dict[str, Any] | None = None
+    engine: str = "store"
+    """How the counts were made: "store" (the TieredStore loop, and every replay) or "stack"
+    (LRU's one-pass shortcut, :mod:`kvferry.bench.lru_stack`)."""
 
     @property
     def capacity_blocks(self) -> int | None:
@@ -306,6 +321,7 @@ class HitRateResult:
             "seconds": self.seconds,
             "lookups_per_s": self.lookups_per_s,
             "replay": self.replay,
+            "engine": self.engine,
         }
 
 
@@ -347,6 +363,36 @@ def _tier_counts(store: TieredStore) -> tuple[dict[str, int], int, int, int, int
     )
 
 
+def stack_refusal(
+    tiers: Sequence[TierSpec],
+    policy: str,
+    config: KvferryConfig | None,
+    stack: LruStack | None = None,
+) -> str | None:
+    """None when :class:`LruStack` counts a simulation of ``tiers`` exactly as the store loop
+    would (LRU, one tier, exact capacity: evict only what a put needs); else why not. Without
+    ``stack`` the trace's own conditions (:meth:`LruStack.exact_for`) are not checked."""
+    if policy != "lru":
+        return f"policy {policy!r} is not lru"
+    if len(tiers) != 1:
+        return f"{len(tiers)} tiers: the shortcut covers one"
+    if config is not None:
+        st = config.store
+        if st.evict_start_threshold != 1.0 or st.evict_ratio != 0.0:
+            return (
+                f"watermarks evict_start_threshold={st.evict_start_threshold}, "
+                f"evict_ratio={st.evict_ratio}: the shortcut needs exact capacities (1.0, 0)"
+            )
+    if stack is not None:
+        return stack.exact_for(tiers[0].capacity_blocks)
+    return None
+
+
+def _check_engine(engine: str) -> None:
+    if engine not in ENGINES:
+        raise HitRateError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+
+
 def simulate(
     trace: Trace,
     tiers: Sequence[TierSpec],
@@ -355,8 +401,11 @@ def simulate(
     config: KvferryConfig | None = None,
     keys: list[list[Key]] | None = None,
     on_progress: ProgressFn | None = None,
+    engine: str = "auto",
+    stack: LruStack | None = None,
 ) -> HitRateResult:
-    """Run ``trace`` through a TieredStore over memory tiers of ``tiers``' capacities.
+    """Run ``trace`` through a TieredStore over memory tiers of ``tiers``' capacities (or, for
+    LRU where that is exact, count the same from the trace's :class:`LruStack`).
 
     Args:
         trace: the requests.
@@ -366,9 +415,30 @@ def simulate(
             :func:`sim_store_config` (exact capacities). ``eviction_policy`` is set to ``policy``.
         keys: :func:`trace_keys` of ``trace``, when the caller runs many cases.
         on_progress: called every few hundred requests.
+        engine: one of :data:`ENGINES`.
+        stack: ``LruStack(trace)``, when the caller runs many cases (built here when needed).
+
+    Raises:
+        HitRateError: no tiers, an unknown engine, or engine "stack" where it is not exact.
     """
     if not tiers:
         raise HitRateError("a simulation needs at least one tier")
+    _check_engine(engine)
+    if engine != "store" and stack_refusal(tiers, policy, config) is None:
+        t0 = time.perf_counter()
+        if stack is None:
+            stack = LruStack(trace)
+        why = stack.exact_for(tiers[0].capacity_blocks)
+        if why is None:
+            result = stack_result(stack, trace, tiers[0], time.perf_counter() - t0)
+            if on_progress is not None:
+                on_progress(len(trace.requests), len(trace.requests))
+            return result
+        if engine == "stack":
+            raise HitRateError(f"engine 'stack' is not exact here: {why}; use engine 'store'")
+    elif engine == "stack":
+        why = stack_refusal(tiers, policy, config)
+        raise HitRateError(f"engine 'stack' is not exact here: {why}; use engine 'store'")
     if config is None:
         cfg = sim_store_config(policy)
     else:
@@ -414,6 +484,42 @@ def simulate(
     )
 
 
+def stack_result(stack: LruStack, trace: Trace, tier: TierSpec, seconds: float) -> HitRateResult:
+    """The result of simulating LRU over ``tier`` alone, from ``stack``'s counts, with the
+    same fields the store loop fills (``seconds``: what the caller spent, the pass included)."""
+    t0 = time.perf_counter()
+    got = stack.counts(tier.capacity_blocks)
+    hits = got["hits"]
+    lens = stack.lengths
+    bt = stack.block_tokens
+    tally = Tally(
+        requests=len(lens),
+        requests_with_blocks=int(np.count_nonzero(lens)),
+        blocks=stack.blocks,
+        hit_blocks=int(hits.sum()),
+        tokens=int(stack.input_lengths.sum()),
+        hit_tokens=int(np.minimum(hits * bt, stack.input_lengths).sum()),
+    )
+    with_blocks = lens > 0
+    fraction_sum = 0.0
+    for f in (hits[with_blocks] / lens[with_blocks]).tolist():
+        fraction_sum += f  # in request order, as Tally.add sums them: the same float
+    tally.hit_fraction_sum = fraction_sum
+    return HitRateResult(
+        mode="simulate",
+        policy="lru",
+        tiers=[tier],
+        tally=tally,
+        tier_hit_blocks={tier.name: tally.hit_blocks},
+        promotions=0,
+        demotions=0,
+        evictions=got["evictions"],
+        dropped=0,
+        seconds=seconds + time.perf_counter() - t0,
+        engine="stack",
+    )
+
+
 # -- sweep -------------------------------------------------------------------------------------
 
 
@@ -454,18 +560,69 @@ def sweep(
     keys: list[list[Key]] | None = None,
     jobs: int = 1,
     on_progress: SweepProgressFn | None = None,
+    engine: str = "auto",
 ) -> list[HitRateResult]:
     """:func:`simulate` every case; results in case order.
 
-    Runs are independent (each builds its own store), so with ``jobs`` > 1 they run in that many
-    forked worker processes at once: the same code and the same results, in less wall time.
-    Each run's ``seconds`` is still its own. ``jobs`` = 1 runs them here, one after the other.
+    The cases LRU's shortcut counts exactly (``engine`` "auto" or "stack") share one
+    :class:`LruStack` pass, here; each of their results' ``seconds`` includes that whole pass.
+    The other runs are independent (each builds its own store), so with ``jobs`` > 1 they run
+    in that many forked worker processes at once: the same code and the same results, in less
+    wall time. Each run's ``seconds`` is still its own. ``jobs`` = 1 runs them here, one after
+    the other.
 
     Raises:
-        HitRateError: ``jobs`` < 1; or what a run raised.
+        HitRateError: ``jobs`` < 1, an unknown engine; or what a run raised.
     """
     if jobs < 1:
         raise HitRateError(f"jobs must be at least 1, got {jobs}")
+    _check_engine(engine)
+    results: dict[int, HitRateResult] = {}
+    stack: LruStack | None = None
+    if engine != "store":
+        eligible = [
+            i for i, c in enumerate(cases) if stack_refusal(c.tiers, c.policy, config) is None
+        ]
+        if eligible:
+            t0 = time.perf_counter()
+            stack = LruStack(trace)
+            pass_seconds = time.perf_counter() - t0
+            for i in eligible:
+                tier = cases[i].tiers[0]
+                if stack.exact_for(tier.capacity_blocks) is None:
+                    results[i] = stack_result(stack, trace, tier, pass_seconds)
+                    if on_progress is not None:
+                        on_progress(i, len(trace.requests), len(trace.requests))
+        if engine == "stack" and len(results) < len(cases):
+            i = next(i for i in range(len(cases)) if i not in results)
+            why = stack_refusal(cases[i].tiers, cases[i].policy, config)
+            if why is None and stack is not None:
+                why = stack.exact_for(cases[i].tiers[0].capacity_blocks)
+            raise HitRateError(
+                f"engine 'stack' is not exact for {cases[i].label}: {why}; use engine 'store'"
+            )
+    rest = [i for i in range(len(cases)) if i not in results]
+    if rest:
+        track = None
+        if on_progress is not None:
+            track = functools.partial(_report_as, rest, on_progress)
+        ran = _sweep_store(trace, [cases[i] for i in rest], config, keys, jobs, track)
+        results.update(zip(rest, ran))
+    return [results[i] for i in range(len(cases))]
+
+
+def _report_as(index: list[int], report: SweepProgressFn, i: int, done: int, total: int) -> None:
+    report(index[i], done, total)
+
+
+def _sweep_store(
+    trace: Trace,
+    cases: Sequence[SimCase],
+    config: KvferryConfig | None,
+    keys: list[list[Key]] | None,
+    jobs: int,
+    on_progress: SweepProgressFn | None,
+) -> list[HitRateResult]:
     keys = trace_keys(trace) if keys is None else keys
     jobs = min(jobs, len(cases))
     if jobs <= 1 or "fork" not in multiprocessing.get_all_start_methods():
@@ -480,6 +637,7 @@ def sweep(
                     config=config,
                     keys=keys,
                     on_progress=track,
+                    engine="store",
                 )
             )
         return out
@@ -526,6 +684,7 @@ def _sweep_worker(index: int, case: SimCase) -> HitRateResult:
         config=state["config"],
         keys=state["keys"],
         on_progress=None if updates is None else functools.partial(_put_update, updates, index),
+        engine="store",
     )
 
 
@@ -709,6 +868,7 @@ def advise(
     policy: str = "lru",
     config: KvferryConfig | None = None,
     keys: list[list[Key]] | None = None,
+    engine: str = "auto",
 ) -> Advice:
     """Binary-search the last tier's capacity for the smallest that reaches ``target``
     (block-weighted), the others fixed. An infinite cache bounds the answer: at the trace's
@@ -723,10 +883,22 @@ def advise(
     distinct = len({k for ks in keys for k in ks})
     fixed = list(tiers[:-1])
     name = tiers[-1].name if tiers else "cpu"
+    _check_engine(engine)
+    shape = [*fixed, TierSpec(name, None)]
+    # one LRU pass serves every probe it is exact for (simulate falls back per probe)
+    stack = None
+    if engine != "store" and stack_refusal(shape, policy, config) is None:
+        stack = LruStack(trace)
 
     def run(cap: int) -> float:
         return simulate(
-            trace, [*fixed, TierSpec(name, cap)], policy=policy, config=config, keys=keys
+            trace,
+            [*fixed, TierSpec(name, cap)],
+            policy=policy,
+            config=config,
+            keys=keys,
+            engine=engine,
+            stack=stack,
         ).block_hit_rate
 
     runs = 1
@@ -852,6 +1024,7 @@ CSV_FIELDS = [
     "evictions",
     "seconds",
     "lookups_per_s",
+    "engine",
 ]
 
 
@@ -888,6 +1061,7 @@ def write_csv(path: str | os.PathLike[str], report: HitRateReport) -> None:
                     r.evictions,
                     f"{r.seconds:.6f}",
                     f"{r.lookups_per_s:.0f}",
+                    r.engine,
                 ]
             )
 

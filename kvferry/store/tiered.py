@@ -391,6 +391,11 @@ class TieredStore:
             c.blocks_in += stored
             c.bytes_in += nbytes
             c.no_space += refused
+        if not fresh:
+            # Present blocks were touched before room was made (so that making room never
+            # evicts a block of this very put); their recency now follows the put's order, as
+            # if each block had been used in turn.
+            policy.reorder(hashes)
         c.save_seconds += time.perf_counter() - t0
         return status
 

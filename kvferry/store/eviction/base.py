@@ -15,6 +15,10 @@ Primitives and their contracts:
     Up to ``n`` keys in eviction order, leaving out those for which ``skip(key)`` is true
     (pinned blocks); ``skip`` is None when nothing is pinned. Does not remove them: the store
     removes what it really evicts.
+``reorder(keys)``
+    A put just touched the present blocks of ``keys`` and then inserted the others: the
+    tracked ones take their places as the most recent in ``keys``' order, with no access
+    counted. Only a policy with a recency order (LRU) does anything; the base class nothing.
 ``__len__``, ``__contains__``
     Keys tracked.
 ``insert_many(keys)``, ``touch_many(keys)``, ``remove_many(keys)``
@@ -110,6 +114,10 @@ class EvictionPolicy(ABC, Generic[K]):
     def remove_many(self, keys: Iterable[K]) -> None:
         for k in keys:
             self.remove(k)
+
+    def reorder(self, keys: Sequence[K]) -> None:
+        """Put the tracked ``keys`` back in this order as the most recent, counting no access
+        (policies with a recency order; the others ignore it)."""
 
     @abstractmethod
     def __len__(self) -> int: ...

@@ -8,7 +8,7 @@ iterating from the front (the oldest) stays cheap.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from kvferry.store.eviction.base import EvictionPolicy, K, take
 
@@ -52,6 +52,9 @@ class LruPolicy(EvictionPolicy[K]):
         for k in keys:
             if pop(k, 0) is None:  # present (its value is None): move it to the end
                 order[k] = None
+
+    def reorder(self, keys: Sequence[K]) -> None:
+        self.touch_many(keys)  # a touch here is a move to the end; nothing is counted
 
     def remove_many(self, keys: Iterable[K]) -> None:
         pop = self._order.pop
