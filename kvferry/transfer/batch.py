@@ -126,7 +126,9 @@ class RequestState:
 
     ``on_complete`` (None for host memory) runs after the last slice and before the request is
     COMPLETED: a READ into device memory copies its staged bytes there. If it raises, the
-    request FAILS instead.
+    request FAILS instead; if it returns False, it took over: the request stays PENDING until
+    :meth:`complete_deferred` (a staged run lands several requests with one device copy, when
+    the last of them has arrived). ``on_fail`` (None unless set) runs once if the request fails.
     """
 
     __slots__ = (
@@ -136,6 +138,7 @@ class RequestState:
         "index",
         "length",
         "on_complete",
+        "on_fail",
         "remaining",
         "slices",
         "started_ns",
@@ -152,7 +155,8 @@ class RequestState:
         self.error: KvferryError | None = None
         self.state = TransferState.PENDING
         self.started_ns = started_ns
-        self.on_complete: Callable[[], None] | None = None
+        self.on_complete: Callable[[], bool | None] | None = None
+        self.on_fail: Callable[[], object] | None = None
 
     def slice_done(self, nbytes: int) -> bool:
         """One slice of this request arrived; True when that completed the request."""
@@ -171,21 +175,31 @@ class RequestState:
                 return True
         return self._complete_staged(hook)
 
-    def _complete_staged(self, hook: Callable[[], None]) -> bool:
+    def _complete_staged(self, hook: Callable[[], bool | None]) -> bool:
+        """Run the completion hook; True when the request's bytes all arrived (completed now,
+        or deferred to the hook's owner), False when the hook failed it."""
         # Outside the batch lock: the hook is a device copy, and other requests of the batch
         # keep completing meanwhile.
         self.on_complete = None  # the hook holds the staging buffer: let it go now, not when
         # the batch (a reference cycle with its requests) is collected
         try:
-            hook()
+            now = hook()
         except Exception as e:  # a CUDA error must fail the request, not kill the I/O thread
             self.fail(TransferError(f"copying the received bytes to device memory: {e}"))
             return False  # failed, not completed
+        if now is False:
+            return True  # arrived; the hook's owner completes it after its copy
+        return self.complete_deferred()
+
+    def complete_deferred(self) -> bool:
+        """Mark COMPLETED a request whose bytes are where they belong (a deferred completion);
+        True when this call completed it (False: it had already failed)."""
         batch = self.batch
         with batch._lock:
             if self.state is not TransferState.PENDING:
                 return False
             self.state = TransferState.COMPLETED
+            self.on_fail = None
             batch._finish_one()
             return True
 
@@ -198,9 +212,12 @@ class RequestState:
             self.error = error
             self.state = TransferState.FAILED
             self.on_complete = None
+            hook, self.on_fail = self.on_fail, None
             batch._failed += 1
             batch._finish_one()
-            return True
+        if hook is not None:
+            hook()
+        return True
 
     @property
     def pending(self) -> bool:
@@ -213,7 +230,7 @@ def finish_slices(done: list[tuple[RequestState, int]]) -> list[int]:
     one lock round per run of slices of the same batch instead of one per slice (the tcp
     transport's hot path: a burst of replies is usually one batch's)."""
     completed: list[int] = []
-    staged: list[tuple[int, Callable[[], None]]] = []
+    staged: list[tuple[int, Callable[[], bool | None]]] = []
     pending, done_state = TransferState.PENDING, TransferState.COMPLETED
     i, n = 0, len(done)
     while i < n:

@@ -16,8 +16,9 @@ The engine validates every request before anything moves (a submit is all or not
 transport per segment by locality (local > shm > tcp) unless ``transfer.transport`` forces one,
 and leaves the byte moving to the transports. A request whose local buffer is GPU memory
 (``DeviceRegion``) is staged here: a WRITE copies its bytes to a pinned host buffer before it is
-posted, a READ lands in one and is copied to the device before it completes. Transports only ever
-see host memory on the initiator's side.
+posted, a READ lands in one and is copied to the device before it completes, one device copy per
+run of adjacent requests of a submit (``kvferry.transfer.staging``). Transports only ever see
+host memory on the initiator's side.
 """
 
 from __future__ import annotations
@@ -29,13 +30,12 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Sequence
-from functools import partial
 from typing import Any, Literal, TypeVar, overload
 
 from kvferry.config.models import KvferryConfig
 from kvferry.errors import KvferryError, SegmentError, TransferError
 from kvferry.observe.counters import MetricSet
-from kvferry.transfer import handshake, wire
+from kvferry.transfer import handshake, staging, wire
 from kvferry.transfer.batch import Batch, BatchStatus, OpCode, TransferRequest, TransferState
 from kvferry.transfer.memory import (
     DeviceRegion,
@@ -318,19 +318,24 @@ class TransferEngine:
                 f"{len(batch.requests)} submitted, {len(requests)} more asked"
             )
         checked = [self._check(r) for r in requests]
-        staged = self._stage(checked) if self._has_device else {}
+        runs: list[staging.Run] = []
+        host: MemoryRegion | None = None
+        if self._has_device:
+            runs, host, staged = self._stage([r for r, _ in checked])
         states = batch._add_many(
             [(r.length, r.target.channel.slice_count(r.length, rid)) for r, rid in checked]
         )
+        if host is not None:
+            for run in runs:
+                if run.op is OpCode.READ:
+                    staging.ReadRun(run, host, states)
         groups: dict[int, tuple[Channel, list[WorkItem]]] = {}
         for i, ((request, region_id), state) in enumerate(zip(checked, states, strict=True)):
             channel = request.target.channel
             local, local_offset = request.local, request.local_offset
             if isinstance(local, DeviceRegion):
-                host = staged[i]
-                if request.op is OpCode.READ:
-                    state.on_complete = partial(local.from_host, local_offset, host.array)
-                local, local_offset = host, 0
+                assert host is not None
+                local, local_offset = host, staged[i]
             item = WorkItem(
                 state,
                 request.op,
@@ -345,26 +350,28 @@ class TransferEngine:
             channel.post(items)
 
     @staticmethod
-    def _stage(checked: list[tuple[TransferRequest, int]]) -> dict[int, MemoryRegion]:
-        """Pinned host buffers for the requests whose local buffer is device memory (by index);
-        a WRITE's bytes are copied into its buffer now, before anything is posted.
+    def _stage(
+        requests: list[TransferRequest],
+    ) -> tuple[list[staging.Run], MemoryRegion | None, dict[int, int]]:
+        """Stage the requests whose local buffer is device memory (``kvferry.transfer.staging``):
+        their runs, one pinned host buffer for all, and each one's offset in it (by index). The
+        WRITE runs' bytes are copied into it now, before anything is posted.
 
         Raises:
             TransferError: a device copy failed; nothing of this submit was started.
         """
-        staged: dict[int, MemoryRegion] = {}
-        for i, (r, _) in enumerate(checked):
-            device = r.local
-            if isinstance(device, DeviceRegion):
-                try:
-                    host = staged[i] = device.stage(r.length)
-                    if r.op is OpCode.WRITE:
-                        device.to_host(r.local_offset, host.array)
-                except Exception as e:  # CUDA errors come as RuntimeError (or torch's own)
-                    raise TransferError(
-                        f"staging {r.length} bytes of {device!r} through host memory: {e}"
-                    ) from e
-        return staged
+        size, runs = staging.plan(requests)
+        if not runs:
+            return [], None, {}
+        try:
+            host = staging.stage_buffer(runs, size)
+            staging.copy_out(runs, host)
+        except Exception as e:  # CUDA errors come as RuntimeError (or torch's own)
+            raise TransferError(
+                f"staging {size} bytes of device memory through host memory: {e}"
+            ) from e
+        offsets = {i: run.host_offset + at for run in runs for i, at, _ in run.members}
+        return runs, host, offsets
 
     def _check(self, r: TransferRequest) -> tuple[TransferRequest, int]:
         if self._regions.get(r.local.region_id) is not r.local:

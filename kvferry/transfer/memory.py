@@ -198,8 +198,9 @@ class DeviceRegion:
     """A registered span of device (GPU) memory, reached only by copies through host memory.
 
     Made from a contiguous CUDA tensor (``register``) or by ``allocate(size, "cuda:N")``. The
-    engine stages an initiator's device bytes through a pinned host buffer around each request;
-    a target stages each request it serves. Copies are synchronous: when ``to_host`` or
+    engine stages an initiator's device bytes through a pinned host buffer per submit (one copy
+    per run of adjacent requests, ``kvferry.transfer.staging``); a target stages each request or
+    stretch of a vector it serves. Copies are synchronous: when ``to_host`` or
     ``from_host`` returns, the bytes are where they were sent.
 
     The constructor takes any contiguous torch tensor; on a CPU tensor every staging step runs
@@ -229,6 +230,11 @@ class DeviceRegion:
         self.size = int(self.tensor.numel())
         self.location = str(tensor.device)
         self._pinned = bool(tensor.is_cuda)
+
+    @property
+    def pinned(self) -> bool:
+        """True when the region is on a GPU (its staging buffers are pinned host memory)."""
+        return self._pinned
 
     def stage(self, size: int) -> MemoryRegion:
         """A host buffer of ``size`` bytes to move this region's bytes through (pinned when the

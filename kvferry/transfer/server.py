@@ -432,7 +432,9 @@ class TargetServer:
     ) -> tuple[int, int, int]:
         """Serve one READV (queue one OK and the ranges' bytes) or WRITEV (take its bytes
         straight into the regions, then queue one OK); every range is checked before a byte is
-        touched, device regions go through a staging buffer. Returns (rpos, rend, bytes)."""
+        touched. Adjacent ranges of one region are served as one (a batch of consecutive KV
+        blocks is one range here), so a device region costs one staging copy per such stretch,
+        not per range. Returns (rpos, rend, bytes)."""
         descriptors = count * wire.VECTOR_ENTRY.size
         if not write and length != descriptors:
             reason = f"READV of {count} ranges in {length} descriptor bytes"
@@ -444,6 +446,7 @@ class TargetServer:
         ok = wire.HEADER.pack(
             wire.MAGIC, wire.WIRE_VERSION, wire.Op.OK, 0, req_id, 0, 0 if write else total
         )
+        ranges = _merge_adjacent(ranges)
         if not write:
             out.append(ok)
             for region, offset, n in ranges:
@@ -539,6 +542,21 @@ def _recv_exact(sock: socket.socket, n: int) -> bytearray:
     buf = bytearray(n)
     _fill(sock, memoryview(buf), 0, n, 0.0)
     return buf
+
+
+def _merge_adjacent(
+    ranges: list[tuple[MemoryRegion | DeviceRegion, int, int]],
+) -> list[tuple[MemoryRegion | DeviceRegion, int, int]]:
+    """``ranges`` with each run of adjacent ranges of one region (in order) made one range: the
+    bytes and their order on the wire are the same."""
+    merged = [ranges[0]]
+    for region, offset, n in ranges[1:]:
+        last, start, length = merged[-1]
+        if region is last and start + length == offset:
+            merged[-1] = (last, start, length + n)
+        else:
+            merged.append((region, offset, n))
+    return merged
 
 
 def _refusal(

@@ -243,3 +243,145 @@ def test_slices_to_a_gpu_region_are_device_slice_size(device_slice: str) -> None
                 [TransferRequest(OpCode.WRITE, local, 0, h, 0, 8 * MiB, target.region_id)]
             )
             assert eng.metrics()["tcp"]["slices"] - before == want
+
+
+class CountingRegion(DeviceRegion):
+    """A device region that counts its copies (to see how a submit was staged)."""
+
+    __slots__ = ("copies",)
+
+    def __init__(self, region_id: int, tensor: Any) -> None:
+        super().__init__(region_id, tensor)
+        self.copies = {"to_host": 0, "from_host": 0}
+
+    def to_host(self, offset: int, dst: np.ndarray[Any, Any]) -> None:
+        self.copies["to_host"] += 1
+        super().to_host(offset, dst)
+
+    def from_host(self, offset: int, src: np.ndarray[Any, Any]) -> None:
+        self.copies["from_host"] += 1
+        super().from_host(offset, src)
+
+
+@pytest.fixture(params=["staged-cpu", "cuda"])
+def counting_memory(request: pytest.FixtureRequest) -> Callable[[TransferEngine, int], Any]:
+    if request.param == "cuda" and not HAS_CUDA:
+        pytest.skip("no CUDA device here (this case runs on a GPU machine)")
+    where = "cuda:0" if request.param == "cuda" else "cpu"
+
+    def make(engine: TransferEngine, size: int) -> CountingRegion:
+        tensor = torch.zeros(size, dtype=torch.uint8, device=where)
+        return engine._add_region(CountingRegion(next(engine._region_ids), tensor))
+
+    return make
+
+
+def test_adjacent_requests_are_staged_with_one_device_copy_per_run(
+    counting_memory: Callable[[TransferEngine, int], CountingRegion], transport: str
+) -> None:
+    block = 4096
+    with engine_over(transport) as eng:
+        local = counting_memory(eng, 64 * block)
+        target = eng.allocate(64 * block)
+        h = eng.open_segment(eng.listen())
+        rng = np.random.default_rng(3)
+        data = rng.integers(0, 256, 64 * block, dtype=np.uint8)
+        write_bytes(local, 0, data)
+        # blocks 0-15 (one run), 20 and 22 (two runs of one), 30-33 (one run, a READ below)
+        blocks = [*range(16), 20, 22, 30, 31, 32, 33]
+        reqs = [
+            TransferRequest(OpCode.WRITE, local, b * block, h, b * block, block, target.region_id)
+            for b in blocks
+        ]
+        eng.transfer_sync(reqs, timeout=30)
+        assert local.copies == {"to_host": 4, "from_host": 0}
+        for b in blocks:
+            assert np.array_equal(
+                target.array[b * block : (b + 1) * block], data[b * block :][:block]
+            )
+        # read them back shifted by one block: the same runs, one landing copy each
+        write_bytes(local, 0, np.zeros(64 * block, dtype=np.uint8))
+        reqs = [
+            TransferRequest(
+                OpCode.READ, local, (b + 1) * block, h, b * block, block, target.region_id
+            )
+            for b in blocks
+        ]
+        batch = eng.allocate_batch(len(reqs))
+        eng.submit(batch, reqs)
+        status = eng.wait(batch, timeout=30)
+        assert status.state is TransferState.COMPLETED, status.errors
+        assert local.copies == {"to_host": 4, "from_host": 4}
+        got = read_bytes(local, 0, 64 * block)
+        for b in blocks:
+            assert np.array_equal(got[(b + 1) * block :][:block], data[b * block :][:block])
+        assert not got[:block].any() and not got[18 * block : 20 * block].any()
+
+
+def test_a_run_lands_the_requests_that_arrived_and_not_those_that_failed(
+    counting_memory: Callable[[TransferEngine, int], CountingRegion],
+) -> None:
+    block = 4096
+    cfg = {"transport": "tcp", "transfer_timeout": 3.0, "retry_count": 1}
+    with (
+        TransferEngine(KvferryConfig(listen={"port": 0}, transfer=cfg)) as eng,
+        TransferEngine(KvferryConfig(listen={"port": 0}, transfer=cfg)) as doomed,
+    ):
+        local = counting_memory(eng, 8 * block)
+        write_bytes(local, 0, np.full(8 * block, 7, dtype=np.uint8))
+        alive = eng.allocate(8 * block)
+        alive.array[:] = 1
+        gone = doomed.allocate(8 * block)
+        h_alive = eng.open_segment(eng.listen())
+        h_gone = eng.open_segment(doomed.listen())
+        doomed.close()  # its requests fail; the run's others still land
+        # one run of 8 adjacent blocks in local memory: even ones from the live target
+        reqs = [
+            TransferRequest(
+                OpCode.READ,
+                local,
+                i * block,
+                h_alive if i % 2 == 0 else h_gone,
+                i * block,
+                block,
+                alive.region_id if i % 2 == 0 else gone.region_id,
+            )
+            for i in range(8)
+        ]
+        batch = eng.allocate_batch(len(reqs))
+        eng.submit(batch, reqs)
+        status = eng.wait(batch, timeout=20)
+        assert status.state is TransferState.FAILED
+        states = [r.state for r in status.requests]
+        assert states == [TransferState.COMPLETED, TransferState.FAILED] * 4
+        got = read_bytes(local, 0, 8 * block).reshape(8, block)
+        assert (got[0::2] == 1).all() and (got[1::2] == 7).all()  # failed ranges untouched
+        assert local.copies["from_host"] == 4  # one copy per stretch of arrived requests
+
+
+def test_vectored_requests_to_a_device_region_cost_one_staging_copy(
+    counting_memory: Callable[[TransferEngine, int], CountingRegion],
+) -> None:
+    block = 4096
+    with engine_over("tcp") as eng:
+        target = counting_memory(eng, 32 * block)
+        local = eng.allocate(32 * block)
+        local.array[:] = np.arange(32 * block, dtype=np.uint32).astype(np.uint8)
+        h = eng.open_segment(eng.listen())
+        write = [
+            TransferRequest(OpCode.WRITE, local, i * block, h, i * block, block, target.region_id)
+            for i in range(16)
+        ]
+        eng.transfer_sync(write, timeout=30)
+        assert target.copies == {"to_host": 0, "from_host": 1}  # one WRITEV, one stretch
+        assert np.array_equal(read_bytes(target, 0, 16 * block), local.array[: 16 * block])
+        read = [
+            TransferRequest(
+                OpCode.READ, local, (16 + i) * block, h, i * block, block, target.region_id
+            )
+            for i in range(16)
+        ]
+        eng.transfer_sync(read, timeout=30)
+        assert target.copies == {"to_host": 1, "from_host": 1}  # one READV, one stretch
+        assert np.array_equal(local.array[16 * block :], local.array[: 16 * block])
+        assert eng.metrics()["server"]["frames"] == 2

@@ -93,14 +93,12 @@ class _Conn:
         max_frame: int,
         *,
         vector: frozenset[OpCode] = frozenset(),
-        device: frozenset[int] = frozenset(),
     ) -> None:
         sock.setblocking(False)
         self.sock = sock
         # ops whose runs of small slices go in one frame (READV/WRITEV, where the target serves
         # them)
         self.vector = vector
-        self.device = device  # regions in GPU memory: never vectored (their slices are large)
         self.vec_left = 0  # bytes of a READV reply still to hand out to its slices
         self.vec_got = 0  # bytes of the head slice already handed out
         self.fd = sock.fileno()
@@ -172,7 +170,9 @@ class _Conn:
                 break
 
     def _vectorable(self, s: _Slice) -> bool:
-        return s.length <= _SMALL_READ and s.item.region_id not in self.device
+        # small slices only; those to a peer's GPU region too (the server stages each stretch
+        # of adjacent ranges of a vector with one device copy)
+        return s.length <= _SMALL_READ
 
     def _gather_vector(self, first: _Slice, max_inflight: int) -> int:
         """Send ``first`` and the small slices of the same op queued right behind it as one
@@ -543,7 +543,7 @@ class TcpChannel(Channel):
             for op, name in ((OpCode.READ, "readv"), (OpCode.WRITE, "writev"))
             if self._vector and name in peer.ops
         )
-        return _Conn(sock, self._max_frame, vector=vector, device=self._device_regions)
+        return _Conn(sock, self._max_frame, vector=vector)
 
     def _dispatch(self) -> None:
         """Deal inbox slices round-robin over connections; install the connections connector
