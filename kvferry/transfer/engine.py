@@ -323,7 +323,15 @@ class TransferEngine:
         if self._has_device:
             runs, host, staged = self._stage([r for r, _ in checked])
         states = batch._add_many(
-            [(r.length, r.target.channel.slice_count(r.length, rid)) for r, rid in checked]
+            [
+                (
+                    r.length,
+                    1
+                    if r.length < r.target.channel.single_below
+                    else r.target.channel.slice_count(r.length, rid),
+                )
+                for r, rid in checked
+            ]
         )
         if host is not None:
             for run in runs:

@@ -86,6 +86,10 @@ class Channel(ABC):
     def __init__(self, counters: TransportCounters) -> None:
         self.counters = counters
 
+    single_below: int = 1 << 62
+    """Requests shorter than this take one completion whatever their region (the engine skips
+    ``slice_count`` for them)."""
+
     def slice_count(self, length: int, region_id: int | None = None) -> int:
         """How many completions a request of ``length`` bytes to the target's region
         ``region_id`` takes on this channel."""

@@ -423,6 +423,8 @@ class TcpChannel(Channel):
             r.region_id for r in peer.regions if not r.location.startswith("cpu")
         )
         self._device_slice = max(cfg.slice_size, cfg.device_slice_size)
+        # one slice below this on any region (device slices are at least as large)
+        self.single_below = self._slice_size + max(1, self._slice_size // self._fragment_ratio)
         self._vector = cfg.vectored_io
         self._retry_count = cfg.retry_count
         self._timeout = cfg.transfer_timeout
@@ -460,7 +462,7 @@ class TcpChannel(Channel):
             return
         deadline = time.monotonic() + self._timeout
         inbox = self._inbox
-        single = self._slice_size + max(1, self._slice_size // self._fragment_ratio)
+        single = self.single_below
         device = self._device_regions
         for item in items:
             if item.length < single:  # one slice: the common KV-block case, no plan needed
