@@ -37,7 +37,9 @@ class LatencyHistogram:
         are counted at C speed first (128 values: 12 us against 43 us key by key here)."""
         buckets = self.buckets
         top = len(_BOUNDS_US)
-        for ns, n in Counter(values).items():
+        # (a handful of values: key by key, a Counter costs more than it saves)
+        counted = Counter(values).items() if len(values) > 8 else ((ns, 1) for ns in values)
+        for ns, n in counted:
             buckets[min((ns // 1000).bit_length(), top)] += n
         self.count += len(values)
         self.sum_us += sum(values) / 1000.0
