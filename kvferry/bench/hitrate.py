@@ -364,14 +364,11 @@ def _tier_counts(store: TieredStore) -> tuple[dict[str, int], int, int, int, int
 
 
 def stack_refusal(
-    tiers: Sequence[TierSpec],
-    policy: str,
-    config: KvferryConfig | None,
-    stack: LruStack | None = None,
+    tiers: Sequence[TierSpec], policy: str, config: KvferryConfig | None
 ) -> str | None:
-    """None when :class:`LruStack` counts a simulation of ``tiers`` exactly as the store loop
-    would (LRU, one tier, exact capacity: evict only what a put needs); else why not. Without
-    ``stack`` the trace's own conditions (:meth:`LruStack.exact_for`) are not checked."""
+    """None when :class:`LruStack` can count a simulation of ``tiers`` exactly as the store loop
+    would (LRU, one tier, exact capacity: evict only what a put needs); else why not. The
+    trace's own conditions are :meth:`LruStack.exact_for`."""
     if policy != "lru":
         return f"policy {policy!r} is not lru"
     if len(tiers) != 1:
@@ -383,8 +380,6 @@ def stack_refusal(
                 f"watermarks evict_start_threshold={st.evict_start_threshold}, "
                 f"evict_ratio={st.evict_ratio}: the shortcut needs exact capacities (1.0, 0)"
             )
-    if stack is not None:
-        return stack.exact_for(tiers[0].capacity_blocks)
     return None
 
 
@@ -424,21 +419,20 @@ def simulate(
     if not tiers:
         raise HitRateError("a simulation needs at least one tier")
     _check_engine(engine)
-    if engine != "store" and stack_refusal(tiers, policy, config) is None:
+    if engine != "store":
         t0 = time.perf_counter()
-        if stack is None:
-            stack = LruStack(trace)
-        why = stack.exact_for(tiers[0].capacity_blocks)
+        why = stack_refusal(tiers, policy, config)
         if why is None:
-            result = stack_result(stack, trace, tiers[0], time.perf_counter() - t0)
-            if on_progress is not None:
-                on_progress(len(trace.requests), len(trace.requests))
-            return result
+            if stack is None:
+                stack = LruStack(trace)
+            why = stack.exact_for(tiers[0].capacity_blocks)
+            if why is None:
+                result = stack_result(stack, tiers[0], time.perf_counter() - t0)
+                if on_progress is not None:
+                    on_progress(len(trace.requests), len(trace.requests))
+                return result
         if engine == "stack":
             raise HitRateError(f"engine 'stack' is not exact here: {why}; use engine 'store'")
-    elif engine == "stack":
-        why = stack_refusal(tiers, policy, config)
-        raise HitRateError(f"engine 'stack' is not exact here: {why}; use engine 'store'")
     if config is None:
         cfg = sim_store_config(policy)
     else:
@@ -484,7 +478,7 @@ def simulate(
     )
 
 
-def stack_result(stack: LruStack, trace: Trace, tier: TierSpec, seconds: float) -> HitRateResult:
+def stack_result(stack: LruStack, tier: TierSpec, seconds: float) -> HitRateResult:
     """The result of simulating LRU over ``tier`` alone, from ``stack``'s counts, with the
     same fields the store loop fills (``seconds``: what the caller spent, the pass included)."""
     t0 = time.perf_counter()
@@ -578,28 +572,24 @@ def sweep(
         raise HitRateError(f"jobs must be at least 1, got {jobs}")
     _check_engine(engine)
     results: dict[int, HitRateResult] = {}
-    stack: LruStack | None = None
     if engine != "store":
-        eligible = [
-            i for i, c in enumerate(cases) if stack_refusal(c.tiers, c.policy, config) is None
-        ]
-        if eligible:
+        why = [stack_refusal(c.tiers, c.policy, config) for c in cases]
+        if None in why:
             t0 = time.perf_counter()
             stack = LruStack(trace)
             pass_seconds = time.perf_counter() - t0
-            for i in eligible:
-                tier = cases[i].tiers[0]
-                if stack.exact_for(tier.capacity_blocks) is None:
-                    results[i] = stack_result(stack, trace, tier, pass_seconds)
+            for i, case in enumerate(cases):
+                if why[i] is None:
+                    why[i] = stack.exact_for(case.tiers[0].capacity_blocks)
+                if why[i] is None:
+                    results[i] = stack_result(stack, case.tiers[0], pass_seconds)
                     if on_progress is not None:
                         on_progress(i, len(trace.requests), len(trace.requests))
-        if engine == "stack" and len(results) < len(cases):
-            i = next(i for i in range(len(cases)) if i not in results)
-            why = stack_refusal(cases[i].tiers, cases[i].policy, config)
-            if why is None and stack is not None:
-                why = stack.exact_for(cases[i].tiers[0].capacity_blocks)
+        refused = [i for i in range(len(cases)) if why[i] is not None]
+        if engine == "stack" and refused:
+            i = refused[0]
             raise HitRateError(
-                f"engine 'stack' is not exact for {cases[i].label}: {why}; use engine 'store'"
+                f"engine 'stack' is not exact for {cases[i].label}: {why[i]}; use engine 'store'"
             )
     rest = [i for i in range(len(cases)) if i not in results]
     if rest:
