@@ -17,8 +17,10 @@ stack shortcut; store: always the TieredStore loop).
 The bare reference (``--bare``): the same exact LRU written as a loop over three plain dicts (the
 index, the tier and the order, what the store keeps per block), with none of the store around
 them: no locks, statistics, validation or policy interface. It must count the same hits as the
-store's LRU (checked), and its speed is what pure Python reaches on this machine; kvferry's LRU
-is reported as a fraction of it, runs alternating.
+store's LRU (checked), and its speed is what pure Python reaches on this machine; each policy's
+run (``--policy``) is reported as a fraction of it at the same capacity, runs alternating, and
+with ``--store-too`` beside the store loop's run as well:
+    .venv/bin/python benchmarks/hitrate_speed.py --bare --store-too --repeat 5
 """
 
 from __future__ import annotations
@@ -122,36 +124,48 @@ def bare_lru(keys: list[list[bytes]], cap: int) -> tuple[int, float]:
     return hits, time.perf_counter() - start
 
 
-def bare_reference(caps: list[int], repeat: int, engine: str) -> list[dict[str, object]]:
-    """kvferry's LRU next to :func:`bare_lru`, alternating single runs; same hits required."""
+def bare_reference(
+    policies: list[str], caps: list[int], repeat: int, engine: str, store_too: bool
+) -> list[dict[str, object]]:
+    """Each policy's run (``engine``) next to :func:`bare_lru` at the same capacity, and with
+    ``store_too`` the store loop as well, alternating single runs; LRU must hit the same."""
     from kvferry.bench import hitrate
 
     trace, keys, blocks = _trace()
     rows: list[dict[str, object]] = []
-    for cap in caps:
-        ours, bare, ratios = [], [], []
-        for _ in range(repeat):
+    for policy in policies:
+        for cap in caps:
+            ours, bare, loop, ratios, over_loop = [], [], [], [], []
             tiers = [hitrate.TierSpec("cpu", cap)]
-            r = hitrate.simulate(trace, tiers, policy="lru", keys=keys, engine=engine)
-            hits, seconds = bare_lru(keys, cap)
-            if hits != r.tally.hit_blocks:
-                raise SystemExit(
-                    f"lru {cap}: the bare loop hit {hits} blocks, kvferry {r.tally.hit_blocks}"
-                )
-            ours.append(blocks / r.seconds)
-            bare.append(blocks / seconds)
-            ratios.append(ours[-1] / bare[-1])
-        rows.append(
-            {
-                "policy": "lru",
+            for _ in range(repeat):
+                r = hitrate.simulate(trace, tiers, policy=policy, keys=keys, engine=engine)
+                hits, seconds = bare_lru(keys, cap)
+                if policy == "lru" and hits != r.tally.hit_blocks:
+                    raise SystemExit(
+                        f"lru {cap}: the bare loop hit {hits} blocks, kvferry {r.tally.hit_blocks}"
+                    )
+                ours.append(blocks / r.seconds)
+                bare.append(blocks / seconds)
+                ratios.append(ours[-1] / bare[-1])
+                if store_too:
+                    s = hitrate.simulate(trace, tiers, policy=policy, keys=keys, engine="store")
+                    if s.tally.hit_blocks != r.tally.hit_blocks:
+                        raise SystemExit(f"{policy} {cap}: the store loop counts differently")
+                    loop.append(blocks / s.seconds)
+                    over_loop.append(ours[-1] / loop[-1])
+            row: dict[str, object] = {
+                "policy": policy,
                 "capacity_blocks": cap,
                 "engine": r.engine,
-                "hit_blocks": hits,
+                "hit_blocks": r.tally.hit_blocks,
                 "lookups_per_s": statistics.median(ours),
                 "bare_lookups_per_s": statistics.median(bare),
                 "fraction_of_bare": statistics.median(ratios),
             }
-        )
+            if store_too:
+                row["store_lookups_per_s"] = statistics.median(loop)
+                row["over_store"] = statistics.median(over_loop)
+            rows.append(row)
     return rows
 
 
@@ -231,10 +245,15 @@ def main() -> None:
     p.add_argument("--capacity", default="1953,9765,19531")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--base", type=Path, help="another kvferry checkout to compare with")
-    p.add_argument("--bare", action="store_true", help="LRU next to the bare-dict reference")
+    p.add_argument(
+        "--bare", action="store_true", help="each policy next to the bare-dict LRU reference"
+    )
+    p.add_argument(
+        "--store-too", action="store_true", help="with --bare: the store loop alternates as well"
+    )
     p.add_argument("--trace", default="mooncake-synthetic", help="trace file or bundled name")
     p.add_argument("--block-tokens", type=int, default=512, help="tokens per hash id of --trace")
-    p.add_argument("--engine", default="auto", choices=["auto", "store", "stack"])
+    p.add_argument("--engine", default="auto", choices=["auto", "store", "stack", "direct"])
     p.add_argument("--json", default="")
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -246,13 +265,21 @@ def main() -> None:
     policies = [x for x in a.policy.split(",") if x]
     caps = [int(x) for x in a.capacity.split(",") if x]
     if a.bare:
-        rows = bare_reference(caps, a.repeat, a.engine)
-        print(f"{'policy':13} {'blocks':>7} {'kvferry':>8} {'bare':>8}  ratio (median)  engine")
+        rows = bare_reference(policies, caps, a.repeat, a.engine, a.store_too)
+        print(
+            f"{'policy':13} {'blocks':>7} {'kvferry':>8} {'bare':>8}  ratio (median)  engine"
+            + ("   store loop  kvferry/loop" if a.store_too else "")
+        )
         for r in rows:
             print(
                 f"{r['policy']:13} {r['capacity_blocks']:>7} "
                 f"{r['lookups_per_s'] / 1e6:>7.3f}M {r['bare_lookups_per_s'] / 1e6:>7.3f}M  "
                 f"{r['fraction_of_bare']:.2f}  {r['engine']}"
+                + (
+                    f"  {r['store_lookups_per_s'] / 1e6:>7.3f}M  {r['over_store']:.2f}"
+                    if a.store_too
+                    else ""
+                )
             )
         report: dict[str, object] = {
             "reference": "bare-dict LRU",

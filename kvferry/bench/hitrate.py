@@ -12,10 +12,16 @@ So a simulated hit rate and a replay's hit rate with the same capacities and pol
 (a test holds them to it). Per request the loop is what an engine does: ``lookup`` the leading
 cached blocks, ``get`` them, ``put`` the blocks from the first miss on.
 
-One shortcut, on by default (``engine="auto"``): a simulation of LRU over one tier with exact
-capacities takes its counts from :class:`~kvferry.bench.lru_stack.LruStack` (one pass over the
-trace answers every capacity) wherever they are provably the store loop's, block for block;
-tests hold the two equal. ``engine="store"`` always runs the loop.
+Two shortcuts, on by default (``engine="auto"``), each taken only where its counts are the store
+loop's block for block (tests hold them equal):
+
+- ``stack``: LRU over one tier with exact capacities takes its counts from
+  :class:`~kvferry.bench.lru_stack.LruStack` (one pass over the trace answers every capacity);
+- ``direct``: any other run over one tier drives the store's own eviction policy with the
+  store's calls over a plain set of keys (:mod:`kvferry.bench.direct`), without the store's
+  index, leases and statistics around it.
+
+``engine="store"`` always runs the loop; a tier pipeline always does.
 
 Hit rates are reported three ways and always labelled:
 
@@ -45,6 +51,7 @@ import numpy as np
 
 from kvferry.backends.base import Key
 from kvferry.backends.memory import MemoryTier
+from kvferry.bench import direct
 from kvferry.bench.lru_stack import LruStack
 from kvferry.bench.stats import Samples
 from kvferry.bench.traces import Trace, TraceRequest
@@ -70,9 +77,10 @@ DTYPE_BYTES = {
     "int8": 1,
 }
 
-ENGINES = ("auto", "store", "stack")
+ENGINES = ("auto", "store", "stack", "direct")
 """How a simulation counts: ``store`` runs the TieredStore loop, ``stack`` LRU's one-pass
-shortcut (refused where it is not exact), ``auto`` the shortcut wherever it is exact."""
+shortcut, ``direct`` the policy driven without the store around it (each refused where it is not
+exact); ``auto`` the stack where it is exact, else direct where it is, else the loop."""
 
 SIM_SLOT_SIZE = 4096
 """``store.slot_size`` of a simulation: its values are empty, so the number only has to be valid."""
@@ -399,8 +407,8 @@ def simulate(
     engine: str = "auto",
     stack: LruStack | None = None,
 ) -> HitRateResult:
-    """Run ``trace`` through a TieredStore over memory tiers of ``tiers``' capacities (or, for
-    LRU where that is exact, count the same from the trace's :class:`LruStack`).
+    """Run ``trace`` through a TieredStore over memory tiers of ``tiers``' capacities (or count
+    the same with a shortcut where that is exact: ``engine``).
 
     Args:
         trace: the requests.
@@ -414,12 +422,13 @@ def simulate(
         stack: ``LruStack(trace)``, when the caller runs many cases (built here when needed).
 
     Raises:
-        HitRateError: no tiers, an unknown engine, or engine "stack" where it is not exact.
+        HitRateError: no tiers, an unknown engine, or engine "stack" or "direct" where it is not
+            exact.
     """
     if not tiers:
         raise HitRateError("a simulation needs at least one tier")
     _check_engine(engine)
-    if engine != "store":
+    if engine in ("auto", "stack"):
         t0 = time.perf_counter()
         why = stack_refusal(tiers, policy, config)
         if why is None:
@@ -437,12 +446,28 @@ def simulate(
         cfg = sim_store_config(policy)
     else:
         cfg = _store_config(config, policy, max(SIM_SLOT_SIZE, config.store.slot_size))
+    keys = trace_keys(trace) if keys is None else keys
+    if engine in ("auto", "direct"):
+        why = direct.refusal(len(tiers))
+        if why is None:
+            t0 = time.perf_counter()
+            got = direct.count(keys, policy, tiers[0].capacity_blocks, cfg.store, on_progress)
+            return counted_result(
+                trace,
+                policy,
+                tiers[0],
+                got.hits,
+                got.evictions,
+                time.perf_counter() - t0,
+                "direct",
+            )
+        if engine == "direct":
+            raise HitRateError(f"engine 'direct' is not exact here: {why}; use engine 'store'")
     slot = cfg.store.slot_size
     store = TieredStore(
         cfg,
         tiers=[MemoryTier.sized(t.capacity_blocks, label=t.name, slot_size=slot) for t in tiers],
     )
-    keys = trace_keys(trace) if keys is None else keys
     longest = max((len(k) for k in keys), default=0)
     empty = memoryview(b"")
     outs = [memoryview(bytearray(0))] * longest
@@ -483,34 +508,68 @@ def stack_result(stack: LruStack, tier: TierSpec, seconds: float) -> HitRateResu
     same fields the store loop fills (``seconds``: what the caller spent, the pass included)."""
     t0 = time.perf_counter()
     got = stack.counts(tier.capacity_blocks)
-    hits = got["hits"]
-    lens = stack.lengths
-    bt = stack.block_tokens
+    tally = _tally(got["hits"], stack.lengths, stack.input_lengths, stack.block_tokens)
+    return _one_tier_result(
+        "lru", tier, tally, got["evictions"], seconds + time.perf_counter() - t0, "stack"
+    )
+
+
+def counted_result(
+    trace: Trace,
+    policy: str,
+    tier: TierSpec,
+    hits: np.ndarray[Any, Any],
+    evictions: int,
+    seconds: float,
+    engine: str,
+) -> HitRateResult:
+    """The result of a run over ``tier`` alone that counted ``hits`` (prefix hit blocks per
+    request of ``trace``) and ``evictions``, with the same fields the store loop fills."""
+    reqs = trace.requests
+    lens = np.fromiter((len(r.hash_ids) for r in reqs), np.int64, len(reqs))
+    inputs = np.fromiter((r.input_length for r in reqs), np.int64, len(reqs))
+    tally = _tally(hits, lens, inputs, trace.block_tokens)
+    return _one_tier_result(policy, tier, tally, evictions, seconds, engine)
+
+
+def _tally(
+    hits: np.ndarray[Any, Any],
+    lens: np.ndarray[Any, Any],
+    input_lengths: np.ndarray[Any, Any],
+    block_tokens: int,
+) -> Tally:
+    """What :meth:`Tally.add` sums over the requests, from per-request arrays."""
     tally = Tally(
         requests=len(lens),
         requests_with_blocks=int(np.count_nonzero(lens)),
-        blocks=stack.blocks,
+        blocks=int(lens.sum()),
         hit_blocks=int(hits.sum()),
-        tokens=int(stack.input_lengths.sum()),
-        hit_tokens=int(np.minimum(hits * bt, stack.input_lengths).sum()),
+        tokens=int(input_lengths.sum()),
+        hit_tokens=int(np.minimum(hits * block_tokens, input_lengths).sum()),
     )
     with_blocks = lens > 0
     fraction_sum = 0.0
     for f in (hits[with_blocks] / lens[with_blocks]).tolist():
         fraction_sum += f  # in request order, as Tally.add sums them: the same float
     tally.hit_fraction_sum = fraction_sum
+    return tally
+
+
+def _one_tier_result(
+    policy: str, tier: TierSpec, tally: Tally, evictions: int, seconds: float, engine: str
+) -> HitRateResult:
     return HitRateResult(
         mode="simulate",
-        policy="lru",
+        policy=policy,
         tiers=[tier],
         tally=tally,
         tier_hit_blocks={tier.name: tally.hit_blocks},
         promotions=0,
         demotions=0,
-        evictions=got["evictions"],
+        evictions=evictions,
         dropped=0,
-        seconds=seconds + time.perf_counter() - t0,
-        engine="stack",
+        seconds=seconds,
+        engine=engine,
     )
 
 
@@ -560,19 +619,20 @@ def sweep(
 
     The cases LRU's shortcut counts exactly (``engine`` "auto" or "stack") share one
     :class:`LruStack` pass, here; each of their results' ``seconds`` includes that whole pass.
-    The other runs are independent (each builds its own store), so with ``jobs`` > 1 they run
-    in that many forked worker processes at once: the same code and the same results, in less
-    wall time. Each run's ``seconds`` is still its own. ``jobs`` = 1 runs them here, one after
-    the other.
+    The other runs (direct or store loop, as ``engine`` says) are independent, so with ``jobs``
+    > 1 they run in that many forked worker processes at once: the same code and the same
+    results, in less wall time. Each run's ``seconds`` is still its own. ``jobs`` = 1 runs them
+    here, one after the other.
 
     Raises:
-        HitRateError: ``jobs`` < 1, an unknown engine; or what a run raised.
+        HitRateError: ``jobs`` < 1, an unknown engine, a case the named engine is not exact for;
+            or what a run raised.
     """
     if jobs < 1:
         raise HitRateError(f"jobs must be at least 1, got {jobs}")
     _check_engine(engine)
     results: dict[int, HitRateResult] = {}
-    if engine != "store":
+    if engine in ("auto", "stack"):
         why = [stack_refusal(c.tiers, c.policy, config) for c in cases]
         if None in why:
             t0 = time.perf_counter()
@@ -592,11 +652,19 @@ def sweep(
                 f"engine 'stack' is not exact for {cases[i].label}: {why[i]}; use engine 'store'"
             )
     rest = [i for i in range(len(cases)) if i not in results]
+    engines = []
+    for i in rest:
+        why_not = direct.refusal(len(cases[i].tiers))
+        if engine == "direct" and why_not is not None:
+            raise HitRateError(
+                f"engine 'direct' is not exact for {cases[i].label}: {why_not}; use engine 'store'"
+            )
+        engines.append("direct" if engine in ("auto", "direct") and why_not is None else "store")
     if rest:
         track = None
         if on_progress is not None:
             track = functools.partial(_report_as, rest, on_progress)
-        ran = _sweep_store(trace, [cases[i] for i in rest], config, keys, jobs, track)
+        ran = _sweep_runs(trace, [cases[i] for i in rest], engines, config, keys, jobs, track)
         results.update(zip(rest, ran))
     return [results[i] for i in range(len(cases))]
 
@@ -605,9 +673,10 @@ def _report_as(index: list[int], report: SweepProgressFn, i: int, done: int, tot
     report(index[i], done, total)
 
 
-def _sweep_store(
+def _sweep_runs(
     trace: Trace,
     cases: Sequence[SimCase],
+    engines: Sequence[str],
     config: KvferryConfig | None,
     keys: list[list[Key]] | None,
     jobs: int,
@@ -617,7 +686,7 @@ def _sweep_store(
     jobs = min(jobs, len(cases))
     if jobs <= 1 or "fork" not in multiprocessing.get_all_start_methods():
         out = []
-        for i, case in enumerate(cases):
+        for i, (case, engine) in enumerate(zip(cases, engines)):
             track = None if on_progress is None else functools.partial(on_progress, i)
             out.append(
                 simulate(
@@ -627,7 +696,7 @@ def _sweep_store(
                     config=config,
                     keys=keys,
                     on_progress=track,
-                    engine="store",
+                    engine=engine,
                 )
             )
         return out
@@ -636,7 +705,7 @@ def _sweep_store(
     with _FORK_LOCK:  # one forked sweep at a time per process: the state is a global
         _FORK_STATE.update(trace=trace, keys=keys, config=config, updates=updates)
         try:
-            return _sweep_forked(ctx, jobs, cases, updates, on_progress)
+            return _sweep_forked(ctx, jobs, cases, engines, updates, on_progress)
         finally:
             _FORK_STATE.clear()
             if updates is not None:
@@ -647,12 +716,15 @@ def _sweep_forked(
     ctx: Any,
     jobs: int,
     cases: Sequence[SimCase],
+    engines: Sequence[str],
     updates: Any,
     on_progress: SweepProgressFn | None,
 ) -> list[HitRateResult]:
     try:
         with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-            futures = [pool.submit(_sweep_worker, i, c) for i, c in enumerate(cases)]
+            futures = [
+                pool.submit(_sweep_worker, i, c, e) for i, (c, e) in enumerate(zip(cases, engines))
+            ]
             if updates is not None and on_progress is not None:
                 pending = set(futures)
                 while pending:
@@ -664,7 +736,7 @@ def _sweep_forked(
         raise HitRateError(f"a sweep worker process died ({e}); run with --jobs 1") from e
 
 
-def _sweep_worker(index: int, case: SimCase) -> HitRateResult:
+def _sweep_worker(index: int, case: SimCase, engine: str) -> HitRateResult:
     state = _FORK_STATE
     updates = state["updates"]
     return simulate(
@@ -674,7 +746,7 @@ def _sweep_worker(index: int, case: SimCase) -> HitRateResult:
         config=state["config"],
         keys=state["keys"],
         on_progress=None if updates is None else functools.partial(_put_update, updates, index),
-        engine="store",
+        engine=engine,
     )
 
 
@@ -877,7 +949,7 @@ def advise(
     shape = [*fixed, TierSpec(name, None)]
     # one LRU pass serves every probe it is exact for (simulate falls back per probe)
     stack = None
-    if engine != "store" and stack_refusal(shape, policy, config) is None:
+    if engine in ("auto", "stack") and stack_refusal(shape, policy, config) is None:
         stack = LruStack(trace)
 
     def run(cap: int) -> float:

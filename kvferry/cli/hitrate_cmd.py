@@ -166,8 +166,9 @@ def add_hitrate_parser(kinds: Any) -> None:
         default="auto",
         help="simulation: how to count; auto (default): LRU over one tier with exact capacities "
         "takes a one-pass stack-distance shortcut where it equals the store loop block for "
-        "block, everything else runs the store loop; store: always the loop; stack: the "
-        "shortcut or an error",
+        "block, other one-tier runs drive the store's eviction policy directly (the same calls, "
+        "without the store around it), tier pipelines run the store loop; store: always the "
+        "loop; stack, direct: that shortcut or an error",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     add_config_options(p)
@@ -447,7 +448,7 @@ def _print_report(console: Console, report: HitRateReport, distinct: int) -> Non
             ]
         else:
             row.append(
-                f"{r.lookups_per_s / 1e6:.2f}M" + (" (stack)" if r.engine == "stack" else "")
+                f"{r.lookups_per_s / 1e6:.2f}M" + (f" ({r.engine})" if r.engine != "store" else "")
             )
         saved = report.prefill_saved(r)
         if saved is not None:
@@ -466,6 +467,12 @@ def _print_report(console: Console, report: HitRateReport, distinct: int) -> Non
             "; (stack) = counted by LRU's one-pass shortcut (equal to the store loop; its "
             "lookups/s include the whole pass)"
             if any(r.engine == "stack" for r in report.results)
+            else ""
+        )
+        + (
+            "; (direct) = the store's eviction policy driven without the store around it (equal "
+            "to the store loop)"
+            if any(r.engine == "direct" for r in report.results)
             else ""
         )
         + f"; peak RSS {report.peak_rss_mib:,.0f} MiB"

@@ -37,6 +37,16 @@ from kvferry.store.stats import StoreStats, TierCounters
 
 log = logging.getLogger("kvferry.store")
 
+
+def eviction_marks(capacity: int | None, cfg: StoreConfig) -> tuple[int | None, int]:
+    """A tier's high watermark (blocks in use that start an eviction round; None: never) and
+    its round (the fewest victims a round takes), from ``evict_start_threshold`` and
+    ``evict_ratio``."""
+    if capacity is None:
+        return None, 0
+    return int(capacity * cfg.evict_start_threshold), max(1, math.ceil(capacity * cfg.evict_ratio))
+
+
 T = TypeVar("T")
 
 STORED = PutStatus.STORED
@@ -95,9 +105,9 @@ class TieredStore:
         self._high: list[int | None] = []
         self._round: list[int] = []
         for t in self.tiers:
-            cap = t.capacity_blocks
-            self._high.append(None if cap is None else int(cap * cfg.evict_start_threshold))
-            self._round.append(0 if cap is None else max(1, math.ceil(cap * cfg.evict_ratio)))
+            high, round_ = eviction_marks(t.capacity_blocks, cfg)
+            self._high.append(high)
+            self._round.append(round_)
         self._lock = threading.RLock()
         self._where: dict[Key, int] = {}
         self._doomed: set[Key] = set()  # deleted while pinned: freed at the last unpin

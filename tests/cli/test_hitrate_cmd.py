@@ -29,21 +29,21 @@ def test_sweep_writes_json_csv_and_plot(tmp_path: Path, capsys: pytest.CaptureFi
     assert [(r["policy"], r["capacity_blocks"]) for r in report["results"]] == [
         ("lru", 1953), ("lru", 9765), ("fifo", 1953), ("fifo", 9765),
     ]  # fmt: skip
-    # LRU over one tier is counted by the stack pass, FIFO by the store loop
-    assert [r["engine"] for r in report["results"]] == ["stack", "stack", "store", "store"]
+    # LRU over one tier is counted by the stack pass, FIFO by its policy driven directly
+    assert [r["engine"] for r in report["results"]] == ["stack", "stack", "direct", "direct"]
     lru = report["results"][1]
     assert lru["capacity_bytes"] == 9765 * 131072 * 512
     assert abs(lru["token_hit_rate"] - 0.4352) < 0.02  # Figure 9 at 5e6 tokens
     assert lru["prefill_seconds_saved"] == pytest.approx(lru["hit_tokens"] / 10000)
     assert len(report["reference"]) == 10
     rows = list(csv.DictReader(table.open()))
-    assert [r["engine"] for r in rows] == ["stack", "stack", "store", "store"]
+    assert [r["engine"] for r in rows] == ["stack", "stack", "direct", "direct"]
     assert len(rows) == 4 and float(rows[1]["block_hit_rate"]) == pytest.approx(
         lru["block_hit_rate"], abs=1e-6
     )
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = capsys.readouterr().out
-    assert "0.4201" in text and "headline" in text and "(stack)" in text
+    assert "0.4201" in text and "headline" in text and "(stack)" in text and "(direct)" in text
 
 
 def test_workload_input_and_advice(capsys: pytest.CaptureFixture[str]) -> None:

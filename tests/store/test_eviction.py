@@ -121,3 +121,14 @@ def test_batch_primitives_equal_their_key_by_key_definition(name: str, seed: int
         assert len(fast) == len(slow)
         assert fast.victims(len(fast), None) == slow.victims(len(slow), None), op
         assert [fast.depth(k) for k in universe] == [slow.depth(k) for k in universe]
+
+
+@pytest.mark.parametrize("name", ["lru", "lfu", "fifo", "length-aware"])
+def test_tracked_is_a_live_view_of_the_keys(name: str) -> None:
+    p = load_policy(name)()
+    view = p.tracked()
+    p.insert_many(["a", "b", "c"])
+    p.insert_chain(["d"], 0)
+    p.remove_many(["b"])
+    assert [k in view for k in "abcde"] == [True, False, True, True, False]
+    assert [k in view for k in "abcde"] == [k in p for k in "abcde"]

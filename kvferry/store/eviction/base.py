@@ -21,6 +21,11 @@ Primitives and their contracts:
     counted. Only a policy with a recency order (LRU) does anything; the base class nothing.
 ``__len__``, ``__contains__``
     Keys tracked.
+``tracked() -> Container[key]``
+    A live, read-only view of the keys tracked, whose ``in`` answers as ``__contains__`` does
+    (a policy returns its own dict's ``keys()``, so a caller that probes many keys, such as
+    the hit-rate lab's direct engine, pays no Python call per probe). The base class returns
+    the policy itself.
 ``insert_many(keys)``, ``touch_many(keys)``, ``remove_many(keys)``
     The same for a batch, in order; the base class loops, a policy overrides them to go faster
     (the store calls these on its hot paths).
@@ -49,7 +54,7 @@ Constructor shape: ``Policy()``; every policy is created fresh per tier.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Container, Hashable, Iterable, Sequence
 from itertools import islice
 from typing import ClassVar, Generic, TypeVar
 
@@ -118,6 +123,10 @@ class EvictionPolicy(ABC, Generic[K]):
     def reorder(self, keys: Sequence[K]) -> None:
         """Put the tracked ``keys`` back in this order as the most recent, counting no access
         (policies with a recency order; the others ignore it)."""
+
+    def tracked(self) -> Container[K]:
+        """A live read-only view of the tracked keys, for fast ``in`` (see the module doc)."""
+        return self
 
     @abstractmethod
     def __len__(self) -> int: ...

@@ -20,7 +20,7 @@ group backwards. O(1) per call except ``victims``, which is O(groups visited + v
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, KeysView, Sequence
 from itertools import chain
 
 from kvferry.store.eviction.base import EvictionPolicy, K, take
@@ -79,6 +79,10 @@ class LengthAwarePolicy(EvictionPolicy[K]):
     def insert_chain(self, keys: Sequence[K], first_depth: int) -> None:
         # insert(k); set_depth(k, d) key by key, going straight to each key's final group
         group, groups = self._group, self._groups
+        if len(keys) > 1 and group.keys().isdisjoint(keys) and len(set(keys)) == len(keys):
+            self._link(keys[0], first_depth)  # the usual put: new blocks, one chain
+            self._join(keys[1:], first_depth + 1)
+            return
         for i, k in enumerate(keys):
             old = group.get(k)
             if old is not None:
@@ -104,8 +108,22 @@ class LengthAwarePolicy(EvictionPolicy[K]):
             if not left:
                 del groups[old]
             known.append(i)
+        if len(known) == len(keys) > 1:  # the usual get: every block, one run of depths
+            self._link(keys[0], first_depth)
+            self._join(keys[1:], first_depth + 1)
+            return
         for i in known:
             self._link(keys[i], first_depth + i)
+
+    def _join(self, keys: Sequence[K], first_depth: int) -> None:
+        """``_link`` of each of ``keys`` (in no group now) at depths from ``first_depth``, right
+        after ``_link`` placed the block at ``first_depth - 1``: they all join its chain."""
+        tick = self._chain
+        self._groups[tick].update(dict.fromkeys(keys))
+        self._group.update(dict.fromkeys(keys, tick))
+        self._depth.update(zip(keys, range(first_depth, first_depth + len(keys))))
+        self._tick += len(keys)
+        self._last_depth = first_depth + len(keys) - 1
 
     def _link(self, key: K, depth: int) -> None:
         """Place ``key`` (in no group now) as a fresh access at ``depth``: joins the chain being
@@ -147,6 +165,9 @@ class LengthAwarePolicy(EvictionPolicy[K]):
     def victims(self, n: int, skip: Callable[[K], bool] | None) -> list[K]:
         groups = self._groups.values()
         return take(chain.from_iterable(reversed(keys) for keys in groups), n, skip)
+
+    def tracked(self) -> KeysView[K]:
+        return self._group.keys()
 
     def __len__(self) -> int:
         return len(self._group)

@@ -8,7 +8,7 @@ victims), not a sort of the whole tier.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, KeysView
 from itertools import chain
 
 from kvferry.store.eviction.base import EvictionPolicy, K, take
@@ -88,6 +88,9 @@ class LfuPolicy(EvictionPolicy[K]):
     def victims(self, n: int, skip: Callable[[K], bool] | None) -> list[K]:
         buckets = self._buckets
         return take(chain.from_iterable(buckets[c] for c in sorted(buckets)), n, skip)
+
+    def tracked(self) -> KeysView[K]:
+        return self._count.keys()
 
     def __len__(self) -> int:
         return len(self._count)

@@ -8,7 +8,7 @@ iterating from the front (the oldest) stays cheap.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, KeysView, Sequence
 
 from kvferry.store.eviction.base import EvictionPolicy, K, take
 
@@ -63,6 +63,9 @@ class LruPolicy(EvictionPolicy[K]):
 
     def victims(self, n: int, skip: Callable[[K], bool] | None) -> list[K]:
         return take(self._order, n, skip)
+
+    def tracked(self) -> KeysView[K]:
+        return self._order.keys()
 
     def __len__(self) -> int:
         return len(self._order)
