@@ -197,6 +197,7 @@ class TransferEngine:
         return {
             "version": wire.WIRE_VERSION,
             "ops": ["readv", "writev"],
+            "max_frame": self.config.transfer.max_frame_size,
             "instance": self.instance,
             "boot_id": self._ctx.boot_id,
             "pid": self._ctx.pid,

@@ -94,6 +94,11 @@ def parse_peer(doc: dict[str, Any], address: tuple[str, int], name: str | None) 
     ops = doc.get("ops", [])
     if not isinstance(ops, list) or not all(isinstance(o, str) for o in ops):
         raise ProtocolError(f"handshake reply has malformed ops {ops!r}")
+    max_frame = doc.get("max_frame")
+    if max_frame is not None and (
+        not isinstance(max_frame, int) or isinstance(max_frame, bool) or max_frame < 4096
+    ):
+        raise ProtocolError(f"handshake reply has a malformed max_frame {max_frame!r}")
     return PeerInfo(
         name=name or f"{address[0]}:{address[1]}",
         address=address,
@@ -102,4 +107,5 @@ def parse_peer(doc: dict[str, Any], address: tuple[str, int], name: str | None) 
         pid=pid,
         regions=tuple(RegionInfo.from_json(r) for r in regions),
         ops=frozenset(ops),
+        max_frame=max_frame,
     )

@@ -67,6 +67,7 @@ class PeerInfo:
     pid: int
     regions: tuple[RegionInfo, ...]
     ops: frozenset[str] = frozenset()  # optional wire ops the target serves ("readv")
+    max_frame: int | None = None  # largest frame payload the target takes (None: not said)
 
     def region(self, region_id: int | None) -> RegionInfo:
         """The region with this id (None: the first one).

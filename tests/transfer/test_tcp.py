@@ -302,3 +302,67 @@ def test_a_burst_of_small_reads_or_writes_goes_as_vector_frames(vectored: bool) 
         for r in mixed:
             lo, to, n = r.local_offset, r.target_offset, r.length
             assert np.array_equal(local.array[lo : lo + n], target.array[to : to + n]), r
+
+
+@pytest.mark.parametrize(("max_frame", "frames"), [(64 * MiB, 3), (256 * 1024, 12)])
+def test_adjacent_slices_of_a_request_go_as_one_frame(max_frame: int, frames: int) -> None:
+    """A 3 MiB request of 48 slices of 64 KiB on one connection: READ and WRITE frames of up
+    to 1 MiB (or the frame limit, when smaller), bytes exact both ways."""
+    cfg = KvferryConfig(
+        transfer={
+            "transport": "tcp",
+            "slice_size": "64KiB",
+            "device_slice_size": "64KiB",
+            "max_frame_size": max_frame,
+        },
+        listen={"port": 0},
+    )
+    rng = np.random.default_rng(9)
+    with TransferEngine(cfg) as eng:
+        target = eng.allocate(8 * MiB)
+        target.array[:] = rng.integers(0, 256, target.size, dtype=np.uint8)
+        local = eng.allocate(8 * MiB)
+        h = eng.open_segment(eng.listen())
+        assert h.peer.max_frame == max_frame
+        before = eng.metrics()["server"]["frames"]
+        eng.transfer_sync([TransferRequest(OpCode.READ, local, 5, h, 1000, 3 * MiB)], timeout=30)
+        assert np.array_equal(local.array[5 : 5 + 3 * MiB], target.array[1000 : 1000 + 3 * MiB])
+        assert eng.metrics()["server"]["frames"] - before == frames
+        local.array[: 3 * MiB] = rng.integers(0, 256, 3 * MiB, dtype=np.uint8)
+        before = eng.metrics()["server"]["frames"]
+        eng.transfer_sync(
+            [TransferRequest(OpCode.WRITE, local, 0, h, 4 * MiB, 3 * MiB)], timeout=30
+        )
+        assert np.array_equal(target.array[4 * MiB : 7 * MiB], local.array[: 3 * MiB])
+        assert eng.metrics()["server"]["frames"] - before == frames
+        assert eng.metrics()["tcp"]["errors"] == 0
+
+
+def test_a_peer_that_announces_no_frame_limit_gets_slices_one_frame_each(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from kvferry.transfer.handshake import parse_peer
+
+    describe = TransferEngine._describe
+
+    def older(self: TransferEngine) -> dict[str, object]:
+        doc = describe(self)
+        del doc["max_frame"]  # as a target from before frame merging answers
+        return doc
+
+    monkeypatch.setattr(TransferEngine, "_describe", older)
+    cfg = KvferryConfig(transfer={"transport": "tcp", "slice_size": "64KiB"}, listen={"port": 0})
+    with TransferEngine(cfg) as eng:
+        target = eng.allocate(4 * MiB)
+        target.array[:] = 3
+        local = eng.allocate(4 * MiB)
+        h = eng.open_segment(eng.listen())
+        assert h.peer.max_frame is None
+        eng.transfer_sync([TransferRequest(OpCode.READ, local, 0, h, 0, MiB)], timeout=30)
+        assert eng.metrics()["server"]["frames"] == 16 and np.all(local.array[:MiB] == 3)
+    doc = {"version": wire.WIRE_VERSION, "regions": [], "instance": "i", "boot_id": "b", "pid": 1}
+    assert parse_peer(doc, ("127.0.0.1", 1), None).max_frame is None
+    assert parse_peer({**doc, "max_frame": 4096}, ("127.0.0.1", 1), None).max_frame == 4096
+    for bad in (True, 100, "1MiB", 2.5):
+        with pytest.raises(Exception, match="malformed max_frame"):
+            parse_peer({**doc, "max_frame": bad}, ("127.0.0.1", 1), None)
