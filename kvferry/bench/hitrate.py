@@ -18,8 +18,8 @@ loop's block for block (tests hold them equal):
 - ``stack``: LRU over one tier with exact capacities takes its counts from
   :class:`~kvferry.bench.lru_stack.LruStack` (one pass over the trace answers every capacity);
 - ``direct``: any other run over one tier drives the store's own eviction policy with the
-  store's calls over a plain set of keys (:mod:`kvferry.bench.direct`), without the store's
-  index, leases and statistics around it.
+  store's calls (:mod:`kvferry.bench.direct`), without the store's index, tier dict, leases and
+  statistics around it.
 
 ``engine="store"`` always runs the loop; a tier pipeline always does.
 
@@ -452,7 +452,7 @@ def simulate(
         if why is None:
             t0 = time.perf_counter()
             got = direct.count(keys, policy, tiers[0].capacity_blocks, cfg.store, on_progress)
-            return counted_result(
+            return _counted_result(
                 trace,
                 policy,
                 tiers[0],
@@ -514,7 +514,7 @@ def stack_result(stack: LruStack, tier: TierSpec, seconds: float) -> HitRateResu
     )
 
 
-def counted_result(
+def _counted_result(
     trace: Trace,
     policy: str,
     tier: TierSpec,
