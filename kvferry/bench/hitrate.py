@@ -310,6 +310,14 @@ class HitRateResult:
         b = self.tally.blocks
         return {name: (n / b if b else 0.0) for name, n in self.tier_hit_blocks.items()}
 
+    def counted(self) -> dict[str, Any]:
+        """What the run counted (``to_json`` without its timing and engine): equal for every
+        engine that counts a run exactly."""
+        out = self.to_json()
+        for k in ("seconds", "lookups_per_s", "engine"):
+            del out[k]
+        return out
+
     def to_json(self) -> dict[str, Any]:
         return {
             "mode": self.mode,

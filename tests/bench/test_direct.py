@@ -5,29 +5,16 @@ watermark setting; and it is used only for one tier."""
 from __future__ import annotations
 
 import random
-from typing import Any
 
 import pytest
 
 from kvferry.bench import direct, hitrate
 from kvferry.bench.hitrate import SimCase, TierSpec, simulate, sweep
-from kvferry.bench.traces import Trace, TraceRequest, read_trace
+from kvferry.bench.traces import Trace, TraceRequest
 from kvferry.config.models import KvferryConfig
 from kvferry.store.eviction import POLICIES
 
 POLICY_NAMES = POLICIES.names()
-
-
-@pytest.fixture(scope="module")
-def mooncake() -> Trace:
-    return read_trace("mooncake-synthetic")
-
-
-def _counts(result: hitrate.HitRateResult) -> dict[str, Any]:
-    j = result.to_json()
-    for k in ("seconds", "lookups_per_s", "engine"):
-        j.pop(k)
-    return j
 
 
 def _random_trace(seed: int, requests: int = 120) -> Trace:
@@ -71,7 +58,7 @@ def test_random_traces_count_the_same_as_the_store(policy: str, seed: int) -> No
             loop = simulate(trace, tiers, policy=policy, config=config, keys=keys, engine="store")
             got = simulate(trace, tiers, policy=policy, config=config, keys=keys, engine="direct")
             assert (loop.engine, got.engine) == ("store", "direct")
-            assert _counts(got) == _counts(loop), (seed, cap, config and config.store)
+            assert got.counted() == loop.counted(), (seed, cap, config and config.store)
 
 
 @pytest.mark.parametrize("policy", POLICY_NAMES)
@@ -82,7 +69,7 @@ def test_real_trace_counts_the_same_as_the_store(mooncake: Trace, policy: str) -
         loop = simulate(mooncake, tiers, policy=policy, keys=keys, engine="store")
         got = simulate(mooncake, tiers, policy=policy, keys=keys)
         assert got.engine == ("stack" if policy == "lru" and cap != 195 else "direct")
-        assert _counts(got) == _counts(loop), cap
+        assert got.counted() == loop.counted(), cap
         if cap is not None and cap < 43924:  # fewer than the trace's distinct blocks
             assert got.evictions > 0 and 0 < got.block_hit_rate < 1
 
@@ -107,7 +94,9 @@ def test_sweep_runs_direct_cases_in_workers_with_progress(mooncake: Trace) -> No
     here = sweep(small, cases, jobs=1)
     loop = sweep(small, cases, jobs=1, engine="store")
     assert [r.engine for r in forked] == ["direct"] * 3 == [r.engine for r in here]
-    assert [_counts(r) for r in forked] == [_counts(r) for r in here] == [_counts(r) for r in loop]
+    assert (
+        [r.counted() for r in forked] == [r.counted() for r in here] == [r.counted() for r in loop]
+    )
     assert {i for i, done, total in seen if done == total == 600} == {0, 1, 2}
 
 
@@ -116,7 +105,7 @@ def test_a_policy_given_by_path_and_an_unknown_one() -> None:
     tiers = [TierSpec("cpu", 9)]
     by_path = simulate(trace, tiers, policy="kvferry.store.eviction.lfu:LfuPolicy")
     assert by_path.engine == "direct"
-    assert _counts(by_path) | {"policy": "lfu"} == _counts(simulate(trace, tiers, policy="lfu"))
+    assert by_path.counted() | {"policy": "lfu"} == simulate(trace, tiers, policy="lfu").counted()
     with pytest.raises(hitrate.ConfigError, match="eviction policy"):
         simulate(trace, tiers, policy="nope")
 
@@ -132,4 +121,4 @@ def test_a_policy_without_a_fast_view_counts_the_same(monkeypatch: pytest.Monkey
     fast = simulate(trace, tiers, policy="lfu", engine="direct")
     monkeypatch.setattr(LfuPolicy, "tracked", EvictionPolicy.tracked)
     assert LfuPolicy().tracked().__class__ is LfuPolicy
-    assert _counts(simulate(trace, tiers, policy="lfu", engine="direct")) == _counts(fast)
+    assert simulate(trace, tiers, policy="lfu", engine="direct").counted() == fast.counted()

@@ -10,14 +10,9 @@ import pytest
 
 from kvferry.bench import hitrate
 from kvferry.bench.hitrate import TierSpec, advise, replay, simulate, trace_keys
-from kvferry.bench.traces import Trace, bundled_path, read_trace
+from kvferry.bench.traces import Trace, bundled_path
 from kvferry.config.models import KvferryConfig
 from kvferry.errors import ConfigError
-
-
-@pytest.fixture(scope="module")
-def mooncake() -> Trace:
-    return read_trace("mooncake-synthetic")
 
 
 def _head(trace: Trace, n: int) -> Trace:

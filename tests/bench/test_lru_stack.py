@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import random
-from typing import Any
 
 import numpy as np
 import pytest
@@ -13,21 +12,9 @@ import pytest
 from kvferry.bench import hitrate
 from kvferry.bench.hitrate import SimCase, TierSpec, simulate, sweep
 from kvferry.bench.lru_stack import LruStack, _count_less
-from kvferry.bench.traces import Trace, TraceRequest, bundled_path, read_trace
+from kvferry.bench.traces import Trace, TraceRequest, bundled_path
 from kvferry.config.models import KvferryConfig
 from kvferry.store.eviction.lru import LruPolicy
-
-
-@pytest.fixture(scope="module")
-def mooncake() -> Trace:
-    return read_trace("mooncake-synthetic")
-
-
-def _counts(result: hitrate.HitRateResult) -> dict[str, Any]:
-    j = result.to_json()
-    for k in ("seconds", "lookups_per_s", "engine"):
-        j.pop(k)
-    return j
 
 
 def _random_trace(seed: int, requests: int = 150, longest: int = 12, pool: int = 40) -> Trace:
@@ -68,7 +55,7 @@ def test_random_traces_count_the_same_as_the_store(seed: int) -> None:
         loop = simulate(trace, tiers, engine="store")
         short = simulate(trace, tiers, engine="stack", stack=stack)
         assert (loop.engine, short.engine) == ("store", "stack")
-        assert _counts(short) == _counts(loop), (seed, cap)
+        assert short.counted() == loop.counted(), (seed, cap)
 
 
 def test_real_trace_counts_the_same_as_the_store(mooncake: Trace) -> None:
@@ -79,7 +66,7 @@ def test_real_trace_counts_the_same_as_the_store(mooncake: Trace) -> None:
     for cap in [*caps, None]:
         tiers = [TierSpec("cpu", cap)]
         loop = simulate(mooncake, tiers, keys=keys, engine="store")
-        assert _counts(simulate(mooncake, tiers, stack=stack)) == _counts(loop), cap
+        assert simulate(mooncake, tiers, stack=stack).counted() == loop.counted(), cap
     assert stack.distinct == 43924 and stack.blocks == 121877
 
 
@@ -124,7 +111,7 @@ def test_sweep_mixes_the_two_and_keeps_case_order(mooncake: Trace) -> None:
     want = sweep(small, cases, engine="store")
     assert [r.engine for r in got] == ["direct", "stack", "store", "stack"]
     assert [r.engine for r in want] == ["store"] * 4
-    assert [_counts(r) for r in got] == [_counts(r) for r in want]
+    assert [r.counted() for r in got] == [r.counted() for r in want]
     # every case reported its end under its own index
     assert {i for i, done, total in seen if done == total} == {0, 1, 2, 3}
     with pytest.raises(hitrate.HitRateError, match="not exact for lfu cpu:3000"):

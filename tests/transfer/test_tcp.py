@@ -11,10 +11,12 @@ import pytest
 
 from kvferry import (
     KvferryConfig,
+    MemoryRegion,
     OpCode,
     PeerClosed,
     RemoteError,
     SegmentError,
+    SegmentHandle,
     TransferEngine,
     TransferRequest,
     TransferState,
@@ -28,6 +30,16 @@ MiB = 1 << 20
 
 def tcp_engine(**transfer: object) -> TransferEngine:
     return TransferEngine(KvferryConfig(transfer={"transport": "tcp", **transfer}))
+
+
+def own_target(
+    eng: TransferEngine, size: int, rng: np.random.Generator
+) -> tuple[MemoryRegion, MemoryRegion, SegmentHandle]:
+    """A region of random bytes that ``eng`` serves, a local buffer of the same size, and the
+    handle of ``eng``'s own listener (tcp to itself)."""
+    target = eng.allocate(size)
+    target.array[:] = rng.integers(0, 256, size, dtype=np.uint8)
+    return target, eng.allocate(size), eng.open_segment(eng.listen())
 
 
 def test_reads_what_the_target_process_holds(target_process: StartTarget) -> None:
@@ -264,10 +276,7 @@ def test_a_burst_of_small_reads_or_writes_goes_as_vector_frames(vectored: bool) 
     cfg = KvferryConfig(transfer={"transport": "tcp", "vectored_io": vectored}, listen={"port": 0})
     rng = np.random.default_rng(5)
     with TransferEngine(cfg) as eng:
-        target = eng.allocate(4 * MiB)
-        target.array[:] = rng.integers(0, 256, target.size, dtype=np.uint8)
-        local = eng.allocate(4 * MiB)
-        h = eng.open_segment(eng.listen())
+        target, local, h = own_target(eng, 4 * MiB, rng)
         # 200 scattered small READs (more than one READV holds), then a mixed burst: small
         # READs around a large READ and WRITEs, which end a run of vectored READs
         blocks = rng.permutation(1024)[:200]
@@ -319,10 +328,7 @@ def test_adjacent_slices_of_a_request_go_as_one_frame(max_frame: int, frames: in
     )
     rng = np.random.default_rng(9)
     with TransferEngine(cfg) as eng:
-        target = eng.allocate(8 * MiB)
-        target.array[:] = rng.integers(0, 256, target.size, dtype=np.uint8)
-        local = eng.allocate(8 * MiB)
-        h = eng.open_segment(eng.listen())
+        target, local, h = own_target(eng, 8 * MiB, rng)
         assert h.peer.max_frame == max_frame
         before = eng.metrics()["server"]["frames"]
         eng.transfer_sync([TransferRequest(OpCode.READ, local, 5, h, 1000, 3 * MiB)], timeout=30)
