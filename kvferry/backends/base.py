@@ -28,6 +28,10 @@ Primitives and their contracts (all must be safe to call from several threads at
     its index (a disk tier after a restart); shared tiers may raise ``NotImplementedError``.
 ``stats() -> TierStats``
     Usage of the tier.
+``peek(keys) -> list[Buffer | None] | None``
+    Optional: the stored blocks themselves, without a copy (None per miss), from a tier that
+    keeps immutable bytes in this process (the simulator's memory tier), for the store's
+    demotions. The base class returns None: not offered, the store reads with ``get``.
 ``close()``
     Release files, sockets, memory; idempotent.
 
@@ -146,6 +150,10 @@ class Tier(ABC):
 
     @abstractmethod
     def stats(self) -> TierStats: ...
+
+    def peek(self, keys: Sequence[Key]) -> list[Buffer | None] | None:
+        """The stored blocks without a copy, or None when the tier does not offer it."""
+        return None
 
     @abstractmethod
     def close(self) -> None: ...

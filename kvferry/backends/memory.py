@@ -120,6 +120,9 @@ class MemoryTier(Tier):
             got.append(n)
         return got
 
+    def peek(self, keys: Sequence[Key]) -> list[Buffer | None]:
+        return list(map(self._blocks.get, keys))  # bytes: immutable, safe to hand out
+
     def delete(self, keys: Sequence[Key]) -> int:
         blocks = self._blocks
         before = len(blocks)

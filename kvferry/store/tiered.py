@@ -322,6 +322,7 @@ class TieredStore:
         where = self._where
         status: list[PutStatus] = [PutStatus.EXISTS] * len(hashes)
         todo: list[int] = []
+        touched = False
         seen: set[Key] = set()
         policy = self._policies[ti]
         if not policy.uses_depth:
@@ -338,6 +339,7 @@ class TieredStore:
             for i, k in enumerate(hashes):
                 if masks[i] & bit:
                     policy.touch(k)
+                    touched = True
                     if doomed:
                         doomed.discard(k)
                 elif k not in seen:
@@ -401,10 +403,12 @@ class TieredStore:
             c.blocks_in += stored
             c.bytes_in += nbytes
             c.no_space += refused
-        if not fresh:
+        if touched or len(todo) != len(hashes):
             # Present blocks were touched before room was made (so that making room never
             # evicts a block of this very put); their recency now follows the put's order, as
-            # if each block had been used in turn.
+            # if each block had been used in turn. (A put of blocks new to this tier, none
+            # repeated, inserted them in that order already: a demotion, or blocks held only
+            # below.)
             policy.reorder(hashes)
         c.save_seconds += time.perf_counter() - t0
         return status
@@ -529,6 +533,9 @@ class TieredStore:
         tier = self.tiers[ti]
         if isinstance(tier, SlotTier):
             return list(tier.views(keys))
+        peeked = tier.peek(keys)
+        if peeked is not None:
+            return peeked
         outs = [memoryview(bytearray(self.slot_size)) for _ in keys]
         try:
             got = tier.get(keys, outs)

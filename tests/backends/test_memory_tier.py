@@ -31,3 +31,27 @@ def test_capacity_refuses_past_full() -> None:
     assert got == [PutStatus.STORED, PutStatus.STORED, PutStatus.NO_SPACE]
     with pytest.raises(ValueError, match="at least 1 block"):
         MemoryTier.sized(0, label="mem", slot_size=SLOT)
+
+
+def test_peek_hands_out_the_stored_bytes_and_none_for_a_miss() -> None:
+    """What the store's demotion reads instead of copying into fresh buffers."""
+    from kvferry.config.models import KvferryConfig
+    from kvferry.store.tiered import TieredStore
+
+    tier = MemoryTier.sized(4, label="mem", slot_size=SLOT)
+    tier.put([key(1), key(2)], [b"one", bytearray(b"two")])
+    got = tier.peek([key(2), key(9), key(1)])
+    assert got == [b"two", None, b"one"] and isinstance(got[0], bytes)
+    # a pipeline of memory tiers demotes through it: bytes intact after a round trip down
+    cfg = KvferryConfig(store={"slot_size": SLOT, "evict_start_threshold": 1.0, "evict_ratio": 0})
+    tiers = [
+        MemoryTier.sized(2, label="a", slot_size=SLOT),
+        MemoryTier.sized(8, label="b", slot_size=SLOT),
+    ]
+    with TieredStore(cfg, tiers=tiers) as store:
+        values = [bytes([i]) * (i + 1) for i in range(5)]
+        store.put([key(i) for i in range(5)], values)
+        assert store.stats().tiers["a"].demotions == 3
+        outs = [memoryview(bytearray(SLOT)) for _ in range(5)]
+        lengths = store.get([key(i) for i in range(5)], outs)
+        assert [bytes(o[:n]) for o, n in zip(outs, lengths)] == values  # type: ignore[misc]
