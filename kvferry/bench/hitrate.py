@@ -399,6 +399,14 @@ def stack_refusal(
     return None
 
 
+def _not_exact(engine: str, why: str, case: SimCase | None = None) -> HitRateError:
+    where = "here" if case is None else f"for {case.label}"
+    return HitRateError(
+        f"engine {engine!r} is not exact {where}: {why}; use engine 'auto' (it takes what is "
+        "exact) or 'store'"
+    )
+
+
 def _check_engine(engine: str) -> None:
     if engine not in ENGINES:
         raise HitRateError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
@@ -449,7 +457,7 @@ def simulate(
                     on_progress(len(trace.requests), len(trace.requests))
                 return result
         if engine == "stack":
-            raise HitRateError(f"engine 'stack' is not exact here: {why}; use engine 'store'")
+            raise _not_exact("stack", why)
     if config is None:
         cfg = sim_store_config(policy)
     else:
@@ -470,7 +478,7 @@ def simulate(
                 "direct",
             )
         if engine == "direct":
-            raise HitRateError(f"engine 'direct' is not exact here: {why}; use engine 'store'")
+            raise _not_exact("direct", why)
     slot = cfg.store.slot_size
     store = TieredStore(
         cfg,
@@ -656,17 +664,13 @@ def sweep(
         refused = [i for i in range(len(cases)) if why[i] is not None]
         if engine == "stack" and refused:
             i = refused[0]
-            raise HitRateError(
-                f"engine 'stack' is not exact for {cases[i].label}: {why[i]}; use engine 'store'"
-            )
+            raise _not_exact("stack", str(why[i]), cases[i])
     rest = [i for i in range(len(cases)) if i not in results]
     engines = []
     for i in rest:
         why_not = direct.refusal(len(cases[i].tiers))
         if engine == "direct" and why_not is not None:
-            raise HitRateError(
-                f"engine 'direct' is not exact for {cases[i].label}: {why_not}; use engine 'store'"
-            )
+            raise _not_exact("direct", why_not, cases[i])
         engines.append("direct" if engine in ("auto", "direct") and why_not is None else "store")
     if rest:
         track = None
