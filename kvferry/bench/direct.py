@@ -19,9 +19,9 @@ the policy's tracked keys (it sees every insert and removal), probed through
   block, and ``reorder`` takes the whole put.
 
 Room is made as ``TieredStore._make_room`` does with nothing pinned and no tier below: victims
-are dropped. So the counts (hits per request, blocks stored, evictions) are the store loop's,
-for any policy, capacity and watermarks; a test holds them equal for every registered policy on
-the bundled trace and on random ones with repeated blocks and tiny capacities. A tier pipeline
+are dropped. So the counts (hits per request, evictions) are the store loop's, for any policy,
+capacity and watermarks; a test holds them equal for every registered policy on the bundled
+trace and on random ones with repeated blocks and tiny capacities. A tier pipeline
 (promotion, demotion) still runs the store loop.
 """
 
@@ -48,7 +48,6 @@ class DirectCounts:
 
     hits: np.ndarray[Any, Any]
     """Prefix hit blocks of each request, in trace order."""
-    stored: int
     evictions: int
 
 
@@ -84,7 +83,7 @@ def count(
     contains = held.__contains__
     hits: list[int] = []
     hit = hits.append
-    stored = evictions = 0
+    evictions = 0
     total = len(keys)
     for r, ks in enumerate(keys):
         if on_progress is not None and r % PROGRESS_EVERY == 0:
@@ -137,7 +136,6 @@ def count(
                     if out:
                         remove_many(out)
                         evictions += len(out)
-            stored += len(chunk)
             if not depthy:
                 insert_many(chunk)
             elif fresh:
@@ -146,8 +144,8 @@ def count(
                 for i, k in zip(at[start : start + step], chunk):
                     pol.insert(k)
                     pol.set_depth(k, n + i)
-        if not fresh:
+        if not fresh:  # the store's "touched a block, or the put repeats one", for one tier
             pol.reorder(rest)
     if on_progress is not None:
         on_progress(total, total)
-    return DirectCounts(hits=np.array(hits, np.int64), stored=stored, evictions=evictions)
+    return DirectCounts(hits=np.array(hits, np.int64), evictions=evictions)
