@@ -91,6 +91,8 @@ class TransferEngine:
         )
         self._transports: dict[str, Transport] = {}
         self._handles: dict[str, SegmentHandle] = {}
+        # their channels, for wait and status to drive without the lock (replaced, not mutated)
+        self._open_channels: tuple[Channel, ...] = ()
         self._server: TargetServer | None = None
         self._metadata: MetadataService | None = None
         self.segment_name: str | None = None
@@ -246,6 +248,7 @@ class TransferEngine:
         with self._lock:
             old = self._handles.get(name)
             self._handles[name] = handle
+            self._open_channels = tuple(h.channel for h in self._handles.values())
         if old is not None:
             old.channel.close()
         return handle
@@ -255,6 +258,7 @@ class TransferEngine:
         with self._lock:
             if self._handles.get(handle.name) is handle:
                 del self._handles[handle.name]
+                self._open_channels = tuple(h.channel for h in self._handles.values())
         handle.channel.close()
 
     def _self_peer(self, name: str) -> PeerInfo:
@@ -318,6 +322,30 @@ class TransferEngine:
                 f"{batch!r} holds at most {batch.capacity} requests; "
                 f"{len(batch.requests)} submitted, {len(requests)} more asked"
             )
+        if len(requests) == 1 and not self._has_device:
+            # a lone request (a KV block fetched on demand): the same steps, without the
+            # grouping and staging a batch needs
+            request, region_id = self._check(requests[0])
+            channel = request.target.channel
+            length = request.length
+            state = batch._add_one(
+                length,
+                1 if length < channel.single_below else channel.slice_count(length, region_id),
+            )
+            channel.post(
+                [
+                    WorkItem(
+                        state,
+                        request.op,
+                        request.local,  # type: ignore[arg-type]  # no device regions: host
+                        request.local_offset,
+                        region_id,
+                        request.target_offset,
+                        length,
+                    )
+                ]
+            )
+            return
         checked = [self._check(r) for r in requests]
         runs: list[staging.Run] = []
         host: MemoryRegion | None = None
@@ -406,7 +434,7 @@ class TransferEngine:
         """Overall and per-request state; drives pending I/O a step without blocking."""
         if batch.is_done():
             return batch.status()
-        for channel in self._channels():
+        for channel in self._open_channels:
             channel.poll()
         return batch.status()
 
@@ -418,7 +446,7 @@ class TransferEngine:
         """
         deadline = time.monotonic() + (timeout if timeout is not None else 1e9)
         while not batch.is_done():
-            channels = self._channels()
+            channels = self._open_channels
             if len(channels) == 1:
                 channels[0].progress(batch, deadline)
             else:
@@ -459,10 +487,6 @@ class TransferEngine:
             raise first
         batch.freed = True
 
-    def _channels(self) -> list[Channel]:
-        with self._lock:
-            return [h.channel for h in self._handles.values()]
-
     # -- observability & lifecycle --------------------------------------------------------
     def metrics(self) -> dict[str, dict[str, object]]:
         """Counters per transport (and "server" for bytes served): bytes, requests, errors,
@@ -477,6 +501,7 @@ class TransferEngine:
             self._closed = True
             handles = list(self._handles.values())
             self._handles.clear()
+            self._open_channels = ()
             server, self._server = self._server, None
             metadata = self._metadata
         for handle in handles:

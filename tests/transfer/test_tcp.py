@@ -372,3 +372,112 @@ def test_a_peer_that_announces_no_frame_limit_gets_slices_one_frame_each(
     for bad in (True, 100, "1MiB", 2.5):
         with pytest.raises(Exception, match="malformed max_frame"):
             parse_peer({**doc, "max_frame": bad}, ("127.0.0.1", 1), None)
+
+
+def test_a_lone_request_the_socket_takes_in_part_is_finished_by_the_waiter(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A lone request goes straight onto the wire from ``submit``; with a send buffer far
+    smaller than it, the socket takes a part and the waiter sends the rest. Bytes exact."""
+    short: list[int] = []
+    sendmsg = socket.socket.sendmsg
+
+    def spy(self: socket.socket, buffers: list[bytes], *args: object) -> int:
+        n = sendmsg(self, buffers, *args)  # type: ignore[arg-type]
+        if n < sum(len(b) for b in buffers):
+            short.append(n)
+        return n
+
+    rng = np.random.default_rng(12)
+    cfg = KvferryConfig(transfer={"transport": "tcp", "slice_size": "64KiB"}, listen={"port": 0})
+    with TransferEngine(cfg) as eng:
+        target, local, h = own_target(eng, 4 * MiB, rng)
+        conn = h.channel._conns[0]  # type: ignore[attr-defined]
+        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        monkeypatch.setattr(socket.socket, "sendmsg", spy)
+        n = 80 * 1024 - 1  # the largest single slice of 64 KiB slices (fragment ratio 4)
+        for k in range(8):
+            local.array[:n] = rng.integers(0, 256, n, dtype=np.uint8)
+            eng.transfer_sync([TransferRequest(OpCode.WRITE, local, 0, h, k * n, n)], timeout=30)
+            assert np.array_equal(target.array[k * n : (k + 1) * n], local.array[:n]), k
+            eng.transfer_sync([TransferRequest(OpCode.READ, local, n, h, k * n, n)], timeout=30)
+            assert np.array_equal(local.array[n : 2 * n], local.array[:n]), k
+        assert short, "the small send buffer never split a lone WRITE: the test proves nothing"
+        assert eng.metrics()["tcp"]["errors"] == 0
+
+
+def test_lone_requests_from_many_threads_at_once() -> None:
+    """Threads posting lone 4 KiB READs and WRITEs (while another thread leads, or none does),
+    some with a second lone batch in flight: every byte lands where it belongs."""
+    rng = np.random.default_rng(13)
+    cfg = KvferryConfig(transfer={"transport": "tcp", "workers": 2}, listen={"port": 0})
+    with TransferEngine(cfg) as eng:
+        target, local, h = own_target(eng, 4 * MiB, rng)
+        local.array[:] = rng.integers(0, 256, 4 * MiB, dtype=np.uint8)
+        errors: list[BaseException] = []
+
+        def worker(t: int) -> None:
+            try:
+                base = t * MiB  # each thread owns one MiB of both buffers
+                for i in range(150):
+                    at = base + (i % 128) * 8192
+                    write = TransferRequest(OpCode.WRITE, local, at, h, at, 4096)
+                    read = TransferRequest(OpCode.READ, local, at + 4096, h, at, 4096)
+                    if i % 3:
+                        eng.transfer_sync([write], timeout=30)
+                        eng.transfer_sync([read], timeout=30)
+                    else:  # two lone batches in flight at once: a WRITE, and a READ elsewhere
+                        other = base + ((i + 64) % 128) * 8192
+                        a, b = eng.allocate_batch(1), eng.allocate_batch(1)
+                        eng.submit(a, [write])
+                        eng.submit(
+                            b, [TransferRequest(OpCode.READ, local, other + 4096, h, other, 4096)]
+                        )
+                        assert eng.wait(a, 30).state is TransferState.COMPLETED
+                        assert eng.wait(b, 30).state is TransferState.COMPLETED
+                        eng.transfer_sync([read], timeout=30)
+                    assert np.array_equal(local.array[at : at + 4096], target.array[at : at + 4096])
+                    assert np.array_equal(
+                        local.array[at + 4096 : at + 8192], local.array[at : at + 4096]
+                    ), (t, i)
+            except BaseException as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(120)
+        assert not any(th.is_alive() for th in threads), "a thread hung"
+        assert not errors, errors[0]
+        assert eng.metrics()["tcp"]["errors"] == 0
+
+
+def test_a_finished_batch_is_freed_when_dropped() -> None:
+    """Requests do not refer back to their batch: a dropped batch goes at once (reference
+    counting), not at the next cyclic collection."""
+    import gc
+    import weakref
+
+    rng = np.random.default_rng(14)
+    cfg = KvferryConfig(transfer={"transport": "tcp"}, listen={"port": 0})
+    with TransferEngine(cfg) as eng:
+        _, local, h = own_target(eng, MiB, rng)
+        gc.disable()
+        try:
+            for requests in (1, 3):
+                batch = eng.allocate_batch(requests)
+                eng.submit(
+                    batch,
+                    [
+                        TransferRequest(OpCode.READ, local, i * 4096, h, 0, 4096)
+                        for i in range(requests)
+                    ],
+                )
+                assert eng.wait(batch, 30).state is TransferState.COMPLETED
+                eng.free_batch(batch)
+                gone = weakref.ref(batch)
+                del batch
+                assert gone() is None, requests
+        finally:
+            gc.enable()
