@@ -64,6 +64,7 @@ class TransferBenchOptions:
     check_consistency: bool = False
     transport: str = "auto"
     pin_threads: bool = True
+    rounds: int = 1
 
     def validate(self) -> None:
         """Raises ConfigError naming the flag when a value makes no sense."""
@@ -86,6 +87,7 @@ class TransferBenchOptions:
             (1 <= self.max_threads <= 256, "--max-threads", self.max_threads, "1..256"),
             (self.duration > 0, "--duration", self.duration, "> 0 seconds"),
             (self.warmup >= 0, "--warmup", self.warmup, ">= 0 seconds"),
+            (1 <= self.rounds <= 1000, "--rounds", self.rounds, "1..1000"),
             (self.op in ("read", "write", "mix"), "--op", self.op, "read, write or mix"),
             (self.seg_type in ("DRAM", "VRAM"), "--seg-type", self.seg_type, "DRAM or VRAM"),
         ]
@@ -143,6 +145,7 @@ class TransferBenchReport:
     backends: dict[str, dict[str, object]] = field(default_factory=dict)
     cases: list[CaseResult] = field(default_factory=list)
     references: dict[str, dict[str, float]] = field(default_factory=dict)
+    ratios: list[RoundRatios] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -153,7 +156,36 @@ class TransferBenchReport:
             "backends": self.backends,
             "references": self.references,
             "cases": [c.to_dict() for c in self.cases],
+            "ratios": [r.to_dict() for r in self.ratios],
         }
+
+
+@dataclass
+class RoundRatios:
+    """One case measured in alternating rounds: ``base`` against ``other`` round by round.
+
+    A ratio taken within a round compares two runs seconds apart, so a machine whose speed
+    drifts over minutes (a shared VM) moves both sides of it alike.
+    """
+
+    block_size: int
+    batch_size: int
+    threads: int
+    base: str
+    other: str
+    bw: list[float] = field(default_factory=list)  # base BW / other BW, per round
+    p99: list[float] = field(default_factory=list)  # base P99 Tx / other P99 Tx, per round
+
+    @property
+    def bw_median(self) -> float:
+        return float(np.median(self.bw)) if self.bw else float("nan")
+
+    @property
+    def p99_median(self) -> float:
+        return float(np.median(self.p99)) if self.p99 else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "bw_median": self.bw_median, "p99_median": self.p99_median}
 
 
 def machine_info() -> dict[str, object]:
@@ -254,8 +286,10 @@ def run_case(
     case: Case,
     options: TransferBenchOptions,
     target_pid: int | None = None,
+    keep: list[Samples] | None = None,
 ) -> CaseResult:
-    """Warm up, then run ``case`` for ``options.duration`` seconds and summarise it."""
+    """Warm up, then run ``case`` for ``options.duration`` seconds and summarise it (its
+    samples are appended to ``keep`` when given)."""
     block, batch, threads = case.block_size, case.batch_size, case.threads
     per_thread = block * batch
     errors: list[BaseException] = []
@@ -319,6 +353,8 @@ def run_case(
     merged = Samples(sum(len(s) for s in samples) or 1)
     for s in samples:
         merged.merge(s)
+    if keep is not None:
+        keep.append(merged)
     batches = sum(counts)
     total_duration = sum(run_seconds) / threads  # seconds, averaged over threads
     moved = per_thread * batches
@@ -471,13 +507,7 @@ def run_sweep(
     progress: Callable[[int, int, Case], None] | None = None,
 ) -> tuple[list[CaseResult], list[Case]]:
     """Connect ``backend`` to ``target_seg`` and run every case that fits."""
-    local_size = min(
-        options.total_buffer_size,
-        options.max_block_size * options.max_batch_size * options.max_threads,
-    )
-    backend.connect(target_seg, max(local_size, options.start_block_size))
-    capacity = min(backend.target_capacity(), max(local_size, options.start_block_size))
-    cases, skipped = plan_cases(options, capacity)
+    cases, skipped = plan_cases(options, _connect(backend, options, target_seg))
     results = []
     for i, case in enumerate(cases):
         if progress:
@@ -487,6 +517,99 @@ def run_sweep(
         if on_case:
             on_case(result)
     return results, skipped
+
+
+def _connect(backend: TransferBenchBackend, options: TransferBenchOptions, target_seg: str) -> int:
+    """Connect ``backend`` with a local buffer for the largest case; the bytes a case may use."""
+    local_size = min(
+        options.total_buffer_size,
+        options.max_block_size * options.max_batch_size * options.max_threads,
+    )
+    backend.connect(target_seg, max(local_size, options.start_block_size))
+    return min(backend.target_capacity(), max(local_size, options.start_block_size))
+
+
+@dataclass
+class Contender:
+    """A backend connected for an interleaved run, with the target it runs against."""
+
+    name: str
+    backend: TransferBenchBackend
+    target_seg: str
+    target_pid: int | None = None
+
+
+def run_interleaved(
+    contenders: Sequence[Contender],
+    options: TransferBenchOptions,
+    *,
+    on_case: Callable[[CaseResult], None] | None = None,
+    progress: Callable[[int, int, Case], None] | None = None,
+) -> tuple[list[CaseResult], list[RoundRatios], list[Case]]:
+    """Run every case ``options.rounds`` times, each round once per contender, the order
+    rotating from round to round; report each contender's rounds merged (samples pooled, bytes
+    and seconds summed) and, with two or more contenders, the first against the second round
+    by round. Cases are those that fit every contender's target."""
+    capacity = min(_connect(c.backend, options, c.target_seg) for c in contenders)
+    cases, skipped = plan_cases(options, capacity)
+    results: list[CaseResult] = []
+    ratios: list[RoundRatios] = []
+    steps = len(cases) * options.rounds * len(contenders)
+    step = 0
+    for case in cases:
+        runs: dict[str, list[CaseResult]] = {c.name: [] for c in contenders}
+        kept: dict[str, list[Samples]] = {c.name: [] for c in contenders}
+        for r in range(options.rounds):
+            k = r % len(contenders)
+            for c in [*contenders[k:], *contenders[:k]]:
+                if progress:
+                    progress(step, steps, case)
+                step += 1
+                runs[c.name].append(run_case(c.backend, case, options, c.target_pid, kept[c.name]))
+        for c in contenders:
+            merged = merge_rounds(runs[c.name], kept[c.name])
+            results.append(merged)
+            if on_case:
+                on_case(merged)
+        if len(contenders) > 1:
+            base, other = contenders[0].name, contenders[1].name
+            entry = RoundRatios(case.block_size, case.batch_size, case.threads, base, other)
+            for a, b in zip(runs[base], runs[other], strict=True):
+                entry.bw.append(a.bw_gbps / b.bw_gbps if b.bw_gbps else float("inf"))
+                entry.p99.append(
+                    a.transfer_us.p99 / b.transfer_us.p99 if b.transfer_us.p99 else float("inf")
+                )
+            ratios.append(entry)
+    return results, ratios, skipped
+
+
+def merge_rounds(rounds: Sequence[CaseResult], samples: Sequence[Samples]) -> CaseResult:
+    """One result of several runs of the same case by the same backend: batches, bytes,
+    seconds and CPU summed, the per-batch samples pooled."""
+    first = rounds[0]
+    pooled = Samples(sum(len(s) for s in samples) or 1)
+    for s in samples:
+        pooled.merge(s)
+    batches = sum(r.batches for r in rounds)
+    moved = sum(r.bytes for r in rounds)
+    seconds = sum(r.seconds for r in rounds)
+    target_cpu = [r.target_cpu_s for r in rounds]
+    return CaseResult(
+        backend=first.backend,
+        block_size=first.block_size,
+        batch_size=first.batch_size,
+        threads=first.threads,
+        op=first.op,
+        batches=batches,
+        bytes=moved,
+        seconds=seconds,
+        bw_gbps=moved / 1e9 / seconds if seconds > 0 else 0.0,
+        avg_lat_us=seconds * 1e6 * first.threads / batches if batches else 0.0,
+        transfer_us=pooled.summary() if batches else Summary.empty(),
+        initiator_cpu_s=sum(r.initiator_cpu_s for r in rounds),
+        target_cpu_s=None if None in target_cpu else sum(t or 0.0 for t in target_cpu),
+        consistency_checked=all(r.consistency_checked for r in rounds),
+    )
 
 
 # -- output ----------------------------------------------------------------------------------

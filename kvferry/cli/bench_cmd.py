@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from typing import Any
@@ -17,10 +18,12 @@ from kvferry.bench.transfer import (
     COLUMNS,
     READY_PREFIX,
     CaseResult,
+    Contender,
     TransferBenchOptions,
     TransferBenchReport,
     make_backend,
     row,
+    run_interleaved,
     run_sweep,
     serve_target,
     spawn_local_target,
@@ -87,6 +90,15 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--max-threads", type=int, default=1)
     p.add_argument("--duration", type=_seconds, default=5.0, help="seconds per case (default 5)")
     p.add_argument("--warmup", type=_seconds, default=1.0, help="warm-up seconds per case")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run each case N times, alternating the backends round by round (their targets "
+        "all up at once); results pool the rounds, and the ratio table gives the median of the "
+        "per-round ratios, which a machine's drift over minutes does not skew (default 1: "
+        "each backend's whole sweep in turn)",
+    )
     p.add_argument("--op", default="read", choices=["read", "write", "mix"])
     p.add_argument(
         "--check-consistency",
@@ -125,6 +137,7 @@ def _options(args: argparse.Namespace, backend: str) -> TransferBenchOptions:
         check_consistency=args.check_consistency,
         transport=args.transport,
         pin_threads=not args.no_pin,
+        rounds=args.rounds,
     )
     options.validate()
     return options
@@ -169,7 +182,7 @@ def run_transfer(args: argparse.Namespace) -> int:
         transient=True,
         disable=args.quiet,
     ) as progress:
-        for name in backends:
+        for name in backends if args.rounds == 1 else ():
             options = _options(args, name)
             task = progress.add_task(f"{name}", total=None)
 
@@ -206,6 +219,10 @@ def run_transfer(args: argparse.Namespace) -> int:
             report.cases.extend(results)
             if skipped and not args.quiet:
                 err.print(f"[dim]{name}: skipped {len(skipped)} case(s) larger than the buffer[/]")
+        if args.rounds > 1:
+            skipped = _run_rounds(args, backends, config, report, progress)
+            if skipped and not args.quiet:
+                err.print(f"[dim]skipped {len(skipped)} case(s) larger than a buffer[/]")
         if args.reference:
             task = progress.add_task("reference: socket stream 1MiB, memcpy 16MiB", total=None)
             report.references["socket_stream_1MiB"] = references.socket_stream(
@@ -223,6 +240,74 @@ def run_transfer(args: argparse.Namespace) -> int:
     if args.csv:
         write_csv(args.csv, report.cases)
     return 0
+
+
+def _print_round_ratios(console: Console, report: TransferBenchReport) -> None:
+    first = report.ratios[0]
+    table = Table(
+        title=f"{first.base} / {first.other}, median of {len(first.bw)} alternating rounds"
+    )
+    for column in (
+        "BlkSize (B)",
+        "Batch",
+        "Threads",
+        "BW ratio",
+        "BW ratio range",
+        "P99 Tx ratio (lower better)",
+        "P99 ratio range",
+    ):
+        table.add_column(column, justify="right")
+    for r in report.ratios:
+        table.add_row(
+            str(r.block_size),
+            str(r.batch_size),
+            str(r.threads),
+            f"{r.bw_median:.2f}x",
+            f"{min(r.bw):.2f}-{max(r.bw):.2f}",
+            f"{r.p99_median:.2f}x",
+            f"{min(r.p99):.2f}-{max(r.p99):.2f}",
+        )
+    console.print(table)
+
+
+def _run_rounds(
+    args: argparse.Namespace,
+    backends: list[str],
+    config: Any,
+    report: TransferBenchReport,
+    progress: Progress,
+) -> list[Any]:
+    """--rounds N: every backend connected to its own target at once, cases interleaved."""
+    task = progress.add_task("rounds", total=None)
+
+    def on_progress(i: int, n: int, case: Any) -> None:
+        progress.update(
+            task,
+            total=n,
+            completed=i,
+            description=f"{case.block_size}B x{case.batch_size} t{case.threads}",
+        )
+
+    with contextlib.ExitStack() as stack:
+        contenders = []
+        for name in backends:
+            options = _options(args, name)
+            backend = make_backend(name, options, config)
+            stack.callback(backend.close)
+            if args.target_seg:
+                contenders.append(Contender(name, backend, args.target_seg))
+            else:
+                segment, pid = stack.enter_context(spawn_local_target(name, options, config))
+                contenders.append(Contender(name, backend, segment, pid))
+        results, ratios, skipped = run_interleaved(
+            contenders, _options(args, backends[0]), progress=on_progress
+        )
+        for c in contenders:
+            report.backends[c.name] = c.backend.describe()
+    report.cases.extend(results)
+    report.ratios.extend(ratios)
+    progress.remove_task(task)
+    return skipped
 
 
 def _print_report(console: Console, report: TransferBenchReport, *, multi: bool) -> None:
@@ -245,6 +330,9 @@ def _print_report(console: Console, report: TransferBenchReport, *, multi: bool)
 
 
 def _print_ratios(console: Console, report: TransferBenchReport) -> None:
+    if report.ratios:
+        _print_round_ratios(console, report)
+        return
     names = list(report.backends)
     if len(names) < 2:
         return

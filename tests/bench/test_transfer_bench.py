@@ -76,3 +76,77 @@ def test_vram_sweep_on_a_gpu(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr[-3000:]
     doc = check_report(tmp_path, "VRAM")
     assert doc["backends"]["kvferry"]["transport"] == "tcp"
+
+
+def test_rounds_interleave_two_backends_and_report_per_round_ratios(tmp_path: Path) -> None:
+    pytest.importorskip("mooncake")
+    argv = [sys.executable, "-m", "kvferry", "bench", "transfer", "--local", "--quiet"]
+    argv += ["--backend", "kvferry,mooncake", "--transport", "tcp", "--rounds", "3"]
+    argv += ["--total-buffer-size", "64KiB", "--start-block-size", "16KiB"]
+    argv += ["--max-block-size", "32KiB", "--duration", "0.1", "--warmup", "0"]
+    argv += ["--check-consistency", "--json", str(tmp_path / "out.json")]
+    run = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "median of 3 alternating rounds" in run.stdout
+    doc = json.loads((tmp_path / "out.json").read_text())
+    assert doc["options"]["rounds"] == 3
+    assert set(doc["backends"]) == {"kvferry", "mooncake"}
+    cases = {(c["backend"], c["block_size"]) for c in doc["cases"]}
+    assert cases == {(b, s) for b in ("kvferry", "mooncake") for s in (16 * KiB, 32 * KiB)}
+    for case in doc["cases"]:
+        assert case["consistency_checked"] is True
+        assert case["bytes"] == case["batches"] * case["block_size"] > 0
+        assert case["samples"] == case["batches"]  # three rounds' samples pooled: batch 1
+    assert [(r["base"], r["other"], r["block_size"]) for r in doc["ratios"]] == [
+        ("kvferry", "mooncake", 16 * KiB),
+        ("kvferry", "mooncake", 32 * KiB),
+    ]
+    for r in doc["ratios"]:
+        assert len(r["bw"]) == len(r["p99"]) == 3 and all(x > 0 for x in r["bw"])
+        assert r["bw_median"] == sorted(r["bw"])[1]
+
+
+def test_merge_rounds_pools_samples_and_sums_the_rest() -> None:
+    from kvferry.bench.stats import Samples, Summary
+    from kvferry.bench.transfer import CaseResult, RoundRatios, merge_rounds
+
+    def result(batches: int, seconds: float, cpu: float, target: float | None) -> CaseResult:
+        return CaseResult(
+            backend="kvferry",
+            block_size=4096,
+            batch_size=2,
+            threads=2,
+            op="read",
+            batches=batches,
+            bytes=batches * 8192,
+            seconds=seconds,
+            bw_gbps=batches * 8192 / 1e9 / seconds,
+            avg_lat_us=0.0,
+            transfer_us=Summary.empty(),
+            initiator_cpu_s=cpu,
+            target_cpu_s=target,
+            consistency_checked=True,
+        )
+
+    a, b = Samples(), Samples()
+    a.extend([1.0, 2.0, 3.0])
+    b.extend([10.0])
+    merged = merge_rounds([result(3, 1.0, 0.5, 0.25), result(1, 3.0, 0.25, 0.5)], [a, b])
+    assert (merged.batches, merged.bytes, merged.seconds) == (4, 4 * 8192, 4.0)
+    assert merged.bw_gbps == 4 * 8192 / 1e9 / 4.0
+    assert merged.avg_lat_us == 4.0 * 1e6 * 2 / 4  # seconds x threads / batches
+    assert merged.transfer_us.count == 4 and merged.transfer_us.max == 10.0
+    assert merged.transfer_us.avg == 4.0
+    assert (merged.initiator_cpu_s, merged.target_cpu_s) == (0.75, 0.75)
+    assert merged.consistency_checked
+    unknown = merge_rounds([result(1, 1.0, 0.1, None), result(1, 1.0, 0.1, 0.2)], [a, b])
+    assert unknown.target_cpu_s is None  # one round without the target's CPU: not a sum
+    ratios = RoundRatios(4096, 1, 1, "kvferry", "mooncake", bw=[1.5, 0.9, 2.0], p99=[1.0, 3.0])
+    assert (ratios.bw_median, ratios.p99_median) == (1.5, 2.0)
+    assert ratios.to_dict()["bw_median"] == 1.5
+
+
+def test_rounds_must_be_positive(tmp_path: Path) -> None:
+    run = sweep(tmp_path, "--rounds", "0")
+    assert run.returncode == 2
+    assert "--rounds 0 is invalid: must be 1..1000" in run.stderr and "Traceback" not in run.stderr
