@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from kvferry import (
+    BatchStatus,
     KvferryConfig,
     MemoryRegion,
     OpCode,
@@ -481,3 +482,124 @@ def test_a_finished_batch_is_freed_when_dropped() -> None:
                 assert gone() is None, requests
         finally:
             gc.enable()
+
+
+class ScriptedTarget:
+    """A hand-driven target: a real listener that does the handshake like kvferry's and then
+    answers each READ as ``answer(conn, header)`` says, for replies no healthy target sends."""
+
+    def __init__(self, answer: Callable[[socket.socket, tuple[int, ...]], None]) -> None:
+        self.answer = answer
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.name = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        from kvferry.transfer.handshake import recv_exact
+
+        try:
+            hello = wire.HEADER.unpack(recv_exact(conn, wire.HEADER_SIZE))
+            recv_exact(conn, hello[-1])
+            doc = {
+                "version": wire.WIRE_VERSION,
+                "ops": [],
+                "max_frame": 64 * MiB,
+                "instance": "scripted",
+                "boot_id": "elsewhere",
+                "pid": 1,
+                "regions": [{"id": 1, "size": MiB, "location": "cpu", "shm": None}],
+            }
+            body = wire.encode_json(doc)
+            conn.sendall(wire.encode(wire.Op.OK, length=len(body)) + body)
+            while True:
+                self.answer(conn, wire.HEADER.unpack(recv_exact(conn, wire.HEADER_SIZE)))
+        except (OSError, PeerClosed):
+            conn.close()
+
+    def close(self) -> None:
+        self.listener.close()
+        for conn in self.conns:
+            conn.close()
+
+
+def pattern(offset: int, length: int) -> bytes:
+    return bytes((offset + i) % 251 for i in range(length))
+
+
+@pytest.mark.parametrize("length", [1, 4096, 16 * 1024])
+def test_a_lone_reply_that_arrives_in_pieces_is_assembled(length: int) -> None:
+    """The reply to a lone READ, cut inside its header and inside its payload, lands whole."""
+    import time
+
+    def in_pieces(conn: socket.socket, header: tuple[int, ...]) -> None:
+        _, _, _, region, req_id, offset, n = header
+        reply = wire.encode(wire.Op.OK, region, req_id, 0, n) + pattern(offset, n)
+        middle = wire.HEADER_SIZE + n // 2
+        for piece in (reply[:10], reply[10:middle], reply[middle:]):
+            time.sleep(0.005)
+            conn.sendall(piece)
+
+    served = ScriptedTarget(in_pieces)
+    try:
+        with tcp_engine() as eng:
+            local = eng.allocate(MiB)
+            h = eng.open_segment(served.name)
+            for offset in (0, 777, 5000):
+                eng.transfer_sync(
+                    [TransferRequest(OpCode.READ, local, 8, h, offset, length)], timeout=10
+                )
+                assert bytes(local.view[8 : 8 + length]) == pattern(offset, length)
+    finally:
+        served.close()
+
+
+def test_a_lone_reply_for_another_request_or_an_err_fails_the_request() -> None:
+    """A reply that names another request is a protocol error (the connection is dropped and
+    the request fails, retries off); an ERR reply fails the request with its message."""
+    script: list[str] = []  # how the next READ is answered
+
+    def wrong(conn: socket.socket, header: tuple[int, ...]) -> None:
+        _, _, _, region, req_id, offset, n = header
+        kind = script.pop(0)
+        if kind == "err":
+            message = b"range refused by the script"
+            conn.sendall(wire.encode(wire.Op.ERR, region, req_id, 0, len(message)) + message)
+        elif kind == "other id":
+            conn.sendall(wire.encode(wire.Op.OK, region, req_id + 7, 0, n) + pattern(offset, n))
+        else:
+            conn.sendall(wire.encode(wire.Op.OK, region, req_id, 0, n) + pattern(offset, n))
+
+    served = ScriptedTarget(wrong)
+    try:
+        with tcp_engine(retry_count=0) as eng:
+            local = eng.allocate(MiB)
+            h = eng.open_segment(served.name)
+
+            def read(answer: str) -> BatchStatus:
+                script.append(answer)
+                batch = eng.allocate_batch(1)
+                eng.submit(batch, [TransferRequest(OpCode.READ, local, 0, h, 64, 4096)])
+                return eng.wait(batch, 10)
+
+            status = read("err")
+            assert status.state is TransferState.FAILED
+            assert "range refused by the script" in str(status.errors[0])
+            status = read("other id")
+            assert status.state is TransferState.FAILED
+            assert "reply for request" in str(status.errors[0])
+            # on a fresh connection: the dropped one is not reused
+            assert read("ok").state is TransferState.COMPLETED
+            assert bytes(local.view[:4096]) == pattern(64, 4096)
+            assert eng.metrics()["tcp"]["protocol_errors"] == 1
+    finally:
+        served.close()

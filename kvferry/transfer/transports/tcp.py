@@ -55,7 +55,7 @@ _READ = OpCode.READ
 _PENDING = TransferState.PENDING
 _HDR = wire.HEADER_SIZE
 _unpack_from = wire.HEADER.unpack_from
-_MAGIC, _VERSION, _ERR = wire.MAGIC, wire.WIRE_VERSION, wire.Op.ERR
+_MAGIC, _VERSION, _ERR, _OK = wire.MAGIC, wire.WIRE_VERSION, wire.Op.ERR, wire.Op.OK
 _REPLY_OPS = (wire.Op.OK, wire.Op.ERR)
 _MAX_IOV = 512  # well under IOV_MAX (1024): one header + one payload per slice
 _BURST_BYTES = 4 << 20  # bytes gathered into one sendmsg burst
@@ -287,6 +287,18 @@ class _Conn:
             PeerClosed: the peer closed the connection.
             ProtocolError: the peer sent a reply that does not match what is in flight.
         """
+        inflight = self.inflight
+        if (
+            len(inflight) == 1
+            and self.rpos == self.rend
+            and self.payload is None
+            and self.err is None
+            and not self.vec_left
+        ):
+            return self._recv_alone(inflight[0])
+        return self._recv_general()
+
+    def _recv_general(self) -> list[tuple[_Slice, KvferryError | None]]:
         done: list[tuple[_Slice, KvferryError | None]] = []
         sock = self.sock
         while self.inflight:
@@ -347,6 +359,38 @@ class _Conn:
                 break
             self.last_progress = time.monotonic()
         return done
+
+    def _recv_alone(self, head: _Slice) -> list[tuple[_Slice, KvferryError | None]]:
+        """The reply to the one slice in flight, when it comes whole in one read (a lone small
+        request's round trip): checked and taken without the general machinery. Anything else
+        (a partial reply, ERR, a malformed one) is left in the buffer for the general path."""
+        item = head.item
+        want = 0 if item.op is not _READ else head.length
+        if want > _SMALL_READ or head.run or head.group:
+            return self._recv_general()
+        try:
+            k = self.sock.recv_into(self.rview, _RBUF_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return []
+        if k == 0:
+            raise PeerClosed("peer closed the connection")
+        self.last_progress = time.monotonic()
+        magic, version, op, _, req_id, _, length = _unpack_from(self.rbuf, 0)
+        if (
+            k == _HDR + want
+            and length == want
+            and req_id == head.req_id
+            and op == _OK
+            and magic == _MAGIC
+            and version == _VERSION
+        ):
+            if want:
+                at = head.local_offset
+                item.local.view[at : at + want] = self.rview[_HDR:k]
+            self.rpos = self.rend = 0
+            return [(self.inflight.popleft(), None)]
+        self.rpos, self.rend = 0, k
+        return self._recv_general()
 
     def _fill(self, exact: int) -> None:
         """One read into the receive buffer: ``exact`` bytes at most if > 0, else all it holds.
