@@ -225,12 +225,9 @@ def run_transfer(args: argparse.Namespace) -> int:
                 err.print(f"[dim]skipped {len(skipped)} case(s) larger than a buffer[/]")
         if args.reference:
             task = progress.add_task("reference: socket stream 1MiB, memcpy 16MiB", total=None)
-            report.references["socket_stream_1MiB"] = references.socket_stream(
-                1 << 20, max(1.0, options.duration)
-            )
-            report.references["memcpy_16MiB"] = references.memcpy(
-                16 << 20, max(1.0, options.duration)
-            )
+            seconds = max(1.0, args.duration)
+            report.references["socket_stream_1MiB"] = references.socket_stream(1 << 20, seconds)
+            report.references["memcpy_16MiB"] = references.memcpy(16 << 20, seconds)
             progress.remove_task(task)
 
     _print_report(console, report, multi=len(backends) > 1)

@@ -84,10 +84,11 @@ def test_rounds_interleave_two_backends_and_report_per_round_ratios(tmp_path: Pa
     argv += ["--backend", "kvferry,mooncake", "--transport", "tcp", "--rounds", "3"]
     argv += ["--total-buffer-size", "64KiB", "--start-block-size", "16KiB"]
     argv += ["--max-block-size", "32KiB", "--duration", "0.1", "--warmup", "0"]
-    argv += ["--check-consistency", "--json", str(tmp_path / "out.json")]
+    argv += ["--check-consistency", "--reference", "--json", str(tmp_path / "out.json")]
     run = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "median of 3 alternating rounds" in run.stdout
+    assert "reference socket_stream_1MiB" in run.stdout
     doc = json.loads((tmp_path / "out.json").read_text())
     assert doc["options"]["rounds"] == 3
     assert set(doc["backends"]) == {"kvferry", "mooncake"}
