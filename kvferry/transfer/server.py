@@ -237,20 +237,13 @@ class TargetServer:
                     # reply (one small request served, the buffer drained) goes out before the
                     # look: it is a round trip's latency, and nothing would join it.
                     if rpos == rend and 0 < len(out) <= 2:
-                        if served_read or served_write:
-                            with counters.lock:
-                                counters.bytes_read += served_read
-                                counters.bytes_written += served_write
-                                counters.frames += frames
-                            served_read = served_write = frames = 0
-                        _sendmsg_all(sock, out)
-                        out.clear()
-                        out_bytes = 0
-                    if rpos:
-                        left = rend - rpos
-                        rbuf[:left] = rview[rpos:rend]
-                        rpos, rend = 0, left
-                    rend = _try_fill(sock, rview, rend)
+                        rpos = rend = 0
+                    else:
+                        if rpos:
+                            left = rend - rpos
+                            rbuf[:left] = rview[rpos:rend]
+                            rpos, rend = 0, left
+                        rend = _try_fill(sock, rview, rend)
                     if rend < hdr_size:
                         if served_read or served_write:
                             # Publish before going idle (a long-lived connection must not keep
