@@ -122,6 +122,41 @@ class CaseResult:
     target_cpu_s: float | None
     consistency_checked: bool = False
 
+    @classmethod
+    def measured(
+        cls,
+        backend: str,
+        case: Case,
+        op: str,
+        *,
+        batches: int,
+        moved: int,
+        seconds: float,
+        samples: Samples,
+        initiator_cpu_s: float,
+        target_cpu_s: float | None,
+        consistency_checked: bool,
+    ) -> CaseResult:
+        """A result from what was counted (``seconds`` averaged over threads); BW, Avg Lat and
+        the per-batch summary derived as tebench defines them."""
+        threads = case.threads
+        return cls(
+            backend=backend,
+            block_size=case.block_size,
+            batch_size=case.batch_size,
+            threads=threads,
+            op=op,
+            batches=batches,
+            bytes=moved,
+            seconds=seconds,
+            bw_gbps=moved / 1e9 / seconds if seconds > 0 else 0.0,
+            avg_lat_us=seconds * 1e6 * threads / batches if batches else 0.0,
+            transfer_us=samples.summary() if batches else Summary.empty(),
+            initiator_cpu_s=initiator_cpu_s,
+            target_cpu_s=target_cpu_s,
+            consistency_checked=consistency_checked,
+        )
+
     @property
     def cpu_s_per_gb(self) -> float:
         return self.initiator_cpu_s / (self.bytes / 1e9) if self.bytes else 0.0
@@ -362,18 +397,14 @@ def run_case(
     if options.check_consistency:
         check_consistency(backend, case)
         consistency = True
-    return CaseResult(
-        backend=backend.name,
-        block_size=block,
-        batch_size=batch,
-        threads=threads,
-        op=options.op,
+    return CaseResult.measured(
+        backend.name,
+        case,
+        options.op,
         batches=batches,
-        bytes=moved,
+        moved=moved,
         seconds=total_duration,
-        bw_gbps=moved / 1e9 / total_duration if total_duration > 0 else 0.0,
-        avg_lat_us=total_duration * 1e6 * threads / batches if batches else 0.0,
-        transfer_us=merged.summary() if batches else Summary.empty(),
+        samples=merged,
         initiator_cpu_s=(cpu1 or 0.0) - (cpu0 or 0.0),
         target_cpu_s=(tcpu1 - tcpu0) if tcpu0 is not None and tcpu1 is not None else None,
         consistency_checked=consistency,
@@ -590,22 +621,15 @@ def merge_rounds(rounds: Sequence[CaseResult], samples: Sequence[Samples]) -> Ca
     pooled = Samples(sum(len(s) for s in samples) or 1)
     for s in samples:
         pooled.merge(s)
-    batches = sum(r.batches for r in rounds)
-    moved = sum(r.bytes for r in rounds)
-    seconds = sum(r.seconds for r in rounds)
     target_cpu = [r.target_cpu_s for r in rounds]
-    return CaseResult(
-        backend=first.backend,
-        block_size=first.block_size,
-        batch_size=first.batch_size,
-        threads=first.threads,
-        op=first.op,
-        batches=batches,
-        bytes=moved,
-        seconds=seconds,
-        bw_gbps=moved / 1e9 / seconds if seconds > 0 else 0.0,
-        avg_lat_us=seconds * 1e6 * first.threads / batches if batches else 0.0,
-        transfer_us=pooled.summary() if batches else Summary.empty(),
+    return CaseResult.measured(
+        first.backend,
+        Case(first.block_size, first.batch_size, first.threads),
+        first.op,
+        batches=sum(r.batches for r in rounds),
+        moved=sum(r.bytes for r in rounds),
+        seconds=sum(r.seconds for r in rounds),
+        samples=pooled,
         initiator_cpu_s=sum(r.initiator_cpu_s for r in rounds),
         target_cpu_s=None if None in target_cpu else sum(t or 0.0 for t in target_cpu),
         consistency_checked=all(r.consistency_checked for r in rounds),
