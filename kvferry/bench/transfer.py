@@ -599,6 +599,7 @@ def run_interleaved(
                 runs[c.name].append(run_case(c.backend, case, options, c.target_pid, kept[c.name]))
         for c in contenders:
             merged = merge_rounds(runs[c.name], kept[c.name])
+            merged.backend = c.name  # the contender's label: two configs of one engine differ
             results.append(merged)
             if on_case:
                 on_case(merged)

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 from rich.console import Console
@@ -32,6 +33,7 @@ from kvferry.bench.transfer import (
 from kvferry.cli.common import add_config_options, load_from_args
 from kvferry.cli.hitrate_cmd import add_hitrate_parser
 from kvferry.cli.serve_bench_cmd import add_serve_bench_parser
+from kvferry.config.models import KvferryConfig
 from kvferry.config.units import parse_duration, parse_size
 from kvferry.errors import ConfigError
 
@@ -67,7 +69,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument(
         "--backend",
         default="kvferry",
-        help="kvferry, mooncake, or both comma-separated (default: kvferry)",
+        help="kvferry, mooncake, or both comma-separated (default: kvferry); an entry may carry "
+        "config overrides of its own, NAME+SECTION.KEY=VALUE[+...], to compare two configs of "
+        "one engine (kvferry,kvferry+transfer.grace_period_ns=200000)",
     )
     p.add_argument(
         "--transport",
@@ -143,26 +147,68 @@ def _options(args: argparse.Namespace, backend: str) -> TransferBenchOptions:
     return options
 
 
+@dataclass(frozen=True)
+class _Entry:
+    """One ``--backend`` entry: ``NAME`` or ``NAME+SECTION.KEY=VALUE[+...]``, the name with
+    config overrides of its own (``kvferry+transfer.grace_period_ns=200000``), so two configs
+    of one engine can be measured side by side. ``label`` (the entry as typed) names its
+    results."""
+
+    label: str
+    name: str
+    config: KvferryConfig
+
+
+def _entries(args: argparse.Namespace) -> list[_Entry]:
+    """Parse --backend; each entry's config is the command's with the entry's overrides.
+
+    Raises:
+        ConfigError: an empty list, a repeated entry, or a malformed or invalid override.
+    """
+    labels = [b.strip() for b in args.backend.split(",") if b.strip()]
+    if not labels:
+        raise ConfigError("--backend is empty; use kvferry, mooncake or both comma-separated")
+    if len(set(labels)) != len(labels):
+        raise ConfigError(
+            f"--backend {args.backend!r} names an entry twice; to compare two configs of one "
+            "engine, give one of them overrides (kvferry,kvferry+transfer.workers=2)"
+        )
+    entries = []
+    for label in labels:
+        name, *pairs = label.split("+")
+        overrides: dict[str, str] = {}
+        for pair in pairs:
+            key, sep, value = pair.partition("=")
+            if not sep or "." not in key.strip(".") or not value:
+                raise ConfigError(
+                    f"--backend entry {label!r}: {pair!r} is not SECTION.KEY=VALUE (e.g. "
+                    "kvferry+transfer.grace_period_ns=200000)"
+                )
+            overrides[key] = value
+        config = load_from_args(
+            args, overrides, flag_names={k: f"--backend {label}" for k in overrides}
+        ).config
+        entries.append(_Entry(label, name.strip(), config))
+    return entries
+
+
 def run_transfer(args: argparse.Namespace) -> int:
     console = Console(stderr=False, width=None if sys.stdout.isatty() else 140)
     err = Console(stderr=True)
-    config = load_from_args(args).config
-    backends = [b.strip() for b in args.backend.split(",") if b.strip()]
-    if not backends:
-        raise ConfigError("--backend is empty; use kvferry, mooncake or both comma-separated")
+    entries = _entries(args)
 
     if args.target:
-        if len(backends) != 1:
+        if len(entries) != 1:
             raise ConfigError("--target serves one backend; pass a single --backend")
-        options = _options(args, backends[0])
-        backend = make_backend(backends[0], options, config)
+        options = _options(args, entries[0].name)
+        backend = make_backend(entries[0].name, options, entries[0].config)
 
         def announce(name: str) -> None:
             print(READY_PREFIX + name, flush=True)
             if not args.quiet:
                 print(
                     "To start initiators, run\n"
-                    f"  kvferry bench transfer --backend {backends[0]} --target-seg {name} "
+                    f"  kvferry bench transfer --backend {entries[0].name} --target-seg {name} "
                     + ("--seg-type VRAM " if options.seg_type == "VRAM" else "")
                     + "--op read --start-block-size 4096 --max-block-size 64MiB "
                     "--max-batch-size 128 --max-threads 4 --duration 5",
@@ -172,7 +218,7 @@ def run_transfer(args: argparse.Namespace) -> int:
         serve_target(backend, options.total_buffer_size, announce)
         return 0
 
-    report = TransferBenchReport(options=_options(args, backends[0]))
+    report = TransferBenchReport(options=_options(args, entries[0].name))
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -182,8 +228,9 @@ def run_transfer(args: argparse.Namespace) -> int:
         transient=True,
         disable=args.quiet,
     ) as progress:
-        for name in backends if args.rounds == 1 else ():
-            options = _options(args, name)
+        for entry in entries if args.rounds == 1 else ():
+            name, config = entry.label, entry.config
+            options = _options(args, entry.name)
             task = progress.add_task(f"{name}", total=None)
 
             def on_progress(i: int, n: int, case: Any, task: Any = task, name: str = name) -> None:
@@ -197,14 +244,14 @@ def run_transfer(args: argparse.Namespace) -> int:
             def on_case(result: CaseResult, task: Any = task) -> None:
                 progress.advance(task)
 
-            backend = make_backend(name, options, config)
+            backend = make_backend(entry.name, options, config)
             try:
                 if args.target_seg:
                     results, skipped = run_sweep(
                         backend, options, args.target_seg, on_case=on_case, progress=on_progress
                     )
                 else:
-                    with spawn_local_target(name, options, config) as (segment, pid):
+                    with spawn_local_target(entry.name, options, config) as (segment, pid):
                         results, skipped = run_sweep(
                             backend,
                             options,
@@ -216,11 +263,13 @@ def run_transfer(args: argparse.Namespace) -> int:
                 report.backends[name] = backend.describe()
             finally:
                 backend.close()
+            for result in results:
+                result.backend = name
             report.cases.extend(results)
             if skipped and not args.quiet:
                 err.print(f"[dim]{name}: skipped {len(skipped)} case(s) larger than the buffer[/]")
         if args.rounds > 1:
-            skipped = _run_rounds(args, backends, config, report, progress)
+            skipped = _run_rounds(args, entries, report, progress)
             if skipped and not args.quiet:
                 err.print(f"[dim]skipped {len(skipped)} case(s) larger than a buffer[/]")
         if args.reference:
@@ -230,7 +279,7 @@ def run_transfer(args: argparse.Namespace) -> int:
             report.references["memcpy_16MiB"] = references.memcpy(16 << 20, seconds)
             progress.remove_task(task)
 
-    _print_report(console, report, multi=len(backends) > 1)
+    _print_report(console, report, multi=len(entries) > 1)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report.to_json(), f, indent=2)
@@ -269,8 +318,7 @@ def _print_round_ratios(console: Console, report: TransferBenchReport) -> None:
 
 def _run_rounds(
     args: argparse.Namespace,
-    backends: list[str],
-    config: Any,
+    entries: list[_Entry],
     report: TransferBenchReport,
     progress: Progress,
 ) -> list[Any]:
@@ -287,17 +335,17 @@ def _run_rounds(
 
     with contextlib.ExitStack() as stack:
         contenders = []
-        for name in backends:
-            options = _options(args, name)
-            backend = make_backend(name, options, config)
+        for e in entries:
+            options = _options(args, e.name)
+            backend = make_backend(e.name, options, e.config)
             stack.callback(backend.close)
             if args.target_seg:
-                contenders.append(Contender(name, backend, args.target_seg))
+                contenders.append(Contender(e.label, backend, args.target_seg))
             else:
-                segment, pid = stack.enter_context(spawn_local_target(name, options, config))
-                contenders.append(Contender(name, backend, segment, pid))
+                segment, pid = stack.enter_context(spawn_local_target(e.name, options, e.config))
+                contenders.append(Contender(e.label, backend, segment, pid))
         results, ratios, skipped = run_interleaved(
-            contenders, _options(args, backends[0]), progress=on_progress
+            contenders, _options(args, entries[0].name), progress=on_progress
         )
         for c in contenders:
             report.backends[c.name] = c.backend.describe()
@@ -310,7 +358,7 @@ def _run_rounds(
 def _print_report(console: Console, report: TransferBenchReport, *, multi: bool) -> None:
     table = Table(title=f"kvferry bench transfer ({report.options.op})", show_lines=False)
     if multi:
-        table.add_column("Backend")
+        table.add_column("Backend", overflow="fold")
     table.add_column("Transport")
     for column in COLUMNS:
         table.add_column(column, justify="right")

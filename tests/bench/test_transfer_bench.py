@@ -151,3 +151,39 @@ def test_rounds_must_be_positive(tmp_path: Path) -> None:
     run = sweep(tmp_path, "--rounds", "0")
     assert run.returncode == 2
     assert "--rounds 0 is invalid: must be 1..1000" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_two_configs_of_one_engine_side_by_side(tmp_path: Path) -> None:
+    """An entry's overrides reach its engine's config (and its own target's); results and
+    ratios carry the entry as typed."""
+    other = "kvferry+transfer.grace_period_ns=0+transfer.slice_size=32KiB"
+    argv = [sys.executable, "-m", "kvferry", "bench", "transfer", "--local", "--quiet"]
+    argv += ["--backend", f"kvferry,{other}", "--transport", "tcp", "--rounds", "2"]
+    argv += ["--total-buffer-size", "256KiB", "--start-block-size", "64KiB"]
+    argv += ["--max-block-size", "64KiB", "--duration", "0.1", "--warmup", "0"]
+    argv += ["--check-consistency", "--json", str(tmp_path / "out.json")]
+    run = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    doc = json.loads((tmp_path / "out.json").read_text())
+    assert list(doc["backends"]) == ["kvferry", other]
+    assert doc["backends"]["kvferry"]["config"]["grace_period_ns"] == 50_000
+    assert doc["backends"][other]["config"]["grace_period_ns"] == 0
+    assert doc["backends"][other]["config"]["slice_size"] == "32KiB"
+    assert [c["backend"] for c in doc["cases"]] == ["kvferry", other]
+    assert all(c["consistency_checked"] for c in doc["cases"])
+    assert (doc["ratios"][0]["base"], doc["ratios"][0]["other"]) == ("kvferry", other)
+
+
+@pytest.mark.parametrize(
+    ("backend", "message"),
+    [
+        ("kvferry,kvferry", "names an entry twice"),
+        ("kvferry+grace", "'grace' is not SECTION.KEY=VALUE"),
+        ("kvferry+transfer.grace_period_ns=-5", "transfer.grace_period_ns = '-5'"),
+        ("kvferry+transfer.nosuch=1", "unknown key transfer.nosuch"),
+    ],
+)
+def test_bad_backend_entries_are_clear_errors(tmp_path: Path, backend: str, message: str) -> None:
+    run = sweep(tmp_path, "--backend", backend)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert message in run.stderr and "Traceback" not in run.stderr
