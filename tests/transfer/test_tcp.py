@@ -603,3 +603,29 @@ def test_a_lone_reply_for_another_request_or_an_err_fails_the_request() -> None:
             assert eng.metrics()["tcp"]["protocol_errors"] == 1
     finally:
         served.close()
+
+
+def test_a_lone_request_whose_target_hangs_up_fails_after_its_retries() -> None:
+    """The target closes the connection on every request: the lone request is retried on a
+    fresh connection, then fails with PeerClosed; nothing hangs."""
+    import time
+
+    def hang_up(conn: socket.socket, header: tuple[int, ...]) -> None:
+        conn.close()
+        raise PeerClosed("scripted hang-up")
+
+    served = ScriptedTarget(hang_up)
+    try:
+        with tcp_engine(retry_count=2, transfer_timeout=10) as eng:
+            local = eng.allocate(MiB)
+            h = eng.open_segment(served.name)
+            began = time.monotonic()
+            batch = eng.allocate_batch(1)
+            eng.submit(batch, [TransferRequest(OpCode.READ, local, 0, h, 0, 4096)])
+            status = eng.wait(batch, 20)
+            assert status.state is TransferState.FAILED
+            assert isinstance(status.errors[0], PeerClosed), status.errors[0]
+            assert time.monotonic() - began < 10
+            assert eng.metrics()["tcp"]["retries"] == 2
+    finally:
+        served.close()
