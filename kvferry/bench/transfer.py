@@ -528,28 +528,6 @@ def make_backend(
     return cls(transport=options.transport, seg_type=options.seg_type, config=config)
 
 
-def run_sweep(
-    backend: TransferBenchBackend,
-    options: TransferBenchOptions,
-    target_seg: str,
-    *,
-    target_pid: int | None = None,
-    on_case: Callable[[CaseResult], None] | None = None,
-    progress: Callable[[int, int, Case], None] | None = None,
-) -> tuple[list[CaseResult], list[Case]]:
-    """Connect ``backend`` to ``target_seg`` and run every case that fits."""
-    cases, skipped = plan_cases(options, _connect(backend, options, target_seg))
-    results = []
-    for i, case in enumerate(cases):
-        if progress:
-            progress(i, len(cases), case)
-        result = run_case(backend, case, options, target_pid)
-        results.append(result)
-        if on_case:
-            on_case(result)
-    return results, skipped
-
-
 def _connect(backend: TransferBenchBackend, options: TransferBenchOptions, target_seg: str) -> int:
     """Connect ``backend`` with a local buffer for the largest case; the bytes a case may use."""
     local_size = min(

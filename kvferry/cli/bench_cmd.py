@@ -18,14 +18,12 @@ from kvferry.bench import store as store_bench
 from kvferry.bench.transfer import (
     COLUMNS,
     READY_PREFIX,
-    CaseResult,
     Contender,
     TransferBenchOptions,
     TransferBenchReport,
     make_backend,
     row,
     run_interleaved,
-    run_sweep,
     serve_target,
     spawn_local_target,
     write_csv,
@@ -99,9 +97,9 @@ def add_parser(subparsers: Any) -> None:
         type=int,
         default=1,
         help="run each case N times, alternating the backends round by round (their targets "
-        "all up at once); results pool the rounds, and the ratio table gives the median of the "
-        "per-round ratios, which a machine's drift over minutes does not skew (default 1: "
-        "each backend's whole sweep in turn)",
+        "are all up at once, every case alternates them even with N=1); results pool the "
+        "rounds, and the ratio table gives the median of the per-round ratios, which a "
+        "machine's drift over minutes does not skew (default 1)",
     )
     p.add_argument("--op", default="read", choices=["read", "write", "mix"])
     p.add_argument(
@@ -228,50 +226,9 @@ def run_transfer(args: argparse.Namespace) -> int:
         transient=True,
         disable=args.quiet,
     ) as progress:
-        for entry in entries if args.rounds == 1 else ():
-            name, config = entry.label, entry.config
-            options = _options(args, entry.name)
-            task = progress.add_task(f"{name}", total=None)
-
-            def on_progress(i: int, n: int, case: Any, task: Any = task, name: str = name) -> None:
-                progress.update(
-                    task,
-                    total=n,
-                    completed=i,
-                    description=f"{name} {case.block_size}B x{case.batch_size} t{case.threads}",
-                )
-
-            def on_case(result: CaseResult, task: Any = task) -> None:
-                progress.advance(task)
-
-            backend = make_backend(entry.name, options, config)
-            try:
-                if args.target_seg:
-                    results, skipped = run_sweep(
-                        backend, options, args.target_seg, on_case=on_case, progress=on_progress
-                    )
-                else:
-                    with spawn_local_target(entry.name, options, config) as (segment, pid):
-                        results, skipped = run_sweep(
-                            backend,
-                            options,
-                            segment,
-                            target_pid=pid,
-                            on_case=on_case,
-                            progress=on_progress,
-                        )
-                report.backends[name] = backend.describe()
-            finally:
-                backend.close()
-            for result in results:
-                result.backend = name
-            report.cases.extend(results)
-            if skipped and not args.quiet:
-                err.print(f"[dim]{name}: skipped {len(skipped)} case(s) larger than the buffer[/]")
-        if args.rounds > 1:
-            skipped = _run_rounds(args, entries, report, progress)
-            if skipped and not args.quiet:
-                err.print(f"[dim]skipped {len(skipped)} case(s) larger than a buffer[/]")
+        skipped = _run_contenders(args, entries, report, progress)
+        if skipped and not args.quiet:
+            err.print(f"[dim]skipped {len(skipped)} case(s) larger than a buffer[/]")
         if args.reference:
             task = progress.add_task("reference: socket stream 1MiB, memcpy 16MiB", total=None)
             seconds = max(1.0, args.duration)
@@ -289,41 +246,39 @@ def run_transfer(args: argparse.Namespace) -> int:
 
 
 def _print_round_ratios(console: Console, report: TransferBenchReport) -> None:
+    if not report.ratios:
+        return
     first = report.ratios[0]
-    table = Table(
-        title=f"{first.base} / {first.other}, median of {len(first.bw)} alternating rounds"
-    )
-    for column in (
-        "BlkSize (B)",
-        "Batch",
-        "Threads",
-        "BW ratio",
-        "BW ratio range",
-        "P99 Tx ratio (lower better)",
-        "P99 ratio range",
-    ):
+    rounds = len(first.bw)
+    title = f"{first.base} / {first.other}"
+    if rounds > 1:
+        title += f", median of {rounds} alternating rounds"
+    table = Table(title=title)
+    columns = ["BlkSize (B)", "Batch", "Threads", "BW ratio", "P99 Tx ratio (lower better)"]
+    if rounds > 1:
+        columns[4:4] = ["BW ratio range"]
+        columns.append("P99 ratio range")
+    for column in columns:
         table.add_column(column, justify="right")
     for r in report.ratios:
-        table.add_row(
-            str(r.block_size),
-            str(r.batch_size),
-            str(r.threads),
-            f"{r.bw_median:.2f}x",
-            f"{min(r.bw):.2f}-{max(r.bw):.2f}",
-            f"{r.p99_median:.2f}x",
-            f"{min(r.p99):.2f}-{max(r.p99):.2f}",
-        )
+        cells = [str(r.block_size), str(r.batch_size), str(r.threads), f"{r.bw_median:.2f}x"]
+        if rounds > 1:
+            cells.append(f"{min(r.bw):.2f}-{max(r.bw):.2f}")
+        cells.append(f"{r.p99_median:.2f}x")
+        if rounds > 1:
+            cells.append(f"{min(r.p99):.2f}-{max(r.p99):.2f}")
+        table.add_row(*cells)
     console.print(table)
 
 
-def _run_rounds(
+def _run_contenders(
     args: argparse.Namespace,
     entries: list[_Entry],
     report: TransferBenchReport,
     progress: Progress,
 ) -> list[Any]:
-    """--rounds N: every backend connected to its own target at once, cases interleaved."""
-    task = progress.add_task("rounds", total=None)
+    """Every entry connected to its own target at once, cases interleaved over --rounds."""
+    task = progress.add_task("sweep", total=None)
 
     def on_progress(i: int, n: int, case: Any) -> None:
         progress.update(
@@ -368,33 +323,10 @@ def _print_report(console: Console, report: TransferBenchReport, *, multi: bool)
         table.add_row(*cells)
     console.print(table)
     if multi:
-        _print_ratios(console, report)
+        _print_round_ratios(console, report)
     for name, ref in report.references.items():
         console.print(f"reference {name}: {ref['gbps']:.3f} GB/s")
     sys.stdout.flush()
-
-
-def _print_ratios(console: Console, report: TransferBenchReport) -> None:
-    if report.ratios:
-        _print_round_ratios(console, report)
-        return
-    names = list(report.backends)
-    if len(names) < 2:
-        return
-    base, other = names[0], names[1]
-    by_case: dict[tuple[int, int, int], dict[str, CaseResult]] = {}
-    for r in report.cases:
-        by_case.setdefault((r.block_size, r.batch_size, r.threads), {})[r.backend] = r
-    table = Table(title=f"{base} / {other}")
-    for column in ("BlkSize (B)", "Batch", "Threads", "BW ratio", "P99 Tx ratio (lower better)"):
-        table.add_column(column, justify="right")
-    for (block, batch, threads), results in by_case.items():
-        if base in results and other in results:
-            a, b = results[base], results[other]
-            bw = a.bw_gbps / b.bw_gbps if b.bw_gbps else float("inf")
-            p99 = a.transfer_us.p99 / b.transfer_us.p99 if b.transfer_us.p99 else float("inf")
-            table.add_row(str(block), str(batch), str(threads), f"{bw:.2f}x", f"{p99:.2f}x")
-    console.print(table)
 
 
 # -- kvferry bench store ---------------------------------------------------------------------
