@@ -269,7 +269,14 @@ class RedisTier(Tier):
         self._oom: type[BaseException] = redis.exceptions.OutOfMemoryError
         # One quick reconnect on a dropped connection (a restarted server leaves stale pooled
         # sockets); a server that stays down fails fast instead of backing off for seconds.
-        retry = redis.retry.Retry(redis.backoff.ExponentialBackoff(cap=0.1, base=0.01), 1)
+        # Connection errors only: redis-py also retries timeouts by default, so a hung server
+        # (SIGSTOPped, swapping, a stuck fork) cost two socket_timeouts per call, and as many
+        # again for the handshake of the fresh connection that replaced the timed-out one.
+        retry = redis.retry.Retry(
+            redis.backoff.ExponentialBackoff(cap=0.1, base=0.01),
+            1,
+            supported_errors=(redis.exceptions.ConnectionError,),
+        )
         common: dict[str, Any] = {
             "max_connections": config.pool_size,
             # the blocking pool makes threads wait for a free connection instead of failing

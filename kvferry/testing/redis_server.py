@@ -5,10 +5,14 @@ Real redis-server binaries (apt package redis-server), without persistence, on 1
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -74,6 +78,19 @@ class RedisProcess:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"redis-server on port {self.port} did not answer PING in 15s")
             time.sleep(0.02)
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """The server hung (SIGSTOP) for the ``with`` body, resumed (SIGCONT) after it however
+        the body ends: the kernel still accepts connections, nobody answers."""
+        if self.proc is None:
+            raise RuntimeError(f"redis-server on port {self.port} is not running")
+        pid = self.proc.pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.kill(pid, signal.SIGCONT)
 
     def stop(self) -> None:
         if self.proc is None:

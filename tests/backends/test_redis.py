@@ -347,6 +347,32 @@ def test_silent_server_times_out_as_storage_error() -> None:
             tier.close()
 
 
+def test_a_hung_server_costs_one_timeout_per_call(own_redis: RedisProcesses) -> None:
+    # SIGSTOP: connections are still accepted by the kernel, nothing answers. Each call must
+    # fail after one socket_timeout: redis-py retrying a timed-out command (or handshake) on a
+    # fresh connection would pay it twice, and a store stalls for every such call.
+    server = own_redis()
+    tier = make(server.url, "hung:", socket_timeout=1)
+    ops = {
+        "get": lambda: tier.get([key(1)], [memoryview(bytearray(8))]),
+        "contains": lambda: tier.contains([key(1)]),
+        "put": lambda: tier.put([key(2)], [b"x"]),
+        "delete": lambda: tier.delete([key(1)]),
+    }
+    try:
+        assert tier.put([key(1)], [b"v"]) == [PutStatus.STORED]  # a warm pooled connection
+        with server.paused():
+            for name, op in ops.items():
+                t0 = time.monotonic()
+                with pytest.raises(StorageError, match=r"[Tt]ime"):
+                    op()
+                took = time.monotonic() - t0
+                assert took < 1.6, f"{name} took {took:.1f}s against socket_timeout 1s"
+        assert tier.contains([key(1)]) == [True], "the first call after SIGCONT works"
+    finally:
+        tier.close()
+
+
 def test_error_reply_is_storage_error(own_redis: RedisProcesses) -> None:
     # a user that may not run MGET: the server answers the get with an error reply
     server = own_redis()
