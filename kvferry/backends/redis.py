@@ -20,6 +20,10 @@ multi-key command):
   caller). On a cluster, pipelined ``GET`` through redis-py, whose pipeline splits the keys by
   slot, and one copy from each reply's ``bytes`` into the caller's buffer. The choice is
   measured by ``benchmarks/redis_batch_get.py``.
+- A value under the prefix that kvferry cannot have written (larger than ``slot_size``, or not
+  a string: another client's key) is a miss for that block, counted as ``foreign`` in the
+  tier's stats; the rest of the batch is served. (A foreign string that fits a slot cannot be
+  told from a block: values carry no header.)
 - ``contains``: pipelined ``EXISTS``; ``delete``: pipelined ``DEL`` (the count of 1s).
 - ``keys``: ``SCAN MATCH <escaped prefix>*`` over every primary.
 
@@ -30,6 +34,9 @@ blocks written or deleted by other clients, expired by the TTL or evicted by Red
 Failures: a refused or timed-out connection and every ``redis.exceptions.RedisError`` raise
 :class:`~kvferry.errors.StorageError` naming the tier and the URL (password hidden). The
 connection pool reconnects on its own, so the first call after Redis comes back works again.
+A call costs at most one ``socket_timeout`` against a hung server: a dropped connection is
+retried once at once, a timeout is not. Skipping a tier that keeps failing is the store's job
+(its circuit breaker, ``kvferry.store.breaker``).
 """
 
 from __future__ import annotations
@@ -166,9 +173,12 @@ class _MgetReader:
             raise _ReplyFormatError("bulk string not followed by CRLF")
         self.pos += 2
 
-    def read(self, outs: Sequence[memoryview]) -> tuple[list[int | None], list[int]]:
-        """Read the reply; returns the sizes and the indexes whose buffer was too small (those
-        values were drained and dropped, so the connection stays usable)."""
+    def read(
+        self, outs: Sequence[memoryview], limit: int
+    ) -> tuple[list[int | None], list[int], int]:
+        """Read the reply; returns the sizes, the indexes whose buffer was too small, and how
+        many values were larger than ``limit`` (not blocks: read as misses). Refused values are
+        drained and dropped, so the connection stays usable."""
         head = self.line()
         if head[:1] == b"-":
             raise _ErrorReply(head[1:].decode(errors="replace"))
@@ -176,6 +186,7 @@ class _MgetReader:
             raise _ReplyFormatError(f"expected an array of {len(outs)}, got {head[:32]!r}")
         sizes: list[int | None] = []
         too_small: list[int] = []
+        foreign = 0
         for i, out in enumerate(outs):
             h = self.line()
             if h[:1] == b"_" or h == b"$-1":  # RESP3 null, RESP2 null bulk
@@ -189,13 +200,18 @@ class _MgetReader:
                 raise _ReplyFormatError(f"bad bulk length {h[:32]!r}") from e
             if n < 0:
                 raise _ReplyFormatError(f"bad bulk length {h[:32]!r}")
+            if n > limit:
+                foreign += 1
+                self.payload(None, n)
+                sizes.append(None)
+                continue
             if n > out.nbytes:
                 too_small.append(i)
                 self.payload(None, n)
             else:
                 self.payload(out, n)
             sizes.append(n)
-        return sizes, too_small
+        return sizes, too_small, foreign
 
 
 def _import_redis() -> ModuleType:
@@ -259,7 +275,7 @@ class RedisTier(Tier):
         self._lock = threading.Lock()
         self._used = 0
         self._peak = 0
-        self._counters = {"errors": 0, "no_space": 0, "hits": 0, "misses": 0}
+        self._counters = {"errors": 0, "no_space": 0, "hits": 0, "misses": 0, "foreign": 0}
         self._closed = False
         redis = _import_redis()
         self._errors: tuple[type[BaseException], ...] = (
@@ -267,6 +283,7 @@ class RedisTier(Tier):
             redis.exceptions.RedisClusterException,
         )
         self._oom: type[BaseException] = redis.exceptions.OutOfMemoryError
+        self._reply_error: type[BaseException] = redis.exceptions.ResponseError
         # One quick reconnect on a dropped connection (a restarted server leaves stale pooled
         # sockets); a server that stays down fails fast instead of backing off for seconds.
         # Connection errors only: redis-py also retries timeouts by default, so a hung server
@@ -401,7 +418,7 @@ class RedisTier(Tier):
 
     def _get_direct(
         self, rkeys: list[bytes], views: list[memoryview]
-    ) -> tuple[list[int | None], list[int]] | None:
+    ) -> tuple[list[int | None], list[int], int] | None:
         """MGET with the reply parsed off the socket into ``views``; None when this connection
         type offers no socket to read (then the caller goes through redis-py)."""
         pool = self._pool
@@ -417,7 +434,7 @@ class RedisTier(Tier):
             if scratch is None:  # one per thread: no 256 KiB allocation per call
                 scratch = self._scratch.buf = bytearray(_SCRATCH_BYTES)
             conn.send_command("MGET", *rkeys)
-            return _MgetReader(sock, scratch).read(views)
+            return _MgetReader(sock, scratch).read(views, self.context.slot_size)
         except _ErrorReply as e:  # a whole reply was read: the connection is still in sync
             raise self._redis.exceptions.ResponseError(str(e)) from None
         except BaseException as e:
@@ -431,7 +448,7 @@ class RedisTier(Tier):
 
     def _get_copied(
         self, rkeys: list[bytes], views: list[memoryview]
-    ) -> tuple[list[int | None], list[int]]:
+    ) -> tuple[list[int | None], list[int], int]:
         """GETs through redis-py, then one copy per value from its ``bytes`` into ``views``."""
         if self._cfg.cluster:
             pipe = self._client.pipeline(transaction=False)
@@ -440,8 +457,15 @@ class RedisTier(Tier):
             results = list(pipe.execute(raise_on_error=False))
         else:
             results = list(self._client.mget(rkeys))
-        for r in results:
-            self._check_result(r)
+        foreign = 0
+        limit = self.context.slot_size
+        for i, r in enumerate(results):
+            wrong_type = isinstance(r, self._reply_error) and str(r).startswith("WRONGTYPE")
+            if wrong_type or (isinstance(r, bytes) and len(r) > limit):
+                results[i] = None  # not a block: another client's key under our prefix
+                foreign += 1
+            else:
+                self._check_result(r)
         too_small = [
             i for i, (r, v) in enumerate(zip(results, views)) if r is not None and len(r) > v.nbytes
         ]
@@ -453,7 +477,7 @@ class RedisTier(Tier):
                 sizes.append(len(r))
             else:
                 sizes.append(None)
-        return sizes, too_small
+        return sizes, too_small, foreign
 
     def get(self, keys: Sequence[Key], outs: Sequence[memoryview]) -> list[int | None]:
         """Copy each present block into its buffer.
@@ -471,7 +495,7 @@ class RedisTier(Tier):
         rkeys = [self._rkey(k) for k in keys]
         with self._failures():
             got = self._get_direct(rkeys, views) if self._direct else None
-            sizes, too_small = got if got is not None else self._get_copied(rkeys, views)
+            sizes, too_small, foreign = got if got is not None else self._get_copied(rkeys, views)
         if too_small:
             i = too_small[0]
             raise ValueError(
@@ -481,6 +505,7 @@ class RedisTier(Tier):
         with self._lock:
             self._counters["hits"] += hits
             self._counters["misses"] += len(sizes) - hits
+            self._counters["foreign"] += foreign
         return sizes
 
     def delete(self, keys: Sequence[Key]) -> int:

@@ -209,6 +209,42 @@ def test_value_larger_than_slot_is_refused(
         tier.close()
 
 
+@pytest.mark.parametrize("path", ["direct", "resp3", "cluster"])
+def test_foreign_values_under_the_prefix_are_misses(
+    path: str, redis_server: str, request: pytest.FixtureRequest
+) -> None:
+    # Another client wrote under kvferry's prefix: a value larger than any block kvferry stores
+    # (slot_size) and a hash. A batch get answers the good blocks and a miss for those (counted
+    # as foreign where Redis lets the tier see them), never a ValueError for the whole batch.
+    url = request.getfixturevalue("redis_cluster")[0] if path == "cluster" else redis_server
+    url += "?protocol=3" if path == "resp3" else ""
+    prefix = prefix_for(request)
+    tier = make(url, prefix, pool_size=1, cluster=path == "cluster")
+    raw = (
+        redis.cluster.RedisCluster.from_url(url) if path == "cluster" else redis.Redis.from_url(url)
+    )
+    try:
+        assert tier._direct == (path == "direct")
+        good = {key(1): value(1, SLOT), key(4): value(4, 100)}
+        assert tier.put(list(good), list(good.values())) == [PutStatus.STORED] * 2
+        raw.set(prefix.encode() + key(2), b"z" * (SLOT + 1))
+        raw.hset(prefix.encode() + key(3), "field", "x")
+        keys = [key(1), key(2), key(3), key(4)]
+        # slot-sized buffers (the store's), then larger ones; pool_size 1: the second round
+        # reuses the connection that drained the foreign value
+        for size in (SLOT, 2 * SLOT):
+            outs = [memoryview(bytearray(size)) for _ in keys]
+            assert tier.get(keys, outs) == [SLOT, None, None, 100]
+            assert bytes(outs[0][:SLOT]) == good[key(1)] and bytes(outs[3][:100]) == good[key(4)]
+        # MGET answers nil for a key of another type, so only GET (cluster) shows it to the tier
+        foreign = 2 if path == "cluster" else 1
+        assert tier.stats().extra["foreign"] == 2 * foreign
+        assert tier.stats().extra["errors"] == 0
+    finally:
+        raw.close()
+        tier.close()
+
+
 def test_typed_buffers_roundtrip(redis_server: str, request: pytest.FixtureRequest) -> None:
     tier = make(redis_server, prefix_for(request))
     try:
@@ -522,12 +558,12 @@ def test_mget_reader_any_chunking(scatter: bool) -> None:
     try:
         reader = _MgetReader(b, bytearray(_SCRATCH_BYTES))
         reader.scatter = scatter
-        got, too_small = reader.read(outs)
+        got, too_small, foreign = reader.read(outs, 300_000)
     finally:
         sender.join()
         a.close()
         b.close()
-    assert too_small == [5]
+    assert too_small == [5] and foreign == 0
     assert got == [None if v is None else len(v) for v in vals]
     for i, (o, v) in enumerate(zip(outs, vals)):
         if v is not None and i != 5:
