@@ -263,6 +263,32 @@ class StoreConfig(_Model):
     metrics_port: int = Field(
         0, ge=0, le=65535, description="In-process Prometheus /metrics port; 0 = no exporter."
     )
+    breaker_failures: int = Field(
+        3,
+        ge=1,
+        le=1000,
+        description="Failed calls in a row (errors or timeouts) that open a shared tier's "
+        "circuit breaker: its calls are then skipped (a miss, or NO_SPACE) instead of waiting.",
+    )
+    breaker_open_seconds: Seconds = Field(
+        1.0,
+        gt=0,
+        description="Seconds an open breaker skips its tier before one probe call goes through.",
+    )
+    breaker_max_open_seconds: Seconds = Field(
+        30.0,
+        gt=0,
+        description="Most seconds between probes: each failed probe doubles the wait up to this.",
+    )
+
+    @model_validator(mode="after")
+    def _breaker_intervals(self) -> StoreConfig:
+        if self.breaker_max_open_seconds < self.breaker_open_seconds:
+            raise ValueError(
+                f"breaker_max_open_seconds {self.breaker_max_open_seconds} is below "
+                f"breaker_open_seconds {self.breaker_open_seconds}; give a cap at least as long"
+            )
+        return self
 
     @field_validator("tiers")
     @classmethod

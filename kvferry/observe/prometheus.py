@@ -19,8 +19,10 @@ seconds. Metric names and their meaning:
   get_hit_blocks,leases_expired}_total``, ``kvferry_store_leases_active`` (gauge),
   ``kvferry_store_lookup_latency_seconds`` (histogram);
 - tier traffic: ``kvferry_tier_{lookup_blocks,hit_blocks,blocks_in,blocks_out,bytes_in,bytes_out,
-  save_seconds,load_seconds,evictions,demotions,promotions,no_space_blocks,errors}_total``,
+  save_seconds,load_seconds,evictions,demotions,promotions,no_space_blocks,errors,
+  breaker_skipped_calls,breaker_opens,breaker_closes}_total``,
   ``kvferry_tier_{load,save}_gbps`` (gauges; GB = 1e9 bytes, over the seconds spent moving),
+  ``kvferry_tier_breaker_open`` (gauge; 1 while a shared tier's circuit breaker is open),
   ``kvferry_tier_{get,put}_latency_seconds`` (histograms);
 - tier usage: ``kvferry_tier_{used,total,peak}_blocks``, ``kvferry_tier_{used,total}_bytes``
   (gauges; ``total_*`` absent for tiers without a fixed capacity), ``kvferry_tier_extra{name=}``
@@ -107,6 +109,9 @@ _TIER_COUNTERS: Final = (
     ("promotions", "promotions", "Blocks copied into the tier from a lower one."),
     ("no_space", "no_space_blocks", "Blocks a put could not place even after eviction."),
     ("errors", "errors", "Tier calls that failed (counted as misses)."),
+    ("breaker_skipped", "breaker_skipped_calls", "Calls skipped while the breaker was open."),
+    ("breaker_opens", "breaker_opens", "Times the tier's circuit breaker opened."),
+    ("breaker_closes", "breaker_closes", "Times a probe closed the tier's circuit breaker."),
 )
 
 # (key of TransportCounters.snapshot(), help) for the transfer counters.
@@ -268,6 +273,9 @@ def _add_tier_counters(out: _Families, labels: dict[str, str], t: TierCounters) 
     )
     out.gauge(
         "tier_save_gbps", "Bytes in / save seconds, in GB/s (1e9 bytes).", labels, t.save_gbps
+    )
+    out.gauge(
+        "tier_breaker_open", "1 while the tier's circuit breaker is open.", labels, t.breaker_open
     )
     out.latency("tier_get_latency_seconds", "Latency of the tier's get.", labels, t.get_latency)
     out.latency("tier_put_latency_seconds", "Latency of the tier's put.", labels, t.put_latency)

@@ -46,6 +46,15 @@ class TierCounters:
     """Blocks a put could not place even after eviction."""
     errors: int = 0
     """Tier calls that failed (StorageError); they count as misses."""
+    breaker_skipped: int = 0
+    """Calls into this shared tier not made because its circuit breaker was open (each reads as
+    a miss, or NO_SPACE)."""
+    breaker_opens: int = 0
+    """Times this shared tier's circuit breaker opened (failures in a row, or a failed probe)."""
+    breaker_closes: int = 0
+    """Times a probe found this shared tier answering again and closed its breaker."""
+    breaker_open: int = 0
+    """1 while this shared tier's breaker is open or probing, else 0 (a gauge)."""
     get_latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     put_latency: LatencyHistogram = field(default_factory=LatencyHistogram)
 

@@ -10,10 +10,20 @@ O(prefix length) dict probes and never scans a tier. *Shared* tiers (redis, serv
 are written by other processes too, so the store asks them for what its index does not have.
 
 Concurrency: one lock guards the index, the policies, the leases and the calls into local tiers
-(a cpu copy holds the GIL anyway). Calls into shared tiers (network) are made outside the lock.
-Blocks handed out as views (``prepare_load``, ``prepare_store``) are pinned or reserved, and
-eviction skips them, so a view never sees its slot reused. A failed shared tier (Redis down)
-counts an error and reads as a miss; the local tiers keep serving.
+(a cpu copy holds the GIL anyway). Calls into shared tiers (network) are never made under it, so
+a hung remote tier never holds up the local tiers: an eviction that demotes into a shared tier
+copies the victims' bytes into ``_outbox`` and frees their slots under the lock, and the call that
+evicted makes the remote put after releasing it (``_drain``); until then the blocks are served
+from the outbox. Blocks handed out as views (``prepare_load``, ``prepare_store``) are pinned or
+reserved, and eviction skips them, so a view never sees its slot reused.
+
+Failures: a failed shared tier (Redis down) counts an error and reads as a miss (NO_SPACE for a
+put); the local tiers keep serving. Each shared tier's calls go through its circuit breaker
+(``kvferry.store.breaker``; ``store.breaker_*``): after ``breaker_failures`` failures in a row
+the tier is skipped at once (counted in ``breaker_skipped``) instead of costing a timeout per
+call, and one probe call per open interval finds out when it answers again. A demotion that fails
+in flight loses its blocks (counted in ``dropped``); one the breaker refuses up front leaves them
+where they are, as a full lower tier does.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from typing import Any, TypeVar
 
 from kvferry.backends.base import Buffer, Key, PutStatus, SlotTier, Tier
@@ -31,6 +42,7 @@ from kvferry.backends.registry import create_tier
 from kvferry.config.models import KvferryConfig, StoreConfig
 from kvferry.errors import LeaseExpired, StorageError
 from kvferry.observe.trace import open_tracer
+from kvferry.store.breaker import BreakerState, CircuitBreaker
 from kvferry.store.eviction import EvictionPolicy, load_policy
 from kvferry.store.leases import Lease, LeaseTable, LoadHandle, StoreHandle
 from kvferry.store.stats import StoreStats, TierCounters
@@ -60,7 +72,8 @@ class TieredStore:
         config: the whole kvferry config; ``store`` and each tier's section are used.
         tiers: already built tiers, fastest first (overrides ``store.tiers``); the store closes
             them on ``close``.
-        clock: monotonic seconds (a fake clock in tests of lease expiry).
+        clock: monotonic seconds (a fake clock in tests of lease expiry and of the shared
+            tiers' circuit breakers).
 
     Raises:
         ConfigError: an unknown tier or policy name.
@@ -114,6 +127,25 @@ class TieredStore:
         self._leases = LeaseTable()
         self._stats = StoreStats(tiers={name: TierCounters() for name in self.names})
         self._counters = [self._stats.tiers[name] for name in self.names]
+        # one circuit breaker per shared tier, by tier index
+        self._breakers = {
+            i: CircuitBreaker(
+                cfg.breaker_failures,
+                cfg.breaker_open_seconds,
+                cfg.breaker_max_open_seconds,
+                clock=clock,
+            )
+            for i in self._shared
+        }
+        # Demotions into shared tiers queued under the lock, made outside it by _drain:
+        # key -> (source tier, shared tier, the block's bytes).
+        self._outbox: dict[Key, tuple[int, int, bytes]] = {}
+        # One drainer at a time; delete() takes it too, so that a block it deletes from a
+        # shared tier cannot land there afterwards from a demotion in flight.
+        self._drain_lock = threading.Lock()
+        # .owes: this thread queued demotions, so it drains before its call returns (a thread
+        # that queued nothing, a local get, never waits for a remote put)
+        self._tls = threading.local()
         self._executor: ThreadPoolExecutor | None = None
         self._closed = False
         # Off by default: the null tracer's span() is one shared no-op object.
@@ -237,14 +269,57 @@ class TieredStore:
         return lead
 
     def _shared_contains(self, si: int, keys: list[Key]) -> list[bool]:
-        """Ask shared tier ``si``; a failure counts an error and reads as absent."""
-        try:
-            return self.tiers[si].contains(keys)
-        except StorageError as e:
+        """Ask shared tier ``si`` (blocks on their way there count); a failure or an open
+        breaker reads as absent."""
+        got = self._remote(si, "lookup in", partial(self.tiers[si].contains, keys))
+        out = [False] * len(keys) if got is None else got
+        if self._outbox:
             with self._lock:
-                self._counters[si].errors += 1
-            log.warning("store: lookup in %s failed: %s", self.names[si], e)
-            return [False] * len(keys)
+                box = self._outbox
+                out = [ok or (k in box and box[k][1] == si) for k, ok in zip(keys, out)]
+        return out
+
+    def _remote(self, si: int, what: str, call: Callable[[], T]) -> T | None:
+        """``call()`` into shared tier ``si`` through its circuit breaker; the caller does not
+        hold the lock.
+
+        Returns None when the breaker skipped the call or the tier failed (StorageError), both
+        counted (``breaker_skipped``, ``errors``) and a failure logged; the caller reads None
+        as a miss, or NO_SPACE. Any other exception (the caller's ValueError) propagates and
+        says nothing about the tier.
+        """
+        breaker = self._breakers[si]
+        c = self._counters[si]
+        if not breaker.allow():
+            with self._lock:
+                c.breaker_skipped += 1
+            return None
+        try:
+            out = call()
+        except StorageError as e:
+            opened = breaker.failure()
+            with self._lock:
+                c.errors += 1
+                if opened:
+                    c.breaker_opens += 1
+                    c.breaker_open = 1
+            log.warning("store: %s %s failed: %s", what, self.names[si], e)
+            if opened:
+                log.warning(
+                    "store: %s keeps failing; skipping it for %.1fs (circuit breaker open)",
+                    self.names[si],
+                    breaker.open_seconds,
+                )
+            return None
+        except BaseException:
+            breaker.cancel()
+            raise
+        if breaker.success():
+            with self._lock:
+                c.breaker_closes += 1
+                c.breaker_open = 0
+            log.warning("store: %s answers again; circuit breaker closed", self.names[si])
+        return out
 
     def contains(self, hashes: Sequence[Key]) -> list[bool]:
         """Presence of each block in some tier (not only leading ones)."""
@@ -299,7 +374,10 @@ class TieredStore:
             st.put_blocks += len(hashes)
             if local_only:  # the usual case: done, in one lock section
                 self._counters[0].put_latency.observe_ns(time.perf_counter_ns() - t0)
-                return status  # type: ignore[return-value]  # not None: the first tier is local
+        if local_only:
+            if self._outbox:
+                self._drain()
+            return status  # type: ignore[return-value]  # not None: the first tier is local
         if status is None:
             status = self._put_shared(0, hashes, values)
         if self._write_through_on and len(self.tiers) > 1:
@@ -307,6 +385,7 @@ class TieredStore:
         c = self._counters[0]
         with self._lock:
             c.put_latency.observe_ns(time.perf_counter_ns() - t0)
+        self._drain()
         return status
 
     def _put_local(
@@ -418,12 +497,8 @@ class TieredStore:
     ) -> list[PutStatus]:
         c = self._counters[ti]
         t0 = time.perf_counter()
-        try:
-            got = self.tiers[ti].put(hashes, values)
-        except StorageError as e:
-            with self._lock:
-                c.errors += 1
-            log.warning("store: put into %s failed: %s", self.names[ti], e)
+        got = self._remote(ti, "put into", partial(self.tiers[ti].put, hashes, values))
+        if got is None:
             return [PutStatus.NO_SPACE] * len(hashes)
         with self._lock:
             c.save_seconds += time.perf_counter() - t0
@@ -482,9 +557,8 @@ class TieredStore:
         lower_mask = self._lower_masks[ti]
         demote = [k for k in victims if not (where.get(k, 0) & lower_mask)] if lower_mask else []
         if demote:
-            landed = self._demote(ti, ti + 1, demote)
-            c.demotions += len(landed)
-            stuck = [k for k in demote if k not in landed]
+            gone = self._demote(ti, ti + 1, demote)
+            stuck = [k for k in demote if k not in gone]
         else:
             stuck = []  # no tier below: eviction from the last tier is a plain drop
         if stuck:
@@ -512,22 +586,68 @@ class TieredStore:
         c.evictions += len(victims)
 
     def _demote(self, src: int, dst: int, keys: list[Key]) -> set[Key]:
-        """Copy ``keys`` from local tier ``src`` into tier ``dst``; the keys that landed."""
+        """Copy ``keys`` from local tier ``src`` into tier ``dst``; the keys that may leave
+        ``src`` (landed in a local ``dst``, or queued for a shared one). Caller holds the lock.
+
+        Into a shared tier the blocks are copied into ``_outbox`` and put by ``_drain`` once
+        the lock is released: a network call here would hold up every local get for as long
+        as the remote tier takes, a whole timeout when it hangs. Counted as demotions when
+        they land. A breaker that is open (and not due for a probe) refuses them up front.
+        """
+        if self.tiers[dst].shared and not self._breakers[dst].ready():
+            self._counters[dst].breaker_skipped += 1
+            return set()
         values = self._read_local(src, keys)
         present = [(k, v) for k, v in zip(keys, values) if v is not None]
         if not present:
             return set()
         ks = [k for k, _ in present]
+        if self.tiers[dst].shared:
+            box = self._outbox
+            for k, v in present:
+                box[k] = (src, dst, bytes(v))  # a copy: the slot is reused once we return
+            self._tls.owes = True
+            return set(ks)
         vs: list[Buffer] = [v for _, v in present if v is not None]
         src_policy = self._policies[src]
         depths = [src_policy.depth(k) for k in ks] if src_policy.uses_depth else None
-        if self.tiers[dst].shared:
-            # A network call under the lock: demotion to a remote tier is rare next to reads,
-            # and doing it here keeps "evicted" and "landed below" one step for everyone.
-            got = self._put_shared(dst, ks, vs)
-        else:
-            got = self._put_local(dst, ks, vs, depths)
-        return {k for k, s in zip(ks, got) if s is not PutStatus.NO_SPACE}
+        got = self._put_local(dst, ks, vs, depths)
+        landed = {k for k, s in zip(ks, got) if s is not PutStatus.NO_SPACE}
+        self._counters[src].demotions += len(landed)
+        return landed
+
+    def _drain(self, *, everything: bool = False) -> None:
+        """Make the demotions into shared tiers that evictions queued (``_outbox``), when this
+        thread queued some (or ``everything``); the caller does not hold the lock.
+
+        Blocks stay in the outbox (and are served from it) until their put is over; a block
+        the shared tier did not take is lost (``dropped``). The thread that queued waits for
+        the put, as it would have under the lock, but no other thread waits with it.
+        """
+        if not (everything or getattr(self._tls, "owes", False)):
+            return
+        self._tls.owes = False
+        with self._drain_lock:
+            while True:
+                with self._lock:
+                    batch = list(self._outbox.items())
+                if not batch:
+                    return
+                by_dst: dict[int, list[tuple[Key, tuple[int, int, bytes]]]] = {}
+                for k, entry in batch:
+                    by_dst.setdefault(entry[1], []).append((k, entry))
+                for dst, items in by_dst.items():
+                    got = self._put_shared(dst, [k for k, _ in items], [e[2] for _, e in items])
+                    with self._lock:
+                        box = self._outbox
+                        for (k, entry), st in zip(items, got):
+                            if box.get(k) is entry:
+                                del box[k]
+                            c = self._counters[entry[0]]
+                            if st is PutStatus.NO_SPACE:
+                                c.dropped += 1
+                            else:
+                                c.demotions += 1
 
     def _read_local(self, ti: int, keys: list[Key]) -> list[Buffer | None]:
         tier = self.tiers[ti]
@@ -626,6 +746,8 @@ class TieredStore:
             with self._lock:
                 self._stats.get_hit_blocks += len(res) - res.count(None)
                 self._counters[0].get_latency.observe_ns(time.perf_counter_ns() - t0)
+        if self._outbox:  # promotions made room by demoting into a shared tier
+            self._drain()
         return res
 
     def _get_local(
@@ -678,18 +800,17 @@ class TieredStore:
         missing: list[int],
         depth: int | None,
     ) -> None:
+        if self._outbox:
+            missing = self._get_outbox(hashes, outs, res, missing)
         for si in self._shared:
             if not missing:
                 return
             tier = self.tiers[si]
             c = self._counters[si]
             t0 = time.perf_counter()
-            try:
-                got = tier.get([hashes[i] for i in missing], [outs[i] for i in missing])
-            except StorageError as e:
-                with self._lock:
-                    c.errors += 1
-                log.warning("store: get from %s failed: %s", self.names[si], e)
+            call = partial(tier.get, [hashes[i] for i in missing], [outs[i] for i in missing])
+            got = self._remote(si, "get from", call)
+            if got is None:
                 continue
             found = [(i, n) for i, n in zip(missing, got) if n is not None]
             for i, n in found:
@@ -707,6 +828,37 @@ class TieredStore:
                         None if depth is None else [depth + i for i, _ in found],
                     )
             missing = [i for i in missing if res[i] is None]
+
+    def _get_outbox(
+        self,
+        hashes: Sequence[Key],
+        outs: Sequence[memoryview],
+        res: list[int | None],
+        missing: list[int],
+    ) -> list[int]:
+        """Copy the missing blocks that are on their way into a shared tier out of the outbox
+        (hits of that tier); returns the indexes still missing."""
+        left: list[int] = []
+        with self._lock:
+            box = self._outbox
+            for i in missing:
+                entry = box.get(hashes[i])
+                if entry is None:
+                    left.append(i)
+                    continue
+                data, out = entry[2], outs[i]
+                if len(out) < len(data):
+                    raise ValueError(
+                        f"block {i} is {len(data)} bytes but its buffer holds {len(out)}"
+                    )
+                out[: len(data)] = data
+                res[i] = len(data)
+                c = self._counters[entry[1]]
+                c.lookups += 1
+                c.hits += 1
+                c.blocks_out += 1
+                c.bytes_out += len(data)
+        return left
 
     def _promote(
         self, keys: list[Key], values: list[Buffer], depths: list[int] | None = None
@@ -734,6 +886,9 @@ class TieredStore:
         removed = 0
         with self._lock:
             self._check_open()
+            if self._outbox:
+                for k in hashes:
+                    self._outbox.pop(k, None)
             for k in hashes:
                 m = self._where.pop(k, 0)
                 if not m:
@@ -746,13 +901,10 @@ class TieredStore:
                             self._doomed.add(k)
                         else:
                             self.tiers[ti].delete([k])
-        for si in self._shared:
-            try:
-                self.tiers[si].delete(hashes)
-            except StorageError as e:
-                with self._lock:
-                    self._counters[si].errors += 1
-                log.warning("store: delete from %s failed: %s", self.names[si], e)
+        if self._shared:
+            with self._drain_lock:  # after any demotion in flight has landed
+                for si in self._shared:
+                    self._remote(si, "delete from", partial(self.tiers[si].delete, hashes))
         return removed
 
     # -- two-phase store --------------------------------------------------------------------
@@ -812,6 +964,8 @@ class TieredStore:
                     reserved.append(k)
             lease = self._leases.open("store", reserved, self._deadline()) if reserved else None
             self._stats.leases_active = len(self._leases.leases)
+        if self._outbox:  # making room demoted into a shared tier
+            self._drain()
         return StoreHandle(list(hashes), sizes, buffers, status, locations, lease, staged=staged)
 
     def complete_store(
@@ -890,6 +1044,7 @@ class TieredStore:
                 [handle.buffers[i] or b"" for i in idx],
                 [PutStatus.STORED] * len(idx),
             )
+        self._drain()
         return final
 
     # -- two-phase load ---------------------------------------------------------------------
@@ -945,6 +1100,8 @@ class TieredStore:
             c.lookups += len(keys)
             c.hits += len(keys)
             c.blocks_out += len(keys)
+        if self._outbox:  # promotions made room by demoting into a shared tier
+            self._drain()
         return LoadHandle(keys, [v for v in views[:cut] if v is not None], locs, lease)
 
     def complete_load(self, handle: LoadHandle) -> None:
@@ -1048,6 +1205,7 @@ class TieredStore:
             below = [k for k in below if not (self._where.get(k, 0) & 1)]
             if below:
                 self._promote_prefix(below)
+        self._drain()
 
     # -- leases -----------------------------------------------------------------------------
     def _deadline(self) -> float:
@@ -1086,14 +1244,15 @@ class TieredStore:
 
     # -- stats, lifecycle -------------------------------------------------------------------
     def error_count(self) -> int:
-        """Failed tier operations so far (every tier's ``errors``), without asking the tiers.
+        """Failed or skipped tier operations so far (every tier's ``errors`` and
+        ``breaker_skipped``), without asking the tiers.
 
-        The store turns a failing tier into misses (lookup, get) or NO_SPACE (put) and counts
-        it; a caller that must tell "absent" from "unreachable" compares this before and after
-        a call.
+        The store turns a failing tier (or one its breaker skips) into misses (lookup, get) or
+        NO_SPACE (put) and counts it; a caller that must tell "absent" from "unreachable"
+        compares this before and after a call.
         """
         with self._lock:
-            return sum(c.errors for c in self._counters)
+            return sum(c.errors + c.breaker_skipped for c in self._counters)
 
     def stats(self) -> StoreStats:
         """A consistent snapshot of the counters and of every tier's usage."""
@@ -1119,7 +1278,10 @@ class TieredStore:
                 copy.get_latency = c.get_latency.copy()
                 copy.put_latency = c.put_latency.copy()
                 snap.tiers[name] = copy
-        for name, tier in zip(self.names, self.tiers):
+        for i, (name, tier) in enumerate(zip(self.names, self.tiers)):
+            breaker = self._breakers.get(i)
+            if breaker is not None and breaker.state is not BreakerState.CLOSED:
+                continue  # a tier being skipped is not asked either (a server tier's is a call)
             try:
                 snap.usage[name] = tier.stats()
             except StorageError as e:
@@ -1135,6 +1297,7 @@ class TieredStore:
             executor = self._executor
         if executor is not None:
             executor.shutdown(wait=True)
+        self._drain(everything=True)  # demotions still queued land before their tier closes
         if self._exporter is not None:
             self._exporter.close()
         self.tracer.close()

@@ -220,6 +220,21 @@ def test_cross_key_check_names_the_keys_that_collided() -> None:
     assert "transfer.max_frame_size = '64KiB' (env KVFERRY_TRANSFER_MAX_FRAME_SIZE)" in message
 
 
+def test_breaker_cap_below_its_interval_names_both_keys() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(
+            environ={"KVFERRY_STORE_BREAKER_OPEN_SECONDS": "10s"},
+            flags={"store.breaker_max_open_seconds": "5s"},
+        )
+    message = str(info.value)
+    assert "breaker_max_open_seconds 5.0 is below breaker_open_seconds 10.0" in message
+    assert "store.breaker_open_seconds = '10s' (env KVFERRY_STORE_BREAKER_OPEN_SECONDS)" in message
+    loaded = load_config(environ={}, flags={"store.breaker_failures": "1"})
+    assert loaded.config.store.breaker_failures == 1
+    with pytest.raises(ConfigError, match=r"store\.breaker_failures = 0"):
+        load_config(environ={}, flags={"store.breaker_failures": 0})
+
+
 def test_bad_preset_value_names_the_preset(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(PRESETS, "broken", {"transfer": {"workers": 0}})
     with pytest.raises(ConfigError, match=r"transfer\.workers = 0 \(preset broken\)"):

@@ -40,6 +40,8 @@ def _store_stats() -> StoreStats:
     cpu.get_latency.observe_ns(3_000)  # 3 us -> bucket le 4 us
     cpu.get_latency.observe_ns(200_000_000_000)  # 200 s -> +Inf
     disk = TierCounters(lookups=4, hits=1, bytes_in=1000, save_seconds=0.0, evictions=3)
+    redis = TierCounters(errors=2, breaker_skipped=6, breaker_opens=2, breaker_closes=1)
+    redis.breaker_open = 1
     stats = StoreStats(
         lookups=4,
         lookup_blocks=10,
@@ -49,7 +51,7 @@ def _store_stats() -> StoreStats:
         put_blocks=8,
         leases_active=3,
         leases_expired=1,
-        tiers={"cpu": cpu, "disk": disk},
+        tiers={"cpu": cpu, "disk": disk, "redis": redis},
         usage={
             "cpu": TierStats(total_blocks=100, used_blocks=40, peak_blocks=60, used_bytes=4096),
             "disk": TierStats(
@@ -137,6 +139,12 @@ def test_store_stats_are_served_with_their_values(exporter: MetricsExporter) -> 
     # A tier without a fixed capacity has no total_blocks sample at all (not a fake 0).
     assert ("kvferry_tier_total_blocks", frozenset(disk.items())) not in s
     assert _value(s, "kvferry_tier_extra", name="odirect", **disk) == 1
+    redis = {"source": "store", "tier": "redis"}
+    assert _value(s, "kvferry_tier_breaker_skipped_calls_total", **redis) == 6
+    assert _value(s, "kvferry_tier_breaker_opens_total", **redis) == 2
+    assert _value(s, "kvferry_tier_breaker_closes_total", **redis) == 1
+    assert _value(s, "kvferry_tier_breaker_open", **redis) == 1
+    assert _value(s, "kvferry_tier_breaker_open", **cpu) == 0
 
     # Latency histogram: cumulative buckets in seconds from the power-of-two us bounds.
     h = "kvferry_tier_get_latency_seconds"
