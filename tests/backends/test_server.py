@@ -13,15 +13,19 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import redis as redis_py
 
 from kvferry.backends.base import PutStatus, TierContext
+from kvferry.backends.cpu import CpuTier
 from kvferry.backends.server import protocol as p
 from kvferry.backends.server.client import ServerTier
 from kvferry.backends.server.ring import HashRing
 from kvferry.backends.server.service import StoreServer
 from kvferry.config import load_config
-from kvferry.config.models import ServerTierConfig
+from kvferry.config.models import CpuTierConfig, KvferryConfig, ServerTierConfig, StoreConfig
 from kvferry.errors import ConfigError, StorageError
+from kvferry.store import TieredStore
+from kvferry.testing.redis_server import RedisProcesses
 from kvferry.testing.tier_kit import check_tier, key, value
 from kvferry.transfer import handshake, wire
 
@@ -174,6 +178,74 @@ def test_membership_through_redis(redis_server: str, servers: Callable[..., Serv
         assert tier.put([key(7)], [b"hello"]) == [PutStatus.STORED]
     finally:
         tier.close()
+
+
+@pytest.mark.redis
+def test_a_hung_membership_redis_costs_one_timeout_and_keeps_the_old_members(
+    own_redis: RedisProcesses, servers: Callable[..., ServerProcess]
+) -> None:
+    # The member list is re-read every few seconds inside a tier call: against a hung Redis
+    # that read must end after server.timeout (it waited a fixed 2 s), and the tier goes on
+    # with the members it knew.
+    redis = own_redis()
+    server = servers()
+    raw = redis_py.Redis(port=redis.port)
+    raw.hset("kvferry:hung-members", server.address, time.time())
+    raw.close()
+    cfg = ServerTierConfig(
+        membership_url=redis.url, membership_key="kvferry:hung-members", timeout=1.0
+    )
+    tier = ServerTier(cfg, TierContext(slot_size=SLOT))
+    try:
+        assert tier.put([key(1)], [b"v"]) == [PutStatus.STORED]
+        with redis.paused():
+            tier._ring_at = 0.0  # the refresh interval has passed
+            t0 = time.monotonic()
+            assert tier.contains([key(1)]) == [True]
+            took = time.monotonic() - t0
+            assert took < 1.6, f"a call took {took:.1f}s against a 1s timeout"
+        assert tier._ring.members == [server.address]
+    finally:
+        tier.close()
+
+
+def test_a_hung_server_behind_a_store_costs_one_timeout_then_is_skipped(
+    servers: Callable[..., ServerProcess],
+) -> None:
+    # The store's circuit breaker covers every shared tier: SIGSTOP the store server, and one
+    # call pays server.timeout, the next ones (stats included) skip the tier at once; after
+    # SIGCONT the probe finds it again.
+    server = servers()
+    now = [1000.0]
+    cfg = KvferryConfig(
+        store=StoreConfig(slot_size=SLOT, tiers=["cpu", "server"], breaker_failures=1)
+    )
+    remote = ServerTier(
+        ServerTierConfig(addresses=[server.address], timeout=1.0), TierContext(slot_size=SLOT)
+    )
+    cpu = CpuTier(CpuTierConfig(buffer_number=8), TierContext(slot_size=SLOT))
+    with TieredStore(cfg, tiers=[cpu, remote], clock=lambda: now[0]) as store:
+        assert remote.put([key(1)], [value(1, SLOT)]) == [PutStatus.STORED]
+        out = memoryview(bytearray(SLOT))
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            assert store.get([key(1)], [out]) == [None]
+            took = time.monotonic() - t0
+            assert took < 1.6, f"the first get took {took:.1f}s against a 1s timeout"
+            t0 = time.monotonic()
+            assert store.get([key(1)], [out]) == [None]
+            assert store.lookup([key(1)]) == 0
+            assert "server" not in store.stats().usage, "a skipped tier is not asked for stats"
+            took = time.monotonic() - t0
+            assert took < 0.5, f"calls took {took:.1f}s with the breaker open"
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        now[0] += cfg.store.breaker_open_seconds
+        assert store.get([key(1)], [out]) == [SLOT] and bytes(out) == value(1, SLOT)
+        st = store.stats()
+        assert (st.tiers["server"].breaker_opens, st.tiers["server"].breaker_closes) == (1, 1)
+        assert st.tiers["server"].breaker_skipped == 2 and "server" in st.usage
 
 
 def test_auth_token_is_required(servers: Callable[..., ServerProcess]) -> None:

@@ -97,15 +97,27 @@ class ServerTier(Tier):
     def _members_from_redis(self) -> list[str]:
         try:
             import redis
+            import redis.backoff
+            import redis.retry
         except ImportError as e:
             raise MissingDependency("redis", "redis") from e
+        # Read inside a tier call every few seconds: one server.timeout at most against a hung
+        # Redis, no retry (the next refresh is the retry), and no client left open behind.
+        timeout = self.cfg.timeout
+        client = redis.Redis.from_url(
+            self.cfg.membership_url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0),
+        )
         try:
-            client = redis.Redis.from_url(self.cfg.membership_url, socket_timeout=2)
             entries = client.hgetall(self.cfg.membership_key)
         except redis.RedisError as e:
             raise StorageError(
                 f"server tier: cannot read the membership at {self.cfg.membership_url}: {e}"
             ) from e
+        finally:
+            client.close()
         now = time.time()
         members: list[str] = []
         for m, ts in entries.items():
