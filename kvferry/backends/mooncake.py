@@ -36,10 +36,12 @@ Mapping (checked against mooncake-transfer-engine 0.3.13):
   see other clients or Mooncake's evictions.
 
 Facts about the client that shape the code: setup against an unreachable master retries for
-~90 s (so the master's TCP port is probed first); any call after ``close()`` segfaults (so every
-call is fenced by a closed flag, and ``close`` waits for calls in flight); ``close`` takes 1 to
-2 s;
-a non-zero ``global_segment_size`` below 16 MiB fails setup. Mooncake binds its transfer
+~90 s (so the master's TCP port is probed first); every call against a hung master waits the
+RPC timeout and answers ``-901 RPC_TIMEOUT``, 30 s unless ``MC_RPC_TIMEOUT_MS`` says otherwise
+when the client is set up (so the tier sets it from ``mooncake.rpc_timeout`` around setup); any
+call after ``close()`` segfaults (so every call is fenced by a closed flag, and ``close`` waits
+for calls in flight); ``close`` takes 1 to 2 s; a non-zero ``global_segment_size`` below 16 MiB
+fails setup. Mooncake binds its transfer
 listener on 0.0.0.0 whatever ``local_hostname`` says and logs through glog on stderr.
 """
 
@@ -48,6 +50,7 @@ from __future__ import annotations
 import ctypes
 import importlib
 import mmap
+import os
 import socket
 import threading
 from collections.abc import Iterator, Sequence
@@ -95,6 +98,7 @@ ERROR_CODES: dict[int, tuple[str, str]] = {
     -712: ("REPLICA_IS_GONE", "replica is gone"),
     -800: ("TRANSFER_FAIL", "transfer engine failed to move the bytes"),
     -900: ("RPC_FAIL", "RPC to the master failed (master down or unreachable)"),
+    -901: ("RPC_TIMEOUT", "RPC to the master timed out (master hung; mooncake.rpc_timeout)"),
     -1010: ("UNAVAILABLE_IN_CURRENT_STATUS", "master cannot serve this now"),
 }
 
@@ -142,6 +146,30 @@ def _byte_view(buf: Buffer) -> memoryview:
     if view.format != "B" or view.ndim != 1:
         view = view.cast("B")
     return view
+
+
+_RPC_TIMEOUT_ENV = "MC_RPC_TIMEOUT_MS"
+_env_lock = threading.Lock()
+
+
+@contextmanager
+def _rpc_timeout(seconds: float) -> Iterator[None]:
+    """Mooncake's RPC timeout for the client set up in the ``with`` body.
+
+    Mooncake takes it only from ``MC_RPC_TIMEOUT_MS``, read once when a client is set up (a
+    change afterwards does not reach that client), so it is set for the setup alone, under a
+    lock (two tiers set up at once each get their own), and the previous value put back.
+    """
+    with _env_lock:
+        before = os.environ.get(_RPC_TIMEOUT_ENV)
+        os.environ[_RPC_TIMEOUT_ENV] = str(max(1, round(seconds * 1000)))
+        try:
+            yield
+        finally:
+            if before is None:
+                del os.environ[_RPC_TIMEOUT_ENV]
+            else:
+                os.environ[_RPC_TIMEOUT_ENV] = before
 
 
 def _probe_master(address: str) -> None:
@@ -244,15 +272,16 @@ class MooncakeTier(Tier):
         self._store: Any = store_class()
         # Mooncake's own local buffer only serves get_batch/put_batch, which this tier does not
         # use: the registered staging buffer below is this client's local transfer buffer.
-        rc = self._store.setup(
-            config.local_hostname,
-            config.metadata_server,
-            config.global_segment_size,
-            0,
-            config.protocol,
-            config.device_name,
-            config.master_address,
-        )
+        with _rpc_timeout(config.rpc_timeout):
+            rc = self._store.setup(
+                config.local_hostname,
+                config.metadata_server,
+                config.global_segment_size,
+                0,
+                config.protocol,
+                config.device_name,
+                config.master_address,
+            )
         if rc != 0:
             self._store.close()
             raise StorageError(

@@ -391,6 +391,12 @@ class MooncakeTierConfig(_Model):
     key_prefix: str = Field(
         "kvferry:", min_length=1, description="Namespace of kvferry's objects in Mooncake."
     )
+    rpc_timeout: Seconds = Field(
+        5.0,
+        gt=0,
+        description="Seconds a call waits for the master's answer (MC_RPC_TIMEOUT_MS, whose "
+        "own default is 30 s): what a hung master costs a call.",
+    )
 
 
 DEFAULT_MOCK_MODEL_LEN = 32768

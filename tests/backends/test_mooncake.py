@@ -12,16 +12,21 @@ lives at least ~2 s (Mooncake's shutdown), so tests share tiers where they can.
 from __future__ import annotations
 
 import importlib
+import os
+import signal
 import sys
+import time
 from collections.abc import Iterator
 
 import pytest
 
 from kvferry.backends.base import PutStatus, TierContext
+from kvferry.backends.cpu import CpuTier
 from kvferry.backends.mooncake import MooncakeTier, describe_code, object_name
 from kvferry.backends.registry import create_tier
-from kvferry.config.models import KvferryConfig, MooncakeTierConfig
+from kvferry.config.models import CpuTierConfig, KvferryConfig, MooncakeTierConfig, StoreConfig
 from kvferry.errors import ConfigError, MissingDependency, StorageError
+from kvferry.store import TieredStore
 from kvferry.testing.mooncake_master import MooncakeMaster, find_master_binary, free_port
 from kvferry.testing.tier_kit import check_tier, key, value
 
@@ -53,8 +58,8 @@ def master() -> Iterator[MooncakeMaster]:
         yield m
 
 
-def _config(master: MooncakeMaster, **kwargs: int | str) -> MooncakeTierConfig:
-    fields: dict[str, int | str] = {
+def _config(master: MooncakeMaster, **kwargs: float | str) -> MooncakeTierConfig:
+    fields: dict[str, float | str] = {
         "master_address": master.address,
         "global_segment_size": SEGMENT,
         "local_buffer_size": 1 << 20,
@@ -63,7 +68,7 @@ def _config(master: MooncakeMaster, **kwargs: int | str) -> MooncakeTierConfig:
     return MooncakeTierConfig.model_validate(fields)
 
 
-def _tier(master: MooncakeMaster, slot: int = SLOT, **kwargs: int | str) -> MooncakeTier:
+def _tier(master: MooncakeMaster, slot: int = SLOT, **kwargs: float | str) -> MooncakeTier:
     return MooncakeTier(_config(master, **kwargs), TierContext(slot_size=slot, label="mc"))
 
 
@@ -167,6 +172,7 @@ def test_shared_tier_facts_and_names(tier: MooncakeTier) -> None:
     assert object_name(bytes(range(16))) == "kvferry:000102030405060708090a0b0c0d0e0f"
     assert describe_code(-200).startswith("-200 NO_AVAILABLE_HANDLE")
     assert "UNKNOWN" in describe_code(-12345)
+    assert describe_code(-901).startswith("-901 RPC_TIMEOUT"), "a hung master's answer"
     before = tier.stats().used_blocks
     assert tier.put([key(1, 81)], [value(1, 64)]) == [PutStatus.STORED]
     assert tier.used_blocks == before + 1
@@ -189,6 +195,44 @@ def test_unreachable_master_is_a_storage_error(master: MooncakeMaster) -> None:
     # Mooncake's own setup would retry for ~90 s; the tier probes the master's port first.
     with pytest.raises(StorageError, match="not reachable"):
         _tier(master, master_address=f"127.0.0.1:{free_port()}")
+
+
+def test_a_hung_master_costs_one_rpc_timeout_then_the_store_skips_it() -> None:
+    # SIGSTOP the master: each call waits mooncake.rpc_timeout (Mooncake's own default is
+    # 30 s), after which the store's circuit breaker skips the tier until a probe finds it.
+    _require_mooncake()
+    with MooncakeMaster.start() as hung:
+        now = [1000.0]
+        cfg = KvferryConfig(
+            store=StoreConfig(slot_size=SLOT, tiers=["cpu", "mooncake"], breaker_failures=1)
+        )
+        remote = _tier(hung, rpc_timeout=1.0)
+        cpu = CpuTier(CpuTierConfig(buffer_number=8), TierContext(slot_size=SLOT))
+        with TieredStore(cfg, tiers=[cpu, remote], clock=lambda: now[0]) as store:
+            k = key(1, 99)
+            assert remote.put([k], [value(1, SLOT)]) == [PutStatus.STORED]
+            out = memoryview(bytearray(SLOT))
+            os.kill(hung.proc.pid, signal.SIGSTOP)
+            try:
+                t0 = time.monotonic()
+                assert store.lookup([k]) == 0
+                took = time.monotonic() - t0
+                assert took < 1.6, f"a lookup took {took:.1f}s against rpc_timeout 1s"
+                t0 = time.monotonic()
+                assert store.get([k], [out]) == [None] and store.lookup([k]) == 0
+                took = time.monotonic() - t0
+                assert took < 0.5, f"calls took {took:.1f}s with the breaker open"
+            finally:
+                os.kill(hung.proc.pid, signal.SIGCONT)
+            now[0] += cfg.store.breaker_open_seconds
+            assert store.get([k], [out]) == [SLOT] and bytes(out) == value(1, SLOT)
+            st = store.stats().tiers["mc"]
+            assert (st.errors, st.breaker_opens, st.breaker_closes, st.breaker_skipped) == (
+                1,
+                1,
+                1,
+                2,
+            )
 
 
 def test_bad_sizes_are_config_errors(master: MooncakeMaster) -> None:
