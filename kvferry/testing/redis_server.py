@@ -5,15 +5,15 @@ Real redis-server binaries (apt package redis-server), without persistence, on 1
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from kvferry.testing.hang import hung
 
 
 def free_port() -> int:
@@ -85,12 +85,8 @@ class RedisProcess:
         the body ends: the kernel still accepts connections, nobody answers."""
         if self.proc is None:
             raise RuntimeError(f"redis-server on port {self.port} is not running")
-        pid = self.proc.pid
-        os.kill(pid, signal.SIGSTOP)
-        try:
+        with hung(self.proc.pid):
             yield
-        finally:
-            os.kill(pid, signal.SIGCONT)
 
     def stop(self) -> None:
         if self.proc is None:

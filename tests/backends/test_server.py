@@ -25,6 +25,7 @@ from kvferry.config import load_config
 from kvferry.config.models import CpuTierConfig, KvferryConfig, ServerTierConfig, StoreConfig
 from kvferry.errors import ConfigError, StorageError
 from kvferry.store import TieredStore
+from kvferry.testing.hang import hung
 from kvferry.testing.redis_server import RedisProcesses
 from kvferry.testing.tier_kit import check_tier, key, value
 from kvferry.transfer import handshake, wire
@@ -227,8 +228,7 @@ def test_a_hung_server_behind_a_store_costs_one_timeout_then_is_skipped(
     with TieredStore(cfg, tiers=[cpu, remote], clock=lambda: now[0]) as store:
         assert remote.put([key(1)], [value(1, SLOT)]) == [PutStatus.STORED]
         out = memoryview(bytearray(SLOT))
-        os.kill(server.proc.pid, signal.SIGSTOP)
-        try:
+        with hung(server.proc.pid):
             t0 = time.monotonic()
             assert store.get([key(1)], [out]) == [None]
             took = time.monotonic() - t0
@@ -239,8 +239,6 @@ def test_a_hung_server_behind_a_store_costs_one_timeout_then_is_skipped(
             assert "server" not in store.stats().usage, "a skipped tier is not asked for stats"
             took = time.monotonic() - t0
             assert took < 0.5, f"calls took {took:.1f}s with the breaker open"
-        finally:
-            os.kill(server.proc.pid, signal.SIGCONT)
         now[0] += cfg.store.breaker_open_seconds
         assert store.get([key(1)], [out]) == [SLOT] and bytes(out) == value(1, SLOT)
         st = store.stats()
