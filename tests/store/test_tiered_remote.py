@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import pytest
+import redis as redis_py
 
 from kvferry.backends.base import PutStatus, Tier, TierContext
 from kvferry.backends.cpu import CpuTier
@@ -167,3 +168,26 @@ def test_a_demotion_into_a_hung_tier_does_not_hold_up_local_gets(
         assert st.tiers["redis"].errors == 1
         assert st.tiers["cpu"].dropped == 1, "the demotion failed in flight: the block is lost"
         assert store.lookup(ks[1:]) == 3
+
+
+@pytest.mark.redis
+def test_a_foreign_value_under_the_prefix_is_a_miss_not_a_failed_batch(
+    own_redis: RedisProcesses,
+) -> None:
+    redis = own_redis()
+    cfg, tiers = _cpu_redis(redis, breaker_failures=1)
+    with TieredStore(cfg, tiers=tiers) as store:
+        good = [key(i) for i in range(3)]
+        tiers[1].put(good, [value(i, SLOT) for i in range(3)])  # blocks only redis holds
+        raw = redis_py.Redis(port=redis.port)
+        try:
+            raw.set(b"t:" + key(9), b"x" * (SLOT + 1))  # larger than any block: not ours
+        finally:
+            raw.close()
+        ks = [good[0], key(9), good[1], good[2]]
+        outs = [memoryview(bytearray(SLOT)) for _ in ks]
+        assert store.get(ks, outs) == [SLOT, None, SLOT, SLOT]
+        assert [bytes(outs[i]) for i in (0, 2, 3)] == [value(i, SLOT) for i in range(3)]
+        st = store.stats()
+        assert st.usage["redis"].extra["foreign"] == 1
+        assert st.tiers["redis"].errors == 0 and st.tiers["redis"].breaker_opens == 0
