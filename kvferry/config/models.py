@@ -290,6 +290,12 @@ class CpuTierConfig(_Model):
         False, description="Page-lock the pool through torch when CUDA is present (faster H2D)."
     )
     use_hugepages: bool = Field(False, description="Advise transparent huge pages for the pool.")
+    checksum: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Keep an xxh3-64 checksum per block, set at put/commit and verified on "
+        "reads that can meet a stale or foreign write; auto = on when peers can reach the pool "
+        "(a store server), off for a pool only this process touches.",
+    )
 
 
 class DiskTierConfig(_Model):

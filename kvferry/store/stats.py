@@ -46,6 +46,9 @@ class TierCounters:
     """Blocks a put could not place even after eviction."""
     errors: int = 0
     """Tier calls that failed (StorageError); they count as misses."""
+    corrupt: int = 0
+    """Blocks whose bytes failed their checksum (dropped, read as misses) or did not match the
+    writer's checksum at commit (not published)."""
     get_latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     put_latency: LatencyHistogram = field(default_factory=LatencyHistogram)
 

@@ -512,8 +512,15 @@ class TieredStore:
         c.evictions += len(victims)
 
     def _demote(self, src: int, dst: int, keys: list[Key]) -> set[Key]:
-        """Copy ``keys`` from local tier ``src`` into tier ``dst``; the keys that landed."""
+        """Copy ``keys`` from local tier ``src`` into tier ``dst``; the keys that landed.
+
+        A slot tier checks each block's checksum first (when it keeps them): a block that
+        fails is dropped there and forgotten here, never copied down with a fresh checksum."""
         values = self._read_local(src, keys)
+        for k, v in zip(keys, values):
+            if v is None and self._where.get(k, 0) & (1 << src):
+                self._forget(src, k)
+                self._counters[src].corrupt += 1
         present = [(k, v) for k, v in zip(keys, values) if v is not None]
         if not present:
             return set()
@@ -532,7 +539,7 @@ class TieredStore:
     def _read_local(self, ti: int, keys: list[Key]) -> list[Buffer | None]:
         tier = self.tiers[ti]
         if isinstance(tier, SlotTier):
-            return list(tier.views(keys))
+            return list(tier.views(keys, verify=True))
         peeked = tier.peek(keys)
         if peeked is not None:
             return peeked
@@ -724,6 +731,25 @@ class TieredStore:
             self._where.pop(key, None)
         self._policies[ti].remove(key)
 
+    def verify(self, hashes: Sequence[Key]) -> int:
+        """Check the given blocks in the local slot tiers against their checksums (a client
+        that received bytes which did not match asks for this); drops and forgets the ones that
+        fail. Returns how many were dropped. Tiers that keep no checksums are skipped."""
+        dropped = 0
+        with self._lock:
+            self._check_open()
+            for ti in self._local:
+                tier = self.tiers[ti]
+                if not isinstance(tier, SlotTier):
+                    continue
+                bit = 1 << ti
+                keys = [k for k in hashes if self._where.get(k, 0) & bit]
+                for k in tier.verify(keys) if keys else ():
+                    self._forget(ti, k)
+                    self._counters[ti].corrupt += 1
+                    dropped += 1
+        return dropped
+
     # -- delete -----------------------------------------------------------------------------
     def delete(self, hashes: Sequence[Key]) -> int:
         """Remove blocks from every tier; the number of blocks that were cached locally.
@@ -815,11 +841,22 @@ class TieredStore:
         return StoreHandle(list(hashes), sizes, buffers, status, locations, lease, staged=staged)
 
     def complete_store(
-        self, handle: StoreHandle, ok: bool | Sequence[bool] = True
+        self,
+        handle: StoreHandle,
+        ok: bool | Sequence[bool] = True,
+        checksums: Sequence[int] | None = None,
     ) -> list[PutStatus]:
         """Publish the written blocks (``ok`` true) and free the others' slots.
 
-        Returns the final status per block (a block not published reads NO_SPACE).
+        Returns the final status per block (a block not published reads NO_SPACE, or REJECTED
+        when its bytes did not match ``checksums``).
+
+        Args:
+            handle: from ``prepare_store``.
+            ok: per block (or for all): the caller wrote it.
+            checksums: per block of ``handle.hashes``, the writer's ``block_checksum`` of the
+                bytes it wrote (a writer in another process, through the shared pool); a first
+                tier that keeps checksums publishes only blocks whose slot holds exactly those.
 
         Raises:
             LeaseExpired: the lease ran out (or the handle was completed already); nothing of
@@ -829,6 +866,8 @@ class TieredStore:
         oks = [bool(ok)] * n if isinstance(ok, bool) else [bool(x) for x in ok]
         if len(oks) != n:
             raise ValueError(f"{n} blocks but {len(oks)} ok flags")
+        if checksums is not None and len(checksums) != n:
+            raise ValueError(f"{n} blocks but {len(checksums)} checksums")
         final = list(handle.status)
         pending = handle.pending()
         if handle.completed:
@@ -864,14 +903,18 @@ class TieredStore:
             else:
                 publish_shared = None
                 assert isinstance(first, SlotTier)  # staged is False only for slot tiers
-                first.commit(keys, good)
+                sums = None if checksums is None else [checksums[i] for i in pending]
+                published = first.commit(keys, good, sums)
                 policy = self._policies[0]
-                for i, k, g in zip(pending, keys, good):
-                    if g:
+                for i, k, g, landed in zip(pending, keys, good, published):
+                    if landed:
                         self._where[k] = self._where.get(k, 0) | 1
                         policy.insert(k)
                         c.blocks_in += 1
                         c.bytes_in += handle.sizes[i]
+                    elif g:
+                        final[i] = PutStatus.REJECTED
+                        c.corrupt += 1
                     else:
                         final[i] = PutStatus.NO_SPACE
             for i, g in zip(pending, good):

@@ -55,6 +55,8 @@ class MemoryRegion:
         view: writable ``memoryview`` of format "B" over the bytes.
         address: the address of byte 0 (for memmove).
         shm: how another local process can map it, or None for registered buffers.
+        peer_writable: peers may WRITE into it over the wire (False: the target refuses WRITE
+            and WRITEV frames for it, e.g. a store server's pool, whose blocks are immutable).
     """
 
     __slots__ = (
@@ -63,6 +65,7 @@ class MemoryRegion:
         "_mmap",
         "address",
         "location",
+        "peer_writable",
         "region_id",
         "shm",
         "size",
@@ -86,6 +89,7 @@ class MemoryRegion:
         self.address = int(array.ctypes.data)
         self.location = location
         self.shm = shm
+        self.peer_writable = True
         self._keep = keep
         self._mmap = mapping
 
@@ -213,7 +217,7 @@ class DeviceRegion:
         tensor: the region as a flat uint8 tensor on its device (no copy).
     """
 
-    __slots__ = ("_pinned", "_torch", "location", "region_id", "size", "tensor")
+    __slots__ = ("_pinned", "_torch", "location", "peer_writable", "region_id", "size", "tensor")
 
     shm: ShmInfo | None = None  # device memory is never mapped by a peer
 
@@ -229,6 +233,7 @@ class DeviceRegion:
         self.tensor = tensor.detach().reshape(-1).view(torch.uint8)
         self.size = int(self.tensor.numel())
         self.location = str(tensor.device)
+        self.peer_writable = True
         self._pinned = bool(tensor.is_cuda)
 
     @property

@@ -288,7 +288,12 @@ class TargetServer:
                     wire.decode(hdr, reply=False, max_length=max_frame)  # raises the precise error
                     raise ProtocolError(f"op {op:#x} is not allowed after the handshake")
                 region = regions.get(region_id)
-                if region is None or length <= 0 or offset + length > region.size:
+                if (
+                    region is None
+                    or length <= 0
+                    or offset + length > region.size
+                    or (op != read_op and not region.peer_writable)
+                ):
                     # Answer this very request (the initiator fails it without retry), then
                     # close: a WRITE payload may follow and must not be read as a header.
                     reason = _refusal(region_id, region, offset, length)
@@ -392,6 +397,7 @@ class TargetServer:
     def _vector_ranges(
         self,
         sock: socket.socket,
+        write: bool,
         req_id: int,
         count: int,
         rview: memoryview,
@@ -415,6 +421,8 @@ class TargetServer:
         for region_id, offset, n in wire.VECTOR_ENTRY.iter_unpack(desc):
             region = regions.get(region_id)
             if region is None or n <= 0 or offset + n > region.size:
+                self._refuse(sock, out, _refusal(region_id, region, offset, n), req_id)
+            if write and not region.peer_writable:
                 self._refuse(sock, out, _refusal(region_id, region, offset, n), req_id)
             total += n
             if total > self._max_frame:
@@ -444,7 +452,9 @@ class TargetServer:
         if not write and length != descriptors:
             reason = f"READV of {count} ranges in {length} descriptor bytes"
             self._refuse(sock, out, reason, req_id)
-        rpos, rend, ranges, total = self._vector_ranges(sock, req_id, count, rview, rpos, rend, out)
+        rpos, rend, ranges, total = self._vector_ranges(
+            sock, write, req_id, count, rview, rpos, rend, out
+        )
         if write and length != descriptors + total:
             reason = f"WRITEV frame of {length} bytes carries {count} ranges of {total} bytes"
             self._refuse(sock, out, reason, req_id)
@@ -567,9 +577,12 @@ def _merge_adjacent(
 def _refusal(
     region_id: int, region: MemoryRegion | DeviceRegion | None, offset: int, length: int
 ) -> str:
-    """Why a range is refused: its region is not granted, or it lies outside it."""
+    """Why a range is refused: its region is not granted, the range lies outside it, or (a
+    range inside it) the region is read-only to peers and the request writes."""
     if region is None:
         return f"region {region_id} is not granted to this peer"
+    if length > 0 and offset + length <= region.size:
+        return f"region {region_id} is read-only to peers; writing into it is refused"
     return (
         f"range [{offset}, {offset + length}) is outside region {region_id} of {region.size} bytes"
     )

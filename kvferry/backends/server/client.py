@@ -11,6 +11,11 @@ Data paths, picked per server:
 - otherwise inline over tcp: GET's reply carries the bytes, received straight into the caller's
   buffers (no staging copy); PUT carries them in the request.
 
+Every block a server lends comes with its checksum (``protocol``): the bytes received (tcp) or
+copied out of the shared pool (same host) are checked against it, and a block that does not match
+is a miss, counted (``corrupt``), and reported to the server with CHECK so that it re-checks and
+drops it. A put through the shared pool declares each block's checksum at COMMIT.
+
 Any socket failure closes that connection (a half-read reply must never be parsed as the next
 one) and raises :class:`~kvferry.errors.StorageError` naming the server; the next call
 reconnects.
@@ -27,7 +32,15 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from kvferry.backends.base import Buffer, Key, PutStatus, Tier, TierContext, TierStats
+from kvferry.backends.base import (
+    Buffer,
+    Key,
+    PutStatus,
+    Tier,
+    TierContext,
+    TierStats,
+    block_checksum,
+)
 from kvferry.backends.server import protocol as p
 from kvferry.backends.server.ring import HashRing
 from kvferry.config.models import ServerTierConfig
@@ -77,6 +90,7 @@ class ServerTier(Tier):
         self._req_ids = itertools.count(1)
         self._ring_at = 0.0
         self._closed = False
+        self._corrupt = 0
         self._ring = self._load_ring()
 
     # -- membership -------------------------------------------------------------------------
@@ -137,6 +151,13 @@ class ServerTier(Tier):
                 )
             except KvferryError as e:
                 raise StorageError(f"server tier: store server {member}: {e}") from e
+            version = peer.service.get("store_protocol")
+            if version != p.PROTOCOL_VERSION:
+                sock.close()
+                raise StorageError(
+                    f"server tier: {member} speaks store protocol {version!r}, this client "
+                    f"{p.PROTOCOL_VERSION}: run the same kvferry version on both sides"
+                )
             sock.settimeout(self.cfg.timeout)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
             conn = conns[member] = _Conn(sock, peer)
@@ -241,8 +262,9 @@ class ServerTier(Tier):
         pos = p.LEASE_REGION.size
         status: list[PutStatus] = []
         ok = bytearray(len(ks))
+        sums = [0] * len(ks)
         view = mapping.view
-        for i, v in enumerate(vs):
+        for i, (k, v) in enumerate(zip(ks, vs)):
             code, offset = p.RES.unpack_from(reply, pos)
             pos += p.RES.size
             s = p.CODE_STATUS.get(code, PutStatus.NO_SPACE)
@@ -251,10 +273,13 @@ class ServerTier(Tier):
                 if offset + len(v) > mapping.size:
                     raise StorageError(f"server tier: {member} reserved outside its pool")
                 view[offset : offset + len(v)] = v
+                sums[i] = block_checksum(k, v)  # of what we meant to write, not of the slot
                 ok[i] = 1
         if not lease:
             return status
-        final = self._call(member, p.Method.COMMIT, [p.U64.pack(lease), bytes(ok)])
+        final = self._call(
+            member, p.Method.COMMIT, [p.U64.pack(lease), bytes(ok), p.encode_u64s(sums)]
+        )
         return p.decode_statuses(final, len(ks))
 
     def get(self, keys: Sequence[Key], outs: Sequence[memoryview]) -> list[int | None]:
@@ -284,10 +309,14 @@ class ServerTier(Tier):
         try:
             self._send(conn, p.Method.GET, [p.encode_keys(ks)])
             total = self._reply_header(conn, member)
+            (flags,) = handshake.recv_exact(conn.sock, 1)
             table = handshake.recv_exact(conn.sock, 4 * len(ks))
             lengths = list(memoryview(table).cast("I"))
+            sums: list[int] = []
+            if flags & p.SUMS:
+                sums = list(memoryview(handshake.recv_exact(conn.sock, 8 * len(ks))).cast("Q"))
             body = sum(n for n in lengths if n != p.MISS)
-            if 4 * len(ks) + body != total:
+            if 1 + (12 if sums else 4) * len(ks) + body != total:
                 raise StorageError(f"server tier: {member} sent a malformed GET reply")
             got: list[int | None] = []
             sock = conn.sock
@@ -317,7 +346,38 @@ class ServerTier(Tier):
             raise StorageError(f"server tier: store server {member}: {e}") from e
         if too_small is not None:
             raise ValueError(too_small)
+        if sums:
+            self._check(member, ks, outs, got, sums)
         return got
+
+    def _check(
+        self,
+        member: str,
+        ks: list[Key],
+        outs: Sequence[memoryview],
+        got: list[int | None],
+        sums: Sequence[int],
+    ) -> None:
+        """Check each received block against its checksum; a mismatch becomes a miss (in
+        ``got``), is counted, and is reported to the server (CHECK), which re-checks it."""
+        bad: list[Key] = []
+        for j, (k, out, n) in enumerate(zip(ks, outs, got)):
+            if n is not None and block_checksum(k, out[:n]) != sums[j]:
+                got[j] = None
+                bad.append(k)
+        if not bad:
+            return
+        with self._lock:
+            self._corrupt += len(bad)
+        log.warning(
+            "server tier: %d block(s) from %s failed their checksum; read as misses",
+            len(bad),
+            member,
+        )
+        try:
+            self._call(member, p.Method.CHECK, [p.encode_keys(bad)])
+        except StorageError as e:
+            log.warning("server tier: asking %s to re-check blocks failed: %s", member, e)
 
     def _get_shm(
         self, member: str, mapping: PeerMapping, ks: list[Key], outs: list[memoryview]
@@ -326,16 +386,18 @@ class ServerTier(Tier):
             if len(out) < 1:
                 raise ValueError("server tier: an output buffer is empty")
         reply = self._call(member, p.Method.LOCATE, [p.encode_keys(ks)])
-        if len(reply) != p.LEASE_REGION.size + p.LOC.size * len(ks):
+        if len(reply) != p.LOCATE_HEAD.size + p.LOC.size * len(ks):
             raise StorageError(f"server tier: {member} sent a malformed LOCATE reply")
-        lease, _region = p.LEASE_REGION.unpack_from(reply, 0)
-        pos = p.LEASE_REGION.size
+        lease, _region, flags = p.LOCATE_HEAD.unpack_from(reply, 0)
+        pos = p.LOCATE_HEAD.size
         view = mapping.view
         got: list[int | None] = []
+        sums: list[int] = []
         error: str | None = None
         for out in outs:
-            offset, n = p.LOC.unpack_from(reply, pos)
+            offset, n, checksum = p.LOC.unpack_from(reply, pos)
             pos += p.LOC.size
+            sums.append(checksum)
             if n == p.MISS:
                 got.append(None)
             elif offset + n > mapping.size:
@@ -356,6 +418,8 @@ class ServerTier(Tier):
             if "smaller" in error:
                 raise ValueError(error)
             raise StorageError(error)
+        if flags & p.SUMS:
+            self._check(member, ks, outs, got, sums)
         return got
 
     def _mapping(self, member: str) -> PeerMapping | None:
@@ -418,7 +482,11 @@ class ServerTier(Tier):
             total_blocks=None,
             used_blocks=used,
             peak_blocks=peak,
-            extra={"servers": float(len(self._ring.members)), "server_slots": float(total)},
+            extra={
+                "servers": float(len(self._ring.members)),
+                "server_slots": float(total),
+                "corrupt": float(self._corrupt),
+            },
         )
 
     def close(self) -> None:

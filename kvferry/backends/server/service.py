@@ -9,6 +9,12 @@ frame closes only that connection.
 
 Blocks handed out by LOCATE or RESERVE are pinned by store leases: a client that vanishes
 loses them at ``store.lease_seconds``, never pins them forever.
+
+A committed block is immutable to peers: the pool is registered read-only to the wire (WRITE
+and WRITEV frames into it are refused), PUT copies into fresh slots only, and a same-host client
+that writes through the shared mapping after RESERVE declares each block's checksum at COMMIT,
+which publishes only slots that hold exactly those bytes. Every block it lends (GET, LOCATE)
+goes out with its checksum, and clients check what they received (``protocol``).
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ import time
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from kvferry.backends.base import Key, SlotTier, Tier, TierContext
+from kvferry.backends.base import Key, SlotTier, Tier, TierContext, block_checksum
+from kvferry.backends.cpu import CpuTier
 from kvferry.backends.registry import load_tier
 from kvferry.backends.server import protocol as p
 from kvferry.config.models import KvferryConfig
@@ -72,8 +79,16 @@ class StoreServer:
             raise
         self.store = TieredStore(config, tiers=tiers)
         first = self.store.first
-        self._region_id = first.region.region_id if hasattr(first, "region") else 0
+        self._region_id = 0
+        if isinstance(first, CpuTier):
+            first.region.peer_writable = False  # blocks are written by PUT or RESERVE/COMMIT
+            self._region_id = first.region.region_id
+        self._checksummed = isinstance(first, SlotTier) and first.checksums([]) is not None
         self._leases: dict[int, LoadHandle | StoreHandle] = {}
+        # GET copies blocks it cannot lend (not in the cpu tier) into fresh buffers: at most
+        # this many bytes of them per call.
+        self._copy_budget = int(config.transfer.max_frame_size)
+        self._copy_skipped = 0
         self._lock = threading.Lock()
         self.address: tuple[str, int] = ("", 0)
         self._stop = threading.Event()
@@ -82,7 +97,7 @@ class StoreServer:
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> tuple[str, int]:
         """Listen (``listen.bind_address:listen.port``); returns the bound (host, port)."""
-        self.engine.listen(call=self._call)
+        self.engine.listen(call=self._call, service={"store_protocol": p.PROTOCOL_VERSION})
         if self.store.exporter is not None:
             self.store.exporter.add_source("transfer", self.engine.metrics)
         address = self.engine.address
@@ -163,41 +178,70 @@ class StoreServer:
         p.expect_end(buf, pos)
         return CallReply([bytes(self.store.contains(keys))])
 
-    def _present_pinned(self, keys: list[Key]) -> tuple[LoadHandle | None, dict[Key, int]]:
-        """Pin the present blocks among ``keys``; (handle, key -> index in handle.buffers)."""
-        present = [k for k, ok in zip(keys, self.store.contains(keys)) if ok]
+    def _present_pinned(
+        self, keys: list[Key]
+    ) -> tuple[LoadHandle | None, dict[Key, int], list[Key]]:
+        """Pin the present blocks among ``keys``: (handle, key -> index in handle.buffers, the
+        present blocks it could not pin, in order and without repeats)."""
+        present = list(dict.fromkeys(k for k, ok in zip(keys, self.store.contains(keys)) if ok))
         if not present:
-            return None, {}
-        handle = self.store.prepare_load(list(dict.fromkeys(present)))
-        return handle, {k: i for i, k in enumerate(handle.hashes)}
+            return None, {}, []
+        handle = self.store.prepare_load(present)
+        where = {k: i for i, k in enumerate(handle.hashes)}
+        return handle, where, [k for k in present if k not in where]
+
+    def _lent_sums(self, handle: LoadHandle | None) -> list[int]:
+        """The checksums of a load handle's (pinned) blocks, in its order."""
+        if handle is None or not self._checksummed:
+            return []
+        first = self.store.first
+        assert isinstance(first, SlotTier)
+        return [s or 0 for s in first.checksums(handle.hashes) or []]
 
     def _get(self, buf: memoryview) -> CallReply:
         keys, pos = p.decode_keys(buf)
         p.expect_end(buf, pos)
-        handle, where = self._present_pinned(keys)
-        # Blocks the pinned prefix did not cover (a batch larger than the cpu tier, or blocks
-        # only on disk that found no cpu slot) are copied out instead of lent.
-        rest = [k for k in dict.fromkeys(keys) if k not in where]
+        handle, where, rest = self._present_pinned(keys)
+        # Present blocks the pinned prefix did not cover (a batch larger than the cpu tier, or
+        # blocks only on disk that found no cpu slot) are copied out instead of lent: as many
+        # as the copy budget holds (a request of a million keys must not allocate a slot per
+        # key); the others answer MISS and count, and the client reads them as misses.
+        budget = max(1, self._copy_budget // self.store.slot_size)
+        if len(rest) > budget:
+            self._copy_skipped += len(rest) - budget
+            rest = rest[:budget]
         copied: dict[Key, memoryview] = {}
         if rest:
             outs = [memoryview(bytearray(self.store.slot_size)) for _ in rest]
             for k, out, n in zip(rest, outs, self.store.get(rest, outs)):
                 if n is not None:
                     copied[k] = out[:n]
+        lent = self._lent_sums(handle)
         lengths: list[int] = []
+        sums: list[int] = []
         parts: list[bytes | memoryview] = []
         for k in keys:
             i = where.get(k)
-            view = copied.get(k) if i is None or handle is None else handle.buffers[i]
+            view: memoryview | None
+            if i is not None and handle is not None:
+                view = handle.buffers[i]
+                if lent:
+                    sums.append(lent[i])
+            else:
+                view = copied.get(k)
+                if self._checksummed:
+                    sums.append(0 if view is None else block_checksum(k, view))
             if view is None:
                 lengths.append(p.MISS)
             else:
                 lengths.append(len(view))
                 parts.append(view)
-        head = p.encode_u32s(lengths)
+        head = [p.U8.pack(p.SUMS if self._checksummed else 0), p.encode_u32s(lengths)]
+        if self._checksummed:
+            head.append(p.encode_u64s(sums))
         if handle is None:
-            return CallReply([head, *parts])
-        return CallReply([head, *parts], after=lambda: self._complete_load(handle))
+            return CallReply([*head, *parts])
+        return CallReply([*head, *parts], after=lambda: self._complete_load(handle))
 
     def _complete_load(self, handle: LoadHandle) -> None:
         try:
@@ -226,16 +270,20 @@ class StoreServer:
     def _locate(self, buf: memoryview) -> CallReply:
         keys, pos = p.decode_keys(buf)
         p.expect_end(buf, pos)
-        handle, where = self._present_pinned(keys)
+        handle, where, _ = self._present_pinned(keys)
         lease_id = 0
         if handle is not None and handle.lease is not None:
             lease_id = handle.lease.lease_id
             self._remember(lease_id, handle)
-        out = [p.LEASE_REGION.pack(lease_id, self._region_id)]
+        lent = self._lent_sums(handle)
+        out = [p.LOCATE_HEAD.pack(lease_id, self._region_id, p.SUMS if self._checksummed else 0)]
         for k in keys:
             i = where.get(k)
             loc = None if i is None or handle is None else handle.locations[i]
-            out.append(p.LOC.pack(0, p.MISS) if loc is None else p.LOC.pack(*loc))
+            if loc is None or i is None:
+                out.append(p.LOC.pack(0, p.MISS, 0))
+            else:
+                out.append(p.LOC.pack(loc[0], loc[1], lent[i] if lent else 0))
         return CallReply([b"".join(out)])
 
     def _release(self, buf: memoryview) -> CallReply:
@@ -272,14 +320,26 @@ class StoreServer:
             handle = self._leases.pop(lease_id, None)
         if not isinstance(handle, StoreHandle):
             raise LeaseExpired(f"lease {lease_id} is unknown or already ended")
-        ok = bytes(buf[8:])
-        if len(ok) != len(handle.hashes):
-            raise ProtocolError(f"COMMIT carries {len(ok)} flags for {len(handle.hashes)} blocks")
-        final = self.store.complete_store(handle, [b == 1 for b in ok])
+        n = len(handle.hashes)
+        if len(buf) != 8 + 9 * n:
+            raise ProtocolError(
+                f"COMMIT of {n} blocks carries {len(buf) - 8} bytes; want {n} flags and "
+                f"{n} u64 checksums ({9 * n} bytes)"
+            )
+        ok = bytes(buf[8 : 8 + n])
+        sums, _ = p.decode_u64s(buf, 8 + n, n, "checksums")
+        final = self.store.complete_store(handle, [b == 1 for b in ok], sums)
         return CallReply([p.encode_statuses(final)])
 
     def _stats(self, buf: memoryview) -> CallReply:
-        return CallReply([json.dumps(self.store.stats().to_json()).encode()])
+        doc = self.store.stats().to_json()
+        doc["server"] = {"get_copy_skipped": self._copy_skipped}
+        return CallReply([json.dumps(doc).encode()])
+
+    def _check(self, buf: memoryview) -> CallReply:
+        keys, pos = p.decode_keys(buf)
+        p.expect_end(buf, pos)
+        return CallReply([p.U32.pack(self.store.verify(keys))])
 
     def _keys(self, buf: memoryview) -> CallReply:
         keys: list[Key] = []
@@ -308,4 +368,5 @@ class StoreServer:
         p.Method.COMMIT: _commit,
         p.Method.STATS: _stats,
         p.Method.KEYS: _keys,
+        p.Method.CHECK: _check,
     }

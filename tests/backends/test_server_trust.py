@@ -1,0 +1,206 @@
+"""The store server against clients that stall, misbehave or attack: a committed block is
+immutable, a wrong block is a miss (never a hit), and no peer locks the others out."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from kvferry.backends.base import PutStatus, TierContext, block_checksum
+from kvferry.backends.server import protocol as p
+from kvferry.backends.server.client import ServerTier
+from kvferry.backends.server.service import StoreServer
+from kvferry.config import load_config
+from kvferry.config.models import KvferryConfig, ServerTierConfig
+from kvferry.testing.tier_kit import key, value
+from kvferry.transfer import handshake, wire
+from kvferry.transfer.memory import PeerMapping
+
+SLOT = 4096
+
+
+def _config(**flags: object) -> KvferryConfig:
+    base: dict[str, object] = {
+        "listen.port": 0,
+        "store.tiers": ["cpu"],
+        "cpu.capacity": f"{4 * SLOT}",
+        "store.slot_size": SLOT,
+        "store.evict_start_threshold": 1.0,
+    }
+    base.update(flags)
+    return load_config(flags=base).config
+
+
+@pytest.fixture
+def server() -> Iterator[StoreServer]:
+    with StoreServer(_config(**{"store.lease_seconds": 0.3})) as s:
+        yield s
+
+
+def _address(server: StoreServer) -> tuple[str, int]:
+    host, port = server.address
+    return host, port
+
+
+def _tier(server: StoreServer, transport: str = "auto") -> ServerTier:
+    host, port = server.address
+    cfg = ServerTierConfig(addresses=[f"{host}:{port}"], transport=transport)  # type: ignore[arg-type]
+    return ServerTier(cfg, TierContext(slot_size=SLOT))
+
+
+def _call(sock: socket.socket, method: int, payload: bytes) -> tuple[wire.Op, bytes]:
+    sock.sendall(wire.encode(wire.Op.CALL, region=method, req_id=1, length=len(payload)) + payload)
+    h = wire.decode(handshake.recv_exact(sock, wire.HEADER_SIZE), reply=True, max_length=1 << 30)
+    return h.op, bytes(handshake.recv_exact(sock, h.length))
+
+
+def _read_back(tier: ServerTier, k: bytes) -> bytes | None:
+    out = memoryview(bytearray(SLOT))
+    (n,) = tier.get([k], [out])
+    return None if n is None else bytes(out[:n])
+
+
+def test_a_stalled_reservation_never_lands_under_another_key(server: StoreServer) -> None:
+    """A same-host client reserves a slot, stalls past the lease, and only then writes into the
+    shared mapping and commits: the commit fails, and the block that reused the slot reads back
+    as its own bytes or as a miss, never as the stalled client's bytes."""
+    sock, peer = handshake.connect(_address(server), token=None, timeout=5)
+    region = peer.regions[0]
+    assert region.shm is not None
+    mapping = PeerMapping(region.shm, region.size)
+    stalled = key(1, 40)
+    op, body = _call(sock, p.Method.RESERVE, p.encode_keys([stalled]) + p.U32.pack(SLOT))
+    assert op is wire.Op.OK
+    lease, _ = p.LEASE_REGION.unpack_from(body, 0)
+    code, offset = p.RES.unpack_from(body, p.LEASE_REGION.size)
+    assert p.CODE_STATUS[code] is PutStatus.STORED
+    time.sleep(0.5)  # past store.lease_seconds: the slot goes back to the free list
+
+    good = _tier(server)
+    others = [key(i, 41) for i in range(4)]  # fill every slot, the stalled one included
+    assert good.put(others, [value(i, SLOT) for i in range(4)]) == [PutStatus.STORED] * 4
+
+    mapping.view[offset : offset + SLOT] = b"\xee" * SLOT  # the late write
+    op, body = _call(sock, p.Method.COMMIT, p.U64.pack(lease) + b"\x01" + p.U64.pack(0))
+    assert op is wire.Op.ERR, "a commit after the lease ran out fails"
+    assert server.store.lookup([stalled]) == 0
+
+    for i, k in enumerate(others):
+        got = _read_back(good, k)
+        assert got is None or got == value(i, SLOT), "a block never reads back with wrong bytes"
+    assert [_read_back(good, k) for k in others].count(None) == 1, "the overwritten one is a miss"
+    tcp = _tier(server, transport="tcp")
+    for i, k in enumerate(others):
+        got = _read_back(tcp, k)
+        assert got is None or got == value(i, SLOT)
+    good.close()
+    tcp.close()
+    sock.close()
+    mapping.close()
+
+
+def test_a_raw_write_into_the_pool_is_refused_and_changes_nothing(server: StoreServer) -> None:
+    tier = _tier(server, transport="tcp")
+    k = key(1, 42)
+    assert tier.put([k], [value(1, SLOT)]) == [PutStatus.STORED]
+    ((offset, _),) = [loc for loc in server.store.first.locate([k]) if loc is not None]  # type: ignore[attr-defined]
+    sock, peer = handshake.connect(_address(server), token=None, timeout=5)
+    assert peer.regions[0].writable is False, "the handshake says the pool is read-only"
+    sock.sendall(
+        wire.encode(wire.Op.WRITE, region=peer.regions[0].region_id, offset=offset, length=SLOT)
+        + b"\xee" * SLOT
+    )
+    h = wire.decode(handshake.recv_exact(sock, wire.HEADER_SIZE), reply=True, max_length=1 << 20)
+    assert h.op is wire.Op.ERR
+    assert b"read-only" in bytes(handshake.recv_exact(sock, h.length))
+    sock.close()
+    assert _read_back(tier, k) == value(1, SLOT)
+    tier.close()
+
+
+def test_a_late_write_before_the_new_owner_commits_is_rejected(server: StoreServer) -> None:
+    """The stalled client's write lands after the slot's new owner wrote it but before that
+    owner's COMMIT: the owner's declared checksum does not match the slot, so the block is
+    REJECTED, not published with the stalled client's bytes."""
+    a, peer = handshake.connect(_address(server), token=None, timeout=5)
+    b, _ = handshake.connect(_address(server), token=None, timeout=5)
+    region = peer.regions[0]
+    assert region.shm is not None
+    mapping = PeerMapping(region.shm, region.size)
+    # fill 3 of the 4 slots, so both reservations get the same last slot
+    tier = _tier(server, transport="tcp")
+    assert tier.put([key(i, 43) for i in range(3)], [b"x"] * 3) == [PutStatus.STORED] * 3
+
+    def reserve(sock: socket.socket, k: bytes) -> tuple[int, int]:
+        op, body = _call(sock, p.Method.RESERVE, p.encode_keys([k]) + p.U32.pack(SLOT))
+        assert op is wire.Op.OK
+        lease, _ = p.LEASE_REGION.unpack_from(body, 0)
+        code, offset = p.RES.unpack_from(body, p.LEASE_REGION.size)
+        assert p.CODE_STATUS[code] is PutStatus.STORED
+        return lease, offset
+
+    _, a_offset = reserve(a, key(1, 44))
+    time.sleep(0.5)  # a's lease runs out
+    owner = key(2, 44)
+    b_lease, b_offset = reserve(b, owner)
+    assert b_offset == a_offset, "the slot was reused"
+    mapping.view[b_offset : b_offset + SLOT] = value(2, SLOT)  # b writes its block
+    mapping.view[a_offset : a_offset + SLOT] = b"\xee" * SLOT  # a's late write
+    payload = p.U64.pack(b_lease) + b"\x01" + p.encode_u64s([block_checksum(owner, value(2, SLOT))])
+    op, body = _call(b, p.Method.COMMIT, payload)
+    assert op is wire.Op.OK
+    assert p.decode_statuses(body, 1) == [PutStatus.REJECTED]
+    assert server.store.lookup([owner]) == 0
+    assert server.store.stats().tiers["cpu"].corrupt == 1
+    # the slot went back to the free list: the block can be put again
+    assert tier.put([owner], [value(2, SLOT)]) == [PutStatus.STORED]
+    assert _read_back(tier, owner) == value(2, SLOT)
+    for sock in (a, b):
+        sock.close()
+    tier.close()
+    mapping.close()
+
+
+def test_cpu_tier_checksums_turn_a_changed_block_into_a_miss() -> None:
+    from kvferry.backends.cpu import CpuTier
+    from kvferry.config.models import CpuTierConfig
+
+    tier = CpuTier(
+        CpuTierConfig(capacity=4 * SLOT, checksum="on"),  # type: ignore[arg-type]
+        TierContext(slot_size=SLOT),
+    )
+    ks = [key(i, 45) for i in range(3)]
+    assert tier.put(ks, [value(i, 1000) for i in range(3)]) == [PutStatus.STORED] * 3
+    assert tier.checksums(ks) == [block_checksum(k, value(i, 1000)) for i, k in enumerate(ks)]
+    slots = [loc for loc in tier.locate(ks)]
+    assert all(slots)
+    for k_index in (0, 1):
+        offset = slots[k_index][0]  # type: ignore[index]
+        tier.region.view[offset + 10] ^= 0xFF  # flip one byte behind the tier's back
+    out = memoryview(bytearray(SLOT))
+    assert tier.get([ks[0]], [out]) == [None], "get checks the block"
+    assert tier.views([ks[1]], verify=True) == [None], "so does a verified view"
+    assert tier.contains(ks) == [False, False, True], "and drops what failed"
+    assert tier.get([ks[2]], [out]) == [1000] and bytes(out[:1000]) == value(2, 1000)
+    assert tier.stats().extra["corrupt_dropped"] == 2
+    # a commit publishes a block only when the slot holds what the writer declared
+    (view_ok, view_bad) = tier.reserve([key(7, 45), key(8, 45)], [100, 100])
+    assert view_ok is not None and view_bad is not None
+    view_ok[:] = value(7, 100)
+    view_bad[:] = value(9, 100)  # not what the writer declares below
+    sums = [block_checksum(key(7, 45), value(7, 100)), block_checksum(key(8, 45), value(8, 100))]
+    assert tier.commit([key(7, 45), key(8, 45)], [True, True], sums) == [True, False]
+    assert tier.contains([key(7, 45), key(8, 45)]) == [True, False]
+    tier.close()
+
+
+def test_an_in_process_pool_keeps_no_checksums_by_default() -> None:
+    from kvferry.backends.cpu import CpuTier
+    from kvferry.config.models import CpuTierConfig
+
+    tier = CpuTier(CpuTierConfig(capacity=4 * SLOT), TierContext(slot_size=SLOT))  # type: ignore[arg-type]
+    assert tier.checksummed is False and tier.checksums([key(1)]) is None
+    tier.close()
