@@ -167,7 +167,46 @@ class ListenConfig(_Model):
         None, description="Shared token every peer must present in its handshake; none = no auth."
     )
     max_connections: int = Field(
-        1024, ge=1, le=1_000_000, description="Connections a listener serves at once."
+        1024,
+        ge=1,
+        le=1_000_000,
+        description="Authenticated connections a listener serves at once (past the handshake).",
+    )
+    handshake_timeout: Seconds = Field(
+        5.0,
+        gt=0,
+        le=3600,
+        description="Seconds from accept to a completed handshake, in total (not per read): a "
+        "peer that trickles its HELLO is closed when they run out.",
+    )
+    max_pending: int = Field(
+        64,
+        ge=1,
+        le=100_000,
+        description="Connections still in their handshake at once; when full, the oldest of "
+        "them is dropped for the newcomer, so a client that completes its handshake promptly "
+        "always gets in while others trickle.",
+    )
+    max_pending_per_host: int = Field(
+        8,
+        ge=1,
+        le=100_000,
+        description="Connections still in their handshake from one source address; past it, "
+        "that address's oldest is dropped.",
+    )
+    idle_timeout: Seconds = Field(
+        300.0,
+        ge=0,
+        le=86400 * 365,
+        description="Seconds an authenticated connection may wait between requests before it "
+        "is closed (clients reconnect by themselves); 0 = never.",
+    )
+    stall_timeout: Seconds = Field(
+        30.0,
+        gt=0,
+        le=86400,
+        description="Seconds without a byte of progress in the middle of a frame (receiving a "
+        "payload or sending a reply) before the connection is closed and its memory freed.",
     )
 
     @field_validator("bind_address")

@@ -107,6 +107,7 @@ _TIER_COUNTERS: Final = (
     ("promotions", "promotions", "Blocks copied into the tier from a lower one."),
     ("no_space", "no_space_blocks", "Blocks a put could not place even after eviction."),
     ("errors", "errors", "Tier calls that failed (counted as misses)."),
+    ("corrupt", "corrupt_blocks", "Blocks that failed their checksum (read as misses)."),
 )
 
 # (key of TransportCounters.snapshot(), help) for the transfer counters.
@@ -118,6 +119,8 @@ _TRANSFER_COUNTERS: Final = (
     ("errors", "Requests that failed."),
     ("retries", "Slices retried."),
     ("protocol_errors", "Malformed or unauthorised frames seen."),
+    ("timeouts", "Connections closed by a handshake deadline or an idle or stall timeout."),
+    ("evicted", "Connections dropped in their handshake for a newer one (listener full)."),
 )
 
 

@@ -9,15 +9,28 @@ being served. The handshake must come first and must carry the shared token when
 Replies to pipelined requests are gathered and flushed with one ``sendmsg`` when the next request
 is not already waiting, and the connection busy-polls for ``grace_period_ns`` before it blocks:
 on small VMs a blocking wake-up costs more than a whole small transfer.
+
+No peer can hold the listener: a handshake has a total deadline (``listen.handshake_timeout``),
+connections still in their handshake are capped (``listen.max_pending``, and per source address
+``listen.max_pending_per_host``) and the oldest of them makes room for a newcomer, so a client
+that completes its handshake promptly gets in while others trickle bytes; only authenticated
+connections count against ``listen.max_connections``. After the handshake the kernel times out
+blocking reads and writes (SO_RCVTIMEO/SO_SNDTIMEO, no cost on the data path): a frame that makes
+no progress for ``listen.stall_timeout`` closes its connection, and so does an idle wait between
+frames past ``listen.idle_timeout``. A large CALL payload is received into lazily committed
+memory, so a header that announces 64 MiB and stalls costs what it sent, not 64 MiB.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
+import mmap
 import socket
+import struct
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -81,10 +94,17 @@ class TargetServer:
         self._token = token.get_secret_value().encode() if token is not None else None
         self._max_frame = transfer.max_frame_size
         self._grace = transfer.grace_period_ns / 1e9
-        self._hello_timeout = transfer.connect_timeout
+        self._handshake_timeout = listen.handshake_timeout
+        self._stall = listen.stall_timeout
+        self._idle = listen.idle_timeout
+        # The kernel's blocking-read timeout: the shorter of the two, so both are seen.
+        self._tick = min(self._stall, self._idle) if self._idle > 0 else self._stall
+        self._limits = _Limits(self._tick, self._stall, self._idle)
         self.counters = counters
         self._sock: socket.socket | None = None
         self._conns: set[socket.socket] = set()
+        # Connections in their handshake, oldest first: socket -> source host.
+        self._pending: OrderedDict[socket.socket, str] = OrderedDict()
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._closed = False
@@ -107,7 +127,9 @@ class TargetServer:
                 f"cannot listen on {self._listen.bind_address}:{self._listen.port}: {e} "
                 "(pick another listen.port, or 0 for a free one)"
             ) from e
-        sock.listen(min(4096, self._listen.max_connections))
+        # The accept queue is not where connections are limited (that is done after accept,
+        # where the oldest pending handshake can make room): keep it deep enough for bursts.
+        sock.listen(min(4096, max(128, self._listen.max_connections + self._listen.max_pending)))
         self._sock = sock
         self.address = sock.getsockname()[:2]
         thread = threading.Thread(target=self._accept_loop, name="kvferry-accept", daemon=True)
@@ -148,12 +170,9 @@ class TargetServer:
                 if self._closed:
                     conn.close()
                     return
-                if len(self._conns) >= self._listen.max_connections:
-                    self.counters.add(protocol_errors=1)
-                    _send_error(conn, "too many connections")
-                    conn.close()
-                    continue
-                self._conns.add(conn)
+                host = str(peer[0])
+                self._make_pending_room(host)
+                self._pending[conn] = host
                 self._threads = [t for t in self._threads if t.is_alive()]
                 thread = threading.Thread(
                     target=self._serve, args=(conn, peer), name="kvferry-conn", daemon=True
@@ -161,12 +180,42 @@ class TargetServer:
                 self._threads.append(thread)
             thread.start()
 
+    def _make_pending_room(self, host: str) -> None:
+        """Drop the oldest connection still in its handshake (from ``host`` if that address is
+        at its own cap) when the pending table is full; caller holds the lock. The dropped
+        connection's thread sees its socket shut down and ends."""
+        victim: socket.socket | None = None
+        if sum(1 for h in self._pending.values() if h == host) >= self._listen.max_pending_per_host:
+            victim = next(s for s, h in self._pending.items() if h == host)
+        elif len(self._pending) >= self._listen.max_pending:
+            victim = next(iter(self._pending))
+        if victim is None:
+            return
+        del self._pending[victim]
+        self.counters.add(evicted=1)
+        try:
+            victim.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
     # -- one connection -------------------------------------------------------------------
     def _serve(self, sock: socket.socket, peer: tuple[Any, ...]) -> None:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._handshake(sock)
+            self._handshake(sock, time.monotonic() + self._handshake_timeout)
+            with self._lock:
+                if self._pending.pop(sock, None) is None:
+                    return  # dropped for a newer connection while it finished
+                if len(self._conns) >= self._listen.max_connections:
+                    self.counters.add(protocol_errors=1)
+                    _send_error(sock, "too many connections")
+                    return
+                self._conns.add(sock)
+            self._set_timeouts(sock)
             self._data_loop(sock)
+        except _Timeout as e:
+            self.counters.add(timeouts=1)
+            log.debug("closing connection from %s: %s", _addr(peer), e)
         except _Refused as e:
             # already counted, before the ERR reply went out (a peer may read the counters as
             # soon as it has the reply)
@@ -186,16 +235,16 @@ class TargetServer:
         finally:
             with self._lock:
                 self._conns.discard(sock)
+                self._pending.pop(sock, None)
             sock.close()
 
-    def _handshake(self, sock: socket.socket) -> None:
-        sock.settimeout(self._hello_timeout)
+    def _handshake(self, sock: socket.socket, deadline: float) -> None:
         header = wire.decode(
-            _recv_exact(sock, wire.HEADER_SIZE), reply=False, max_length=wire.MAX_HELLO_BYTES
+            _recv_by(sock, wire.HEADER_SIZE, deadline), reply=False, max_length=wire.MAX_HELLO_BYTES
         )
         if header.op is not wire.Op.HELLO:
             raise ProtocolError("the first frame must be HELLO")
-        doc = wire.decode_json(_recv_exact(sock, header.length))
+        doc = wire.decode_json(_recv_by(sock, header.length, deadline))
         if doc.get("version") != wire.WIRE_VERSION:
             raise ProtocolError(f"wire version {doc.get('version')!r} is not {wire.WIRE_VERSION}")
         if self._token is not None:
@@ -205,8 +254,16 @@ class TargetServer:
             ):
                 raise AuthError("bad or missing auth token")
         body = wire.encode_json(self._describe())
+        sock.settimeout(max(0.001, deadline - time.monotonic()))
         sock.sendall(wire.encode(wire.Op.OK, length=len(body)) + body)
         sock.settimeout(None)
+
+    def _set_timeouts(self, sock: socket.socket) -> None:
+        """Kernel timeouts on blocking reads and writes (the socket is in blocking mode, so
+        Python adds no poll of its own): they surface as BlockingIOError in ``_fill`` and
+        ``_sendmsg_all``, which tell a stall from an idle wait."""
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(self._tick))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(self._stall))
 
     def _data_loop(self, sock: socket.socket) -> None:
         regions = self._regions
@@ -229,6 +286,7 @@ class TargetServer:
         read_op, ok_op, call_op = wire.Op.READ, wire.Op.OK, wire.Op.CALL
         vector_ops, writev_op = (wire.Op.READV, wire.Op.WRITEV), wire.Op.WRITEV
         call = self._call
+        limits = self._limits
         try:
             while True:
                 if rend - rpos < hdr_size:
@@ -258,7 +316,7 @@ class TargetServer:
                             _sendmsg_all(sock, out)
                             out.clear()
                             out_bytes = 0
-                        rend = _fill(sock, rview, rend, hdr_size, grace)
+                        rend = _fill(sock, rview, rend, hdr_size, grace, limits, rend == 0)
                 # Hot path: unpack once and check inline (no per-frame objects beyond the views).
                 magic, version, op, region_id, req_id, offset, length = unpack_from(rbuf, rpos)
                 hdr = rview[rpos : rpos + hdr_size]
@@ -334,7 +392,7 @@ class TargetServer:
                         view[:have] = rview[rpos : rpos + have]
                         rpos += have
                     if have < length:
-                        _fill(sock, view, have, length, grace)
+                        _fill(sock, view, have, length, grace, limits)
                     if device is not None:
                         self._device_copy(sock, device, False, offset, length, req_id, out, staged)
                     out.append(pack(wire.MAGIC, wire.WIRE_VERSION, ok_op, region_id, req_id, 0, 0))
@@ -414,7 +472,7 @@ class TargetServer:
             reason = f"a vector of {count} ranges: want 1..{wire.MAX_VECTOR}"
             self._refuse(sock, out, reason, req_id)
         desc = bytearray(count * entry)
-        rpos = _take(sock, memoryview(desc), rview, rpos, rend, self._grace)
+        rpos = _take(sock, memoryview(desc), rview, rpos, rend, self._grace, self._limits)
         regions = self._regions
         ranges: list[tuple[MemoryRegion | DeviceRegion, int, int]] = []
         total = 0
@@ -478,7 +536,7 @@ class TargetServer:
                 view = staged.view
             else:
                 view = region.view[offset : offset + n]
-            rpos = _take(sock, view, rview, rpos, rend, self._grace)
+            rpos = _take(sock, view, rview, rpos, rend, self._grace, self._limits)
             if device is not None:
                 self._device_copy(sock, device, False, offset, n, req_id, out, staged)
         out.append(ok)
@@ -518,8 +576,8 @@ class TargetServer:
             self.counters.add(protocol_errors=1)
             _send_error(sock, reason, req_id)
             raise _Refused(reason)
-        pview = memoryview(bytearray(length))
-        rpos = _take(sock, pview, rview, rpos, rend, self._grace)
+        pview = _payload_buffer(length)
+        rpos = _take(sock, pview, rview, rpos, rend, self._grace, self._limits)
         try:
             reply = call(method, pview)
         except (KvferryError, ValueError) as e:
@@ -553,10 +611,60 @@ def _addr(peer: tuple[Any, ...]) -> str:
     return f"{peer[0]}:{peer[1]}" if len(peer) >= 2 else str(peer)
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytearray:
+def _recv_by(sock: socket.socket, n: int, deadline: float) -> bytearray:
+    """Exactly ``n`` bytes, all of them before ``deadline`` (monotonic seconds), however the
+    peer paces them.
+
+    Raises:
+        _Timeout: the deadline passed first.
+        PeerClosed: the peer closed first.
+    """
     buf = bytearray(n)
-    _fill(sock, memoryview(buf), 0, n, 0.0)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise _Timeout("handshake not completed within listen.handshake_timeout")
+        sock.settimeout(left)
+        try:
+            k = sock.recv_into(view[got:], n - got)
+        except TimeoutError:
+            raise _Timeout("handshake not completed within listen.handshake_timeout") from None
+        if k == 0:
+            raise PeerClosed("peer closed the connection")
+        got += k
     return buf
+
+
+class _Limits:
+    """A connection's timeouts after the handshake: the kernel's read timeout (``tick``) and
+    the two waits it measures, a stall mid-frame and an idle wait between frames (0: none)."""
+
+    __slots__ = ("idle", "stall", "tick")
+
+    def __init__(self, tick: float, stall: float, idle: float) -> None:
+        self.tick = tick
+        self.stall = stall
+        self.idle = idle
+
+
+def _timeval(seconds: float) -> bytes:
+    whole = int(seconds)
+    micros = max(round((seconds - whole) * 1e6), 0 if whole else 1)
+    return struct.pack("ll", whole, micros)
+
+
+_LAZY_BYTES = 1 << 20
+
+
+def _payload_buffer(length: int) -> memoryview:
+    """A writable buffer for a CALL payload. Past 1 MiB it is an anonymous mapping, whose pages
+    are committed as bytes arrive: a peer that announces a large payload and stalls holds what
+    it sent, not what it announced (a bytearray would zero, and so commit, all of it)."""
+    if length <= _LAZY_BYTES:
+        return memoryview(bytearray(length))
+    return memoryview(mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS))
 
 
 def _merge_adjacent(
@@ -589,7 +697,13 @@ def _refusal(
 
 
 def _take(
-    sock: socket.socket, view: memoryview, rview: memoryview, rpos: int, rend: int, grace: float
+    sock: socket.socket,
+    view: memoryview,
+    rview: memoryview,
+    rpos: int,
+    rend: int,
+    grace: float,
+    limits: _Limits | None = None,
 ) -> int:
     """Fill ``view`` with the next bytes of the stream: what the receive buffer already holds
     (``rview[rpos:rend]``), then the socket. Returns the new ``rpos``."""
@@ -599,7 +713,7 @@ def _take(
         view[:have] = rview[rpos : rpos + have]
         rpos += have
     if have < n:
-        _fill(sock, view, have, n, grace)
+        _fill(sock, view, have, n, grace, limits)
     return rpos
 
 
@@ -614,8 +728,25 @@ def _try_fill(sock: socket.socket, view: memoryview, end: int) -> int:
     return end + k
 
 
-def _fill(sock: socket.socket, view: memoryview, end: int, need: int, grace: float) -> int:
-    """Read into ``view[end:]`` until at least ``need`` bytes are there: spin, then block."""
+def _fill(
+    sock: socket.socket,
+    view: memoryview,
+    end: int,
+    need: int,
+    grace: float,
+    limits: _Limits | None = None,
+    idle: bool = False,
+) -> int:
+    """Read into ``view[end:]`` until at least ``need`` bytes are there: spin, then block.
+
+    ``limits``: the connection's timeouts (its blocking reads time out every ``limits.tick``
+    seconds); ``idle``: this is the wait for the next frame, which may last ``limits.idle``
+    until its first byte, where a wait inside a frame may last ``limits.stall``.
+
+    Raises:
+        _Timeout: the wait ran past its limit.
+        PeerClosed: the peer closed the connection.
+    """
     if grace > 0:
         spin_until = time.monotonic() + grace
         while end < need:
@@ -623,11 +754,27 @@ def _fill(sock: socket.socket, view: memoryview, end: int, need: int, grace: flo
             end = _try_fill(sock, view, end)
             if end == before and time.monotonic() >= spin_until:
                 break
+    waiting_since: float | None = None
+    start = end
     while end < need:
-        k = sock.recv_into(view[end:], len(view) - end)
+        try:
+            k = sock.recv_into(view[end:], len(view) - end)
+        except BlockingIOError:  # SO_RCVTIMEO: no byte for limits.tick seconds
+            if limits is None:
+                raise _Timeout("no progress within the socket's timeout") from None
+            now = time.monotonic()
+            if waiting_since is None:
+                waiting_since = now - limits.tick
+            if idle and end == start:
+                if limits.idle and now - waiting_since >= limits.idle - 1e-3:
+                    raise _Timeout("idle past listen.idle_timeout") from None
+            elif now - waiting_since >= limits.stall - 1e-3:
+                raise _Timeout("a frame made no progress for listen.stall_timeout") from None
+            continue
         if k == 0:
             raise PeerClosed("peer closed the connection")
         end += k
+        waiting_since = None
     return end
 
 
@@ -635,8 +782,13 @@ _IOV_MAX = 512  # Linux refuses more than 1024 buffers per sendmsg; stay well un
 
 
 def _sendmsg_all(sock: socket.socket, parts: list[bytes | memoryview]) -> None:
+    """Send every part (consumes the list). A peer that reads nothing for the socket's send
+    timeout (``listen.stall_timeout``, SO_SNDTIMEO) gets the connection closed."""
     while parts:
-        n = sock.sendmsg(parts[:_IOV_MAX] if len(parts) > _IOV_MAX else parts)
+        try:
+            n = sock.sendmsg(parts[:_IOV_MAX] if len(parts) > _IOV_MAX else parts)
+        except BlockingIOError:
+            raise _Timeout("the peer read no reply bytes for listen.stall_timeout") from None
         i = 0
         while i < len(parts) and n >= len(parts[i]):
             n -= len(parts[i])
@@ -648,6 +800,10 @@ def _sendmsg_all(sock: socket.socket, parts: list[bytes | memoryview]) -> None:
 
 class _Refused(ProtocolError):
     """A request was refused and already answered with an ERR reply."""
+
+
+class _Timeout(TimeoutError):
+    """A connection ran out of time: handshake deadline, idle or stall timeout."""
 
 
 _LINGER_S = 1.0

@@ -204,3 +204,85 @@ def test_an_in_process_pool_keeps_no_checksums_by_default() -> None:
     tier = CpuTier(CpuTierConfig(capacity=4 * SLOT), TierContext(slot_size=SLOT))  # type: ignore[arg-type]
     assert tier.checksummed is False and tier.checksums([key(1)]) is None
     tier.close()
+
+
+def _trickle(address: tuple[str, int], n: int, source: str = "127.0.0.2") -> list[socket.socket]:
+    """n connections from ``source`` that each send the first byte of a HELLO and no more."""
+    socks = []
+    for _ in range(n):
+        s = socket.create_connection(address, timeout=5, source_address=(source, 0))
+        s.sendall(b"K")
+        socks.append(s)
+    return socks
+
+
+def _closed_by_peer(s: socket.socket, within: float) -> bool:
+    s.settimeout(within)
+    try:
+        while True:
+            data = s.recv(4096)
+            if not data:
+                return True
+    except TimeoutError:
+        return False
+    except OSError:
+        return True
+
+
+@pytest.mark.parametrize("source", ["127.0.0.2", "127.0.0.1"], ids=["other-host", "same-host"])
+def test_trickling_connections_never_lock_out_a_client_with_the_token(source: str) -> None:
+    """Slowloris: more trickling connections than the listener serves at once, each holding
+    a half-sent HELLO, from another address or from the good client's own. A client with the
+    token still gets in every time, and every trickler is closed by the handshake deadline."""
+    cfg = _config(
+        **{
+            "listen.auth_token": "s3cret",
+            "listen.max_connections": 16,
+            "listen.max_pending": 8,
+            "listen.max_pending_per_host": 4,
+            "listen.handshake_timeout": 1.0,
+        }
+    )
+    with StoreServer(cfg) as server:
+        attackers = _trickle(_address(server), 24, source)  # 1.5x max_connections
+        for _ in range(3):  # while they trickle, a good client gets in every time
+            for s in attackers:
+                try:
+                    s.sendall(b"F")
+                except OSError:
+                    pass
+            sock, _ = handshake.connect(_address(server), token="s3cret", timeout=2)
+            op, _ = _call(sock, p.Method.LOOKUP, p.encode_keys([key(1)]))
+            assert op is wire.Op.OK
+            sock.close()
+        with pytest.raises(Exception, match="token"):
+            handshake.connect(_address(server), token="wrong", timeout=2)
+        # every trickler is gone by the handshake deadline (plus slack for a busy machine)
+        assert all(_closed_by_peer(s, within=4.0) for s in attackers)
+        for s in attackers:
+            s.close()
+
+
+def test_an_authenticated_connection_that_stalls_mid_frame_is_closed() -> None:
+    """A CALL header that announces 64 MiB and then stalls: the connection is closed after
+    listen.stall_timeout and its memory goes with it; other clients are served meanwhile."""
+    cfg = _config(**{"listen.stall_timeout": 0.5})
+    with StoreServer(cfg) as server:
+        sock, _ = handshake.connect(_address(server), token=None, timeout=5)
+        sock.sendall(wire.encode(wire.Op.CALL, region=p.Method.PUT, req_id=1, length=64 << 20))
+        sock.sendall(b"x" * 100)
+        tier = _tier(server, transport="tcp")
+        assert tier.put([key(1, 46)], [b"meanwhile"]) == [PutStatus.STORED]
+        assert _closed_by_peer(sock, within=4.0)
+        sock.close()
+        tier.close()
+
+
+def test_an_idle_connection_is_closed_and_the_client_reconnects() -> None:
+    cfg = _config(**{"listen.idle_timeout": 0.5})
+    with StoreServer(cfg) as server:
+        tier = _tier(server, transport="tcp")
+        assert tier.put([key(1, 47)], [b"before"]) == [PutStatus.STORED]
+        time.sleep(1.2)  # the server closes the idle connection
+        assert _read_back(tier, key(1, 47)) == b"before", "the client reconnects by itself"
+        tier.close()

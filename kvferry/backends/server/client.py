@@ -44,7 +44,7 @@ from kvferry.backends.base import (
 from kvferry.backends.server import protocol as p
 from kvferry.backends.server.ring import HashRing
 from kvferry.config.models import ServerTierConfig
-from kvferry.errors import ConfigError, KvferryError, MissingDependency, StorageError
+from kvferry.errors import ConfigError, KvferryError, MissingDependency, PeerClosed, StorageError
 from kvferry.transfer import handshake, wire
 from kvferry.transfer.memory import PeerMapping
 from kvferry.transfer.segment import PeerInfo
@@ -64,11 +64,14 @@ def _boot_id() -> str:
 
 
 class _Conn:
-    __slots__ = ("peer", "sock")
+    __slots__ = ("peer", "sock", "used")
 
     def __init__(self, sock: socket.socket, peer: PeerInfo) -> None:
         self.sock = sock
         self.peer = peer
+        self.used = False
+        """A call has completed on it: it may since have been closed by the server's idle
+        timeout, and a call that finds it so is retried once on a fresh connection."""
 
 
 class ServerTier(Tier):
@@ -187,21 +190,51 @@ class ServerTier(Tier):
 
     def _reply_header(self, conn: _Conn, member: str) -> int:
         """Read a reply header; the payload length for OK, StorageError (after reading the
-        message) for ERR."""
-        header = wire.decode(
-            handshake.recv_exact(conn.sock, wire.HEADER_SIZE), reply=True, max_length=1 << 40
-        )
+        message) for ERR.
+
+        Raises:
+            _Stale: the connection was closed before a byte of the reply came.
+        """
+        buf = bytearray(wire.HEADER_SIZE)
+        first = conn.sock.recv_into(buf)
+        if first == 0:
+            raise _Stale("the server closed the connection")
+        if first < wire.HEADER_SIZE:
+            buf[first:] = handshake.recv_exact(conn.sock, wire.HEADER_SIZE - first)
+        header = wire.decode(buf, reply=True, max_length=1 << 40)
         if header.op is wire.Op.ERR:
             message = bytes(handshake.recv_exact(conn.sock, header.length)).decode(errors="replace")
             raise _ServerRefused(f"server tier: store server {member} answered: {message}")
         return header.length
 
-    def _call(self, member: str, method: p.Method, parts: list[Buffer]) -> bytearray:
+    def _request(self, member: str, method: p.Method, parts: list[Buffer]) -> tuple[_Conn, int]:
+        """Send a call and read its reply header: (connection, reply payload length).
+
+        A pooled connection the server closed meanwhile (its idle timeout, a restart) fails
+        before any reply byte; the call is then made once more on a fresh connection.
+
+        Raises:
+            _ServerRefused: the server answered ERR (the connection stays good).
+            OSError, KvferryError: the connection failed (the caller drops it).
+        """
         conn = self._conn(member)
         try:
             self._send(conn, method, parts)
-            n = self._reply_header(conn, member)
-            return handshake.recv_exact(conn.sock, n)
+            return conn, self._reply_header(conn, member)
+        except (_Stale, BrokenPipeError, ConnectionResetError):
+            if not conn.used:
+                raise
+        self._drop(member)
+        conn = self._conn(member)
+        self._send(conn, method, parts)
+        return conn, self._reply_header(conn, member)
+
+    def _call(self, member: str, method: p.Method, parts: list[Buffer]) -> bytearray:
+        try:
+            conn, n = self._request(member, method, parts)
+            reply = handshake.recv_exact(conn.sock, n)
+            conn.used = True
+            return reply
         except _ServerRefused as e:
             raise StorageError(str(e)) from None
         except (OSError, KvferryError) as e:
@@ -304,11 +337,9 @@ class ServerTier(Tier):
         return res
 
     def _get_inline(self, member: str, ks: list[Key], outs: list[memoryview]) -> list[int | None]:
-        conn = self._conn(member)
         too_small: str | None = None
         try:
-            self._send(conn, p.Method.GET, [p.encode_keys(ks)])
-            total = self._reply_header(conn, member)
+            conn, total = self._request(member, p.Method.GET, [p.encode_keys(ks)])
             (flags,) = handshake.recv_exact(conn.sock, 1)
             table = handshake.recv_exact(conn.sock, 4 * len(ks))
             lengths = list(memoryview(table).cast("I"))
@@ -339,6 +370,7 @@ class ServerTier(Tier):
                         raise OSError("store server closed the connection mid-reply")
                     have += k
                 got.append(n)
+            conn.used = True
         except _ServerRefused as e:
             raise StorageError(str(e)) from None
         except (OSError, KvferryError) as e:
@@ -504,6 +536,10 @@ class ServerTier(Tier):
 
 class _ServerRefused(KvferryError):
     """The server answered ERR: the reply was read whole, the connection is still good."""
+
+
+class _Stale(PeerClosed):
+    """The connection was closed before a byte of the reply came."""
 
 
 def _parse_address(text: str) -> tuple[str, int]:
