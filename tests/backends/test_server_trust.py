@@ -286,3 +286,66 @@ def test_an_idle_connection_is_closed_and_the_client_reconnects() -> None:
         time.sleep(1.2)  # the server closes the idle connection
         assert _read_back(tier, key(1, 47)) == b"before", "the client reconnects by itself"
         tier.close()
+
+
+def _rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.fixture
+def server_process() -> Iterator[tuple[int, tuple[str, int]]]:
+    """A `kvferry serve store` process with 64 KiB slots: (pid, address)."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "kvferry", "serve", "store", "--port", "0", "--quiet"]
+    cmd += ["--tiers", "cpu", "--capacity", "8MiB", "--slot-size", "64KiB"]
+    cmd += ["--set", "listen.stall_timeout=2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.startswith("kvferry-store-ready "), line
+    host, port = line.split()[1].rsplit(":", 1)
+    yield proc.pid, (host, int(port))
+    proc.kill()
+    proc.wait()
+
+
+def test_a_get_of_absent_keys_allocates_nothing_per_key(
+    server_process: tuple[int, tuple[str, int]],
+) -> None:
+    """20,000 absent keys in one GET: before, the server allocated a 64 KiB slot per key
+    (1.3 GB) before it knew they were absent; now it answers from what is there."""
+    pid, address = server_process
+    before = _rss_mib(pid)
+    sock, _ = handshake.connect(address, token=None, timeout=5)
+    keys = [key(i, 48) for i in range(20_000)]
+    op, body = _call(sock, p.Method.GET, p.encode_keys(keys))
+    assert op is wire.Op.OK
+    assert body[0] == p.SUMS and p.U32.unpack_from(body, 1) == (p.MISS,)
+    assert _rss_mib(pid) - before < 100
+    sock.close()
+
+
+def test_stalled_large_call_headers_hold_no_memory(
+    server_process: tuple[int, tuple[str, int]],
+) -> None:
+    """16 connections announce a 64 MiB CALL and send 100 bytes of it: before, the server
+    allocated (and zeroed) all 64 MiB each, 1 GB held for as long as they stalled."""
+    pid, address = server_process
+    before = _rss_mib(pid)
+    socks = []
+    for _ in range(16):
+        sock, _ = handshake.connect(address, token=None, timeout=5)
+        sock.sendall(wire.encode(wire.Op.CALL, region=p.Method.PUT, req_id=1, length=64 << 20))
+        sock.sendall(b"x" * 100)
+        socks.append(sock)
+    time.sleep(0.5)
+    assert _rss_mib(pid) - before < 100
+    assert all(_closed_by_peer(s, within=6.0) for s in socks), "stalled frames time out"
+    for s in socks:
+        s.close()
