@@ -39,9 +39,11 @@ from kvferry.backends.base import (
 )
 from kvferry.config.models import CpuTierConfig
 from kvferry.errors import StorageError
+from kvferry.observe.logs import RateLimitedLog
 from kvferry.transfer.memory import MemoryRegion, allocate_region
 
 log = logging.getLogger("kvferry.backends.cpu")
+_corrupt_log = RateLimitedLog(log)
 
 
 class CpuTier(SlotTier):
@@ -268,7 +270,9 @@ class CpuTier(SlotTier):
     def _drop_corrupt(self, key: Key, slot: int) -> None:
         """Forget a block whose bytes no longer match its checksum; caller holds the lock. The
         store learns it from the miss (``get`` None / ``views`` None) and drops its index entry."""
-        log.warning("cpu tier: block %s failed its checksum; dropped", key.hex())
+        _corrupt_log.warning(
+            "corrupt", "cpu tier: block %s failed its checksum; dropped", key.hex()
+        )
         del self._index[key]
         self._free.append(slot)
         self._corrupt += 1

@@ -30,12 +30,14 @@ from kvferry.backends.base import Buffer, Key, PutStatus, SlotTier, Tier
 from kvferry.backends.registry import create_tier
 from kvferry.config.models import KvferryConfig, StoreConfig
 from kvferry.errors import LeaseExpired, StorageError
+from kvferry.observe.logs import RateLimitedLog
 from kvferry.observe.trace import open_tracer
 from kvferry.store.eviction import EvictionPolicy, load_policy
 from kvferry.store.leases import Lease, LeaseTable, LoadHandle, StoreHandle
 from kvferry.store.stats import StoreStats, TierCounters
 
 log = logging.getLogger("kvferry.store")
+_lease_log = RateLimitedLog(log)  # callers that vanish can expire leases by the thousand
 
 
 def eviction_marks(capacity: int | None, cfg: StoreConfig) -> tuple[int | None, int]:
@@ -1104,7 +1106,8 @@ class TieredStore:
             return
         for lease in leases.due(self._clock()):
             self._stats.leases_expired += 1
-            log.warning(
+            _lease_log.warning(
+                "expired",
                 "store: %s lease %d expired after %ss; released %d blocks",
                 lease.kind,
                 lease.lease_id,

@@ -37,6 +37,7 @@ from typing import Any, NoReturn
 from kvferry.config.models import ListenConfig, TransferConfig
 from kvferry.errors import AuthError, KvferryError, PeerClosed, ProtocolError
 from kvferry.observe.counters import TransportCounters
+from kvferry.observe.logs import RateLimitedLog
 from kvferry.transfer import wire
 from kvferry.transfer.memory import DeviceRegion, MemoryRegion
 
@@ -58,6 +59,8 @@ class CallReply:
 
 
 log = logging.getLogger("kvferry.transfer.server")
+# A peer can provoke these at will: at most a few lines a kind per 10 s (the counters have all).
+_peer_log = RateLimitedLog(log)
 
 _FLUSH_BYTES = 4 << 20
 _RBUF_BYTES = 16 << 10
@@ -219,12 +222,12 @@ class TargetServer:
         except _Refused as e:
             # already counted, before the ERR reply went out (a peer may read the counters as
             # soon as it has the reply)
-            log.warning("refused a request from %s: %s", _addr(peer), e)
+            _peer_log.warning("refused", "refused a request from %s: %s", _addr(peer), e)
             _linger(sock)
         except (ProtocolError, ValueError) as e:
             # An isolation boundary: a bad peer gets a reason and loses only its own connection.
             self.counters.add(protocol_errors=1)
-            log.warning("closing connection from %s: %s", _addr(peer), e)
+            _peer_log.warning("closed", "closing connection from %s: %s", _addr(peer), e)
             _send_error(sock, str(e))
             _linger(sock)
         except (PeerClosed, OSError, TimeoutError):

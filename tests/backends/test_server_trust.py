@@ -349,3 +349,34 @@ def test_stalled_large_call_headers_hold_no_memory(
     assert all(_closed_by_peer(s, within=6.0) for s in socks), "stalled frames time out"
     for s in socks:
         s.close()
+
+
+def test_a_flood_of_bad_frames_logs_a_few_lines_and_never_blocks_the_server() -> None:
+    """1,000 malformed frames against a server whose stderr is a pipe nobody reads: before,
+    one warning each filled the pipe and blocked the connection threads (and with them the
+    logging lock); now a few lines a kind per 10 s go out and the server keeps serving."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "kvferry", "serve", "store", "--port", "0", "--quiet"]
+    cmd += ["--tiers", "cpu", "--capacity", "1MiB", "--slot-size", str(SLOT)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        line = proc.stdout.readline()
+        assert line.startswith("kvferry-store-ready "), line
+        host, port = line.split()[1].rsplit(":", 1)
+        address = (host, int(port))
+        for i in range(1000):
+            sock, _ = handshake.connect(address, token=None, timeout=5)
+            sock.sendall(b"XX" + bytes(30) + b"padding %d" % i)  # bad magic
+            sock.close()
+        cfg = ServerTierConfig(addresses=[f"{host}:{port}"], transport="tcp")  # type: ignore[arg-type]
+        tier = ServerTier(cfg, TierContext(slot_size=SLOT))
+        assert tier.put([key(1, 49)], [b"served"]) == [PutStatus.STORED]
+        assert _read_back(tier, key(1, 49)) == b"served"
+        tier.close()
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=10)
+    assert 0 < err.count("closing connection from") <= 10

@@ -45,11 +45,13 @@ from kvferry.backends.server import protocol as p
 from kvferry.backends.server.ring import HashRing
 from kvferry.config.models import ServerTierConfig
 from kvferry.errors import ConfigError, KvferryError, MissingDependency, PeerClosed, StorageError
+from kvferry.observe.logs import RateLimitedLog
 from kvferry.transfer import handshake, wire
 from kvferry.transfer.memory import PeerMapping
 from kvferry.transfer.segment import PeerInfo
 
 log = logging.getLogger("kvferry.backends.server")
+_corrupt_log = RateLimitedLog(log)
 
 _MEMBERSHIP_REFRESH_S = 5.0
 _MEMBER_STALE_S = 10.0
@@ -401,7 +403,8 @@ class ServerTier(Tier):
             return
         with self._lock:
             self._corrupt += len(bad)
-        log.warning(
+        _corrupt_log.warning(
+            "corrupt",
             "server tier: %d block(s) from %s failed their checksum; read as misses",
             len(bad),
             member,

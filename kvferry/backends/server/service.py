@@ -33,11 +33,13 @@ from kvferry.backends.registry import load_tier
 from kvferry.backends.server import protocol as p
 from kvferry.config.models import KvferryConfig
 from kvferry.errors import ConfigError, LeaseExpired, MissingDependency, ProtocolError
+from kvferry.observe.logs import RateLimitedLog
 from kvferry.store import LoadHandle, StoreHandle, TieredStore
 from kvferry.transfer.engine import TransferEngine
 from kvferry.transfer.server import CallReply
 
 log = logging.getLogger("kvferry.store.server")
+_client_log = RateLimitedLog(log)  # what clients can provoke, at a rate
 
 _HEARTBEAT_S = 2.0
 
@@ -247,7 +249,7 @@ class StoreServer:
         try:
             self.store.complete_load(handle)
         except LeaseExpired as e:
-            log.warning("store server: %s", e)
+            _client_log.warning("lease", "store server: %s", e)
 
     def _put(self, buf: memoryview) -> CallReply:
         keys, pos = p.decode_keys(buf)
