@@ -254,8 +254,9 @@ class StoreConfig(_Model):
     lease_seconds: Seconds = Field(
         10.0,
         gt=0,
-        description="A pin (prepare_store/prepare_load) expires after this many seconds, so a "
-        "lost caller never pins a block forever.",
+        le=86400,
+        description="A pin (prepare_store/prepare_load) expires after this many seconds (at "
+        "most a day), so a lost caller never pins a block forever.",
     )
     trace_file: str = Field(
         "", description="Write get/put/transfer/eviction events as Chrome trace JSON here."

@@ -6,7 +6,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvferry.config.units import format_duration, format_size, parse_duration, parse_size
+from kvferry.config.units import (
+    MAX_SECONDS,
+    MAX_SIZE,
+    format_duration,
+    format_size,
+    parse_duration,
+    parse_size,
+)
 
 
 @pytest.mark.parametrize(
@@ -45,6 +52,11 @@ def test_parse_size(text: object, expected: int) -> None:
         ("64XiB", "units:"),
         ("0.3B", "not a whole number"),
         ("-5KiB", "expected a size"),
+        ("1e400", "too large"),  # float overflow to inf must not leak out as OverflowError
+        (float("inf"), "too large"),
+        (float("nan"), "not a number"),
+        ("1e30", "too large"),
+        (1 << 64, "too large"),
     ],
 )
 def test_parse_size_rejects(value: object, fragment: str) -> None:
@@ -80,11 +92,23 @@ def test_parse_duration(text: object, expected: float) -> None:
         (None, "expected a duration"),
         ("soon", "expected a duration"),
         ("5 parsecs", "units:"),
+        ("1e999s", "too long"),  # float overflow to inf: refused like 'inf' itself
+        ("1e999", "too long"),
+        (float("inf"), "too long"),
+        (float("nan"), "not a number"),
+        ("inf", "expected a duration"),
+        (2e9, "too long"),
     ],
 )
 def test_parse_duration_rejects(value: object, fragment: str) -> None:
     with pytest.raises(ValueError, match=fragment):
         parse_duration(value)
+
+
+def test_the_largest_values_are_accepted() -> None:
+    assert parse_size(MAX_SIZE) == MAX_SIZE
+    assert parse_duration(MAX_SECONDS) == MAX_SECONDS
+    assert parse_duration("1000000000s") == 1e9
 
 
 @pytest.mark.parametrize(
