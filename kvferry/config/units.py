@@ -65,7 +65,8 @@ def parse_size(value: object) -> int:
     if isinstance(value, int):
         if value < 0:
             raise ValueError(f"a size cannot be negative, got {value}")
-        return _size_in_range(value, value)
+        _size_in_range(value, value)
+        return value
     if isinstance(value, float):
         _size_in_range(value, value)
         if value < 0 or value != int(value):
