@@ -219,6 +219,12 @@ class StoreConfig(_Model):
         ge=64,
         description="Bytes of the largest block a cpu/disk slot holds (one block's KV bytes).",
     )
+    key_hash: Literal["xxh3-128", "blake2b-128"] = Field(
+        "xxh3-128",
+        description="Hash of the 16-byte block keys: xxh3-128 (fast; not collision-resistant "
+        "against someone crafting prompts) or blake2b-128 (cryptographic; for tenants that "
+        "must not reach each other's blocks).",
+    )
     write_policy: Literal["write_back", "write_through"] = Field(
         "write_back",
         description="write_back: lower tiers get a block when it is demoted; write_through: "
