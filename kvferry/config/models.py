@@ -297,6 +297,18 @@ class CpuTierConfig(_Model):
         False, description="Page-lock the pool through torch when CUDA is present (faster H2D)."
     )
     use_hugepages: bool = Field(False, description="Advise transparent huge pages for the pool.")
+    max_memory_fraction: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="Largest pool, as a fraction of the memory available at start "
+        "(MemAvailable); a larger one is refused unless force_capacity.",
+    )
+    force_capacity: bool = Field(
+        False,
+        description="Allocate the pool even above max_memory_fraction of the available memory "
+        "(--force-capacity); the kernel may then kill the process.",
+    )
 
 
 class DiskTierConfig(_Model):
@@ -311,6 +323,11 @@ class DiskTierConfig(_Model):
     )
     io_threads: int = Field(4, ge=1, le=256, description="Threads doing disk reads and writes.")
     files: int = Field(1, ge=1, le=1024, description="Slot files the capacity is spread over.")
+    force_capacity: bool = Field(
+        False,
+        description="Preallocate the capacity even when its filesystem has fewer bytes free "
+        "(--force-capacity).",
+    )
 
 
 class RedisTierConfig(_Model):
