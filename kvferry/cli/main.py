@@ -2,7 +2,9 @@
 
 Owns the top-level error boundary of the CLI: a :class:`~kvferry.errors.KvferryError` becomes
 ``error: <message>`` on stderr and exit status 2, and so does a ``RecursionError`` (input nested
-deeper than a parser can follow); Ctrl-C becomes 130; no traceback is shown for any of them.
+deeper than a parser can follow); Ctrl-C becomes 130, and a signal that stops a server while it
+starts (:class:`~kvferry.cli.common.Stopped`) 128 + its number; no traceback is shown for any
+of them.
 Also where kvferry's log lines go: stderr, one timestamped line each, at ``--log-level`` (or
 ``KVFERRY_LOG_LEVEL``; default warning). Each subcommand module exposes ``add_parser(subparsers)
 -> None``, which registers its parser and sets ``func=<callable(args) -> int>`` with
@@ -19,6 +21,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, TextIO, cast
 
+from kvferry.cli.common import Stopped
 from kvferry.config.loader import ENV_LOG_LEVEL
 from kvferry.errors import ConfigError, KvferryError
 
@@ -145,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_ERROR
+    except Stopped as e:
+        print(e, file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

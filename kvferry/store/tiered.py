@@ -27,7 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from kvferry.backends.base import Buffer, Key, PutStatus, SlotTier, Tier
-from kvferry.backends.registry import create_tier
+from kvferry.backends.registry import check_tiers, create_tier
 from kvferry.config.models import KvferryConfig, StoreConfig
 from kvferry.errors import LeaseExpired, StorageError
 from kvferry.observe.trace import open_tracer
@@ -80,6 +80,7 @@ class TieredStore:
         self._clock = clock
         self._write_through_on = cfg.write_policy == "write_through"
         if tiers is None:
+            check_tiers(cfg.tiers, self.config)  # every tier's limits before any allocation
             built: list[Tier] = []
             try:
                 for name in cfg.tiers:

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 from kvferry.backends.base import Key, SlotTier, Tier, TierContext
-from kvferry.backends.registry import load_tier
+from kvferry.backends.registry import check_tiers, load_tier
 from kvferry.backends.server import protocol as p
 from kvferry.config.models import KvferryConfig
 from kvferry.errors import ConfigError, LeaseExpired, MissingDependency, ProtocolError
@@ -35,6 +35,25 @@ log = logging.getLogger("kvferry.store.server")
 _HEARTBEAT_S = 2.0
 
 
+def _check_bindable(host: str, port: int, what: str) -> None:
+    """Bind ``host:port`` once and let it go: an address that is not this host's or a port in
+    use fails here, before the tiers are allocated, rather than at ``start``.
+
+    Raises:
+        ConfigError: the bind failed; names the address, the error and the keys to change.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the listener does
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            raise ConfigError(
+                f"cannot listen on {host}:{port}: {e.strerror or e}; give an address of this "
+                f"host (listen.bind_address, --bind) and a free {what}, or 0 for any free port"
+            ) from e
+
+
 class StoreServer:
     """A store server; ``start`` listens, ``close`` stops.
 
@@ -43,22 +62,36 @@ class StoreServer:
             (bind address, port, token), ``transfer``; ``server.membership_url`` set means
             register this server there.
 
+    Everything is validated before anything is allocated: the tier names, the listen address
+    and port (and ``store.metrics_port``) by a trial bind, and every tier's limits
+    (``Tier.check``: memory for cpu, free space and path for disk), so a bad value fails in
+    milliseconds, not after the cpu pool was touched.
+
     Raises:
-        ConfigError: a shared tier (redis, server, mooncake) in ``store.tiers``.
+        ConfigError: a shared tier (redis, server, mooncake) in ``store.tiers``, an address or
+            port that cannot be bound, or a tier config the host cannot honour.
     """
 
     def __init__(self, config: KvferryConfig) -> None:
         self.config = config
+        for name in config.store.tiers:
+            if load_tier(name).shared:
+                raise ConfigError(
+                    f"store.tiers: a store server holds local tiers only (cpu, disk), not {name!r}"
+                )
+        listen = config.listen
+        _check_bindable(listen.bind_address, listen.port, "listen.port (--port)")
+        if config.store.metrics_port:
+            _check_bindable(
+                listen.bind_address,
+                config.store.metrics_port,
+                "store.metrics_port (--metrics-port)",
+            )
+        classes = check_tiers(config.store.tiers, config)
         self.engine = TransferEngine(config)
         tiers: list[Tier] = []
         try:
-            for i, name in enumerate(config.store.tiers):
-                cls = load_tier(name)
-                if cls.shared:
-                    raise ConfigError(
-                        f"store.tiers: a store server holds local tiers only (cpu, disk), "
-                        f"not {name!r}"
-                    )
+            for i, cls in enumerate(classes):
                 ctx = TierContext(
                     slot_size=config.store.slot_size,
                     label=cls.name,
