@@ -264,6 +264,13 @@ class StoreConfig(_Model):
         description="A pin (prepare_store/prepare_load) expires after this many seconds (at "
         "most a day), so a lost caller never pins a block forever.",
     )
+    shutdown_flush_seconds: Seconds = Field(
+        30.0,
+        ge=0,
+        description="Seconds a store server's graceful shutdown may spend writing the blocks "
+        "only its memory tier holds to its persistent tier (disk), so a restart finds them; "
+        "0 = drop them.",
+    )
     trace_file: str = Field(
         "", description="Write get/put/transfer/eviction events as Chrome trace JSON here."
     )

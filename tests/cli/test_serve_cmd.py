@@ -13,6 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from kvferry.backends.base import PutStatus, TierContext
+from kvferry.backends.server.client import ServerTier
+from kvferry.config.models import ServerTierConfig
+from kvferry.testing.tier_kit import key, value
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # Runs the CLI and reports its own peak RSS (shared memory included) on the last stderr line.
@@ -123,3 +128,59 @@ def test_sigterm_while_the_pool_is_being_touched_exits_promptly() -> None:
     assert "stopped by SIGTERM while the store server was starting" in err, err
     assert "Traceback" not in err
     assert took < 3.0, f"took {took:.1f}s to stop"
+
+
+SLOT = 4096
+
+
+def start_ready(args: list[str]) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(
+        serve_store(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env()
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.startswith("kvferry-store-ready "):
+        proc.kill()
+        raise AssertionError(f"no ready line: {line!r} {proc.communicate()[1]}")
+    return proc, line.split()[1]
+
+
+def client(address: str) -> ServerTier:
+    return ServerTier(ServerTierConfig(addresses=[address]), TierContext(slot_size=SLOT))
+
+
+def test_a_graceful_sigterm_keeps_the_cpu_tiers_blocks_on_disk(tmp_path: Path) -> None:
+    # 64 cpu slots (eviction from about 57) in front of 256 disk slots: of 200 blocks, the
+    # newest stay only in the cpu tier until shutdown.
+    args = ["--port", "0", "--tiers", "cpu,disk", "--capacity", str(64 * SLOT)]
+    args += ["--slot-size", str(SLOT), "--disk-path", str(tmp_path / "disk")]
+    args += ["--set", "disk.capacity=2MiB"]
+    keys, values = [key(i) for i in range(200)], [value(i, SLOT) for i in range(200)]
+    proc, address = start_ready(args)
+    try:
+        tier = client(address)
+        for i in range(0, 200, 8):
+            assert tier.put(keys[i : i + 8], values[i : i + 8]) == [PutStatus.STORED] * 8
+        stats = next(iter(tier.server_stats().values()))
+        only_in_cpu = stats["usage"]["cpu"]["used_blocks"]
+        assert only_in_cpu > 0 and stats["usage"]["disk"]["used_blocks"] == 200 - only_in_cpu
+        tier.close()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    proc, address = start_ready(args)  # the same disk directory: its index is rebuilt
+    try:
+        tier = client(address)
+        assert sorted(tier.keys()) == sorted(keys)
+        outs = [memoryview(bytearray(SLOT)) for _ in keys]
+        assert tier.get(keys, outs) == [SLOT] * 200
+        assert [bytes(o) for o in outs] == values
+        tier.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)

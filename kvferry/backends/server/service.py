@@ -126,12 +126,26 @@ class StoreServer:
         return self.address
 
     def close(self) -> None:
+        """Leave the membership, stop serving, write the blocks only the memory tier holds to
+        the disk tier (at most ``store.shutdown_flush_seconds``), then free everything;
+        idempotent."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         if self._heartbeat is not None:
             self._heartbeat.join(timeout=5)
             self._unregister()
-        self.engine.close()
-        self.store.close()
+        # No peer may change the store while it is flushed; the pool must live until then.
+        self.engine.stop_listening()
+        try:
+            seconds = self.config.store.shutdown_flush_seconds
+            if seconds > 0:
+                flushed = self.store.flush(seconds)
+                if flushed:
+                    log.info("store server: wrote %d blocks to disk before closing", flushed)
+        finally:
+            self.engine.close()
+            self.store.close()
 
     def __enter__(self) -> StoreServer:
         self.start()
