@@ -24,7 +24,7 @@ from pydantic import BaseModel
 
 from kvferry.backends.base import Buffer, Key, PutStatus, SlotTier, TierContext, TierStats
 from kvferry.config.models import CpuTierConfig
-from kvferry.config.units import format_size
+from kvferry.config.units import format_size_approx
 from kvferry.errors import ConfigError, StorageError
 from kvferry.transfer.memory import MemoryRegion, allocate_region
 
@@ -82,15 +82,15 @@ class CpuTier(SlotTier):
         limit = int(available * config.max_memory_fraction)
         if size > limit:
             asked = (
-                f"cpu.capacity {format_size(config.capacity)}"
+                f"cpu.capacity {format_size_approx(config.capacity)}"
                 if not config.buffer_number
                 else f"cpu.buffer_number {config.buffer_number} x {context.slot_size} bytes"
             )
             raise ConfigError(
-                f"cpu tier: a pool of {_gib(size)} ({asked}) is more than "
+                f"cpu tier: a pool of {format_size_approx(size)} ({asked}) is more than "
                 f"{config.max_memory_fraction * 100:g}% of the memory available now "
-                f"({_gib(available)} MemAvailable); lower cpu.capacity (--capacity), or set "
-                "cpu.force_capacity (--force-capacity) to allocate it anyway"
+                f"({format_size_approx(available)} MemAvailable); lower cpu.capacity "
+                "(--capacity), or set cpu.force_capacity (--force-capacity) to allocate it anyway"
             )
 
     # -- sizes ----------------------------------------------------------------------------
@@ -284,10 +284,6 @@ def available_memory() -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
-
-
-def _gib(n: int) -> str:
-    return f"{n / (1 << 30):.1f}GiB" if n >= 1 << 30 else f"{n / (1 << 20):.1f}MiB"
 
 
 def _pin_with_torch(region: MemoryRegion) -> bool:

@@ -66,7 +66,7 @@ from pydantic import BaseModel
 
 from kvferry.backends.base import KEY_BYTES, Buffer, Key, PutStatus, Tier, TierContext, TierStats
 from kvferry.config.models import DiskTierConfig
-from kvferry.config.units import format_size
+from kvferry.config.units import format_size_approx
 from kvferry.errors import ConfigError, StorageError
 
 log = logging.getLogger(__name__)
@@ -198,10 +198,6 @@ def bytes_to_preallocate(config: DiskTierConfig, context: TierContext) -> int:
             held = 0
         need += max(0, size - held)
     return need
-
-
-def _gib(n: int) -> str:
-    return f"{n / (1 << 30):.1f}GiB" if n >= 1 << 30 else f"{n / (1 << 20):.1f}MiB"
 
 
 def _is_aligned(view: memoryview) -> bool:
@@ -360,8 +356,9 @@ class DiskTier(Tier):
         free = st.f_bavail * st.f_frsize
         if need > free:
             raise ConfigError(
-                f"disk tier: disk.capacity {format_size(config.capacity)} needs "
-                f"{_gib(need)} more in {directory}, but its filesystem has {_gib(free)} free; "
+                f"disk tier: disk.capacity {format_size_approx(config.capacity)} needs "
+                f"{format_size_approx(need)} more in {directory}, but its filesystem has "
+                f"{format_size_approx(free)} free; "
                 "lower disk.capacity, point disk.path (--disk-path) at a larger filesystem, or "
                 "set disk.force_capacity (--force-capacity) to preallocate anyway"
             )

@@ -138,6 +138,15 @@ def format_size(n: int) -> str:
     return str(n)
 
 
+def format_size_approx(n: int) -> str:
+    """Bytes in the largest binary unit they reach, to 4 significant digits, for messages
+    ('22.53GiB', '1024TiB'); not meant to be parsed back exactly."""
+    for unit, factor in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= factor:
+            return f"{n / factor:.4g}{unit}"
+    return f"{n}B"
+
+
 def format_duration(seconds: float) -> str:
     """Format seconds compactly ('5s', '500ms', '50us')."""
     for unit, factor in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):

@@ -11,6 +11,7 @@ from kvferry.config.units import (
     MAX_SIZE,
     format_duration,
     format_size,
+    format_size_approx,
     parse_duration,
     parse_size,
 )
@@ -134,3 +135,11 @@ def test_format_duration(seconds: float, text: str) -> None:
 @pytest.mark.parametrize("seconds", [0.0, 1e-9, 50e-6, 0.001, 0.25, 5.0, 90.0, 3600.0])
 def test_format_duration_round_trips(seconds: float) -> None:
     assert parse_duration(format_duration(seconds)) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize(
+    ("n", "text"),
+    [(0, "0B"), (1000, "1000B"), (1536, "1.5KiB"), (1 << 50, "1024TiB"), (5 * 10**14, "454.7TiB")],
+)
+def test_format_size_approx(n: int, text: str) -> None:
+    assert format_size_approx(n) == text
