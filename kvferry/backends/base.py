@@ -34,6 +34,13 @@ Primitives and their contracts (all must be safe to call from several threads at
     demotions. The base class returns None: not offered, the store reads with ``get``.
 ``close()``
     Release files, sockets, memory; idempotent.
+``check(config, context)`` (classmethod, optional)
+    Refuse, before anything is allocated or written, a config this host cannot honour (a pool
+    above the available memory, a disk capacity above the free space) with a
+    :class:`~kvferry.errors.ConfigError` naming the key, the value, what the host has and how
+    to override. A constructor calls it first; a store (or store server) calls it for every
+    tier before it builds any, so one tier's bad config never waits for another's allocation.
+    The base class checks nothing.
 
 Failures of the medium (I/O error, Redis unreachable) raise
 :class:`~kvferry.errors.StorageError` naming the tier; the store turns them into misses for that
@@ -168,6 +175,15 @@ class Tier(ABC):
 
     @abstractmethod
     def stats(self) -> TierStats: ...
+
+    @classmethod
+    def check(cls, config: BaseModel, context: TierContext) -> None:
+        """Refuse a config this host cannot honour, before anything is allocated.
+
+        Raises:
+            ConfigError: the message names the key, the value, what the host has and the way
+                out (see the module docstring).
+        """
 
     def peek(self, keys: Sequence[Key]) -> list[Buffer | None] | None:
         """The stored blocks without a copy, or None when the tier does not offer it."""

@@ -2,8 +2,10 @@
 
 The pool is one region of ``buffer_number`` slots of ``store.slot_size`` bytes (UCM's
 buffer_number; or ``capacity // slot_size``), allocated and touched once at start
-(``kvferry.transfer.memory``: memfd + MAP_POPULATE), so no page fault lands on the data path
-and, in a store server, peers can read the pool through the transfer engine. A slot holds one
+(``kvferry.transfer.memory``: memfd, pages populated in steps a signal can stop), so no page
+fault lands on the data path and, in a store server, peers can read the pool through the
+transfer engine. A pool above ``cpu.max_memory_fraction`` of the memory available at start
+(MemAvailable) is refused before it is allocated, unless ``cpu.force_capacity``. A slot holds one
 block; its length is kept beside it. No allocation per block: slots come from a free list.
 
 Copies happen under the tier's lock: a memoryview slice assignment holds the GIL anyway, and a
@@ -28,6 +30,8 @@ import threading
 from array import array
 from collections.abc import Sequence
 
+from pydantic import BaseModel
+
 from kvferry.backends.base import (
     Buffer,
     Key,
@@ -38,7 +42,8 @@ from kvferry.backends.base import (
     block_checksum,
 )
 from kvferry.config.models import CpuTierConfig
-from kvferry.errors import StorageError
+from kvferry.config.units import format_size_approx
+from kvferry.errors import ConfigError, StorageError
 from kvferry.observe.logs import RateLimitedLog
 from kvferry.transfer.memory import MemoryRegion, allocate_region
 
@@ -55,12 +60,13 @@ class CpuTier(SlotTier):
     def __init__(self, config: CpuTierConfig, context: TierContext) -> None:
         super().__init__(config, context)
         slot = context.slot_size
-        n = config.buffer_number or config.capacity // slot
+        n = _slots(config, slot)
         if n <= 0:
             raise StorageError(
                 f"cpu tier: capacity {config.capacity} bytes holds no slot of {slot} bytes; "
                 "raise cpu.capacity or cpu.buffer_number"
             )
+        self.check(config, context)
         size = n * slot
         try:
             if context.allocate is not None:
@@ -86,6 +92,30 @@ class CpuTier(SlotTier):
         self._free = list(range(n - 1, -1, -1))  # pop() hands out slot 0 first
         self._peak = 0
         self._closed = False
+
+    @classmethod
+    def check(cls, config: BaseModel, context: TierContext) -> None:
+        """Refuse a pool above ``max_memory_fraction`` of the memory available now (unless
+        ``force_capacity``): touching it would end in the OOM killer, not in an error."""
+        if not isinstance(config, CpuTierConfig):
+            raise TypeError(f"cpu tier: expected a CpuTierConfig, got {type(config).__name__}")
+        size = _slots(config, context.slot_size) * context.slot_size
+        available = available_memory()
+        if config.force_capacity or available is None:
+            return
+        limit = int(available * config.max_memory_fraction)
+        if size > limit:
+            asked = (
+                f"cpu.capacity {format_size_approx(config.capacity)}"
+                if not config.buffer_number
+                else f"cpu.buffer_number {config.buffer_number} x {context.slot_size} bytes"
+            )
+            raise ConfigError(
+                f"cpu tier: a pool of {format_size_approx(size)} ({asked}) is more than "
+                f"{config.max_memory_fraction * 100:g}% of the memory available now "
+                f"({format_size_approx(available)} MemAvailable); lower cpu.capacity "
+                "(--capacity), or set cpu.force_capacity (--force-capacity) to allocate it anyway"
+            )
 
     # -- sizes ----------------------------------------------------------------------------
     @property
@@ -326,6 +356,24 @@ class CpuTier(SlotTier):
     def _check_open(self) -> None:
         if self._closed:
             raise StorageError("cpu tier is closed")
+
+
+def _slots(config: CpuTierConfig, slot_size: int) -> int:
+    """Slots of the pool: ``buffer_number``, else as many as ``capacity`` holds."""
+    return config.buffer_number or config.capacity // slot_size
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel can give without swapping (``MemAvailable`` of /proc/meminfo), or None
+    where that is not known (not Linux)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _pin_with_torch(region: MemoryRegion) -> bool:

@@ -1,11 +1,14 @@
 """The ``kvferry`` entry point: builds the parser from one module per subcommand and runs it.
 
 Owns the top-level error boundary of the CLI: a :class:`~kvferry.errors.KvferryError` becomes
-``error: <message>`` on stderr and exit status 2, Ctrl-C becomes 130; no traceback is shown for
-either. Also where kvferry's log lines go: stderr, one timestamped line each, at
-``--log-level`` (or ``KVFERRY_LOG_LEVEL``; default warning). Each subcommand module exposes
-``add_parser(subparsers) -> None``, which registers its parser and sets
-``func=<callable(args) -> int>`` with ``set_defaults``.
+``error: <message>`` on stderr and exit status 2, and so does a ``RecursionError`` (input nested
+deeper than a parser can follow); Ctrl-C becomes 130, and a signal that stops a server while it
+starts (:class:`~kvferry.cli.common.Stopped`) 128 + its number; no traceback is shown for any
+of them.
+Also where kvferry's log lines go: stderr, one timestamped line each, at ``--log-level`` (or
+``KVFERRY_LOG_LEVEL``; default warning). Each subcommand module exposes ``add_parser(subparsers)
+-> None``, which registers its parser and sets ``func=<callable(args) -> int>`` with
+``set_defaults``.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO, cast
 
+from kvferry.cli.common import Stopped
 from kvferry.config.loader import ENV_LOG_LEVEL
 from kvferry.errors import ConfigError, KvferryError
 
@@ -206,6 +210,18 @@ def main(argv: list[str] | None = None) -> int:
     except KvferryError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_ERROR
+    except RecursionError:
+        # Parsers of user input (json, yaml) recurse per nesting level; the readers of config,
+        # trace and prompt files name the file and line, this is the net under the others.
+        print(
+            "error: the input is nested too deeply to process (Python's recursion limit was "
+            "reached); flatten it",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
+    except Stopped as e:
+        print(e, file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

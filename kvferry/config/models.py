@@ -258,6 +258,12 @@ class StoreConfig(_Model):
         ge=64,
         description="Bytes of the largest block a cpu/disk slot holds (one block's KV bytes).",
     )
+    key_hash: Literal["xxh3-128", "blake2b-128"] = Field(
+        "xxh3-128",
+        description="Hash of the 16-byte block keys: xxh3-128 (fast; not collision-resistant "
+        "against someone crafting prompts) or blake2b-128 (cryptographic; for tenants that "
+        "must not reach each other's blocks).",
+    )
     write_policy: Literal["write_back", "write_through"] = Field(
         "write_back",
         description="write_back: lower tiers get a block when it is demoted; write_through: "
@@ -293,8 +299,16 @@ class StoreConfig(_Model):
     lease_seconds: Seconds = Field(
         10.0,
         gt=0,
-        description="A pin (prepare_store/prepare_load) expires after this many seconds, so a "
-        "lost caller never pins a block forever.",
+        le=86400,
+        description="A pin (prepare_store/prepare_load) expires after this many seconds (at "
+        "most a day), so a lost caller never pins a block forever.",
+    )
+    shutdown_flush_seconds: Seconds = Field(
+        30.0,
+        ge=0,
+        description="Seconds a store server's graceful shutdown may spend writing the blocks "
+        "only its memory tier holds to its persistent tier (disk), so a restart finds them; "
+        "0 = drop them.",
     )
     trace_file: str = Field(
         "", description="Write get/put/transfer/eviction events as Chrome trace JSON here."
@@ -335,6 +349,18 @@ class CpuTierConfig(_Model):
         "reads that can meet a stale or foreign write; auto = on when peers can reach the pool "
         "(a store server), off for a pool only this process touches.",
     )
+    max_memory_fraction: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="Largest pool, as a fraction of the memory available at start "
+        "(MemAvailable); a larger one is refused unless force_capacity.",
+    )
+    force_capacity: bool = Field(
+        False,
+        description="Allocate the pool even above max_memory_fraction of the available memory "
+        "(--force-capacity); the kernel may then kill the process.",
+    )
 
 
 class DiskTierConfig(_Model):
@@ -349,6 +375,11 @@ class DiskTierConfig(_Model):
     )
     io_threads: int = Field(4, ge=1, le=256, description="Threads doing disk reads and writes.")
     files: int = Field(1, ge=1, le=1024, description="Slot files the capacity is spread over.")
+    force_capacity: bool = Field(
+        False,
+        description="Preallocate the capacity even when its filesystem has fewer bytes free "
+        "(--force-capacity).",
+    )
 
 
 class RedisTierConfig(_Model):

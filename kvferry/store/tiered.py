@@ -27,7 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from kvferry.backends.base import Buffer, Key, PutStatus, SlotTier, Tier
-from kvferry.backends.registry import create_tier
+from kvferry.backends.registry import check_tiers, create_tier
 from kvferry.config.models import KvferryConfig, StoreConfig
 from kvferry.errors import LeaseExpired, StorageError
 from kvferry.observe.logs import RateLimitedLog
@@ -50,6 +50,9 @@ def eviction_marks(capacity: int | None, cfg: StoreConfig) -> tuple[int | None, 
 
 
 T = TypeVar("T")
+
+_FLUSH_BATCH = 256
+"""Blocks :meth:`TieredStore.flush` writes per step (the store's lock is let go between)."""
 
 STORED = PutStatus.STORED
 EXISTS = PutStatus.EXISTS
@@ -82,6 +85,7 @@ class TieredStore:
         self._clock = clock
         self._write_through_on = cfg.write_policy == "write_through"
         if tiers is None:
+            check_tiers(cfg.tiers, self.config)  # every tier's limits before any allocation
             built: list[Tier] = []
             try:
                 for name in cfg.tiers:
@@ -553,6 +557,55 @@ class TieredStore:
             log.warning("store: read from %s failed: %s", self.names[ti], e)
             return [None] * len(keys)
         return [None if n is None else o[:n] for o, n in zip(outs, got)]
+
+    def flush(self, timeout: float) -> int:
+        """Write every block that only volatile local tiers (cpu) hold into the first
+        persistent local tier below them (disk), for at most ``timeout`` seconds; the number of
+        blocks written. For a graceful shutdown: a persistent tier's index is rebuilt at the
+        next open, so these blocks survive a restart.
+
+        Blocks go in eviction order (least valuable first), as demotions would have sent them,
+        so that the most recent land last and are the last the lower tier would evict. A block
+        reserved and not yet committed is not a block yet and is not written.
+
+        Raises:
+            StorageError: the store is closed.
+        """
+        self._check_open()
+        deadline = time.monotonic() + timeout
+        persistent = [i for i in self._local if self.tiers[i].persistent]
+        on_disk = sum(1 << i for i in persistent)
+        written = 0
+        for src in self._local:
+            dst = next((j for j in persistent if j > src), None)
+            if self.tiers[src].persistent or dst is None:
+                continue
+            with self._lock:
+                policy = self._policies[src]
+                where = self._where
+                todo = [
+                    k for k in policy.victims(len(policy), None) if not where.get(k, 0) & on_disk
+                ]
+            for start in range(0, len(todo), _FLUSH_BATCH):
+                if time.monotonic() >= deadline:
+                    log.warning(
+                        "store: flush stopped after %.3gs with %d blocks of %s not written",
+                        timeout,
+                        len(todo) - start,
+                        self.names[src],
+                    )
+                    return written
+                with self._lock:
+                    bit = 1 << src
+                    batch = [
+                        k
+                        for k in todo[start : start + _FLUSH_BATCH]
+                        if where.get(k, 0) & bit and not where.get(k, 0) & on_disk
+                    ]
+                    landed = self._demote(src, dst, batch) if batch else set()
+                    self._counters[src].demotions += len(landed)
+                written += len(landed)
+        return written
 
     # -- get --------------------------------------------------------------------------------
     def get(

@@ -511,6 +511,15 @@ class TransferEngine:
         retries, latency histogram."""
         return self._metrics.snapshot()
 
+    def stop_listening(self) -> None:
+        """Stop serving peers (no new connection; those open are closed once their request in
+        progress ends) but keep every region: what a server does before its last work on them
+        (a store server's flush to disk). Idempotent; ``close`` does it too."""
+        with self._lock:
+            server, self._server = self._server, None
+        if server is not None:
+            server.close()
+
     def close(self) -> None:
         """Close channels, stop serving, unpublish and free regions; idempotent."""
         with self._lock:

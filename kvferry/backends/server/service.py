@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 
 from kvferry.backends.base import Key, SlotTier, Tier, TierContext, block_checksum
 from kvferry.backends.cpu import CpuTier
-from kvferry.backends.registry import load_tier
+from kvferry.backends.registry import check_tiers, load_tier
 from kvferry.backends.server import protocol as p
 from kvferry.config.models import KvferryConfig
 from kvferry.errors import ConfigError, LeaseExpired, MissingDependency, ProtocolError
@@ -44,6 +44,25 @@ _client_log = RateLimitedLog(log)  # what clients can provoke, at a rate
 _HEARTBEAT_S = 2.0
 
 
+def _check_bindable(host: str, port: int, what: str) -> None:
+    """Bind ``host:port`` once and let it go: an address that is not this host's or a port in
+    use fails here, before the tiers are allocated, rather than at ``start``.
+
+    Raises:
+        ConfigError: the bind failed; names the address, the error and the keys to change.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the listener does
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            raise ConfigError(
+                f"cannot listen on {host}:{port}: {e.strerror or e}; give an address of this "
+                f"host (listen.bind_address, --bind) and a free {what}, or 0 for any free port"
+            ) from e
+
+
 class StoreServer:
     """A store server; ``start`` listens, ``close`` stops.
 
@@ -52,22 +71,36 @@ class StoreServer:
             (bind address, port, token), ``transfer``; ``server.membership_url`` set means
             register this server there.
 
+    Everything is validated before anything is allocated: the tier names, the listen address
+    and port (and ``store.metrics_port``) by a trial bind, and every tier's limits
+    (``Tier.check``: memory for cpu, free space and path for disk), so a bad value fails in
+    milliseconds, not after the cpu pool was touched.
+
     Raises:
-        ConfigError: a shared tier (redis, server, mooncake) in ``store.tiers``.
+        ConfigError: a shared tier (redis, server, mooncake) in ``store.tiers``, an address or
+            port that cannot be bound, or a tier config the host cannot honour.
     """
 
     def __init__(self, config: KvferryConfig) -> None:
         self.config = config
+        for name in config.store.tiers:
+            if load_tier(name).shared:
+                raise ConfigError(
+                    f"store.tiers: a store server holds local tiers only (cpu, disk), not {name!r}"
+                )
+        listen = config.listen
+        _check_bindable(listen.bind_address, listen.port, "listen.port (--port)")
+        if config.store.metrics_port:
+            _check_bindable(
+                listen.bind_address,
+                config.store.metrics_port,
+                "store.metrics_port (--metrics-port)",
+            )
+        classes = check_tiers(config.store.tiers, config)
         self.engine = TransferEngine(config)
         tiers: list[Tier] = []
         try:
-            for i, name in enumerate(config.store.tiers):
-                cls = load_tier(name)
-                if cls.shared:
-                    raise ConfigError(
-                        f"store.tiers: a store server holds local tiers only (cpu, disk), "
-                        f"not {name!r}"
-                    )
+            for i, cls in enumerate(classes):
                 ctx = TierContext(
                     slot_size=config.store.slot_size,
                     label=cls.name,
@@ -110,12 +143,26 @@ class StoreServer:
         return self.address
 
     def close(self) -> None:
+        """Leave the membership, stop serving, write the blocks only the memory tier holds to
+        the disk tier (at most ``store.shutdown_flush_seconds``), then free everything;
+        idempotent."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         if self._heartbeat is not None:
             self._heartbeat.join(timeout=5)
             self._unregister()
-        self.engine.close()
-        self.store.close()
+        # No peer may change the store while it is flushed; the pool must live until then.
+        self.engine.stop_listening()
+        try:
+            seconds = self.config.store.shutdown_flush_seconds
+            if seconds > 0:
+                flushed = self.store.flush(seconds)
+                if flushed:
+                    log.info("store server: wrote %d blocks to disk before closing", flushed)
+        finally:
+            self.engine.close()
+            self.store.close()
 
     def __enter__(self) -> StoreServer:
         self.start()
