@@ -34,6 +34,13 @@ Primitives and their contracts (all must be safe to call from several threads at
     demotions. The base class returns None: not offered, the store reads with ``get``.
 ``close()``
     Release files, sockets, memory; idempotent.
+``check(config, context)`` (classmethod, optional)
+    Refuse, before anything is allocated or written, a config this host cannot honour (a pool
+    above the available memory, a disk capacity above the free space) with a
+    :class:`~kvferry.errors.ConfigError` naming the key, the value, what the host has and how
+    to override. A constructor calls it first; a store (or store server) calls it for every
+    tier before it builds any, so one tier's bad config never waits for another's allocation.
+    The base class checks nothing.
 
 Failures of the medium (I/O error, Redis unreachable) raise
 :class:`~kvferry.errors.StorageError` naming the tier; the store turns them into misses for that
@@ -58,6 +65,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
+import xxhash
 from pydantic import BaseModel
 
 if TYPE_CHECKING:
@@ -78,6 +86,23 @@ class PutStatus(enum.Enum):
     STORED = "stored"
     EXISTS = "exists"
     NO_SPACE = "no_space"
+    REJECTED = "rejected"
+    """The bytes did not match the checksum the writer declared (a two-phase put whose slot
+    was written by someone else, or torn): nothing was published."""
+
+
+def block_checksum(key: Key, data: Buffer) -> int:
+    """A block's integrity checksum: xxh3-64 of its bytes, seeded with its key, so the same
+    bytes under another key (a slot reused for another block) do not match either.
+
+    Fast (tens of GB/s), not cryptographic: it catches stale, torn and misplaced writes, not a
+    forger who can compute xxh3 (a peer that may write the shared pool can write any block).
+    """
+    return xxhash.xxh3_64_intdigest(data, _seed(key))
+
+
+def _seed(key: Key) -> int:
+    return int.from_bytes(key[:8], "little") ^ int.from_bytes(key[8:16], "little")
 
 
 @dataclass(frozen=True)
@@ -151,6 +176,15 @@ class Tier(ABC):
     @abstractmethod
     def stats(self) -> TierStats: ...
 
+    @classmethod
+    def check(cls, config: BaseModel, context: TierContext) -> None:
+        """Refuse a config this host cannot honour, before anything is allocated.
+
+        Raises:
+            ConfigError: the message names the key, the value, what the host has and the way
+                out (see the module docstring).
+        """
+
     def peek(self, keys: Sequence[Key]) -> list[Buffer | None] | None:
         """The stored blocks without a copy, or None when the tier does not offer it."""
         return None
@@ -175,10 +209,29 @@ class SlotTier(Tier):
         """
 
     @abstractmethod
-    def commit(self, keys: Sequence[Key], ok: Sequence[bool]) -> None:
-        """Publish the reserved slots whose ``ok`` is True and free the others."""
+    def commit(
+        self, keys: Sequence[Key], ok: Sequence[bool], checksums: Sequence[int] | None = None
+    ) -> list[bool]:
+        """Publish the reserved slots whose ``ok`` is True and free the others; returns which
+        were published.
+
+        ``checksums`` (the writer's :func:`block_checksum` of what it meant to write, per key):
+        a tier that keeps checksums publishes a block only when its slot holds exactly those
+        bytes, and frees it otherwise (someone else wrote the slot, or the write was torn).
+        """
 
     @abstractmethod
-    def views(self, keys: Sequence[Key]) -> list[memoryview | None]:
+    def views(self, keys: Sequence[Key], *, verify: bool = False) -> list[memoryview | None]:
         """Read-only views of present blocks (None for a miss). The caller must keep the block
-        pinned in the store while it uses the view."""
+        pinned in the store while it uses the view. ``verify``: a tier that keeps checksums
+        checks each block first and drops (None) any that does not match."""
+
+    def checksums(self, keys: Sequence[Key]) -> list[int | None] | None:
+        """The :func:`block_checksum` each present block was stored with (None for a miss), or
+        None when this tier keeps no checksums."""
+        return None
+
+    def verify(self, keys: Sequence[Key]) -> list[Key]:
+        """Check the present blocks among ``keys`` against their checksums and drop those that
+        do not match; the keys dropped (none for a tier that keeps no checksums)."""
+        return []

@@ -2,13 +2,25 @@
 
 The pool is one region of ``buffer_number`` slots of ``store.slot_size`` bytes (UCM's
 buffer_number; or ``capacity // slot_size``), allocated and touched once at start
-(``kvferry.transfer.memory``: memfd + MAP_POPULATE), so no page fault lands on the data path
-and, in a store server, peers can read the pool through the transfer engine. A slot holds one
+(``kvferry.transfer.memory``: memfd, pages populated in steps a signal can stop), so no page
+fault lands on the data path and, in a store server, peers can read the pool through the
+transfer engine. A pool above ``cpu.max_memory_fraction`` of the memory available at start
+(MemAvailable) is refused before it is allocated, unless ``cpu.force_capacity``. A slot holds one
 block; its length is kept beside it. No allocation per block: slots come from a free list.
 
 Copies happen under the tier's lock: a memoryview slice assignment holds the GIL anyway, and a
 copy under the lock is what makes ``get`` and ``delete`` from different threads safe without a
 reader count per slot.
+
+Integrity (``cpu.checksum``): when peers can reach the pool (a store server lends it through the
+shared mapping), a client that stalls past its lease can still write into a slot that has since
+been given to another block. So each block keeps :func:`~kvferry.backends.base.block_checksum`
+(xxh3-64 seeded with its key) beside its length: set by ``put`` from the bytes it copies in, and
+by ``commit`` from the slot's bytes, which must equal the checksum the writer declares (else the
+block is not published: ``REJECTED``). ``get`` and ``views(verify=True)`` (demotion) check it and
+drop a block that does not match, so a wrong block is a miss, never a hit; the store server sends
+it with every block it lends, and its clients check what they received. A pool only this process
+touches skips all of it (``auto``): nothing there can write a slot behind the store's back.
 """
 
 from __future__ import annotations
@@ -18,12 +30,25 @@ import threading
 from array import array
 from collections.abc import Sequence
 
-from kvferry.backends.base import Buffer, Key, PutStatus, SlotTier, TierContext, TierStats
+from pydantic import BaseModel
+
+from kvferry.backends.base import (
+    Buffer,
+    Key,
+    PutStatus,
+    SlotTier,
+    TierContext,
+    TierStats,
+    block_checksum,
+)
 from kvferry.config.models import CpuTierConfig
-from kvferry.errors import StorageError
+from kvferry.config.units import format_size_approx
+from kvferry.errors import ConfigError, StorageError
+from kvferry.observe.logs import RateLimitedLog
 from kvferry.transfer.memory import MemoryRegion, allocate_region
 
 log = logging.getLogger("kvferry.backends.cpu")
+_corrupt_log = RateLimitedLog(log)
 
 
 class CpuTier(SlotTier):
@@ -35,12 +60,13 @@ class CpuTier(SlotTier):
     def __init__(self, config: CpuTierConfig, context: TierContext) -> None:
         super().__init__(config, context)
         slot = context.slot_size
-        n = config.buffer_number or config.capacity // slot
+        n = _slots(config, slot)
         if n <= 0:
             raise StorageError(
                 f"cpu tier: capacity {config.capacity} bytes holds no slot of {slot} bytes; "
                 "raise cpu.capacity or cpu.buffer_number"
             )
+        self.check(config, context)
         size = n * slot
         try:
             if context.allocate is not None:
@@ -59,9 +85,37 @@ class CpuTier(SlotTier):
         # Lengths in an array (4 bytes a slot). The free list holds the slot numbers as int
         # objects made once here, so the index's values share them: no int object per block.
         self._lengths = array("I", bytes(4 * n))
+        mode = config.checksum
+        self.checksummed = mode == "on" or (mode == "auto" and context.allocate is not None)
+        self._sums = array("Q", bytes(8 * n)) if self.checksummed else array("Q")
+        self._corrupt = 0
         self._free = list(range(n - 1, -1, -1))  # pop() hands out slot 0 first
         self._peak = 0
         self._closed = False
+
+    @classmethod
+    def check(cls, config: BaseModel, context: TierContext) -> None:
+        """Refuse a pool above ``max_memory_fraction`` of the memory available now (unless
+        ``force_capacity``): touching it would end in the OOM killer, not in an error."""
+        if not isinstance(config, CpuTierConfig):
+            raise TypeError(f"cpu tier: expected a CpuTierConfig, got {type(config).__name__}")
+        size = _slots(config, context.slot_size) * context.slot_size
+        available = available_memory()
+        if config.force_capacity or available is None:
+            return
+        limit = int(available * config.max_memory_fraction)
+        if size > limit:
+            asked = (
+                f"cpu.capacity {format_size_approx(config.capacity)}"
+                if not config.buffer_number
+                else f"cpu.buffer_number {config.buffer_number} x {context.slot_size} bytes"
+            )
+            raise ConfigError(
+                f"cpu tier: a pool of {format_size_approx(size)} ({asked}) is more than "
+                f"{config.max_memory_fraction * 100:g}% of the memory available now "
+                f"({format_size_approx(available)} MemAvailable); lower cpu.capacity "
+                "(--capacity), or set cpu.force_capacity (--force-capacity) to allocate it anyway"
+            )
 
     # -- sizes ----------------------------------------------------------------------------
     @property
@@ -87,6 +141,7 @@ class CpuTier(SlotTier):
                 )
         out: list[PutStatus] = []
         pool, lengths, index, free = self._pool, self._lengths, self._index, self._free
+        sums = self._sums if self.checksummed else None
         with self._lock:
             self._check_open()
             for k, v in zip(keys, values):
@@ -101,6 +156,8 @@ class CpuTier(SlotTier):
                 start = slot * slot_size
                 pool[start : start + n] = v
                 lengths[slot] = n
+                if sums is not None:
+                    sums[slot] = block_checksum(k, v)
                 index[k] = slot
                 out.append(PutStatus.STORED)
             self._note_peak()
@@ -124,6 +181,10 @@ class CpuTier(SlotTier):
                     )
                 start = slot * slot_size
                 out[:n] = pool[start : start + n]
+                if self.checksummed and block_checksum(k, out[:n]) != self._sums[slot]:
+                    self._drop_corrupt(k, slot)
+                    res.append(None)
+                    continue
                 res.append(n)
         return res
 
@@ -165,20 +226,38 @@ class CpuTier(SlotTier):
             self._note_peak()
         return out
 
-    def commit(self, keys: Sequence[Key], ok: Sequence[bool]) -> None:
+    def commit(
+        self, keys: Sequence[Key], ok: Sequence[bool], checksums: Sequence[int] | None = None
+    ) -> list[bool]:
+        if checksums is not None and len(checksums) != len(keys):
+            raise ValueError(f"{len(keys)} keys but {len(checksums)} checksums")
+        published: list[bool] = []
+        pool, lengths, slot_size = self._pool, self._lengths, self.slot_size
         with self._lock:
-            for k, good in zip(keys, ok):
+            for i, (k, good) in enumerate(zip(keys, ok)):
                 slot = self._reserved.pop(k, None)
                 if slot is None:
+                    published.append(False)
                     continue  # never reserved (no space) or already aborted
+                if good and self.checksummed:
+                    start = slot * slot_size
+                    actual = block_checksum(k, pool[start : start + lengths[slot]])
+                    if checksums is not None and actual != checksums[i]:
+                        self._corrupt += 1
+                        good = False
+                    else:
+                        self._sums[slot] = actual
                 if good:
                     self._index[k] = slot
                 else:
                     self._free.append(slot)
+                published.append(good)
+        return published
 
-    def views(self, keys: Sequence[Key]) -> list[memoryview | None]:
+    def views(self, keys: Sequence[Key], *, verify: bool = False) -> list[memoryview | None]:
         out: list[memoryview | None] = []
         pool, lengths, index, slot_size = self._pool, self._lengths, self._index, self.slot_size
+        check = verify and self.checksummed
         with self._lock:
             self._check_open()
             for k in keys:
@@ -187,8 +266,46 @@ class CpuTier(SlotTier):
                     out.append(None)
                 else:
                     start = slot * slot_size
-                    out.append(pool[start : start + lengths[slot]].toreadonly())
+                    view = pool[start : start + lengths[slot]].toreadonly()
+                    if check and block_checksum(k, view) != self._sums[slot]:
+                        self._drop_corrupt(k, slot)
+                        out.append(None)
+                        continue
+                    out.append(view)
         return out
+
+    def checksums(self, keys: Sequence[Key]) -> list[int | None] | None:
+        if not self.checksummed:
+            return None
+        sums, index = self._sums, self._index
+        with self._lock:
+            return [None if (slot := index.get(k)) is None else sums[slot] for k in keys]
+
+    def verify(self, keys: Sequence[Key]) -> list[Key]:
+        if not self.checksummed:
+            return []
+        dropped: list[Key] = []
+        pool, lengths, slot_size = self._pool, self._lengths, self.slot_size
+        with self._lock:
+            for k in keys:
+                slot = self._index.get(k)
+                if slot is None:
+                    continue
+                start = slot * slot_size
+                if block_checksum(k, pool[start : start + lengths[slot]]) != self._sums[slot]:
+                    self._drop_corrupt(k, slot)
+                    dropped.append(k)
+        return dropped
+
+    def _drop_corrupt(self, key: Key, slot: int) -> None:
+        """Forget a block whose bytes no longer match its checksum; caller holds the lock. The
+        store learns it from the miss (``get`` None / ``views`` None) and drops its index entry."""
+        _corrupt_log.warning(
+            "corrupt", "cpu tier: block %s failed its checksum; dropped", key.hex()
+        )
+        del self._index[key]
+        self._free.append(slot)
+        self._corrupt += 1
 
     def locate(self, keys: Sequence[Key]) -> list[tuple[int, int] | None]:
         """(byte offset in ``region``, length) of each present block; None for a miss. Used by
@@ -211,7 +328,10 @@ class CpuTier(SlotTier):
                 peak_blocks=self._peak,
                 total_bytes=self.n_slots * self.slot_size,
                 used_bytes=used_bytes,
-                extra={"reserved": float(len(self._reserved))},
+                extra={
+                    "reserved": float(len(self._reserved)),
+                    "corrupt_dropped": float(self._corrupt),
+                },
             )
 
     def close(self) -> None:
@@ -236,6 +356,24 @@ class CpuTier(SlotTier):
     def _check_open(self) -> None:
         if self._closed:
             raise StorageError("cpu tier is closed")
+
+
+def _slots(config: CpuTierConfig, slot_size: int) -> int:
+    """Slots of the pool: ``buffer_number``, else as many as ``capacity`` holds."""
+    return config.buffer_number or config.capacity // slot_size
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel can give without swapping (``MemAvailable`` of /proc/meminfo), or None
+    where that is not known (not Linux)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _pin_with_torch(region: MemoryRegion) -> bool:

@@ -10,10 +10,11 @@ On-disk layout (format 1), under ``DiskTierConfig.path``:
   another layout raises :class:`~kvferry.errors.ConfigError` instead of misreading the slots.
 * ``.lock``: held with ``flock`` while a tier has the directory open; a second opener gets
   :class:`~kvferry.errors.StorageError`.
-* ``slots-NNNN.kvf``: ``files`` files preallocated with ``posix_fallocate``. Slot ``s`` lives in
-  file ``s % files`` at offset ``(s // files) * slot_bytes``; ``slot_bytes`` is a 4 KiB header
-  block plus the payload (``context.slot_size``) rounded up to 4 KiB, so every slot, header and
-  payload start is page aligned for ``O_DIRECT``.
+* ``slots-NNNN.kvf``: ``files`` files preallocated with ``posix_fallocate`` (a capacity above the
+  filesystem's free space is refused before anything is written, unless ``force_capacity``).
+  Slot ``s`` lives in file ``s % files`` at offset ``(s // files) * slot_bytes``;
+  ``slot_bytes`` is a 4 KiB header block plus the payload (``context.slot_size``) rounded up to
+  4 KiB, so every slot, header and payload start is page aligned for ``O_DIRECT``.
 
 A slot's header block starts with (little endian) magic ``KVFD``, format version, flags, the 16
 byte key, payload length, xxh3-64 of the payload, a generation counter, and xxh3-64 of those
@@ -61,9 +62,11 @@ from typing import ClassVar, TypeVar
 
 import numpy as np
 import xxhash
+from pydantic import BaseModel
 
 from kvferry.backends.base import KEY_BYTES, Buffer, Key, PutStatus, Tier, TierContext, TierStats
 from kvferry.config.models import DiskTierConfig
+from kvferry.config.units import format_size_approx
 from kvferry.errors import ConfigError, StorageError
 
 log = logging.getLogger(__name__)
@@ -170,6 +173,33 @@ def probe_direct_io(directory: str) -> str | None:
     return None
 
 
+def slot_file(i: int) -> str:
+    """The name of slot file ``i`` in the tier's directory."""
+    return f"slots-{i:04d}.kvf"
+
+
+def _file_slots(num_slots: int, files: int, i: int) -> int:
+    """Slots in file ``i`` of ``files`` (slot s lives in file s % files)."""
+    return (num_slots - i + files - 1) // files
+
+
+def bytes_to_preallocate(config: DiskTierConfig, context: TierContext) -> int:
+    """Bytes the slot files of ``config`` still need on their filesystem: their full size, less
+    what files already there hold (a restart of the same layout needs nothing new)."""
+    slot_bytes = HEADER_BLOCK + align_up(context.slot_size)
+    num_slots = config.capacity // slot_bytes
+    directory = os.path.abspath(os.path.expanduser(config.path))
+    need = 0
+    for i in range(config.files):
+        size = _file_slots(num_slots, config.files, i) * slot_bytes
+        try:
+            held = os.stat(os.path.join(directory, slot_file(i))).st_blocks * 512
+        except OSError:
+            held = 0
+        need += max(0, size - held)
+    return need
+
+
 def _is_aligned(view: memoryview) -> bool:
     return len(view) > 0 and int(np.frombuffer(view, dtype=np.uint8).ctypes.data) % ALIGN == 0
 
@@ -239,6 +269,7 @@ class DiskTier(Tier):
 
     def __init__(self, config: DiskTierConfig, context: TierContext) -> None:
         super().__init__(config, context)
+        self.check(config, context)  # before the index lists or any file: they scale with it
         self.disk_config = config
         self.slot_size = context.slot_size
         self.slot_bytes = HEADER_BLOCK + align_up(context.slot_size)
@@ -250,9 +281,7 @@ class DiskTier(Tier):
         self._lock = threading.Lock()
         self._closed = True  # until every file is open
         self._fds: list[int] = []
-        self._paths = [
-            os.path.join(self.directory, f"slots-{i:04d}.kvf") for i in range(self.num_files)
-        ]
+        self._paths = [os.path.join(self.directory, slot_file(i)) for i in range(self.num_files)]
         self._index: dict[Key, int] = {}
         self._pending: set[Key] = set()
         self._slot_key: list[Key | None] = [None] * self.num_slots
@@ -298,6 +327,41 @@ class DiskTier(Tier):
         except BaseException:
             self._release()
             raise
+
+    @classmethod
+    def check(cls, config: BaseModel, context: TierContext) -> None:
+        """Refuse a ``disk.path`` that cannot be a directory here, and (unless
+        ``force_capacity``) a capacity whose slot files need more bytes than the filesystem has
+        free; files already there count as held."""
+        if not isinstance(config, DiskTierConfig):
+            raise TypeError(f"disk tier: expected a DiskTierConfig, got {type(config).__name__}")
+        directory = os.path.abspath(os.path.expanduser(config.path))
+        existing = directory
+        while not os.path.exists(existing):  # the directory is made at open; check its parent
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            raise ConfigError(
+                f"disk.path {directory}: {existing} is not a directory; point disk.path "
+                "(--disk-path) at a directory or where one can be made"
+            )
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(
+                f"disk.path {directory}: {existing} is not writable by this user; point "
+                "disk.path (--disk-path) elsewhere"
+            )
+        if config.force_capacity:
+            return
+        need = bytes_to_preallocate(config, context)
+        st = os.statvfs(existing)
+        free = st.f_bavail * st.f_frsize
+        if need > free:
+            raise ConfigError(
+                f"disk tier: disk.capacity {format_size_approx(config.capacity)} needs "
+                f"{format_size_approx(need)} more in {directory}, but its filesystem has "
+                f"{format_size_approx(free)} free; "
+                "lower disk.capacity, point disk.path (--disk-path) at a larger filesystem, or "
+                "set disk.force_capacity (--force-capacity) to preallocate anyway"
+            )
 
     # ---- open ---------------------------------------------------------------------------------
 
@@ -370,7 +434,7 @@ class DiskTier(Tier):
 
     def _file_slots(self, i: int) -> int:
         """Slots in file ``i`` (slot s lives in file s % files)."""
-        return (self.num_slots - i + self.num_files - 1) // self.num_files
+        return _file_slots(self.num_slots, self.num_files, i)
 
     def _open_files(self) -> list[bool]:
         """Open (create, preallocate) every slot file; per file, whether it existed before."""

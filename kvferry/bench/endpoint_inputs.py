@@ -532,6 +532,11 @@ class PromptFileSource(RequestSource):
             entry = json.loads(line)
         except ValueError as e:
             raise ConfigError(f"{where}: not JSON ({e})") from e
+        except RecursionError:  # json recurses per level; an entry is two deep
+            raise ConfigError(
+                f"{where}: JSON nested too deeply to read; expected an object like "
+                '{"text": "..."}'
+            ) from None
         if not isinstance(entry, dict):
             raise ConfigError(f'{where}: expected a JSON object like {{"text": "..."}}')
         unknown = sorted(set(entry) - set(PROMPT_FIELDS))

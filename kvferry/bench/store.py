@@ -29,8 +29,9 @@ tiers (redis, server, mooncake) are filled and verified once, each client taking
 every key the run wrote is deleted from them at the end. With one client, it runs in this
 process (no spawn).
 
-A verify failure is a failure: a key whose bytes differ, or a key missing while the store
-evicted nothing that could explain it. The report says so (``ok``, ``failures``) and
+A verify failure is a failure: a key whose bytes differ, or more keys missing than the store
+evicted or refused (NO_SPACE) during the run; a store server's evictions are read from the
+server (its STATS), since it evicts on its own side. The report says so (``ok``, ``failures``) and
 ``raise_for_failures`` raises it.
 """
 
@@ -346,12 +347,15 @@ class VerifyResult:
     missing: int
     mismatched: int
     evictions: int
+    """Blocks the store evicted during the run (a store server's own count for ``server``)."""
     examples: list[str]
+    refused: int = 0
+    """Puts the store answered NO_SPACE: those keys were never stored."""
 
     @property
     def ok(self) -> bool:
-        """No byte differs, and no more keys are missing than the store evicted."""
-        return self.mismatched == 0 and self.missing <= self.evictions
+        """No byte differs, and no more keys are missing than the store evicted or refused."""
+        return self.mismatched == 0 and self.missing <= self.evictions + self.refused
 
 
 @dataclass
@@ -370,8 +374,8 @@ class StoreBenchReport:
         if v is not None and not v.ok:
             out.append(
                 f"verify failed: of {v.keys} keys, {v.mismatched} differ from what was written "
-                f"and {v.missing} are missing (with no eviction to explain them); "
-                + "; ".join(v.examples)
+                f"and {v.missing} are missing, while the store evicted {v.evictions} and "
+                f"refused {v.refused} (NO_SPACE); " + "; ".join(v.examples)
             )
         if self.store.get("errors"):
             out.append(f"the store counted {self.store['errors']} tier errors (read as misses)")
@@ -462,6 +466,7 @@ def merge(
             mismatched=sum(c.verify.mismatched for c in clients),
             evictions=store["evictions"],
             examples=examples[:EXAMPLES],
+            refused=store["no_space"],
         )
     return StoreBenchReport(options, dict(backend), phases, verify, store, list(notes))
 

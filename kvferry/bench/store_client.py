@@ -28,8 +28,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import xxhash
 
-from kvferry.backends.base import PutStatus
+from kvferry.backends.base import PutStatus, Tier
 from kvferry.backends.registry import create_tier
+from kvferry.backends.server.client import ServerTier
 from kvferry.bench.stats import Samples
 from kvferry.config.models import KvferryConfig
 from kvferry.errors import KvferryError
@@ -227,6 +228,10 @@ def run_client(spec: ClientSpec, sync: Callable[[], None], emit: ProgressFn) -> 
         # here with its own message instead of reading as a run of misses.
         store.first.contains([ks.fill_keys(0, 1)[0]])
         all_keys = ks.fill_keys(0, opts.num_keys)
+        # A store server evicts on its own side; client 0 reads its count before the first
+        # barrier and after the last, so the run's evictions are counted once.
+        watch = isinstance(store.first, ServerTier) and spec.index == 0
+        evicted_before = _server_evictions(store.first) if watch else 0
         sync()
         for phase in opts.phases:
             if phase == "fill":
@@ -250,6 +255,8 @@ def run_client(spec: ClientSpec, sync: Callable[[], None], emit: ProgressFn) -> 
             "errors": sum(c.errors for c in stats.tiers.values()),
             "no_space": sum(c.no_space for c in stats.tiers.values()),
         }
+        if watch:
+            counters["evictions"] += _server_evictions(store.first) - evicted_before
     finally:
         try:
             if shared and wrote:
@@ -257,6 +264,17 @@ def run_client(spec: ClientSpec, sync: Callable[[], None], emit: ProgressFn) -> 
         finally:
             store.close()
     return ClientResult(spec.index, shared, tallies, verify, counters)
+
+
+def _server_evictions(tier: Tier) -> int:
+    """Blocks the store servers behind a server tier have evicted so far, over all their
+    tiers (their STATS)."""
+    assert isinstance(tier, ServerTier)
+    total = 0
+    for doc in tier.server_stats().values():
+        tiers = doc.get("tiers", {})
+        total += sum(int(row.get("evictions", 0)) for row in tiers.values())
+    return total
 
 
 def _bulk(

@@ -173,9 +173,14 @@ def iter_records(path: str) -> Iterator[tuple[int, Any, str]]:
                 if not line.strip():
                     continue
                 try:
-                    yield number, json.loads(line), ""
+                    record = json.loads(line)
                 except ValueError as e:
                     yield number, None, f"not valid JSON ({e})"
+                    continue
+                except RecursionError:  # json recurses per level; a record is two deep
+                    yield number, None, "not a record: JSON nested too deeply to read"
+                    continue
+                yield number, record, ""
         except UnicodeDecodeError as e:
             raise TraceError(f"{path}: not UTF-8 text ({e}); a trace is JSON Lines") from e
 

@@ -539,7 +539,11 @@ def _print_store_report(console: Console, report: store_bench.StoreBenchReport) 
     v = report.verify
     if v is not None:
         verdict = "OK" if v.ok else "FAILED"
-        evicted = f" (the store evicted {v.evictions} blocks)" if v.missing and v.evictions else ""
+        evicted = (
+            f" (the store evicted {v.evictions} blocks and refused {v.refused})"
+            if v.missing and (v.evictions or v.refused)
+            else ""
+        )
         console.print(
             f"verify: {v.keys} keys read back, {v.mismatched} differ, "
             f"{v.missing} missing{evicted}: {verdict}"

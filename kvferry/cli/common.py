@@ -7,6 +7,7 @@ Owns the ``--config``, ``--preset`` and ``--set`` options and how they reach
 from __future__ import annotations
 
 import argparse
+import signal
 from collections.abc import Mapping
 
 from kvferry.config.loader import LoadedConfig, load_config
@@ -91,3 +92,13 @@ def load_from_args(
         flags=merged,
         flag_names=names,
     )
+
+
+class Stopped(KeyboardInterrupt):
+    """A SIGINT or SIGTERM that ended a command before it was up (a server still allocating its
+    tiers). A KeyboardInterrupt, so that ``except Exception`` in between does not swallow it;
+    the CLI prints the message and exits with 128 + the signal number."""
+
+    def __init__(self, signum: int, doing: str) -> None:
+        self.signum = signum
+        super().__init__(f"stopped by {signal.Signals(signum).name} {doing}")

@@ -1,11 +1,14 @@
 """The ``kvferry`` entry point: builds the parser from one module per subcommand and runs it.
 
 Owns the top-level error boundary of the CLI: a :class:`~kvferry.errors.KvferryError` becomes
-``error: <message>`` on stderr and exit status 2, Ctrl-C becomes 130; no traceback is shown for
-either. Also where kvferry's log lines go: stderr, one timestamped line each, at
-``--log-level`` (or ``KVFERRY_LOG_LEVEL``; default warning). Each subcommand module exposes
-``add_parser(subparsers) -> None``, which registers its parser and sets
-``func=<callable(args) -> int>`` with ``set_defaults``.
+``error: <message>`` on stderr and exit status 2, and so does a ``RecursionError`` (input nested
+deeper than a parser can follow); Ctrl-C becomes 130, and a signal that stops a server while it
+starts (:class:`~kvferry.cli.common.Stopped`) 128 + its number; no traceback is shown for any
+of them.
+Also where kvferry's log lines go: stderr, one timestamped line each, at ``--log-level`` (or
+``KVFERRY_LOG_LEVEL``; default warning). Each subcommand module exposes ``add_parser(subparsers)
+-> None``, which registers its parser and sets ``func=<callable(args) -> int>`` with
+``set_defaults``.
 """
 
 from __future__ import annotations
@@ -14,10 +17,14 @@ import argparse
 import importlib
 import logging
 import os
+import select
+import stat
 import sys
+import time
 from collections.abc import Callable
 from typing import Any, TextIO, cast
 
+from kvferry.cli.common import Stopped
 from kvferry.config.loader import ENV_LOG_LEVEL
 from kvferry.errors import ConfigError, KvferryError
 
@@ -38,7 +45,17 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 class _StderrHandler(logging.StreamHandler[TextIO]):
-    """Writes to whatever ``sys.stderr`` is when a line is logged (tests swap it)."""
+    """Writes to whatever ``sys.stderr`` is when a line is logged (tests swap it).
+
+    When stderr is a pipe or a socket, a line waits at most ``_PIPE_WAIT_S`` for room and is
+    dropped (counted, and said in the next line that goes out) when there is none: a server
+    whose stderr pipe nobody drains must not have a connection thread blocked in a log call
+    (with the handler's lock, every other thread that logs) for as long as nobody reads.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dropped = 0
 
     @property
     def stream(self) -> TextIO:
@@ -47,6 +64,64 @@ class _StderrHandler(logging.StreamHandler[TextIO]):
     @stream.setter
     def stream(self, value: TextIO) -> None:
         pass
+
+    def emit(self, record: logging.LogRecord) -> None:
+        stream = sys.stderr
+        fd = _pipe_fd(stream)
+        if fd is None:
+            super().emit(record)
+            return
+        try:
+            line = self.format(record)
+            if self.dropped:
+                line += f" ({self.dropped} earlier log lines dropped: stderr was not read)"
+            stream.flush()
+            if _write_within(fd, (line + "\n").encode(errors="replace"), _PIPE_WAIT_S):
+                self.dropped = 0
+            else:
+                self.dropped += 1
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+
+
+_PIPE_WAIT_S = 0.1
+
+
+def _pipe_fd(stream: TextIO) -> int | None:
+    """The file descriptor behind ``stream`` when it is a pipe or a socket, else None."""
+    try:
+        fd = stream.fileno()
+        mode = os.fstat(fd).st_mode
+    except (OSError, ValueError, AttributeError):
+        return None
+    return fd if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) else None
+
+
+def _write_within(fd: int, data: bytes, seconds: float) -> bool:
+    """Write ``data`` to ``fd`` as room comes, for at most ``seconds``; False if it did not
+    all go (a line cut short ends with a newline, so the next one starts on its own)."""
+    deadline = time.monotonic() + seconds
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    view = memoryview(data)
+    while view:
+        left = deadline - time.monotonic()
+        if left <= 0 or not poller.poll(left * 1000):
+            if len(view) < len(data):
+                _write_some(fd, b"\n")
+            return False
+        n = _write_some(fd, view[: select.PIPE_BUF])
+        view = view[n:]
+    return True
+
+
+def _write_some(fd: int, data: bytes | memoryview) -> int:
+    try:
+        return os.write(fd, data)
+    except BlockingIOError:
+        return 0
 
 
 def setup_logging(level: str | None) -> None:
@@ -135,6 +210,18 @@ def main(argv: list[str] | None = None) -> int:
     except KvferryError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_ERROR
+    except RecursionError:
+        # Parsers of user input (json, yaml) recurse per nesting level; the readers of config,
+        # trace and prompt files name the file and line, this is the net under the others.
+        print(
+            "error: the input is nested too deeply to process (Python's recursion limit was "
+            "reached); flatten it",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
+    except Stopped as e:
+        print(e, file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -233,6 +233,10 @@ def options_from_args(args: argparse.Namespace) -> ServeBenchOptions:
             extra = json.loads(args.extra_body)
         except ValueError as e:
             raise ConfigError(f"--extra-body is not valid JSON: {e}") from e
+        except RecursionError:
+            raise ConfigError(
+                "--extra-body is nested too deeply; give a flat JSON object"
+            ) from None
         if not isinstance(extra, dict):
             raise ConfigError(f"--extra-body must be a JSON object, got {args.extra_body!r}")
     options = ServeBenchOptions(

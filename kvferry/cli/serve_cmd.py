@@ -15,7 +15,7 @@ import threading
 
 from rich.console import Console
 
-from kvferry.cli.common import add_config_options, load_from_args
+from kvferry.cli.common import Stopped, add_config_options, load_from_args
 
 READY = "kvferry-store-ready"
 
@@ -38,6 +38,12 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     store.add_argument("--disk-path", help="disk.path")
     store.add_argument("--register", metavar="REDIS_URL", help="server.membership_url")
     store.add_argument("--metrics-port", type=int, help="store.metrics_port (Prometheus)")
+    store.add_argument(
+        "--force-capacity",
+        action="store_true",
+        help="allocate the cpu pool above cpu.max_memory_fraction of the available memory, and "
+        "the disk tier above its filesystem's free space (cpu/disk.force_capacity)",
+    )
     store.add_argument("--quiet", action="store_true", help="print only the ready line")
     store.set_defaults(func=run_store)
 
@@ -167,6 +173,8 @@ def run_store(args: argparse.Namespace) -> int:
         "disk.path": args.disk_path,
         "server.membership_url": args.register,
         "store.metrics_port": args.metrics_port,
+        "cpu.force_capacity": True if args.force_capacity else None,
+        "disk.force_capacity": True if args.force_capacity else None,
     }
     names = {
         "listen.port": "--port",
@@ -177,14 +185,17 @@ def run_store(args: argparse.Namespace) -> int:
         "disk.path": "--disk-path",
         "server.membership_url": "--register",
         "store.metrics_port": "--metrics-port",
+        "cpu.force_capacity": "--force-capacity",
+        "disk.force_capacity": "--force-capacity",
     }
     loaded = load_from_args(args, flags, flag_names=names)
-    stop = threading.Event()
+    signals = _StopSignals()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, signals)
     server = StoreServer(loaded.config)
     try:
         host, port = server.start()
+        signals.serving = True
         print(f"{READY} {host}:{port}", flush=True)
         if not args.quiet:
             cfg = loaded.config
@@ -192,10 +203,28 @@ def run_store(args: argparse.Namespace) -> int:
                 f"store server on {host}:{port}: tiers {cfg.store.tiers}, "
                 f"{server.store.first.capacity_blocks} slots of {cfg.store.slot_size} bytes"
             )
-        stop.wait()
+        signals.stop.wait()
     finally:
         server.close()
     return 0
+
+
+class _StopSignals:
+    """The SIGINT/SIGTERM handler of ``serve store``. While the server starts (the cpu pool is
+    being touched: seconds per GiB) a signal ends the start-up at once by raising
+    :class:`Stopped`; once it serves, the first signal asks for a graceful stop (``stop``:
+    blocks flushed to disk, ``store.shutdown_flush_seconds``) and a second one ends that too."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.serving = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        if not self.serving:
+            raise Stopped(signum, "while the store server was starting; it served nothing")
+        if self.stop.is_set():
+            raise Stopped(signum, "during the graceful shutdown; it was cut short")
+        self.stop.set()
 
 
 def run_mock(args: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import reprlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,6 +217,12 @@ def _read_file(path: str, *, via: str) -> object:
         raise ConfigError(f"config file {path}{via} is not valid JSON: {e}") from e
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path}{via} is not valid YAML: {_yaml_detail(e)}") from e
+    except RecursionError:
+        # Both parsers recurse per nesting level; a config is two levels deep.
+        raise ConfigError(
+            f"config file {path}{via} is nested too deeply to read; a config file is a "
+            "mapping of section -> key -> value"
+        ) from None
 
 
 def _yaml_detail(error: yaml.YAMLError) -> str:
@@ -419,10 +426,16 @@ def _suggest(name: str, candidates: Iterable[str]) -> str:
 
 
 def _shown(dotted: str, value: object) -> str:
-    """A value as written in an error message; secrets never appear."""
+    """A value as written in an error message, shortened (a file may hold a huge or deeply
+    nested value); secrets never appear."""
     if value is not None and _is_secret(dotted):
         return SECRET_MASK
-    return repr(value)
+    return _SHORT.repr(value)
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel = 3
+_SHORT.maxstring = _SHORT.maxother = 200
 
 
 def _display(value: object) -> str:

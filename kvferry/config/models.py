@@ -167,7 +167,46 @@ class ListenConfig(_Model):
         None, description="Shared token every peer must present in its handshake; none = no auth."
     )
     max_connections: int = Field(
-        1024, ge=1, le=1_000_000, description="Connections a listener serves at once."
+        1024,
+        ge=1,
+        le=1_000_000,
+        description="Authenticated connections a listener serves at once (past the handshake).",
+    )
+    handshake_timeout: Seconds = Field(
+        5.0,
+        gt=0,
+        le=3600,
+        description="Seconds from accept to a completed handshake, in total (not per read): a "
+        "peer that trickles its HELLO is closed when they run out.",
+    )
+    max_pending: int = Field(
+        64,
+        ge=1,
+        le=100_000,
+        description="Connections still in their handshake at once; when full, the oldest of "
+        "them is dropped for the newcomer, so a client that completes its handshake promptly "
+        "always gets in while others trickle.",
+    )
+    max_pending_per_host: int = Field(
+        8,
+        ge=1,
+        le=100_000,
+        description="Connections still in their handshake from one source address; past it, "
+        "that address's oldest is dropped.",
+    )
+    idle_timeout: Seconds = Field(
+        300.0,
+        ge=0,
+        le=86400 * 365,
+        description="Seconds an authenticated connection may wait between requests before it "
+        "is closed (clients reconnect by themselves); 0 = never.",
+    )
+    stall_timeout: Seconds = Field(
+        30.0,
+        gt=0,
+        le=86400,
+        description="Seconds without a byte of progress in the middle of a frame (receiving a "
+        "payload or sending a reply) before the connection is closed and its memory freed.",
     )
 
     @field_validator("bind_address")
@@ -219,6 +258,12 @@ class StoreConfig(_Model):
         ge=64,
         description="Bytes of the largest block a cpu/disk slot holds (one block's KV bytes).",
     )
+    key_hash: Literal["xxh3-128", "blake2b-128"] = Field(
+        "xxh3-128",
+        description="Hash of the 16-byte block keys: xxh3-128 (fast; not collision-resistant "
+        "against someone crafting prompts) or blake2b-128 (cryptographic; for tenants that "
+        "must not reach each other's blocks).",
+    )
     write_policy: Literal["write_back", "write_through"] = Field(
         "write_back",
         description="write_back: lower tiers get a block when it is demoted; write_through: "
@@ -254,8 +299,16 @@ class StoreConfig(_Model):
     lease_seconds: Seconds = Field(
         10.0,
         gt=0,
-        description="A pin (prepare_store/prepare_load) expires after this many seconds, so a "
-        "lost caller never pins a block forever.",
+        le=86400,
+        description="A pin (prepare_store/prepare_load) expires after this many seconds (at "
+        "most a day), so a lost caller never pins a block forever.",
+    )
+    shutdown_flush_seconds: Seconds = Field(
+        30.0,
+        ge=0,
+        description="Seconds a store server's graceful shutdown may spend writing the blocks "
+        "only its memory tier holds to its persistent tier (disk), so a restart finds them; "
+        "0 = drop them.",
     )
     trace_file: str = Field(
         "", description="Write get/put/transfer/eviction events as Chrome trace JSON here."
@@ -316,6 +369,24 @@ class CpuTierConfig(_Model):
         False, description="Page-lock the pool through torch when CUDA is present (faster H2D)."
     )
     use_hugepages: bool = Field(False, description="Advise transparent huge pages for the pool.")
+    checksum: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Keep an xxh3-64 checksum per block, set at put/commit and verified on "
+        "reads that can meet a stale or foreign write; auto = on when peers can reach the pool "
+        "(a store server), off for a pool only this process touches.",
+    )
+    max_memory_fraction: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="Largest pool, as a fraction of the memory available at start "
+        "(MemAvailable); a larger one is refused unless force_capacity.",
+    )
+    force_capacity: bool = Field(
+        False,
+        description="Allocate the pool even above max_memory_fraction of the available memory "
+        "(--force-capacity); the kernel may then kill the process.",
+    )
 
 
 class DiskTierConfig(_Model):
@@ -330,6 +401,11 @@ class DiskTierConfig(_Model):
     )
     io_threads: int = Field(4, ge=1, le=256, description="Threads doing disk reads and writes.")
     files: int = Field(1, ge=1, le=1024, description="Slot files the capacity is spread over.")
+    force_capacity: bool = Field(
+        False,
+        description="Preallocate the capacity even when its filesystem has fewer bytes free "
+        "(--force-capacity).",
+    )
 
 
 class RedisTierConfig(_Model):

@@ -93,6 +93,8 @@ class TransportCounters:
     retries: int = 0
     protocol_errors: int = 0
     frames: int = 0  # data frames served (the target server's group; READV counts once)
+    timeouts: int = 0  # connections closed by a handshake deadline, or an idle or stall timeout
+    evicted: int = 0  # connections dropped in their handshake for a newer one (listener full)
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -117,11 +119,21 @@ class TransportCounters:
             self.slices += slices
             self.latency.observe_many_ns(latencies_ns)
 
-    def add(self, *, errors: int = 0, retries: int = 0, protocol_errors: int = 0) -> None:
+    def add(
+        self,
+        *,
+        errors: int = 0,
+        retries: int = 0,
+        protocol_errors: int = 0,
+        timeouts: int = 0,
+        evicted: int = 0,
+    ) -> None:
         with self.lock:
             self.errors += errors
             self.retries += retries
             self.protocol_errors += protocol_errors
+            self.timeouts += timeouts
+            self.evicted += evicted
 
     def snapshot(self) -> dict[str, object]:
         with self.lock:
@@ -134,6 +146,8 @@ class TransportCounters:
                 "retries": self.retries,
                 "protocol_errors": self.protocol_errors,
                 "frames": self.frames,
+                "timeouts": self.timeouts,
+                "evicted": self.evicted,
                 "latency": self.latency.snapshot(),
             }
 

@@ -112,6 +112,7 @@ _TIER_COUNTERS: Final = (
     ("breaker_skipped", "breaker_skipped_calls", "Calls skipped while the breaker was open."),
     ("breaker_opens", "breaker_opens", "Times the tier's circuit breaker opened."),
     ("breaker_closes", "breaker_closes", "Times a probe closed the tier's circuit breaker."),
+    ("corrupt", "corrupt_blocks", "Blocks that failed their checksum (read as misses)."),
 )
 
 # (key of TransportCounters.snapshot(), help) for the transfer counters.
@@ -123,6 +124,8 @@ _TRANSFER_COUNTERS: Final = (
     ("errors", "Requests that failed."),
     ("retries", "Slices retried."),
     ("protocol_errors", "Malformed or unauthorised frames seen."),
+    ("timeouts", "Connections closed by a handshake deadline or an idle or stall timeout."),
+    ("evicted", "Connections dropped in their handshake for a newer one (listener full)."),
 )
 
 

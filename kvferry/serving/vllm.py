@@ -12,7 +12,8 @@ How a request flows:
 
 1. Scheduler, ``get_num_new_matched_tokens``: the prompt's full vLLM blocks are hashed into
    kvferry block keys (:class:`~kvferry.index.BlockHasher`: chained over the token ids, salted
-   with the model id, KV dtype, KV shape and the request's ``cache_salt``) and the store is
+   with the model id, KV dtype, KV shape and the request's ``cache_salt``; the hash is
+   ``store.key_hash``, blake2b-128 where tenants must not forge each other's keys) and the store is
    asked for its longest cached prefix. Tokens beyond what vLLM's own prefix cache has are
    reported as external hits, in whole blocks, never the prompt's last token (vLLM must compute
    at least one token to sample from).
@@ -278,7 +279,12 @@ class KvferryConnector(KVConnectorBase_V1):  # type: ignore[misc]
             f"head_size={getattr(spec, 'head_size', '?')}:layers={len(self.layer_names)}:"
             f"page={self.page_bytes}"
         )
-        self._salt = {"model_name": model_id, "dtype": str(spec.dtype), "layout": shape}
+        self._salt = {
+            "model_name": model_id,
+            "dtype": str(spec.dtype),
+            "layout": shape,
+            "algorithm": self.settings.config.store.key_hash,
+        }
         self._hashers: dict[str, BlockHasher] = {}
 
         if role == KVConnectorRole.SCHEDULER:

@@ -16,11 +16,12 @@ the router does not share), so, like Dynamo's router, kvferry recomputes each st
 key from the event's token ids: ``BlockHasher(block_size, model_name, cache_salt)`` chained
 from the key of ``parent_block_hash`` (kept in a vLLM hash -> kvferry key map), the same key the
 router computes for a prompt. A removal looks the key up in that map. ``cache_salt`` is read
-from the first block's ``extra_keys`` (vLLM salts only a prompt's first block, which carries on
-down the chain as kvferry's salted root does). Blocks the router cannot key are skipped and
-counted (``skipped_blocks``): LoRA or multimodal extra keys, a parent the router never saw
-stored (events missed before it subscribed, with no replay), another KV cache group
-(``group_idx`` > 0: hybrid models), or a medium other than the GPU (vLLM's offloading tiers).
+from the first block's ``extra_keys`` (vLLM salts only a prompt's first block); kvferry salts
+every link of a chain, so a continuation is hashed with its parent's salt, kept beside its key.
+Blocks the router cannot key are skipped and counted (``skipped_blocks``): LoRA or multimodal
+extra keys, a parent the router never saw stored (events missed before it subscribed, with no
+replay), another KV cache group (``group_idx`` > 0: hybrid models), or a medium other than the
+GPU (vLLM's offloading tiers).
 Events whose block size differs from the router's raise :class:`~kvferry.errors.ConfigError`.
 
 **Order** (:func:`follow_vllm_events`): a new subscriber first asks the replay socket for the
@@ -177,8 +178,9 @@ class VllmEventMirror:
     resets: int = 0
     next_seq: int | None = None
     """The batch expected next; None: nothing applied since the last reset."""
-    _keys: dict[object, bytes] = field(default_factory=dict)
-    """vLLM block hash -> kvferry key, for every block the worker holds that was keyed."""
+    _keys: dict[object, tuple[bytes, str]] = field(default_factory=dict)
+    """vLLM block hash -> (kvferry key, its cache_salt), for every block the worker holds that
+    was keyed; a continuation is hashed with its parent's salt."""
     _hashers: dict[tuple[str, str], BlockHasher] = field(default_factory=dict)
 
     @property
@@ -207,7 +209,8 @@ class VllmEventMirror:
             elif kind == "BlockRemoved":
                 if event.get("medium") in PRIMARY_MEDIA and not event.get("group_idx"):
                     hashes = _list(event, "block_hashes")
-                    keys = [k for k in (self._keys.pop(_hashable(h), None) for h in hashes) if k]
+                    gone = (self._keys.pop(_hashable(h), None) for h in hashes)
+                    keys = [entry[0] for entry in gone if entry]
                     self.index.remove(self.worker, keys)
             elif kind == "AllBlocksCleared":
                 self.index.clear(self.worker)
@@ -252,16 +255,17 @@ class VllmEventMirror:
                 salt = first[0]
             prev = None
         else:
-            prev = self._keys.get(_hashable(parent))
-            if prev is None:  # its parent was stored before we listened
+            known = self._keys.get(_hashable(parent))
+            if known is None:  # its parent was stored before we listened
                 self.skipped_blocks += len(hashes)
                 return
+            prev, salt = known
         if any(e is not None for e in extra[1 if parent is None else 0 :]):
             self.skipped_blocks += len(hashes)
             return
         keys = self._hasher(model, salt).hashes(tokens, parent=prev)
         for h, key in zip(hashes, keys, strict=True):
-            self._keys[_hashable(h)] = key
+            self._keys[_hashable(h)] = (key, salt)
         self.index.store(self.worker, keys)
 
     def _hasher(self, model: str, salt: str) -> BlockHasher:

@@ -55,6 +55,9 @@ class TierCounters:
     """Times a probe found this shared tier answering again and closed its breaker."""
     breaker_open: int = 0
     """1 while this shared tier's breaker is open or probing, else 0 (a gauge)."""
+    corrupt: int = 0
+    """Blocks whose bytes failed their checksum (dropped, read as misses) or did not match the
+    writer's checksum at commit (not published)."""
     get_latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     put_latency: LatencyHistogram = field(default_factory=LatencyHistogram)
 

@@ -38,9 +38,10 @@ from functools import partial
 from typing import Any, TypeVar
 
 from kvferry.backends.base import Buffer, Key, PutStatus, SlotTier, Tier
-from kvferry.backends.registry import create_tier
+from kvferry.backends.registry import check_tiers, create_tier
 from kvferry.config.models import KvferryConfig, StoreConfig
 from kvferry.errors import LeaseExpired, StorageError
+from kvferry.observe.logs import RateLimitedLog
 from kvferry.observe.trace import open_tracer
 from kvferry.store.breaker import BreakerState, CircuitBreaker
 from kvferry.store.eviction import EvictionPolicy, load_policy
@@ -48,6 +49,7 @@ from kvferry.store.leases import Lease, LeaseTable, LoadHandle, StoreHandle
 from kvferry.store.stats import StoreStats, TierCounters
 
 log = logging.getLogger("kvferry.store")
+_lease_log = RateLimitedLog(log)  # callers that vanish can expire leases by the thousand
 
 
 def eviction_marks(capacity: int | None, cfg: StoreConfig) -> tuple[int | None, int]:
@@ -60,6 +62,9 @@ def eviction_marks(capacity: int | None, cfg: StoreConfig) -> tuple[int | None, 
 
 
 T = TypeVar("T")
+
+_FLUSH_BATCH = 256
+"""Blocks :meth:`TieredStore.flush` writes per step (the store's lock is let go between)."""
 
 STORED = PutStatus.STORED
 EXISTS = PutStatus.EXISTS
@@ -93,6 +98,7 @@ class TieredStore:
         self._clock = clock
         self._write_through_on = cfg.write_policy == "write_through"
         if tiers is None:
+            check_tiers(cfg.tiers, self.config)  # every tier's limits before any allocation
             built: list[Tier] = []
             try:
                 for name in cfg.tiers:
@@ -593,11 +599,18 @@ class TieredStore:
         the lock is released: a network call here would hold up every local get for as long
         as the remote tier takes, a whole timeout when it hangs. Counted as demotions when
         they land. A breaker that is open (and not due for a probe) refuses them up front.
+
+        A slot tier checks each block's checksum first (when it keeps them): a block that
+        fails is dropped there and forgotten here, never copied down with a fresh checksum.
         """
         if self.tiers[dst].shared and not self._breakers[dst].ready():
             self._counters[dst].breaker_skipped += 1
             return set()
         values = self._read_local(src, keys)
+        for k, v in zip(keys, values):
+            if v is None and self._where.get(k, 0) & (1 << src):
+                self._forget(src, k)
+                self._counters[src].corrupt += 1
         present = [(k, v) for k, v in zip(keys, values) if v is not None]
         if not present:
             return set()
@@ -652,7 +665,7 @@ class TieredStore:
     def _read_local(self, ti: int, keys: list[Key]) -> list[Buffer | None]:
         tier = self.tiers[ti]
         if isinstance(tier, SlotTier):
-            return list(tier.views(keys))
+            return list(tier.views(keys, verify=True))
         peeked = tier.peek(keys)
         if peeked is not None:
             return peeked
@@ -664,6 +677,54 @@ class TieredStore:
             log.warning("store: read from %s failed: %s", self.names[ti], e)
             return [None] * len(keys)
         return [None if n is None else o[:n] for o, n in zip(outs, got)]
+
+    def flush(self, timeout: float) -> int:
+        """Write every block that only volatile local tiers (cpu) hold into the first
+        persistent local tier below them (disk), for at most ``timeout`` seconds; the number of
+        blocks written. For a graceful shutdown: a persistent tier's index is rebuilt at the
+        next open, so these blocks survive a restart.
+
+        Blocks go in eviction order (least valuable first), as demotions would have sent them,
+        so that the most recent land last and are the last the lower tier would evict. A block
+        reserved and not yet committed is not a block yet and is not written.
+
+        Raises:
+            StorageError: the store is closed.
+        """
+        self._check_open()
+        deadline = time.monotonic() + timeout
+        persistent = [i for i in self._local if self.tiers[i].persistent]
+        on_disk = sum(1 << i for i in persistent)
+        written = 0
+        for src in self._local:
+            dst = next((j for j in persistent if j > src), None)
+            if self.tiers[src].persistent or dst is None:
+                continue
+            with self._lock:
+                policy = self._policies[src]
+                where = self._where
+                todo = [
+                    k for k in policy.victims(len(policy), None) if not where.get(k, 0) & on_disk
+                ]
+            for start in range(0, len(todo), _FLUSH_BATCH):
+                if time.monotonic() >= deadline:
+                    log.warning(
+                        "store: flush stopped after %.3gs with %d blocks of %s not written",
+                        timeout,
+                        len(todo) - start,
+                        self.names[src],
+                    )
+                    return written
+                with self._lock:
+                    bit = 1 << src
+                    batch = [
+                        k
+                        for k in todo[start : start + _FLUSH_BATCH]
+                        if where.get(k, 0) & bit and not where.get(k, 0) & on_disk
+                    ]
+                    landed = self._demote(src, dst, batch) if batch else set()  # counted there
+                written += len(landed)
+        return written
 
     # -- get --------------------------------------------------------------------------------
     def get(
@@ -876,6 +937,25 @@ class TieredStore:
             self._where.pop(key, None)
         self._policies[ti].remove(key)
 
+    def verify(self, hashes: Sequence[Key]) -> int:
+        """Check the given blocks in the local slot tiers against their checksums (a client
+        that received bytes which did not match asks for this); drops and forgets the ones that
+        fail. Returns how many were dropped. Tiers that keep no checksums are skipped."""
+        dropped = 0
+        with self._lock:
+            self._check_open()
+            for ti in self._local:
+                tier = self.tiers[ti]
+                if not isinstance(tier, SlotTier):
+                    continue
+                bit = 1 << ti
+                keys = [k for k in hashes if self._where.get(k, 0) & bit]
+                for k in tier.verify(keys) if keys else ():
+                    self._forget(ti, k)
+                    self._counters[ti].corrupt += 1
+                    dropped += 1
+        return dropped
+
     # -- delete -----------------------------------------------------------------------------
     def delete(self, hashes: Sequence[Key]) -> int:
         """Remove blocks from every tier; the number of blocks that were cached locally.
@@ -969,11 +1049,22 @@ class TieredStore:
         return StoreHandle(list(hashes), sizes, buffers, status, locations, lease, staged=staged)
 
     def complete_store(
-        self, handle: StoreHandle, ok: bool | Sequence[bool] = True
+        self,
+        handle: StoreHandle,
+        ok: bool | Sequence[bool] = True,
+        checksums: Sequence[int] | None = None,
     ) -> list[PutStatus]:
         """Publish the written blocks (``ok`` true) and free the others' slots.
 
-        Returns the final status per block (a block not published reads NO_SPACE).
+        Returns the final status per block (a block not published reads NO_SPACE, or REJECTED
+        when its bytes did not match ``checksums``).
+
+        Args:
+            handle: from ``prepare_store``.
+            ok: per block (or for all): the caller wrote it.
+            checksums: per block of ``handle.hashes``, the writer's ``block_checksum`` of the
+                bytes it wrote (a writer in another process, through the shared pool); a first
+                tier that keeps checksums publishes only blocks whose slot holds exactly those.
 
         Raises:
             LeaseExpired: the lease ran out (or the handle was completed already); nothing of
@@ -983,6 +1074,8 @@ class TieredStore:
         oks = [bool(ok)] * n if isinstance(ok, bool) else [bool(x) for x in ok]
         if len(oks) != n:
             raise ValueError(f"{n} blocks but {len(oks)} ok flags")
+        if checksums is not None and len(checksums) != n:
+            raise ValueError(f"{n} blocks but {len(checksums)} checksums")
         final = list(handle.status)
         pending = handle.pending()
         if handle.completed:
@@ -1018,14 +1111,18 @@ class TieredStore:
             else:
                 publish_shared = None
                 assert isinstance(first, SlotTier)  # staged is False only for slot tiers
-                first.commit(keys, good)
+                sums = None if checksums is None else [checksums[i] for i in pending]
+                published = first.commit(keys, good, sums)
                 policy = self._policies[0]
-                for i, k, g in zip(pending, keys, good):
-                    if g:
+                for i, k, g, landed in zip(pending, keys, good, published):
+                    if landed:
                         self._where[k] = self._where.get(k, 0) | 1
                         policy.insert(k)
                         c.blocks_in += 1
                         c.bytes_in += handle.sizes[i]
+                    elif g:
+                        final[i] = PutStatus.REJECTED
+                        c.corrupt += 1
                     else:
                         final[i] = PutStatus.NO_SPACE
             for i, g in zip(pending, good):
@@ -1219,7 +1316,8 @@ class TieredStore:
             return
         for lease in leases.due(self._clock()):
             self._stats.leases_expired += 1
-            log.warning(
+            _lease_log.warning(
+                "expired",
                 "store: %s lease %d expired after %ss; released %d blocks",
                 lease.kind,
                 lease.lease_id,

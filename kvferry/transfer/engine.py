@@ -94,6 +94,7 @@ class TransferEngine:
         # their channels, for wait and status to drive without the lock (replaced, not mutated)
         self._open_channels: tuple[Channel, ...] = ()
         self._server: TargetServer | None = None
+        self._service: dict[str, Any] = {}
         self._metadata: MetadataService | None = None
         self.segment_name: str | None = None
         self._closed = False
@@ -159,8 +160,17 @@ class TransferEngine:
         return list(self._regions.values())
 
     # -- serving --------------------------------------------------------------------------
-    def listen(self, segment_name: str | None = None, *, call: CallHandler | None = None) -> str:
+    def listen(
+        self,
+        segment_name: str | None = None,
+        *,
+        call: CallHandler | None = None,
+        service: dict[str, Any] | None = None,
+    ) -> str:
         """Serve this engine's regions to peers; return the segment name they open.
+
+        ``call`` handles CALL frames and ``service`` (JSON-ready) is announced in the handshake:
+        a service mounted on the listener (the store server) and how it describes itself.
 
         Binds ``listen.bind_address:listen.port`` (127.0.0.1 by default). With p2p metadata the
         name is "host:port"; with redis metadata ``segment_name`` (default "host:port") is
@@ -173,6 +183,7 @@ class TransferEngine:
             if self._server is not None:
                 assert self.segment_name is not None
                 return self.segment_name
+            self._service = dict(service or {})
             server = TargetServer(
                 self._regions,
                 self._describe,
@@ -209,9 +220,11 @@ class TransferEngine:
                     "size": r.size,
                     "location": r.location,
                     "shm": r.shm.to_json() if r.shm else None,
+                    "writable": r.peer_writable,
                 }
                 for r in list(self._regions.values())
             ],
+            "service": self._service,
         }
 
     # -- segments -------------------------------------------------------------------------
@@ -423,6 +436,11 @@ class TransferEngine:
                 f"{r.local!r}"
             )
         region = r.target.peer.region(r.target_region)
+        if not region.writable and r.op is OpCode.WRITE:
+            raise SegmentError(
+                f"region {region.region_id} of {r.target.name} is read-only to peers "
+                "(a store server's pool: write blocks with its put calls)"
+            )
         if r.target_offset < 0 or r.target_offset + r.length > region.size:
             raise SegmentError(
                 f"target range [{r.target_offset}, {r.target_offset + r.length}) is outside "
@@ -492,6 +510,15 @@ class TransferEngine:
         """Counters per transport (and "server" for bytes served): bytes, requests, errors,
         retries, latency histogram."""
         return self._metrics.snapshot()
+
+    def stop_listening(self) -> None:
+        """Stop serving peers (no new connection; those open are closed once their request in
+        progress ends) but keep every region: what a server does before its last work on them
+        (a store server's flush to disk). Idempotent; ``close`` does it too."""
+        with self._lock:
+            server, self._server = self._server, None
+        if server is not None:
+            server.close()
 
     def close(self) -> None:
         """Close channels, stop serving, unpublish and free regions; idempotent."""

@@ -99,6 +99,9 @@ def parse_peer(doc: dict[str, Any], address: tuple[str, int], name: str | None) 
         not isinstance(max_frame, int) or isinstance(max_frame, bool) or max_frame < 4096
     ):
         raise ProtocolError(f"handshake reply has a malformed max_frame {max_frame!r}")
+    service = doc.get("service", {})
+    if not isinstance(service, dict):
+        raise ProtocolError(f"handshake reply has a malformed service {service!r}")
     return PeerInfo(
         name=name or f"{address[0]}:{address[1]}",
         address=address,
@@ -108,4 +111,5 @@ def parse_peer(doc: dict[str, Any], address: tuple[str, int], name: str | None) 
         regions=tuple(RegionInfo.from_json(r) for r in regions),
         ops=frozenset(ops),
         max_frame=max_frame,
+        service=service,
     )

@@ -17,6 +17,7 @@ This module owns buffer plumbing (addresses, views, mapping a peer's memfd) and 
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import os
 from dataclasses import dataclass
@@ -55,6 +56,8 @@ class MemoryRegion:
         view: writable ``memoryview`` of format "B" over the bytes.
         address: the address of byte 0 (for memmove).
         shm: how another local process can map it, or None for registered buffers.
+        peer_writable: peers may WRITE into it over the wire (False: the target refuses WRITE
+            and WRITEV frames for it, e.g. a store server's pool, whose blocks are immutable).
     """
 
     __slots__ = (
@@ -63,6 +66,7 @@ class MemoryRegion:
         "_mmap",
         "address",
         "location",
+        "peer_writable",
         "region_id",
         "shm",
         "size",
@@ -86,6 +90,7 @@ class MemoryRegion:
         self.address = int(array.ctypes.data)
         self.location = location
         self.shm = shm
+        self.peer_writable = True
         self._keep = keep
         self._mmap = mapping
 
@@ -115,11 +120,23 @@ class MemoryRegion:
         return f"MemoryRegion(id={self.region_id}, size={self.size}, {kind}, {self.location})"
 
 
+POPULATE_CHUNK = 64 << 20
+"""Bytes touched per step when an allocation populates its pages: between steps Python runs
+pending signal handlers, so a SIGINT/SIGTERM ends a large allocation within one step."""
+
+# MADV_POPULATE_WRITE (Linux 5.14): fault a range in writable, as MAP_POPULATE does at mmap
+# time, but per call. Python 3.11's mmap module does not name it; the value is Linux's.
+_MADV_POPULATE_WRITE: int = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+
+
 def allocate_region(region_id: int, size: int, *, use_hugepages: bool = False) -> MemoryRegion:
     """Allocate ``size`` bytes of shareable memory with every page touched.
 
     A fresh page costs a fault on first touch (about 3x the copy cost on this class of machine), so
-    the pages are populated here, not on the first transfer.
+    the pages are populated here, not on the first transfer. They are populated in steps of
+    :data:`POPULATE_CHUNK` bytes (not one ``MAP_POPULATE`` that no signal can stop), so a signal
+    handler that raises (Ctrl-C, a server's SIGTERM while starting) ends a large allocation
+    promptly; the partial mapping is released and the exception propagates.
 
     Raises:
         SegmentError: size is not positive or the memory cannot be allocated.
@@ -128,21 +145,56 @@ def allocate_region(region_id: int, size: int, *, use_hugepages: bool = False) -
         raise SegmentError(f"allocation size must be positive, got {size}")
     try:
         fd = os.memfd_create("kvferry-segment", os.MFD_CLOEXEC)
-        os.ftruncate(fd, size)
-        mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
     except OSError as e:
         raise SegmentError(f"cannot allocate {size} bytes of shared memory: {e}") from e
-    if use_hugepages and hasattr(mmap, "MADV_HUGEPAGE"):
-        try:
-            mapping.madvise(mmap.MADV_HUGEPAGE)
-        except OSError:
-            pass  # advice only: THP for shmem may be disabled on this kernel
+    mapping: mmap.mmap | None = None
+    try:
+        os.ftruncate(fd, size)
+        mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+        if use_hugepages and hasattr(mmap, "MADV_HUGEPAGE"):
+            try:
+                mapping.madvise(mmap.MADV_HUGEPAGE)  # before the pages exist, so it applies
+            except OSError:
+                pass  # advice only: THP for shmem may be disabled on this kernel
+        _populate(mapping, size)
+        st = os.fstat(fd)
+    except OSError as e:
+        _release(mapping, fd)
+        raise SegmentError(f"cannot allocate {size} bytes of shared memory: {e}") from e
+    except BaseException:  # a signal handler's exception mid-populate: give the memory back
+        _release(mapping, fd)
+        raise
+    # The first view is made only now: a mapping with no view can be closed (its memory given
+    # back at once) on any failure above.
     array = np.frombuffer(mapping, dtype=np.uint8)
-    if not hasattr(mmap, "MAP_POPULATE"):
-        array[::PAGE_SIZE] = 0
-    st = os.fstat(fd)
     shm = ShmInfo(pid=os.getpid(), fd=fd, inode=st.st_ino, device=st.st_dev)
     return MemoryRegion(region_id, array, shm=shm, keep=mapping, mapping=mapping)
+
+
+def _populate(mapping: mmap.mmap, size: int) -> None:
+    """Fault in every page of ``mapping``, one :data:`POPULATE_CHUNK` at a time."""
+    advise = True
+    for start in range(0, size, POPULATE_CHUNK):
+        length = min(POPULATE_CHUNK, size - start)
+        while advise:
+            try:
+                mapping.madvise(_MADV_POPULATE_WRITE, start, length)
+                break
+            except InterruptedError:
+                continue  # a signal arrived: its handler has run (and may have raised)
+            except OSError as e:
+                if e.errno not in (errno.EINVAL, errno.ENOSYS):
+                    raise  # ENOMEM and the like: the memory is not there
+                advise = False  # a kernel before 5.14: touch the pages instead
+        if not advise:
+            pages = range(start, start + length, PAGE_SIZE)
+            mapping[start : start + length : PAGE_SIZE] = bytes(len(pages))
+
+
+def _release(mapping: mmap.mmap | None, fd: int) -> None:
+    if mapping is not None:
+        mapping.close()
+    os.close(fd)
 
 
 def register_buffer(region_id: int, buffer: object) -> MemoryRegion | DeviceRegion:
@@ -213,7 +265,7 @@ class DeviceRegion:
         tensor: the region as a flat uint8 tensor on its device (no copy).
     """
 
-    __slots__ = ("_pinned", "_torch", "location", "region_id", "size", "tensor")
+    __slots__ = ("_pinned", "_torch", "location", "peer_writable", "region_id", "size", "tensor")
 
     shm: ShmInfo | None = None  # device memory is never mapped by a peer
 
@@ -229,6 +281,7 @@ class DeviceRegion:
         self.tensor = tensor.detach().reshape(-1).view(torch.uint8)
         self.size = int(self.tensor.numel())
         self.location = str(tensor.device)
+        self.peer_writable = True
         self._pinned = bool(tensor.is_cuda)
 
     @property

@@ -14,12 +14,14 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True, slots=True)
 class RegionInfo:
-    """A region a target grants: id, size, location and (for allocated ones) its shm mapping."""
+    """A region a target grants: id, size, location, (for allocated ones) its shm mapping, and
+    whether peers may write into it (a store server's pool is read-only to the wire)."""
 
     region_id: int
     size: int
     location: str = "cpu"
     shm: ShmInfo | None = None
+    writable: bool = True
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -27,6 +29,7 @@ class RegionInfo:
             "size": self.size,
             "location": self.location,
             "shm": self.shm.to_json() if self.shm else None,
+            "writable": self.writable,
         }
 
     @classmethod
@@ -41,8 +44,11 @@ class RegionInfo:
         try:
             rid, size, location = doc["id"], doc["size"], doc.get("location", "cpu")
             shm_doc = doc.get("shm")
+            writable = doc.get("writable", True)
             if not (isinstance(rid, int) and isinstance(size, int) and isinstance(location, str)):
                 raise TypeError("id/size must be ints and location a string")
+            if not isinstance(writable, bool):
+                raise TypeError("writable must be a boolean")
             if rid < 0 or size <= 0:
                 raise ValueError(f"id {rid} or size {size} out of range")
             shm = None
@@ -53,7 +59,7 @@ class RegionInfo:
                 shm = ShmInfo(*fields)
         except (KeyError, TypeError, ValueError) as e:
             raise ProtocolError(f"bad region description {doc!r}: {e}") from e
-        return cls(rid, size, location, shm)
+        return cls(rid, size, location, shm, writable)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +74,9 @@ class PeerInfo:
     regions: tuple[RegionInfo, ...]
     ops: frozenset[str] = frozenset()  # optional wire ops the target serves ("readv")
     max_frame: int | None = None  # largest frame payload the target takes (None: not said)
+    service: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    """What a service mounted on the target's listener says of itself (the store server:
+    ``{"store_protocol": N}``); empty for a plain transfer target."""
 
     def region(self, region_id: int | None) -> RegionInfo:
         """The region with this id (None: the first one).

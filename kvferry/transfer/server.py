@@ -9,21 +9,35 @@ being served. The handshake must come first and must carry the shared token when
 Replies to pipelined requests are gathered and flushed with one ``sendmsg`` when the next request
 is not already waiting, and the connection busy-polls for ``grace_period_ns`` before it blocks:
 on small VMs a blocking wake-up costs more than a whole small transfer.
+
+No peer can hold the listener: a handshake has a total deadline (``listen.handshake_timeout``),
+connections still in their handshake are capped (``listen.max_pending``, and per source address
+``listen.max_pending_per_host``) and the oldest of them makes room for a newcomer, so a client
+that completes its handshake promptly gets in while others trickle bytes; only authenticated
+connections count against ``listen.max_connections``. After the handshake the kernel times out
+blocking reads and writes (SO_RCVTIMEO/SO_SNDTIMEO, no cost on the data path): a frame that makes
+no progress for ``listen.stall_timeout`` closes its connection, and so does an idle wait between
+frames past ``listen.idle_timeout``. A large CALL payload is received into lazily committed
+memory, so a header that announces 64 MiB and stalls costs what it sent, not 64 MiB.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
+import mmap
 import socket
+import struct
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, NoReturn
 
 from kvferry.config.models import ListenConfig, TransferConfig
 from kvferry.errors import AuthError, KvferryError, PeerClosed, ProtocolError
 from kvferry.observe.counters import TransportCounters
+from kvferry.observe.logs import RateLimitedLog
 from kvferry.transfer import wire
 from kvferry.transfer.memory import DeviceRegion, MemoryRegion
 
@@ -45,6 +59,8 @@ class CallReply:
 
 
 log = logging.getLogger("kvferry.transfer.server")
+# A peer can provoke these at will: at most a few lines a kind per 10 s (the counters have all).
+_peer_log = RateLimitedLog(log)
 
 _FLUSH_BYTES = 4 << 20
 _RBUF_BYTES = 16 << 10
@@ -81,10 +97,17 @@ class TargetServer:
         self._token = token.get_secret_value().encode() if token is not None else None
         self._max_frame = transfer.max_frame_size
         self._grace = transfer.grace_period_ns / 1e9
-        self._hello_timeout = transfer.connect_timeout
+        self._handshake_timeout = listen.handshake_timeout
+        self._stall = listen.stall_timeout
+        self._idle = listen.idle_timeout
+        # The kernel's blocking-read timeout: the shorter of the two, so both are seen.
+        self._tick = min(self._stall, self._idle) if self._idle > 0 else self._stall
+        self._limits = _Limits(self._tick, self._stall, self._idle)
         self.counters = counters
         self._sock: socket.socket | None = None
         self._conns: set[socket.socket] = set()
+        # Connections in their handshake, oldest first: socket -> source host.
+        self._pending: OrderedDict[socket.socket, str] = OrderedDict()
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._closed = False
@@ -107,7 +130,9 @@ class TargetServer:
                 f"cannot listen on {self._listen.bind_address}:{self._listen.port}: {e} "
                 "(pick another listen.port, or 0 for a free one)"
             ) from e
-        sock.listen(min(4096, self._listen.max_connections))
+        # The accept queue is not where connections are limited (that is done after accept,
+        # where the oldest pending handshake can make room): keep it deep enough for bursts.
+        sock.listen(min(4096, max(128, self._listen.max_connections + self._listen.max_pending)))
         self._sock = sock
         self.address = sock.getsockname()[:2]
         thread = threading.Thread(target=self._accept_loop, name="kvferry-accept", daemon=True)
@@ -148,12 +173,9 @@ class TargetServer:
                 if self._closed:
                     conn.close()
                     return
-                if len(self._conns) >= self._listen.max_connections:
-                    self.counters.add(protocol_errors=1)
-                    _send_error(conn, "too many connections")
-                    conn.close()
-                    continue
-                self._conns.add(conn)
+                host = str(peer[0])
+                self._make_pending_room(host)
+                self._pending[conn] = host
                 self._threads = [t for t in self._threads if t.is_alive()]
                 thread = threading.Thread(
                     target=self._serve, args=(conn, peer), name="kvferry-conn", daemon=True
@@ -161,21 +183,51 @@ class TargetServer:
                 self._threads.append(thread)
             thread.start()
 
+    def _make_pending_room(self, host: str) -> None:
+        """Drop the oldest connection still in its handshake (from ``host`` if that address is
+        at its own cap) when the pending table is full; caller holds the lock. The dropped
+        connection's thread sees its socket shut down and ends."""
+        victim: socket.socket | None = None
+        if sum(1 for h in self._pending.values() if h == host) >= self._listen.max_pending_per_host:
+            victim = next(s for s, h in self._pending.items() if h == host)
+        elif len(self._pending) >= self._listen.max_pending:
+            victim = next(iter(self._pending))
+        if victim is None:
+            return
+        del self._pending[victim]
+        self.counters.add(evicted=1)
+        try:
+            victim.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
     # -- one connection -------------------------------------------------------------------
     def _serve(self, sock: socket.socket, peer: tuple[Any, ...]) -> None:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._handshake(sock)
+            self._handshake(sock, time.monotonic() + self._handshake_timeout)
+            with self._lock:
+                if self._pending.pop(sock, None) is None:
+                    return  # dropped for a newer connection while it finished
+                if len(self._conns) >= self._listen.max_connections:
+                    self.counters.add(protocol_errors=1)
+                    _send_error(sock, "too many connections")
+                    return
+                self._conns.add(sock)
+            self._set_timeouts(sock)
             self._data_loop(sock)
+        except _Timeout as e:
+            self.counters.add(timeouts=1)
+            log.debug("closing connection from %s: %s", _addr(peer), e)
         except _Refused as e:
             # already counted, before the ERR reply went out (a peer may read the counters as
             # soon as it has the reply)
-            log.warning("refused a request from %s: %s", _addr(peer), e)
+            _peer_log.warning("refused", "refused a request from %s: %s", _addr(peer), e)
             _linger(sock)
         except (ProtocolError, ValueError) as e:
             # An isolation boundary: a bad peer gets a reason and loses only its own connection.
             self.counters.add(protocol_errors=1)
-            log.warning("closing connection from %s: %s", _addr(peer), e)
+            _peer_log.warning("closed", "closing connection from %s: %s", _addr(peer), e)
             _send_error(sock, str(e))
             _linger(sock)
         except (PeerClosed, OSError, TimeoutError):
@@ -186,16 +238,16 @@ class TargetServer:
         finally:
             with self._lock:
                 self._conns.discard(sock)
+                self._pending.pop(sock, None)
             sock.close()
 
-    def _handshake(self, sock: socket.socket) -> None:
-        sock.settimeout(self._hello_timeout)
+    def _handshake(self, sock: socket.socket, deadline: float) -> None:
         header = wire.decode(
-            _recv_exact(sock, wire.HEADER_SIZE), reply=False, max_length=wire.MAX_HELLO_BYTES
+            _recv_by(sock, wire.HEADER_SIZE, deadline), reply=False, max_length=wire.MAX_HELLO_BYTES
         )
         if header.op is not wire.Op.HELLO:
             raise ProtocolError("the first frame must be HELLO")
-        doc = wire.decode_json(_recv_exact(sock, header.length))
+        doc = wire.decode_json(_recv_by(sock, header.length, deadline))
         if doc.get("version") != wire.WIRE_VERSION:
             raise ProtocolError(f"wire version {doc.get('version')!r} is not {wire.WIRE_VERSION}")
         if self._token is not None:
@@ -205,8 +257,16 @@ class TargetServer:
             ):
                 raise AuthError("bad or missing auth token")
         body = wire.encode_json(self._describe())
+        sock.settimeout(max(0.001, deadline - time.monotonic()))
         sock.sendall(wire.encode(wire.Op.OK, length=len(body)) + body)
         sock.settimeout(None)
+
+    def _set_timeouts(self, sock: socket.socket) -> None:
+        """Kernel timeouts on blocking reads and writes (the socket is in blocking mode, so
+        Python adds no poll of its own): they surface as BlockingIOError in ``_fill`` and
+        ``_sendmsg_all``, which tell a stall from an idle wait."""
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(self._tick))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(self._stall))
 
     def _data_loop(self, sock: socket.socket) -> None:
         regions = self._regions
@@ -229,6 +289,7 @@ class TargetServer:
         read_op, ok_op, call_op = wire.Op.READ, wire.Op.OK, wire.Op.CALL
         vector_ops, writev_op = (wire.Op.READV, wire.Op.WRITEV), wire.Op.WRITEV
         call = self._call
+        limits = self._limits
         try:
             while True:
                 if rend - rpos < hdr_size:
@@ -258,7 +319,7 @@ class TargetServer:
                             _sendmsg_all(sock, out)
                             out.clear()
                             out_bytes = 0
-                        rend = _fill(sock, rview, rend, hdr_size, grace)
+                        rend = _fill(sock, rview, rend, hdr_size, grace, limits, rend == 0)
                 # Hot path: unpack once and check inline (no per-frame objects beyond the views).
                 magic, version, op, region_id, req_id, offset, length = unpack_from(rbuf, rpos)
                 hdr = rview[rpos : rpos + hdr_size]
@@ -288,7 +349,12 @@ class TargetServer:
                     wire.decode(hdr, reply=False, max_length=max_frame)  # raises the precise error
                     raise ProtocolError(f"op {op:#x} is not allowed after the handshake")
                 region = regions.get(region_id)
-                if region is None or length <= 0 or offset + length > region.size:
+                if (
+                    region is None
+                    or length <= 0
+                    or offset + length > region.size
+                    or (op != read_op and not region.peer_writable)
+                ):
                     # Answer this very request (the initiator fails it without retry), then
                     # close: a WRITE payload may follow and must not be read as a header.
                     reason = _refusal(region_id, region, offset, length)
@@ -329,7 +395,7 @@ class TargetServer:
                         view[:have] = rview[rpos : rpos + have]
                         rpos += have
                     if have < length:
-                        _fill(sock, view, have, length, grace)
+                        _fill(sock, view, have, length, grace, limits)
                     if device is not None:
                         self._device_copy(sock, device, False, offset, length, req_id, out, staged)
                     out.append(pack(wire.MAGIC, wire.WIRE_VERSION, ok_op, region_id, req_id, 0, 0))
@@ -392,6 +458,7 @@ class TargetServer:
     def _vector_ranges(
         self,
         sock: socket.socket,
+        write: bool,
         req_id: int,
         count: int,
         rview: memoryview,
@@ -408,13 +475,15 @@ class TargetServer:
             reason = f"a vector of {count} ranges: want 1..{wire.MAX_VECTOR}"
             self._refuse(sock, out, reason, req_id)
         desc = bytearray(count * entry)
-        rpos = _take(sock, memoryview(desc), rview, rpos, rend, self._grace)
+        rpos = _take(sock, memoryview(desc), rview, rpos, rend, self._grace, self._limits)
         regions = self._regions
         ranges: list[tuple[MemoryRegion | DeviceRegion, int, int]] = []
         total = 0
         for region_id, offset, n in wire.VECTOR_ENTRY.iter_unpack(desc):
             region = regions.get(region_id)
             if region is None or n <= 0 or offset + n > region.size:
+                self._refuse(sock, out, _refusal(region_id, region, offset, n), req_id)
+            if write and not region.peer_writable:
                 self._refuse(sock, out, _refusal(region_id, region, offset, n), req_id)
             total += n
             if total > self._max_frame:
@@ -444,7 +513,9 @@ class TargetServer:
         if not write and length != descriptors:
             reason = f"READV of {count} ranges in {length} descriptor bytes"
             self._refuse(sock, out, reason, req_id)
-        rpos, rend, ranges, total = self._vector_ranges(sock, req_id, count, rview, rpos, rend, out)
+        rpos, rend, ranges, total = self._vector_ranges(
+            sock, write, req_id, count, rview, rpos, rend, out
+        )
         if write and length != descriptors + total:
             reason = f"WRITEV frame of {length} bytes carries {count} ranges of {total} bytes"
             self._refuse(sock, out, reason, req_id)
@@ -468,7 +539,7 @@ class TargetServer:
                 view = staged.view
             else:
                 view = region.view[offset : offset + n]
-            rpos = _take(sock, view, rview, rpos, rend, self._grace)
+            rpos = _take(sock, view, rview, rpos, rend, self._grace, self._limits)
             if device is not None:
                 self._device_copy(sock, device, False, offset, n, req_id, out, staged)
         out.append(ok)
@@ -508,8 +579,8 @@ class TargetServer:
             self.counters.add(protocol_errors=1)
             _send_error(sock, reason, req_id)
             raise _Refused(reason)
-        pview = memoryview(bytearray(length))
-        rpos = _take(sock, pview, rview, rpos, rend, self._grace)
+        pview = _payload_buffer(length)
+        rpos = _take(sock, pview, rview, rpos, rend, self._grace, self._limits)
         try:
             reply = call(method, pview)
         except (KvferryError, ValueError) as e:
@@ -543,10 +614,60 @@ def _addr(peer: tuple[Any, ...]) -> str:
     return f"{peer[0]}:{peer[1]}" if len(peer) >= 2 else str(peer)
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytearray:
+def _recv_by(sock: socket.socket, n: int, deadline: float) -> bytearray:
+    """Exactly ``n`` bytes, all of them before ``deadline`` (monotonic seconds), however the
+    peer paces them.
+
+    Raises:
+        _Timeout: the deadline passed first.
+        PeerClosed: the peer closed first.
+    """
     buf = bytearray(n)
-    _fill(sock, memoryview(buf), 0, n, 0.0)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise _Timeout("handshake not completed within listen.handshake_timeout")
+        sock.settimeout(left)
+        try:
+            k = sock.recv_into(view[got:], n - got)
+        except TimeoutError:
+            raise _Timeout("handshake not completed within listen.handshake_timeout") from None
+        if k == 0:
+            raise PeerClosed("peer closed the connection")
+        got += k
     return buf
+
+
+class _Limits:
+    """A connection's timeouts after the handshake: the kernel's read timeout (``tick``) and
+    the two waits it measures, a stall mid-frame and an idle wait between frames (0: none)."""
+
+    __slots__ = ("idle", "stall", "tick")
+
+    def __init__(self, tick: float, stall: float, idle: float) -> None:
+        self.tick = tick
+        self.stall = stall
+        self.idle = idle
+
+
+def _timeval(seconds: float) -> bytes:
+    whole = int(seconds)
+    micros = max(round((seconds - whole) * 1e6), 0 if whole else 1)
+    return struct.pack("ll", whole, micros)
+
+
+_LAZY_BYTES = 1 << 20
+
+
+def _payload_buffer(length: int) -> memoryview:
+    """A writable buffer for a CALL payload. Past 1 MiB it is an anonymous mapping, whose pages
+    are committed as bytes arrive: a peer that announces a large payload and stalls holds what
+    it sent, not what it announced (a bytearray would zero, and so commit, all of it)."""
+    if length <= _LAZY_BYTES:
+        return memoryview(bytearray(length))
+    return memoryview(mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS))
 
 
 def _merge_adjacent(
@@ -567,16 +688,25 @@ def _merge_adjacent(
 def _refusal(
     region_id: int, region: MemoryRegion | DeviceRegion | None, offset: int, length: int
 ) -> str:
-    """Why a range is refused: its region is not granted, or it lies outside it."""
+    """Why a range is refused: its region is not granted, the range lies outside it, or (a
+    range inside it) the region is read-only to peers and the request writes."""
     if region is None:
         return f"region {region_id} is not granted to this peer"
+    if length > 0 and offset + length <= region.size:
+        return f"region {region_id} is read-only to peers; writing into it is refused"
     return (
         f"range [{offset}, {offset + length}) is outside region {region_id} of {region.size} bytes"
     )
 
 
 def _take(
-    sock: socket.socket, view: memoryview, rview: memoryview, rpos: int, rend: int, grace: float
+    sock: socket.socket,
+    view: memoryview,
+    rview: memoryview,
+    rpos: int,
+    rend: int,
+    grace: float,
+    limits: _Limits | None = None,
 ) -> int:
     """Fill ``view`` with the next bytes of the stream: what the receive buffer already holds
     (``rview[rpos:rend]``), then the socket. Returns the new ``rpos``."""
@@ -586,7 +716,7 @@ def _take(
         view[:have] = rview[rpos : rpos + have]
         rpos += have
     if have < n:
-        _fill(sock, view, have, n, grace)
+        _fill(sock, view, have, n, grace, limits)
     return rpos
 
 
@@ -601,8 +731,25 @@ def _try_fill(sock: socket.socket, view: memoryview, end: int) -> int:
     return end + k
 
 
-def _fill(sock: socket.socket, view: memoryview, end: int, need: int, grace: float) -> int:
-    """Read into ``view[end:]`` until at least ``need`` bytes are there: spin, then block."""
+def _fill(
+    sock: socket.socket,
+    view: memoryview,
+    end: int,
+    need: int,
+    grace: float,
+    limits: _Limits | None = None,
+    idle: bool = False,
+) -> int:
+    """Read into ``view[end:]`` until at least ``need`` bytes are there: spin, then block.
+
+    ``limits``: the connection's timeouts (its blocking reads time out every ``limits.tick``
+    seconds); ``idle``: this is the wait for the next frame, which may last ``limits.idle``
+    until its first byte, where a wait inside a frame may last ``limits.stall``.
+
+    Raises:
+        _Timeout: the wait ran past its limit.
+        PeerClosed: the peer closed the connection.
+    """
     if grace > 0:
         spin_until = time.monotonic() + grace
         while end < need:
@@ -610,11 +757,27 @@ def _fill(sock: socket.socket, view: memoryview, end: int, need: int, grace: flo
             end = _try_fill(sock, view, end)
             if end == before and time.monotonic() >= spin_until:
                 break
+    waiting_since: float | None = None
+    start = end
     while end < need:
-        k = sock.recv_into(view[end:], len(view) - end)
+        try:
+            k = sock.recv_into(view[end:], len(view) - end)
+        except BlockingIOError:  # SO_RCVTIMEO: no byte for limits.tick seconds
+            if limits is None:
+                raise _Timeout("no progress within the socket's timeout") from None
+            now = time.monotonic()
+            if waiting_since is None:
+                waiting_since = now - limits.tick
+            if idle and end == start:
+                if limits.idle and now - waiting_since >= limits.idle - 1e-3:
+                    raise _Timeout("idle past listen.idle_timeout") from None
+            elif now - waiting_since >= limits.stall - 1e-3:
+                raise _Timeout("a frame made no progress for listen.stall_timeout") from None
+            continue
         if k == 0:
             raise PeerClosed("peer closed the connection")
         end += k
+        waiting_since = None
     return end
 
 
@@ -622,8 +785,13 @@ _IOV_MAX = 512  # Linux refuses more than 1024 buffers per sendmsg; stay well un
 
 
 def _sendmsg_all(sock: socket.socket, parts: list[bytes | memoryview]) -> None:
+    """Send every part (consumes the list). A peer that reads nothing for the socket's send
+    timeout (``listen.stall_timeout``, SO_SNDTIMEO) gets the connection closed."""
     while parts:
-        n = sock.sendmsg(parts[:_IOV_MAX] if len(parts) > _IOV_MAX else parts)
+        try:
+            n = sock.sendmsg(parts[:_IOV_MAX] if len(parts) > _IOV_MAX else parts)
+        except BlockingIOError:
+            raise _Timeout("the peer read no reply bytes for listen.stall_timeout") from None
         i = 0
         while i < len(parts) and n >= len(parts[i]):
             n -= len(parts[i])
@@ -635,6 +803,10 @@ def _sendmsg_all(sock: socket.socket, parts: list[bytes | memoryview]) -> None:
 
 class _Refused(ProtocolError):
     """A request was refused and already answered with an ERR reply."""
+
+
+class _Timeout(TimeoutError):
+    """A connection ran out of time: handshake deadline, idle or stall timeout."""
 
 
 _LINGER_S = 1.0

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from kvferry.backends.base import PutStatus, TierContext
-from kvferry.backends.cpu import CpuTier
+from kvferry.backends.cpu import CpuTier, available_memory
 from kvferry.config.models import CpuTierConfig
-from kvferry.errors import StorageError
+from kvferry.errors import ConfigError, StorageError
 from kvferry.testing.tier_kit import check_tier, key, value
 
 SLOT = 4096
@@ -109,3 +109,33 @@ def test_pinned_without_a_gpu_warns_and_stays_pageable(caplog: pytest.LogCapture
         assert "stays pageable" in caplog.text
     finally:
         tier.close()
+
+
+def test_a_pool_above_the_available_memory_is_refused_before_it_is_allocated() -> None:
+    with pytest.raises(ConfigError) as refused:
+        CpuTier(CpuTierConfig(capacity=1 << 50), TierContext(slot_size=SLOT))
+    message = str(refused.value)
+    # What was asked, what there is, and the way out.
+    assert "1024TiB" in message and "MemAvailable" in message
+    assert "cpu.force_capacity" in message and "--force-capacity" in message
+
+
+def test_the_memory_limit_is_a_fraction_and_force_capacity_overrides_it() -> None:
+    strict = CpuTierConfig(capacity=1 << 20, max_memory_fraction=1e-9)
+    with pytest.raises(ConfigError, match=r"more than 1e-07% of the memory available"):
+        CpuTier.check(strict, TierContext(slot_size=SLOT))
+    forced = strict.model_copy(update={"force_capacity": True})
+    CpuTier.check(forced, TierContext(slot_size=SLOT))
+    tier = CpuTier(forced, TierContext(slot_size=SLOT))
+    try:
+        assert tier.capacity_blocks == (1 << 20) // SLOT
+    finally:
+        tier.close()
+
+
+def test_available_memory_reads_memavailable() -> None:
+    with open("/proc/meminfo") as f:
+        line = next(x for x in f if x.startswith("MemAvailable:"))
+    now = int(line.split()[1]) * 1024
+    got = available_memory()
+    assert got is not None and abs(got - now) < now // 2

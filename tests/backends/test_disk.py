@@ -30,6 +30,7 @@ from kvferry.backends.disk import (
     HEADER_BLOCK,
     DiskTier,
     SlotHeader,
+    bytes_to_preallocate,
     checksum,
     encode_header,
 )
@@ -585,3 +586,38 @@ def test_files_are_preallocated_and_capacity_spread(direct_dir: Path) -> None:
         assert stats.extra["io_threads"] == 4.0
     finally:
         tier.close()
+
+
+def test_a_capacity_above_the_free_space_is_refused_before_anything_is_written(
+    tmp_path: Path,
+) -> None:
+    st = os.statvfs(tmp_path)
+    free = st.f_bavail * st.f_frsize
+    where = tmp_path / "not-yet" / "slots"
+    config = DiskTierConfig(path=str(where), capacity=free + (64 << 30))
+    with pytest.raises(ConfigError) as refused:
+        DiskTier(config, TierContext(slot_size=SLOT))
+    message = str(refused.value)
+    assert "disk.capacity" in message and "free" in message and str(where) in message
+    assert "disk.force_capacity" in message and "--force-capacity" in message
+    assert not (tmp_path / "not-yet").exists()  # no directory made, no file preallocated
+
+
+def test_space_already_held_by_the_slot_files_counts_as_available(tmp_path: Path) -> None:
+    tier = open_tier(tmp_path, slots=64)
+    tier.close()
+    # Reopening asks for no new space: the check passes however full the disk is now.
+    slot_bytes = HEADER_BLOCK + SLOT
+    config = DiskTierConfig(path=str(tmp_path), capacity=64 * slot_bytes)
+    DiskTier.check(config, TierContext(slot_size=SLOT))
+    assert bytes_to_preallocate(config, TierContext(slot_size=SLOT)) == 0
+    bigger = config.model_copy(update={"capacity": 128 * slot_bytes, "path": str(tmp_path / "b")})
+    assert bytes_to_preallocate(bigger, TierContext(slot_size=SLOT)) == 128 * slot_bytes
+
+
+def test_a_disk_path_under_a_file_is_a_config_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    config = DiskTierConfig(path=str(blocker / "slots"), capacity=1 << 20, force_capacity=True)
+    with pytest.raises(ConfigError, match=r"disk\.path .* is not a directory"):
+        DiskTier.check(config, TierContext(slot_size=SLOT))

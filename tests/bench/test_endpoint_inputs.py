@@ -86,6 +86,7 @@ def test_prompt_file(tmp_path: Path) -> None:
     [
         ("", "has no prompt"),
         ('{"text": "a"}\nnope\n', "line 2: not JSON"),
+        ("[" * 100_000 + "\n", "line 1: JSON nested too deeply"),
         ("[1]\n", "line 1: expected a JSON object"),
         ('{"text": "a", "image": "x.png"}\n', "unsupported field\\(s\\) image"),
         ('{"text": ""}\n', 'needs a non-empty string "text"'),

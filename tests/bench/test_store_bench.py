@@ -25,6 +25,7 @@ from kvferry.bench.store import (
     auto_slot_size,
     run_store_bench,
 )
+from kvferry.bench.store_backends import start_store_server
 from kvferry.cli.main import main
 from kvferry.config.models import (
     CpuTierConfig,
@@ -170,6 +171,23 @@ def test_server_backend_starts_its_own_store_server() -> None:
     addresses = report.backend["addresses"]
     assert isinstance(addresses, list) and addresses[0].startswith("127.0.0.1:")
     assert any("kvferry serve store" in n for n in report.notes)
+
+
+@pytest.mark.parametrize("clients", [1, 2])
+def test_keys_a_running_server_evicted_are_not_a_verify_failure(clients: int) -> None:
+    # A server too small for the run: 64 slots of 4 KiB for 256 filled keys plus fresh ones.
+    small = KvferryConfig(cpu=CpuTierConfig(capacity=64 * VALUE))
+    with start_store_server(small) as address:
+        report = run_store_bench(
+            options(backend="server", op="batch-put", address=address, clients=clients), small
+        )
+    v = report.verify
+    assert v is not None and v.evictions > NUM_KEYS // 2  # the server really evicted
+    assert v.mismatched == 0
+    # Every missing key was evicted by the server (counted once however many clients ran) or
+    # refused outright (NO_SPACE: a batch larger than the server's free slots).
+    assert v.missing == v.evictions + v.refused, report.to_json()["store"]
+    assert v.ok and report.ok, report.failures
 
 
 @pytest.mark.mooncake

@@ -95,6 +95,8 @@ BAD_LINES = [
     ('{"timestamp": 0, "input_length": 1.5, "output_length": 1, "hash_ids": [1]}', "input_length"),
     ("[1, 2]", "JSON object"),
     ("{not json", "not valid JSON"),
+    ("[" * 100_000, "nested too deeply"),  # json's RecursionError must not escape
+    ('{"hash_ids": ' * 50_000 + "1" + "}" * 50_000, "nested too deeply"),
 ]
 GOOD = '{"timestamp": 5, "input_length": 513, "output_length": 2, "hash_ids": [7, 8]}'
 
@@ -132,3 +134,9 @@ def test_cli_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "not UTF-8" in capsys.readouterr().err
     assert main(["trace", "analyze", str(PARITY), "--block-tokens", "0"]) == 2
     assert ">= 1" in capsys.readouterr().err
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text("[" * 100_000 + "\n")
+    assert main(["trace", "analyze", str(deep), "--strict"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "deep.jsonl:1: " in err and "nested too deeply" in err
+    assert "Traceback" not in err

@@ -142,6 +142,65 @@ def test_config_errors_exit_2(
     assert fragment in err
 
 
+def one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    """Run ``argv``; assert it failed with exit 2 and exactly one ``error:`` line."""
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("error: ") and captured.err.count("\n") == 1, captured.err
+    assert "Traceback" not in captured.err
+    return captured.err
+
+
+@pytest.mark.parametrize(
+    ("pair", "fragment"),
+    [
+        ("transfer.slice_size=1e400", "transfer.slice_size = '1e400'"),
+        ("transfer.transfer_timeout=1e999s", "transfer.transfer_timeout = '1e999s'"),
+        ("store.lease_seconds=1e999", "store.lease_seconds = '1e999'"),
+        ("store.lease_seconds=inf", "store.lease_seconds = 'inf'"),
+        ("store.lease_seconds=30d", "store.lease_seconds = '30d'"),
+        ("store.lease_seconds=2000000", "store.lease_seconds = '2000000'"),
+        ("cpu.capacity=1e30", "cpu.capacity = '1e30'"),
+    ],
+)
+def test_values_that_overflow_are_one_line_errors(
+    capsys: pytest.CaptureFixture[str], pair: str, fragment: str
+) -> None:
+    assert fragment in one_line_error(capsys, ["config", "show", "--set", pair])
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_a_deeply_nested_config_file_is_a_one_line_error(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, suffix: str
+) -> None:
+    deep = tmp_path / f"deep{suffix}"
+    deep.write_text('{"transfer": ' * 100_000 + "1" + "}" * 100_000)
+    err = one_line_error(capsys, ["config", "show", "--config", str(deep)])
+    assert str(deep) in err and "nested too deeply" in err
+
+
+def test_a_nested_value_that_fits_the_parser_is_shown_short(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    deep = tmp_path / "nested.json"
+    deep.write_text('{"transfer": {"workers": ' + "[" * 500 + "]" * 500 + "}}")
+    err = one_line_error(capsys, ["config", "show", "--config", str(deep)])
+    assert "transfer.workers" in err and len(err) < 1000
+
+
+def test_a_recursion_error_anywhere_is_a_one_line_error(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kvferry.cli import config_cmd
+
+    def recurse(_: object) -> int:
+        return recurse(_)
+
+    monkeypatch.setattr(config_cmd, "load_from_args", recurse)
+    assert "nested too deeply" in one_line_error(capsys, ["config", "show"])
+
+
 def test_unknown_env_var_exits_2(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

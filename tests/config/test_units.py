@@ -6,7 +6,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvferry.config.units import format_duration, format_size, parse_duration, parse_size
+from kvferry.config.units import (
+    MAX_SECONDS,
+    MAX_SIZE,
+    format_duration,
+    format_size,
+    format_size_approx,
+    parse_duration,
+    parse_size,
+)
 
 
 @pytest.mark.parametrize(
@@ -45,6 +53,11 @@ def test_parse_size(text: object, expected: int) -> None:
         ("64XiB", "units:"),
         ("0.3B", "not a whole number"),
         ("-5KiB", "expected a size"),
+        ("1e400", "too large"),  # float overflow to inf must not leak out as OverflowError
+        (float("inf"), "too large"),
+        (float("nan"), "not a number"),
+        ("1e30", "too large"),
+        (1 << 64, "too large"),
     ],
 )
 def test_parse_size_rejects(value: object, fragment: str) -> None:
@@ -80,11 +93,23 @@ def test_parse_duration(text: object, expected: float) -> None:
         (None, "expected a duration"),
         ("soon", "expected a duration"),
         ("5 parsecs", "units:"),
+        ("1e999s", "too long"),  # float overflow to inf: refused like 'inf' itself
+        ("1e999", "too long"),
+        (float("inf"), "too long"),
+        (float("nan"), "not a number"),
+        ("inf", "expected a duration"),
+        (2e9, "too long"),
     ],
 )
 def test_parse_duration_rejects(value: object, fragment: str) -> None:
     with pytest.raises(ValueError, match=fragment):
         parse_duration(value)
+
+
+def test_the_largest_values_are_accepted() -> None:
+    assert parse_size(MAX_SIZE) == MAX_SIZE
+    assert parse_duration(MAX_SECONDS) == MAX_SECONDS
+    assert parse_duration("1000000000s") == 1e9
 
 
 @pytest.mark.parametrize(
@@ -110,3 +135,11 @@ def test_format_duration(seconds: float, text: str) -> None:
 @pytest.mark.parametrize("seconds", [0.0, 1e-9, 50e-6, 0.001, 0.25, 5.0, 90.0, 3600.0])
 def test_format_duration_round_trips(seconds: float) -> None:
     assert parse_duration(format_duration(seconds)) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize(
+    ("n", "text"),
+    [(0, "0B"), (1000, "1000B"), (1536, "1.5KiB"), (1 << 50, "1024TiB"), (5 * 10**14, "454.7TiB")],
+)
+def test_format_size_approx(n: int, text: str) -> None:
+    assert format_size_approx(n) == text

@@ -63,6 +63,18 @@ def test_cache_salt_comes_from_the_first_blocks_extra_keys() -> None:
     assert held(index, BlockHasher(BS, model_name="m").hashes(tokens)) == 0
 
 
+def test_a_salted_chain_continues_with_its_salt() -> None:
+    index = PrefixIndex()
+    mirror = VllmEventMirror(index, W, BS)
+    tokens = list(range(16))
+    # vLLM carries the salt on the first block only; the continuation names just its parent.
+    mirror.apply([stored([1, 2], tokens[:8], extra_keys=[("tenant-a",), None])], "m")
+    mirror.apply([stored([3, 4], tokens[8:], parent=2)], "m")
+    assert held(index, BlockHasher(BS, model_name="m", cache_salt="tenant-a").hashes(tokens)) == 4
+    mirror.apply([{"type": "BlockRemoved", "block_hashes": [4], "medium": "GPU"}], "m")
+    assert index.blocks(W) == 3
+
+
 @pytest.mark.parametrize(
     "event",
     [

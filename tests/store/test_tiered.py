@@ -14,7 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kvferry.backends.base import PutStatus, TierContext
 from kvferry.backends.cpu import CpuTier
-from kvferry.config.models import CpuTierConfig, KvferryConfig, StoreConfig
+from kvferry.backends.disk import DiskTier
+from kvferry.config.models import CpuTierConfig, DiskTierConfig, KvferryConfig, StoreConfig
 from kvferry.errors import LeaseExpired, StorageError
 from kvferry.index.hashing import BlockHasher
 from kvferry.store import TieredStore
@@ -293,3 +294,38 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def cpu_over_disk(path: Path, cpu: int, disk: int, **store: object) -> TieredStore:
+    cfg = KvferryConfig(store=StoreConfig(slot_size=SLOT, **store))  # type: ignore[arg-type]
+    slot_bytes = 4096 + 4096  # the disk tier's header block + the payload rounded to 4 KiB
+    disk_tier = DiskTier(
+        DiskTierConfig(path=str(path), capacity=disk * slot_bytes, direct_io=False),
+        TierContext(slot_size=SLOT, label="disk"),
+    )
+    return TieredStore(cfg, tiers=[dram(cpu), disk_tier])
+
+
+def test_flush_writes_the_blocks_only_the_cpu_tier_holds_and_a_reopen_finds_them(
+    tmp_path: Path,
+) -> None:
+    with cpu_over_disk(tmp_path, 16, 64) as store:
+        store.put(keys(40), vals(40))
+        stats = store.stats()
+        only_cpu = stats.usage["cpu"].used_blocks
+        assert only_cpu > 0 and stats.usage["disk"].used_blocks == 40 - only_cpu
+        assert store.flush(0.0) == 0  # no time: nothing written
+        demoted = stats.tiers["cpu"].demotions
+        assert store.flush(30.0) == only_cpu
+        assert store.stats().tiers["cpu"].demotions == demoted + only_cpu, "each counted once"
+        assert store.flush(30.0) == 0  # every block is on disk now
+        assert store.stats().usage["disk"].used_blocks == 40
+    with cpu_over_disk(tmp_path, 16, 64) as reopened:
+        assert reopened.lookup(keys(40)) == 40
+        assert read(reopened, keys(40)) == vals(40)
+
+
+def test_flush_has_nothing_to_do_under_write_through(tmp_path: Path) -> None:
+    with cpu_over_disk(tmp_path, 16, 64, write_policy="write_through") as store:
+        store.put(keys(10), vals(10))
+        assert store.flush(30.0) == 0

@@ -689,3 +689,41 @@ def test_writev_lands_every_range_or_none(target_process: StartTarget) -> None:
         raw.send(frame(Op.READ, rid, 6, 0, 64))
         _, payload = raw.reply()
         assert payload == expected[:5].tobytes() + b"\x01" * 59
+
+
+# -- slowloris ---------------------------------------------------------------------------------
+def test_trickling_handshakes_do_not_lock_out_the_transfer_target() -> None:
+    """Connections that each send one byte of a HELLO and then trickle hold no slot past
+    listen.handshake_timeout, and never keep an initiator with the token from its segment."""
+    listen = {
+        "port": 0,
+        "auth_token": "tok",
+        "max_connections": 8,
+        "max_pending": 4,
+        "handshake_timeout": 1.0,
+    }
+    with TransferEngine(KvferryConfig(listen=listen)) as target:
+        region = target.allocate(MiB)
+        region.array[:] = 7
+        name = target.listen()
+        host, port = name.rsplit(":", 1)
+        tricklers = []
+        for _ in range(16):  # twice max_connections
+            s = socket.create_connection((host, int(port)), timeout=5)
+            s.sendall(b"K")
+            tricklers.append(s)
+        cfg = KvferryConfig(transfer={"transport": "tcp"}, listen={"auth_token": "tok"})
+        with TransferEngine(cfg) as ini:
+            local = ini.allocate(MiB)
+            h = ini.open_segment(name)
+            ini.transfer_sync([TransferRequest(OpCode.READ, local, 0, h, 0, MiB)], timeout=10)
+            assert (local.array == 7).all()
+        counters = target.metrics()["server"]
+        assert int(counters["evicted"]) >= 12, "the oldest half-open handshakes made room"
+        for s in tricklers:
+            s.settimeout(MARGIN)
+            try:
+                assert s.recv(16) == b"", "closed by the deadline"
+            except OSError:
+                pass  # reset: closed as well
+            s.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from kvferry import KvferryConfig, SegmentError, TransferEngine
-from kvferry.transfer.memory import PAGE_SIZE
+from kvferry.transfer.memory import PAGE_SIZE, POPULATE_CHUNK, allocate_region
 
 libc = ctypes.CDLL(None, use_errno=True)
 libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
@@ -135,6 +136,42 @@ def test_allocate_zeroes_and_touches_every_page(engine: TransferEngine) -> None:
     assert not region.array.any(), "fresh memory must read as zeros"
     region.array[:] = 0xAB
     assert (region.array == 0xAB).all()
+
+
+def shmem_bytes() -> int:
+    """This process's resident shared memory (memfd pages), from /proc/self/status."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssShmem:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no RssShmem line in /proc/self/status")
+
+
+class Stopped(BaseException):
+    pass
+
+
+def test_a_signal_ends_a_large_allocation_promptly_and_frees_it() -> None:
+    size = 2 << 30
+    seen: list[int] = []
+
+    def stop(signum: int, frame: object) -> None:
+        seen.append(shmem_bytes())
+        raise Stopped
+
+    before = shmem_bytes()
+    old = signal.signal(signal.SIGALRM, stop)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.02)
+        with pytest.raises(Stopped):
+            allocate_region(1, size)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    # The handler ran while the pages were being touched, not after all 2 GiB were ...
+    assert seen and seen[0] - before <= size - POPULATE_CHUNK, seen
+    # ... and what had been touched was given back.
+    assert shmem_bytes() - before < POPULATE_CHUNK
 
 
 def test_allocate_gives_distinct_ids_and_memory(engine: TransferEngine) -> None:

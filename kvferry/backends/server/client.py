@@ -11,6 +11,11 @@ Data paths, picked per server:
 - otherwise inline over tcp: GET's reply carries the bytes, received straight into the caller's
   buffers (no staging copy); PUT carries them in the request.
 
+Every block a server lends comes with its checksum (``protocol``): the bytes received (tcp) or
+copied out of the shared pool (same host) are checked against it, and a block that does not match
+is a miss, counted (``corrupt``), and reported to the server with CHECK so that it re-checks and
+drops it. A put through the shared pool declares each block's checksum at COMMIT.
+
 Any socket failure closes that connection (a half-read reply must never be parsed as the next
 one) and raises :class:`~kvferry.errors.StorageError` naming the server; the next call
 reconnects.
@@ -27,16 +32,26 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from kvferry.backends.base import Buffer, Key, PutStatus, Tier, TierContext, TierStats
+from kvferry.backends.base import (
+    Buffer,
+    Key,
+    PutStatus,
+    Tier,
+    TierContext,
+    TierStats,
+    block_checksum,
+)
 from kvferry.backends.server import protocol as p
 from kvferry.backends.server.ring import HashRing
 from kvferry.config.models import ServerTierConfig
-from kvferry.errors import ConfigError, KvferryError, MissingDependency, StorageError
+from kvferry.errors import ConfigError, KvferryError, MissingDependency, PeerClosed, StorageError
+from kvferry.observe.logs import RateLimitedLog
 from kvferry.transfer import handshake, wire
 from kvferry.transfer.memory import PeerMapping
 from kvferry.transfer.segment import PeerInfo
 
 log = logging.getLogger("kvferry.backends.server")
+_corrupt_log = RateLimitedLog(log)
 
 _MEMBERSHIP_REFRESH_S = 5.0
 _MEMBER_STALE_S = 10.0
@@ -51,11 +66,14 @@ def _boot_id() -> str:
 
 
 class _Conn:
-    __slots__ = ("peer", "sock")
+    __slots__ = ("peer", "sock", "used")
 
     def __init__(self, sock: socket.socket, peer: PeerInfo) -> None:
         self.sock = sock
         self.peer = peer
+        self.used = False
+        """A call has completed on it: it may since have been closed by the server's idle
+        timeout, and a call that finds it so is retried once on a fresh connection."""
 
 
 class ServerTier(Tier):
@@ -77,6 +95,7 @@ class ServerTier(Tier):
         self._req_ids = itertools.count(1)
         self._ring_at = 0.0
         self._closed = False
+        self._corrupt = 0
         self._ring = self._load_ring()
 
     # -- membership -------------------------------------------------------------------------
@@ -149,6 +168,13 @@ class ServerTier(Tier):
                 )
             except KvferryError as e:
                 raise StorageError(f"server tier: store server {member}: {e}") from e
+            version = peer.service.get("store_protocol")
+            if version != p.PROTOCOL_VERSION:
+                sock.close()
+                raise StorageError(
+                    f"server tier: {member} speaks store protocol {version!r}, this client "
+                    f"{p.PROTOCOL_VERSION}: run the same kvferry version on both sides"
+                )
             sock.settimeout(self.cfg.timeout)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
             conn = conns[member] = _Conn(sock, peer)
@@ -178,21 +204,51 @@ class ServerTier(Tier):
 
     def _reply_header(self, conn: _Conn, member: str) -> int:
         """Read a reply header; the payload length for OK, StorageError (after reading the
-        message) for ERR."""
-        header = wire.decode(
-            handshake.recv_exact(conn.sock, wire.HEADER_SIZE), reply=True, max_length=1 << 40
-        )
+        message) for ERR.
+
+        Raises:
+            _Stale: the connection was closed before a byte of the reply came.
+        """
+        buf = bytearray(wire.HEADER_SIZE)
+        first = conn.sock.recv_into(buf)
+        if first == 0:
+            raise _Stale("the server closed the connection")
+        if first < wire.HEADER_SIZE:
+            buf[first:] = handshake.recv_exact(conn.sock, wire.HEADER_SIZE - first)
+        header = wire.decode(buf, reply=True, max_length=1 << 40)
         if header.op is wire.Op.ERR:
             message = bytes(handshake.recv_exact(conn.sock, header.length)).decode(errors="replace")
             raise _ServerRefused(f"server tier: store server {member} answered: {message}")
         return header.length
 
-    def _call(self, member: str, method: p.Method, parts: list[Buffer]) -> bytearray:
+    def _request(self, member: str, method: p.Method, parts: list[Buffer]) -> tuple[_Conn, int]:
+        """Send a call and read its reply header: (connection, reply payload length).
+
+        A pooled connection the server closed meanwhile (its idle timeout, a restart) fails
+        before any reply byte; the call is then made once more on a fresh connection.
+
+        Raises:
+            _ServerRefused: the server answered ERR (the connection stays good).
+            OSError, KvferryError: the connection failed (the caller drops it).
+        """
         conn = self._conn(member)
         try:
             self._send(conn, method, parts)
-            n = self._reply_header(conn, member)
-            return handshake.recv_exact(conn.sock, n)
+            return conn, self._reply_header(conn, member)
+        except (_Stale, BrokenPipeError, ConnectionResetError):
+            if not conn.used:
+                raise
+        self._drop(member)
+        conn = self._conn(member)
+        self._send(conn, method, parts)
+        return conn, self._reply_header(conn, member)
+
+    def _call(self, member: str, method: p.Method, parts: list[Buffer]) -> bytearray:
+        try:
+            conn, n = self._request(member, method, parts)
+            reply = handshake.recv_exact(conn.sock, n)
+            conn.used = True
+            return reply
         except _ServerRefused as e:
             raise StorageError(str(e)) from None
         except (OSError, KvferryError) as e:
@@ -253,8 +309,9 @@ class ServerTier(Tier):
         pos = p.LEASE_REGION.size
         status: list[PutStatus] = []
         ok = bytearray(len(ks))
+        sums = [0] * len(ks)
         view = mapping.view
-        for i, v in enumerate(vs):
+        for i, (k, v) in enumerate(zip(ks, vs)):
             code, offset = p.RES.unpack_from(reply, pos)
             pos += p.RES.size
             s = p.CODE_STATUS.get(code, PutStatus.NO_SPACE)
@@ -263,10 +320,13 @@ class ServerTier(Tier):
                 if offset + len(v) > mapping.size:
                     raise StorageError(f"server tier: {member} reserved outside its pool")
                 view[offset : offset + len(v)] = v
+                sums[i] = block_checksum(k, v)  # of what we meant to write, not of the slot
                 ok[i] = 1
         if not lease:
             return status
-        final = self._call(member, p.Method.COMMIT, [p.U64.pack(lease), bytes(ok)])
+        final = self._call(
+            member, p.Method.COMMIT, [p.U64.pack(lease), bytes(ok), p.encode_u64s(sums)]
+        )
         return p.decode_statuses(final, len(ks))
 
     def get(self, keys: Sequence[Key], outs: Sequence[memoryview]) -> list[int | None]:
@@ -291,15 +351,17 @@ class ServerTier(Tier):
         return res
 
     def _get_inline(self, member: str, ks: list[Key], outs: list[memoryview]) -> list[int | None]:
-        conn = self._conn(member)
         too_small: str | None = None
         try:
-            self._send(conn, p.Method.GET, [p.encode_keys(ks)])
-            total = self._reply_header(conn, member)
+            conn, total = self._request(member, p.Method.GET, [p.encode_keys(ks)])
+            (flags,) = handshake.recv_exact(conn.sock, 1)
             table = handshake.recv_exact(conn.sock, 4 * len(ks))
             lengths = list(memoryview(table).cast("I"))
+            sums: list[int] = []
+            if flags & p.SUMS:
+                sums = list(memoryview(handshake.recv_exact(conn.sock, 8 * len(ks))).cast("Q"))
             body = sum(n for n in lengths if n != p.MISS)
-            if 4 * len(ks) + body != total:
+            if 1 + (12 if sums else 4) * len(ks) + body != total:
                 raise StorageError(f"server tier: {member} sent a malformed GET reply")
             got: list[int | None] = []
             sock = conn.sock
@@ -322,6 +384,7 @@ class ServerTier(Tier):
                         raise OSError("store server closed the connection mid-reply")
                     have += k
                 got.append(n)
+            conn.used = True
         except _ServerRefused as e:
             raise StorageError(str(e)) from None
         except (OSError, KvferryError) as e:
@@ -329,7 +392,39 @@ class ServerTier(Tier):
             raise StorageError(f"server tier: store server {member}: {e}") from e
         if too_small is not None:
             raise ValueError(too_small)
+        if sums:
+            self._check(member, ks, outs, got, sums)
         return got
+
+    def _check(
+        self,
+        member: str,
+        ks: list[Key],
+        outs: Sequence[memoryview],
+        got: list[int | None],
+        sums: Sequence[int],
+    ) -> None:
+        """Check each received block against its checksum; a mismatch becomes a miss (in
+        ``got``), is counted, and is reported to the server (CHECK), which re-checks it."""
+        bad: list[Key] = []
+        for j, (k, out, n) in enumerate(zip(ks, outs, got)):
+            if n is not None and block_checksum(k, out[:n]) != sums[j]:
+                got[j] = None
+                bad.append(k)
+        if not bad:
+            return
+        with self._lock:
+            self._corrupt += len(bad)
+        _corrupt_log.warning(
+            "corrupt",
+            "server tier: %d block(s) from %s failed their checksum; read as misses",
+            len(bad),
+            member,
+        )
+        try:
+            self._call(member, p.Method.CHECK, [p.encode_keys(bad)])
+        except StorageError as e:
+            log.warning("server tier: asking %s to re-check blocks failed: %s", member, e)
 
     def _get_shm(
         self, member: str, mapping: PeerMapping, ks: list[Key], outs: list[memoryview]
@@ -338,16 +433,18 @@ class ServerTier(Tier):
             if len(out) < 1:
                 raise ValueError("server tier: an output buffer is empty")
         reply = self._call(member, p.Method.LOCATE, [p.encode_keys(ks)])
-        if len(reply) != p.LEASE_REGION.size + p.LOC.size * len(ks):
+        if len(reply) != p.LOCATE_HEAD.size + p.LOC.size * len(ks):
             raise StorageError(f"server tier: {member} sent a malformed LOCATE reply")
-        lease, _region = p.LEASE_REGION.unpack_from(reply, 0)
-        pos = p.LEASE_REGION.size
+        lease, _region, flags = p.LOCATE_HEAD.unpack_from(reply, 0)
+        pos = p.LOCATE_HEAD.size
         view = mapping.view
         got: list[int | None] = []
+        sums: list[int] = []
         error: str | None = None
         for out in outs:
-            offset, n = p.LOC.unpack_from(reply, pos)
+            offset, n, checksum = p.LOC.unpack_from(reply, pos)
             pos += p.LOC.size
+            sums.append(checksum)
             if n == p.MISS:
                 got.append(None)
             elif offset + n > mapping.size:
@@ -368,6 +465,8 @@ class ServerTier(Tier):
             if "smaller" in error:
                 raise ValueError(error)
             raise StorageError(error)
+        if flags & p.SUMS:
+            self._check(member, ks, outs, got, sums)
         return got
 
     def _mapping(self, member: str) -> PeerMapping | None:
@@ -430,7 +529,11 @@ class ServerTier(Tier):
             total_blocks=None,
             used_blocks=used,
             peak_blocks=peak,
-            extra={"servers": float(len(self._ring.members)), "server_slots": float(total)},
+            extra={
+                "servers": float(len(self._ring.members)),
+                "server_slots": float(total),
+                "corrupt": float(self._corrupt),
+            },
         )
 
     def close(self) -> None:
@@ -448,6 +551,10 @@ class ServerTier(Tier):
 
 class _ServerRefused(KvferryError):
     """The server answered ERR: the reply was read whole, the connection is still good."""
+
+
+class _Stale(PeerClosed):
+    """The connection was closed before a byte of the reply came."""
 
 
 def _parse_address(text: str) -> tuple[str, int]:

@@ -10,18 +10,33 @@ method    request                                       reply
 ========  ===========================================  ========================================
 LOOKUP    keys                                          u32 leading blocks present
 CONTAINS  keys                                          n bytes, 1 = present
-GET       keys                                          n x u32 length (MISS) then the bytes
+GET       keys                                          u8 flags, n x u32 length (MISS), [n x u64
+                                                        checksum if flags & SUMS], the bytes
 PUT       keys, n x u32 length, the bytes               n bytes PutStatus code
 DELETE    keys                                          u32 removed
-LOCATE    keys                                          u64 lease, u32 region, n x (u64 offset,
-                                                        u32 length or MISS); blocks pinned
+LOCATE    keys                                          u64 lease, u32 region, u8 flags, n x (u64
+                                                        offset, u32 length or MISS, u64
+                                                        checksum); blocks pinned
 RELEASE   u64 lease                                     empty
 RESERVE   keys, n x u32 size                            u64 lease, u32 region, n x (u8 status,
                                                         u64 offset)
-COMMIT    u64 lease, n bytes ok                         n bytes PutStatus code
+COMMIT    u64 lease, n bytes ok, n x u64 checksum       n bytes PutStatus code
 STATS     empty                                         JSON of StoreStats.to_json()
 KEYS      empty                                         keys
+CHECK     keys                                          u32 blocks dropped
 ========  ===========================================  ========================================
+
+Integrity: a checksum is :func:`~kvferry.backends.base.block_checksum` (xxh3-64 seeded with the
+key). The server sends the one each block was stored with (flags & SUMS; a server whose pool
+keeps none clears the flag) and the client checks the bytes it received or copied out of the
+shared pool; a mismatch is a miss, and CHECK asks the server to re-check those blocks itself and
+drop the ones that fail (it trusts its own hashing, not the client's word). COMMIT carries the
+writer's checksum of each block it wrote into the shared pool: the server publishes a block only
+if its slot holds exactly those bytes (a stalled writer whose lease ran out may have written the
+slot since), else its status is REJECTED.
+
+The protocol's version is ``PROTOCOL_VERSION``, announced in the handshake (``service``
+``store_protocol``); a client refuses a server that speaks another.
 """
 
 from __future__ import annotations
@@ -33,17 +48,27 @@ from collections.abc import Sequence
 from kvferry.backends.base import KEY_BYTES, Key, PutStatus
 from kvferry.errors import ProtocolError
 
+PROTOCOL_VERSION = 2
 MISS = 0xFFFFFFFF
 MAX_KEYS = 1 << 20
 """Most keys one call may carry."""
+SUMS = 1
+"""Reply flag: per-block checksums follow."""
 
+U8 = struct.Struct("<B")
 U32 = struct.Struct("<I")
 U64 = struct.Struct("<Q")
 LEASE_REGION = struct.Struct("<QI")
-LOC = struct.Struct("<QI")
+LOCATE_HEAD = struct.Struct("<QIB")
+LOC = struct.Struct("<QIQ")
 RES = struct.Struct("<BQ")
 
-STATUS_CODE = {PutStatus.STORED: 0, PutStatus.EXISTS: 1, PutStatus.NO_SPACE: 2}
+STATUS_CODE = {
+    PutStatus.STORED: 0,
+    PutStatus.EXISTS: 1,
+    PutStatus.NO_SPACE: 2,
+    PutStatus.REJECTED: 3,
+}
 CODE_STATUS = {v: k for k, v in STATUS_CODE.items()}
 
 
@@ -59,6 +84,7 @@ class Method(enum.IntEnum):
     COMMIT = 9
     STATS = 10
     KEYS = 11
+    CHECK = 12
 
 
 def encode_keys(keys: Sequence[Key]) -> bytes:
@@ -92,6 +118,17 @@ def decode_u32s(buf: memoryview, pos: int, n: int, what: str) -> tuple[list[int]
 
 def encode_u32s(values: Sequence[int]) -> bytes:
     return struct.pack(f"<{len(values)}I", *values)
+
+
+def decode_u64s(buf: memoryview, pos: int, n: int, what: str) -> tuple[list[int], int]:
+    end = pos + 8 * n
+    if end > len(buf):
+        raise ProtocolError(f"payload too short for {n} {what}")
+    return list(struct.unpack_from(f"<{n}Q", buf, pos)), end
+
+
+def encode_u64s(values: Sequence[int]) -> bytes:
+    return struct.pack(f"<{len(values)}Q", *values)
 
 
 def encode_statuses(status: Sequence[PutStatus]) -> bytes:

@@ -9,6 +9,12 @@ frame closes only that connection.
 
 Blocks handed out by LOCATE or RESERVE are pinned by store leases: a client that vanishes
 loses them at ``store.lease_seconds``, never pins them forever.
+
+A committed block is immutable to peers: the pool is registered read-only to the wire (WRITE
+and WRITEV frames into it are refused), PUT copies into fresh slots only, and a same-host client
+that writes through the shared mapping after RESERVE declares each block's checksum at COMMIT,
+which publishes only slots that hold exactly those bytes. Every block it lends (GET, LOCATE)
+goes out with its checksum, and clients check what they received (``protocol``).
 """
 
 from __future__ import annotations
@@ -21,18 +27,40 @@ import time
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from kvferry.backends.base import Key, SlotTier, Tier, TierContext
-from kvferry.backends.registry import load_tier
+from kvferry.backends.base import Key, SlotTier, Tier, TierContext, block_checksum
+from kvferry.backends.cpu import CpuTier
+from kvferry.backends.registry import check_tiers, load_tier
 from kvferry.backends.server import protocol as p
 from kvferry.config.models import KvferryConfig
 from kvferry.errors import ConfigError, LeaseExpired, MissingDependency, ProtocolError
+from kvferry.observe.logs import RateLimitedLog
 from kvferry.store import LoadHandle, StoreHandle, TieredStore
 from kvferry.transfer.engine import TransferEngine
 from kvferry.transfer.server import CallReply
 
 log = logging.getLogger("kvferry.store.server")
+_client_log = RateLimitedLog(log)  # what clients can provoke, at a rate
 
 _HEARTBEAT_S = 2.0
+
+
+def _check_bindable(host: str, port: int, what: str) -> None:
+    """Bind ``host:port`` once and let it go: an address that is not this host's or a port in
+    use fails here, before the tiers are allocated, rather than at ``start``.
+
+    Raises:
+        ConfigError: the bind failed; names the address, the error and the keys to change.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the listener does
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            raise ConfigError(
+                f"cannot listen on {host}:{port}: {e.strerror or e}; give an address of this "
+                f"host (listen.bind_address, --bind) and a free {what}, or 0 for any free port"
+            ) from e
 
 
 class StoreServer:
@@ -43,22 +71,36 @@ class StoreServer:
             (bind address, port, token), ``transfer``; ``server.membership_url`` set means
             register this server there.
 
+    Everything is validated before anything is allocated: the tier names, the listen address
+    and port (and ``store.metrics_port``) by a trial bind, and every tier's limits
+    (``Tier.check``: memory for cpu, free space and path for disk), so a bad value fails in
+    milliseconds, not after the cpu pool was touched.
+
     Raises:
-        ConfigError: a shared tier (redis, server, mooncake) in ``store.tiers``.
+        ConfigError: a shared tier (redis, server, mooncake) in ``store.tiers``, an address or
+            port that cannot be bound, or a tier config the host cannot honour.
     """
 
     def __init__(self, config: KvferryConfig) -> None:
         self.config = config
+        for name in config.store.tiers:
+            if load_tier(name).shared:
+                raise ConfigError(
+                    f"store.tiers: a store server holds local tiers only (cpu, disk), not {name!r}"
+                )
+        listen = config.listen
+        _check_bindable(listen.bind_address, listen.port, "listen.port (--port)")
+        if config.store.metrics_port:
+            _check_bindable(
+                listen.bind_address,
+                config.store.metrics_port,
+                "store.metrics_port (--metrics-port)",
+            )
+        classes = check_tiers(config.store.tiers, config)
         self.engine = TransferEngine(config)
         tiers: list[Tier] = []
         try:
-            for i, name in enumerate(config.store.tiers):
-                cls = load_tier(name)
-                if cls.shared:
-                    raise ConfigError(
-                        f"store.tiers: a store server holds local tiers only (cpu, disk), "
-                        f"not {name!r}"
-                    )
+            for i, cls in enumerate(classes):
                 ctx = TierContext(
                     slot_size=config.store.slot_size,
                     label=cls.name,
@@ -72,8 +114,16 @@ class StoreServer:
             raise
         self.store = TieredStore(config, tiers=tiers)
         first = self.store.first
-        self._region_id = first.region.region_id if hasattr(first, "region") else 0
+        self._region_id = 0
+        if isinstance(first, CpuTier):
+            first.region.peer_writable = False  # blocks are written by PUT or RESERVE/COMMIT
+            self._region_id = first.region.region_id
+        self._checksummed = isinstance(first, SlotTier) and first.checksums([]) is not None
         self._leases: dict[int, LoadHandle | StoreHandle] = {}
+        # GET copies blocks it cannot lend (not in the cpu tier) into fresh buffers: at most
+        # this many bytes of them per call.
+        self._copy_budget = int(config.transfer.max_frame_size)
+        self._copy_skipped = 0
         self._lock = threading.Lock()
         self.address: tuple[str, int] = ("", 0)
         self._stop = threading.Event()
@@ -82,7 +132,7 @@ class StoreServer:
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> tuple[str, int]:
         """Listen (``listen.bind_address:listen.port``); returns the bound (host, port)."""
-        self.engine.listen(call=self._call)
+        self.engine.listen(call=self._call, service={"store_protocol": p.PROTOCOL_VERSION})
         if self.store.exporter is not None:
             self.store.exporter.add_source("transfer", self.engine.metrics)
         address = self.engine.address
@@ -93,12 +143,26 @@ class StoreServer:
         return self.address
 
     def close(self) -> None:
+        """Leave the membership, stop serving, write the blocks only the memory tier holds to
+        the disk tier (at most ``store.shutdown_flush_seconds``), then free everything;
+        idempotent."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         if self._heartbeat is not None:
             self._heartbeat.join(timeout=5)
             self._unregister()
-        self.engine.close()
-        self.store.close()
+        # No peer may change the store while it is flushed; the pool must live until then.
+        self.engine.stop_listening()
+        try:
+            seconds = self.config.store.shutdown_flush_seconds
+            if seconds > 0:
+                flushed = self.store.flush(seconds)
+                if flushed:
+                    log.info("store server: wrote %d blocks to disk before closing", flushed)
+        finally:
+            self.engine.close()
+            self.store.close()
 
     def __enter__(self) -> StoreServer:
         self.start()
@@ -163,47 +227,76 @@ class StoreServer:
         p.expect_end(buf, pos)
         return CallReply([bytes(self.store.contains(keys))])
 
-    def _present_pinned(self, keys: list[Key]) -> tuple[LoadHandle | None, dict[Key, int]]:
-        """Pin the present blocks among ``keys``; (handle, key -> index in handle.buffers)."""
-        present = [k for k, ok in zip(keys, self.store.contains(keys)) if ok]
+    def _present_pinned(
+        self, keys: list[Key]
+    ) -> tuple[LoadHandle | None, dict[Key, int], list[Key]]:
+        """Pin the present blocks among ``keys``: (handle, key -> index in handle.buffers, the
+        present blocks it could not pin, in order and without repeats)."""
+        present = list(dict.fromkeys(k for k, ok in zip(keys, self.store.contains(keys)) if ok))
         if not present:
-            return None, {}
-        handle = self.store.prepare_load(list(dict.fromkeys(present)))
-        return handle, {k: i for i, k in enumerate(handle.hashes)}
+            return None, {}, []
+        handle = self.store.prepare_load(present)
+        where = {k: i for i, k in enumerate(handle.hashes)}
+        return handle, where, [k for k in present if k not in where]
+
+    def _lent_sums(self, handle: LoadHandle | None) -> list[int]:
+        """The checksums of a load handle's (pinned) blocks, in its order."""
+        if handle is None or not self._checksummed:
+            return []
+        first = self.store.first
+        assert isinstance(first, SlotTier)
+        return [s or 0 for s in first.checksums(handle.hashes) or []]
 
     def _get(self, buf: memoryview) -> CallReply:
         keys, pos = p.decode_keys(buf)
         p.expect_end(buf, pos)
-        handle, where = self._present_pinned(keys)
-        # Blocks the pinned prefix did not cover (a batch larger than the cpu tier, or blocks
-        # only on disk that found no cpu slot) are copied out instead of lent.
-        rest = [k for k in dict.fromkeys(keys) if k not in where]
+        handle, where, rest = self._present_pinned(keys)
+        # Present blocks the pinned prefix did not cover (a batch larger than the cpu tier, or
+        # blocks only on disk that found no cpu slot) are copied out instead of lent: as many
+        # as the copy budget holds (a request of a million keys must not allocate a slot per
+        # key); the others answer MISS and count, and the client reads them as misses.
+        budget = max(1, self._copy_budget // self.store.slot_size)
+        if len(rest) > budget:
+            self._copy_skipped += len(rest) - budget
+            rest = rest[:budget]
         copied: dict[Key, memoryview] = {}
         if rest:
             outs = [memoryview(bytearray(self.store.slot_size)) for _ in rest]
             for k, out, n in zip(rest, outs, self.store.get(rest, outs)):
                 if n is not None:
                     copied[k] = out[:n]
+        lent = self._lent_sums(handle)
         lengths: list[int] = []
+        sums: list[int] = []
         parts: list[bytes | memoryview] = []
         for k in keys:
             i = where.get(k)
-            view = copied.get(k) if i is None or handle is None else handle.buffers[i]
+            view: memoryview | None
+            if i is not None and handle is not None:
+                view = handle.buffers[i]
+                if lent:
+                    sums.append(lent[i])
+            else:
+                view = copied.get(k)
+                if self._checksummed:
+                    sums.append(0 if view is None else block_checksum(k, view))
             if view is None:
                 lengths.append(p.MISS)
             else:
                 lengths.append(len(view))
                 parts.append(view)
-        head = p.encode_u32s(lengths)
+        head = [p.U8.pack(p.SUMS if self._checksummed else 0), p.encode_u32s(lengths)]
+        if self._checksummed:
+            head.append(p.encode_u64s(sums))
         if handle is None:
-            return CallReply([head, *parts])
-        return CallReply([head, *parts], after=lambda: self._complete_load(handle))
+            return CallReply([*head, *parts])
+        return CallReply([*head, *parts], after=lambda: self._complete_load(handle))
 
     def _complete_load(self, handle: LoadHandle) -> None:
         try:
             self.store.complete_load(handle)
         except LeaseExpired as e:
-            log.warning("store server: %s", e)
+            _client_log.warning("lease", "store server: %s", e)
 
     def _put(self, buf: memoryview) -> CallReply:
         keys, pos = p.decode_keys(buf)
@@ -226,16 +319,20 @@ class StoreServer:
     def _locate(self, buf: memoryview) -> CallReply:
         keys, pos = p.decode_keys(buf)
         p.expect_end(buf, pos)
-        handle, where = self._present_pinned(keys)
+        handle, where, _ = self._present_pinned(keys)
         lease_id = 0
         if handle is not None and handle.lease is not None:
             lease_id = handle.lease.lease_id
             self._remember(lease_id, handle)
-        out = [p.LEASE_REGION.pack(lease_id, self._region_id)]
+        lent = self._lent_sums(handle)
+        out = [p.LOCATE_HEAD.pack(lease_id, self._region_id, p.SUMS if self._checksummed else 0)]
         for k in keys:
             i = where.get(k)
             loc = None if i is None or handle is None else handle.locations[i]
-            out.append(p.LOC.pack(0, p.MISS) if loc is None else p.LOC.pack(*loc))
+            if loc is None or i is None:
+                out.append(p.LOC.pack(0, p.MISS, 0))
+            else:
+                out.append(p.LOC.pack(loc[0], loc[1], lent[i] if lent else 0))
         return CallReply([b"".join(out)])
 
     def _release(self, buf: memoryview) -> CallReply:
@@ -272,14 +369,26 @@ class StoreServer:
             handle = self._leases.pop(lease_id, None)
         if not isinstance(handle, StoreHandle):
             raise LeaseExpired(f"lease {lease_id} is unknown or already ended")
-        ok = bytes(buf[8:])
-        if len(ok) != len(handle.hashes):
-            raise ProtocolError(f"COMMIT carries {len(ok)} flags for {len(handle.hashes)} blocks")
-        final = self.store.complete_store(handle, [b == 1 for b in ok])
+        n = len(handle.hashes)
+        if len(buf) != 8 + 9 * n:
+            raise ProtocolError(
+                f"COMMIT of {n} blocks carries {len(buf) - 8} bytes; want {n} flags and "
+                f"{n} u64 checksums ({9 * n} bytes)"
+            )
+        ok = bytes(buf[8 : 8 + n])
+        sums, _ = p.decode_u64s(buf, 8 + n, n, "checksums")
+        final = self.store.complete_store(handle, [b == 1 for b in ok], sums)
         return CallReply([p.encode_statuses(final)])
 
     def _stats(self, buf: memoryview) -> CallReply:
-        return CallReply([json.dumps(self.store.stats().to_json()).encode()])
+        doc = self.store.stats().to_json()
+        doc["server"] = {"get_copy_skipped": self._copy_skipped}
+        return CallReply([json.dumps(doc).encode()])
+
+    def _check(self, buf: memoryview) -> CallReply:
+        keys, pos = p.decode_keys(buf)
+        p.expect_end(buf, pos)
+        return CallReply([p.U32.pack(self.store.verify(keys))])
 
     def _keys(self, buf: memoryview) -> CallReply:
         keys: list[Key] = []
@@ -308,4 +417,5 @@ class StoreServer:
         p.Method.COMMIT: _commit,
         p.Method.STATS: _stats,
         p.Method.KEYS: _keys,
+        p.Method.CHECK: _check,
     }
