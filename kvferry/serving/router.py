@@ -34,6 +34,11 @@ client already has part of the answer); a non-streaming body that breaks is a 50
 healthy worker is left the answer is 503; when the retry failed too it is 502. Errors are
 OpenAI-style ``{"error": {"message", "type", "param", "code"}}``.
 
+Clients are held to the limits of :mod:`kvferry.serving.http_front` (``router.header_timeout``,
+``router.idle_timeout``, ``router.body_timeout``, ``router.max_pending_connections``,
+``router.max_pending_per_address``, ``router.max_body_size`` (413) and
+``router.max_prompt_chars`` (400)); a large prompt is tokenized off the event loop.
+
 Endpoints (all but ``/health`` require ``Authorization: Bearer <token>`` when
 ``router.auth_token`` is set):
 
@@ -59,7 +64,9 @@ Metrics: per worker (label ``worker``) counters ``kvferry_router_{requests,promp
 hit_blocks,errors,retries,kv_events,kv_resyncs}_total`` and gauges
 ``kvferry_router_{predicted_hit_rate,in_flight,active_blocks,indexed_blocks,worker_up}``;
 ``kvferry_router_requests_received_total``, ``kvferry_router_unrouted_total``,
-``kvferry_router_http_responses_total{path,status}``.
+``kvferry_router_http_responses_total{path,status}`` (path "malformed": requests that were not
+HTTP), ``kvferry_router_http_connections_closed_total{reason}`` (header_timeout,
+too_many_waiting).
 
 The server binds 127.0.0.1 unless told otherwise and stops on SIGINT/SIGTERM.
 """
@@ -69,7 +76,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import logging
 import random
 import signal
@@ -84,9 +90,9 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from kvferry.config.models import RouterConfig
 from kvferry.errors import PeerClosed
 from kvferry.index.hashing import BlockHasher
-from kvferry.serving.http_front import front_middleware, listen, serve_app
+from kvferry.serving.http_front import HttpFront, decode_json, listen, off_loop
 from kvferry.serving.kv_index import LoadTracker, PrefixIndex, RoundRobin, pick, score
-from kvferry.serving.openai_api import HttpError, bad_request, data_line, error_body
+from kvferry.serving.openai_api import HttpError, bad_request, data_line, error_body, prompt_chars
 from kvferry.serving.router_workers import Worker, WorkerPool, describe_error
 from kvferry.serving.tokenizer import load_tokenizer
 
@@ -105,8 +111,6 @@ PREDICTION_GRACE_S: Final = 30.0
 a repeat arriving before the worker's stored events (or while the first request is still in
 prefill) goes to the same worker; the events then confirm or remove them."""
 
-SHUTDOWN_TIMEOUT_S: Final = 5.0
-MAX_BODY_BYTES: Final = 64 << 20
 MAX_HASHERS: Final = 4096
 """Block hashers (one per model and cache_salt) kept before the cache is emptied."""
 MAX_ATTEMPTS: Final = 2
@@ -212,6 +216,15 @@ class _Collector:
         for (path, status), n in sorted(router.responses.items()):
             http.add_metric([path, str(status)], n)
         yield http
+        closed = CounterMetricFamily(
+            p + "http_connections_closed",
+            "Connections closed before sending a complete request: past "
+            "router.header_timeout, or the longest waiting while too many waited.",
+            labels=["reason"],
+        )
+        closed.add_metric(["header_timeout"], router.front.pending.timed_out)
+        closed.add_metric(["too_many_waiting"], router.front.pending.evicted)
+        yield closed
 
 
 # --- the server ------------------------------------------------------------------------------
@@ -238,26 +251,26 @@ class RouterServer:
         self.requests = 0
         self.retries = 0
         self.unrouted = 0
-        self.responses: dict[tuple[str, int], int] = {}
         self._rng = random.Random(seed)
         self._rr = RoundRobin([w.url for w in self.pool.workers])
         self._hashers: dict[tuple[str, str], BlockHasher] = {}
         self._ids = itertools.count(1)
         token = config.auth_token.get_secret_value() if config.auth_token is not None else None
-        self._token = token.encode() if token else None
+        self.front = HttpFront(
+            "router", "router", config, token.encode() if token else None, _PATHS, log
+        )
+        self.responses = self.front.responses
         self._upstream_headers = {"Content-Type": "application/json", **self.pool.headers}
         self._registry = CollectorRegistry(auto_describe=False)
         self._registry.register(_Collector(self))
         self._session: aiohttp.ClientSession | None = None
-        self._runner: web.AppRunner | None = None
         self.address: tuple[str, int] | None = None
 
     # --- lifecycle ---
 
     def app(self) -> web.Application:
         app = web.Application(
-            middlewares=[front_middleware("router", self._token, _PATHS, self.responses, log)],
-            client_max_size=MAX_BODY_BYTES,
+            middlewares=[self.front.middleware()], client_max_size=self.config.max_body_size
         )
         app.router.add_post("/v1/completions", self._generate)
         app.router.add_post("/v1/chat/completions", self._generate)
@@ -281,7 +294,7 @@ class RouterServer:
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.config.connect_timeout),
             )
             await self.pool.start(self._session)
-            self._runner, self.address = await serve_app(self.app(), sock, SHUTDOWN_TIMEOUT_S)
+            self.address = await self.front.start(self.app(), sock)
         except BaseException:
             sock.close()
             await self.close()
@@ -291,9 +304,7 @@ class RouterServer:
     async def close(self) -> None:
         """Stop serving, the probes and the event streams; idempotent."""
         await self.pool.close()
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
+        await self.front.close()
         session, self._session = self._session, None
         if session is not None:
             await session.close()
@@ -355,24 +366,41 @@ class RouterServer:
             chosen = self._rng.choice(urls)
         return self.pool.by_url(chosen), overlaps[chosen]
 
-    async def _generate(self, http: web.Request) -> web.StreamResponse:
-        raw = await http.read()
-        try:
-            body = json.loads(raw)
-        except UnicodeDecodeError as e:
-            raise bad_request(f"the request body is not UTF-8: {e}") from e
-        except ValueError as e:
-            raise bad_request(f"the request body is not valid JSON: {e}") from e
+    def _blocks(self, raw: bytes, chat: bool) -> tuple[int, list[bytes]]:
+        """Decode a request body; its prompt's token count and block hashes.
+
+        Raises:
+            HttpError: 400 for a body that is not a JSON object or a prompt over
+                ``router.max_prompt_chars``.
+        """
+        body = decode_json(raw)
         if not isinstance(body, dict):
             raise bad_request(f"the request body must be a JSON object, got {type(body).__name__}")
-        self.requests += 1
-        tokens = self.prompt_ids(body, chat=http.path == "/v1/chat/completions")
+        chars = prompt_chars(body, chat=chat)
+        if chars > self.config.max_prompt_chars:
+            raise bad_request(
+                f"the prompt is {chars} characters; router.max_prompt_chars is "
+                f"{self.config.max_prompt_chars}",
+                "messages" if chat else "prompt",
+            )
+        tokens = self.prompt_ids(body, chat=chat)
         salt = body.get("cache_salt")
-        hashes = self._hasher(salt if isinstance(salt, str) else "").hashes(tokens)
+        try:
+            hashes = self._hasher(salt if isinstance(salt, str) else "").hashes(tokens)
+        except UnicodeEncodeError:  # a salt that is not valid Unicode: the worker says so
+            hashes = []
+        return len(tokens), hashes
+
+    async def _generate(self, http: web.Request) -> web.StreamResponse:
+        raw = await self.front.read_body(http)
+        # A large prompt is decoded, tokenized and hashed in a thread: the loop keeps serving.
+        chat = http.path == "/v1/chat/completions"
+        prompt_tokens, hashes = await off_loop(len(raw), self._blocks, raw, chat)
+        self.requests += 1
         tried: list[Worker] = []
         failures: list[str] = []
         while len(tried) < MAX_ATTEMPTS:
-            choice = self.choose(hashes, len(tokens), exclude=tried)
+            choice = self.choose(hashes, prompt_tokens, exclude=tried)
             if choice is None:
                 break
             worker, overlap = choice
@@ -381,7 +409,7 @@ class RouterServer:
                 self.retries += 1
             tried.append(worker)
             try:
-                return await self._forward(http, worker, raw, hashes, len(tokens), overlap)
+                return await self._forward(http, worker, raw, hashes, prompt_tokens, overlap)
             except PeerClosed as e:
                 worker.stats.errors += 1
                 self.pool.mark_down(worker, str(e))
