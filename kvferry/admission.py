@@ -19,22 +19,20 @@ a later request began on a kept-alive connection), when the request's headers ar
   a good client always gets in. A burst of young connections (a benchmark opening a thousand
   at once, each sending its request a moment later) is left alone.
 
-:class:`ThrottledLog` keeps what bad clients cause to one log line per interval.
-
-No sockets and no threads here; both classes are thread-safe (the exporter calls them from
-several threads), and :class:`PendingConnections` closes connections outside its lock.
+No sockets and no threads here; it is thread-safe (the exporter calls it from several
+threads) and closes connections outside its lock. What the listeners log about bad clients goes
+through :class:`~kvferry.observe.logs.RateLimitedLog`.
 """
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Final
 
-__all__ = ["EVICT_AFTER_S", "PendingConnections", "ThrottledLog"]
+__all__ = ["EVICT_AFTER_S", "PendingConnections"]
 
 EVICT_AFTER_S: Final = 1.0
 """Over a bound, only connections that have waited at least this long for their request are
@@ -181,50 +179,3 @@ class PendingConnections:
         del group[conn]
         if not group:
             del self._by_address[w.address]
-
-
-class ThrottledLog:
-    """At most one log line per ``interval`` seconds about one kind of event; the events in
-    between are counted and the next line says how many there were.
-
-    Args:
-        log: where the lines go.
-        interval: seconds between lines.
-        level: of the lines.
-        clock: seconds, monotonic.
-    """
-
-    def __init__(
-        self,
-        log: logging.Logger,
-        interval: float = 60.0,
-        level: int = logging.WARNING,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._log = log
-        self._interval = interval
-        self._level = level
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._next = float("-inf")
-        self._skipped = 0
-        self.events = 0
-        """Events reported (logged or not)."""
-
-    def event(self, message: str) -> bool:
-        """Report one event; logs ``message`` (one line) unless a line went out less than
-        ``interval`` ago. Returns whether it logged."""
-        with self._lock:
-            self.events += 1
-            now = self._clock()
-            if now < self._next:
-                self._skipped += 1
-                return False
-            skipped, self._skipped = self._skipped, 0
-            self._next = now + self._interval
-        line = " ".join(message.split())
-        if skipped:
-            line += f" (and {skipped} more like it since the last such line)"
-        self._log.log(self._level, "%s", line)
-        return True

@@ -3,11 +3,9 @@ it are attacked for real in tests/serving/test_http_front.py and tests/observe/.
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 
-from kvferry.admission import EVICT_AFTER_S, PendingConnections, ThrottledLog
+from kvferry.admission import EVICT_AFTER_S, PendingConnections
 
 
 class Clock:
@@ -95,21 +93,3 @@ def test_a_burst_of_young_connections_is_left_alone_until_it_ages() -> None:
 def test_bad_bounds_are_refused(args: tuple[float, int, int], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         PendingConnections(*args)
-
-
-def test_throttled_log_writes_one_line_per_interval_and_counts_the_rest(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    clock = Clock()
-    log = ThrottledLog(logging.getLogger("kvferry.test"), 60.0, clock=clock)
-    with caplog.at_level(logging.WARNING, "kvferry.test"):
-        assert log.event("bad thing\n  spread over lines")
-        for _ in range(5):
-            assert not log.event("bad thing")
-        clock.now += 60
-        assert log.event("bad thing again")
-    assert [r.getMessage() for r in caplog.records] == [
-        "bad thing spread over lines",
-        "bad thing again (and 5 more like it since the last such line)",
-    ]
-    assert log.events == 7

@@ -68,9 +68,10 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.utils import floatToGoString
 
-from kvferry.admission import PendingConnections, ThrottledLog
+from kvferry.admission import PendingConnections
 from kvferry.errors import ConfigError
 from kvferry.observe.counters import LatencyHistogram
+from kvferry.observe.logs import RateLimitedLog
 from kvferry.store.stats import StoreStats, TierCounters
 
 log = logging.getLogger("kvferry.observe.prometheus")
@@ -473,7 +474,7 @@ class MetricsExporter:
             """Connections waiting for their request (slow-client bookkeeping and counts)."""
         except ValueError as e:
             raise ConfigError(f"metrics exporter: {e}") from e
-        self._slow_log = ThrottledLog(log)
+        self._slow_log = RateLimitedLog(log, interval=60.0, burst=1)
         self._closed_slow = 0
         self.bind = bind
         self.port = port
@@ -532,11 +533,13 @@ class MetricsExporter:
         closed = pending.timed_out + pending.evicted
         if closed > self._closed_slow:
             self._closed_slow = closed
-            self._slow_log.event(
+            self._slow_log.warning(
+                "slow",
+                "%s",
                 f"metrics exporter: closed connections that sent no complete request: "
                 f"{pending.timed_out} in all past the {pending.header_timeout:g} s header "
                 f"deadline, {pending.evicted} that waited longest while over "
-                f"{pending.max_pending} waiting ({pending.max_per_address} per address)"
+                f"{pending.max_pending} waiting ({pending.max_per_address} per address)",
             )
 
     def _authorized(self, header: str | None) -> bool:

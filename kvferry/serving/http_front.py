@@ -46,9 +46,10 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Middleware
 
-from kvferry.admission import PendingConnections, ThrottledLog
+from kvferry.admission import PendingConnections
 from kvferry.config.models import HttpFrontConfig
 from kvferry.errors import ConfigError
+from kvferry.observe.logs import RateLimitedLog
 from kvferry.serving.openai_api import HttpError, bad_request, error_body
 
 __all__ = [
@@ -243,8 +244,8 @@ class HttpFront:
         self._token = token
         self._paths = paths
         self._log = log
-        self._malformed_log = ThrottledLog(log)
-        self._slow_log = ThrottledLog(log)
+        # What clients provoke: one line a minute of each kind (the counts have them all).
+        self._peer_log = RateLimitedLog(log, interval=60.0, burst=1)
         self._connections: dict[asyncio.BaseTransport, _Connection] = {}
         self._runner: web.AppRunner | None = None
         self._server: asyncio.Server | None = None
@@ -307,14 +308,16 @@ class HttpFront:
             before = pending.timed_out + pending.evicted
             pending.sweep()
             if pending.timed_out + pending.evicted > before:
-                self._slow_log.event(
+                self._peer_log.warning(
+                    "slow",
+                    "%s",
                     f"{self.name}: closed connections that sent no complete request: "
                     f"{pending.timed_out} in all past {self.section}.header_timeout "
                     f"({self.config.header_timeout:g} s), {pending.evicted} that waited longest "
                     f"while over {self.section}.max_pending_connections "
                     f"({self.config.max_pending_connections}) or "
                     f"{self.section}.max_pending_per_address "
-                    f"({self.config.max_pending_per_address})"
+                    f"({self.config.max_pending_per_address})",
                 )
 
     def _connected(self, conn: _Connection) -> None:
@@ -332,9 +335,11 @@ class HttpFront:
         self.responses[key] = self.responses.get(key, 0) + 1
         client = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
         reason = " ".join(str(error.message or error).split())[:200]
-        self._malformed_log.event(
+        self._peer_log.warning(
+            "malformed",
+            "%s",
             f"{self.name}: malformed HTTP request from {client}: {reason}; answered "
-            f"{error.code or 400}"
+            f"{error.code or 400}",
         )
 
     # --- requests ---
