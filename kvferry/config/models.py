@@ -479,7 +479,62 @@ DEFAULT_MOCK_MODEL_LEN = 32768
 """``mock.max_model_len`` 0 means the KV capacity, capped at this many tokens."""
 
 
-class MockConfig(_Model):
+class HttpFrontConfig(_Model):
+    """What a kvferry HTTP server (``serve mock``, ``serve router``) allows its clients, so that
+    slow, huge or hostile requests cannot hold its connections or stall its event loop."""
+
+    header_timeout: Seconds = Field(
+        5.0,
+        gt=0,
+        le=3600,
+        description="Seconds a client has to send a request's headers, counted from connecting "
+        "(or from the first byte of a later request on a kept-alive connection); slower "
+        "connections are closed.",
+    )
+    idle_timeout: Seconds = Field(
+        75.0,
+        gt=0,
+        le=86400,
+        description="Seconds a kept-alive connection may sit idle between requests (a new one "
+        "before its first) before it is closed; keep it above the clients' own keep-alive "
+        "(15 s for aiohttp).",
+    )
+    body_timeout: Seconds = Field(
+        60.0,
+        gt=0,
+        le=86400,
+        description="Seconds to receive a request's body once its headers are in; slower "
+        "bodies get 408.",
+    )
+    max_pending_connections: int = Field(
+        256,
+        ge=1,
+        le=1_000_000,
+        description="Connections that may wait for their request's headers at once; past it "
+        "the one waiting longest (1 s or more) is closed, so a newcomer always gets in.",
+    )
+    max_pending_per_address: int = Field(
+        64,
+        ge=1,
+        le=1_000_000,
+        description="The same bound per client IP address.",
+    )
+    max_body_size: ByteSize = Field(
+        16 << 20,
+        ge=1024,
+        le=1 << 40,
+        description="Largest request body in bytes (or '16MiB'); larger ones get 413.",
+    )
+    max_prompt_chars: int = Field(
+        4_000_000,
+        ge=1,
+        le=1 << 40,
+        description="Most characters of a prompt's text (prompt, or all messages' text "
+        "together); longer prompts get 400 before they are tokenized.",
+    )
+
+
+class MockConfig(HttpFrontConfig):
     """The simulated OpenAI-compatible engine (``kvferry serve mock``): KV blocks, batching,
     timing. The timing defaults model an 8B model in bf16 on one H100-class GPU
     (``kvferry.serving.timing``)."""
@@ -667,7 +722,7 @@ def parse_vllm_events(value: str) -> tuple[str, str, str | None]:
     )
 
 
-class RouterConfig(_Model):
+class RouterConfig(HttpFrontConfig):
     """The KV-aware router (``kvferry serve router``): an OpenAI-compatible front that sends
     each request to one of its workers (vLLM or ``kvferry serve mock``)."""
 

@@ -38,11 +38,17 @@ A source whose function raises is an isolation boundary: its metrics are left ou
 HTTP: a standard-library ``ThreadingHTTPServer`` in a daemon thread, bound to 127.0.0.1 unless
 told otherwise. ``GET /metrics`` answers the text exposition format, ``GET /health`` answers
 ``{"status": "ok", ...}``; with ``auth_token`` set both require ``Authorization: Bearer <token>``
-and answer 401 otherwise. Anything else is 404.
+and answer 401 otherwise. Anything else is 404. Each connection is a thread and one request
+(HTTP/1.0), so slow clients are cut off (:class:`~kvferry.admission.PendingConnections`): a
+request's headers must arrive within ``header_timeout`` seconds of connecting, whatever was
+trickled meanwhile, and past ``max_pending`` connections waiting for theirs
+(``max_pending_per_address`` from one address) the one waiting longest is closed, so a scraper
+always gets in.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import logging
@@ -52,7 +58,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
-from typing import Final, TypeVar, cast
+from typing import Any, Final, TypeVar, cast
 from urllib.parse import urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -64,8 +70,10 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.utils import floatToGoString
 
+from kvferry.admission import PendingConnections
 from kvferry.errors import ConfigError
 from kvferry.observe.counters import LatencyHistogram
+from kvferry.observe.logs import RateLimitedLog
 from kvferry.store.stats import StoreStats, TierCounters
 
 log = logging.getLogger("kvferry.observe.prometheus")
@@ -347,7 +355,32 @@ class _SourcesCollector:
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 128  # the listen backlog (socketserver's default is 5)
     exporter: MetricsExporter
+
+    def process_request(
+        self, request: socket.socket | tuple[bytes, socket.socket], client_address: Any
+    ) -> None:
+        # Waiting for its request from now on; evicted or timed out by shutting it down, which
+        # ends the handler thread's blocked read.
+        if isinstance(request, socket.socket):
+            sock = request
+            host = client_address[0] if isinstance(client_address, tuple) else "unknown"
+            self.exporter.pending.waiting(sock, str(host), lambda: _shut(sock))
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: socket.socket | tuple[bytes, socket.socket]) -> None:
+        self.exporter.pending.closed(request)
+        super().shutdown_request(request)
+
+    def service_actions(self) -> None:
+        # Called by serve_forever at every poll (0.2 s): close the slow connections.
+        self.exporter._sweep()
+
+
+def _shut(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 class _Server6(_Server):
@@ -358,6 +391,12 @@ class _Handler(BaseHTTPRequestHandler):
     server: _Server
     timeout = 10.0  # a client that stalls mid-request cannot hold a thread for long
     server_version = "kvferry-metrics"
+
+    def parse_request(self) -> bool:
+        parsed = super().parse_request()  # reads the headers
+        # The request line and headers are in (or refused): it waits no more.
+        self.server.exporter.pending.arrived(self.request)
+        return parsed
 
     def do_GET(self) -> None:
         exporter = self.server.exporter
@@ -405,13 +444,24 @@ class MetricsExporter:
         bind: address to listen on; 127.0.0.1 by default (use 0.0.0.0 or :: deliberately).
         port: TCP port; 0 picks a free one (``start()`` says which).
         auth_token: when set, both endpoints require ``Authorization: Bearer <token>``.
+        header_timeout: seconds a connection has to send its request's headers.
+        max_pending: connections that may wait for their request at once; past it the one
+            waiting longest (1 s or more) is closed.
+        max_pending_per_address: the same bound per client address.
 
     Raises:
-        ConfigError: ``bind``, ``port`` or ``auth_token`` is invalid.
+        ConfigError: ``bind``, ``port``, ``auth_token`` or a limit is invalid.
     """
 
     def __init__(
-        self, bind: str = "127.0.0.1", port: int = 0, *, auth_token: str | None = None
+        self,
+        bind: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        auth_token: str | None = None,
+        header_timeout: float = 5.0,
+        max_pending: int = 64,
+        max_pending_per_address: int = 16,
     ) -> None:
         if not isinstance(bind, str) or not bind.strip() or bind != bind.strip():
             raise ConfigError(
@@ -427,6 +477,13 @@ class MetricsExporter:
             raise ConfigError(
                 "metrics auth_token is empty; give a non-empty token, or None for no auth"
             )
+        try:
+            self.pending = PendingConnections(header_timeout, max_pending, max_pending_per_address)
+            """Connections waiting for their request (slow-client bookkeeping and counts)."""
+        except ValueError as e:
+            raise ConfigError(f"metrics exporter: {e}") from e
+        self._slow_log = RateLimitedLog(log, interval=60.0, burst=1)
+        self._closed_slow = 0
         self.bind = bind
         self.port = port
         self._token = auth_token.encode() if auth_token is not None else None
@@ -477,6 +534,21 @@ class MetricsExporter:
         with self._lock:
             self._errors[name] = self._errors.get(name, 0) + 1
         log.warning("metrics source %r failed: %s: %s", name, type(error).__name__, error)
+
+    def _sweep(self) -> None:
+        pending = self.pending
+        pending.sweep()
+        closed = pending.timed_out + pending.evicted
+        if closed > self._closed_slow:
+            self._closed_slow = closed
+            self._slow_log.warning(
+                "slow",
+                "%s",
+                f"metrics exporter: closed connections that sent no complete request: "
+                f"{pending.timed_out} in all past the {pending.header_timeout:g} s header "
+                f"deadline, {pending.evicted} that waited longest while over "
+                f"{pending.max_pending} waiting ({pending.max_per_address} per address)",
+            )
 
     def _authorized(self, header: str | None) -> bool:
         if self._token is None:

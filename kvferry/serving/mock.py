@@ -37,10 +37,16 @@ Endpoints (all but ``/health`` require ``Authorization: Bearer <token>`` when
 - ``GET /kv/events[?since=ID]``: the KV event stream (below).
 
 A bad request gets an OpenAI-style error ``{"error": {"message", "type", "param", "code"}}``
-with status 400 (bad JSON, a missing or empty prompt, a token id outside the vocabulary,
-``max_tokens`` < 1, a prompt plus ``max_tokens`` longer than ``max_model_len``, ...), 401 (auth),
-404 (unknown path or model) or 503 (shutting down); a handler failure is a 500 with the same
-shape, logged and counted. Every response is counted in ``kvferry_mock_http_responses_total``.
+with status 400 (bad JSON or JSON nested too deeply, a missing or empty prompt, text that is not
+valid Unicode, a prompt over ``mock.max_prompt_chars`` characters, a token id outside the
+vocabulary, ``max_tokens`` < 1, a prompt plus ``max_tokens`` longer than ``max_model_len``, ...),
+401 (auth), 404 (unknown path or model), 408 (a body slower than ``mock.body_timeout``), 413 (a
+body over ``mock.max_body_size``) or 503 (shutting down); a handler failure is a 500 with the
+same shape, logged and counted. Every response is counted in
+``kvferry_mock_http_responses_total`` (path "malformed": requests that were not HTTP). Slow
+clients are cut off by the rules of :mod:`kvferry.serving.http_front` (``mock.header_timeout``,
+``mock.idle_timeout``, ``mock.max_pending_connections``, ``mock.max_pending_per_address``); a
+request whose client hangs up is aborted. Large prompts are tokenized off the event loop.
 
 KV events
 ---------
@@ -72,7 +78,8 @@ Metrics (``GET /metrics``): gauges ``kvferry_mock_requests_{running,waiting}``,
 prompt_tokens,cached_prompt_tokens,prefill_tokens,generated_tokens,preemptions,steps,
 kv_events}_total``, ``kvferry_mock_requests_total{finish_reason}``,
 ``kvferry_mock_model_seconds_total{phase}`` (modelled step time: what the timing model
-computed, after ``speedup_ratio``), ``kvferry_mock_http_responses_total{path,status}``; and,
+computed, after ``speedup_ratio``), ``kvferry_mock_http_responses_total{path,status}``,
+``kvferry_mock_http_connections_closed_total{reason}`` (header_timeout, too_many_waiting); and,
 for routers that read vLLM's names, ``vllm:num_requests_running``,
 ``vllm:num_requests_waiting``, ``vllm:kv_cache_usage_perc``, ``vllm:prefix_cache_queries_total``,
 ``vllm:prefix_cache_hits_total`` (tokens), ``vllm:prompt_tokens_total``,
@@ -86,7 +93,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import math
 import signal
@@ -99,11 +105,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from kvferry.config.models import MockConfig
-from kvferry.serving.http_front import front_middleware, listen, serve_app
+from kvferry.serving.http_front import HttpFront, decode_json, listen, off_loop
 from kvferry.serving.kv_events import SUBSCRIBER_QUEUE, EventHub, sse
 from kvferry.serving.openai_api import (
     CompletionFormatter,
     HttpError,
+    ParsedRequest,
     RequestParser,
     bad_request,
     data_line,
@@ -121,8 +128,6 @@ READY: Final = "kvferry-mock-ready"
 """First word of the line ``kvferry serve mock`` prints once it accepts connections."""
 
 KEEPALIVE_S: Final = 15.0
-SHUTDOWN_TIMEOUT_S: Final = 5.0
-MAX_BODY_BYTES: Final = 64 << 20
 
 _PATHS: Final = frozenset(
     {
@@ -221,6 +226,15 @@ class _Collector:
         for (path, status), n in sorted(server.responses.items()):
             http.add_metric([path, str(status)], n)
         yield http
+        closed = CounterMetricFamily(
+            p + "http_connections_closed",
+            "Connections closed before sending a complete request: past mock.header_timeout, "
+            "or the longest waiting while too many waited.",
+            labels=["reason"],
+        )
+        closed.add_metric(["header_timeout"], server.front.pending.timed_out)
+        closed.add_metric(["too_many_waiting"], server.front.pending.evicted)
+        yield closed
         # vLLM's names, for routers and dashboards that read them.
         model = [engine.config.model]
         for name, doc, value, kind in (
@@ -259,13 +273,14 @@ class MockServer:
         self.config = config
         self.engine = engine or build_engine(config)
         self.hub = EventHub(self.engine, config.event_history)
-        self.responses: dict[tuple[str, int], int] = {}
         token = config.auth_token.get_secret_value() if config.auth_token is not None else None
-        self._token = token.encode() if token else None
+        self.front = HttpFront(
+            "mock server", "mock", config, token.encode() if token else None, _PATHS, log
+        )
+        self.responses = self.front.responses
         self._parser = RequestParser(config, self.engine.tokenizer)
         self._registry = CollectorRegistry(auto_describe=False)
         self._registry.register(_Collector(self))
-        self._runner: web.AppRunner | None = None
         self._engine_task: asyncio.Task[None] | None = None
         self._created = int(time.time())
         self.address: tuple[str, int] | None = None
@@ -274,8 +289,7 @@ class MockServer:
 
     def app(self) -> web.Application:
         app = web.Application(
-            middlewares=[front_middleware("mock server", self._token, _PATHS, self.responses, log)],
-            client_max_size=MAX_BODY_BYTES,
+            middlewares=[self.front.middleware()], client_max_size=self.config.max_body_size
         )
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/chat/completions", self._chat)
@@ -296,7 +310,7 @@ class MockServer:
         sock = listen(self.config.bind_address, self.config.port, "mock")
         self._engine_task = asyncio.create_task(self.engine.run(), name="kvferry-mock-engine")
         try:
-            self._runner, self.address = await serve_app(self.app(), sock, SHUTDOWN_TIMEOUT_S)
+            self.address = await self.front.start(self.app(), sock)
         except BaseException:
             await self.close()
             raise
@@ -315,9 +329,7 @@ class MockServer:
         if task is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
+        await self.front.close()
 
     # --- generation ---
 
@@ -327,14 +339,13 @@ class MockServer:
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, chat=True)
 
+    def _parse(self, raw: bytes, chat: bool) -> ParsedRequest:
+        return self._parser.parse(decode_json(raw), chat=chat)
+
     async def _generate(self, http: web.Request, *, chat: bool) -> web.StreamResponse:
-        try:
-            body = await http.json(loads=json.loads)
-        except json.JSONDecodeError as e:
-            raise bad_request(f"the request body is not valid JSON: {e}") from e
-        except UnicodeDecodeError as e:
-            raise bad_request(f"the request body is not UTF-8: {e}") from e
-        parsed = self._parser.parse(body, chat=chat)
+        raw = await self.front.read_body(http)
+        # A large prompt is decoded and tokenized in a thread: the event loop keeps serving.
+        parsed = await off_loop(len(raw), self._parse, raw, chat)
         try:
             request = self.engine.submit(
                 parsed.prompt_ids, parsed.params, cache_salt=parsed.cache_salt

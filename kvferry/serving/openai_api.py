@@ -29,8 +29,10 @@ __all__ = [
     "ParsedRequest",
     "RequestParser",
     "bad_request",
+    "check_text",
     "data_line",
     "error_body",
+    "prompt_chars",
 ]
 
 COMPLETIONS_DEFAULT_MAX_TOKENS: Final = 16
@@ -86,6 +88,46 @@ def bad_request(message: str, param: str | None = None) -> HttpError:
     return HttpError(400, message, param=param)
 
 
+def check_text(text: str, param: str) -> None:
+    """Text from a request must be valid Unicode: JSON can carry a lone UTF-16 surrogate
+    (``"\\ud800"``), which no tokenizer or hash can encode.
+
+    Raises:
+        HttpError: 400 naming ``param`` when ``text`` holds a lone surrogate.
+    """
+    if text.isascii():
+        return
+    try:
+        text.encode()
+    except UnicodeEncodeError as e:
+        raise bad_request(
+            f"{param} is not valid Unicode: it holds {e.object[e.start : e.end]!r}, a lone "
+            "UTF-16 surrogate (a \\ud800-\\udfff escape without its pair); send UTF-8 text",
+            param,
+        ) from e
+
+
+def prompt_chars(body: Mapping[str, Any], *, chat: bool) -> int:
+    """Characters of a request's prompt text: ``prompt`` when it is a string, or the text of
+    every message's ``content`` (strings and text parts); 0 for anything else."""
+    if not chat:
+        prompt = body.get("prompt")
+        return len(prompt) if isinstance(prompt, str) else 0
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return 0
+    total = 0
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            total += len(content)
+        elif isinstance(content, list):
+            for part in content:
+                text = part.get("text") if isinstance(part, dict) else None
+                total += len(text) if isinstance(text, str) else 0
+    return total
+
+
 def _opt_bool(body: Mapping[str, Any], key: str) -> bool:
     value = body.get(key)
     if value is None:
@@ -123,6 +165,13 @@ class RequestParser:
         """
         if not isinstance(body, dict):
             raise bad_request(f"the request body must be a JSON object, got {type(body).__name__}")
+        chars = prompt_chars(body, chat=chat)
+        if chars > self.config.max_prompt_chars:
+            raise bad_request(
+                f"the prompt is {chars} characters; mock.max_prompt_chars is "
+                f"{self.config.max_prompt_chars}",
+                "messages" if chat else "prompt",
+            )
         model = body.get("model")
         if model is not None and model != self.config.model:
             raise HttpError(
@@ -141,11 +190,7 @@ class RequestParser:
         prompt_len = len(prompt_ids)
         limit = self.config.model_len
         if prompt_len >= limit:
-            raise bad_request(
-                f"the prompt is {prompt_len} tokens; max_model_len is {limit}, which must "
-                "also leave room for at least one output token",
-                "messages" if chat else "prompt",
-            )
+            raise self._too_long(prompt_len, "messages" if chat else "prompt")
         max_key = "max_completion_tokens" if chat and "max_completion_tokens" in body else None
         max_tokens = _opt_int(body, max_key or "max_tokens", 1)
         if max_tokens is None:
@@ -180,6 +225,8 @@ class RequestParser:
         salt = body.get("cache_salt")
         if salt is not None and (not isinstance(salt, str) or not salt):
             raise bad_request(f"cache_salt must be a non-empty string, got {salt!r}", "cache_salt")
+        if salt is not None:
+            check_text(salt, "cache_salt")
         return ParsedRequest(
             chat=chat,
             prompt_ids=prompt_ids,
@@ -194,11 +241,19 @@ class RequestParser:
             cache_salt=salt or "",
         )
 
+    def _too_long(self, prompt_len: int, param: str) -> HttpError:
+        return bad_request(
+            f"the prompt is {prompt_len} tokens; max_model_len is {self.config.model_len}, "
+            "which must also leave room for at least one output token",
+            param,
+        )
+
     def _completion_prompt(self, body: Mapping[str, Any]) -> list[int]:
         if "prompt" not in body or body["prompt"] is None:
             raise bad_request("prompt is required: a string or a list of token ids", "prompt")
         prompt = body["prompt"]
         if isinstance(prompt, str):
+            check_text(prompt, "prompt")
             ids = self.tokenizer.encode(prompt)
         elif isinstance(prompt, list):
             if prompt and all(isinstance(p, str | list) for p in prompt):
@@ -207,6 +262,8 @@ class RequestParser:
                     "send one prompt per request",
                     "prompt",
                 )
+            if len(prompt) >= self.config.model_len:  # before checking each id: it may be huge
+                raise self._too_long(len(prompt), "prompt")
             vocab = self.tokenizer.vocab_size
             for i, token in enumerate(prompt):
                 if isinstance(token, bool) or not isinstance(token, int):
@@ -238,8 +295,12 @@ class RequestParser:
             role = message.get("role")
             if not isinstance(role, str) or not role:
                 raise bad_request(f"messages[{i}].role must be a non-empty string", "messages")
+            check_text(role, "messages")
             content = message.get("content")
-            if content is None or isinstance(content, str):
+            if content is None:
+                continue
+            if isinstance(content, str):
+                check_text(content, "messages")
                 continue
             if not isinstance(content, list):
                 raise bad_request(
@@ -257,6 +318,7 @@ class RequestParser:
                         "the mock engine takes text only",
                         "messages",
                     )
+                check_text(part["text"], "messages")
         try:
             ids = self.tokenizer.chat_ids(messages)
         except ValueError as e:  # the model's chat template refused the conversation

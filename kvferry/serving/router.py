@@ -26,13 +26,25 @@ Routing a request (``POST /v1/completions`` or ``/v1/chat/completions``):
    token), and the answer is passed back: status, body, and for ``text/event-stream`` every
    chunk as it arrives, never buffered. The response carries ``X-Kvferry-Worker: <url>``.
 
-Failures: a worker that refuses or resets the connection, or answers 5xx, before its response
-started is marked down (:meth:`~kvferry.serving.router_workers.WorkerPool.mark_down`) and the
-request is sent once more, to the next best healthy worker. A stream that breaks after it
-started ends with an error chunk ``data: {"error": {...}}`` and ``data: [DONE]`` (no retry: the
-client already has part of the answer); a non-streaming body that breaks is a 502. When no
+Failures: a request that fails on a worker before its response started is sent once more, to
+the next best healthy worker. A worker that refuses the connection (nothing listens there) is
+marked down at once and its blocks are dropped
+(:meth:`~kvferry.serving.router_workers.WorkerPool.mark_down`). Any other failure (a 5xx, a
+reset or timed-out connection) may be the request's fault, not the worker's: when the retry
+fails alike, no worker is suspected; otherwise the worker's ``/health`` is checked first, and
+only a failed check marks it down (keeping its blocks: a slow or erring worker still holds its
+cache) (:meth:`~kvferry.serving.router_workers.WorkerPool.suspect`). A 4xx is the worker's
+answer, passed through. When every try answered 5xx, the client gets the last worker's own
+answer. A stream that breaks after it started ends with an error chunk
+``data: {"error": {...}}`` and ``data: [DONE]`` (no retry: the client already has part of the
+answer); a non-streaming body that breaks is a 502; either way the worker is checked. When no
 healthy worker is left the answer is 503; when the retry failed too it is 502. Errors are
 OpenAI-style ``{"error": {"message", "type", "param", "code"}}``.
+
+Clients are held to the limits of :mod:`kvferry.serving.http_front` (``router.header_timeout``,
+``router.idle_timeout``, ``router.body_timeout``, ``router.max_pending_connections``,
+``router.max_pending_per_address``, ``router.max_body_size`` (413) and
+``router.max_prompt_chars`` (400)); a large prompt is tokenized off the event loop.
 
 Endpoints (all but ``/health`` require ``Authorization: Bearer <token>`` when
 ``router.auth_token`` is set):
@@ -46,20 +58,23 @@ Endpoints (all but ``/health`` require ``Authorization: Bearer <token>`` when
 ``/router/stats``: ``{"mode", "temperature", "prefill_weight", "block_size", "model",
 "requests", "retries", "unrouted", "prompt_blocks", "hit_blocks", "hit_rate", "workers":
 [{"url", "healthy", "down_reason", "kv_source", "requests", "prompt_blocks", "hit_blocks",
-"hit_rate", "errors", "retries", "in_flight", "active_blocks", "indexed_blocks", "kv_events",
-"resyncs", "last_event_id", "event_blocks", "skipped_blocks"}]}``. ``hit_rate`` is the router's
-predicted block-weighted hit rate (predicted overlap blocks / full prompt blocks routed), per
-worker and overall; ``retries`` per worker counts requests that failed there and went
-elsewhere; ``unrouted`` counts 503s for want of a healthy worker; ``kv_source`` is "events",
-"approx" or "connecting"; for a vLLM worker read through ``router.vllm_events``,
-``event_blocks`` are the blocks its events announced that the router keyed and
-``skipped_blocks`` those it could not key (:mod:`kvferry.serving.vllm_events`), else null and 0.
+"hit_rate", "errors", "retries", "checks", "in_flight", "active_blocks", "indexed_blocks",
+"kv_events", "resyncs", "last_event_id", "event_blocks", "skipped_blocks"}]}``. ``hit_rate`` is
+the router's predicted block-weighted hit rate (predicted overlap blocks / full prompt blocks
+routed), per worker and overall; ``retries`` per worker counts requests that failed there and
+went elsewhere; ``checks`` the /health checks after such a failure; ``unrouted`` counts 503s
+for want of a healthy worker; ``kv_source`` is "events", "approx" or "connecting"; for a vLLM
+worker read through ``router.vllm_events``, ``event_blocks`` are the blocks its events announced
+that the router keyed and ``skipped_blocks`` those it could not key
+(:mod:`kvferry.serving.vllm_events`), else null and 0.
 
 Metrics: per worker (label ``worker``) counters ``kvferry_router_{requests,prompt_blocks,
-hit_blocks,errors,retries,kv_events,kv_resyncs}_total`` and gauges
+hit_blocks,errors,retries,checks,kv_events,kv_resyncs}_total`` and gauges
 ``kvferry_router_{predicted_hit_rate,in_flight,active_blocks,indexed_blocks,worker_up}``;
 ``kvferry_router_requests_received_total``, ``kvferry_router_unrouted_total``,
-``kvferry_router_http_responses_total{path,status}``.
+``kvferry_router_http_responses_total{path,status}`` (path "malformed": requests that were not
+HTTP), ``kvferry_router_http_connections_closed_total{reason}`` (header_timeout,
+too_many_waiting).
 
 The server binds 127.0.0.1 unless told otherwise and stops on SIGINT/SIGTERM.
 """
@@ -69,7 +84,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import logging
 import random
 import signal
@@ -82,11 +96,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from kvferry.config.models import RouterConfig
-from kvferry.errors import PeerClosed
 from kvferry.index.hashing import BlockHasher
-from kvferry.serving.http_front import front_middleware, listen, serve_app
+from kvferry.serving.http_front import HttpFront, decode_json, listen, off_loop
 from kvferry.serving.kv_index import LoadTracker, PrefixIndex, RoundRobin, pick, score
-from kvferry.serving.openai_api import HttpError, bad_request, data_line, error_body
+from kvferry.serving.openai_api import HttpError, bad_request, data_line, error_body, prompt_chars
 from kvferry.serving.router_workers import Worker, WorkerPool, describe_error
 from kvferry.serving.tokenizer import load_tokenizer
 
@@ -105,8 +118,6 @@ PREDICTION_GRACE_S: Final = 30.0
 a repeat arriving before the worker's stored events (or while the first request is still in
 prefill) goes to the same worker; the events then confirm or remove them."""
 
-SHUTDOWN_TIMEOUT_S: Final = 5.0
-MAX_BODY_BYTES: Final = 64 << 20
 MAX_HASHERS: Final = 4096
 """Block hashers (one per model and cache_salt) kept before the cache is emptied."""
 MAX_ATTEMPTS: Final = 2
@@ -122,6 +133,25 @@ _PATHS: Final = frozenset(
         "/router/stats",
     }
 )
+
+
+class _Failed(Exception):
+    """A worker failed a request before its response started.
+
+    Attributes:
+        reason: what happened, for logs and the client's error.
+        unreachable: the connection was refused or had no route: nothing listens there now,
+            whatever the request (anything else may be the request's fault).
+        answer: the worker's 5xx reply, to pass on if no other worker does better.
+    """
+
+    def __init__(
+        self, reason: str, *, unreachable: bool = False, answer: web.Response | None = None
+    ) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.unreachable = unreachable
+        self.answer = answer
 
 
 # --- metrics ---------------------------------------------------------------------------------
@@ -157,6 +187,12 @@ class _Collector:
                 "Requests that failed on the worker and were sent to another.",
                 True,
                 lambda w: w.stats.retries,
+            ),
+            (
+                "checks",
+                "Health checks of the worker after a request failed on it.",
+                True,
+                lambda w: w.stats.checks,
             ),
             ("kv_events", "KV events applied.", True, lambda w: w.events_applied),
             (
@@ -212,6 +248,15 @@ class _Collector:
         for (path, status), n in sorted(router.responses.items()):
             http.add_metric([path, str(status)], n)
         yield http
+        closed = CounterMetricFamily(
+            p + "http_connections_closed",
+            "Connections closed before sending a complete request: past "
+            "router.header_timeout, or the longest waiting while too many waited.",
+            labels=["reason"],
+        )
+        closed.add_metric(["header_timeout"], router.front.pending.timed_out)
+        closed.add_metric(["too_many_waiting"], router.front.pending.evicted)
+        yield closed
 
 
 # --- the server ------------------------------------------------------------------------------
@@ -238,26 +283,26 @@ class RouterServer:
         self.requests = 0
         self.retries = 0
         self.unrouted = 0
-        self.responses: dict[tuple[str, int], int] = {}
         self._rng = random.Random(seed)
         self._rr = RoundRobin([w.url for w in self.pool.workers])
         self._hashers: dict[tuple[str, str], BlockHasher] = {}
         self._ids = itertools.count(1)
         token = config.auth_token.get_secret_value() if config.auth_token is not None else None
-        self._token = token.encode() if token else None
+        self.front = HttpFront(
+            "router", "router", config, token.encode() if token else None, _PATHS, log
+        )
+        self.responses = self.front.responses
         self._upstream_headers = {"Content-Type": "application/json", **self.pool.headers}
         self._registry = CollectorRegistry(auto_describe=False)
         self._registry.register(_Collector(self))
         self._session: aiohttp.ClientSession | None = None
-        self._runner: web.AppRunner | None = None
         self.address: tuple[str, int] | None = None
 
     # --- lifecycle ---
 
     def app(self) -> web.Application:
         app = web.Application(
-            middlewares=[front_middleware("router", self._token, _PATHS, self.responses, log)],
-            client_max_size=MAX_BODY_BYTES,
+            middlewares=[self.front.middleware()], client_max_size=self.config.max_body_size
         )
         app.router.add_post("/v1/completions", self._generate)
         app.router.add_post("/v1/chat/completions", self._generate)
@@ -281,7 +326,7 @@ class RouterServer:
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.config.connect_timeout),
             )
             await self.pool.start(self._session)
-            self._runner, self.address = await serve_app(self.app(), sock, SHUTDOWN_TIMEOUT_S)
+            self.address = await self.front.start(self.app(), sock)
         except BaseException:
             sock.close()
             await self.close()
@@ -291,9 +336,7 @@ class RouterServer:
     async def close(self) -> None:
         """Stop serving, the probes and the event streams; idempotent."""
         await self.pool.close()
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
+        await self.front.close()
         session, self._session = self._session, None
         if session is not None:
             await session.close()
@@ -355,24 +398,43 @@ class RouterServer:
             chosen = self._rng.choice(urls)
         return self.pool.by_url(chosen), overlaps[chosen]
 
-    async def _generate(self, http: web.Request) -> web.StreamResponse:
-        raw = await http.read()
-        try:
-            body = json.loads(raw)
-        except UnicodeDecodeError as e:
-            raise bad_request(f"the request body is not UTF-8: {e}") from e
-        except ValueError as e:
-            raise bad_request(f"the request body is not valid JSON: {e}") from e
+    def _blocks(self, raw: bytes, chat: bool) -> tuple[int, list[bytes]]:
+        """Decode a request body; its prompt's token count and block hashes.
+
+        Raises:
+            HttpError: 400 for a body that is not a JSON object or a prompt over
+                ``router.max_prompt_chars``.
+        """
+        body = decode_json(raw)
         if not isinstance(body, dict):
             raise bad_request(f"the request body must be a JSON object, got {type(body).__name__}")
-        self.requests += 1
-        tokens = self.prompt_ids(body, chat=http.path == "/v1/chat/completions")
+        chars = prompt_chars(body, chat=chat)
+        if chars > self.config.max_prompt_chars:
+            raise bad_request(
+                f"the prompt is {chars} characters; router.max_prompt_chars is "
+                f"{self.config.max_prompt_chars}",
+                "messages" if chat else "prompt",
+            )
+        tokens = self.prompt_ids(body, chat=chat)
         salt = body.get("cache_salt")
-        hashes = self._hasher(salt if isinstance(salt, str) else "").hashes(tokens)
+        try:
+            hashes = self._hasher(salt if isinstance(salt, str) else "").hashes(tokens)
+        except UnicodeEncodeError:  # a salt that is not valid Unicode: the worker says so
+            hashes = []
+        return len(tokens), hashes
+
+    async def _generate(self, http: web.Request) -> web.StreamResponse:
+        raw = await self.front.read_body(http)
+        # A large prompt is decoded, tokenized and hashed in a thread: the loop keeps serving.
+        chat = http.path == "/v1/chat/completions"
+        prompt_tokens, hashes = await off_loop(len(raw), self._blocks, raw, chat)
+        self.requests += 1
         tried: list[Worker] = []
         failures: list[str] = []
+        suspects: list[tuple[Worker, str]] = []
+        answer: web.Response | None = None
         while len(tried) < MAX_ATTEMPTS:
-            choice = self.choose(hashes, len(tokens), exclude=tried)
+            choice = self.choose(hashes, prompt_tokens, exclude=tried)
             if choice is None:
                 break
             worker, overlap = choice
@@ -381,11 +443,25 @@ class RouterServer:
                 self.retries += 1
             tried.append(worker)
             try:
-                return await self._forward(http, worker, raw, hashes, len(tokens), overlap)
-            except PeerClosed as e:
+                response = await self._forward(http, worker, raw, hashes, prompt_tokens, overlap)
+            except _Failed as e:
                 worker.stats.errors += 1
-                self.pool.mark_down(worker, str(e))
-                failures.append(f"{worker.url} {e}")
+                failures.append(f"{worker.url} {e.reason}")
+                if e.unreachable:
+                    self.pool.mark_down(worker, e.reason)
+                else:
+                    suspects.append((worker, e.reason))
+                    answer = answer or e.answer
+                continue
+            # It worked here: a worker it failed on is to blame, if that worker's /health agrees.
+            for suspect, reason in suspects:
+                self.pool.suspect(suspect, reason)
+            return response
+        if len(suspects) == 1:  # tried on no other worker: its /health decides
+            self.pool.suspect(*suspects[0])
+        # (Two workers failed it alike: the request is to blame, and no worker is suspected.)
+        if answer is not None:  # a worker's own 5xx says best what went wrong
+            return answer
         detail = f" ({'; '.join(failures)})" if failures else ""
         if not self.pool.healthy():
             self.unrouted += 1
@@ -408,7 +484,7 @@ class RouterServer:
         """Send the request to ``worker`` and relay its answer, counting it.
 
         Raises:
-            PeerClosed: the worker failed before its response started (retry elsewhere).
+            _Failed: the worker failed before its response started (retry elsewhere).
         """
         stats = worker.stats
         stats.requests += 1
@@ -433,22 +509,28 @@ class RouterServer:
             upstream = await self._session.post(
                 worker.url + http.path, data=raw, headers=self._upstream_headers
             )
+        except aiohttp.ClientConnectorError as e:  # refused, no route: no worker there now
+            raise _Failed(f"failed before answering: {describe_error(e)}", unreachable=True) from e
         except (aiohttp.ClientError, OSError, TimeoutError) as e:
-            raise PeerClosed(f"failed before answering: {describe_error(e)}") from e
+            raise _Failed(f"failed before answering: {describe_error(e)}") from e
         async with upstream:
-            if upstream.status >= 500:
-                text = ""
-                with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
-                    text = " ".join((await upstream.read())[:300].decode(errors="replace").split())
-                raise PeerClosed(f"answered {upstream.status}" + (f": {text}" if text else ""))
             ctype = upstream.headers.get("Content-Type", "application/json")
             headers = {"Content-Type": ctype, WORKER_HEADER: worker.url}
+            if upstream.status >= 500:
+                payload = b""
+                with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
+                    payload = await upstream.read()
+                text = " ".join(payload[:300].decode(errors="replace").split())
+                raise _Failed(
+                    f"answered {upstream.status}" + (f": {text}" if text else ""),
+                    answer=web.Response(status=upstream.status, body=payload, headers=headers),
+                )
             if not ctype.startswith("text/event-stream"):
                 try:
                     payload = await upstream.read()
                 except (aiohttp.ClientError, OSError, TimeoutError) as e:
                     worker.stats.errors += 1
-                    self.pool.mark_down(worker, f"its answer broke off: {describe_error(e)}")
+                    self.pool.suspect(worker, f"its answer broke off: {describe_error(e)}")
                     raise HttpError(
                         502, f"worker {worker.url} failed while answering: {describe_error(e)}"
                     ) from e
@@ -476,7 +558,7 @@ class RouterServer:
             except (aiohttp.ClientError, OSError, TimeoutError) as e:
                 worker.stats.errors += 1
                 reason = describe_error(e)
-                self.pool.mark_down(worker, f"its stream broke off: {reason}")
+                self.pool.suspect(worker, f"its stream broke off: {reason}")
                 end = data_line(error_body(502, f"worker {worker.url} failed mid-stream: {reason}"))
                 with contextlib.suppress(ConnectionError):
                     await response.write(end + b"data: [DONE]\n\n")
@@ -552,6 +634,7 @@ class RouterServer:
                     "hit_rate": s.hit_rate,
                     "errors": s.errors,
                     "retries": s.retries,
+                    "checks": s.checks,
                     "in_flight": self.load.in_flight(w.url),
                     "active_blocks": self.load.active_blocks(w.url),
                     "indexed_blocks": self.index.blocks(w.url),

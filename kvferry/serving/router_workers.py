@@ -9,11 +9,13 @@ router's event loop:
   size or model (the block hash salt) differs from the router's is a
   :class:`~kvferry.errors.ConfigError` that names both values; a worker that cannot be reached
   starts as down. When ``router.model`` is empty the router takes the first worker's model.
-- **Health**: a worker is marked down (:meth:`WorkerPool.mark_down`) when a request to it
-  fails before its response started, or when its event stream cannot reconnect. Its blocks
-  are dropped from the index (a restarted worker has an empty cache) and it gets no requests
-  until a ``GET /health`` probe, every ``router.health_interval`` seconds, and the start-up
-  check pass again.
+- **Health**: a worker is marked down (:meth:`WorkerPool.mark_down`) when it refuses a
+  connection (a request's or its event stream's), or when a request failed on it in a way the
+  request may have caused (a 5xx, a broken or timed-out connection) and a ``GET /health`` check
+  right after fails too (:meth:`WorkerPool.suspect`). A worker that cannot be reached loses its
+  blocks in the index (a restarted worker has an empty cache); one that still answers, slowly
+  or with errors, keeps them. It gets no requests until a ``GET /health`` probe, every
+  ``router.health_interval`` seconds, and the start-up check pass again.
 - **KV events** (with ``router.kv_events``): one long-lived ``GET /kv/events`` per worker,
   read by an :class:`~kvferry.serving.kv_index.EventMirror`. A stream that ends is resumed
   with ``?since=<last id>``; an ``error`` event or a gap in the ids restarts it from a fresh
@@ -89,6 +91,8 @@ class WorkerStats:
     """Requests to it that failed (refused, reset, 5xx, broken stream)."""
     retries: int = 0
     """Requests that failed on it and were sent to another worker."""
+    checks: int = 0
+    """/health checks after a request failed on it in a way the request may have caused."""
 
     @property
     def hit_rate(self) -> float:
@@ -228,6 +232,7 @@ class WorkerPool:
         )
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._checks: dict[Worker, asyncio.Task[None]] = {}
 
     # --- lifecycle ---
 
@@ -251,8 +256,9 @@ class WorkerPool:
                 self._tasks.append(task)
 
     async def close(self) -> None:
-        """Stop the probe and the event followers; idempotent."""
-        tasks, self._tasks = self._tasks, []
+        """Stop the probe, the checks and the event followers; idempotent."""
+        tasks, self._tasks = self._tasks + list(self._checks.values()), []
+        self._checks.clear()
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -269,17 +275,50 @@ class WorkerPool:
                 return w
         raise KeyError(url)
 
-    def mark_down(self, worker: Worker, reason: str) -> None:
-        """Take ``worker`` out of routing until a probe brings it back; drops its blocks."""
+    def mark_down(self, worker: Worker, reason: str, *, keep_blocks: bool = False) -> None:
+        """Take ``worker`` out of routing until a probe brings it back. Its blocks are dropped
+        (a worker that went away comes back with an empty cache) unless ``keep_blocks`` (it
+        still answers, slowly or with errors: its cache is likely intact); either way its
+        event stream restarts from a snapshot, which replaces them."""
         if worker.healthy:
             log.warning("worker %s is down: %s", worker.url, reason)
         worker.healthy = False
         worker.down_reason = reason
         worker.up.clear()
-        self.index.clear(worker.url)
+        if not keep_blocks:
+            self.index.clear(worker.url)
         worker.mirror.last_id = None
         if worker.vllm:
             worker.vllm[0].reset()
+
+    def suspect(self, worker: Worker, reason: str) -> None:
+        """A request failed on ``worker`` in a way the request itself may have caused (a 5xx,
+        a broken or timed-out connection): check its ``/health`` now, in the background, and
+        mark it down only if that fails too (keeping its blocks unless it cannot be reached).
+        A check already running for it covers this one."""
+        if not worker.healthy or worker in self._checks:
+            return
+        task = asyncio.create_task(self._check(worker, reason), name=f"kvferry-check {worker.url}")
+        self._checks[worker] = task
+        task.add_done_callback(lambda _: self._checks.pop(worker, None))
+
+    async def _check(self, worker: Worker, reason: str) -> None:
+        try:
+            status, _ = await self._get(worker, "/health")
+        except aiohttp.ClientConnectorError as e:
+            self.mark_down(worker, f"{reason}; then its /health: {describe_error(e)}")
+        except (aiohttp.ClientError, OSError, TimeoutError) as e:
+            self.mark_down(
+                worker, f"{reason}; then its /health: {describe_error(e)}", keep_blocks=True
+            )
+        else:
+            if status != 200:
+                reason = f"{reason}; then its /health answered {status}"
+                self.mark_down(worker, reason, keep_blocks=True)
+            else:
+                log.info("worker %s stays up: %s, but its /health is fine", worker.url, reason)
+        finally:
+            worker.stats.checks += 1
 
     def _mark_up(self, worker: Worker) -> None:
         if not worker.healthy:

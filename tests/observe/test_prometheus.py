@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from kvferry.errors import ConfigError
 from kvferry.observe.counters import MetricSet
 from kvferry.observe.prometheus import MetricsExporter, histogram_buckets
 from kvferry.store.stats import StoreStats, TierCounters
+from kvferry.testing.slowloris import Trickle
 
 
 def _store_stats() -> StoreStats:
@@ -237,6 +239,28 @@ def test_auth_token_guards_both_endpoints() -> None:
         assert b"kvferry_store_hit_rate" in _get(f"http://{host}:{port}/metrics", "s3cret")[2]
 
 
+def test_trickling_clients_are_closed_and_never_lock_out_a_scraper() -> None:
+    """30 connections trickle a header byte every 0.2 s (each a thread in the exporter): the
+    scraper with the token is served throughout, at most 8 trickling connections stay past a
+    second, and none outlives the 3 s header deadline."""
+    with MetricsExporter(
+        auth_token="s3cret", header_timeout=3.0, max_pending=16, max_pending_per_address=8
+    ) as exp:
+        exp.add_source("store", StoreStats)
+        host, port = exp.start()
+        url = f"http://{host}:{port}/metrics"
+        with Trickle(host, port, 30) as slow:
+            assert _get(url, token="s3cret")[0] == 200
+            deadline = time.monotonic() + 2.5
+            while slow.open() > 8:
+                assert time.monotonic() < deadline, f"{slow.open()} trickling connections stay"
+                time.sleep(0.05)
+            assert _get(url, token="s3cret")[0] == 200
+            assert slow.wait_closed(4.5)
+            assert max(slow.closed.values()) < 4.5
+        assert exp.pending.evicted >= 30 - 8 and exp.pending.evicted + exp.pending.timed_out == 30
+
+
 def _can_listen(port: int) -> bool:
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -283,6 +307,8 @@ def test_port_in_use_is_a_config_error(exporter: MetricsExporter) -> None:
         ({"port": True}, "port True"),
         ({"port": "9100"}, "port '9100'"),
         ({"auth_token": ""}, "auth_token"),
+        ({"header_timeout": 0.0}, "header_timeout"),
+        ({"max_pending_per_address": 0}, "at least 1"),
     ],
 )
 def test_bad_settings_are_config_errors(kwargs: dict[str, object], match: str) -> None:

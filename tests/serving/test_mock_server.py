@@ -9,9 +9,11 @@ sharing a server never share a prefix by accident.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import random
 import re
+import socket
 import sys
 import threading
 import time
@@ -330,6 +332,27 @@ def test_auth_token_is_required_everywhere_but_health() -> None:
         ("/v1/completions", {"prompt": "a", "stream": "yes"}, 400, "stream must be true or false"),
         ("/v1/completions", {"prompt": "a", "logprobs": 2}, 400, "logprobs is not supported"),
         ("/v1/completions", {"prompt": "a", "cache_salt": ""}, 400, "cache_salt must be"),
+        # A lone UTF-16 surrogate (valid JSON, not valid Unicode) is the client's mistake.
+        ("/v1/completions", b'{"prompt": "a \\ud800 b"}', 400, "prompt is not valid Unicode"),
+        (
+            "/v1/completions",
+            b'{"prompt": "a", "cache_salt": "\\udfff"}',
+            400,
+            "cache_salt is not valid Unicode",
+        ),
+        (
+            "/v1/chat/completions",
+            b'{"messages": [{"role": "user", "content": "x \\ud800"}]}',
+            400,
+            "messages is not valid Unicode",
+        ),
+        (
+            "/v1/chat/completions",
+            b'{"messages": [{"role": "\\ud800", "content": "x"}]}',
+            400,
+            "messages is not valid Unicode",
+        ),
+        ("/v1/completions", b"[" * 100_000, 400, "nested too deeply"),
         ("/v1/completions", {"prompt": "a", "model": "gpt-9"}, 404, "'gpt-9' does not exist"),
         ("/v1/chat/completions", {"prompt": "a"}, 400, "messages is required"),
         ("/v1/chat/completions", {"messages": [{"content": "x"}]}, 400, "role must be"),
@@ -359,6 +382,61 @@ def test_bad_since_and_wrong_method(server: MockServerProcess) -> None:
     assert reply.status == 400 and "since must be a non-negative" in reply.body["error"]["message"]
     reply = server.get("/v1/completions")
     assert reply.status == 405 and "GET is not allowed" in reply.body["error"]["message"]
+
+
+def test_a_huge_prompt_is_tokenized_off_the_event_loop() -> None:
+    """While a prompt of millions of words is tokenized (then refused: longer than
+    max_model_len), /health keeps answering: its longest silence is a fraction of the time the
+    big request took, where the tokenizer used to hold the event loop for all of it."""
+    text = " ".join(f"w{i % 1000}" for i in range(1_500_000))
+    with MockServerProcess.start(
+        "--speedup-ratio",
+        "1000",
+        "--set",
+        "mock.max_body_size=64MiB",
+        "--set",
+        "mock.max_prompt_chars=100000000",
+    ) as s:
+        answered: list[float] = []
+        done = threading.Event()
+
+        def poll() -> None:
+            while not done.is_set():
+                if s.get("/health", timeout=30).status == 200:
+                    answered.append(time.monotonic())
+
+        poller = threading.Thread(target=poll)
+        poller.start()
+        time.sleep(0.2)
+        start = time.monotonic()
+        reply = s.post("/v1/completions", {"prompt": text, "max_tokens": 1})
+        took = time.monotonic() - start
+        done.set()
+        poller.join()
+    assert reply.status == 400 and "the prompt is 1500000 tokens" in reply.text
+    during = [start, *[t for t in answered if start < t], start + took]
+    longest_silence = max(b - a for a, b in itertools.pairwise(during))
+    assert longest_silence < took / 2, (longest_silence, took)
+
+
+def test_a_client_that_hangs_up_stops_its_request() -> None:
+    with MockServerProcess.start("--speedup-ratio", "1") as s:
+        body = json.dumps({"prompt": "a b c", "max_tokens": 5000, "ignore_eos": True}).encode()
+        with socket.create_connection((s.host, s.port), timeout=5) as c:
+            c.sendall(
+                b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+            )
+            deadline = time.monotonic() + 10
+            while s.metrics()["kvferry_mock_requests_running"] < 1:
+                assert time.monotonic() < deadline, "the request never ran"
+                time.sleep(0.02)
+        # 5000 decode steps of ~7 ms would run for 35 s; the hang-up aborts them now.
+        deadline = time.monotonic() + 5
+        while s.metrics()["kvferry_mock_requests_running"] > 0:
+            assert time.monotonic() < deadline, "the request kept running without its client"
+            time.sleep(0.05)
+        assert s.metrics()['kvferry_mock_requests_total{finish_reason="abort"}'] == 1
 
 
 # --- process, config and tokenizer ------------------------------------------------------------
