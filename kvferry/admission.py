@@ -114,6 +114,19 @@ class PendingConnections:
         for close_victim in victims:
             close_victim()
 
+    def evict_oldest(self) -> bool:
+        """Close the connection that has waited longest, however young: for a listener whose
+        pending connections each cost a thread and that must bound them outright. False when
+        none waits."""
+        with self._lock:
+            if not self._all:
+                return False
+            conn, w = next(iter(self._all.items()))
+            self._remove(conn)
+            self.evicted += 1
+        w.close()
+        return True
+
     def arrived(self, conn: Hashable) -> None:
         """``conn``'s request headers are in: it waits no more (no-op if it did not wait)."""
         with self._lock:

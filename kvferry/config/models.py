@@ -183,16 +183,16 @@ class ListenConfig(_Model):
         64,
         ge=1,
         le=100_000,
-        description="Connections still in their handshake at once; when full, the oldest of "
-        "them is dropped for the newcomer, so a client that completes its handshake promptly "
-        "always gets in while others trickle.",
+        description="Connections still in their handshake at once; past it, the oldest that "
+        "has waited 1 s is closed for the newcomer (at 4x, the oldest whatever its age), so a "
+        "client that completes its handshake promptly gets in while others trickle.",
     )
     max_pending_per_host: int = Field(
         8,
         ge=1,
         le=100_000,
         description="Connections still in their handshake from one source address; past it, "
-        "that address's oldest is dropped.",
+        "that address's oldest that has waited 1 s is closed.",
     )
     idle_timeout: Seconds = Field(
         300.0,

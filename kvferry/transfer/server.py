@@ -11,9 +11,12 @@ is not already waiting, and the connection busy-polls for ``grace_period_ns`` be
 on small VMs a blocking wake-up costs more than a whole small transfer.
 
 No peer can hold the listener: a handshake has a total deadline (``listen.handshake_timeout``),
-connections still in their handshake are capped (``listen.max_pending``, and per source address
-``listen.max_pending_per_host``) and the oldest of them makes room for a newcomer, so a client
-that completes its handshake promptly gets in while others trickle bytes; only authenticated
+and connections still in their handshake are bounded the way every kvferry listener bounds them
+(:class:`~kvferry.admission.PendingConnections`): past ``listen.max_pending`` (per source
+address ``listen.max_pending_per_host``) the one that has waited longest, once it has waited a
+second, is closed for the newcomer, so a client that completes its handshake promptly gets in
+while others trickle bytes, and a burst of honest connects is left alone. Each costs a thread
+here, so at four times ``max_pending`` the oldest goes whatever its age. Only authenticated
 connections count against ``listen.max_connections``. After the handshake the kernel times out
 blocking reads and writes (SO_RCVTIMEO/SO_SNDTIMEO, no cost on the data path): a frame that makes
 no progress for ``listen.stall_timeout`` closes its connection, and so does an idle wait between
@@ -23,6 +26,7 @@ memory, so a header that announces 64 MiB and stalls costs what it sent, not 64 
 
 from __future__ import annotations
 
+import functools
 import hmac
 import logging
 import mmap
@@ -30,10 +34,10 @@ import socket
 import struct
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from kvferry.admission import PendingConnections
 from kvferry.config.models import ListenConfig, TransferConfig
 from kvferry.errors import AuthError, KvferryError, PeerClosed, ProtocolError
 from kvferry.observe.counters import TransportCounters
@@ -63,6 +67,7 @@ log = logging.getLogger("kvferry.transfer.server")
 _peer_log = RateLimitedLog(log)
 
 _FLUSH_BYTES = 4 << 20
+_PENDING_CAP_FACTOR = 4
 _RBUF_BYTES = 16 << 10
 _DONTWAIT = socket.MSG_DONTWAIT
 
@@ -106,8 +111,11 @@ class TargetServer:
         self.counters = counters
         self._sock: socket.socket | None = None
         self._conns: set[socket.socket] = set()
-        # Connections in their handshake, oldest first: socket -> source host.
-        self._pending: OrderedDict[socket.socket, str] = OrderedDict()
+        # Connections in their handshake (each has a thread): slowloris bookkeeping.
+        self._pending = PendingConnections(
+            listen.handshake_timeout, listen.max_pending, listen.max_pending_per_host
+        )
+        self._pending_cap = _PENDING_CAP_FACTOR * listen.max_pending
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._closed = False
@@ -173,9 +181,9 @@ class TargetServer:
                 if self._closed:
                     conn.close()
                     return
-                host = str(peer[0])
-                self._make_pending_room(host)
-                self._pending[conn] = host
+                if len(self._pending) >= self._pending_cap:
+                    self._pending.evict_oldest()  # a flood of young connections: bound threads
+                self._pending.waiting(conn, str(peer[0]), functools.partial(self._evict, conn))
                 self._threads = [t for t in self._threads if t.is_alive()]
                 thread = threading.Thread(
                     target=self._serve, args=(conn, peer), name="kvferry-conn", daemon=True
@@ -183,21 +191,12 @@ class TargetServer:
                 self._threads.append(thread)
             thread.start()
 
-    def _make_pending_room(self, host: str) -> None:
-        """Drop the oldest connection still in its handshake (from ``host`` if that address is
-        at its own cap) when the pending table is full; caller holds the lock. The dropped
-        connection's thread sees its socket shut down and ends."""
-        victim: socket.socket | None = None
-        if sum(1 for h in self._pending.values() if h == host) >= self._listen.max_pending_per_host:
-            victim = next(s for s, h in self._pending.items() if h == host)
-        elif len(self._pending) >= self._listen.max_pending:
-            victim = next(iter(self._pending))
-        if victim is None:
-            return
-        del self._pending[victim]
+    def _evict(self, sock: socket.socket) -> None:
+        """Close a connection still in its handshake to make room; its thread sees the socket
+        shut down and ends."""
         self.counters.add(evicted=1)
         try:
-            victim.shutdown(socket.SHUT_RDWR)
+            sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
 
@@ -206,9 +205,8 @@ class TargetServer:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._handshake(sock, time.monotonic() + self._handshake_timeout)
+            self._pending.arrived(sock)
             with self._lock:
-                if self._pending.pop(sock, None) is None:
-                    return  # dropped for a newer connection while it finished
                 if len(self._conns) >= self._listen.max_connections:
                     self.counters.add(protocol_errors=1)
                     _send_error(sock, "too many connections")
@@ -236,9 +234,9 @@ class TargetServer:
             self.counters.add(errors=1)
             log.exception("unexpected error serving %s", _addr(peer))
         finally:
+            self._pending.closed(sock)
             with self._lock:
                 self._conns.discard(sock)
-                self._pending.pop(sock, None)
             sock.close()
 
     def _handshake(self, sock: socket.socket, deadline: float) -> None:
