@@ -20,7 +20,7 @@ seconds. Metric names and their meaning:
   ``kvferry_store_lookup_latency_seconds`` (histogram);
 - tier traffic: ``kvferry_tier_{lookup_blocks,hit_blocks,blocks_in,blocks_out,bytes_in,bytes_out,
   save_seconds,load_seconds,evictions,demotions,promotions,no_space_blocks,errors,
-  breaker_skipped_calls,breaker_opens,breaker_closes}_total``,
+  corrupt_blocks,breaker_skipped_calls,breaker_opens,breaker_closes}_total``,
   ``kvferry_tier_{load,save}_gbps`` (gauges; GB = 1e9 bytes, over the seconds spent moving),
   ``kvferry_tier_breaker_open`` (gauge; 1 while a shared tier's circuit breaker is open),
   ``kvferry_tier_{get,put}_latency_seconds`` (histograms);
@@ -28,7 +28,7 @@ seconds. Metric names and their meaning:
   (gauges; ``total_*`` absent for tiers without a fixed capacity), ``kvferry_tier_extra{name=}``
   (a tier's own extra numbers);
 - transfer: ``kvferry_transfer_{bytes_read,bytes_written,requests,slices,errors,retries,
-  protocol_errors}_total``, ``kvferry_transfer_latency_seconds`` (histogram);
+  protocol_errors,timeouts,evicted}_total``, ``kvferry_transfer_latency_seconds`` (histogram);
 - the exporter itself: ``kvferry_exporter_source_up`` (1 when the last scrape read the source) and
   ``kvferry_exporter_source_errors_total``.
 
