@@ -73,7 +73,8 @@ def main() -> None:
         got = {name: run(tree, args, a.metric) for name, tree in order}
         ratio = got["head"] / got["base"]
         ratios.append(ratio)
-        print(f"pair {i + 1}: base {got['base']:.4g}  head {got['head']:.4g}  head/base {ratio:.3f}")
+        base, head = got["base"], got["head"]
+        print(f"pair {i + 1}: base {base:.4g}  head {head:.4g}  head/base {ratio:.3f}")
         if a.out:
             with a.out.open("a") as f:
                 row = {"label": a.label, "pair": i + 1, "metric": a.metric, **got}
