@@ -42,12 +42,33 @@ def pick(doc: Any, path: str) -> float:
     return float(doc)
 
 
+def _env(tree: Path) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(tree.resolve())}
+
+
+def check_tree(tree: Path) -> None:
+    """Make sure ``python -m kvferry`` run the way ``run`` runs it imports ``tree``'s package.
+
+    ``-m`` puts the working directory first on sys.path, ahead of PYTHONPATH: run from another
+    checkout, both sides would import that checkout and an A/B would be an A/A.
+    """
+    probe = [sys.executable, "-c", "import kvferry; print(kvferry.__file__)"]
+    where = subprocess.run(
+        probe, env=_env(tree), cwd=tree, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    if not Path(where).resolve().is_relative_to(tree.resolve()):
+        raise SystemExit(f"{tree}: python imports kvferry from {where}, not from this checkout")
+
+
 def run(tree: Path, args: list[str], metric: str) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "r.json"
-        env = {**os.environ, "PYTHONPATH": str(tree.resolve())}
         cmd = [sys.executable, "-m", "kvferry", *args, "--json", str(out)]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+        # cwd = the checkout: child processes the bench starts (`-m kvferry ...` targets and
+        # servers) inherit it and PYTHONPATH, so they run the same side's code.
+        proc = subprocess.run(
+            cmd, env=_env(tree), cwd=tree, capture_output=True, text=True, check=False
+        )
         if proc.returncode != 0 or not out.exists():
             raise SystemExit(f"{' '.join(cmd)} (in {tree}) failed:\n{proc.stderr[-2000:]}")
         return pick(json.loads(out.read_text()), metric)
@@ -65,6 +86,8 @@ def main() -> None:
     parser.add_argument("bench", nargs=argparse.REMAINDER, help="-- then the kvferry arguments")
     a = parser.parse_args()
     args = a.bench[1:] if a.bench[:1] == ["--"] else a.bench
+    check_tree(a.base)
+    check_tree(a.head)
     ratios: list[float] = []
     for i in range(a.pairs):
         order = [("base", a.base), ("head", a.head)]

@@ -215,23 +215,36 @@ class SlotTier(Tier):
         """Publish the reserved slots whose ``ok`` is True and free the others; returns which
         were published.
 
-        ``checksums`` (the writer's :func:`block_checksum` of what it meant to write, per key):
-        a tier that keeps checksums publishes a block only when its slot holds exactly those
-        bytes, and frees it otherwise (someone else wrote the slot, or the write was torn).
+        ``checksums`` (the writer's :func:`block_checksum` of what it meant to write, per key,
+        as ``needs_checksum`` asked): where the tier guards a slot, the block is published only
+        when the slot holds exactly those bytes, and freed otherwise (a writer that lost the
+        slot wrote it since, or the write was torn).
         """
+
+    def abandon(self, keys: Sequence[Key]) -> None:
+        """Take back reserved slots whose holder did not finish (its lease ran out): it may
+        still write into them, so a tier that guards slots guards these from now on. The base
+        class frees them like a failed commit."""
+        self.commit(keys, [False] * len(keys))
+
+    def needs_checksum(self, keys: Sequence[Key]) -> list[bool]:
+        """For reserved keys: whether ``commit`` must be given the writer's checksum (the slot
+        is guarded). The base class guards nothing."""
+        return [False] * len(keys)
 
     @abstractmethod
     def views(self, keys: Sequence[Key], *, verify: bool = False) -> list[memoryview | None]:
         """Read-only views of present blocks (None for a miss). The caller must keep the block
-        pinned in the store while it uses the view. ``verify``: a tier that keeps checksums
-        checks each block first and drops (None) any that does not match."""
+        pinned in the store while it uses the view. ``verify``: a guarded block is checked
+        first and dropped (None) if it does not match its checksum."""
 
-    def checksums(self, keys: Sequence[Key]) -> list[int | None] | None:
-        """The :func:`block_checksum` each present block was stored with (None for a miss), or
-        None when this tier keeps no checksums."""
-        return None
+    def checksums(self, keys: Sequence[Key]) -> list[int | None]:
+        """For each present block, the :func:`block_checksum` a reader of its bytes (a view, a
+        peer reading the pool) must check them against, or None where none is needed (the
+        slot is not guarded) or the block is absent."""
+        return [None] * len(keys)
 
     def verify(self, keys: Sequence[Key]) -> list[Key]:
-        """Check the present blocks among ``keys`` against their checksums and drop those that
-        do not match; the keys dropped (none for a tier that keeps no checksums)."""
+        """Check the guarded present blocks among ``keys`` against their checksums and drop
+        those that do not match; the keys dropped."""
         return []

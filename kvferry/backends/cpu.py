@@ -12,15 +12,18 @@ Copies happen under the tier's lock: a memoryview slice assignment holds the GIL
 copy under the lock is what makes ``get`` and ``delete`` from different threads safe without a
 reader count per slot.
 
-Integrity (``cpu.checksum``): when peers can reach the pool (a store server lends it through the
-shared mapping), a client that stalls past its lease can still write into a slot that has since
-been given to another block. So each block keeps :func:`~kvferry.backends.base.block_checksum`
-(xxh3-64 seeded with its key) beside its length: set by ``put`` from the bytes it copies in, and
-by ``commit`` from the slot's bytes, which must equal the checksum the writer declares (else the
-block is not published: ``REJECTED``). ``get`` and ``views(verify=True)`` (demotion) check it and
-drop a block that does not match, so a wrong block is a miss, never a hit; the store server sends
-it with every block it lends, and its clients check what they received. A pool only this process
-touches skips all of it (``auto``): nothing there can write a slot behind the store's back.
+Integrity (``cpu.checksum``). A slot is written only by ``put`` (a copy under the lock) or by
+the holder of a reservation, through the view ``reserve`` lent (in a store server, a same-host
+client through the shared mapping). A holder that stalls past its lease may still write after
+the store took the slot back (``abandon``) and gave it to another block: the one way a slot's
+bytes can change behind the store's back. So an abandoned slot is *guarded* from then on: every
+block later stored in it keeps :func:`~kvferry.backends.base.block_checksum` (xxh3-64 seeded with
+its key) beside its length, a ``commit`` into it publishes only when the slot holds exactly the
+checksum its writer declares (``REJECTED`` otherwise), and reads of it (``get``,
+``views(verify=True)``, and the store server's clients, told by ``checksums``) check the bytes and
+treat a mismatch as a miss, never a hit. Other slots cost nothing: no hashing on the common path.
+``on`` guards every slot (end-to-end checks of every block, for those who want them whatever the
+cost); ``off`` guards none.
 """
 
 from __future__ import annotations
@@ -86,8 +89,11 @@ class CpuTier(SlotTier):
         # objects made once here, so the index's values share them: no int object per block.
         self._lengths = array("I", bytes(4 * n))
         mode = config.checksum
-        self.checksummed = mode == "on" or (mode == "auto" and context.allocate is not None)
-        self._sums = array("Q", bytes(8 * n)) if self.checksummed else array("Q")
+        self._guard_all = mode == "on"
+        self._guarding = mode != "off"
+        self._sums = array("Q", bytes(8 * n)) if self._guarding else array("Q")
+        # Slots once lent to a writer that did not finish: it may still write there.
+        self._tainted: set[int] = set()
         self._corrupt = 0
         self._free = list(range(n - 1, -1, -1))  # pop() hands out slot 0 first
         self._peak = 0
@@ -141,7 +147,7 @@ class CpuTier(SlotTier):
                 )
         out: list[PutStatus] = []
         pool, lengths, index, free = self._pool, self._lengths, self._index, self._free
-        sums = self._sums if self.checksummed else None
+        sums, tainted, guard_all = self._sums, self._tainted, self._guard_all
         with self._lock:
             self._check_open()
             for k, v in zip(keys, values):
@@ -156,7 +162,7 @@ class CpuTier(SlotTier):
                 start = slot * slot_size
                 pool[start : start + n] = v
                 lengths[slot] = n
-                if sums is not None:
+                if guard_all or (tainted and slot in tainted):
                     sums[slot] = block_checksum(k, v)
                 index[k] = slot
                 out.append(PutStatus.STORED)
@@ -166,6 +172,7 @@ class CpuTier(SlotTier):
     def get(self, keys: Sequence[Key], outs: Sequence[memoryview]) -> list[int | None]:
         res: list[int | None] = []
         pool, lengths, index, slot_size = self._pool, self._lengths, self._index, self.slot_size
+        tainted, guard_all = self._tainted, self._guard_all
         with self._lock:
             self._check_open()
             for k, out in zip(keys, outs):
@@ -181,7 +188,9 @@ class CpuTier(SlotTier):
                     )
                 start = slot * slot_size
                 out[:n] = pool[start : start + n]
-                if self.checksummed and block_checksum(k, out[:n]) != self._sums[slot]:
+                if (guard_all or (tainted and slot in tainted)) and block_checksum(
+                    k, out[:n]
+                ) != self._sums[slot]:
                     self._drop_corrupt(k, slot)
                     res.append(None)
                     continue
@@ -239,7 +248,7 @@ class CpuTier(SlotTier):
                 if slot is None:
                     published.append(False)
                     continue  # never reserved (no space) or already aborted
-                if good and self.checksummed:
+                if good and self._guarded(slot):
                     start = slot * slot_size
                     actual = block_checksum(k, pool[start : start + lengths[slot]])
                     if checksums is not None and actual != checksums[i]:
@@ -254,10 +263,25 @@ class CpuTier(SlotTier):
                 published.append(good)
         return published
 
+    def abandon(self, keys: Sequence[Key]) -> None:
+        with self._lock:
+            for k in keys:
+                slot = self._reserved.pop(k, None)
+                if slot is None:
+                    continue
+                if self._guarding:
+                    self._tainted.add(slot)
+                self._free.append(slot)
+
+    def needs_checksum(self, keys: Sequence[Key]) -> list[bool]:
+        with self._lock:
+            reserved, guard_all, tainted = self._reserved, self._guard_all, self._tainted
+            return [k in reserved and (guard_all or reserved[k] in tainted) for k in keys]
+
     def views(self, keys: Sequence[Key], *, verify: bool = False) -> list[memoryview | None]:
         out: list[memoryview | None] = []
         pool, lengths, index, slot_size = self._pool, self._lengths, self._index, self.slot_size
-        check = verify and self.checksummed
+        check = verify and self._guarding
         with self._lock:
             self._check_open()
             for k in keys:
@@ -267,29 +291,42 @@ class CpuTier(SlotTier):
                 else:
                     start = slot * slot_size
                     view = pool[start : start + lengths[slot]].toreadonly()
-                    if check and block_checksum(k, view) != self._sums[slot]:
+                    if (
+                        check
+                        and self._guarded(slot)
+                        and block_checksum(k, view) != self._sums[slot]
+                    ):
                         self._drop_corrupt(k, slot)
                         out.append(None)
                         continue
                     out.append(view)
         return out
 
-    def checksums(self, keys: Sequence[Key]) -> list[int | None] | None:
-        if not self.checksummed:
-            return None
+    def checksums(self, keys: Sequence[Key]) -> list[int | None]:
+        if not self._guarding:
+            return [None] * len(keys)
         sums, index = self._sums, self._index
         with self._lock:
-            return [None if (slot := index.get(k)) is None else sums[slot] for k in keys]
+            if not self._guard_all and not self._tainted:
+                return [None] * len(keys)  # the common case: nothing can have changed
+            out: list[int | None] = []
+            for k in keys:
+                slot = index.get(k)
+                out.append(None if slot is None or not self._guarded(slot) else sums[slot])
+            return out
+
+    def _guarded(self, slot: int) -> bool:
+        return self._guard_all or slot in self._tainted
 
     def verify(self, keys: Sequence[Key]) -> list[Key]:
-        if not self.checksummed:
+        if not self._guarding:
             return []
         dropped: list[Key] = []
         pool, lengths, slot_size = self._pool, self._lengths, self.slot_size
         with self._lock:
             for k in keys:
                 slot = self._index.get(k)
-                if slot is None:
+                if slot is None or not self._guarded(slot):
                     continue
                 start = slot * slot_size
                 if block_checksum(k, pool[start : start + lengths[slot]]) != self._sums[slot]:
@@ -331,6 +368,7 @@ class CpuTier(SlotTier):
                 extra={
                     "reserved": float(len(self._reserved)),
                     "corrupt_dropped": float(self._corrupt),
+                    "guarded_slots": float(self.n_slots if self._guard_all else len(self._tainted)),
                 },
             )
 

@@ -371,9 +371,9 @@ class CpuTierConfig(_Model):
     use_hugepages: bool = Field(False, description="Advise transparent huge pages for the pool.")
     checksum: Literal["auto", "on", "off"] = Field(
         "auto",
-        description="Keep an xxh3-64 checksum per block, set at put/commit and verified on "
-        "reads that can meet a stale or foreign write; auto = on when peers can reach the pool "
-        "(a store server), off for a pool only this process touches.",
+        description="Which slots keep an xxh3-64 checksum per block, declared by the writer at "
+        "commit and checked by every reader: auto = slots whose reservation was abandoned (a "
+        "stalled writer may still write there; nothing else can), on = every slot, off = none.",
     )
     max_memory_fraction: float = Field(
         0.9,

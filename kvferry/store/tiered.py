@@ -1328,7 +1328,8 @@ class TieredStore:
                 leases.close(lease)
                 first = self.first
                 if isinstance(first, SlotTier):
-                    first.commit(lease.keys, [False] * len(lease.keys))
+                    # its holder may still write there: the tier guards those slots from now on
+                    first.abandon(lease.keys)
             else:
                 self._release(lease)
         self._stats.leases_active = len(leases.leases)

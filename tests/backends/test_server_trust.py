@@ -75,8 +75,9 @@ def test_a_stalled_reservation_never_lands_under_another_key(server: StoreServer
     op, body = _call(sock, p.Method.RESERVE, p.encode_keys([stalled]) + p.U32.pack(SLOT))
     assert op is wire.Op.OK
     lease, _ = p.LEASE_REGION.unpack_from(body, 0)
-    code, offset = p.RES.unpack_from(body, p.LEASE_REGION.size)
+    code, offset, declare = p.RES.unpack_from(body, p.LEASE_REGION.size)
     assert p.CODE_STATUS[code] is PutStatus.STORED
+    assert declare == 0, "a slot nobody abandoned is not guarded"
     time.sleep(0.5)  # past store.lease_seconds: the slot goes back to the free list
 
     good = _tier(server)
@@ -134,19 +135,20 @@ def test_a_late_write_before_the_new_owner_commits_is_rejected(server: StoreServ
     tier = _tier(server, transport="tcp")
     assert tier.put([key(i, 43) for i in range(3)], [b"x"] * 3) == [PutStatus.STORED] * 3
 
-    def reserve(sock: socket.socket, k: bytes) -> tuple[int, int]:
+    def reserve(sock: socket.socket, k: bytes) -> tuple[int, int, int]:
         op, body = _call(sock, p.Method.RESERVE, p.encode_keys([k]) + p.U32.pack(SLOT))
         assert op is wire.Op.OK
         lease, _ = p.LEASE_REGION.unpack_from(body, 0)
-        code, offset = p.RES.unpack_from(body, p.LEASE_REGION.size)
+        code, offset, declare = p.RES.unpack_from(body, p.LEASE_REGION.size)
         assert p.CODE_STATUS[code] is PutStatus.STORED
-        return lease, offset
+        return lease, offset, declare
 
-    _, a_offset = reserve(a, key(1, 44))
+    _, a_offset, _ = reserve(a, key(1, 44))
     time.sleep(0.5)  # a's lease runs out
     owner = key(2, 44)
-    b_lease, b_offset = reserve(b, owner)
+    b_lease, b_offset, declare = reserve(b, owner)
     assert b_offset == a_offset, "the slot was reused"
+    assert declare == 1, "its new writer must declare what it writes"
     mapping.view[b_offset : b_offset + SLOT] = value(2, SLOT)  # b writes its block
     mapping.view[a_offset : a_offset + SLOT] = b"\xee" * SLOT  # a's late write
     payload = p.U64.pack(b_lease) + b"\x01" + p.encode_u64s([block_checksum(owner, value(2, SLOT))])
@@ -197,12 +199,27 @@ def test_cpu_tier_checksums_turn_a_changed_block_into_a_miss() -> None:
     tier.close()
 
 
-def test_an_in_process_pool_keeps_no_checksums_by_default() -> None:
+def test_by_default_only_slots_a_writer_abandoned_are_guarded() -> None:
+    """cpu.checksum=auto: no hashing for slots only the tier wrote or a writer finished; a slot
+    whose reservation was abandoned guards every block stored in it from then on."""
     from kvferry.backends.cpu import CpuTier
     from kvferry.config.models import CpuTierConfig
 
-    tier = CpuTier(CpuTierConfig(capacity=4 * SLOT), TierContext(slot_size=SLOT))  # type: ignore[arg-type]
-    assert tier.checksummed is False and tier.checksums([key(1)]) is None
+    tier = CpuTier(CpuTierConfig(capacity=2 * SLOT), TierContext(slot_size=SLOT))  # type: ignore[arg-type]
+    plain, lost, later = key(1, 50), key(2, 50), key(3, 50)
+    assert tier.put([plain], [value(1, 100)]) == [PutStatus.STORED]
+    assert tier.checksums([plain]) == [None], "nothing to check: no hashing on the common path"
+    (view,) = tier.reserve([lost], [100])
+    assert view is not None and tier.needs_checksum([lost]) == [False]
+    tier.abandon([lost])  # its lease ran out; the writer may still write through `view`
+    assert tier.stats().extra["guarded_slots"] == 1
+    assert tier.put([later], [value(3, 100)]) == [PutStatus.STORED]  # the abandoned slot
+    assert tier.checksums([plain, later]) == [None, block_checksum(later, value(3, 100))]
+    view[:] = b"\xee" * 100  # the late write
+    out = memoryview(bytearray(SLOT))
+    assert tier.get([later], [out]) == [None], "a wrong block is a miss"
+    assert tier.get([plain], [out]) == [100]
+    assert tier.stats().extra["corrupt_dropped"] == 1
     tier.close()
 
 
@@ -326,7 +343,7 @@ def test_a_get_of_absent_keys_allocates_nothing_per_key(
     keys = [key(i, 48) for i in range(20_000)]
     op, body = _call(sock, p.Method.GET, p.encode_keys(keys))
     assert op is wire.Op.OK
-    assert body[0] == p.SUMS and p.U32.unpack_from(body, 1) == (p.MISS,)
+    assert body[0] == 0 and p.U32.unpack_from(body, 1) == (p.MISS,)
     assert _rss_mib(pid) - before < 100
     sock.close()
 
@@ -380,3 +397,18 @@ def test_a_flood_of_bad_frames_logs_a_few_lines_and_never_blocks_the_server() ->
         proc.terminate()
         _, err = proc.communicate(timeout=10)
     assert 0 < err.count("closing connection from") <= 10
+
+
+def test_checksum_on_sends_a_check_with_every_lent_block() -> None:
+    with StoreServer(_config(**{"cpu.checksum": "on"})) as server:
+        tier = _tier(server, transport="tcp")
+        k = key(1, 51)
+        assert tier.put([k], [value(1, 500)]) == [PutStatus.STORED]
+        sock, _ = handshake.connect(_address(server), token=None, timeout=5)
+        op, body = _call(sock, p.Method.GET, p.encode_keys([k]))
+        assert op is wire.Op.OK and body[0] == p.SUMS
+        sums, end = p.decode_checks(memoryview(body), 1 + 4, 1)
+        assert sums == [block_checksum(k, value(1, 500))] and body[end:] == value(1, 500)
+        assert _read_back(tier, k) == value(1, 500)
+        sock.close()
+        tier.close()

@@ -312,7 +312,7 @@ class ServerTier(Tier):
         sums = [0] * len(ks)
         view = mapping.view
         for i, (k, v) in enumerate(zip(ks, vs)):
-            code, offset = p.RES.unpack_from(reply, pos)
+            code, offset, declare = p.RES.unpack_from(reply, pos)
             pos += p.RES.size
             s = p.CODE_STATUS.get(code, PutStatus.NO_SPACE)
             status.append(s)
@@ -320,7 +320,8 @@ class ServerTier(Tier):
                 if offset + len(v) > mapping.size:
                     raise StorageError(f"server tier: {member} reserved outside its pool")
                 view[offset : offset + len(v)] = v
-                sums[i] = block_checksum(k, v)  # of what we meant to write, not of the slot
+                if declare:  # a guarded slot: of what we meant to write, not of the slot
+                    sums[i] = block_checksum(k, v)
                 ok[i] = 1
         if not lease:
             return status
@@ -354,14 +355,16 @@ class ServerTier(Tier):
         too_small: str | None = None
         try:
             conn, total = self._request(member, p.Method.GET, [p.encode_keys(ks)])
-            (flags,) = handshake.recv_exact(conn.sock, 1)
-            table = handshake.recv_exact(conn.sock, 4 * len(ks))
-            lengths = list(memoryview(table).cast("I"))
-            sums: list[int] = []
+            n_keys = len(ks)
+            table = handshake.recv_exact(conn.sock, 1 + 4 * n_keys)
+            flags = table[0]
+            lengths = list(memoryview(table)[1:].cast("I"))
+            sums: list[int | None] = []
             if flags & p.SUMS:
-                sums = list(memoryview(handshake.recv_exact(conn.sock, 8 * len(ks))).cast("Q"))
+                checks = memoryview(handshake.recv_exact(conn.sock, 9 * n_keys))
+                sums, _ = p.decode_checks(checks, 0, n_keys)
             body = sum(n for n in lengths if n != p.MISS)
-            if 1 + (12 if sums else 4) * len(ks) + body != total:
+            if 1 + (13 if sums else 4) * n_keys + body != total:
                 raise StorageError(f"server tier: {member} sent a malformed GET reply")
             got: list[int | None] = []
             sock = conn.sock
@@ -402,13 +405,15 @@ class ServerTier(Tier):
         ks: list[Key],
         outs: Sequence[memoryview],
         got: list[int | None],
-        sums: Sequence[int],
+        sums: Sequence[int | None],
     ) -> None:
-        """Check each received block against its checksum; a mismatch becomes a miss (in
-        ``got``), is counted, and is reported to the server (CHECK), which re-checks it."""
+        """Check each received block the server asked to check (its slot is guarded) against
+        its checksum; a mismatch becomes a miss (in ``got``), is counted, and is reported to
+        the server (CHECK), which re-checks it."""
         bad: list[Key] = []
         for j, (k, out, n) in enumerate(zip(ks, outs, got)):
-            if n is not None and block_checksum(k, out[:n]) != sums[j]:
+            want = sums[j]
+            if n is not None and want is not None and block_checksum(k, out[:n]) != want:
                 got[j] = None
                 bad.append(k)
         if not bad:
@@ -433,18 +438,20 @@ class ServerTier(Tier):
             if len(out) < 1:
                 raise ValueError("server tier: an output buffer is empty")
         reply = self._call(member, p.Method.LOCATE, [p.encode_keys(ks)])
-        if len(reply) != p.LOCATE_HEAD.size + p.LOC.size * len(ks):
-            raise StorageError(f"server tier: {member} sent a malformed LOCATE reply")
+        size = p.LOCATE_HEAD.size + p.LOC.size * len(ks)
         lease, _region, flags = p.LOCATE_HEAD.unpack_from(reply, 0)
+        if len(reply) != size + (9 * len(ks) if flags & p.SUMS else 0):
+            raise StorageError(f"server tier: {member} sent a malformed LOCATE reply")
+        sums: list[int | None] = []
+        if flags & p.SUMS:
+            sums, _ = p.decode_checks(memoryview(reply), size, len(ks))
         pos = p.LOCATE_HEAD.size
         view = mapping.view
         got: list[int | None] = []
-        sums: list[int] = []
         error: str | None = None
         for out in outs:
-            offset, n, checksum = p.LOC.unpack_from(reply, pos)
+            offset, n = p.LOC.unpack_from(reply, pos)
             pos += p.LOC.size
-            sums.append(checksum)
             if n == p.MISS:
                 got.append(None)
             elif offset + n > mapping.size:
@@ -465,7 +472,7 @@ class ServerTier(Tier):
             if "smaller" in error:
                 raise ValueError(error)
             raise StorageError(error)
-        if flags & p.SUMS:
+        if sums:
             self._check(member, ks, outs, got, sums)
         return got
 

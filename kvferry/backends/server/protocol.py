@@ -10,30 +10,33 @@ method    request                                       reply
 ========  ===========================================  ========================================
 LOOKUP    keys                                          u32 leading blocks present
 CONTAINS  keys                                          n bytes, 1 = present
-GET       keys                                          u8 flags, n x u32 length (MISS), [n x u64
-                                                        checksum if flags & SUMS], the bytes
+GET       keys                                          u8 flags, n x u32 length (MISS), [checks
+                                                        if flags & SUMS], the bytes
 PUT       keys, n x u32 length, the bytes               n bytes PutStatus code
 DELETE    keys                                          u32 removed
 LOCATE    keys                                          u64 lease, u32 region, u8 flags, n x (u64
-                                                        offset, u32 length or MISS, u64
-                                                        checksum); blocks pinned
+                                                        offset, u32 length or MISS), [checks
+                                                        if flags & SUMS]; blocks pinned
 RELEASE   u64 lease                                     empty
 RESERVE   keys, n x u32 size                            u64 lease, u32 region, n x (u8 status,
-                                                        u64 offset)
+                                                        u64 offset, u8 declare)
 COMMIT    u64 lease, n bytes ok, n x u64 checksum       n bytes PutStatus code
+                  (0 where not asked to declare)
 STATS     empty                                         JSON of StoreStats.to_json()
 KEYS      empty                                         keys
 CHECK     keys                                          u32 blocks dropped
 ========  ===========================================  ========================================
 
 Integrity: a checksum is :func:`~kvferry.backends.base.block_checksum` (xxh3-64 seeded with the
-key). The server sends the one each block was stored with (flags & SUMS; a server whose pool
-keeps none clears the flag) and the client checks the bytes it received or copied out of the
-shared pool; a mismatch is a miss, and CHECK asks the server to re-check those blocks itself and
-drop the ones that fail (it trusts its own hashing, not the client's word). COMMIT carries the
-writer's checksum of each block it wrote into the shared pool: the server publishes a block only
-if its slot holds exactly those bytes (a stalled writer whose lease ran out may have written the
-slot since), else its status is REJECTED.
+key). The only writer that can change a slot behind the server's back is a same-host client
+whose reservation ran out while it was still copying in; the cpu tier guards every slot that was
+once so abandoned (``CpuTier``, ``cpu.checksum``). For blocks in guarded slots the server sends
+*checks* (n x u8: 1 = check this block, then n x u64 checksums; flags & SUMS says they follow,
+and they are left out when no block of the reply needs one): the client checks the bytes it
+received or copied out of the shared pool, a mismatch is a miss, and CHECK asks the server to
+re-check those blocks itself and drop the ones that fail (it trusts its own hashing, not the
+client's word). RESERVE says, per slot, whether the writer must *declare* its checksum: COMMIT
+then publishes that block only if the slot holds exactly those bytes (else REJECTED).
 
 The protocol's version is ``PROTOCOL_VERSION``, announced in the handshake (``service``
 ``store_protocol``); a client refuses a server that speaks another.
@@ -60,8 +63,8 @@ U32 = struct.Struct("<I")
 U64 = struct.Struct("<Q")
 LEASE_REGION = struct.Struct("<QI")
 LOCATE_HEAD = struct.Struct("<QIB")
-LOC = struct.Struct("<QIQ")
-RES = struct.Struct("<BQ")
+LOC = struct.Struct("<QI")
+RES = struct.Struct("<BQB")
 
 STATUS_CODE = {
     PutStatus.STORED: 0,
@@ -129,6 +132,20 @@ def decode_u64s(buf: memoryview, pos: int, n: int, what: str) -> tuple[list[int]
 
 def encode_u64s(values: Sequence[int]) -> bytes:
     return struct.pack(f"<{len(values)}Q", *values)
+
+
+def encode_checks(sums: Sequence[int | None]) -> bytes:
+    """Checks: n x u8 (1 = check this block) then n x u64 checksums (0 where unchecked)."""
+    return bytes(s is not None for s in sums) + encode_u64s([s or 0 for s in sums])
+
+
+def decode_checks(buf: memoryview, pos: int, n: int) -> tuple[list[int | None], int]:
+    end = pos + 9 * n
+    if end > len(buf):
+        raise ProtocolError(f"payload too short for {n} checks")
+    flags = bytes(buf[pos : pos + n])
+    sums = struct.unpack_from(f"<{n}Q", buf, pos + n)
+    return [s if f else None for f, s in zip(flags, sums)], end
 
 
 def encode_statuses(status: Sequence[PutStatus]) -> bytes:

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from kvferry.backends.base import Key, SlotTier, Tier, TierContext, block_checksum
+from kvferry.backends.base import Key, SlotTier, Tier, TierContext
 from kvferry.backends.cpu import CpuTier
 from kvferry.backends.registry import check_tiers, load_tier
 from kvferry.backends.server import protocol as p
@@ -118,7 +118,6 @@ class StoreServer:
         if isinstance(first, CpuTier):
             first.region.peer_writable = False  # blocks are written by PUT or RESERVE/COMMIT
             self._region_id = first.region.region_id
-        self._checksummed = isinstance(first, SlotTier) and first.checksums([]) is not None
         self._leases: dict[int, LoadHandle | StoreHandle] = {}
         # GET copies blocks it cannot lend (not in the cpu tier) into fresh buffers: at most
         # this many bytes of them per call.
@@ -239,13 +238,14 @@ class StoreServer:
         where = {k: i for i, k in enumerate(handle.hashes)}
         return handle, where, [k for k in present if k not in where]
 
-    def _lent_sums(self, handle: LoadHandle | None) -> list[int]:
-        """The checksums of a load handle's (pinned) blocks, in its order."""
-        if handle is None or not self._checksummed:
-            return []
+    def _lent_checks(self, handle: LoadHandle | None) -> list[int | None]:
+        """For each of a load handle's (pinned) blocks, the checksum a client must check it
+        against (the slot is guarded), or None; empty when none needs a check."""
         first = self.store.first
-        assert isinstance(first, SlotTier)
-        return [s or 0 for s in first.checksums(handle.hashes) or []]
+        if handle is None or not isinstance(first, SlotTier):
+            return []
+        sums = first.checksums(handle.hashes)
+        return sums if any(c is not None for c in sums) else []
 
     def _get(self, buf: memoryview) -> CallReply:
         keys, pos = p.decode_keys(buf)
@@ -265,29 +265,29 @@ class StoreServer:
             for k, out, n in zip(rest, outs, self.store.get(rest, outs)):
                 if n is not None:
                     copied[k] = out[:n]
-        lent = self._lent_sums(handle)
+        # Lent blocks in guarded slots go out with the checksum the client must check; copies
+        # were checked by the tier that made them.
+        lent = self._lent_checks(handle)
         lengths: list[int] = []
-        sums: list[int] = []
+        sums: list[int | None] = []
         parts: list[bytes | memoryview] = []
         for k in keys:
             i = where.get(k)
             view: memoryview | None
             if i is not None and handle is not None:
                 view = handle.buffers[i]
-                if lent:
-                    sums.append(lent[i])
+                sums.append(lent[i] if lent else None)
             else:
                 view = copied.get(k)
-                if self._checksummed:
-                    sums.append(0 if view is None else block_checksum(k, view))
+                sums.append(None)
             if view is None:
                 lengths.append(p.MISS)
             else:
                 lengths.append(len(view))
                 parts.append(view)
-        head = [p.U8.pack(p.SUMS if self._checksummed else 0), p.encode_u32s(lengths)]
-        if self._checksummed:
-            head.append(p.encode_u64s(sums))
+        head = [p.U8.pack(p.SUMS if lent else 0), p.encode_u32s(lengths)]
+        if lent:
+            head.append(p.encode_checks(sums))
         if handle is None:
             return CallReply([*head, *parts])
         return CallReply([*head, *parts], after=lambda: self._complete_load(handle))
@@ -324,15 +324,20 @@ class StoreServer:
         if handle is not None and handle.lease is not None:
             lease_id = handle.lease.lease_id
             self._remember(lease_id, handle)
-        lent = self._lent_sums(handle)
-        out = [p.LOCATE_HEAD.pack(lease_id, self._region_id, p.SUMS if self._checksummed else 0)]
+        lent = self._lent_checks(handle)
+        out = [p.LOCATE_HEAD.pack(lease_id, self._region_id, p.SUMS if lent else 0)]
+        sums: list[int | None] = []
         for k in keys:
             i = where.get(k)
             loc = None if i is None or handle is None else handle.locations[i]
             if loc is None or i is None:
-                out.append(p.LOC.pack(0, p.MISS, 0))
+                out.append(p.LOC.pack(0, p.MISS))
+                sums.append(None)
             else:
-                out.append(p.LOC.pack(loc[0], loc[1], lent[i] if lent else 0))
+                out.append(p.LOC.pack(*loc))
+                sums.append(lent[i] if lent else None)
+        if lent:
+            out.append(p.encode_checks(sums))
         return CallReply([b"".join(out)])
 
     def _release(self, buf: memoryview) -> CallReply:
@@ -356,9 +361,11 @@ class StoreServer:
         lease_id = handle.lease.lease_id if handle.lease is not None else 0
         if lease_id:
             self._remember(lease_id, handle)
+        # A slot whose earlier holder vanished is guarded: its writer must declare what it wrote.
+        declare = self.store.first.needs_checksum(handle.hashes)
         out = [p.LEASE_REGION.pack(lease_id, self._region_id)]
-        for status, loc in zip(handle.status, handle.locations):
-            out.append(p.RES.pack(p.STATUS_CODE[status], loc[0] if loc else 0))
+        for status, loc, d in zip(handle.status, handle.locations, declare):
+            out.append(p.RES.pack(p.STATUS_CODE[status], loc[0] if loc else 0, d))
         return CallReply([b"".join(out)])
 
     def _commit(self, buf: memoryview) -> CallReply:
