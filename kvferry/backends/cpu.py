@@ -274,6 +274,8 @@ class CpuTier(SlotTier):
                 self._free.append(slot)
 
     def needs_checksum(self, keys: Sequence[Key]) -> list[bool]:
+        if not self._guard_all and not self._tainted:
+            return [False] * len(keys)  # the common case, without the lock
         with self._lock:
             reserved, guard_all, tainted = self._reserved, self._guard_all, self._tainted
             return [k in reserved and (guard_all or reserved[k] in tainted) for k in keys]

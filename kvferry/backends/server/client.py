@@ -306,28 +306,33 @@ class ServerTier(Tier):
         if len(reply) != p.LEASE_REGION.size + p.RES.size * len(ks):
             raise StorageError(f"server tier: {member} sent a malformed RESERVE reply")
         lease, _region = p.LEASE_REGION.unpack_from(reply, 0)
-        pos = p.LEASE_REGION.size
         status: list[PutStatus] = []
         ok = bytearray(len(ks))
-        sums = [0] * len(ks)
-        view = mapping.view
-        for i, (k, v) in enumerate(zip(ks, vs)):
-            code, offset, declare = p.RES.unpack_from(reply, pos)
-            pos += p.RES.size
-            s = p.CODE_STATUS.get(code, PutStatus.NO_SPACE)
+        sums: list[int] | None = None  # only when a slot is guarded (rare)
+        view, size, stored, code_status = (
+            mapping.view,
+            mapping.size,
+            PutStatus.STORED,
+            p.CODE_STATUS,
+        )
+        entries = p.RES.iter_unpack(memoryview(reply)[p.LEASE_REGION.size :])
+        for i, ((code, offset, declare), k, v) in enumerate(zip(entries, ks, vs)):
+            s = code_status.get(code, PutStatus.NO_SPACE)
             status.append(s)
-            if s is PutStatus.STORED:
-                if offset + len(v) > mapping.size:
+            if s is stored:
+                n = len(v)
+                if offset + n > size:
                     raise StorageError(f"server tier: {member} reserved outside its pool")
-                view[offset : offset + len(v)] = v
+                view[offset : offset + n] = v
                 if declare:  # a guarded slot: of what we meant to write, not of the slot
+                    if sums is None:
+                        sums = [0] * len(ks)
                     sums[i] = block_checksum(k, v)
                 ok[i] = 1
         if not lease:
             return status
-        final = self._call(
-            member, p.Method.COMMIT, [p.U64.pack(lease), bytes(ok), p.encode_u64s(sums)]
-        )
+        declared = p.encode_u64s(sums) if sums is not None else bytes(8 * len(ks))
+        final = self._call(member, p.Method.COMMIT, [p.U64.pack(lease), bytes(ok), declared])
         return p.decode_statuses(final, len(ks))
 
     def get(self, keys: Sequence[Key], outs: Sequence[memoryview]) -> list[int | None]:
