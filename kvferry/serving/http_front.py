@@ -45,6 +45,7 @@ from typing import Final, TypeVar, cast
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Middleware
+from prometheus_client.metrics_core import CounterMetricFamily, Metric
 
 from kvferry.admission import PendingConnections
 from kvferry.config.models import HttpFrontConfig
@@ -73,6 +74,20 @@ SHUTDOWN_TIMEOUT_S: Final = 5.0
 """Seconds running handlers get to finish when the server stops."""
 
 _T = TypeVar("_T")
+
+
+def connections_closed(prefix: str, section: str, pending: PendingConnections) -> Metric:
+    """``<prefix>http_connections_closed_total{reason}``: connections a front closed before
+    they sent a complete request (``header_timeout``, ``too_many_waiting``)."""
+    closed = CounterMetricFamily(
+        prefix + "http_connections_closed",
+        f"Connections closed before sending a complete request: past {section}.header_timeout, "
+        "or the longest waiting while too many waited.",
+        labels=["reason"],
+    )
+    closed.add_metric(["header_timeout"], pending.timed_out)
+    closed.add_metric(["too_many_waiting"], pending.evicted)
+    return closed
 
 
 def listen(host: str, port: int, section: str) -> socket.socket:

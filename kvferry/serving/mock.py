@@ -105,7 +105,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from kvferry.config.models import MockConfig
-from kvferry.serving.http_front import HttpFront, decode_json, listen, off_loop
+from kvferry.serving.http_front import HttpFront, connections_closed, decode_json, listen, off_loop
 from kvferry.serving.kv_events import SUBSCRIBER_QUEUE, EventHub, sse
 from kvferry.serving.openai_api import (
     CompletionFormatter,
@@ -226,15 +226,7 @@ class _Collector:
         for (path, status), n in sorted(server.responses.items()):
             http.add_metric([path, str(status)], n)
         yield http
-        closed = CounterMetricFamily(
-            p + "http_connections_closed",
-            "Connections closed before sending a complete request: past mock.header_timeout, "
-            "or the longest waiting while too many waited.",
-            labels=["reason"],
-        )
-        closed.add_metric(["header_timeout"], server.front.pending.timed_out)
-        closed.add_metric(["too_many_waiting"], server.front.pending.evicted)
-        yield closed
+        yield connections_closed(p, "mock", server.front.pending)
         # vLLM's names, for routers and dashboards that read them.
         model = [engine.config.model]
         for name, doc, value, kind in (

@@ -107,6 +107,24 @@ def check_text(text: str, param: str) -> None:
         ) from e
 
 
+def request_object(body: object, *, chat: bool, max_prompt_chars: int, key: str) -> dict[str, Any]:
+    """``body`` as a request object whose prompt is within ``max_prompt_chars`` (the config
+    key ``key`` sets it; the message names it).
+
+    Raises:
+        HttpError: 400 for a body that is not a JSON object or a prompt over the limit.
+    """
+    if not isinstance(body, dict):
+        raise bad_request(f"the request body must be a JSON object, got {type(body).__name__}")
+    chars = prompt_chars(body, chat=chat)
+    if chars > max_prompt_chars:
+        raise bad_request(
+            f"the prompt is {chars} characters; {key} is {max_prompt_chars}",
+            "messages" if chat else "prompt",
+        )
+    return body
+
+
 def prompt_chars(body: Mapping[str, Any], *, chat: bool) -> int:
     """Characters of a request's prompt text: ``prompt`` when it is a string, or the text of
     every message's ``content`` (strings and text parts); 0 for anything else."""
@@ -163,15 +181,12 @@ class RequestParser:
             HttpError: 400 for an invalid body (the message names the field, the value and what
                 is valid), 404 for a model this server does not serve.
         """
-        if not isinstance(body, dict):
-            raise bad_request(f"the request body must be a JSON object, got {type(body).__name__}")
-        chars = prompt_chars(body, chat=chat)
-        if chars > self.config.max_prompt_chars:
-            raise bad_request(
-                f"the prompt is {chars} characters; mock.max_prompt_chars is "
-                f"{self.config.max_prompt_chars}",
-                "messages" if chat else "prompt",
-            )
+        body = request_object(
+            body,
+            chat=chat,
+            max_prompt_chars=self.config.max_prompt_chars,
+            key="mock.max_prompt_chars",
+        )
         model = body.get("model")
         if model is not None and model != self.config.model:
             raise HttpError(

@@ -97,9 +97,14 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 
 from kvferry.config.models import RouterConfig
 from kvferry.index.hashing import BlockHasher
-from kvferry.serving.http_front import HttpFront, decode_json, listen, off_loop
+from kvferry.serving.http_front import HttpFront, connections_closed, decode_json, listen, off_loop
 from kvferry.serving.kv_index import LoadTracker, PrefixIndex, RoundRobin, pick, score
-from kvferry.serving.openai_api import HttpError, bad_request, data_line, error_body, prompt_chars
+from kvferry.serving.openai_api import (
+    HttpError,
+    data_line,
+    error_body,
+    request_object,
+)
 from kvferry.serving.router_workers import Worker, WorkerPool, describe_error
 from kvferry.serving.tokenizer import load_tokenizer
 
@@ -248,15 +253,7 @@ class _Collector:
         for (path, status), n in sorted(router.responses.items()):
             http.add_metric([path, str(status)], n)
         yield http
-        closed = CounterMetricFamily(
-            p + "http_connections_closed",
-            "Connections closed before sending a complete request: past "
-            "router.header_timeout, or the longest waiting while too many waited.",
-            labels=["reason"],
-        )
-        closed.add_metric(["header_timeout"], router.front.pending.timed_out)
-        closed.add_metric(["too_many_waiting"], router.front.pending.evicted)
-        yield closed
+        yield connections_closed(p, "router", router.front.pending)
 
 
 # --- the server ------------------------------------------------------------------------------
@@ -405,16 +402,12 @@ class RouterServer:
             HttpError: 400 for a body that is not a JSON object or a prompt over
                 ``router.max_prompt_chars``.
         """
-        body = decode_json(raw)
-        if not isinstance(body, dict):
-            raise bad_request(f"the request body must be a JSON object, got {type(body).__name__}")
-        chars = prompt_chars(body, chat=chat)
-        if chars > self.config.max_prompt_chars:
-            raise bad_request(
-                f"the prompt is {chars} characters; router.max_prompt_chars is "
-                f"{self.config.max_prompt_chars}",
-                "messages" if chat else "prompt",
-            )
+        body = request_object(
+            decode_json(raw),
+            chat=chat,
+            max_prompt_chars=self.config.max_prompt_chars,
+            key="router.max_prompt_chars",
+        )
         tokens = self.prompt_ids(body, chat=chat)
         salt = body.get("cache_salt")
         try:
