@@ -393,9 +393,14 @@ class DiskTierConfig(_Model):
     """The SSD tier: preallocated files of fixed-size slots with per-slot headers."""
 
     path: str = Field(
-        "~/.cache/kvferry/disk", min_length=1, description="Directory of the slot files."
+        "",
+        description="Directory of the slot files; empty = one of kvferry's own under "
+        "~/.cache/kvferry/disk: store-<port> for a store server on a fixed port (a restart "
+        "finds its blocks), else unnamed files of this process, freed when it exits.",
     )
-    capacity: ByteSize = Field(4 << 30, ge=0, description="Bytes of slot space on disk.")
+    capacity: ByteSize = Field(
+        4 << 30, ge=0, description="Bytes of slot space on disk, preallocated at open."
+    )
     direct_io: bool = Field(
         True, description="O_DIRECT with aligned buffers where the filesystem supports it."
     )
@@ -405,6 +410,12 @@ class DiskTierConfig(_Model):
         False,
         description="Preallocate the capacity even when its filesystem has fewer bytes free "
         "(--force-capacity).",
+    )
+    wipe_other_layout: bool = Field(
+        False,
+        description="Empty a disk.path that holds slot files of another layout (slot size, "
+        "capacity, files) and start there afresh, instead of refusing it (--wipe-disk); the "
+        "blocks in it are lost.",
     )
 
 
