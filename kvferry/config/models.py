@@ -245,8 +245,10 @@ TierName = str
 class StoreConfig(_Model):
     """The tiered KV-cache store: keys, tier pipeline, placement, eviction, leases, tracing."""
 
+    # cpu only by default: a disk tier preallocates its whole capacity, which no one should
+    # get without asking (--tiers cpu,disk).
     tiers: list[TierName] = Field(
-        default_factory=lambda: ["cpu", "disk"],
+        default_factory=lambda: ["cpu"],
         min_length=1,
         description="Tier pipeline, fastest first (UCM store_pipeline), e.g. [cpu, disk, redis].",
     )
