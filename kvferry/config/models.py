@@ -425,7 +425,11 @@ class RedisTierConfig(_Model):
     """Redis/Valkey as the shared remote tier."""
 
     url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL (redis:// or rediss://).")
-    cluster: bool = Field(False, description="Talk to a Redis Cluster (scale-out) at url.")
+    cluster: bool = Field(
+        False,
+        description="Talk to a Redis Cluster (scale-out) at url; a cluster node at url is also "
+        "found out at open or by its first MOVED reply, with a warning naming this key.",
+    )
     key_prefix: str = Field("kvferry:kv:", min_length=1, description="Namespace of block keys.")
     ttl: Seconds = Field(0.0, ge=0, description="Seconds a stored block lives; 0 = no expiry.")
     pool_size: int = Field(16, ge=1, le=4096, description="Connections in the client pool.")
