@@ -10,7 +10,7 @@ tier is *private*: its files are made in a fresh directory under ``~/.cache/kvfe
 unlinked, directory and all, as soon as they are open, so no other process can find them and
 their space goes back to the filesystem when the tier closes or the process dies, however it
 dies (nothing to sweep up later). A private tier has no lock and no ``layout.json``; its blocks
-do not outlive it.
+do not outlive it (``persistent`` is False, so a graceful shutdown writes nothing into it).
 
 On-disk layout (format 1), under a named directory:
 
@@ -301,7 +301,7 @@ class DiskTier(Tier):
 
     name: ClassVar[str] = "disk"
     config_section: ClassVar[str] = "disk"
-    persistent: ClassVar[bool] = True
+    persistent = True  # False for a private tier: its files go with the process
 
     def __init__(self, config: DiskTierConfig, context: TierContext) -> None:
         super().__init__(config, context)
@@ -311,6 +311,7 @@ class DiskTier(Tier):
         self.slot_bytes = HEADER_BLOCK + align_up(context.slot_size)
         self.private = not config.path
         """No disk.path: unnamed files of this tier alone (module docstring)."""
+        self.persistent = not self.private
         self.directory = configured_directory(config)
         self.num_files = config.files
         self.num_slots = config.capacity // self.slot_bytes
@@ -449,7 +450,7 @@ class DiskTier(Tier):
         """Where the slot files are, for people: the directory, or for a private tier the
         root its unnamed files are under."""
         if self.private:
-            return f"unnamed files under {os.path.dirname(self.directory)} (this process's own)"
+            return f"unnamed files of this process under {os.path.dirname(self.directory)}"
         return self.directory
 
     def _check_layout(self) -> None:

@@ -272,7 +272,7 @@ def test_no_path_means_unnamed_files_of_this_process(
                 value(i, SLOT) if j == i else None for j in range(2)
             ]
             assert tier.stats().extra["file_bytes"] == 8 * SLOT_BYTES
-            assert tier.where() == f"unnamed files under {root} (this process's own)"
+            assert tier.where() == f"unnamed files of this process under {root}"
         assert root.is_dir() and list(root.iterdir()) == []
     finally:
         for tier in tiers:
