@@ -140,8 +140,10 @@ class Tier(ABC):
     """The KvferryConfig section that configures this tier."""
     shared: ClassVar[bool] = False
     """Other processes add and remove blocks here: the store must ask, not trust its index."""
-    persistent: ClassVar[bool] = False
-    """Blocks survive a restart: the store rebuilds its index from ``keys()`` at open."""
+    persistent: bool = False
+    """Blocks survive a restart: the store rebuilds its index from ``keys()`` at open and
+    flushes into it at a graceful shutdown. Per instance: a disk tier without a directory of
+    its own (``disk.path``) keeps nothing past its process."""
 
     def __init__(self, config: BaseModel, context: TierContext) -> None:
         self.config = config

@@ -4,10 +4,20 @@ This module owns the on-disk format of the disk tier, the key -> slot index rebu
 open, and the I/O that moves block bytes between caller buffers and the slot files. It decides
 nothing about placement or eviction (the store does) and never evicts on its own.
 
-On-disk layout (format 1), under ``DiskTierConfig.path``:
+Where: ``DiskTierConfig.path``, a directory the user names (a store server on a fixed port
+names ``~/.cache/kvferry/disk/store-<port>`` itself, :func:`instance_directory`). With no path the
+tier is *private*: its files are made in a fresh directory under ``~/.cache/kvferry/disk`` and
+unlinked, directory and all, as soon as they are open, so no other process can find them and
+their space goes back to the filesystem when the tier closes or the process dies, however it
+dies (nothing to sweep up later). A private tier has no lock and no ``layout.json``; its blocks
+do not outlive it (``persistent`` is False, so a graceful shutdown writes nothing into it).
+
+On-disk layout (format 1), under a named directory:
 
 * ``layout.json``: slot size, slot bytes, file and slot counts. Opening a directory written with
-  another layout raises :class:`~kvferry.errors.ConfigError` instead of misreading the slots.
+  another layout raises :class:`~kvferry.errors.ConfigError` naming the ways out (another
+  ``disk.path``, or ``disk.wipe_other_layout``, which deletes the slot files and starts afresh)
+  instead of misreading the slots; a refused open changes nothing in the directory.
 * ``.lock``: held with ``flock`` while a tier has the directory open; a second opener gets
   :class:`~kvferry.errors.StorageError`.
 * ``slots-NNNN.kvf``: ``files`` files preallocated with ``posix_fallocate`` (a capacity above the
@@ -61,7 +71,10 @@ import json
 import logging
 import mmap
 import os
+import re
+import shutil
 import struct
+import tempfile
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -88,6 +101,9 @@ MAGIC = b"KVFD"
 FORMAT_VERSION = 1
 LAYOUT_FILE = "layout.json"
 LOCK_FILE = ".lock"
+DEFAULT_ROOT = "~/.cache/kvferry/disk"
+"""Where disk tiers without a ``disk.path`` keep their files (private tiers, store servers)."""
+_SLOT_FILE = re.compile(r"slots-\d{4}\.kvf")
 
 _FIELDS = struct.Struct("<4sHH16sQQQ")  # magic, version, flags, key, length, payload sum, gen
 _SUM = struct.Struct("<Q")
@@ -187,6 +203,23 @@ def slot_file(i: int) -> str:
     return f"slots-{i:04d}.kvf"
 
 
+def default_root() -> str:
+    """:data:`DEFAULT_ROOT` as an absolute path (``~`` is this user's home)."""
+    return os.path.abspath(os.path.expanduser(DEFAULT_ROOT))
+
+
+def instance_directory(name: str) -> str:
+    """The directory kvferry gives a named store instance (e.g. ``store-15428``) that was not
+    given a ``disk.path``: ``~/.cache/kvferry/disk/<name>``."""
+    return os.path.join(default_root(), name)
+
+
+def configured_directory(config: DiskTierConfig) -> str:
+    """The absolute directory of ``disk.path``; without one, the root that the private
+    directory is made under."""
+    return os.path.abspath(os.path.expanduser(config.path)) if config.path else default_root()
+
+
 def _file_slots(num_slots: int, files: int, i: int) -> int:
     """Slots in file ``i`` of ``files`` (slot s lives in file s % files)."""
     return (num_slots - i + files - 1) // files
@@ -197,10 +230,13 @@ def bytes_to_preallocate(config: DiskTierConfig, context: TierContext) -> int:
     what files already there hold (a restart of the same layout needs nothing new)."""
     slot_bytes = HEADER_BLOCK + align_up(context.slot_size)
     num_slots = config.capacity // slot_bytes
-    directory = os.path.abspath(os.path.expanduser(config.path))
+    directory = configured_directory(config)
     need = 0
     for i in range(config.files):
         size = _file_slots(num_slots, config.files, i) * slot_bytes
+        if not config.path:  # a private tier's files are always new
+            need += size
+            continue
         try:
             held = os.stat(os.path.join(directory, slot_file(i))).st_blocks * 512
         except OSError:
@@ -278,7 +314,7 @@ class DiskTier(Tier):
 
     name: ClassVar[str] = "disk"
     config_section: ClassVar[str] = "disk"
-    persistent: ClassVar[bool] = True
+    persistent = True  # False for a private tier: its files go with the process
 
     def __init__(self, config: DiskTierConfig, context: TierContext) -> None:
         super().__init__(config, context)
@@ -286,7 +322,10 @@ class DiskTier(Tier):
         self.disk_config = config
         self.slot_size = context.slot_size
         self.slot_bytes = HEADER_BLOCK + align_up(context.slot_size)
-        self.directory = os.path.abspath(os.path.expanduser(config.path))
+        self.private = not config.path
+        """No disk.path: unnamed files of this tier alone (module docstring)."""
+        self.persistent = not self.private
+        self.directory = configured_directory(config)
         self.num_files = config.files
         self.num_slots = config.capacity // self.slot_bytes
         self.io_threads = config.io_threads
@@ -294,7 +333,6 @@ class DiskTier(Tier):
         self._lock = threading.Lock()
         self._closed = True  # until every file is open
         self._fds: list[int] = []
-        self._paths = [os.path.join(self.directory, slot_file(i)) for i in range(self.num_files)]
         self._index: dict[Key, int] = {}
         self._pending: set[Key] = set()
         self._slot_key: list[Key | None] = [None] * self.num_slots
@@ -315,13 +353,20 @@ class DiskTier(Tier):
 
         try:
             os.makedirs(self.directory, exist_ok=True)
+            if self.private:
+                self.directory = tempfile.mkdtemp(
+                    prefix=f"process-{os.getpid()}-", dir=self.directory
+                )
         except OSError as e:
             raise StorageError(
                 f"disk tier {self.label!r}: cannot create directory {self.directory}: {e}"
             ) from e
-        self._take_directory_lock()
+        self._paths = [os.path.join(self.directory, slot_file(i)) for i in range(self.num_files)]
+        if not self.private:
+            self._take_directory_lock()
         try:
-            self._check_layout()
+            if not self.private:
+                self._check_layout()
             reason = probe_direct_io(self.directory) if config.direct_io else "disabled"
             self.direct_io = reason is None
             if config.direct_io and reason is not None:
@@ -336,11 +381,21 @@ class DiskTier(Tier):
                     self.io_threads - 1, thread_name_prefix=f"kvferry-disk-{self.label}"
                 )
             existing = self._open_files()
+            if self.private:
+                self._unname()
             self._closed = False
             self._rebuild_index(existing)
         except BaseException:
             self._release()
+            if self.private:
+                shutil.rmtree(self.directory, ignore_errors=True)
             raise
+        log.info(
+            "disk tier %r: %s of slot files in %s",
+            self.label,
+            format_size_approx(self.num_slots * self.slot_bytes),
+            self.where(),
+        )
 
     @classmethod
     def check(cls, config: BaseModel, context: TierContext) -> None:
@@ -349,7 +404,7 @@ class DiskTier(Tier):
         free; files already there count as held."""
         if not isinstance(config, DiskTierConfig):
             raise TypeError(f"disk tier: expected a DiskTierConfig, got {type(config).__name__}")
-        directory = os.path.abspath(os.path.expanduser(config.path))
+        directory = configured_directory(config)
         existing = directory
         while not os.path.exists(existing):  # the directory is made at open; check its parent
             existing = os.path.dirname(existing)
@@ -391,7 +446,7 @@ class DiskTier(Tier):
             os.close(fd)
             raise StorageError(
                 f"disk tier {self.label!r}: {self.directory} is in use by another process "
-                f"(lock {path}: {e})"
+                f"(lock {path}: {e}); give each store its own directory (disk.path, --disk-path)"
             ) from e
         self._lock_fd = fd
 
@@ -405,30 +460,82 @@ class DiskTier(Tier):
             "slots": self.num_slots,
         }
 
+    def where(self) -> str:
+        """Where the slot files are, for people: the directory, or for a private tier the
+        root its unnamed files are under."""
+        if self.private:
+            return f"unnamed files of this process under {os.path.dirname(self.directory)}"
+        return self.directory
+
     def _check_layout(self) -> None:
+        """Write ``layout.json`` in a new directory; in one written before, refuse another
+        layout (nothing in the directory is changed) or, with ``wipe_other_layout``, delete its
+        slot files and take the directory over."""
         path = os.path.join(self.directory, LAYOUT_FILE)
         want = self._layout()
         try:
             with open(path, encoding="utf-8") as f:
                 have = json.load(f)
         except FileNotFoundError:
-            have = None
-        except (OSError, ValueError) as e:
-            raise StorageError(f"disk tier {self.label!r}: cannot read {path}: {e}") from e
-        if have is None:
             self._write_layout(path, want)
             return
-        if have != want:
+        except ValueError as e:
+            have = f"unreadable {LAYOUT_FILE} ({e})"
+        except OSError as e:
+            raise StorageError(f"disk tier {self.label!r}: cannot read {path}: {e}") from e
+        if have == want:
+            return
+        if self.disk_config.wipe_other_layout:
+            self._wipe_slot_files()
+            self._write_layout(path, want)
+            log.warning(
+                "disk tier %r: %s held slot files of another layout; wiped them "
+                "(disk.wipe_other_layout) and started empty",
+                self.label,
+                self.directory,
+            )
+            return
+        if isinstance(have, dict):
             diff = ", ".join(
                 f"{k}: on disk {have.get(k)!r}, configured {v!r}"
                 for k, v in want.items()
                 if have.get(k) != v
             )
-            raise ConfigError(
-                f"disk tier {self.label!r}: {self.directory} holds slot files of another layout "
-                f"({diff}); set disk.path to another directory, restore disk.capacity/disk.files/"
-                "store.slot_size, or delete the directory"
-            )
+            what = f"slot files of another layout ({diff})"
+            restore = "restore disk.capacity/disk.files/store.slot_size, "
+        else:
+            what = f"slot files with an {have}" if isinstance(have, str) else "another layout"
+            restore = ""
+        raise ConfigError(
+            f"disk tier {self.label!r}: {self.directory} holds {what}; give this store another "
+            f"directory (disk.path, --disk-path), {restore}or empty this one and start afresh "
+            "(disk.wipe_other_layout, --wipe-disk: its blocks are lost)"
+        )
+
+    def _wipe_slot_files(self) -> None:
+        """Delete the slot files, and the layout file last: a wipe cut short by a crash
+        still finds the old layout next time and wipes again. Other files are left alone."""
+        try:
+            names = [n for n in sorted(os.listdir(self.directory)) if _SLOT_FILE.fullmatch(n)]
+            for name in [*names, LAYOUT_FILE]:
+                os.unlink(os.path.join(self.directory, name))
+        except OSError as e:
+            raise StorageError(
+                f"disk tier {self.label!r}: cannot wipe the slot files in {self.directory}: {e}"
+            ) from e
+
+    def _unname(self) -> None:
+        """Unlink a private tier's slot files and directory: the open descriptors hold the
+        space until they close, so nothing is left however the process ends."""
+        try:
+            for path in self._paths:
+                os.unlink(path)
+            os.rmdir(self.directory)
+        except OSError as e:
+            raise StorageError(
+                f"disk tier {self.label!r}: cannot unlink its private files in "
+                f"{self.directory}: {e}"
+            ) from e
 
     def _write_layout(self, path: str, layout: dict[str, int]) -> None:
         tmp = path + ".tmp"

@@ -31,6 +31,14 @@ multi-key command):
 tier keeps a local counter of blocks *this client* stored minus those it deleted. It does not see
 blocks written or deleted by other clients, expired by the TTL or evicted by Redis.
 
+Cluster or not: ``redis.cluster`` says, and the tier checks. A single-server tier asks the server
+once at open (``INFO cluster``: one round trip, one ``socket_timeout`` if the server hangs); a
+node of a Redis Cluster switches it to cluster mode, with one warning naming
+``redis.cluster=true``. Where that question gets no answer (the server is down at open, or the
+user may not run ``INFO``), the first cluster reply to a call (``MOVED``, ``ASK``, ``CROSSSLOT``,
+``CLUSTERDOWN``) switches it instead: that call fails with a one-line error that names the flag,
+and the next call goes to the cluster.
+
 Failures: a refused or timed-out connection and every ``redis.exceptions.RedisError`` raise
 :class:`~kvferry.errors.StorageError` naming the tier and the URL (password hidden). The
 connection pool reconnects on its own, so the first call after Redis comes back works again.
@@ -41,6 +49,7 @@ retried once at once, a timeout is not. Skipping a tier that keeps failing is th
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 from collections.abc import Iterator, Sequence
@@ -67,7 +76,11 @@ if TYPE_CHECKING:
     from redis import ConnectionPool, Redis
     from redis.cluster import RedisCluster
 
+log = logging.getLogger(__name__)
+
 _GLOB_SPECIAL = frozenset(b"*?[]\\")
+_CLUSTER_REPLIES = ("MOVED ", "ASK ", "CROSSSLOT ", "CLUSTERDOWN ")
+"""Error replies only a Redis Cluster node gives (as the direct MGET reader reports them)."""
 _SCAN_COUNT = 1000
 # A bigger read buffer than redis-py's 64 KiB default for the replies redis-py parses (cluster
 # GETs: a batch of 64 KiB blocks is megabytes, and each socket read is fed to hiredis apart).
@@ -284,6 +297,11 @@ class RedisTier(Tier):
         )
         self._oom: type[BaseException] = redis.exceptions.OutOfMemoryError
         self._reply_error: type[BaseException] = redis.exceptions.ResponseError
+        self._cluster_errors: tuple[type[BaseException], ...] = (
+            redis.exceptions.AskError,  # and MovedError
+            redis.exceptions.ClusterCrossSlotError,
+            redis.exceptions.ClusterDownError,
+        )
         # One quick reconnect on a dropped connection (a restarted server leaves stale pooled
         # sockets); a server that stays down fails fast instead of backing off for seconds.
         # Connection errors only: redis-py also retries timeouts by default, so a hung server
@@ -309,8 +327,12 @@ class RedisTier(Tier):
             "protocol": 2,
         }
         self._redis = redis
+        self._common = common
         self._client: Redis | RedisCluster
         self._pool: ConnectionPool | None = None  # a single server's pool (not a cluster)
+        self._cluster = config.cluster
+        """Talking to a Redis Cluster: configured, or found out (module docstring)."""
+        self._switch_lock = threading.Lock()
         self._direct = False
         self._scratch = threading.local()  # .buf: this thread's _MgetReader scratch buffer
         """``get`` reads MGET replies itself: a single server speaking RESP2."""
@@ -319,11 +341,74 @@ class RedisTier(Tier):
                 # connects now: it must learn the slot map before the first command
                 self._client = redis.cluster.RedisCluster.from_url(config.url, **common)
             else:
-                pool_class = common.pop("connection_pool_class")
-                pool = pool_class.from_url(config.url, **common)
+                single = {k: v for k, v in common.items() if k != "connection_pool_class"}
+                pool = common["connection_pool_class"].from_url(config.url, **single)
                 self._client = redis.Redis(connection_pool=pool)
                 self._pool = pool
                 self._direct = str(pool.connection_kwargs.get("protocol")) == "2"
+        if not config.cluster and self._is_cluster_node():
+            log.warning(
+                "%s is a node of a Redis Cluster: using cluster mode (set redis.cluster=true "
+                "to say so)",
+                self._where,
+            )
+            with self._failures():
+                self._to_cluster()
+
+    # -- cluster or not ------------------------------------------------------------------
+
+    def _is_cluster_node(self) -> bool:
+        """Whether the server says it is a Redis Cluster node (``INFO cluster``); False when
+        it does not answer (down, or this user may not run INFO): a cluster reply to a later
+        call finds out instead (:meth:`_error`)."""
+        try:
+            info = self._client.info("cluster")
+        except self._errors:
+            return False
+        return bool(info.get("cluster_enabled"))
+
+    def _to_cluster(self) -> None:
+        """Talk to the cluster of the URL's server from now on (once; calls in flight on the
+        single-server connections may fail)."""
+        with self._switch_lock:
+            if self._cluster:
+                return
+            client = self._redis.cluster.RedisCluster.from_url(self._cfg.url, **self._common)
+            old, pool = self._client, self._pool
+            self._client, self._pool, self._direct = client, None, False
+            self._cluster = True
+        try:
+            old.close()
+            if pool is not None:
+                pool.disconnect()
+        except self._errors:
+            pass
+
+    def _error(self, e: BaseException) -> StorageError:
+        """The StorageError for a failed call; a cluster reply to a single-server tier also
+        switches the tier to cluster mode and says which flag would have avoided it."""
+        what = f"{type(e).__name__}: {e}"
+        cluster_reply = isinstance(e, self._cluster_errors) or (
+            isinstance(e, self._reply_error) and str(e).startswith(_CLUSTER_REPLIES)
+        )
+        if self._cluster or not cluster_reply:
+            return StorageError(f"{self._where}: {what}")
+        try:
+            self._to_cluster()
+        except self._errors as switch:
+            return StorageError(
+                f"{self._where}: answered as a node of a Redis Cluster ({what}) and cluster mode "
+                f"failed too ({type(switch).__name__}: {switch}); set redis.cluster=true"
+            )
+        log.warning(
+            "%s is a node of a Redis Cluster: switched to cluster mode (set "
+            "redis.cluster=true to start in it)",
+            self._where,
+        )
+        return StorageError(
+            f"{self._where}: answered as a node of a Redis Cluster ({what}); this call failed, "
+            "the next ones use cluster mode; set redis.cluster=true to start in it"
+        )
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -337,7 +422,7 @@ class RedisTier(Tier):
         except self._errors as e:
             with self._lock:
                 self._counters["errors"] += 1
-            raise StorageError(f"{self._where}: {type(e).__name__}: {e}") from e
+            raise self._error(e) from e
 
     def _rkey(self, key: Key) -> bytes:
         return self._prefix + key
@@ -346,7 +431,7 @@ class RedisTier(Tier):
         if isinstance(result, BaseException):
             with self._lock:
                 self._counters["errors"] += 1
-            raise StorageError(f"{self._where}: {type(result).__name__}: {result}") from result
+            raise self._error(result) from result
 
     # -- capacity ------------------------------------------------------------------------
 
@@ -450,7 +535,7 @@ class RedisTier(Tier):
         self, rkeys: list[bytes], views: list[memoryview]
     ) -> tuple[list[int | None], list[int], int]:
         """GETs through redis-py, then one copy per value from its ``bytes`` into ``views``."""
-        if self._cfg.cluster:
+        if self._cluster:
             pipe = self._client.pipeline(transaction=False)
             for rk in rkeys:
                 pipe.get(rk)

@@ -90,6 +90,19 @@ def _prepare_disk(
     options: StoreBenchOptions, config: KvferryConfig, stack: contextlib.ExitStack
 ) -> Prepared:
     _check_fits(options, config, config.disk.capacity, "disk.capacity")
+    notes = _own_store_note(options, "disk")
+    if not config.disk.path:
+        from kvferry.backends.disk import default_root
+
+        # private tiers: each client's unnamed files are its own and go with it
+        where = f"unnamed files under {default_root()}"
+        if options.clients > 1:
+            notes.append(f"disk: each client's tier in its own {where}")
+        return Prepared(
+            [config] * options.clients,
+            {"path": where, "capacity_bytes": config.disk.capacity},
+            notes,
+        )
     base = (
         Path(config.disk.path).expanduser() / f"kvferry-store-bench-{os.getpid()}-{time.time_ns()}"
     )
@@ -101,7 +114,6 @@ def _prepare_disk(
         )
         for i in range(options.clients)
     ]
-    notes = _own_store_note(options, "disk")
     if options.clients > 1:
         notes.append(f"disk: one directory per client under {base} (removed at the end)")
     return Prepared(configs, {"path": str(base), "capacity_bytes": config.disk.capacity}, notes)

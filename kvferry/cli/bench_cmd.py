@@ -415,7 +415,12 @@ def _add_store_parser(kinds: Any) -> None:
         metavar="SIZE",
         help="cpu.capacity (cpu, and the server a run starts) or disk.capacity (disk)",
     )
-    p.add_argument("--disk-path", metavar="DIR", help="disk.path: the run uses a fresh subdir")
+    p.add_argument(
+        "--disk-path",
+        metavar="DIR",
+        help="disk.path: the run uses a fresh subdir (default: files of the run's own, freed "
+        "when it exits)",
+    )
     p.add_argument("--redis-url", metavar="URL", help="redis.url")
     p.add_argument("--json", metavar="FILE", help="write the report as JSON")
     p.add_argument("--csv", metavar="FILE", help="write one CSV row per phase and op")

@@ -12,10 +12,13 @@ import argparse
 import signal
 import sys
 import threading
-
-from rich.console import Console
+from typing import TYPE_CHECKING
 
 from kvferry.cli.common import Stopped, add_config_options, load_from_args
+from kvferry.config.units import format_size, format_size_approx
+
+if TYPE_CHECKING:
+    from kvferry.backends.server.service import StoreServer
 
 READY = "kvferry-store-ready"
 
@@ -25,17 +28,30 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     kinds = serve.add_subparsers(dest="serve_kind", required=True, metavar="KIND")
     store = kinds.add_parser(
         "store",
-        help="a store server: cpu (+ disk) tiers served over the transfer engine's protocol",
-        description="Serve a TieredStore (store.tiers: cpu, disk) on listen.bind_address:"
-        "listen.port. Prints 'kvferry-store-ready HOST:PORT' once it accepts connections.",
+        help="a store server: a cpu tier (+ a disk tier if asked) served over the transfer "
+        "engine's protocol",
+        description="Serve a TieredStore (store.tiers: cpu, or cpu,disk) on "
+        "listen.bind_address:listen.port. Prints 'kvferry-store-ready HOST:PORT' once it accepts "
+        "connections, then one line on stderr: each tier's size and where the disk tier is.",
     )
     add_config_options(store)
     store.add_argument("--port", type=int, help="listen.port (0 picks a free port)")
     store.add_argument("--bind", help="listen.bind_address (default 127.0.0.1)")
     store.add_argument("--capacity", help="cpu.capacity, e.g. 4GiB")
     store.add_argument("--slot-size", help="store.slot_size: bytes of the largest block")
-    store.add_argument("--tiers", help="store.tiers, e.g. cpu or cpu,disk")
-    store.add_argument("--disk-path", help="disk.path")
+    store.add_argument("--tiers", help="store.tiers: cpu (default) or cpu,disk")
+    store.add_argument(
+        "--disk-path",
+        help="disk.path (default: ~/.cache/kvferry/disk/store-PORT; on port 0, files of this "
+        "process, freed when it exits)",
+    )
+    store.add_argument("--disk-capacity", help="disk.capacity, e.g. 4GiB (preallocated)")
+    store.add_argument(
+        "--wipe-disk",
+        action="store_true",
+        help="empty a disk directory that holds slot files of another layout (slot size, "
+        "capacity) instead of refusing it (disk.wipe_other_layout); its blocks are lost",
+    )
     store.add_argument("--register", metavar="REDIS_URL", help="server.membership_url")
     store.add_argument("--metrics-port", type=int, help="store.metrics_port (Prometheus)")
     store.add_argument(
@@ -171,6 +187,8 @@ def run_store(args: argparse.Namespace) -> int:
         "store.slot_size": args.slot_size,
         "store.tiers": args.tiers,
         "disk.path": args.disk_path,
+        "disk.capacity": args.disk_capacity,
+        "disk.wipe_other_layout": True if args.wipe_disk else None,
         "server.membership_url": args.register,
         "store.metrics_port": args.metrics_port,
         "cpu.force_capacity": True if args.force_capacity else None,
@@ -183,6 +201,8 @@ def run_store(args: argparse.Namespace) -> int:
         "store.slot_size": "--slot-size",
         "store.tiers": "--tiers",
         "disk.path": "--disk-path",
+        "disk.capacity": "--disk-capacity",
+        "disk.wipe_other_layout": "--wipe-disk",
         "server.membership_url": "--register",
         "store.metrics_port": "--metrics-port",
         "cpu.force_capacity": "--force-capacity",
@@ -198,15 +218,36 @@ def run_store(args: argparse.Namespace) -> int:
         signals.serving = True
         print(f"{READY} {host}:{port}", flush=True)
         if not args.quiet:
-            cfg = loaded.config
-            Console(stderr=True).print(
-                f"store server on {host}:{port}: tiers {cfg.store.tiers}, "
-                f"{server.store.first.capacity_blocks} slots of {cfg.store.slot_size} bytes"
-            )
+            # One unwrapped line: a log line, often read by scripts, not a terminal view.
+            print(f"store server on {host}:{port}: {describe_store(server)}", file=sys.stderr)
         signals.stop.wait()
     finally:
         server.close()
     return 0
+
+
+def describe_store(server: StoreServer) -> str:
+    """What a store server holds, for its start-up line: each tier's size, and where the disk
+    tier's files are (or that there is none), with the flags that change them."""
+    from kvferry.backends.base import SlotTier
+    from kvferry.backends.disk import DiskTier
+
+    parts = []
+    for tier in server.store.tiers:
+        if isinstance(tier, DiskTier):
+            size = format_size_approx(tier.num_slots * tier.slot_bytes)
+            parts.append(f"disk {size} in {tier.where()} (--disk-path, --disk-capacity)")
+        elif isinstance(tier, SlotTier) and tier.capacity_blocks is not None:
+            slot = server.store.slot_size
+            size = format_size_approx(tier.capacity_blocks * slot)
+            parts.append(
+                f"{tier.label} {size} ({tier.capacity_blocks} slots of {format_size(slot)})"
+            )
+        else:
+            parts.append(tier.label)
+    if not any(isinstance(t, DiskTier) for t in server.store.tiers):
+        parts.append("no disk tier (--tiers cpu,disk adds one)")
+    return ", ".join(parts)
 
 
 class _StopSignals:

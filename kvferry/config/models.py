@@ -245,8 +245,10 @@ TierName = str
 class StoreConfig(_Model):
     """The tiered KV-cache store: keys, tier pipeline, placement, eviction, leases, tracing."""
 
+    # cpu only by default: a disk tier preallocates its whole capacity, which no one should
+    # get without asking (--tiers cpu,disk).
     tiers: list[TierName] = Field(
-        default_factory=lambda: ["cpu", "disk"],
+        default_factory=lambda: ["cpu"],
         min_length=1,
         description="Tier pipeline, fastest first (UCM store_pipeline), e.g. [cpu, disk, redis].",
     )
@@ -393,9 +395,14 @@ class DiskTierConfig(_Model):
     """The SSD tier: preallocated files of fixed-size slots with per-slot headers."""
 
     path: str = Field(
-        "~/.cache/kvferry/disk", min_length=1, description="Directory of the slot files."
+        "",
+        description="Directory of the slot files; empty = one of kvferry's own under "
+        "~/.cache/kvferry/disk: store-<port> for a store server on a fixed port (a restart "
+        "finds its blocks), else unnamed files of this process, freed when it exits.",
     )
-    capacity: ByteSize = Field(4 << 30, ge=0, description="Bytes of slot space on disk.")
+    capacity: ByteSize = Field(
+        4 << 30, ge=0, description="Bytes of slot space on disk, preallocated at open."
+    )
     direct_io: bool = Field(
         True, description="O_DIRECT with aligned buffers where the filesystem supports it."
     )
@@ -406,13 +413,23 @@ class DiskTierConfig(_Model):
         description="Preallocate the capacity even when its filesystem has fewer bytes free "
         "(--force-capacity).",
     )
+    wipe_other_layout: bool = Field(
+        False,
+        description="Empty a disk.path that holds slot files of another layout (slot size, "
+        "capacity, files) and start there afresh, instead of refusing it (--wipe-disk); the "
+        "blocks in it are lost.",
+    )
 
 
 class RedisTierConfig(_Model):
     """Redis/Valkey as the shared remote tier."""
 
     url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL (redis:// or rediss://).")
-    cluster: bool = Field(False, description="Talk to a Redis Cluster (scale-out) at url.")
+    cluster: bool = Field(
+        False,
+        description="Talk to a Redis Cluster (scale-out) at url; a cluster node at url is also "
+        "found out at open or by its first MOVED reply, with a warning naming this key.",
+    )
     key_prefix: str = Field("kvferry:kv:", min_length=1, description="Namespace of block keys.")
     ttl: Seconds = Field(0.0, ge=0, description="Seconds a stored block lives; 0 = no expiry.")
     pool_size: int = Field(16, ge=1, le=4096, description="Connections in the client pool.")

@@ -109,7 +109,8 @@ def parse_extra_config(
 ) -> ConnectorSettings:
     """Validate ``kv_connector_extra_config`` into connector options and a kvferry config.
 
-    With no ``store.tiers`` given anywhere, the connector uses ``[cpu]`` (embedded).
+    With no ``store.tiers`` given anywhere, the connector uses the default, ``[cpu]``
+    (embedded); a disk tier without ``disk.path`` is private to the scheduler process.
 
     Raises:
         ConfigError: an unknown key (with the valid ones), a bad option value, a config
@@ -155,10 +156,6 @@ def parse_extra_config(
         flag_names={k: f"kv_connector_extra_config.{k}" for k in flags},
     )
     config = loaded.config
-    if loaded.sources.get("store.tiers", "default") == "default":
-        config = config.model_copy(
-            update={"store": config.store.model_copy(update={"tiers": ["cpu"]})}
-        )
     store_mode(config)  # refuse a mixed pipeline now, with the message, not later
     return ConnectorSettings(options=ConnectorOptions(**options), config=config)  # type: ignore[arg-type]
 

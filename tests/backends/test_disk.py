@@ -211,10 +211,79 @@ def test_layout_change_is_refused_not_misread(direct_dir: Path) -> None:
     tier.close()
     with pytest.raises(ConfigError, match="another layout") as info:
         open_tier(direct_dir, slots=8, slot_size=2 * SLOT)
-    assert "slot_size" in str(info.value)
+    message = str(info.value)
+    assert "slot_size" in message and str(direct_dir) in message and "\n" not in message
+    # what to do: another directory, or empty this one
+    assert "--disk-path" in message and "disk.wipe_other_layout" in message
+    assert "--wipe-disk" in message
     tier = open_tier(direct_dir, slots=8)  # the failed open released the directory
     try:
         assert tier.keys() == [key(1)]
+    finally:
+        tier.close()
+
+
+def test_wipe_other_layout_starts_empty_and_leaves_other_files(direct_dir: Path) -> None:
+    tier = open_tier(direct_dir, slots=8, files=2)
+    tier.put([key(1)], [value(1, 64)])
+    tier.close()
+    (direct_dir / "notes.txt").write_text("not the tier's")
+    tier = open_tier(direct_dir, slots=4, slot_size=2 * SLOT, wipe_other_layout=True)
+    try:
+        assert tier.keys() == [] and tier.stats().total_blocks == 4
+        assert tier.put([key(2)], [value(2, 2 * SLOT)]) == [PutStatus.STORED]
+    finally:
+        tier.close()
+    assert (direct_dir / "notes.txt").read_text() == "not the tier's"
+    assert not (direct_dir / "slots-0001.kvf").exists(), "a slot file of the old layout is left"
+    tier = open_tier(direct_dir, slots=4, slot_size=2 * SLOT)  # the new layout is the layout now
+    try:
+        assert tier.keys() == [key(2)]
+    finally:
+        tier.close()
+
+
+def test_an_unreadable_layout_file_names_the_same_choices(direct_dir: Path) -> None:
+    (direct_dir / "layout.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=r"unreadable layout\.json") as info:
+        open_tier(direct_dir)
+    assert "--disk-path" in str(info.value) and "--wipe-disk" in str(info.value)
+    tier = open_tier(direct_dir, wipe_other_layout=True)
+    try:
+        assert tier.put([key(1)], [value(1, 64)]) == [PutStatus.STORED]
+    finally:
+        tier.close()
+
+
+def test_no_path_means_unnamed_files_of_this_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # disk.path unset: two tiers at once (no lock between them), files nobody else can open or
+    # find, so nothing is left behind however the process ends
+    monkeypatch.setenv("HOME", str(tmp_path))
+    root = tmp_path / ".cache" / "kvferry" / "disk"
+    config = DiskTierConfig(capacity=8 * SLOT_BYTES, direct_io=False)
+    tiers = [DiskTier(config, TierContext(slot_size=SLOT)) for _ in range(2)]
+    try:
+        for i, tier in enumerate(tiers):
+            assert tier.put([key(i)], [value(i, SLOT)]) == [PutStatus.STORED]
+        for i, tier in enumerate(tiers):
+            assert read_all(tier, [key(0), key(1)]) == [
+                value(i, SLOT) if j == i else None for j in range(2)
+            ]
+            assert tier.stats().extra["file_bytes"] == 8 * SLOT_BYTES
+            assert tier.where() == f"unnamed files of this process under {root}"
+        assert root.is_dir() and list(root.iterdir()) == []
+    finally:
+        for tier in tiers:
+            tier.close()
+    assert list(root.iterdir()) == []
+
+
+def test_a_named_directory_is_reported_where_it_is(direct_dir: Path) -> None:
+    tier = open_tier(direct_dir)
+    try:
+        assert tier.where() == str(direct_dir)
     finally:
         tier.close()
 
@@ -224,7 +293,7 @@ def test_second_open_of_a_directory_is_refused(direct_dir: Path) -> None:
     try:
         with pytest.raises(StorageError, match="in use by another process") as info:
             open_tier(direct_dir)
-        assert str(direct_dir) in str(info.value)
+        assert str(direct_dir) in str(info.value) and "--disk-path" in str(info.value)
     finally:
         tier.close()
 

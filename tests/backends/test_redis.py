@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import array
 import itertools
+import logging
 import random
 import shutil
 import socket
@@ -166,6 +167,74 @@ def test_cluster_spreads_keys_and_lists_all(
                 node.close()
         assert all(n > 0 for n in per_node) and sum(per_node) == 48, per_node
         assert tier.delete(keys) == 48
+    finally:
+        tier.close()
+
+
+def test_a_cluster_node_without_redis_cluster_switches_to_cluster_mode(
+    redis_cluster: list[str], request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture
+) -> None:
+    # redis.cluster left false against a cluster node: its CLUSTER/INFO answer gives it away
+    with caplog.at_level(logging.WARNING, logger="kvferry.backends.redis"):
+        tier = make(redis_cluster[0], prefix_for(request))
+    try:
+        said = [r.getMessage() for r in caplog.records]
+        assert len(said) == 1 and "redis.cluster=true" in said[0], said
+        keys = [key(i, 6) for i in range(48)]  # spread over every primary's slots
+        vals = [value(i, 100 + i) for i in range(48)]
+        assert tier.put(keys, vals) == [PutStatus.STORED] * 48
+        outs = [memoryview(bytearray(SLOT)) for _ in keys]
+        assert tier.get(keys, outs) == [len(v) for v in vals]
+        assert all(bytes(o[: len(v)]) == v for o, v in zip(outs, vals))
+        assert tier.contains(keys) == [True] * 48 and sorted(tier.keys()) == sorted(keys)
+        assert tier.delete(keys) == 48
+    finally:
+        tier.close()
+
+
+@pytest.mark.parametrize("first", ["put", "get"])
+def test_a_cluster_reply_names_the_flag_and_the_next_call_works(
+    redis_cluster: list[str], request: pytest.FixtureRequest, first: str
+) -> None:
+    # A user who may not run INFO: the node is not recognised up front, so the first cluster
+    # reply gives it away: MOVED to a put's SETs, CROSSSLOT to a get's MGET (read directly).
+    for url in redis_cluster:
+        admin = redis.Redis.from_url(url)
+        try:
+            admin.acl_setuser(
+                "noinfo", enabled=True, passwords=["+pw"], keys=["*"], commands=["+@all", "-info"]
+            )
+        finally:
+            admin.close()
+    port = redis_cluster[0].rsplit(":", 1)[1].split("/")[0]
+    tier = make(f"redis://noinfo:pw@127.0.0.1:{port}/0", prefix_for(request))
+    keys = [key(i, 7) for i in range(48)]
+    vals = [value(i, 100 + i) for i in range(48)]
+    outs = [memoryview(bytearray(SLOT)) for _ in keys]
+    try:
+        assert tier._direct, "taken for a single server"
+        with pytest.raises(StorageError) as failed:
+            tier.put(keys, vals) if first == "put" else tier.get(keys, outs)
+        message = str(failed.value)
+        assert ("MovedError" if first == "put" else "CROSSSLOT") in message, message
+        assert "\n" not in message and "Redis Cluster" in message, message
+        assert "redis.cluster=true" in message and "pw@" not in message, message
+        # the put's blocks of this node's own slots went in with the failed call
+        assert set(tier.put(keys, vals)) <= {PutStatus.STORED, PutStatus.EXISTS}
+        assert tier.get(keys, outs) == [len(v) for v in vals]
+        assert all(bytes(o[: len(v)]) == v for o, v in zip(outs, vals))
+        assert tier.delete(keys) == 48
+    finally:
+        tier.close()
+
+
+def test_a_single_server_is_not_taken_for_a_cluster(
+    redis_server: str, request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="kvferry.backends.redis"):
+        tier = make(redis_server, prefix_for(request))
+    try:
+        assert caplog.records == [] and tier._direct, "a single server keeps the direct reader"
     finally:
         tier.close()
 

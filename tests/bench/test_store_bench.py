@@ -129,6 +129,23 @@ def test_disk_tier_under_tmp_path_verifies_and_removes_its_directory(tmp_path: P
     assert list(path.iterdir()) == []  # the run's own directory is gone
 
 
+def test_disk_tier_without_a_path_writes_nothing_anywhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # no --disk-path: private files under ~/.cache/kvferry/disk, never the working directory
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    config = KvferryConfig(disk=DiskTierConfig(capacity=8 << 20))
+    report = run_store_bench(options(backend="disk", op="batch-get", batch_size=8), config)
+    assert_sane(report)
+    assert report.verify is not None and report.verify.ok and report.verify.keys == NUM_KEYS
+    root = home / ".cache" / "kvferry" / "disk"
+    assert str(root) in str(report.backend["path"])
+    assert list(cwd.iterdir()) == [] and list(root.iterdir()) == []
+
+
 def test_two_client_processes_each_fill_and_verify_their_own_cpu_store() -> None:
     report = run_store_bench(options(op="get", clients=2, threads=2), CPU)
     assert_sane(report)

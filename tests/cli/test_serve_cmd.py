@@ -16,6 +16,7 @@ import pytest
 from kvferry.backends.base import PutStatus, TierContext
 from kvferry.backends.server.client import ServerTier
 from kvferry.config.models import ServerTierConfig
+from kvferry.testing.redis_server import free_port
 from kvferry.testing.tier_kit import key, value
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -187,3 +188,171 @@ def test_a_graceful_sigterm_keeps_the_cpu_tiers_blocks_on_disk(tmp_path: Path) -
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
+
+
+# ---- defaults: no disk unless asked, one directory per server, layouts that do not trap ----
+
+
+def home_env(home: Path, **extra: str) -> dict[str, str]:
+    """``env()`` with ``home`` as HOME (where ``~/.cache/kvferry`` lands) and ``extra`` set."""
+    out = env()
+    out["HOME"] = str(home)
+    out.update(extra)
+    return out
+
+
+def start_in(home: Path, args: list[str], **extra: str) -> tuple[subprocess.Popen[str], str, str]:
+    """``serve store ARGS`` (not quiet) with ``home`` as HOME: (process, address, the line that
+    describes it)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvferry", "serve", "store", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=home_env(home, **extra),
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    line = proc.stdout.readline()
+    if not line.startswith("kvferry-store-ready "):
+        proc.kill()
+        raise AssertionError(f"no ready line: {line!r} {proc.communicate()[1]}")
+    # its one-line description follows on stderr (after any log lines)
+    said = ""
+    while not said.startswith("store server on "):
+        said = proc.stderr.readline()
+        assert said, "stderr ended before the description"
+    return proc, line.split()[1], said.strip()
+
+
+def stop(proc: subprocess.Popen[str]) -> str:
+    """SIGTERM and wait; the rest of stderr."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return err
+
+
+def round_trip(address: str, i: int) -> None:
+    tier = client(address)
+    try:
+        assert tier.put([key(i)], [value(i, SLOT)]) == [PutStatus.STORED]
+        out = memoryview(bytearray(SLOT))
+        assert tier.get([key(i)], [out]) == [SLOT] and bytes(out) == value(i, SLOT)
+    finally:
+        tier.close()
+
+
+def test_two_default_servers_on_one_host_both_serve_and_take_no_disk(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    first, a, said = start_in(home, ["--port", "0", "--capacity", "64MiB"])
+    try:
+        assert "no disk tier" in said and "--tiers cpu,disk" in said, said
+        second, b, _ = start_in(home, ["--port", "0", "--capacity", "64MiB"])
+        try:
+            round_trip(a, 1)
+            round_trip(b, 2)
+            assert list(home.iterdir()) == [], "a default server wrote under HOME"
+        finally:
+            assert second.poll() is None, stop(second)
+            stop(second)
+    finally:
+        stop(first)
+    assert first.returncode == second.returncode == 0
+
+
+def test_servers_with_a_disk_tier_get_a_directory_per_port(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    ports = [free_port(), free_port()]
+    args = ["--tiers", "cpu,disk", "--capacity", "1MiB", "--slot-size", str(SLOT)]
+    args += ["--disk-capacity", "1MiB"]
+    procs = []
+    try:
+        for port in ports:
+            proc, address, said = start_in(home, ["--port", str(port), *args])
+            procs.append(proc)
+            where = home / ".cache" / "kvferry" / "disk" / f"store-{port}"
+            assert f"disk 1MiB in {where} " in said, said  # where, and how much
+            assert "--disk-path" in said and "--disk-capacity" in said, said  # and how to change
+
+            assert (where / "layout.json").is_file()
+            round_trip(address, port)
+    finally:
+        for proc in procs:
+            stop(proc)
+    # a restart on the same port finds its blocks
+    proc, address, _ = start_in(home, ["--port", str(ports[0]), *args])
+    try:
+        tier = client(address)
+        assert tier.contains([key(ports[0]), key(ports[1])]) == [True, False]
+        tier.close()
+    finally:
+        stop(proc)
+
+
+def test_a_disk_directory_of_another_layout_is_one_error_naming_the_flags(
+    tmp_path: Path,
+) -> None:
+    where = tmp_path / "disk"
+    common = ["--port", "0", "--tiers", "cpu,disk", "--disk-path", str(where)]
+    common += ["--capacity", "4MiB", "--set", "disk.capacity=8MiB"]
+    proc, _, _ = start_in(tmp_path, [*common, "--slot-size", "1MiB"])
+    assert stop(proc) is not None and proc.returncode == 0
+    for _ in range(2):  # a refused start changes nothing: the same error again
+        refused = subprocess.run(
+            serve_store(*common), capture_output=True, text=True, env=env(), timeout=60
+        )
+        err = refused.stderr.strip()
+        assert refused.returncode == 2 and len(err.splitlines()) == 1, err
+        assert err.startswith("error: ") and str(where) in err and "another layout" in err, err
+        assert "--disk-path" in err and "--wipe-disk" in err, err
+    proc, address, _ = start_in(tmp_path, [*common, "--slot-size", str(SLOT), "--wipe-disk"])
+    try:
+        round_trip(address, 3)
+    finally:
+        stop(proc)
+    proc, address, _ = start_in(tmp_path, [*common, "--slot-size", str(SLOT)])  # no flag needed now
+    try:
+        tier = client(address)
+        assert tier.contains([key(3)]) == [True]
+        tier.close()
+    finally:
+        stop(proc)
+
+
+README_STORE = """
+from kvferry import TieredStore, load_config
+config = load_config(flags={"store.tiers": ["cpu", "disk"], "cpu.capacity": "16MiB"}).config
+with TieredStore(config) as store:
+    print("tiers", store.names, store.put([bytes(16)], [b"x" * 100])[0].value)
+"""
+
+
+def test_the_readme_store_examples_run_after_a_1mib_server_ran(tmp_path: Path) -> None:
+    # README: `kvferry serve store --port 15500 --capacity 2GiB --slot-size 1MiB &`, then the
+    # Python API's TieredStore example and examples/store_quickstart.py.
+    home = tmp_path / "home"
+    small = {"KVFERRY_DISK_CAPACITY": "16MiB"}  # what the README's 4 GiB would be, smaller
+    proc, _, _ = start_in(home, ["--port", "0", "--capacity", "16MiB", "--slot-size", "1MiB"])
+    stop(proc)
+    assert proc.returncode == 0
+    outputs = []
+    for cmd in (
+        [sys.executable, "-c", README_STORE],
+        [sys.executable, str(REPO_ROOT / "examples" / "store_quickstart.py")],
+    ):
+        ran = subprocess.run(
+            cmd, capture_output=True, text=True, env=home_env(home, **small), timeout=60
+        )
+        assert ran.returncode == 0 and "Traceback" not in ran.stderr, ran.stderr
+        outputs.append(ran.stdout)
+    assert "tiers ['cpu', 'disk'] stored" in outputs[0]
+    assert "lookup (all tiers): 40 of 40" in outputs[1]
+    # the store's disk tier was this process's own: nothing of it is left behind
+    disk = home / ".cache" / "kvferry" / "disk"
+    assert not disk.exists() or list(disk.iterdir()) == []

@@ -296,11 +296,13 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def cpu_over_disk(path: Path, cpu: int, disk: int, **store: object) -> TieredStore:
+def cpu_over_disk(path: Path | None, cpu: int, disk: int, **store: object) -> TieredStore:
+    """A cpu tier of ``cpu`` slots over a disk tier of ``disk`` slots in ``path`` (None: no
+    disk.path, a private tier)."""
     cfg = KvferryConfig(store=StoreConfig(slot_size=SLOT, **store))  # type: ignore[arg-type]
     slot_bytes = 4096 + 4096  # the disk tier's header block + the payload rounded to 4 KiB
     disk_tier = DiskTier(
-        DiskTierConfig(path=str(path), capacity=disk * slot_bytes, direct_io=False),
+        DiskTierConfig(path=str(path or ""), capacity=disk * slot_bytes, direct_io=False),
         TierContext(slot_size=SLOT, label="disk"),
     )
     return TieredStore(cfg, tiers=[dram(cpu), disk_tier])
@@ -323,6 +325,18 @@ def test_flush_writes_the_blocks_only_the_cpu_tier_holds_and_a_reopen_finds_them
     with cpu_over_disk(tmp_path, 16, 64) as reopened:
         assert reopened.lookup(keys(40)) == 40
         assert read(reopened, keys(40)) == vals(40)
+
+
+def test_flush_writes_nothing_into_a_private_disk_tier(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # no disk.path: the disk tier's files go with this process, so a graceful shutdown has
+    # nothing to keep there (and a server on port 0 would spend up to 30 s writing them)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with cpu_over_disk(None, 16, 64) as store:
+        store.put(keys(40), vals(40))
+        assert store.stats().usage["cpu"].used_blocks > 0
+        assert store.flush(30.0) == 0
 
 
 def test_flush_has_nothing_to_do_under_write_through(tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 
 from kvferry.backends.base import Key, SlotTier, Tier, TierContext
 from kvferry.backends.cpu import CpuTier
+from kvferry.backends.disk import instance_directory
 from kvferry.backends.registry import check_tiers, load_tier
 from kvferry.backends.server import protocol as p
 from kvferry.config.models import KvferryConfig
@@ -69,7 +70,10 @@ class StoreServer:
     Args:
         config: ``store`` (tiers must be local: cpu, disk), the tiers' sections, ``listen``
             (bind address, port, token), ``transfer``; ``server.membership_url`` set means
-            register this server there.
+            register this server there. A disk tier without ``disk.path`` on a fixed port
+            keeps its files in ``~/.cache/kvferry/disk/store-<port>`` (so servers on one host
+            never share a directory, and a restart on the port finds its blocks); on port 0,
+            in private files that go with the process (``kvferry.backends.disk``).
 
     Everything is validated before anything is allocated: the tier names, the listen address
     and port (and ``store.metrics_port``) by a trial bind, and every tier's limits
@@ -82,12 +86,20 @@ class StoreServer:
     """
 
     def __init__(self, config: KvferryConfig) -> None:
-        self.config = config
+        sections = set()
         for name in config.store.tiers:
-            if load_tier(name).shared:
+            cls = load_tier(name)
+            if cls.shared:
                 raise ConfigError(
                     f"store.tiers: a store server holds local tiers only (cpu, disk), not {name!r}"
                 )
+            sections.add(cls.config_section)
+        if "disk" in sections and not config.disk.path and config.listen.port:
+            path = instance_directory(f"store-{config.listen.port}")
+            config = config.model_copy(
+                update={"disk": config.disk.model_copy(update={"path": path})}
+            )
+        self.config = config
         listen = config.listen
         _check_bindable(listen.bind_address, listen.port, "listen.port (--port)")
         if config.store.metrics_port:
