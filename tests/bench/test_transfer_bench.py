@@ -187,3 +187,45 @@ def test_bad_backend_entries_are_clear_errors(tmp_path: Path, backend: str, mess
     run = sweep(tmp_path, "--backend", backend)
     assert run.returncode == 2, run.stderr[-2000:]
     assert message in run.stderr and "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize("width", [100, 80])
+def test_tables_keep_every_number_whole_in_a_narrow_terminal(width: int) -> None:
+    from kvferry.bench.stats import Summary
+    from kvferry.bench.transfer import (
+        COLUMNS,
+        CaseResult,
+        RoundRatios,
+        TransferBenchOptions,
+        TransferBenchReport,
+        row,
+    )
+    from kvferry.cli.bench_cmd import _print_report
+    from kvferry.testing.tables import assert_values_whole, narrow_console, printed
+
+    tx = Summary(
+        count=9, min=1.0, max=9e5, avg=12_345.6, std=1.0, p50=11_634.5, p90=1.0, p95=1.0,
+        p99=223_456.7, p999=924_567.8,
+    )  # fmt: skip
+    report = TransferBenchReport(TransferBenchOptions(rounds=3))
+    for backend in ("kvferry+transfer.grace_period_ns=200000", "mooncake"):
+        report.backends[backend] = {"transport": "tcp"}
+        report.cases.append(
+            CaseResult(
+                backend=backend, block_size=67_108_864, batch_size=128, threads=16, op="read",
+                batches=9, bytes=1, seconds=1.0, bw_gbps=24.512345, avg_lat_us=123_456.7,
+                transfer_us=tx, initiator_cpu_s=1.0, target_cpu_s=None,
+            )  # fmt: skip
+        )
+    ratio = RoundRatios(67_108_864, 128, 16, "kvferry", "mooncake", [1.23, 0.98, 1.5], [2, 3, 4])
+    report.ratios.append(ratio)
+    console = narrow_console(width)
+    _print_report(console, report, multi=True)
+    text = printed(console)
+    headers = ["Backend", "Transport", *COLUMNS]
+    cases = [["", "tcp", *row(c)] for c in report.cases]  # Backend: a label, may wrap
+    dropped = assert_values_whole(text, width, headers, cases)
+    assert "BW (GB/S)" not in dropped and "P99 Tx (us)" not in dropped
+    ratio_cells = ["1.23x", "0.98-1.50", "3.00x", "2.00-4.00"]
+    ratio_headers = ["BW ratio", "BW ratio range", "P99 Tx ratio (lower better)", "P99 ratio range"]
+    assert_values_whole(text, width, ratio_headers, [ratio_cells])
