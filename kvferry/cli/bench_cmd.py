@@ -333,6 +333,9 @@ def _print_report(
     print_table(console, table)
     if multi:
         _print_round_ratios(console, report, wide=wide)
+    verdict = report.consistency_verdict()
+    if verdict:
+        console.print(verdict)
     for name, ref in report.references.items():
         console.print(f"reference {name}: {ref['gbps']:.3f} GB/s")
     sys.stdout.flush()
