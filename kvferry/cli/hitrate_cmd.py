@@ -12,6 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from kvferry.bench import hitrate as lab
 from kvferry.bench.hitrate import Advice, HitRateReport, HitRateResult, SimCase, TierSpec
+from kvferry.bench.plots import plot_hitrate
 from kvferry.bench.traces import BUNDLED, Trace, bundled_path, ingest
 from kvferry.cli.common import add_config_options, load_from_args
 from kvferry.cli.tables import FitTable, add_wide_option, output_console, print_table
@@ -336,7 +337,7 @@ def run_hitrate(args: argparse.Namespace) -> int:
         lab.write_csv(args.csv, report)
     if args.plot:
         label = "reference" if not args.reference else args.reference
-        lab.plot(args.plot, report, weighting=args.plot_weighting, reference_label=label)
+        plot_hitrate(args.plot, report, weighting=args.plot_weighting, reference_label=label)
         console.print(f"plot: {args.plot}")
     return 0
 
