@@ -42,6 +42,7 @@ from kvferry.bench.endpoint_metrics import (
     RequestRecord,
     record_metrics,
 )
+from kvferry.bench.plots import serve_identity, stamp
 from kvferry.errors import MissingDependency
 
 __all__ = [
@@ -423,9 +424,11 @@ def plot_sweep(report: ServeBenchReport, directory: str | os.PathLike[str]) -> l
     stem = {"concurrency": "concurrency", "request_rate": "request_rate"}.get(kind, "level")
     xs = [r.level.value for r in levels]
     written: list[Path] = []
+    identity = serve_identity(report, root.name)
 
     def save(fig: Any, name: str) -> None:
         path = root / name
+        stamp(fig, identity)  # which run drew it: run name, target, load, date, host
         try:
             fig.savefig(path, dpi=120)
         except OSError as e:

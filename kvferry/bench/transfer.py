@@ -36,6 +36,7 @@ from kvferry.bench.stats import Samples, Summary
 from kvferry.bench.transfer_backends.base import Op, TransferBenchBackend
 from kvferry.bench.transfer_backends.registry import load as load_backend
 from kvferry.config.models import KvferryConfig
+from kvferry.config.units import format_size_approx
 from kvferry.errors import ConfigError, KvferryError
 
 SCHEMA_VERSION = 1
@@ -121,6 +122,8 @@ class CaseResult:
     initiator_cpu_s: float
     target_cpu_s: float | None
     consistency_checked: bool = False
+    consistency_bytes: int = 0
+    """Bytes --check-consistency wrote with a pattern, read back and compared (every round)."""
 
     @classmethod
     def measured(
@@ -135,10 +138,11 @@ class CaseResult:
         samples: Samples,
         initiator_cpu_s: float,
         target_cpu_s: float | None,
-        consistency_checked: bool,
+        consistency_bytes: int | None,
     ) -> CaseResult:
         """A result from what was counted (``seconds`` averaged over threads); BW, Avg Lat and
-        the per-batch summary derived as tebench defines them."""
+        the per-batch summary derived as tebench defines them; ``consistency_bytes`` None: not
+        checked."""
         threads = case.threads
         return cls(
             backend=backend,
@@ -154,7 +158,8 @@ class CaseResult:
             transfer_us=samples.summary() if batches else Summary.empty(),
             initiator_cpu_s=initiator_cpu_s,
             target_cpu_s=target_cpu_s,
-            consistency_checked=consistency_checked,
+            consistency_checked=consistency_bytes is not None,
+            consistency_bytes=consistency_bytes or 0,
         )
 
     @property
@@ -174,6 +179,10 @@ class CaseResult:
         return d
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 @dataclass
 class TransferBenchReport:
     options: TransferBenchOptions
@@ -181,6 +190,24 @@ class TransferBenchReport:
     cases: list[CaseResult] = field(default_factory=list)
     references: dict[str, dict[str, float]] = field(default_factory=dict)
     ratios: list[RoundRatios] = field(default_factory=list)
+
+    def consistency_verdict(self) -> str | None:
+        """What ``--check-consistency`` checked, one line (None: it was not asked for). A
+        mismatch never gets here: it raises ConsistencyError and ends the run."""
+        if not self.options.check_consistency:
+            return None
+        checked = [c for c in self.cases if c.consistency_checked]
+        if not checked:
+            return "consistency: no case ran, nothing was checked"
+        backends = ", ".join(dict.fromkeys(c.backend for c in checked))
+        rounds = f" x {self.options.rounds} rounds" if self.options.rounds > 1 else ""
+        total = sum(c.consistency_bytes for c in checked)
+        unchecked = len(self.cases) - len(checked)
+        return (
+            f"consistency: {_count(len(checked), 'case')}{rounds} of {backends}, every byte of "
+            f"{format_size_approx(total)} written with a pattern then read back matched: OK"
+            + (f" ({_count(unchecked, 'case')} not checked)" if unchecked else "")
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -393,10 +420,7 @@ def run_case(
     batches = sum(counts)
     total_duration = sum(run_seconds) / threads  # seconds, averaged over threads
     moved = per_thread * batches
-    consistency = False
-    if options.check_consistency:
-        check_consistency(backend, case)
-        consistency = True
+    consistency = check_consistency(backend, case) if options.check_consistency else None
     return CaseResult.measured(
         backend.name,
         case,
@@ -407,12 +431,15 @@ def run_case(
         samples=merged,
         initiator_cpu_s=(cpu1 or 0.0) - (cpu0 or 0.0),
         target_cpu_s=(tcpu1 - tcpu0) if tcpu0 is not None and tcpu1 is not None else None,
-        consistency_checked=consistency,
+        consistency_bytes=consistency,
     )
 
 
-def check_consistency(backend: TransferBenchBackend, case: Case) -> None:
+def check_consistency(backend: TransferBenchBackend, case: Case) -> int:
     """Write a known pattern with the case's geometry, read it back, compare every byte.
+
+    Returns:
+        The bytes compared (all of them matched).
 
     Raises:
         ConsistencyError: any byte differs (the offset and both values are reported).
@@ -434,6 +461,7 @@ def check_consistency(backend: TransferBenchBackend, case: Case) -> None:
             f"consistency check failed for block {block} x batch {batch} x threads {threads}: "
             f"{bad.size} bytes differ, first at offset {at} (wrote {pattern[at]}, read {local[at]})"
         )
+    return span
 
 
 # -- target processes ----------------------------------------------------------------------
@@ -611,7 +639,9 @@ def merge_rounds(rounds: Sequence[CaseResult], samples: Sequence[Samples]) -> Ca
         samples=pooled,
         initiator_cpu_s=sum(r.initiator_cpu_s for r in rounds),
         target_cpu_s=None if None in target_cpu else sum(t or 0.0 for t in target_cpu),
-        consistency_checked=all(r.consistency_checked for r in rounds),
+        consistency_bytes=sum(r.consistency_bytes for r in rounds)
+        if all(r.consistency_checked for r in rounds)
+        else None,
     )
 
 

@@ -11,7 +11,6 @@ from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from kvferry.bench import references
 from kvferry.bench import store as store_bench
@@ -31,6 +30,7 @@ from kvferry.bench.transfer import (
 from kvferry.cli.common import add_config_options, load_from_args
 from kvferry.cli.hitrate_cmd import add_hitrate_parser
 from kvferry.cli.serve_bench_cmd import add_serve_bench_parser
+from kvferry.cli.tables import FitTable, add_wide_option, output_console, print_table
 from kvferry.config.models import KvferryConfig
 from kvferry.config.units import parse_duration, parse_size
 from kvferry.errors import ConfigError
@@ -116,6 +116,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--json", metavar="FILE", help="write the report as JSON")
     p.add_argument("--csv", metavar="FILE", help="write one CSV row per case")
     p.add_argument("--quiet", action="store_true", help="print only results (and the ready line)")
+    add_wide_option(p)
     add_config_options(p)
     p.set_defaults(func=run_transfer)
     _add_store_parser(kinds)
@@ -191,7 +192,7 @@ def _entries(args: argparse.Namespace) -> list[_Entry]:
 
 
 def run_transfer(args: argparse.Namespace) -> int:
-    console = Console(stderr=False, width=None if sys.stdout.isatty() else 140)
+    console = output_console()
     err = Console(stderr=True)
     entries = _entries(args)
 
@@ -236,7 +237,7 @@ def run_transfer(args: argparse.Namespace) -> int:
             report.references["memcpy_16MiB"] = references.memcpy(16 << 20, seconds)
             progress.remove_task(task)
 
-    _print_report(console, report, multi=len(entries) > 1)
+    _print_report(console, report, multi=len(entries) > 1, wide=args.wide)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report.to_json(), f, indent=2)
@@ -245,7 +246,9 @@ def run_transfer(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_round_ratios(console: Console, report: TransferBenchReport) -> None:
+def _print_round_ratios(
+    console: Console, report: TransferBenchReport, *, wide: bool = False
+) -> None:
     if not report.ratios:
         return
     first = report.ratios[0]
@@ -253,13 +256,13 @@ def _print_round_ratios(console: Console, report: TransferBenchReport) -> None:
     title = f"{first.base} / {first.other}"
     if rounds > 1:
         title += f", median of {rounds} alternating rounds"
-    table = Table(title=title)
+    table = FitTable(title, wide=wide)
     columns = ["BlkSize (B)", "Batch", "Threads", "BW ratio", "P99 Tx ratio (lower better)"]
     if rounds > 1:
         columns[4:4] = ["BW ratio range"]
         columns.append("P99 ratio range")
     for column in columns:
-        table.add_column(column, justify="right")
+        table.add_column(column, drop={"P99 ratio range": 2, "BW ratio range": 1}.get(column, 0))
     for r in report.ratios:
         cells = [str(r.block_size), str(r.batch_size), str(r.threads), f"{r.bw_median:.2f}x"]
         if rounds > 1:
@@ -268,7 +271,7 @@ def _print_round_ratios(console: Console, report: TransferBenchReport) -> None:
         if rounds > 1:
             cells.append(f"{min(r.p99):.2f}-{max(r.p99):.2f}")
         table.add_row(*cells)
-    console.print(table)
+    print_table(console, table)
 
 
 def _run_contenders(
@@ -310,20 +313,29 @@ def _run_contenders(
     return skipped
 
 
-def _print_report(console: Console, report: TransferBenchReport, *, multi: bool) -> None:
-    table = Table(title=f"kvferry bench transfer ({report.options.op})", show_lines=False)
+_TRANSFER_DROP = {"Avg Tx (us)": 4, "P999 Tx (us)": 3, "Avg Lat (us)": 2, "Transport": 1}
+"""Columns of the transfer table a narrow terminal leaves out, the highest first."""
+
+
+def _print_report(
+    console: Console, report: TransferBenchReport, *, multi: bool, wide: bool = False
+) -> None:
+    table = FitTable(f"kvferry bench transfer ({report.options.op})", wide=wide)
     if multi:
-        table.add_column("Backend", overflow="fold")
-    table.add_column("Transport")
+        table.add_column("Backend", text=True)  # a label with overrides may be long
+    table.add_column("Transport", justify="left", drop=_TRANSFER_DROP["Transport"])
     for column in COLUMNS:
-        table.add_column(column, justify="right")
+        table.add_column(column, drop=_TRANSFER_DROP.get(column, 0))
     for result in report.cases:
         transport = str(report.backends.get(result.backend, {}).get("transport", ""))
         cells = ([result.backend] if multi else []) + [transport] + row(result)
         table.add_row(*cells)
-    console.print(table)
+    print_table(console, table)
     if multi:
-        _print_round_ratios(console, report)
+        _print_round_ratios(console, report, wide=wide)
+    verdict = report.consistency_verdict()
+    if verdict:
+        console.print(verdict)
     for name, ref in report.references.items():
         console.print(f"reference {name}: {ref['gbps']:.3f} GB/s")
     sys.stdout.flush()
@@ -425,6 +437,7 @@ def _add_store_parser(kinds: Any) -> None:
     p.add_argument("--json", metavar="FILE", help="write the report as JSON")
     p.add_argument("--csv", metavar="FILE", help="write one CSV row per phase and op")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_wide_option(p)
     add_config_options(p)
     p.set_defaults(func=run_store)
 
@@ -467,7 +480,7 @@ def _store_flags(args: argparse.Namespace) -> tuple[dict[str, object], dict[str,
 
 
 def run_store(args: argparse.Namespace) -> int:
-    console = Console(stderr=False, width=None if sys.stdout.isatty() else 160)
+    console = output_console()
     err = Console(stderr=True)
     flags, names = _store_flags(args)
     loaded = load_from_args(args, flags, flag_names=names)
@@ -520,7 +533,7 @@ def run_store(args: argparse.Namespace) -> int:
             )
 
         report = store_bench.run_store_bench(options, config, on_progress=on_progress)
-    _print_store_report(console, report)
+    _print_store_report(console, report, wide=args.wide)
     if args.json:
         store_bench.write_json(args.json, report)
     if args.csv:
@@ -529,18 +542,33 @@ def run_store(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_store_report(console: Console, report: store_bench.StoreBenchReport) -> None:
+_STORE_DROP = {
+    "P90 (us)": 6,
+    "Mean (us)": 5,
+    "Blocks/s": 4,
+    "P999 (us)": 3,
+    "Ops": 2,
+    "Batch": 1,
+}
+"""Columns of the store table a narrow terminal leaves out, the highest first."""
+
+
+def _print_store_report(
+    console: Console, report: store_bench.StoreBenchReport, *, wide: bool = False
+) -> None:
     o = report.options
     title = (
         f"kvferry bench store ({o.backend}, {o.op}, value {o.value_size} B, "
         f"{o.clients} client(s) x {o.threads} thread(s))"
     )
-    table = Table(title=title)
+    table = FitTable(title, wide=wide)
     for i, column in enumerate(store_bench.COLUMNS):
-        table.add_column(column, justify="left" if i < 2 else "right")
+        table.add_column(
+            column, justify="left" if i < 2 else "right", drop=_STORE_DROP.get(column, 0)
+        )
     for result in report.phases:
         table.add_row(*store_bench.row(result))
-    console.print(table)
+    print_table(console, table)
     v = report.verify
     if v is not None:
         verdict = "OK" if v.ok else "FAILED"

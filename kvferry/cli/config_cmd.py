@@ -11,6 +11,7 @@ import json
 import sys
 
 from kvferry.cli.common import add_config_options, load_from_args
+from kvferry.cli.tables import FitTable, add_wide_option, output_console, print_table
 from kvferry.config.loader import LoadedConfig, load_config
 from kvferry.config.presets import PRESET_DESCRIPTIONS, PRESETS
 
@@ -33,6 +34,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     add_config_options(show)
     show.add_argument("--json", action="store_true", help='print {"config": ..., "sources": ...}')
+    add_wide_option(show)
     show.set_defaults(func=run_show)
 
     presets = sub.add_parser(
@@ -41,6 +43,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         description="List the tuning presets and the values they set.",
     )
     presets.add_argument("--json", action="store_true", help="print the presets as JSON")
+    add_wide_option(presets)
     presets.set_defaults(func=run_presets)
 
 
@@ -50,7 +53,7 @@ def run_show(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"config": loaded.as_dict(), "sources": loaded.sources}, indent=2))
         return 0
-    _print_table(loaded, title="kvferry config")
+    _print_table(loaded, title="kvferry config", wide=args.wide)
     return 0
 
 
@@ -63,41 +66,37 @@ def run_presets(args: argparse.Namespace) -> int:
         }
         print(json.dumps(out, indent=2))
         return 0
-    from rich.console import Console
-    from rich.table import Table
     from rich.text import Text
 
-    console = Console()
+    console = output_console()
     # Load each preset alone (no file, no environment) so values print as the models normalise
     # them ("128KiB"), next to the default they replace.
     default_values = {key: value for key, value, _ in load_config(environ={}).rows()}
     for name in PRESETS:
         loaded = load_config(preset=name, environ={})
-        table = Table(title=f"{name}: {PRESET_DESCRIPTIONS.get(name, '')}", title_justify="left")
-        table.add_column("Key", style="cyan", no_wrap=True)
-        table.add_column("Value", style="bold")
-        table.add_column("Default", style="dim")
+        table = FitTable(
+            f"{name}: {PRESET_DESCRIPTIONS.get(name, '')}", wide=args.wide, title_justify="left"
+        )
+        table.add_column("Key", justify="left", style="cyan")
+        table.add_column("Value", text=True, style="bold")
+        table.add_column("Default", text=True, style="dim")
         for key, value, source in loaded.rows():
             if source == f"preset:{name}":
                 table.add_row(key, Text(value), Text(default_values[key]))
-        console.print(table)
+        print_table(console, table)
     return 0
 
 
-def _print_table(loaded: LoadedConfig, *, title: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text
-
-    # Cells are Text, not markup: a value such as "[red]" must print as written.
-    table = Table(title=title, title_justify="left")
-    table.add_column("Key", style="cyan", no_wrap=True)
-    table.add_column("Value", overflow="fold")
-    table.add_column("Source", overflow="fold")
+def _print_table(loaded: LoadedConfig, *, title: str, wide: bool) -> None:
+    # Cells are printed as written (no markup): a value such as "[red]" stays "[red]".
+    table = FitTable(title, wide=wide, title_justify="left")
+    table.add_column("Key", justify="left", style="cyan")
+    table.add_column("Value", text=True)
+    table.add_column("Source", text=True)
     for key, value, source in loaded.rows():
         style = None if source == "default" else "bold"
-        table.add_row(key, Text(value), Text(source), style=style)
-    Console().print(table)
+        table.add_row(key, value, source, style=style)
+    print_table(output_console(), table)
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:

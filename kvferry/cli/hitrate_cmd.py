@@ -9,12 +9,13 @@ from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from kvferry.bench import hitrate as lab
 from kvferry.bench.hitrate import Advice, HitRateReport, HitRateResult, SimCase, TierSpec
+from kvferry.bench.plots import plot_hitrate
 from kvferry.bench.traces import BUNDLED, Trace, bundled_path, ingest
 from kvferry.cli.common import add_config_options, load_from_args
+from kvferry.cli.tables import FitTable, add_wide_option, output_console, print_table
 from kvferry.cli.trace_cmd import add_trace_options, load, print_problems
 from kvferry.config.models import KvferryConfig
 from kvferry.errors import ConfigError
@@ -171,6 +172,7 @@ def add_hitrate_parser(kinds: Any) -> None:
         "loop; stack, direct: that shortcut or an error",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_wide_option(p)
     add_config_options(p)
     p.set_defaults(func=run_hitrate)
 
@@ -217,9 +219,7 @@ def _geometry(args: argparse.Namespace) -> int | None:
 
 
 def run_hitrate(args: argparse.Namespace) -> int:
-    console = Console(highlight=False)
-    if not console.is_terminal:
-        console.width = 120  # a log or a README keeps every column readable
+    console = output_console()
     trace = load(args, args.trace) if args.trace else _workload_trace(args.workload, args)
     print_problems(console, trace)
     trace.require_requests()
@@ -330,14 +330,14 @@ def run_hitrate(args: argparse.Namespace) -> int:
         peak_rss_mib=lab.peak_rss_mib(),
         reference=reference,
     )
-    _print_report(console, report, distinct)
+    _print_report(console, report, distinct, wide=args.wide)
     if args.json:
         lab.write_json(args.json, report)
     if args.csv:
         lab.write_csv(args.csv, report)
     if args.plot:
         label = "reference" if not args.reference else args.reference
-        lab.plot(args.plot, report, weighting=args.plot_weighting, reference_label=label)
+        plot_hitrate(args.plot, report, weighting=args.plot_weighting, reference_label=label)
         console.print(f"plot: {args.plot}")
     return 0
 
@@ -395,7 +395,21 @@ def _gib(blocks: int | None, block_bytes: int | None) -> str:
     return f"{blocks * block_bytes / 2**30:,.2f}"
 
 
-def _print_report(console: Console, report: HitRateReport, distinct: int) -> None:
+_DROP = {
+    "RSS MiB": 6,
+    "lookups/s": 5,
+    "write": 5,
+    "GB/s": 4,
+    "req-mean": 3,
+    "token": 2,
+    "GiB": 1,
+}
+"""Columns of the hit-rate table a narrow terminal leaves out, the highest first."""
+
+
+def _print_report(
+    console: Console, report: HitRateReport, distinct: int, *, wide: bool = False
+) -> None:
     bb = report.block_bytes
     replay = any(r.mode == "replay" for r in report.results)
     console.print(
@@ -404,22 +418,23 @@ def _print_report(console: Console, report: HitRateReport, distinct: int) -> Non
         + (f", {bb:,} B per block" if bb else "")
     )
     multi = any(len(r.tiers) > 1 for r in report.results)
-    table = Table(title="kvferry bench hitrate (" + ("replay" if replay else "simulation") + ")")
-    table.add_column("policy")
+    title = "kvferry bench hitrate (" + ("replay" if replay else "simulation") + ")"
+    table = FitTable(title, wide=wide)
+    table.add_column("policy", justify="left")
     table.add_column("tiers" if multi else "blocks", justify="left" if multi else "right")
     if bb:
-        table.add_column("GiB", justify="right")
+        table.add_column("GiB", drop=_DROP["GiB"])
     for name in ("block", "token", "req-mean"):
-        table.add_column(name, justify="right")
+        table.add_column(name, drop=_DROP.get(name, 0))
     if multi:
-        table.add_column("per tier", justify="left")
+        table.add_column("per tier", text=True)
     if replay:
         for name in ("QPS", "p50 us", "p99 us", "GB/s", "write", "RSS MiB"):
-            table.add_column(name, justify="right")
+            table.add_column(name, drop=_DROP.get(name, 0))
     else:
-        table.add_column("lookups/s", justify="right")
+        table.add_column("lookups/s", drop=_DROP["lookups/s"])
     if report.prefill_tokens_per_s:
-        table.add_column("prefill s/s", justify="right")
+        table.add_column("prefill s/s")
     for r in report.results:
         if multi:
             where = "+".join(f"{t.name}:{t.capacity_blocks or 'inf'}" for t in r.tiers)
@@ -454,7 +469,7 @@ def _print_report(console: Console, report: HitRateReport, distinct: int) -> Non
         if saved is not None:
             row.append(f"{saved['prefill_seconds_saved_per_trace_second']:.3f}")
         table.add_row(*row)
-    console.print(table)
+    print_table(console, table)
     console.print(
         "hit rates: block = leading hit blocks / blocks looked up (headline); token = hit "
         "tokens / input tokens (ratios of sums); req-mean = mean per-request fraction (aiperf)"

@@ -11,7 +11,6 @@ from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from kvferry.bench import endpoint_export as export
 from kvferry.bench.endpoint import (
@@ -26,6 +25,7 @@ from kvferry.bench.endpoint import (
 )
 from kvferry.bench.endpoint_metrics import RECORD_METRICS, parse_goodput
 from kvferry.bench.traces import BUNDLED, DEFAULT_BLOCK_TOKENS
+from kvferry.cli.tables import FitTable, add_wide_option, output_console, print_table
 from kvferry.cli.trace_cmd import print_problems
 from kvferry.config.units import parse_duration
 from kvferry.errors import ConfigError
@@ -187,6 +187,7 @@ def add_serve_bench_parser(kinds: Any) -> None:
     out.add_argument("--json", default="", metavar="FILE", help="write the summary as JSON")
     out.add_argument("--plot", action="store_true", help="write PNG plots (needs matplotlib)")
     out.add_argument("--quiet", action="store_true", help="no live view")
+    add_wide_option(out)
     p.set_defaults(func=run_serve)
 
 
@@ -326,10 +327,24 @@ def _f(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
-def print_sweep(console: Console, report: ServeBenchReport) -> None:
+SWEEP_DROP = {
+    "tok/s/user": 6,
+    "latency p50": 5,
+    "requests": 4,
+    "errors": 3,  # failed requests are also printed in red under the table
+    "ITL p50": 2,
+    "TTFT p50": 1,
+}
+"""Columns of the sweep table a narrow terminal leaves out, the highest first."""
+
+LEVEL_DROP = {"std": 3, "min": 2, "max": 2, "p90": 1}
+"""Columns of the per-level table a narrow terminal leaves out, the highest first."""
+
+
+def sweep_table(report: ServeBenchReport, *, wide: bool = False) -> FitTable:
     """One row per level: the headline figures."""
     goodput = bool(report.options.goodput)
-    table = Table(title=f"kvferry bench serve: {report.model} at {report.url}")
+    table = FitTable(f"kvferry bench serve: {report.model} at {report.url}", wide=wide)
     for name in (
         "level",
         "requests",
@@ -343,9 +358,11 @@ def print_sweep(console: Console, report: ServeBenchReport) -> None:
         "latency p50",
         "tok/s/user",
     ):
-        table.add_column(name, justify="left" if name == "level" else "right")
+        table.add_column(
+            name, justify="left" if name == "level" else "right", drop=SWEEP_DROP.get(name, 0)
+        )
     if goodput:
-        table.add_column("goodput", justify="right")
+        table.add_column("goodput")
     for result in report.levels:
         m = result.metrics
         row = [
@@ -364,20 +381,26 @@ def print_sweep(console: Console, report: ServeBenchReport) -> None:
         if goodput:
             row.append(_f(m.value("goodput")))
         table.add_row(*row)
-    console.print(table)
+    return table
+
+
+def print_sweep(console: Console, report: ServeBenchReport, *, wide: bool = False) -> None:
+    """The sweep table (:func:`sweep_table`) and what its figures mean."""
+    goodput = bool(report.options.goodput)
+    print_table(console, sweep_table(report, wide=wide))
     console.print(
         f"{report.source}; times in ms; ITL = (latency - TTFT) / (OSL - 1); tok/s/user = 1/ITL "
         "(aiperf's definitions)" + ("; goodput in good requests/s" if goodput else "")
     )
 
 
-def print_level(console: Console, result: LevelResult) -> None:
+def level_table(result: LevelResult, *, wide: bool = False) -> FitTable:
     """aiperf's console table for one level: a row per metric, its statistics."""
     m = result.metrics
-    table = Table(title=f"{result.level.label}: per-request metrics")
-    table.add_column("Metric")
+    table = FitTable(f"{result.level.label}: per-request metrics", wide=wide)
+    table.add_column("Metric", text=True)
     for name in ("avg", "min", "max", "p99", "p90", "p50", "std"):
-        table.add_column(name, justify="right")
+        table.add_column(name, drop=LEVEL_DROP.get(name, 0))
     for tag in TABLE_METRICS:
         metric = m.metrics.get(tag)
         if metric is None:
@@ -387,7 +410,13 @@ def print_level(console: Console, result: LevelResult) -> None:
         row += [_f(metric.avg), _f(metric.min), _f(metric.max)]
         row += [_f(metric.p(99)), _f(metric.p(90)), _f(metric.p(50)), _f(metric.std)]
         table.add_row(*row)
-    console.print(table)
+    return table
+
+
+def print_level(console: Console, result: LevelResult, *, wide: bool = False) -> None:
+    """The level's table (:func:`level_table`) and its totals in a line."""
+    m = result.metrics
+    print_table(console, level_table(result, wide=wide))
     line = (
         f"{m.request_count:,} requests ({m.error_count:,} errors) in {m.duration_s:,.2f} s: "
         f"{_f(m.value('request_throughput'))} requests/s, "
@@ -414,9 +443,7 @@ def print_errors(console: Console, report: ServeBenchReport) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    console = Console(highlight=False)
-    if not console.is_terminal:
-        console.width = 160  # logs and READMEs keep every column
+    console = output_console()
     err = Console(stderr=True, highlight=False)
     options = options_from_args(args)
     if args.plot:
@@ -427,9 +454,9 @@ def run_serve(args: argparse.Namespace) -> int:
     live = _Live(err, args.quiet)
     with live.progress:
         report = run_serve_bench(options, source=(source, what), on_progress=live)
-    print_sweep(console, report)
+    print_sweep(console, report, wide=args.wide)
     if len(report.levels) == 1:
-        print_level(console, report.levels[0])
+        print_level(console, report.levels[0], wide=args.wide)
     print_errors(console, report)
     directory = args.artifact_dir or f"artifacts/{args.run_name or default_run_name(report)}"
     export.write_artifacts(report, directory)

@@ -8,7 +8,6 @@ import json
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
 
 from kvferry.bench.traces import (
     DEFAULT_BLOCK_TOKENS,
@@ -18,6 +17,7 @@ from kvferry.bench.traces import (
     analyze_trace,
     read_trace,
 )
+from kvferry.cli.tables import FitTable, add_wide_option, output_console, print_table
 
 PROBLEMS_SHOWN = 10
 
@@ -87,19 +87,20 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("file", help="the JSONL trace")
     add_trace_options(p)
     p.add_argument("--json", default="", metavar="FILE", help="also write the report as JSON")
+    add_wide_option(p)
     p.set_defaults(func=run_analyze)
     trace.set_defaults(func=lambda _args: (trace.print_help(), 2)[1])
 
 
 def run_analyze(args: argparse.Namespace) -> int:
-    console = Console(highlight=False)
+    console = output_console()
     trace = load(args, args.file)
     print_problems(console, trace)
     trace.require_requests()
     report = analyze_trace(trace)
-    summary = Table(title=f"Trace analysis: {args.file}", show_header=False)
-    summary.add_column("metric")
-    summary.add_column("value", justify="right")
+    summary = FitTable(f"Trace analysis: {args.file}", wide=args.wide, show_header=False)
+    summary.add_column("metric", text=True)
+    summary.add_column("value")
     rows: list[tuple[str, str]] = [
         ("Total requests", f"{report['total_requests']:,}"),
         ("Unique prefixes", f"{report['unique_prefixes']:,}"),
@@ -114,15 +115,15 @@ def run_analyze(args: argparse.Namespace) -> int:
     ]
     for name, value in rows:
         summary.add_row(name, value)
-    console.print(summary)
+    print_table(console, summary)
     console.print(
         "Hit rates assume an infinite cache. Block-weighted = 1 - distinct/referenced blocks; "
         "token-weighted = leading hit tokens / input tokens (ratios of sums)."
     )
-    stats = Table(title="Distributions (tokens; hit rate per request)")
-    stats.add_column("metric")
+    stats = FitTable("Distributions (tokens; hit rate per request)", wide=args.wide)
+    stats.add_column("metric", text=True)
     for column in ("Mean", "Std Dev", "Min", "P25", "Median", "P75", "Max"):
-        stats.add_column(column, justify="right")
+        stats.add_column(column, drop={"Std Dev": 3, "P25": 2, "P75": 1}.get(column, 0))
     for name, key in (
         ("ISL", "isl_stats"),
         ("OSL", "osl_stats"),
@@ -136,7 +137,7 @@ def run_analyze(args: argparse.Namespace) -> int:
         else:
             fmt = "{:.3f}" if key == "hit_rate_stats" else "{:,.0f}"
             stats.add_row(name, *[fmt.format(s[k]) for k in STAT_KEYS])
-    console.print(stats)
+    print_table(console, stats)
     if args.json:
         try:
             with open(args.json, "w", encoding="utf-8") as f:

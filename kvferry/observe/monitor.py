@@ -25,8 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 
-from rich.table import Table
-
+from kvferry.cli.tables import FitTable
 from kvferry.errors import ConfigError
 from kvferry.store.stats import StoreStats, TierCounters
 
@@ -303,20 +302,27 @@ def _decimal_bytes(n: float) -> str:
     return f"{int(n)} B"
 
 
-def format_table(stats: StoreStats) -> Table:
-    """A rich table of a store snapshot: one row per tier, hit rates in the title.
+_DROP = {"peak": 3, "bytes in": 2, "bytes out": 2, "evictions": 1}
+"""Columns a narrow console leaves out, the highest first."""
+
+
+def format_table(stats: StoreStats, *, wide: bool = False) -> FitTable:
+    """A rich table of a store snapshot: one row per tier, hit rates in the title. It fits the
+    console it is printed on (:class:`~kvferry.cli.tables.FitTable`).
 
     Speeds are cumulative (bytes over all seconds spent moving), in GB/s = 1e9 bytes/s.
     """
-    table = Table(
+    table = FitTable(
         title=(
             f"hit rate {stats.hit_rate:.1%} (block-weighted, {stats.hit_blocks}/"
             f"{stats.lookup_blocks} blocks) | per-request mean {stats.request_hit_rate_mean:.1%} "
             f"({stats.lookups} lookups)"
         ),
+        wide=wide,
+        hint="a wider console shows every column",
         title_justify="left",
     )
-    table.add_column("tier")
+    table.add_column("tier", justify="left")
     for header in (
         "used/total blocks",
         "peak",
@@ -328,7 +334,7 @@ def format_table(stats: StoreStats) -> Table:
         "evictions",
         "errors",
     ):
-        table.add_column(header, justify="right")
+        table.add_column(header, drop=_DROP.get(header, 0))
     for name in list(dict.fromkeys([*stats.tiers, *stats.usage])):
         t = stats.tiers.get(name, TierCounters())
         usage = stats.usage.get(name)

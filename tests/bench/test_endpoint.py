@@ -207,6 +207,63 @@ def test_zero_delay_server_through_the_api() -> None:
     assert sorted(r.index for r in level.records) == list(range(200))
 
 
+def test_tables_keep_every_number_whole_in_a_narrow_terminal(server: MockServerProcess) -> None:
+    from kvferry.bench.endpoint_metrics import parse_goodput
+    from kvferry.cli.serve_bench_cmd import level_table, sweep_table
+    from kvferry.cli.tables import print_table
+    from kvferry.testing.tables import assert_fits, narrow_console, printed
+
+    options = ServeBenchOptions(
+        url=server.url, concurrency=(1, 2), request_count=4, isl=40, osl=6,
+        goodput=parse_goodput("ttft:60000 itl:60000"),
+    )  # fmt: skip
+    report = run_serve_bench(options)
+    for width in (100, 80):
+        _, dropped = assert_fits(sweep_table(report), width)
+        assert {"req/s", "out tok/s", "TTFT p99", "ITL p99", "goodput"}.isdisjoint(dropped)
+        _, dropped = assert_fits(level_table(report.levels[0]), width)
+        assert {"avg", "p99", "p50"}.isdisjoint(dropped)
+    console = narrow_console(80)
+    print_table(console, sweep_table(report, wide=True))
+    text = printed(console)
+    assert "left out" not in text and "…" not in text and "tok/s/user" in text
+    assert max(len(line) for line in text.splitlines()) > 80
+
+
+def test_every_plot_names_the_run(
+    server: MockServerProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("matplotlib")
+    import datetime
+    import platform
+
+    from matplotlib.figure import Figure
+
+    from kvferry.bench.endpoint_export import plot_sweep
+    from kvferry.bench.plots import IDENTITY_GID
+
+    saved: list[Figure] = []
+    savefig = Figure.savefig
+
+    def keep(fig: Figure, *args: Any, **kwargs: Any) -> None:  # the real savefig, remembered
+        saved.append(fig)
+        savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    options = ServeBenchOptions(url=server.url, concurrency=(1, 2), request_count=4, isl=40, osl=6)
+    report = run_serve_bench(options)
+    run = tmp_path / "my-run"
+    written = plot_sweep(report, run)
+    assert len(saved) == len(written) == 3
+    today = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")
+    for fig in saved:
+        (text,) = [t.get_text() for t in fig.texts if t.get_gid() == IDENTITY_GID]
+        text = " ".join(text.split())
+        assert f"kvferry bench serve, run my-run: kvferry-mock at {server.url}" in text
+        assert "synthetic isl 40, osl 6; concurrency 1, 2;" in text
+        assert today in text and platform.node() in text
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -16,9 +16,13 @@ from pathlib import Path
 
 import pytest
 
+from kvferry.bench import store as store_bench
+from kvferry.bench.stats import Summary
 from kvferry.bench.store import (
     BACKENDS,
+    COLUMNS,
     KeySpace,
+    PhaseResult,
     StoreBenchError,
     StoreBenchOptions,
     StoreBenchReport,
@@ -26,6 +30,8 @@ from kvferry.bench.store import (
     run_store_bench,
 )
 from kvferry.bench.store_backends import start_store_server
+from kvferry.cli import tables
+from kvferry.cli.bench_cmd import _print_store_report
 from kvferry.cli.main import main
 from kvferry.config.models import (
     CpuTierConfig,
@@ -35,6 +41,7 @@ from kvferry.config.models import (
     RedisTierConfig,
 )
 from kvferry.store.tiered import TieredStore
+from kvferry.testing.tables import assert_values_whole, narrow_console, printed
 
 NUM_KEYS = 256
 VALUE = 4096
@@ -320,6 +327,53 @@ def test_cli_rejects_bad_flags_with_a_clear_message(
     assert main(["bench", "store", "--capacity", "4MiB", *CLI_SHORT, *args]) == 2
     err = capsys.readouterr().err
     assert message in err
+
+
+def big_numbers_report() -> StoreBenchReport:
+    """The figures issue 27 saw cut in a 100-column terminal (223,…  24.5…  11,6…)."""
+    lat = Summary(
+        count=9, min=1.0, max=9e3, avg=24.5, std=3.0, p50=11.6, p90=123.4, p95=130.0,
+        p99=456.7, p999=2_789.1,
+    )  # fmt: skip
+
+    def phase(name: str, op: str, **outcome: int) -> PhaseResult:
+        return PhaseResult(
+            phase=name, op=op, batch_size=128, clients=4, threads=8, ops=1_234_567,
+            blocks=158_024_576, bytes=10**12, seconds=5.0, ops_per_s=223_456.7,
+            blocks_per_s=11_634_567.0, gbps=24.5123, latency_us=lat, **outcome,
+        )  # fmt: skip
+
+    phases = [phase("fill", "put", stored=158_024_576), phase("read_perf", "get", hits=9)]
+    return StoreBenchReport(options(), {}, phases, None, {})
+
+
+@pytest.mark.parametrize("width", [100, 80])
+def test_the_table_keeps_every_number_whole_in_a_narrow_terminal(width: int) -> None:
+    report = big_numbers_report()
+    console = narrow_console(width)
+    _print_store_report(console, report)
+    text = printed(console)
+    values = [store_bench.row(p) for p in report.phases]
+    dropped = assert_values_whole(text, width, COLUMNS, values)
+    assert dropped, "the full table is wider than this: some columns must be left out"
+    assert "--wide shows every column" in " ".join(text.split())
+    for kept in ("Ops/s", "GB/s", "P50 (us)", "P99 (us)", "Hit/Stored"):
+        assert kept not in dropped
+
+
+def test_cli_wide_prints_every_column(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(tables, "PIPED_WIDTH", 80)
+    argv = ["bench", "store", "--backend", "cpu", "--capacity", "4MiB", *CLI_SHORT, "--quiet"]
+    assert main(argv) == 0
+    narrow = capsys.readouterr().out
+    assert "…" not in narrow and "left out to fit 80 columns" in " ".join(narrow.split())
+    assert main([*argv, "--wide"]) == 0
+    wide = capsys.readouterr().out
+    assert "left out" not in wide and "…" not in wide
+    assert all(header.split()[0] in wide for header in COLUMNS)
+    assert max(len(line) for line in wide.splitlines()) > 80
 
 
 def test_every_backend_has_a_preparer() -> None:

@@ -140,3 +140,25 @@ def test_cli_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "deep.jsonl:1: " in err and "nested too deeply" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("width", [80, 60])
+def test_analyze_keeps_every_number_whole_in_a_narrow_terminal(
+    width: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kvferry.bench.traces import STAT_KEYS
+    from kvferry.cli import tables
+    from kvferry.testing.tables import assert_values_whole
+
+    monkeypatch.setattr(tables, "PIPED_WIDTH", width)
+    out = tmp_path / "report.json"
+    assert main(["trace", "analyze", str(MOONCAKE), "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    headers = ["Mean", "Std Dev", "Min", "P25", "Median", "P75", "Max"]
+    rows = [[f"{report['isl_stats'][k]:,.0f}" for k in STAT_KEYS]]
+    rows.append([f"{report['hit_rate_stats'][k]:.3f}" for k in STAT_KEYS])
+    dropped = assert_values_whole(text, width, headers, rows)
+    assert {"Mean", "Median", "Max"}.isdisjoint(dropped)
+    summary = [[f"{report['total_requests']:,}"], [f"{report['distinct_blocks']:,}"]]
+    assert_values_whole(text, width, ["value"], summary)

@@ -59,8 +59,16 @@ def check_report(tmp_path: Path, seg_type: str) -> dict[str, Any]:
 def test_local_sweep_moves_checked_bytes_and_reports_every_case(tmp_path: Path) -> None:
     run = sweep(tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
-    check_report(tmp_path, "DRAM")
+    doc = check_report(tmp_path, "DRAM")
     assert "BW (GB/S)" in run.stdout
+    # the verdict names what was checked: 16 KiB x (1+2+2+4) + 32 KiB x (1+2+2) = 304 KiB
+    checked = sum(c["block_size"] * c["batch_size"] * c["threads"] for c in doc["cases"])
+    assert checked == 304 * KiB == sum(c["consistency_bytes"] for c in doc["cases"])
+    verdict = (
+        "consistency: 7 cases of kvferry, every byte of 304KiB written with a pattern then "
+        "read back matched: OK"
+    )
+    assert verdict in " ".join(run.stdout.split())
 
 
 @pytest.mark.skipif(has_cuda(), reason="this machine has a GPU: the VRAM sweep test runs")
@@ -187,3 +195,44 @@ def test_bad_backend_entries_are_clear_errors(tmp_path: Path, backend: str, mess
     run = sweep(tmp_path, "--backend", backend)
     assert run.returncode == 2, run.stderr[-2000:]
     assert message in run.stderr and "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize("width", [100, 80])
+def test_tables_keep_every_number_whole_in_a_narrow_terminal(width: int) -> None:
+    from kvferry.bench.stats import Summary
+    from kvferry.bench.transfer import (
+        COLUMNS,
+        CaseResult,
+        RoundRatios,
+        TransferBenchOptions,
+        TransferBenchReport,
+        row,
+    )
+    from kvferry.cli.bench_cmd import _print_report
+    from kvferry.testing.tables import assert_values_whole, narrow_console, printed
+
+    tx = Summary(
+        count=9, min=1.0, max=9e5, avg=12_345.6, std=1.0, p50=11_634.5, p90=1.0, p95=1.0,
+        p99=223_456.7, p999=924_567.8,
+    )  # fmt: skip
+    report = TransferBenchReport(TransferBenchOptions(rounds=3))
+    for backend in ("kvferry+transfer.grace_period_ns=200000", "mooncake"):
+        report.backends[backend] = {"transport": "tcp"}
+        case = CaseResult(
+            backend=backend, block_size=67_108_864, batch_size=128, threads=16, op="read",
+            batches=9, bytes=1, seconds=1.0, bw_gbps=24.512345, avg_lat_us=123_456.7,
+            transfer_us=tx, initiator_cpu_s=1.0, target_cpu_s=None,
+        )  # fmt: skip
+        report.cases.append(case)
+    ratio = RoundRatios(67_108_864, 128, 16, "kvferry", "mooncake", [1.23, 0.98, 1.5], [2, 3, 4])
+    report.ratios.append(ratio)
+    console = narrow_console(width)
+    _print_report(console, report, multi=True)
+    text = printed(console)
+    headers = ["Backend", "Transport", *COLUMNS]
+    cases = [["", "tcp", *row(c)] for c in report.cases]  # Backend: a label, may wrap
+    dropped = assert_values_whole(text, width, headers, cases)
+    assert "BW (GB/S)" not in dropped and "P99 Tx (us)" not in dropped
+    ratio_cells = ["1.23x", "0.98-1.50", "3.00x", "2.00-4.00"]
+    ratio_headers = ["BW ratio", "BW ratio range", "P99 Tx ratio (lower better)", "P99 ratio range"]
+    assert_values_whole(text, width, ratio_headers, [ratio_cells])

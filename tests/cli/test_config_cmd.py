@@ -314,3 +314,22 @@ def test_python_dash_m_error_exits_2_without_traceback() -> None:
     assert proc.stderr.startswith("error: invalid config: transfer.workers = 'lots'")
     assert "env KVFERRY_TRANSFER_WORKERS" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("width", [60, 50])
+def test_show_keeps_every_key_and_short_value_whole_in_a_narrow_terminal(
+    width: int, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kvferry.cli import tables
+    from kvferry.config.loader import load_config
+    from kvferry.testing.tables import assert_values_whole
+
+    monkeypatch.setattr(tables, "PIPED_WIDTH", width)
+    assert main(["config", "show", "--preset", "latency"]) == 0
+    text = capsys.readouterr().out
+    # Values and sources are prose: one longer than the squeezed column (8) may wrap.
+    rows = [
+        [key, value if len(value) <= 8 else "", source if len(source) <= 8 else ""]
+        for key, value, source in load_config(preset="latency", environ={}).rows()
+    ]
+    assert_values_whole(text, width, ["Key", "Value", "Source"], rows)

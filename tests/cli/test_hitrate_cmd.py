@@ -122,3 +122,55 @@ def test_bad_input_exits_2_with_a_message(
 ) -> None:
     assert main(["bench", "hitrate", "--quiet", *argv]) == 2
     assert fragment in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("width", [100, 80])
+def test_tables_keep_every_number_whole_in_a_narrow_terminal(
+    width: int,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from kvferry.cli import tables
+    from kvferry.testing.tables import assert_values_whole
+
+    monkeypatch.setattr(tables, "PIPED_WIDTH", width)
+    out = tmp_path / "r.json"
+    workload = ["--workload", "multi-turn:sessions=6,turns=4", "--json", str(out), "--quiet"]
+    sim = ["--policy", "lru,fifo", "--capacity", "8,40", "--model-kv", "32,8,128,bf16"]
+    assert main(["bench", "hitrate", *workload, *sim, "--prefill-tokens-per-s", "10000"]) == 0
+    text = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    headers = ["blocks", "GiB", "block", "token", "req-mean", "prefill s/s"]
+    values = [
+        [
+            f"{r['capacity_blocks']:,}",
+            f"{r['capacity_bytes'] / 2**30:,.2f}",
+            f"{r['block_hit_rate']:.4f}",
+            f"{r['token_hit_rate']:.4f}",
+            f"{r['request_mean_hit_rate']:.4f}",
+            f"{r['prefill_seconds_saved_per_trace_second']:.3f}",
+        ]
+        for r in report["results"]
+    ]
+    dropped = assert_values_whole(text, width, headers, values)
+    assert "block" not in dropped and "blocks" not in dropped
+
+    replay = ["--replay", "--backend", "cpu", "--set", "cpu.buffer_number=20"]
+    assert main(["bench", "hitrate", *workload, *replay, "--kv-bytes-per-token", "8"]) == 0
+    text = capsys.readouterr().out
+    r = json.loads(out.read_text())["results"][0]
+    x = r["replay"]
+    headers = ["block", "QPS", "p50 us", "p99 us", "GB/s", "write"]
+    values = [
+        [
+            f"{r['block_hit_rate']:.4f}",
+            f"{x['qps']:,.0f}",
+            f"{x['request_latency_us']['p50']:,.0f}",
+            f"{x['request_latency_us']['p99']:,.0f}",
+            f"{x['bandwidth_gbps']:.2f}",
+            f"{x['write_ratio']:.2f}",
+        ]
+    ]
+    dropped = assert_values_whole(text, width, headers, values)
+    assert {"QPS", "p99 us"}.isdisjoint(dropped)

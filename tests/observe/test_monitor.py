@@ -176,3 +176,35 @@ def test_format_table_shows_hit_rates_and_tiers() -> None:
     assert "2.00" in cpu_row and " 5 " in cpu_row
     disk_row = next(line for line in text.splitlines() if " disk " in line)
     assert "7/-" in disk_row and "1.50 MB" in disk_row and "1.50" in disk_row
+
+
+@pytest.mark.parametrize("width", [100, 80])
+def test_format_table_keeps_every_number_whole_in_a_narrow_console(width: int) -> None:
+    from kvferry.testing.tables import assert_values_whole, narrow_console, printed
+
+    stats = StoreStats(
+        lookups=123_456_789,
+        lookup_blocks=9_876_543_210,
+        hit_blocks=8_765_432_109,
+        request_hit_fraction_sum=3.0,
+        tiers={
+            "cpu": TierCounters(
+                hits=8_000_000_000, bytes_in=4_000_000_000_000, save_seconds=2.0, evictions=5
+            ),
+            "disk": TierCounters(hits=765_432_109, bytes_out=1_500_000, load_seconds=0.001),
+        },
+        usage={
+            "cpu": TierStats(total_blocks=100_000_000, used_blocks=99_999_999, peak_blocks=60),
+            "disk": TierStats(total_blocks=None, used_blocks=7_000_000, peak_blocks=9_000_000),
+        },
+    )
+    console = narrow_console(width)
+    console.print(format_table(stats))
+    text = printed(console)
+    headers = ["tier", "used/total blocks", "peak", "hit blocks", "bytes in", "bytes out"]
+    rows = [
+        ["cpu", "99999999/100000000", "60", "8000000000", "4.00 TB", "0 B"],
+        ["disk", "7000000/-", "9000000", "765432109", "0 B", "1.50 MB"],
+    ]
+    dropped = assert_values_whole(text, width, headers, rows)
+    assert {"used/total blocks", "hit blocks"}.isdisjoint(dropped)
