@@ -6,9 +6,10 @@ Two checks of the export parity:
 - Both tools run for real; kvferry's ``profile_export_aiperf.json`` must hold every key aiperf's
   does (top level and warm-up), with the same units, and every value aiperf computes from the
   same information within a stated tolerance (:data:`EXACT` for counts and tokens,
-  :data:`TIMED` for times and rates, which two clients measure apart); its CSV every row, its
-  per-request lines every metric. The keys aiperf writes that kvferry cannot compute from what
-  it measures are :data:`NOT_COMPUTABLE`, each with the reason.
+  :data:`LATENCIES` and :data:`RATES` for times and rates, which two clients measure apart;
+  :data:`CLIENT_SIDE` values measure the client itself and are not compared); its CSV every
+  row, its per-request lines every metric. The keys aiperf writes that kvferry cannot compute
+  from what it measures are :data:`NOT_COMPUTABLE`, each with the reason.
 - Definitions, exactly: aiperf's own per-request export (``profile_export.jsonl``) is read
   back into kvferry's records and aggregated by kvferry; every number aiperf wrote (warm-up
   included) must come out again to 1e-6.
@@ -78,8 +79,9 @@ LATENCIES = {
     "adj_decode_duration",
 }  # fmt: skip
 """Per-request times of the server's work: their p50 within :data:`LATENCY_REL` of aiperf's
-(measured: 1 to 12 % apart)."""
-LATENCY_REL = 0.25
+(measured on 2 shared CPUs at load average 8 to 12: 1 to 16 % apart; aiperf stamps in worker
+processes that wait for a CPU, so its TTFT runs longer)."""
+LATENCY_REL = 0.3
 
 RATES = {
     "benchmark_duration", "request_throughput", "output_token_throughput",
@@ -92,9 +94,9 @@ RATES = {
 }  # fmt: skip
 """Rates and load curves of the whole run: their avg within :data:`RATE_REL` of aiperf's. Wider
 than latencies: aiperf's closed loop leaves the server idle between requests (its
-effective_concurrency is about 0.85 at concurrency 1, kvferry's 0.99), so its run is longer
-(measured: 3 to 18 % apart)."""
-RATE_REL = 0.35
+effective_concurrency is 0.85 to 0.9 at concurrency 1, kvferry's 0.99), so its run is longer
+(measured as above: 3 to 25 % apart)."""
+RATE_REL = 0.4
 
 CLIENT_SIDE = {
     "credit_to_start_latency": "how long the client itself takes to send an issued request",
@@ -144,33 +146,42 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
     prompts = work / "prompts.jsonl"
     _prompts(prompts, str(model))
     tok = str(model / "tokenizer.json")
-    with MockServerProcess.start("--tokenizer", tok, "--max-model-len", "4096") as mock:
-        mock.post("/kv/clear", {})
-        env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(work / "hub"),
-                   TRANSFORMERS_OFFLINE="1")  # fmt: skip
-        cmd = [
-            str(AIPERF), "profile", "--model", "kvferry-mock", "--tokenizer", "local/tiny",
-            "--url", mock.url, "--endpoint-type", "completions", "--streaming",
-            "--input-file", str(prompts), "--custom-dataset-type", "single_turn",
-            "--dataset-sampling-strategy", "sequential",
-            "--output-tokens-mean", str(OSL), "--output-tokens-stddev", "0",
-            "--extra-inputs", "ignore_eos:true", "--extra-inputs", f"min_tokens:{OSL}",
-            "--concurrency", str(CONCURRENCY), "--request-count", str(REQUESTS),
-            "--warmup-request-count", str(WARMUP), "--random-seed", "0",
-            "--goodput", GOODPUT, "--artifact-dir", str(work / "aiperf"), "--ui-type", "none",
-        ]  # fmt: skip
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, f"aiperf failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
-        mock.post("/kv/clear", {})
-        rc = main(
-            ["bench", "serve", "--quiet", "--url", mock.url, "--tokenizer", str(model),
-             "--input-file", str(prompts), "--concurrency", str(CONCURRENCY),
-             "--request-count", str(REQUESTS), "--warmup-requests", str(WARMUP),
-             "--isl", str(ISL), "--osl", str(OSL), "--goodput", GOODPUT,
-             "--artifact-dir", str(work / "kvferry")]
-        )  # fmt: skip
-        assert rc == 0
+    # Steps twice the mock's default length: each client's own overhead (ms) weighs less.
+    # Not pinned apart (as benchmarks/serve_vs_aiperf.py pins): on two CPUs that crowds
+    # aiperf's dozen processes onto one and delays its own stamps.
+    flags = ("--tokenizer", tok, "--max-model-len", "4096", "--speedup-ratio", "0.5")
+    with MockServerProcess.start(*flags) as mock:
+        _run_both(mock, model, prompts, work)
     return Runs(work, work / "aiperf", work / "kvferry")
+
+
+def _run_both(mock: MockServerProcess, model: Path, prompts: Path, work: Path) -> None:
+    """aiperf, then kvferry, each from an empty prefix cache."""
+    mock.post("/kv/clear", {})
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(work / "hub"),
+               TRANSFORMERS_OFFLINE="1")  # fmt: skip
+    cmd = [
+        str(AIPERF), "profile", "--model", "kvferry-mock", "--tokenizer", "local/tiny",
+        "--url", mock.url, "--endpoint-type", "completions", "--streaming",
+        "--input-file", str(prompts), "--custom-dataset-type", "single_turn",
+        "--dataset-sampling-strategy", "sequential",
+        "--output-tokens-mean", str(OSL), "--output-tokens-stddev", "0",
+        "--extra-inputs", "ignore_eos:true", "--extra-inputs", f"min_tokens:{OSL}",
+        "--concurrency", str(CONCURRENCY), "--request-count", str(REQUESTS),
+        "--warmup-request-count", str(WARMUP), "--random-seed", "0",
+        "--goodput", GOODPUT, "--artifact-dir", str(work / "aiperf"), "--ui-type", "none",
+    ]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"aiperf failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
+    mock.post("/kv/clear", {})
+    rc = main(
+        ["bench", "serve", "--quiet", "--url", mock.url, "--tokenizer", str(model),
+         "--input-file", str(prompts), "--concurrency", str(CONCURRENCY),
+         "--request-count", str(REQUESTS), "--warmup-requests", str(WARMUP),
+         "--isl", str(ISL), "--osl", str(OSL), "--goodput", GOODPUT,
+         "--artifact-dir", str(work / "kvferry")]
+    )  # fmt: skip
+    assert rc == 0
 
 
 def _load(directory: Path) -> dict[str, Any]:
