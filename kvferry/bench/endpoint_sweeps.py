@@ -164,8 +164,7 @@ def _decoding(x: SweepInputs) -> npt.NDArray[np.bool_]:
 
 
 def _gap_events(x: SweepInputs) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray]:
-    """Every content gap: (its request, its start, its end, its value), ends clamped below
-    the request's end (a gap summing past it would free the tokens before adding them)."""
+    """Every content gap of every request: (its request, its start, its end, its length)."""
     rec = np.concatenate([np.full(len(g), i, dtype=np.intp) for i, g in enumerate(x.icl)])
     vals = np.concatenate([np.asarray(g, dtype=np.float64) for g in x.icl])
     ends = np.concatenate(
@@ -207,6 +206,8 @@ def _tokens_in_flight(x: SweepInputs) -> Curve:
         per_gap = np.where(counts > 0, (tokens - 1.0) / counts, 0.0)
         ok = ~np.isnan(x.gen[rec]) & (vals >= 0) & ~np.isnan(tokens) & (tokens >= 1)
         has_gaps = np.bincount(rec[ok], minlength=len(x.osl)) > 0
+        # A gap ending at (or, by stamp jitter, past) its request's end would add its tokens
+        # after the end freed them: clamp it just below.
         rec_end = x.end[rec]
         late = ~np.isnan(rec_end) & (ends >= rec_end)
         ends = np.where(late, np.nextafter(rec_end, -np.inf), ends)
