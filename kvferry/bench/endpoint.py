@@ -5,7 +5,8 @@ Owns the options (:class:`ServeBenchOptions`), the levels of a sweep (closed-loo
 open-loop request rate, or a trace's own schedule), planning each worker's share of a level,
 the worker processes, the preflight check of the server, and :func:`run_serve_bench`, which
 returns a :class:`ServeBenchReport`. The client and what runs in a worker are
-:mod:`kvferry.bench.endpoint_client`; metrics :mod:`kvferry.bench.endpoint_metrics` (pure);
+:mod:`kvferry.bench.endpoint_client`; metrics :mod:`kvferry.bench.endpoint_metrics` and
+:mod:`kvferry.bench.endpoint_aggregate` (pure);
 prompts :mod:`kvferry.bench.endpoint_inputs`; files and plots
 :mod:`kvferry.bench.endpoint_export`. Nothing here prints.
 
@@ -14,9 +15,11 @@ in the caller's (whose live view would share the GIL and delay timestamps). Each
 its share: closed loop, ``A = min(W, C)`` active workers split the ``C`` slots and worker ``w``
 sends request indices ``w, w+A, w+2A, ...``; open loop, arrival ``k`` of the schedule goes to
 worker ``k % A`` (``A`` = W, or min(W, cap) under a cap of requests in flight). A worker first
-sends its share of the warm-up requests (closed loop, fresh prompts, never counted), then
-waits; once all are ready the parent starts them at one ``time.monotonic_ns()`` instant 100 ms
-ahead, and collects progress every 0.25 s and the records at the end.
+sends its share of the warm-up requests (closed loop, fresh prompts; aggregated apart, as
+aiperf's warm-up phase), then waits; once all are ready the parent starts them at one
+``time.monotonic_ns()`` instant 100 ms ahead, and collects progress every 0.25 s and the
+records at the end. A phase's window, over which its rates and load curves are taken, runs
+from its start to its last request's end.
 
 Before the first level, :func:`run_serve_bench` asks ``/v1/models`` (the model name, unless
 ``--model`` is given) and sends one small streamed request, so an unreachable server, a wrong
@@ -32,6 +35,7 @@ import math
 import multiprocessing as mp
 import random
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -39,6 +43,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any, cast
 from urllib.parse import urlsplit
 
+from kvferry.bench.endpoint_aggregate import RunMetrics, aggregate
 from kvferry.bench.endpoint_client import (
     PROGRESS_INTERVAL_S,
     Client,
@@ -58,7 +63,7 @@ from kvferry.bench.endpoint_inputs import (
     mix64,
     workload_trace,
 )
-from kvferry.bench.endpoint_metrics import ErrorInfo, RequestRecord, RunMetrics, aggregate
+from kvferry.bench.endpoint_metrics import RequestRecord
 from kvferry.bench.stats import percentile
 from kvferry.bench.traces import read_trace
 from kvferry.errors import ConfigError, KvferryError
@@ -68,6 +73,7 @@ __all__ = [
     "EndpointBenchError",
     "Level",
     "LevelResult",
+    "Phase",
     "ProgressUpdate",
     "ServeBenchOptions",
     "ServeBenchReport",
@@ -283,18 +289,49 @@ class ProgressUpdate:
 ProgressFn = Callable[[ProgressUpdate], None]
 
 
+@dataclass(frozen=True)
+class Phase:
+    """The records of one phase of a level (its warm-up, or the measured requests) and its
+    window: from the phase's start to its last request's end (``time.monotonic_ns()``)."""
+
+    records: list[RequestRecord]
+    start_ns: int
+    end_ns: int
+
+    @classmethod
+    def of(cls, records: list[RequestRecord], start_ns: int) -> Phase:
+        end = max((r.end_ns for r in records), default=start_ns)
+        return cls(records, start_ns, max(end, start_ns))
+
+
 @dataclass
 class LevelResult:
-    """One level's records (warm-up left out) and their aggregates."""
+    """One level: its measured records and their aggregates, and the same of its warm-up."""
 
     level: Level
     records: list[RequestRecord]
     metrics: RunMetrics
     planned: int | None
-    warmup_errors: int
-    start_time: float
-    """``time.time()`` when the level started (warm-up included)."""
-    end_time: float
+    warmup_records: list[RequestRecord]
+    warmup_metrics: RunMetrics | None
+    """None when the level had no warm-up."""
+    window_ns: tuple[int, int]
+    """The measured phase: from its start to its last request's end (monotonic ns)."""
+    wall_offset_ns: int
+    """``time.time_ns() - time.monotonic_ns()`` when the level ran."""
+
+    @property
+    def warmup_errors(self) -> int:
+        return 0 if self.warmup_metrics is None else self.warmup_metrics.error_count
+
+    @property
+    def start_time(self) -> float:
+        """``time.time()`` of the measured phase's start."""
+        return (self.window_ns[0] + self.wall_offset_ns) / 1e9
+
+    @property
+    def end_time(self) -> float:
+        return (self.window_ns[1] + self.wall_offset_ns) / 1e9
 
 
 @dataclass
@@ -307,6 +344,10 @@ class ServeBenchReport:
     source: str
     """``synthetic ...``, ``trace FILE`` or ``workload SPEC``."""
     levels: list[LevelResult] = field(default_factory=list)
+    benchmark_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    """Names the run in its exports (aiperf's ``benchmark_id``)."""
+    command: str = ""
+    """The command line that ran it, when it came from the CLI."""
 
 
 def _split(total: int, parts: int, k: int) -> int:
@@ -386,6 +427,7 @@ def _plan_level(
                 schedule=schedule,
                 warmup=_split(warmup, active, w),
                 warmup_slots=max(1, share or 4),
+                replay=level.kind == "fixed_schedule",
             )
         )
     return plans, len(offsets)
@@ -445,8 +487,8 @@ class _Pool:
         planned: int | None,
         duration_s: float | None,
         on_progress: ProgressFn | None,
-    ) -> tuple[list[RequestRecord], list[ErrorInfo]]:
-        """Run one level on every worker; returns its records and the warm-up's errors."""
+    ) -> tuple[Phase, Phase]:
+        """Run one level on every worker; returns its warm-up and its measured phase."""
         t0 = time.monotonic()
 
         def report(
@@ -461,16 +503,16 @@ class _Pool:
                 )
 
         report("warmup", 0, 0, None, None)
+        warm_start = time.monotonic_ns()
         for conn, plan in zip(self.conns, plans):
             conn.send(("level", plan))
-        warm_errors: list[ErrorInfo] = []
+        warm: list[RequestRecord] = []
         ready = 0
         while ready < len(plans):
             for message in self._messages(0.25):
                 if message[0] == "ready":
                     ready += 1
-                    if message[3] is not None:
-                        warm_errors.extend([message[3]] * message[2])
+                    warm.extend(message[2])
         start = time.monotonic_ns() + START_DELAY_NS
         for conn in self.conns:
             conn.send(("go", start))
@@ -495,7 +537,8 @@ class _Pool:
                 last = time.monotonic()
                 report("profiling", done, errors, _median(ttfts), _median(itls))
         records.sort(key=lambda r: r.start_ns)
-        return records, warm_errors
+        warm.sort(key=lambda r: r.start_ns)
+        return Phase.of(warm, warm_start), Phase.of(records, start)
 
     def close(self) -> None:
         for conn in self.conns:
@@ -657,21 +700,25 @@ def run_serve_bench(
         scheduled = requests.timestamps_ms() is not None
         for salt, level in enumerate(options.levels(scheduled), start=1):
             plans, planned = _plan_level(options, level, salt, requests, options.workers)
-            started = time.time()
-            records, warm_errors = pool.run_level(
-                level, plans, planned, options.duration_s, on_progress
-            )
-            metrics = aggregate(
-                records, server_counts=options.use_server_token_count, goodput=options.goodput
-            )
+            warm, measured = pool.run_level(level, plans, planned, options.duration_s, on_progress)
+
+            def run_metrics(phase: Phase) -> RunMetrics:
+                return aggregate(
+                    phase.records,
+                    server_counts=options.use_server_token_count,
+                    goodput=options.goodput,
+                    window_ns=(phase.start_ns, phase.end_ns),
+                )
+
             result = LevelResult(
                 level=level,
-                records=records,
-                metrics=metrics,
+                records=measured.records,
+                metrics=run_metrics(measured),
                 planned=planned,
-                warmup_errors=len(warm_errors),
-                start_time=started,
-                end_time=time.time(),
+                warmup_records=warm.records,
+                warmup_metrics=run_metrics(warm) if warm.records else None,
+                window_ns=(measured.start_ns, measured.end_ns),
+                wall_offset_ns=time.time_ns() - time.monotonic_ns(),
             )
             report.levels.append(result)
             if on_level is not None:

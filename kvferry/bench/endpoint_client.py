@@ -10,13 +10,16 @@ owns the processes). Pure pieces (:func:`parse_stream`) are public for tests.
 
 Timing: a request's start is taken just before it is handed to aiohttp; each body read is
 stamped as it is returned (``iter_any``: whatever arrived since the last read), and every SSE
-event completed by that read gets that stamp, as aiperf does. Bodies are parsed after the
-stream ends, so parsing never delays a stamp; output tokens are counted after the level, so
-counting never does either. Times are ``time.monotonic_ns()`` (CLOCK_MONOTONIC: one clock for
-every process of the machine, so the parent can start all workers at one instant).
+event completed by that read gets that stamp, as aiperf does. aiohttp's trace hooks stamp the
+request side of the :class:`~kvferry.bench.endpoint_metrics.HttpTrace` (pool wait, connect,
+DNS, body written); the reads give its response side. A request's credit is stamped when its
+slot frees (closed loop) or is its send time (open loop). Bodies are parsed after the stream
+ends, so parsing never delays a stamp; output and reasoning tokens are counted after the
+level, so counting never does either. Times are ``time.monotonic_ns()`` (CLOCK_MONOTONIC: one
+clock for every process of the machine, so the parent can start all workers at one instant).
 
 Messages, parent -> worker: ``("level", WorkerPlan)``, then ``("go", start_ns)``; ``("exit",)``.
-Worker -> parent: ``("ready", worker, warm-up errors, first warm-up error)`` after its warm-up,
+Worker -> parent: ``("ready", worker, warm-up records)`` after its warm-up,
 ``("progress", worker, done, errors, ttfts_ms, itls_ms)`` every 0.25 s, ``("done", worker,
 records)``, or ``("error", worker, message)`` before it exits on a failure.
 """
@@ -29,13 +32,13 @@ import importlib
 import json
 import signal
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
 from kvferry.bench.endpoint_inputs import RequestSource, RequestSpec, SyntheticSource
-from kvferry.bench.endpoint_metrics import ErrorInfo, RequestRecord
+from kvferry.bench.endpoint_metrics import ErrorInfo, HttpTrace, RequestRecord
 
 __all__ = [
     "PROGRESS_INTERVAL_S",
@@ -58,37 +61,47 @@ WARMUP_SALT = 1_000_000
 
 @dataclass
 class StreamResult:
-    """What one response's body said: content response times and text, usage, errors."""
+    """What one response's body said: content response times and texts, usage, errors."""
 
     chunk_ns: list[int] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
+    """Each content response's output text (reasoning left out)."""
+    reasoning: list[str] = field(default_factory=list)
+    """Each content response's reasoning text."""
+    first_output_ns: int | None = None
+    """The first content response with output (non-reasoning) text."""
+    last_ns: int | None = None
+    """The last message of any kind (``[DONE]`` included)."""
     usage: dict[str, Any] | None = None
     error: str | None = None
     done: bool = False
 
 
-def _choice_text(obj: Mapping[str, Any]) -> str:
+def _choice_texts(obj: Mapping[str, Any]) -> tuple[str, str]:
+    """(output text, reasoning text) of the first choice."""
     choices = obj.get("choices")
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        return ""
+        return "", ""
     choice = choices[0]
     text = choice.get("text")
     if isinstance(text, str):
-        return text
+        return text, ""
     part = choice.get("delta")
     if not isinstance(part, dict):
         part = choice.get("message")
     if not isinstance(part, dict):
-        return ""
-    out = ""
-    for key in ("reasoning_content", "reasoning", "content"):
+        return "", ""
+    reasoning = ""
+    for key in ("reasoning_content", "reasoning"):
         value = part.get(key)
         if isinstance(value, str):
-            out += value
-    return out
+            reasoning += value
+    content = part.get("content")
+    return (content if isinstance(content, str) else ""), reasoning
 
 
 def _apply(result: StreamResult, ts: int, payload: bytes) -> None:
+    result.last_ns = ts
     if payload == b"[DONE]":
         result.done = True
         return
@@ -106,10 +119,13 @@ def _apply(result: StreamResult, ts: int, payload: bytes) -> None:
     usage = obj.get("usage")
     if isinstance(usage, dict) and usage:
         result.usage = usage
-    text = _choice_text(obj)
-    if text:
+    text, reasoning = _choice_texts(obj)
+    if text or reasoning:
         result.chunk_ns.append(ts)
         result.texts.append(text)
+        result.reasoning.append(reasoning)
+        if text and result.first_output_ns is None:
+            result.first_output_ns = ts
 
 
 def parse_stream(reads: Sequence[tuple[int, bytes]]) -> StreamResult:
@@ -199,6 +215,7 @@ class Client:
             connector=connector,
             timeout=aiohttp.ClientTimeout(total=self.setup.timeout_s),
             headers={"User-Agent": "kvferry-bench", **self.setup.headers},
+            trace_configs=[_trace_config()],
         )
         self._errors = (aiohttp.ClientError, OSError)
         return self
@@ -221,22 +238,36 @@ class Client:
         body.update(self.setup.extra_body)
         return json.dumps(body, separators=(",", ":")).encode()
 
-    async def send(self, spec: RequestSpec, scheduled_ns: int | None = None) -> RequestRecord:
-        """Send one request and read its stream; failures become the record's error."""
+    async def send(
+        self, spec: RequestSpec, credit_ns: int | None = None, scheduled_ns: int | None = None
+    ) -> RequestRecord:
+        """Send one request and read its stream; failures become the record's error.
+
+        Args:
+            spec: the request.
+            credit_ns: when it was issued (its slot freed, or its open-loop send time).
+            scheduled_ns: trace replay: when the trace's schedule wanted it sent.
+        """
         data = self.body(spec)
+        trace = HttpTrace()
         record = RequestRecord(
             index=spec.index,
             start_ns=0,
             input_tokens=spec.isl,
+            requested_osl=spec.osl,
+            credit_ns=credit_ns,
             scheduled_ns=scheduled_ns,
             worker=self.worker,
             conversation=spec.conversation,
+            http=trace,
         )
         reads: list[tuple[int, bytes]] = []
         clock = time.monotonic_ns
         record.start_ns = clock()
         try:
-            async with self._session.post(self.setup.url, data=data) as resp:
+            async with self._session.post(
+                self.setup.url, data=data, trace_request_ctx=trace
+            ) as resp:
                 record.ack_ns = clock()
                 if resp.status != 200:
                     raw = await resp.read()
@@ -259,16 +290,18 @@ class Client:
             record.error = ErrorInfo(None, type(e).__name__, str(e) or type(e).__name__)
             return record
         record.end_ns = clock()
+        if reads:
+            # iter_any() bypasses aiohttp's response-chunk hook: count the reads here.
+            trace.receive_start_ns, trace.receive_end_ns = reads[0][0], reads[-1][0]
+            trace.response_chunks = len(reads)
+            trace.response_bytes = sum(len(chunk) for _, chunk in reads)
         result = parse_stream(reads)
         record.chunk_ns = result.chunk_ns
+        record.first_output_ns = result.first_output_ns
+        record.last_response_ns = result.last_ns
         record.output_text = "".join(result.texts)
-        usage = result.usage
-        if usage is not None:
-            record.usage_prompt_tokens = _int_or_none(usage.get("prompt_tokens"))
-            record.usage_completion_tokens = _int_or_none(usage.get("completion_tokens"))
-            details = usage.get("prompt_tokens_details")
-            if isinstance(details, dict):
-                record.usage_cached_tokens = _int_or_none(details.get("cached_tokens"))
+        record.reasoning_text = "".join(result.reasoning)
+        record.usage = result.usage
         if result.error is not None:
             record.error = ErrorInfo(200, "StreamError", result.error)
         elif not result.chunk_ns:
@@ -276,8 +309,47 @@ class Client:
         return record
 
 
-def _int_or_none(value: object) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+def _trace_config() -> Any:
+    """An aiohttp TraceConfig that fills the :class:`HttpTrace` each request passes as its
+    ``trace_request_ctx`` (the request side; the client counts the body reads itself)."""
+    import aiohttp
+
+    clock = time.monotonic_ns
+
+    def hook(apply: Callable[[HttpTrace, Any], None]) -> Callable[..., Awaitable[None]]:
+        async def on_event(session: Any, ctx: Any, params: Any) -> None:
+            trace = ctx.trace_request_ctx
+            if isinstance(trace, HttpTrace):
+                apply(trace, params)
+
+        return on_event
+
+    def sent(t: HttpTrace, params: Any) -> None:
+        t.send_end_ns = clock()
+        t.request_chunks += 1
+        t.request_bytes += len(params.chunk)
+
+    def reused(t: HttpTrace, params: Any) -> None:
+        t.reused = True
+
+    def cache_hit(t: HttpTrace, params: Any) -> None:
+        t.dns_cache_hit = True
+
+    def stamp(name: str) -> Callable[[HttpTrace, Any], None]:
+        return lambda t, params: setattr(t, name, clock())
+
+    config = aiohttp.TraceConfig()
+    config.on_request_start.append(hook(stamp("send_start_ns")))
+    config.on_request_chunk_sent.append(hook(sent))
+    config.on_connection_queued_start.append(hook(stamp("pool_wait_start_ns")))
+    config.on_connection_queued_end.append(hook(stamp("pool_wait_end_ns")))
+    config.on_connection_create_start.append(hook(stamp("connect_start_ns")))
+    config.on_connection_create_end.append(hook(stamp("connect_end_ns")))
+    config.on_connection_reuseconn.append(hook(reused))
+    config.on_dns_resolvehost_start.append(hook(stamp("dns_start_ns")))
+    config.on_dns_resolvehost_end.append(hook(stamp("dns_end_ns")))
+    config.on_dns_cache_hit.append(hook(cache_hit))
+    return config
 
 
 # --- one worker's share of a level -------------------------------------------------------------
@@ -297,6 +369,8 @@ class WorkerPlan:
     duration_ns: int | None = None
     warmup: int = 0
     warmup_slots: int = 1
+    replay: bool = False
+    """Open loop: the schedule is a trace's (its requests get ``scheduled_ns``, not credits)."""
 
 
 async def _closed(
@@ -312,9 +386,10 @@ async def _closed(
 
     async def slot() -> None:
         for index in it:
-            if deadline_ns is not None and time.monotonic_ns() >= deadline_ns:
+            issued = time.monotonic_ns()  # the slot is free: its next request's credit
+            if deadline_ns is not None and issued >= deadline_ns:
                 return
-            records.append(await client.send(source.spec(salt, index)))
+            records.append(await client.send(source.spec(salt, index), credit_ns=issued))
 
     await asyncio.gather(*(slot() for _ in range(slots)))
 
@@ -329,12 +404,17 @@ async def _open(
     cap = asyncio.Semaphore(plan.slots) if plan.slots > 0 else None
     pending: set[asyncio.Task[None]] = set()
 
+    def send(spec: RequestSpec, due: int) -> Awaitable[RequestRecord]:
+        if plan.replay:
+            return client.send(spec, scheduled_ns=due)
+        return client.send(spec, credit_ns=due)
+
     async def one(spec: RequestSpec, due: int) -> None:
         if cap is None:
-            records.append(await client.send(spec, due))
+            records.append(await send(spec, due))
             return
         async with cap:
-            records.append(await client.send(spec, due))
+            records.append(await send(spec, due))
 
     for index, offset in plan.schedule or ():
         due = start_ns + offset
@@ -401,16 +481,17 @@ def _wall_offset_ns() -> int:
 
 
 def _finish(records: list[RequestRecord], source: RequestSource) -> None:
-    """Count output tokens and stamp wall-clock starts, after the level (off the hot path)."""
+    """Count output and reasoning tokens (each text on its own, as aiperf counts them) and
+    stamp wall-clock starts, after the level (off the hot path)."""
     counter = source.maker.counter
     offset = _wall_offset_ns()
     for record in records:
         record.start_wall_ns = record.start_ns + offset
         if record.output_text:
             record.output_tokens = counter.count(record.output_text)
-            record.output_text = ""
-        elif record.valid:
-            record.output_tokens = 0
+        if record.reasoning_text:
+            record.reasoning_tokens = counter.count(record.reasoning_text)
+        record.output_text = record.reasoning_text = ""
 
 
 async def _worker_loop(conn: Connection, worker: int, setup: WorkerSetup) -> None:
@@ -434,8 +515,8 @@ async def _worker_loop(conn: Connection, worker: int, setup: WorkerSetup) -> Non
                     None,
                     warm,
                 )
-            failed = [r.error for r in warm if r.error is not None]
-            conn.send(("ready", worker, len(failed), failed[0] if failed else None))
+            _finish(warm, setup.warmup_source)
+            conn.send(("ready", worker, warm))
             go = conn.recv()
             if go[0] != "go":
                 return

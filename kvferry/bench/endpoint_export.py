@@ -5,16 +5,20 @@ Owns writing a :class:`~kvferry.bench.endpoint.ServeBenchReport` to disk; comput
 
 Per level (aiperf's file names, field names and nesting where the concept is the same):
 
-- ``profile_export.jsonl``: one line per measured request (warm-up left out), aiperf's
-  ``MetricRecordInfo``: ``{"metadata": {...request_start_ns, request_ack_ns, request_end_ns
-  (wall clock ns), worker_id, benchmark_phase...}, "metrics": {tag: {"value", "unit"}},
-  "error": {"code", "type", "message"}}`` (``error`` only on failed requests).
+- ``profile_export.jsonl``: one line per request, warm-up first (``benchmark_phase``
+  ``warmup``, then ``profiling``), aiperf's ``MetricRecordInfo``: ``{"metadata": {...
+  credit_issued_ns, request_start_ns, request_ack_ns, request_end_ns (wall clock ns),
+  worker_id, benchmark_phase...}, "metrics": {tag: {"value", "unit"}}, "error": {"code",
+  "type", "message"}}`` (``error`` only on failed requests, whose only metric is
+  ``error_isl``).
 - ``profile_export_aiperf.json``: aiperf's ``JsonExportData``: one object per metric tag
-  (``{"unit", "avg", "p1".."p99", "min", "max", "std", "count", "sum"}``; run metrics have
-  ``unit`` and ``avg`` only), plus ``input_config``, ``error_summary``, ``start_time``,
-  ``end_time``, ``was_cancelled``.
+  (``{"unit", "avg", "p1".."p99", "min", "max", "std", "count", "sum"}``, the statistics a
+  metric does not have left out), plus ``benchmark_id``, ``input_config``, ``run_info``,
+  ``was_cancelled``, ``is_complete``, ``error_summary``, ``start_time``, ``end_time`` (the
+  measured phase) and ``warmup_metrics`` (the warm-up's metrics, when there was one).
 - ``profile_export_aiperf.csv``: aiperf's CSV: ``Metric,avg,min,max,sum,p1,...,p99,std`` rows
-  for record metrics, a blank line, then ``Metric,Value`` rows for run metrics.
+  for metrics with percentiles, a blank line, then ``Metric,Value`` rows for the others, each
+  section sorted by tag, numbers as aiperf prints them (2 decimals; CRLF line ends).
 
 A sweep (more than one level) writes each level's files into ``<artifact dir>/<level name>/``
 and ``sweep_summary.json`` / ``sweep_summary.csv`` (one entry/row per level) into the artifact
@@ -30,16 +34,19 @@ import csv
 import io
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from kvferry.bench.endpoint import EndpointBenchError, LevelResult, ServeBenchReport
+from kvferry.bench.endpoint_aggregate import MetricResult, RunMetrics
 from kvferry.bench.endpoint_metrics import (
+    ERROR_METRICS,
     RECORD_METRICS,
-    MetricResult,
     RequestRecord,
+    error_metrics,
+    is_good,
     record_metrics,
 )
 from kvferry.bench.plots import serve_identity, stamp
@@ -117,8 +124,16 @@ def _version() -> str:
 # --- per request -------------------------------------------------------------------------------
 
 
-def record_json(record: RequestRecord, *, server_counts: bool = False) -> dict[str, Any]:
-    """One ``profile_export.jsonl`` line (aiperf's ``MetricRecordInfo``)."""
+def record_json(
+    record: RequestRecord,
+    *,
+    server_counts: bool = False,
+    phase: str = "profiling",
+    goodput: Mapping[str, float] | None = None,
+) -> dict[str, Any]:
+    """One ``profile_export.jsonl`` line (aiperf's ``MetricRecordInfo``) of a request of the
+    ``phase`` (``warmup`` or ``profiling``); with SLOs, a valid request's
+    ``good_request_count`` is 1 when it met them, else 0."""
 
     def wall(ns: int | None) -> int | None:
         return None if ns is None else record.start_wall_ns + (ns - record.start_ns)
@@ -127,27 +142,25 @@ def record_json(record: RequestRecord, *, server_counts: bool = False) -> dict[s
     if record.conversation is not None:
         metadata["conversation_id"] = record.conversation
     metadata["turn_index"] = 0
-    if record.scheduled_ns is not None:
-        metadata["credit_issued_ns"] = wall(record.scheduled_ns)
+    if record.credit_ns is not None:
+        metadata["credit_issued_ns"] = wall(record.credit_ns)
     metadata["request_start_ns"] = record.start_wall_ns
     if record.ack_ns is not None:
         metadata["request_ack_ns"] = wall(record.ack_ns)
-    metadata["request_end_ns"] = wall(record.end_ns)
+    metadata["request_end_ns"] = wall(record.response_end_ns)
     metadata["worker_id"] = f"worker_{record.worker}"
     metadata["record_processor_id"] = "kvferry"
-    metadata["benchmark_phase"] = "profiling"
+    metadata["benchmark_phase"] = phase
+    metadata["phase_name"] = phase
+    metadata["phase_kind"] = phase
     metadata["was_cancelled"] = False
-    metrics: dict[str, Any] = {}
-    for tag, value in record_metrics(record, server_counts=server_counts).items():
-        unit = RECORD_METRICS[tag].unit
-        if unit == "tokens" and isinstance(value, float):
-            metrics[tag] = {"value": int(value), "unit": unit}
-        else:
-            metrics[tag] = {"value": value, "unit": unit}
+    infos = RECORD_METRICS | ERROR_METRICS
+    values = record_metrics(record, server_counts=server_counts) or error_metrics(record)
+    metrics = {tag: {"value": value, "unit": infos[tag].unit} for tag, value in values.items()}
+    if goodput and record.valid:
+        metrics["good_request_count"] = {"value": int(is_good(values, goodput)), "unit": "requests"}
     out: dict[str, Any] = {"metadata": metadata, "metrics": metrics}
     if record.error is not None:
-        if record.input_tokens is not None:
-            metrics["error_isl"] = {"value": record.input_tokens, "unit": "tokens"}
         out["error"] = record.error.to_json()
     elif not record.chunk_ns:
         out["error"] = {"code": 200, "type": "EmptyResponse", "message": "no content"}
@@ -197,19 +210,32 @@ def input_config(report: ServeBenchReport, result: LevelResult) -> dict[str, Any
     }
 
 
+def _metrics_json(metrics: RunMetrics) -> dict[str, Any]:
+    return {tag: metric.to_json() for tag, metric in metrics.metrics.items()}
+
+
 def aiperf_json(report: ServeBenchReport, result: LevelResult) -> dict[str, Any]:
     """``profile_export_aiperf.json`` of one level."""
     out: dict[str, Any] = {
         "schema_version": AIPERF_SCHEMA_VERSION,
         "generator": f"kvferry bench serve {_version()}",
+        "benchmark_id": report.benchmark_id,
     }
-    for tag, metric in result.metrics.metrics.items():
-        out[tag] = metric.to_json()
+    out.update(_metrics_json(result.metrics))
     out["input_config"] = input_config(report, result)
+    out["run_info"] = {
+        "benchmark_id": report.benchmark_id,
+        "random_seed": report.options.seed,
+        "trial": 0,
+        "cli_command": report.command,
+    }
     out["was_cancelled"] = False
+    out["is_complete"] = True
     out["error_summary"] = result.metrics.error_summary()
     out["start_time"] = datetime.fromtimestamp(result.start_time).isoformat()
     out["end_time"] = datetime.fromtimestamp(result.end_time).isoformat()
+    if result.warmup_metrics is not None:
+        out["warmup_metrics"] = _metrics_json(result.warmup_metrics)
     out["warmup_error_count"] = result.warmup_errors
     return out
 
@@ -231,10 +257,10 @@ def _name(metric: MetricResult) -> str:
 def aiperf_csv(result: LevelResult) -> str:
     """``profile_export_aiperf.csv`` of one level (aiperf's layout, sorted by tag)."""
     buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
+    writer = csv.writer(buf)  # \r\n line ends, as aiperf's csv.writer writes them
     metrics = result.metrics.metrics
-    records = {t: m for t, m in metrics.items() if m.percentiles}
-    scalars = {t: m for t, m in metrics.items() if not m.percentiles}
+    records = {t: m for t, m in metrics.items() if m.has_percentiles}
+    scalars = {t: m for t, m in metrics.items() if not m.has_percentiles}
     if records:
         writer.writerow(["Metric", *CSV_STATS])
         for _, m in sorted(records.items()):
@@ -255,9 +281,14 @@ def aiperf_csv(result: LevelResult) -> str:
 def _write_level(directory: Path, report: ServeBenchReport, result: LevelResult) -> list[Path]:
     _mkdir(directory)
     server = report.options.use_server_token_count
+    phases = [("warmup", r) for r in result.warmup_records]
+    phases += [("profiling", r) for r in result.records]
     lines = (
-        json.dumps(record_json(r, server_counts=server), separators=(",", ":"))
-        for r in result.records
+        json.dumps(
+            record_json(r, server_counts=server, phase=p, goodput=report.options.goodput),
+            separators=(",", ":"),
+        )
+        for p, r in phases
     )
     jsonl = _write(directory / "profile_export.jsonl", "".join(line + "\n" for line in lines))
     summary = _write(

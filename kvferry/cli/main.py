@@ -202,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         except SystemExit as e:  # --help, --version, or a usage error argparse already printed
             return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_ERROR)
         setup_logging(args.log_level)
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # what ran, for exports
         func = cast("Callable[[argparse.Namespace], int] | None", getattr(args, "func", None))
         if func is None:
             parser.print_help(sys.stderr)

@@ -1,15 +1,20 @@
-"""``kvferry model tiny OUTDIR``: write the tiny random-weight Llama and its tokenizer.
+"""``kvferry model tiny OUTDIR``: write the tiny random-weight Llama and its tokenizer;
+``kvferry model hf-cache MODEL_DIR CACHE_DIR``: lay its tokenizer out as a Hugging Face hub
+cache entry, for tools that only take a hub name (aiperf's ``--tokenizer``), offline.
 
 Owns the flags (one per :class:`~kvferry.serving.tiny_model.TinyModelSpec` field); the model is
-built by :func:`kvferry.serving.tiny_model.build_tiny_model`.
+built by :func:`kvferry.serving.tiny_model.build_tiny_model` and placed by
+:func:`kvferry.serving.tiny_model.place_in_hf_cache`.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 from dataclasses import fields
 
-from kvferry.serving.tiny_model import TinyModelSpec, build_tiny_model
+from kvferry.errors import ConfigError
+from kvferry.serving.tiny_model import TinyModelSpec, build_tiny_model, place_in_hf_cache
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -41,6 +46,20 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
             help="(default: %(default)s)",
         )
     tiny.set_defaults(func=run_tiny)
+    cache = kinds.add_parser(
+        "hf-cache",
+        help="place a model's tokenizer in a Hugging Face hub cache (for aiperf, offline)",
+        description="Copy MODEL_DIR's tokenizer files (tokenizer.json, tokenizer_config.json, "
+        "chat template, config.json) into CACHE_DIR as the hub entry REPO, so tools that only "
+        "take a hub name load it with no network: HF_HUB_OFFLINE=1 HF_HUB_CACHE=CACHE_DIR "
+        "aiperf profile --tokenizer REPO ... Existing files of the entry are replaced.",
+    )
+    cache.add_argument("model_dir", metavar="MODEL_DIR", help="e.g. from `kvferry model tiny`")
+    cache.add_argument("cache_dir", metavar="CACHE_DIR", help="the hub cache (created)")
+    cache.add_argument(
+        "--repo", default="local/tiny", help="hub name OWNER/NAME to place it as (%(default)s)"
+    )
+    cache.set_defaults(func=run_hf_cache)
 
 
 def run_tiny(args: argparse.Namespace) -> int:
@@ -50,4 +69,17 @@ def run_tiny(args: argparse.Namespace) -> int:
         f"tiny model written to {out} ({spec.num_layers} layers, hidden {spec.hidden_size}, "
         f"{spec.num_kv_heads} KV heads, vocab {spec.vocab_size}, {spec.dtype})"
     )
+    return 0
+
+
+def run_hf_cache(args: argparse.Namespace) -> int:
+    try:
+        snapshot = place_in_hf_cache(args.model_dir, args.cache_dir, args.repo)
+    except OSError as e:
+        raise ConfigError(
+            f"cannot place {args.model_dir!r} in {args.cache_dir!r}: {e.strerror or e}"
+        ) from e
+    cache = shlex.quote(str(args.cache_dir))
+    print(f"{args.repo} placed at {snapshot}")
+    print(f"use it offline: HF_HUB_OFFLINE=1 HF_HUB_CACHE={cache} ... --tokenizer {args.repo}")
     return 0

@@ -7,6 +7,7 @@ import argparse
 import json
 import math
 import re
+import shlex
 from typing import Any
 
 from rich.console import Console
@@ -454,6 +455,7 @@ def run_serve(args: argparse.Namespace) -> int:
     live = _Live(err, args.quiet)
     with live.progress:
         report = run_serve_bench(options, source=(source, what), on_progress=live)
+    report.command = shlex.join(["kvferry", *getattr(args, "argv", [])])
     print_sweep(console, report, wide=args.wide)
     if len(report.levels) == 1:
         print_level(console, report.levels[0], wide=args.wide)

@@ -73,11 +73,13 @@ def test_concurrency_sweep(
     assert finished(server) - before == 1 + 3 * (12 + 3)
 
     level = art / "concurrency_2"
-    lines = (level / "profile_export.jsonl").read_text().splitlines()
-    assert len(lines) == 12
-    first = json.loads(lines[0])
+    lines = [json.loads(x) for x in (level / "profile_export.jsonl").read_text().splitlines()]
+    # Warm-up requests are exported too, tagged (as aiperf tags them), not dropped.
+    phases = [x["metadata"]["benchmark_phase"] for x in lines]
+    assert phases == ["warmup"] * 3 + ["profiling"] * 12
+    first = lines[3]
     meta, metrics = first["metadata"], first["metrics"]
-    assert meta["benchmark_phase"] == "profiling" and meta["worker_id"] == "worker_0"
+    assert meta["worker_id"] == "worker_0"
     assert meta["request_start_ns"] < meta["request_ack_ns"] <= meta["request_end_ns"]
     assert metrics["input_sequence_length"] == {"value": 40, "unit": "tokens"}
     assert metrics["time_to_first_token"]["unit"] == "ms"
@@ -322,6 +324,10 @@ def test_parse_stream() -> None:
     assert whole.chunk_ns == [4] and whole.texts == ["hi there"]
     error = parse_stream([(5, b'data: {"error":{"message":"aborted","code":503}}\n\n')])
     assert error.error == "aborted" and not error.chunk_ns
+    think = b'data: {"choices":[{"delta":{"reasoning_content":"hmm"}}]}\n\n'
+    split = parse_stream([(1, think), (2, a), (3, b"data: [DONE]\n\n")])
+    assert split.chunk_ns == [1, 2] and split.first_output_ns == 2 and split.last_ns == 3
+    assert split.texts == ["", " one"] and split.reasoning == ["hmm", ""]
 
 
 def test_plots_without_matplotlib_name_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,16 +6,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from kvferry.bench.endpoint_aggregate import MetricResult, aggregate
 from kvferry.bench.endpoint_metrics import (
     PERCENTILES,
     RECORD_METRICS,
     ErrorInfo,
-    MetricResult,
+    HttpTrace,
     RequestRecord,
-    aggregate,
     is_good,
     parse_goodput,
     record_metrics,
+    usage_values,
 )
 from kvferry.errors import ConfigError
 
@@ -24,14 +25,15 @@ MS = 1_000_000
 
 def rec(start_ms: float, chunks_ms: list[float], isl: int = 100, osl: int | None = None,
         **kw: object) -> RequestRecord:  # fmt: skip
+    fields: dict[str, object] = {"output_tokens": len(chunks_ms) if osl is None else osl}
+    fields.update(kw)
     return RequestRecord(
         index=0,
         start_ns=round(start_ms * MS),
         end_ns=round((chunks_ms[-1] if chunks_ms else start_ms) * MS),
         chunk_ns=[round(c * MS) for c in chunks_ms],
         input_tokens=isl,
-        output_tokens=len(chunks_ms) if osl is None else osl,
-        **kw,  # type: ignore[arg-type]
+        **fields,  # type: ignore[arg-type]
     )
 
 
@@ -81,8 +83,9 @@ def test_short_outputs_and_errors() -> None:
 
 
 def test_server_counts_and_usage() -> None:
-    r = rec(0, [1, 2, 3], isl=10, usage_prompt_tokens=12, usage_completion_tokens=5,
-            usage_cached_tokens=8)  # fmt: skip
+    usage = {"prompt_tokens": 12, "completion_tokens": 5,
+             "prompt_tokens_details": {"cached_tokens": 8}}  # fmt: skip
+    r = rec(0, [1, 2, 3], isl=10, usage=usage)
     client = record_metrics(r)
     server = record_metrics(r, server_counts=True)
     assert client["input_sequence_length"] == 10 and client["output_sequence_length"] == 3
@@ -172,3 +175,130 @@ def test_metric_json_has_aiperfs_keys_in_order() -> None:
     assert keys == ["unit", "avg", "p1", "p5", "p10", "p25", "p50", "p75", "p90", "p95", "p99",
                     "min", "max", "std", "count", "sum"]  # fmt: skip
     assert result.to_json()["unit"] == "ms" and result.to_json()["count"] == 3
+
+
+def test_http_metrics_from_the_trace() -> None:
+    # A new connection (2 ms), the body written by 3 ms, the first byte at 10, the last at 25.
+    trace = HttpTrace(send_start_ns=0, send_end_ns=3 * MS, request_chunks=1, request_bytes=2048,
+                      connect_start_ns=MS, connect_end_ns=3 * MS, receive_start_ns=10 * MS,
+                      receive_end_ns=25 * MS, response_chunks=4, response_bytes=512)  # fmt: skip
+    m = record_metrics(rec(0, [10, 25], http=trace))
+    assert m["http_req_sending"] == 3.0 and m["http_req_waiting"] == 7.0
+    assert m["http_req_receiving"] == 15.0 and m["http_req_duration"] == 25.0
+    assert m["http_req_connecting"] == 2.0 and m["http_req_connection_reused"] == 0
+    assert m["http_req_blocked"] == 0 and m["http_req_dns_lookup"] == 0
+    assert m["http_req_connection_overhead"] == 2.0 and m["http_req_total"] == 27.0
+    assert m["http_req_data_sent"] == 2.0 and m["http_req_data_received"] == 0.5  # KB
+    assert m["http_req_chunks_sent"] == 1 and m["http_req_chunks_received"] == 4
+    reused = HttpTrace(send_start_ns=0, send_end_ns=MS, reused=True, receive_start_ns=2 * MS,
+                       receive_end_ns=2 * MS, response_chunks=1)  # fmt: skip
+    m = record_metrics(rec(0, [2], http=reused))
+    assert m["http_req_connecting"] == 0 and m["http_req_connection_reused"] == 1
+    assert m["http_req_receiving"] == 0  # one chunk
+
+
+def test_usage_synonyms() -> None:
+    openai = {"prompt_tokens": 10, "completion_tokens": 4, "total_tokens": 14,
+              "prompt_tokens_details": {"cached_tokens": 8},
+              "completion_tokens_details": {"reasoning_tokens": 3}}  # fmt: skip
+    assert usage_values(openai) == {
+        "usage_prompt_tokens": 10,
+        "usage_completion_tokens": 4,
+        "usage_total_tokens": 14,
+        "usage_reasoning_tokens": 3,
+        "usage_prompt_cache_read_tokens": 8,
+    }
+    # Anthropic counts cached prompt tokens apart from input_tokens: they are added back.
+    anthropic = {"input_tokens": 5, "output_tokens": 2, "cache_read_input_tokens": 20,
+                 "cache_creation_input_tokens": 3, "prompt_audio_seconds": {}}  # fmt: skip
+    got = usage_values(anthropic)
+    assert got["usage_prompt_tokens"] == 28 and got["usage_prompt_cache_read_tokens"] == 20
+    assert got["usage_prompt_cache_write_tokens"] == 3
+    assert "usage_prompt_audio_seconds" not in got  # a non-numeric placeholder is "absent"
+    assert usage_values(None) == {} and usage_values({}) == {}
+
+
+def test_reasoning_and_output_are_counted_apart() -> None:
+    usage = {"prompt_tokens": 50, "completion_tokens": 9,
+             "completion_tokens_details": {"reasoning_tokens": 6}}  # fmt: skip
+    r = rec(0, [5, 9, 12, 20], isl=50, osl=3, reasoning_tokens=6, first_output_ns=12 * MS,
+            requested_osl=10, usage=usage)  # fmt: skip
+    m = record_metrics(r)
+    assert m["output_sequence_length"] == 9  # 3 output + 6 reasoning
+    assert m["output_token_count"] == 3 and m["reasoning_token_count"] == 6
+    assert m["time_to_first_token"] == 5.0 and m["time_to_first_output_token"] == 12.0
+    assert m["decode_duration"] == 15.0 and m["prefill_throughput_per_user"] == 10_000.0
+    assert m["osl_mismatch_diff_pct"] == pytest.approx(-10.0)
+    assert m["usage_completion_tokens_diff_pct"] == 0.0
+    assert m["usage_reasoning_tokens_diff_pct"] == 0.0
+    server = record_metrics(r, server_counts=True)
+    assert server["output_token_count"] == 3 and server["reasoning_token_count"] == 6
+    only_reasoning = record_metrics(rec(0, [5, 9], osl=None, output_tokens=None,
+                                        reasoning_tokens=2))  # fmt: skip
+    assert "output_token_count" not in only_reasoning
+    assert only_reasoning["output_sequence_length"] == 2
+
+
+def test_error_adjusted_band_and_error_metrics() -> None:
+    ok = [rec(0, [t]) for t in (10, 20, 30)]
+    overflow = ErrorInfo(400, "Bad Request", "This model's maximum context length is 4096")
+    failed = [rec(0, [], error=overflow), rec(0, [], error=ErrorInfo(500, "x", "boom"))]
+    run = aggregate([*ok, *failed])
+    adj = run.metrics["adj_time_to_first_token"].to_json()
+    # [10, 20, 30, inf, inf]: nearest-rank percentiles; the infinite stats are left out
+    assert adj["p50"] == 30.0 and "p99" not in adj and "avg" not in adj and "max" not in adj
+    assert adj["min"] == 10.0 and adj["count"] == 5
+    assert run.metrics["error_isl"].count == 2 and run.metrics["total_error_isl"].avg == 200
+    assert run.metrics["context_overflow_count"].avg == 1
+    assert run.metrics["request_error_rate"].avg == 40.0
+    assert run.metrics["completed_request_count"].avg == 5
+    clean = aggregate(ok)
+    assert "error_request_count" not in clean.metrics and "adj_request_latency" not in clean.metrics
+    assert "context_overflow_count" not in clean.metrics
+
+
+def test_rates_are_over_the_window_when_there_is_one() -> None:
+    records = [rec(0, [10, 20]), rec(20, [30, 40])]
+    assert aggregate(records).value("request_throughput") == pytest.approx(2 / 0.040)
+    run = aggregate(records, window_ns=(0, 100 * MS))
+    assert run.value("request_throughput") == pytest.approx(2 / 0.100)
+    assert run.value("output_token_throughput") == pytest.approx(4 / 0.100)
+    assert run.value("benchmark_duration") == pytest.approx(0.040)  # last response - first start
+
+
+def test_sweep_metrics_by_hand() -> None:
+    # A: sent 0, content at 20, 30, 40, 50, 60 ms, ISL 100, OSL 5 (4 gaps of 10 ms);
+    # B: sent 40, content at 50, 75, 100 ms, ISL 50, OSL 3 (2 gaps of 25 ms). Window 0-100 ms.
+    a = rec(0, [20, 30, 40, 50, 60], isl=100, osl=5)
+    b = rec(40, [50, 75, 100], isl=50, osl=3)
+    for r in (a, b):
+        r.last_response_ns = r.chunk_ns[-1]
+    run = aggregate([a, b], window_ns=(0, 100 * MS))
+    conc = run.metrics["effective_concurrency"]
+    assert conc.avg == pytest.approx(1.2)  # 1 for 80 ms, 2 for 20 ms
+    assert (conc.min, conc.max, conc.p(50), conc.p(90)) == (1.0, 2.0, 1.0, 2.0)
+    assert conc.count is None and conc.p(25) is None  # a curve has no count or low band
+    # prefill: 100 tokens over [0, 20), 50 over [40, 50): 150 tokens in 0.1 s
+    assert run.value("effective_prefill_throughput") == pytest.approx(1500.0)
+    # decode: OSL - 1 tokens spread over the gaps: 4 + 2 tokens in 0.1 s; 80 ms active
+    assert run.value("effective_decode_throughput") == pytest.approx(60.0)
+    assert run.value("active_decode_throughput") == pytest.approx(75.0)
+    # ISL held from start to end, output tokens added as they arrive: 100 (0-20 ms), 101, 102,
+    # 153 (B sent at 40), 155, then B alone 51 (60-75), 52: an integral of 9175 token-ms
+    assert run.value("tokens_in_flight") == pytest.approx(91.75)
+    assert run.value("effective_decode_concurrency") == pytest.approx(0.9)  # 40 + 50 ms
+
+
+def test_credit_and_replay_lag() -> None:
+    a = rec(10, [20], credit_ns=4 * MS)
+    b = rec(30, [45], credit_ns=30 * MS)
+    run = aggregate([a, b])
+    assert run.metrics["credit_to_start_latency"].to_json()["max"] == 6.0
+    assert run.value("effective_latency", "min") == 15.0  # end (last content) - credit
+    late = [rec(s, [s + 5], scheduled_ns=round(k * 10 * MS)) for k, s in enumerate((1, 12, 27))]
+    lag = aggregate(late).metrics
+    assert "credit_to_start_latency" not in lag  # a replay has a schedule, not credits
+    assert lag["replay_sched_lag_p50"].avg == pytest.approx(1.0)  # lateness 1, 2, 7 ms - 1
+    assert lag["replay_sched_lag_p99"].to_json() == {"unit": "ms", "avg": pytest.approx(5.9),
+                                                     "count": 1}  # fmt: skip
+    assert lag["replay_sched_degraded"].avg == 0.0
