@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 
@@ -54,6 +55,16 @@ class Server:
                 out[(s.name, frozenset(s.labels.items()))] = s.value
         return out
 
+    def scrape_settled(self, name: str, want: float) -> _Samples:
+        """A scrape once the cpu tier's ``name`` reads ``want`` (at most 5 s): a GET's lent
+        blocks are counted when it completes, just after its reply went out."""
+        deadline = time.monotonic() + 5
+        while True:
+            s = self.scrape()
+            if _tier(s, name) == want or time.monotonic() > deadline:
+                return s
+            time.sleep(0.02)
+
 
 @pytest.fixture
 def server() -> Iterator[Server]:
@@ -82,7 +93,7 @@ def test_tcp_clients_puts_presence_checks_and_gets_count_as_store_traffic(server
         assert tier.get(asked, outs) == [SLOT] * 10 + [None, None]
     finally:
         tier.close()
-    s = server.scrape()
+    s = server.scrape_settled("kvferry_tier_bytes_out_total", 10 * SLOT)
     assert _store(s, "kvferry_store_puts_total") == 1
     assert _store(s, "kvferry_store_put_blocks_total") == 10
     assert _store(s, "kvferry_store_lookups_total") == 1
