@@ -235,24 +235,24 @@ class TieredStore:
                 else:
                     break
             if not shared:
-                self._count_lookup(hashes, n, t0)
+                self._count_lookup(len(hashes), n, t0)
         if shared:
             if n < len(hashes):
                 n += self._shared_prefix(list(hashes[n:]), mask, shared)
             with self._lock:
-                self._count_lookup(hashes, n, t0)
+                self._count_lookup(len(hashes), n, t0)
         if self._cfg.prefetch_depth and n and tier is None:
             self._schedule_prefetch(list(hashes[: min(n, self._cfg.prefetch_depth)]))
         return n
 
-    def _count_lookup(self, hashes: Sequence[Key], n: int, t0: int) -> None:
+    def _count_lookup(self, blocks: int, found: int, t0: int) -> None:
         """Lookup statistics; caller holds the lock."""
         st = self._stats
         st.lookups += 1
-        st.lookup_blocks += len(hashes)
-        st.hit_blocks += n
-        if hashes:
-            st.request_hit_fraction_sum += n / len(hashes)
+        st.lookup_blocks += blocks
+        st.hit_blocks += found
+        if blocks:
+            st.request_hit_fraction_sum += found / blocks
         st.lookup_latency.observe_ns(time.perf_counter_ns() - t0)
 
     def _count_get(self, blocks: int, found: int, t0: int) -> None:
@@ -268,13 +268,7 @@ class TieredStore:
         nothing itself): ``blocks`` asked about, ``found`` of them present, started at
         ``started_ns`` (``time.perf_counter_ns()``). The store server counts its CONTAINS so."""
         with self._lock:
-            st = self._stats
-            st.lookups += 1
-            st.lookup_blocks += blocks
-            st.hit_blocks += found
-            if blocks:
-                st.request_hit_fraction_sum += found / blocks
-            st.lookup_latency.observe_ns(time.perf_counter_ns() - started_ns)
+            self._count_lookup(blocks, found, started_ns)
 
     def count_get(self, blocks: int, found: int, started_ns: int) -> None:
         """Count one load served by a front end through ``prepare_load`` and ``get`` called

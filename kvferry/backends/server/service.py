@@ -15,6 +15,10 @@ and WRITEV frames into it are refused), PUT copies into fresh slots only, and a 
 that writes through the shared mapping after RESERVE declares each block's checksum at COMMIT,
 which publishes only slots that hold exactly those bytes. Every block it lends (GET, LOCATE)
 goes out with its checksum, and clients check what they received (``protocol``).
+
+Each request counts once in the store's statistics (``store.metrics_port`` serves them): CONTAINS
+(a client store's lookup) and LOOKUP as lookups, GET and LOCATE as gets, PUT and RESERVE+COMMIT
+as puts; the store calls that serve a request are made with ``count=False``.
 """
 
 from __future__ import annotations
