@@ -7,30 +7,38 @@ HTTP server that serves them. It reads statistics only through the functions it 
 
 Translation happens at scrape time in a custom collector, registered in a registry of its own
 (never prometheus_client's global default registry, so two exporters in one process and the
-library's own process metrics never collide). Every metric is prefixed ``kvferry_`` and carries a
-``source`` label (the name given to ``add_source``); tier metrics add ``tier``, transfer metrics
-add ``transport``. Latency histograms become Prometheus histograms whose ``le`` bounds are the
-power-of-two microsecond bounds of :class:`~kvferry.observe.counters.LatencyHistogram`, in
-seconds. Metric names and their meaning:
+library's own process metrics never collide). Every kvferry metric is prefixed ``kvferry_``;
+those read from a source carry a ``source`` label (the name given to ``add_source``); tier
+metrics add ``tier``, transfer metrics add ``transport``. Latency histograms become Prometheus
+histograms whose ``le`` bounds are the power-of-two microsecond bounds of
+:class:`~kvferry.observe.counters.LatencyHistogram`, in seconds.
 
-- store: ``kvferry_store_hit_rate`` (gauge; block-weighted, the headline),
-  ``kvferry_store_request_hit_rate_mean`` (gauge; per-request mean, aiperf's definition),
-  ``kvferry_store_{lookups,lookup_blocks,hit_blocks,puts,put_blocks,gets,get_blocks,
-  get_hit_blocks,leases_expired}_total``, ``kvferry_store_leases_active`` (gauge),
-  ``kvferry_store_lookup_latency_seconds`` (histogram);
+Names follow Prometheus' conventions: base units (bytes, seconds), counters end in ``_total``,
+and no ratio or speed is exported, because a lifetime average cannot be windowed: a hit rate is
+``rate(kvferry_store_hit_blocks_total[5m]) / rate(kvferry_store_lookup_blocks_total[5m])``, a
+tier's load speed ``rate(kvferry_tier_bytes_out_total[5m])`` (``docs/grafana/kvferry.json`` has
+these and more). Metric names and their meaning:
+
+- store (every request the store serves, its own calls and a store server's, see
+  :mod:`kvferry.store.stats`): ``kvferry_store_{lookups,lookup_blocks,hit_blocks,
+  lookup_hit_fractions,puts,put_blocks,gets,get_blocks,get_hit_blocks,leases_expired}_total``,
+  ``kvferry_store_leases_active`` (gauge), ``kvferry_store_{lookup,get,put}_latency_seconds``
+  (histograms);
 - tier traffic: ``kvferry_tier_{lookup_blocks,hit_blocks,blocks_in,blocks_out,bytes_in,bytes_out,
-  save_seconds,load_seconds,evictions,demotions,promotions,no_space_blocks,errors,
+  save_seconds,load_seconds,evictions,demotions,dropped_blocks,promotions,no_space_blocks,errors,
   corrupt_blocks,breaker_skipped_calls,breaker_opens,breaker_closes}_total``,
-  ``kvferry_tier_{load,save}_gbps`` (gauges; GB = 1e9 bytes, over the seconds spent moving),
-  ``kvferry_tier_breaker_open`` (gauge; 1 while a shared tier's circuit breaker is open),
-  ``kvferry_tier_{get,put}_latency_seconds`` (histograms);
+  ``kvferry_tier_breaker_open`` (gauge; 1 while a shared tier's circuit breaker is open);
 - tier usage: ``kvferry_tier_{used,total,peak}_blocks``, ``kvferry_tier_{used,total}_bytes``
-  (gauges; ``total_*`` absent for tiers without a fixed capacity), ``kvferry_tier_extra{name=}``
-  (a tier's own extra numbers);
+  (gauges; ``total_*`` absent for tiers without a fixed capacity), and what a tier reports of its
+  own, each where that tier has it: ``kvferry_tier_{reserved_blocks,guarded_slots}`` (cpu),
+  ``kvferry_tier_{direct_io,recovered_blocks}`` (disk), ``kvferry_tier_servers`` (server)
+  (gauges), ``kvferry_tier_dropped_corrupt_blocks_total`` (cpu, disk, server),
+  ``kvferry_tier_foreign_blocks_total`` (redis), ``kvferry_tier_dropped_reads_total`` (mooncake);
 - transfer: ``kvferry_transfer_{bytes_read,bytes_written,requests,slices,errors,retries,
   protocol_errors,timeouts,evicted}_total``, ``kvferry_transfer_latency_seconds`` (histogram);
-- the exporter itself: ``kvferry_exporter_source_up`` (1 when the last scrape read the source) and
-  ``kvferry_exporter_source_errors_total``.
+- the exporter itself: ``kvferry_exporter_source_up`` (1 when the last scrape read the source),
+  ``kvferry_exporter_source_errors_total``, ``kvferry_build_info{version,python,commit}``
+  (always 1), and prometheus_client's ``process_*`` and ``python_info``.
 
 A source whose function raises is an isolation boundary: its metrics are left out of that scrape,
 ``source_up`` reads 0, the error is counted and logged, and the other sources are still served.
@@ -49,19 +57,29 @@ always gets in.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hmac
 import json
 import logging
+import platform
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, TypeVar, cast
 from urllib.parse import urlsplit
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -100,7 +118,19 @@ _STORE_COUNTERS: Final = (
     ("get_blocks", "get_blocks", "Blocks asked for by load calls."),
     ("get_hit_blocks", "get_hit_blocks", "Blocks load calls found."),
     ("leases_expired", "leases_expired", "Pins released because their lease ran out."),
+    (
+        "request_hit_fraction_sum",
+        "lookup_hit_fractions",
+        "Sum over lookups of each one's hit fraction; over lookups_total, the per-request mean "
+        "hit rate (aiperf's definition).",
+    ),
 )
+
+_LATENCY_DOCS: Final = {
+    "lookup": "Seconds from a lookup's start to its answer.",
+    "get": "Seconds from a load's start to its answer (views lent or bytes copied).",
+    "put": "Seconds from a store call's start to its blocks being published.",
+}
 
 # (field of TierCounters, metric stem, help) for the per-tier monotonic counters.
 _TIER_COUNTERS: Final = (
@@ -114,6 +144,7 @@ _TIER_COUNTERS: Final = (
     ("load_seconds", "load_seconds", "Seconds spent reading out of the tier."),
     ("evictions", "evictions", "Blocks evicted from the tier (demoted or dropped)."),
     ("demotions", "demotions", "Evicted blocks that moved on to the next tier."),
+    ("dropped", "dropped_blocks", "Evicted blocks lost: the next tier could not take them."),
     ("promotions", "promotions", "Blocks copied into the tier from a lower one."),
     ("no_space", "no_space_blocks", "Blocks a put could not place even after eviction."),
     ("errors", "errors", "Tier calls that failed (counted as misses)."),
@@ -122,6 +153,42 @@ _TIER_COUNTERS: Final = (
     ("breaker_closes", "breaker_closes", "Times a probe closed the tier's circuit breaker."),
     ("corrupt", "corrupt_blocks", "Blocks that failed their checksum (read as misses)."),
 )
+
+# Metric stem -> (a counter?, help): the numbers tiers report in ``TierStats.extra``, each under
+# a name of its own.
+_TIER_EXTRA: Final = {
+    "tier_reserved_blocks": (False, "Slots reserved by writers that have not committed yet."),
+    "tier_guarded_slots": (
+        False,
+        "Slots whose next writer must declare a checksum (an earlier writer vanished).",
+    ),
+    "tier_dropped_corrupt_blocks": (
+        True,
+        "Blocks the tier found corrupt (failed checksum, torn write) and dropped; a server "
+        "tier counts those it received from a server, which is told to drop them.",
+    ),
+    "tier_direct_io": (False, "1 when the disk tier uses O_DIRECT, 0 on the page cache."),
+    "tier_recovered_blocks": (False, "Blocks the tier found at start (kept over a restart)."),
+    "tier_foreign_blocks": (True, "Values under the tier's key prefix that were no block."),
+    "tier_servers": (False, "Store servers the server tier spreads blocks over."),
+    "tier_dropped_reads": (True, "Reads whose object's lease ran out mid-read (misses)."),
+}
+
+# ``TierStats.extra`` key -> metric stem. Keys not here are not exported: a tier's
+# configuration (disk io_threads, file_bytes; mooncake segment_bytes, staging_slots; server
+# server_slots) or what the store counts itself (redis hits, misses, errors, no_space;
+# mooncake no_space_blocks).
+_TIER_EXTRA_KEYS: Final = {
+    "reserved": "tier_reserved_blocks",  # cpu
+    "guarded_slots": "tier_guarded_slots",  # cpu
+    "corrupt_dropped": "tier_dropped_corrupt_blocks",  # cpu, disk
+    "corrupt": "tier_dropped_corrupt_blocks",  # server
+    "direct_io": "tier_direct_io",  # disk
+    "recovered_blocks": "tier_recovered_blocks",  # disk
+    "foreign": "tier_foreign_blocks",  # redis
+    "servers": "tier_servers",  # server
+    "dropped_reads": "tier_dropped_reads",  # mooncake
+}
 
 # (key of TransportCounters.snapshot(), help) for the transfer counters.
 _TRANSFER_COUNTERS: Final = (
@@ -242,24 +309,15 @@ def _ints(value: object, what: str) -> list[int]:
 
 def _add_store(out: _Families, source: str, stats: StoreStats) -> None:
     labels = {"source": source}
-    out.gauge(
-        "store_hit_rate",
-        "Hit blocks / looked-up blocks (block-weighted ratio of sums; the headline).",
-        labels,
-        stats.hit_rate,
-    )
-    out.gauge(
-        "store_request_hit_rate_mean",
-        "Mean over lookups of each lookup's hit fraction (per-request, aiperf's definition).",
-        labels,
-        stats.request_hit_rate_mean,
-    )
     for field, stem, doc in _STORE_COUNTERS:
         out.counter(f"store_{stem}", doc, labels, getattr(stats, field))
     out.gauge("store_leases_active", "Pins held now.", labels, stats.leases_active)
-    out.latency(
-        "store_lookup_latency_seconds", "Latency of lookup().", labels, stats.lookup_latency
-    )
+    for kind, h in (
+        ("lookup", stats.lookup_latency),
+        ("get", stats.get_latency),
+        ("put", stats.put_latency),
+    ):
+        out.latency(f"store_{kind}_latency_seconds", _LATENCY_DOCS[kind], labels, h)
     for tier, counters in stats.tiers.items():
         _add_tier_counters(out, {"source": source, "tier": tier}, counters)
     for tier, usage in stats.usage.items():
@@ -271,25 +329,23 @@ def _add_store(out: _Families, source: str, stats: StoreStats) -> None:
         out.gauge("tier_used_bytes", "Bytes stored in the tier now.", tl, usage.used_bytes)
         if usage.total_bytes is not None:
             out.gauge("tier_total_bytes", "Byte capacity of the tier.", tl, usage.total_bytes)
-        for name, value in usage.extra.items():
-            doc = "Tier-specific numbers (see the tier's docs)."
-            out.gauge("tier_extra", doc, tl | {"name": name}, value)
+        for key, value in usage.extra.items():
+            own = _TIER_EXTRA_KEYS.get(key)
+            if own is None:
+                continue  # configuration, or a count the store keeps itself (see the table)
+            counter, doc = _TIER_EXTRA[own]
+            if counter:
+                out.counter(own, doc, tl, value)
+            else:
+                out.gauge(own, doc, tl, value)
 
 
 def _add_tier_counters(out: _Families, labels: dict[str, str], t: TierCounters) -> None:
     for field, stem, doc in _TIER_COUNTERS:
         out.counter(f"tier_{stem}", doc, labels, getattr(t, field))
     out.gauge(
-        "tier_load_gbps", "Bytes out / load seconds, in GB/s (1e9 bytes).", labels, t.load_gbps
-    )
-    out.gauge(
-        "tier_save_gbps", "Bytes in / save seconds, in GB/s (1e9 bytes).", labels, t.save_gbps
-    )
-    out.gauge(
         "tier_breaker_open", "1 while the tier's circuit breaker is open.", labels, t.breaker_open
     )
-    out.latency("tier_get_latency_seconds", "Latency of the tier's get.", labels, t.get_latency)
-    out.latency("tier_put_latency_seconds", "Latency of the tier's put.", labels, t.put_latency)
 
 
 def _add_transfer(out: _Families, source: str, snapshot: TransferSnapshot) -> None:
@@ -308,6 +364,60 @@ def _add_transfer(out: _Families, source: str, snapshot: TransferSnapshot) -> No
                 _ints(latency.get("counts"), "latency.counts"),
                 _number(latency.get("sum_us", 0.0), "latency.sum_us"),
             )
+
+
+@functools.cache
+def build_info() -> dict[str, str]:
+    """``kvferry_build_info``'s labels: kvferry's version, Python's, and the git commit of the
+    checkout kvferry runs from ("unknown" when it is not one, e.g. an installed wheel).
+
+    Asks git once per process, at the first exporter built (never at import)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        kvferry_version = version("kvferry")
+    except PackageNotFoundError:  # a checkout on sys.path, not installed
+        import kvferry
+
+        kvferry_version = kvferry.__version__
+    return {
+        "version": kvferry_version,
+        "python": platform.python_version(),
+        "commit": _git_commit(Path(__file__).resolve().parents[2]),
+    }
+
+
+def _git_commit(root: Path) -> str:
+    if not (root / ".git").exists():
+        return "unknown"
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):  # no git, or it hung
+        return "unknown"
+    commit = done.stdout.strip()
+    return commit if done.returncode == 0 and commit else "unknown"
+
+
+class _BuildInfoCollector:
+    """``kvferry_build_info``: always 1, the build in its labels (``build_info``)."""
+
+    def __init__(self) -> None:
+        self._labels = build_info()
+
+    def collect(self) -> Iterable[Metric]:
+        family = GaugeMetricFamily(
+            PREFIX + "build_info",
+            "kvferry's version, Python's version and the git commit (always 1).",
+            labels=list(self._labels),
+        )
+        family.add_metric(list(self._labels.values()), 1.0)
+        return [family]
 
 
 class _SourcesCollector:
@@ -496,6 +606,10 @@ class MetricsExporter:
         self.registry = CollectorRegistry(auto_describe=False)
         """This exporter's own registry (never the global default one)."""
         self.registry.register(_SourcesCollector(self))
+        self.registry.register(_BuildInfoCollector())
+        # process_* (CPU seconds, resident memory, open fds, start time) and python_info
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
 
     def add_source(self, name: str, fn: Source) -> None:
         """Serve what ``fn()`` returns at each scrape under the label ``source=name``.

@@ -34,7 +34,8 @@ per-layer view. The bytes do not depend on how vLLM lays the cache out in memory
 
 Failures never reach vLLM as exceptions from the connector: a store that errors or times out
 makes lookups miss and loads fail (recomputed), saves are skipped, and all of it is counted in
-the stats (``kvferry:*`` in vLLM's /metrics and its periodic "KV Transfer metrics" log line).
+the stats (in vLLM's /metrics under the names of :mod:`kvferry.serving.connector_metrics`, the
+store's own where they mean the same, and in its periodic "KV Transfer metrics" log line).
 After a failure the connector leaves the store alone for ``retry_after`` seconds.
 """
 
@@ -64,6 +65,7 @@ from kvferry.config import KvferryConfig
 from kvferry.errors import ConfigError, StorageError
 from kvferry.index import BlockHasher
 from kvferry.serving.connector_config import ConnectorSettings, parse_extra_config, store_mode
+from kvferry.serving.connector_metrics import PROM_NAMES, STAT_KEYS
 from kvferry.serving.kv_blocks import KvLayer, gather_blocks, host_staging, scatter_blocks
 from kvferry.store import TieredStore
 
@@ -78,25 +80,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("kvferry.serving.vllm")
 
 __all__ = ["KvferryConnector", "KvferryConnectorMetadata", "KvferryConnectorStats"]
-
-# Counters the workers and the scheduler report; all are sums over the interval.
-STAT_KEYS = (
-    "lookups",
-    "lookup_errors",
-    "hit_tokens",
-    "load_blocks",
-    "load_bytes",
-    "load_seconds",
-    "load_failed_blocks",
-    "load_errors",
-    "save_blocks",
-    "save_bytes",
-    "save_seconds",
-    "save_existing_blocks",
-    "save_rejected_blocks",
-    "save_skipped_blocks",
-    "save_errors",
-)
 
 
 @dataclass
@@ -173,17 +156,14 @@ class _Counters:
 
 
 class _PromMetrics(KVConnectorPromMetrics):  # type: ignore[misc]
-    """``kvferry:<counter>_total`` per engine in vLLM's /metrics."""
+    """One counter per statistic, per engine, in vLLM's /metrics (names: ``PROM_NAMES``)."""
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         self._counters: dict[str, dict[int, Any]] = {}
         for key in STAT_KEYS:
-            counter = self._counter_cls(
-                name=f"kvferry:{key}",
-                documentation=f"kvferry connector: {key.replace('_', ' ')}",
-                labelnames=self._labelnames,
-            )
+            name, doc = PROM_NAMES[key]
+            counter = self._counter_cls(name=name, documentation=doc, labelnames=self._labelnames)
             self._counters[key] = {
                 idx: counter.labels(*values) for idx, values in self.per_engine_labelvalues.items()
             }
@@ -373,20 +353,20 @@ class KvferryConnector(KVConnectorBase_V1):  # type: ignore[misc]
         if not opts.load or st.started or n <= 0:
             return 0, False
         if self._store is None or self._breaker.open:
-            self._counters.add(lookups=1, lookup_errors=1)
+            self._counters.add(lookups=1, lookup_blocks=n, lookup_errors=1)
             return 0, False
         errors = self._store.error_count()
         try:
             hit = self._store.lookup(st.hashes[:n])
         except Exception as e:  # a store failure is a miss, never a failed request
-            self._counters.add(lookups=1, lookup_errors=1)
+            self._counters.add(lookups=1, lookup_blocks=n, lookup_errors=1)
             self._breaker.trip("lookup", e)
             return 0, False
         if self._store.error_count() != errors:  # a tier failed: the store read it as a miss
-            self._counters.add(lookups=1, lookup_errors=1)
+            self._counters.add(lookups=1, lookup_blocks=n, lookup_errors=1)
             self._breaker.trip("lookup", StorageError("a store tier failed (see its log)"))
             return 0, False
-        self._counters.add(lookups=1)
+        self._counters.add(lookups=1, lookup_blocks=n, hit_blocks=hit)
         st.hit_blocks = hit
         st.saved = max(st.saved, hit)
         if hit < opts.min_hit_blocks:
@@ -539,7 +519,14 @@ class KvferryConnector(KVConnectorBase_V1):  # type: ignore[misc]
             self._failed_block_ids.update(spec.block_ids[good:])
             self._failed_reqs.add(spec.req_id)
             self._counters.add(load_failed_blocks=n - good)
-        self._counters.add(load_blocks=good, load_bytes=good * bb, load_seconds=seconds)
+        self._counters.add(
+            gets=1,
+            get_blocks=n,
+            get_hit_blocks=n - got.count(None),
+            load_blocks=good,
+            load_bytes=good * bb,
+            load_seconds=seconds,
+        )
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         # Loads finish in start_load_kv, before the forward pass: on a CPU the copies and the
@@ -563,7 +550,8 @@ class KvferryConnector(KVConnectorBase_V1):  # type: ignore[misc]
         for spec in meta.saves:
             if spec.req_id in failed or store is None or self._breaker.open:
                 # computed from a prefix that failed to load, or the store is down
-                self._counters.add(save_skipped_blocks=len(spec.hashes))
+                n = len(spec.hashes)
+                self._counters.add(puts=1, put_blocks=n, save_skipped_blocks=n)
                 continue
             self._save(store, spec)
 
@@ -579,11 +567,11 @@ class KvferryConnector(KVConnectorBase_V1):  # type: ignore[misc]
         try:
             status = store.put(spec.hashes, values, depth=spec.depth)
         except Exception as e:
-            self._counters.add(save_errors=1, save_skipped_blocks=n)
+            self._counters.add(puts=1, put_blocks=n, save_errors=1, save_skipped_blocks=n)
             self._breaker.trip("save", e)
             return
         if store.error_count() != errors:  # a tier failed: the store answered NO_SPACE
-            self._counters.add(save_errors=1, save_skipped_blocks=n)
+            self._counters.add(puts=1, put_blocks=n, save_errors=1, save_skipped_blocks=n)
             self._breaker.trip("save", StorageError("a store tier failed (see its log)"))
             return
         stored = status.count(PutStatus.STORED)
@@ -599,6 +587,8 @@ class KvferryConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 bb,
             )
         self._counters.add(
+            puts=1,
+            put_blocks=n,
             save_blocks=stored,
             save_bytes=stored * bb,
             save_seconds=time.perf_counter() - t0,

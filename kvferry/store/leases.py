@@ -103,6 +103,8 @@ class StoreHandle:
     staged: bool = False
     """True when the first tier lends no views: buffers are staging copies put at complete."""
     completed: bool = field(default=False)
+    started_ns: int = 0
+    """``time.perf_counter_ns()`` at ``prepare_store``: the put's latency runs from there."""
 
     def done(self) -> bool:
         """The slots are ready to be written (prepare is synchronous)."""

@@ -5,6 +5,13 @@ Hit rate has two definitions and both are kept apart, labelled (DESIGN.md "Metri
 - ``request_hit_rate_mean``: the mean over lookups of each lookup's own hit fraction (aiperf's
   per-request definition).
 Load and save speeds are GB/s with GB = 1e9 bytes, over the seconds spent moving the bytes.
+Both are derived here for the CLI and JSON; the Prometheus exporter serves only the counters
+they come from (a ratio of lifetime sums cannot be windowed by PromQL's ``rate()``).
+
+What counts as a request (``lookups``, ``gets``, ``puts``): each call of the store's own API,
+and each request a front end serves through it (the store server's CONTAINS and LOOKUP are
+lookups; GET and LOCATE are gets; PUT and RESERVE+COMMIT are puts), counted once however many
+store calls serve it.
 
 The counters are plain integers updated under the store's lock; ``snapshot`` copies them.
 """
@@ -58,8 +65,6 @@ class TierCounters:
     corrupt: int = 0
     """Blocks whose bytes failed their checksum (dropped, read as misses) or did not match the
     writer's checksum at commit (not published)."""
-    get_latency: LatencyHistogram = field(default_factory=LatencyHistogram)
-    put_latency: LatencyHistogram = field(default_factory=LatencyHistogram)
 
     @property
     def load_gbps(self) -> float:
@@ -82,16 +87,27 @@ class StoreStats:
     """Leading blocks found by lookups."""
     request_hit_fraction_sum: float = 0.0
     puts: int = 0
+    """Store calls (``put``, ``complete_store``; a server's PUT and COMMIT)."""
     put_blocks: int = 0
+    """Blocks offered to store calls."""
     gets: int = 0
+    """Load calls (``get``, ``prepare_load``; a server's GET and LOCATE)."""
     get_blocks: int = 0
+    """Blocks asked for by loads."""
     get_hit_blocks: int = 0
+    """Blocks loads found."""
     leases_active: int = 0
     leases_expired: int = 0
     """Pins released because their lease ran out (a caller that went away)."""
     tiers: dict[str, TierCounters] = field(default_factory=dict)
     usage: dict[str, TierStats] = field(default_factory=dict)
     lookup_latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+    """Seconds from a lookup's start to its answer."""
+    get_latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+    """Seconds from a load's start to its answer (views lent, or bytes copied)."""
+    put_latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+    """Seconds from a store call's start to its blocks being published (for a two-phase store,
+    from ``prepare_store`` to ``complete_store``: the writer's copy included)."""
 
     @property
     def hit_rate(self) -> float:
@@ -107,11 +123,9 @@ class StoreStats:
         """JSON-ready form (histograms as their summaries)."""
         tiers: dict[str, object] = {}
         for name, t in self.tiers.items():
-            row = {k: v for k, v in asdict(t).items() if not k.endswith("_latency")}
+            row: dict[str, object] = dict(asdict(t))
             row["load_gbps"] = t.load_gbps
             row["save_gbps"] = t.save_gbps
-            row["get_latency_us"] = t.get_latency.summary_us()
-            row["put_latency_us"] = t.put_latency.summary_us()
             tiers[name] = row
         return {
             "hit_rate": self.hit_rate,
@@ -127,6 +141,8 @@ class StoreStats:
             "leases_active": self.leases_active,
             "leases_expired": self.leases_expired,
             "lookup_latency_us": self.lookup_latency.summary_us(),
+            "get_latency_us": self.get_latency.summary_us(),
+            "put_latency_us": self.put_latency.summary_us(),
             "tiers": tiers,
             "usage": {name: asdict(u) for name, u in self.usage.items()},
         }

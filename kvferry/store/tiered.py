@@ -235,25 +235,48 @@ class TieredStore:
                 else:
                     break
             if not shared:
-                self._count_lookup(hashes, n, t0)
+                self._count_lookup(len(hashes), n, t0)
         if shared:
             if n < len(hashes):
                 n += self._shared_prefix(list(hashes[n:]), mask, shared)
             with self._lock:
-                self._count_lookup(hashes, n, t0)
+                self._count_lookup(len(hashes), n, t0)
         if self._cfg.prefetch_depth and n and tier is None:
             self._schedule_prefetch(list(hashes[: min(n, self._cfg.prefetch_depth)]))
         return n
 
-    def _count_lookup(self, hashes: Sequence[Key], n: int, t0: int) -> None:
+    def _count_lookup(self, blocks: int, found: int, t0: int) -> None:
         """Lookup statistics; caller holds the lock."""
         st = self._stats
         st.lookups += 1
-        st.lookup_blocks += len(hashes)
-        st.hit_blocks += n
-        if hashes:
-            st.request_hit_fraction_sum += n / len(hashes)
+        st.lookup_blocks += blocks
+        st.hit_blocks += found
+        if blocks:
+            st.request_hit_fraction_sum += found / blocks
         st.lookup_latency.observe_ns(time.perf_counter_ns() - t0)
+
+    def _count_get(self, blocks: int, found: int, t0: int) -> None:
+        """Get statistics; caller holds the lock."""
+        st = self._stats
+        st.gets += 1
+        st.get_blocks += blocks
+        st.get_hit_blocks += found
+        st.get_latency.observe_ns(time.perf_counter_ns() - t0)
+
+    def count_lookup(self, blocks: int, found: int, started_ns: int) -> None:
+        """Count one lookup served by a front end through :meth:`contains` (which counts
+        nothing itself): ``blocks`` asked about, ``found`` of them present, started at
+        ``started_ns`` (``time.perf_counter_ns()``). The store server counts its CONTAINS so."""
+        with self._lock:
+            self._count_lookup(blocks, found, started_ns)
+
+    def count_get(self, blocks: int, found: int, started_ns: int) -> None:
+        """Count one load served by a front end through ``prepare_load`` and ``get`` called
+        with ``count=False``: ``blocks`` asked for, ``found`` of them answered, started at
+        ``started_ns`` (``time.perf_counter_ns()``). The store server counts GET and LOCATE so.
+        """
+        with self._lock:
+            self._count_get(blocks, found, started_ns)
 
     def _shared_prefix(self, rest: list[Key], mask: int, shared: list[int]) -> int:
         """Leading blocks of ``rest`` present locally (under ``mask``) or in a shared tier;
@@ -379,7 +402,7 @@ class TieredStore:
             st.puts += 1
             st.put_blocks += len(hashes)
             if local_only:  # the usual case: done, in one lock section
-                self._counters[0].put_latency.observe_ns(time.perf_counter_ns() - t0)
+                st.put_latency.observe_ns(time.perf_counter_ns() - t0)
         if local_only:
             if self._outbox:
                 self._drain()
@@ -388,9 +411,8 @@ class TieredStore:
             status = self._put_shared(0, hashes, values)
         if self._write_through_on and len(self.tiers) > 1:
             self._write_through(hashes, values, status)
-        c = self._counters[0]
         with self._lock:
-            c.put_latency.observe_ns(time.perf_counter_ns() - t0)
+            self._stats.put_latency.observe_ns(time.perf_counter_ns() - t0)
         self._drain()
         return status
 
@@ -728,13 +750,20 @@ class TieredStore:
 
     # -- get --------------------------------------------------------------------------------
     def get(
-        self, hashes: Sequence[Key], outs: Sequence[memoryview], *, depth: int | None = None
+        self,
+        hashes: Sequence[Key],
+        outs: Sequence[memoryview],
+        *,
+        depth: int | None = None,
+        count: bool = True,
     ) -> list[int | None]:
         """Copy each cached block into its buffer; its length, or None for a miss.
 
         Looks in the local tiers, fastest first, then in the shared tiers; a block found below
         the first tier is promoted into it (``store.promote_on_hit``). ``depth`` as for
-        :meth:`put`.
+        :meth:`put`. ``count=False``: not counted as a get (``gets``, ``get_blocks``, latency)
+        because the caller serves part of a larger request with it and counts that once
+        (:meth:`count_get`); the tiers' traffic is counted all the same.
 
         Raises:
             ValueError: lengths differ, or a buffer is smaller than its block.
@@ -794,19 +823,15 @@ class TieredStore:
                     [outs[i][: res[i]] for i in promote],
                     None if depth is None else [depth + i for i in promote],
                 )
-            st = self._stats
-            st.gets += 1
-            st.get_blocks += len(hashes)
             remote = bool(missing and self._shared)
-            if not remote:
-                st.get_hit_blocks += len(res) - res.count(None)
-                self._counters[0].get_latency.observe_ns(time.perf_counter_ns() - t0)
+            if not remote and count:
+                self._count_get(len(hashes), len(res) - res.count(None), t0)
         if remote:
             with self.tracer.span("get_remote", "store", blocks=len(missing)):
                 self._get_shared(hashes, outs, res, sorted(missing), depth)
-            with self._lock:
-                self._stats.get_hit_blocks += len(res) - res.count(None)
-                self._counters[0].get_latency.observe_ns(time.perf_counter_ns() - t0)
+            if count:
+                with self._lock:
+                    self._count_get(len(hashes), len(res) - res.count(None), t0)
         if self._outbox:  # promotions made room by demoting into a shared tier
             self._drain()
         return res
@@ -1000,6 +1025,7 @@ class TieredStore:
         Raises:
             ValueError: a size is not in (0, store.slot_size].
         """
+        t0 = time.perf_counter_ns()
         n = len(hashes)
         sizes = [self.slot_size] * n if sizes is None else list(sizes)
         if len(sizes) != n:
@@ -1043,10 +1069,17 @@ class TieredStore:
                     locations[i] = loc
                     reserved.append(k)
             lease = self._leases.open("store", reserved, self._deadline()) if reserved else None
-            self._stats.leases_active = len(self._leases.leases)
+            st = self._stats
+            st.leases_active = len(self._leases.leases)
+            if lease is None:  # nothing to write: the put is over (complete_store counts none)
+                st.puts += 1
+                st.put_blocks += n
+                st.put_latency.observe_ns(time.perf_counter_ns() - t0)
         if self._outbox:  # making room demoted into a shared tier
             self._drain()
-        return StoreHandle(list(hashes), sizes, buffers, status, locations, lease, staged=staged)
+        return StoreHandle(
+            list(hashes), sizes, buffers, status, locations, lease, staged=staged, started_ns=t0
+        )
 
     def complete_store(
         self,
@@ -1141,17 +1174,29 @@ class TieredStore:
                 [handle.buffers[i] or b"" for i in idx],
                 [PutStatus.STORED] * len(idx),
             )
+        if handle.started_ns:
+            with self._lock:
+                self._stats.put_latency.observe_ns(time.perf_counter_ns() - handle.started_ns)
         self._drain()
         return final
 
     # -- two-phase load ---------------------------------------------------------------------
-    def prepare_load(self, hashes: Sequence[Key]) -> LoadHandle:
+    def prepare_load(self, hashes: Sequence[Key], *, count: bool = True) -> LoadHandle:
         """Pin the leading cached blocks of ``hashes`` in the first tier and lend read-only
         views of them; blocks found only below are promoted first.
 
         Read ``handle.buffers`` (``handle.n`` of them), then call ``complete_load``. The pins
-        hold until then or until the lease deadline.
+        hold until then or until the lease deadline. Counted as a get of ``hashes`` that found
+        ``handle.n``, unless ``count=False`` (as for :meth:`get`).
         """
+        t0 = time.perf_counter_ns()
+        handle = self._prepare_load(hashes)
+        if count:
+            with self._lock:
+                self._count_get(len(hashes), handle.n, t0)
+        return handle
+
+    def _prepare_load(self, hashes: Sequence[Key]) -> LoadHandle:
         first = self.first
         with self._lock:
             self._check_open()
@@ -1163,7 +1208,7 @@ class TieredStore:
         if not isinstance(first, SlotTier):
             # No views to lend: copy out (still a lease, so the API is the same).
             outs = [memoryview(bytearray(self.slot_size)) for _ in keys]
-            got = self.get(keys, outs)
+            got = self.get(keys, outs, count=False)  # counted by prepare_load
             m = next((i for i, g in enumerate(got) if g is None), len(got))
             buffers: list[memoryview] = [outs[i][: got[i] or 0] for i in range(m)]
             keys = keys[:m]
@@ -1371,12 +1416,11 @@ class TieredStore:
                 leases_active=len(self._leases.leases),
                 leases_expired=st.leases_expired,
                 lookup_latency=st.lookup_latency.copy(),
+                get_latency=st.get_latency.copy(),
+                put_latency=st.put_latency.copy(),
             )
             for name, c in st.tiers.items():
-                copy = TierCounters(**{k: v for k, v in vars(c).items() if "latency" not in k})
-                copy.get_latency = c.get_latency.copy()
-                copy.put_latency = c.put_latency.copy()
-                snap.tiers[name] = copy
+                snap.tiers[name] = TierCounters(**vars(c))
         for i, (name, tier) in enumerate(zip(self.names, self.tiers)):
             breaker = self._breakers.get(i)
             if breaker is not None and breaker.state is not BreakerState.CLOSED:

@@ -201,7 +201,7 @@ class VllmServer:
         raise RuntimeError("vLLM's /metrics has no cache_config_info block_size")
 
     def metrics(self) -> dict[str, float]:
-        """``/metrics`` samples, summed over labels: ``{"kvferry:hit_tokens_total": ...}``."""
+        """``/metrics`` samples, summed over labels: ``{"kvferry_store_lookups_total": 3.0}``."""
         with urllib.request.urlopen(self.url + "/metrics", timeout=10) as r:
             text = r.read().decode()
         out: dict[str, float] = {}

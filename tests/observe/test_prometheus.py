@@ -37,10 +37,8 @@ def _store_stats() -> StoreStats:
         promotions=1,
         no_space=2,
         errors=0,
+        dropped=7,
     )
-    cpu.get_latency.observe_ns(1_500)  # 1 us -> bucket le 2 us
-    cpu.get_latency.observe_ns(3_000)  # 3 us -> bucket le 4 us
-    cpu.get_latency.observe_ns(200_000_000_000)  # 200 s -> +Inf
     disk = TierCounters(lookups=4, hits=1, bytes_in=1000, save_seconds=0.0, evictions=3)
     redis = TierCounters(errors=2, breaker_skipped=6, breaker_opens=2, breaker_closes=1)
     redis.breaker_open = 1
@@ -55,13 +53,25 @@ def _store_stats() -> StoreStats:
         leases_expired=1,
         tiers={"cpu": cpu, "disk": disk, "redis": redis},
         usage={
-            "cpu": TierStats(total_blocks=100, used_blocks=40, peak_blocks=60, used_bytes=4096),
+            "cpu": TierStats(
+                total_blocks=100,
+                used_blocks=40,
+                peak_blocks=60,
+                used_bytes=4096,
+                extra={"reserved": 3, "corrupt_dropped": 2, "guarded_slots": 1},
+            ),
             "disk": TierStats(
-                total_blocks=None, used_blocks=7, peak_blocks=7, extra={"odirect": 1}
+                total_blocks=None,
+                used_blocks=7,
+                peak_blocks=7,
+                extra={"direct_io": 1, "io_threads": 4, "corrupt_dropped": 5},
             ),
         },
     )
     stats.lookup_latency.observe_ns(10_000)
+    stats.get_latency.observe_ns(1_500)  # 1 us -> bucket le 2 us
+    stats.get_latency.observe_ns(3_000)  # 3 us -> bucket le 4 us
+    stats.get_latency.observe_ns(200_000_000_000)  # 200 s -> +Inf
     return stats
 
 
@@ -115,22 +125,22 @@ def test_store_stats_are_served_with_their_values(exporter: MetricsExporter) -> 
     st = {"source": "store"}
     cpu = {"source": "store", "tier": "cpu"}
     disk = {"source": "store", "tier": "disk"}
-    assert _value(s, "kvferry_store_hit_rate", **st) == pytest.approx(0.7)
-    assert _value(s, "kvferry_store_request_hit_rate_mean", **st) == pytest.approx(0.75)
     assert _value(s, "kvferry_store_lookups_total", **st) == 4
     assert _value(s, "kvferry_store_lookup_blocks_total", **st) == 10
     assert _value(s, "kvferry_store_hit_blocks_total", **st) == 7
     assert _value(s, "kvferry_store_put_blocks_total", **st) == 8
     assert _value(s, "kvferry_store_leases_active", **st) == 3
     assert _value(s, "kvferry_store_leases_expired_total", **st) == 1
+    # The per-request mean hit rate is this over lookups_total, in PromQL.
+    assert _value(s, "kvferry_store_lookup_hit_fractions_total", **st) == 3.0
 
     assert _value(s, "kvferry_tier_bytes_in_total", **cpu) == 4e9
     assert _value(s, "kvferry_tier_bytes_out_total", **cpu) == 3e9
-    assert _value(s, "kvferry_tier_save_gbps", **cpu) == pytest.approx(2.0)
-    assert _value(s, "kvferry_tier_load_gbps", **cpu) == pytest.approx(3.0)
-    assert _value(s, "kvferry_tier_save_gbps", **disk) == 0.0  # no seconds: 0, not a division
+    assert _value(s, "kvferry_tier_save_seconds_total", **cpu) == 2.0
+    assert _value(s, "kvferry_tier_load_seconds_total", **cpu) == 1.0
     assert _value(s, "kvferry_tier_evictions_total", **cpu) == 5
     assert _value(s, "kvferry_tier_evictions_total", **disk) == 3
+    assert _value(s, "kvferry_tier_dropped_blocks_total", **cpu) == 7
     assert _value(s, "kvferry_tier_lookup_blocks_total", **cpu) == 10
     assert _value(s, "kvferry_tier_hit_blocks_total", **cpu) == 6
     assert _value(s, "kvferry_tier_no_space_blocks_total", **cpu) == 2
@@ -140,7 +150,17 @@ def test_store_stats_are_served_with_their_values(exporter: MetricsExporter) -> 
     assert _value(s, "kvferry_tier_used_bytes", **cpu) == 4096
     # A tier without a fixed capacity has no total_blocks sample at all (not a fake 0).
     assert ("kvferry_tier_total_blocks", frozenset(disk.items())) not in s
-    assert _value(s, "kvferry_tier_extra", name="odirect", **disk) == 1
+    # What tiers report of their own, each under its own name; configuration is left out.
+    assert _value(s, "kvferry_tier_reserved_blocks", **cpu) == 3
+    assert _value(s, "kvferry_tier_guarded_slots", **cpu) == 1
+    assert _value(s, "kvferry_tier_dropped_corrupt_blocks_total", **cpu) == 2
+    assert _value(s, "kvferry_tier_dropped_corrupt_blocks_total", **disk) == 5
+    assert _value(s, "kvferry_tier_direct_io", **disk) == 1
+    assert not [name for name, _ in s if "io_threads" in name]
+    # No lifetime averages or catch-alls: ratios and speeds are PromQL over the counters.
+    names = {name for name, _ in s}
+    for gone in ("hit_rate", "_gbps", "tier_extra", "request_hit_rate_mean"):
+        assert not [n for n in names if gone in n], gone
     redis = {"source": "store", "tier": "redis"}
     assert _value(s, "kvferry_tier_breaker_skipped_calls_total", **redis) == 6
     assert _value(s, "kvferry_tier_breaker_opens_total", **redis) == 2
@@ -149,14 +169,15 @@ def test_store_stats_are_served_with_their_values(exporter: MetricsExporter) -> 
     assert _value(s, "kvferry_tier_breaker_open", **cpu) == 0
 
     # Latency histogram: cumulative buckets in seconds from the power-of-two us bounds.
-    h = "kvferry_tier_get_latency_seconds"
-    assert _value(s, h + "_bucket", le="1e-06", **cpu) == 0
-    assert _value(s, h + "_bucket", le="2e-06", **cpu) == 1
-    assert _value(s, h + "_bucket", le="4e-06", **cpu) == 2
-    assert _value(s, h + "_bucket", le="67.108864", **cpu) == 2
-    assert _value(s, h + "_bucket", le="+Inf", **cpu) == 3
-    assert _value(s, h + "_count", **cpu) == 3
-    assert _value(s, h + "_sum", **cpu) == pytest.approx(200.0000045)
+    h = "kvferry_store_get_latency_seconds"
+    assert _value(s, h + "_bucket", le="1e-06", **st) == 0
+    assert _value(s, h + "_bucket", le="2e-06", **st) == 1
+    assert _value(s, h + "_bucket", le="4e-06", **st) == 2
+    assert _value(s, h + "_bucket", le="67.108864", **st) == 2
+    assert _value(s, h + "_bucket", le="+Inf", **st) == 3
+    assert _value(s, h + "_count", **st) == 3
+    assert _value(s, h + "_sum", **st) == pytest.approx(200.0000045)
+    assert _value(s, "kvferry_store_put_latency_seconds_count", **st) == 0
     assert _value(s, "kvferry_store_lookup_latency_seconds_bucket", le="1.6e-05", **st) == 1
     assert _value(s, "kvferry_store_lookup_latency_seconds_bucket", le="8e-06", **st) == 0
     assert _value(s, "kvferry_exporter_source_up", **st) == 1
@@ -169,8 +190,9 @@ def test_scrape_reads_the_source_each_time(exporter: MetricsExporter) -> None:
     before = _samples(_get(f"http://{host}:{port}/metrics")[2].decode())
     stats.lookup_blocks, stats.hit_blocks = 4, 1
     after = _samples(_get(f"http://{host}:{port}/metrics")[2].decode())
-    assert _value(before, "kvferry_store_hit_rate", source="store") == 0.0
-    assert _value(after, "kvferry_store_hit_rate", source="store") == 0.25
+    assert _value(before, "kvferry_store_hit_blocks_total", source="store") == 0
+    assert _value(after, "kvferry_store_hit_blocks_total", source="store") == 1
+    assert _value(after, "kvferry_store_lookup_blocks_total", source="store") == 4
 
 
 def test_transfer_snapshot_and_a_failing_source(exporter: MetricsExporter) -> None:
@@ -236,7 +258,7 @@ def test_auth_token_guards_both_endpoints() -> None:
             assert _get(url, token="s3cre")[0] == 401
             status, _, body = _get(url, token="s3cret")
             assert status == 200 and body
-        assert b"kvferry_store_hit_rate" in _get(f"http://{host}:{port}/metrics", "s3cret")[2]
+        assert b"kvferry_store_lookups_total" in _get(f"http://{host}:{port}/metrics", "s3cret")[2]
 
 
 def test_trickling_clients_are_closed_and_never_lock_out_a_scraper() -> None:
@@ -350,4 +372,7 @@ def test_exporters_do_not_share_a_registry() -> None:
     assert a.registry is not b.registry
     assert b"only-a" in a.render()
     assert b"only-a" not in b.render()
-    assert b"process_cpu" not in a.render()  # not the global default registry
+    assert b"python_gc_" not in a.render()  # not the global default registry
+    # but process metrics of its own, and the build
+    assert b"process_cpu_seconds_total" in a.render()
+    assert b"kvferry_build_info{" in a.render()

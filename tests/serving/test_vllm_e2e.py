@@ -32,6 +32,7 @@ from kvferry.testing.engines import (
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(1200)]
 
 PROMPT_LEN = 2048
+HIT_TOKENS = "kvferry_connector_hit_tokens_total"
 
 
 @dataclass
@@ -86,7 +87,7 @@ def _wait_delta(
 
 
 def _lookups_done(server: VllmServer, before: dict[str, float], n: int) -> dict[str, float]:
-    _wait_delta(server, before, "kvferry:lookups_total", lambda d: d >= n)
+    _wait_delta(server, before, "kvferry_store_lookups_total", lambda d: d >= n)
     time.sleep(0.3)
     return server.metrics()
 
@@ -97,14 +98,19 @@ def test_second_instance_loads_the_prefix_and_answers_the_same(cluster: Cluster)
     before = cluster.b.metrics()
     second = cluster.b.complete(p, 16)
     expected = (PROMPT_LEN - 1) // cluster.block_size * cluster.block_size
-    hit = _wait_delta(cluster.b, before, "kvferry:hit_tokens_total", lambda d: d >= expected)
-    loaded = _wait_delta(cluster.b, before, "kvferry:load_blocks_total", lambda d: d > 0)
+    hit = _wait_delta(cluster.b, before, HIT_TOKENS, lambda d: d >= expected)
+    loaded = _wait_delta(cluster.b, before, "kvferry_connector_load_blocks_total", lambda d: d > 0)
     print(
         f"\nTTFT A (computed) {first.ttft * 1e3:.1f} ms, B (kvferry hit {hit:.0f} tokens) "
         f"{second.ttft * 1e3:.1f} ms"
     )
     assert hit == expected  # every full block but the one holding the last prompt token
     assert loaded == expected // cluster.block_size
+    # The store's names, from the connector: its lookup found every block it asked for.
+    after = cluster.b.metrics()
+    asked = after["kvferry_store_lookup_blocks_total"] - before["kvferry_store_lookup_blocks_total"]
+    found = after["kvferry_store_hit_blocks_total"] - before["kvferry_store_hit_blocks_total"]
+    assert asked == found == expected // cluster.block_size
     external = _wait_delta(
         cluster.b, before, "vllm:external_prefix_cache_hits_total", lambda d: d >= expected
     )
@@ -122,7 +128,7 @@ def test_shared_prefix_hits_only_the_prefix_blocks(cluster: Cluster) -> None:
     before = cluster.b.metrics()
     got = cluster.b.complete(second, 8)
     after = _lookups_done(cluster.b, before, 1)
-    assert after["kvferry:hit_tokens_total"] - before["kvferry:hit_tokens_total"] == len(prefix)
+    assert after[HIT_TOKENS] - before[HIT_TOKENS] == len(prefix)
     reference = cluster.a.complete(second, 8)  # A computes the suffix itself
     assert got.token_ids == reference.token_ids
 
@@ -133,11 +139,11 @@ def test_tenants_with_different_cache_salt_never_share_blocks(cluster: Cluster) 
     before = cluster.b.metrics()
     bob = cluster.b.complete(p, 8, cache_salt="bob")
     after = _lookups_done(cluster.b, before, 1)
-    assert after["kvferry:hit_tokens_total"] == before["kvferry:hit_tokens_total"]
-    assert after["kvferry:lookups_total"] > before["kvferry:lookups_total"]
+    assert after[HIT_TOKENS] == before[HIT_TOKENS]
+    assert after["kvferry_store_lookups_total"] > before["kvferry_store_lookups_total"]
     again = cluster.b.complete(p, 8, cache_salt="alice")
     expected = (PROMPT_LEN - 1) // cluster.block_size * cluster.block_size
-    hit = _wait_delta(cluster.b, after, "kvferry:hit_tokens_total", lambda d: d >= expected)
+    hit = _wait_delta(cluster.b, after, HIT_TOKENS, lambda d: d >= expected)
     assert hit == expected
     assert alice.token_ids == bob.token_ids == again.token_ids
 
@@ -155,10 +161,11 @@ def test_store_killed_mid_run_requests_still_complete_correctly(cluster: Cluster
     assert [r.token_ids for r in results] == refs
     after = _lookups_done(cluster.b, before, 6)
     errors = sum(
-        after.get(f"kvferry:{k}_total", 0.0) - before.get(f"kvferry:{k}_total", 0.0)
+        after.get(f"kvferry_connector_{k}_total", 0.0)
+        - before.get(f"kvferry_connector_{k}_total", 0.0)
         for k in ("lookup_errors", "load_errors", "load_failed_blocks", "save_errors")
     )
-    a_errors = cluster.a.metrics().get("kvferry:lookup_errors_total", 0.0)
+    a_errors = cluster.a.metrics().get("kvferry_connector_lookup_errors_total", 0.0)
     assert errors + a_errors > 0, "the dead store went uncounted"
 
     # The store comes back (empty, same port): after retry_after both instances use it again.
@@ -170,7 +177,7 @@ def test_store_killed_mid_run_requests_still_complete_correctly(cluster: Cluster
         before = cluster.b.metrics()
         got = cluster.b.complete(p, 4)
         after = _lookups_done(cluster.b, before, 1)
-        if after["kvferry:hit_tokens_total"] > before["kvferry:hit_tokens_total"]:
+        if after[HIT_TOKENS] > before[HIT_TOKENS]:
             assert got.token_ids == ref.token_ids
             break
         assert time.monotonic() < deadline, "the restarted store was never used again"

@@ -6,6 +6,7 @@ import json
 import random
 import socket
 import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -69,6 +70,32 @@ def test_put_get_lookup_roundtrip() -> None:
         assert (st.lookup_blocks, st.hit_blocks) == (20, 13)
         assert st.hit_rate == pytest.approx(13 / 20)
         assert st.request_hit_rate_mean == pytest.approx((1 + 3 / 10) / 3)
+
+
+def test_two_phase_calls_count_as_gets_and_puts_once() -> None:
+    with make_store(64) as store:
+        handle = store.prepare_store(keys(4))
+        for i in handle.pending():
+            buf = handle.buffers[i]
+            assert buf is not None
+            buf[:] = vals(4)[i]
+        store.complete_store(handle)
+        store.complete_store(store.prepare_store(keys(2)))  # nothing to write: still a put
+        loaded = store.prepare_load([*keys(4), key(99)])
+        store.complete_load(loaded)
+        # A front end serving one request through several calls counts it once.
+        t0 = time.perf_counter_ns()
+        store.get(keys(2), [memoryview(bytearray(SLOT)) for _ in range(2)], count=False)
+        store.complete_load(store.prepare_load(keys(1), count=False))
+        store.count_get(3, 2, t0)
+        store.count_lookup(5, 4, t0)
+        st = store.stats()
+        assert (st.puts, st.put_blocks, st.put_latency.count) == (2, 6, 2)
+        assert (st.gets, st.get_blocks, st.get_hit_blocks, st.get_latency.count) == (2, 8, 6, 2)
+        assert (st.lookups, st.lookup_blocks, st.hit_blocks) == (1, 5, 4)
+        assert st.request_hit_rate_mean == pytest.approx(0.8)
+        # The tier's traffic counts every call: 4 + 1 blocks lent, 2 copied.
+        assert st.tiers["cpu"].bytes_out == 7 * SLOT
 
 
 def test_bad_input_is_refused_before_anything_is_stored() -> None:
@@ -285,9 +312,9 @@ def test_in_process_metrics_endpoint() -> None:
         store.lookup([*keys(2), key(77)])
         host, port = store.exporter.address
         text = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5).read().decode()
-    families = {f.name: f for f in text_string_to_metric_families(text)}
-    hit = families["kvferry_store_hit_rate"].samples[0].value
-    assert hit == pytest.approx(2 / 3)
+    samples = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    assert samples["kvferry_store_hit_blocks_total"] == 2
+    assert samples["kvferry_store_lookup_blocks_total"] == 3
 
 
 def _free_port() -> int:

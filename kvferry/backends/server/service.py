@@ -15,6 +15,10 @@ and WRITEV frames into it are refused), PUT copies into fresh slots only, and a 
 that writes through the shared mapping after RESERVE declares each block's checksum at COMMIT,
 which publishes only slots that hold exactly those bytes. Every block it lends (GET, LOCATE)
 goes out with its checksum, and clients check what they received (``protocol``).
+
+Each request counts once in the store's statistics (``store.metrics_port`` serves them): CONTAINS
+(a client store's lookup) and LOOKUP as lookups, GET and LOCATE as gets, PUT and RESERVE+COMMIT
+as puts; the store calls that serve a request are made with ``count=False``.
 """
 
 from __future__ import annotations
@@ -234,9 +238,13 @@ class StoreServer:
         return CallReply([p.U32.pack(self.store.lookup(keys))])
 
     def _contains(self, buf: memoryview) -> CallReply:
+        t0 = time.perf_counter_ns()
         keys, pos = p.decode_keys(buf)
         p.expect_end(buf, pos)
-        return CallReply([bytes(self.store.contains(keys))])
+        present = self.store.contains(keys)
+        # A client store's lookup reaches a server as CONTAINS: count it as this store's lookup.
+        self.store.count_lookup(len(keys), sum(present), t0)
+        return CallReply([bytes(present)])
 
     def _present_pinned(
         self, keys: list[Key]
@@ -246,7 +254,7 @@ class StoreServer:
         present = list(dict.fromkeys(k for k, ok in zip(keys, self.store.contains(keys)) if ok))
         if not present:
             return None, {}, []
-        handle = self.store.prepare_load(present)
+        handle = self.store.prepare_load(present, count=False)  # the caller counts its request
         where = {k: i for i, k in enumerate(handle.hashes)}
         return handle, where, [k for k in present if k not in where]
 
@@ -260,6 +268,7 @@ class StoreServer:
         return sums if any(c is not None for c in sums) else []
 
     def _get(self, buf: memoryview) -> CallReply:
+        t0 = time.perf_counter_ns()
         keys, pos = p.decode_keys(buf)
         p.expect_end(buf, pos)
         handle, where, rest = self._present_pinned(keys)
@@ -274,7 +283,7 @@ class StoreServer:
         copied: dict[Key, memoryview] = {}
         if rest:
             outs = [memoryview(bytearray(self.store.slot_size)) for _ in rest]
-            for k, out, n in zip(rest, outs, self.store.get(rest, outs)):
+            for k, out, n in zip(rest, outs, self.store.get(rest, outs, count=False)):
                 if n is not None:
                     copied[k] = out[:n]
         # Lent blocks in guarded slots go out with the checksum the client must check; copies
@@ -297,6 +306,7 @@ class StoreServer:
             else:
                 lengths.append(len(view))
                 parts.append(view)
+        self.store.count_get(len(keys), len(keys) - lengths.count(p.MISS), t0)
         head = [p.U8.pack(p.SUMS if lent else 0), p.encode_u32s(lengths)]
         if lent:
             head.append(p.encode_checks(sums))
@@ -329,6 +339,7 @@ class StoreServer:
         return CallReply([p.U32.pack(self.store.delete(keys))])
 
     def _locate(self, buf: memoryview) -> CallReply:
+        t0 = time.perf_counter_ns()
         keys, pos = p.decode_keys(buf)
         p.expect_end(buf, pos)
         handle, where, _ = self._present_pinned(keys)
@@ -339,6 +350,7 @@ class StoreServer:
         lent = self._lent_checks(handle)
         out = [p.LOCATE_HEAD.pack(lease_id, self._region_id, p.SUMS if lent else 0)]
         sums: list[int | None] = []
+        found = 0
         for k in keys:
             i = where.get(k)
             loc = None if i is None or handle is None else handle.locations[i]
@@ -348,8 +360,10 @@ class StoreServer:
             else:
                 out.append(p.LOC.pack(*loc))
                 sums.append(lent[i] if lent else None)
+                found += 1
         if lent:
             out.append(p.encode_checks(sums))
+        self.store.count_get(len(keys), found, t0)
         return CallReply([b"".join(out)])
 
     def _release(self, buf: memoryview) -> CallReply:
