@@ -83,7 +83,7 @@ of how long after its modelled end each step's tokens were handed to the HTTP si
 ``kvferry_mock_steps_total``, the engine's mean lag behind its model: about 0.1 ms when it keeps
 up, more when the host cannot run the steps as fast as the model asks),
 ``kvferry_mock_clock_slip_seconds_total`` (model time given up when the engine fell more than
-50 ms behind; TTFT and ITL measured meanwhile are not the model's),
+10 ms behind; TTFT and ITL measured meanwhile are not the model's),
 ``kvferry_mock_http_responses_total{path,status}``,
 ``kvferry_mock_http_connections_closed_total{reason}`` (header_timeout, too_many_waiting); and,
 for routers that read vLLM's names, ``vllm:num_requests_running``,

@@ -77,7 +77,6 @@ def test_bench_measures_the_timing_models_ttft_and_itl(speedup: int, osl: int) -
                 osl=osl,
             )
         )
-        slipped = server.metrics()["kvferry_mock_clock_slip_seconds_total"]
     level = report.levels[0]
     records = [r for r in level.records if r.valid]
     assert len(records) == REQUESTS, [r.error for r in level.records]
@@ -96,7 +95,6 @@ def test_bench_measures_the_timing_models_ttft_and_itl(speedup: int, osl: int) -
     assert ttft >= ttft_model * 0.999, (
         f"speedup {speedup}: TTFT p50 {ttft:.4f} ms, below the model's {ttft_model:.4f} ms"
     )
-    assert slipped == 0.0
 
 
 # --- the clock ---------------------------------------------------------------------------------
