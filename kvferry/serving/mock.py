@@ -78,7 +78,13 @@ Metrics (``GET /metrics``): gauges ``kvferry_mock_requests_{running,waiting}``,
 prompt_tokens,cached_prompt_tokens,prefill_tokens,generated_tokens,preemptions,steps,
 kv_events}_total``, ``kvferry_mock_requests_total{finish_reason}``,
 ``kvferry_mock_model_seconds_total{phase}`` (modelled step time: what the timing model
-computed, after ``speedup_ratio``), ``kvferry_mock_http_responses_total{path,status}``,
+computed, after ``speedup_ratio``), ``kvferry_mock_clock_late_seconds_total`` (sum over steps
+of how long after its modelled end each step's tokens were handed to the HTTP side; divided by
+``kvferry_mock_steps_total``, the engine's mean lag behind its model: about 0.1 ms when it keeps
+up, more when the host cannot run the steps as fast as the model asks),
+``kvferry_mock_clock_slip_seconds_total`` (model time given up when the engine fell more than
+10 ms behind; TTFT and ITL measured meanwhile are not the model's),
+``kvferry_mock_http_responses_total{path,status}``,
 ``kvferry_mock_http_connections_closed_total{reason}`` (header_timeout, too_many_waiting); and,
 for routers that read vLLM's names, ``vllm:num_requests_running``,
 ``vllm:num_requests_waiting``, ``vllm:kv_cache_usage_perc``, ``vllm:prefix_cache_queries_total``,
@@ -220,6 +226,16 @@ class _Collector:
         model_time.add_metric(["prefill"], c.prefill_seconds)
         model_time.add_metric(["decode"], c.decode_seconds)
         yield model_time
+        yield counter(
+            "clock_late_seconds",
+            "Sum over steps of how late their tokens were handed out (/ steps = mean lag).",
+            c.late_seconds,
+        )
+        yield counter(
+            "clock_slip_seconds",
+            "Model time given up because the engine fell too far behind the wall clock.",
+            c.slipped_seconds,
+        )
         http = CounterMetricFamily(
             p + "http_responses", "HTTP responses, by path and status.", labels=["path", "status"]
         )

@@ -7,14 +7,23 @@
    its last one is full); when none is left, the newest running request is preempted (its
    blocks are freed and it goes back to the head of the queue, to be recomputed later);
    requests still prefilling get their next chunk;
-2. waiting requests are admitted first-come first-served while fewer than ``max_num_seqs``
-   run, the step's token budget (``max_num_batched_tokens``) lasts and their blocks fit
-   (:meth:`~kvferry.serving.blocks.BlockManager.admit`; the head of the queue waits
-   otherwise); each computes its uncached tokens, in chunks of the remaining budget;
-3. the step sleeps for the modelled time of its prefill chunks and decode batch
-   (:class:`~kvferry.serving.timing.TimingModel`), then emits one token per decoding request
+2. waiting requests that arrived before the step starts are admitted first-come first-served
+   while fewer than ``max_num_seqs`` run, the step's token budget (``max_num_batched_tokens``)
+   lasts and their blocks fit (:meth:`~kvferry.serving.blocks.BlockManager.admit`; the head of
+   the queue waits otherwise); each computes its uncached tokens, in chunks of the remaining
+   budget;
+3. the step lasts the modelled time of its prefill chunks and decode batch
+   (:class:`~kvferry.serving.timing.TimingModel`) on the engine's deadline clock
+   (:class:`~kvferry.serving.clock.StepClock`: it starts when the previous step ended, or when
+   its first request arrived if the engine was idle), then emits one token per decoding request
    and the first token of each request whose prefill finished. A request whose whole prompt is
    cached still computes its last token (an engine needs its logits).
+
+Steps are timed in model time, not by sleeping their length: a step's tokens leave when its
+end has come on the wall clock, never before, and when the engine is behind (a late wake-up,
+a busy event loop, steps shorter than a wake-up), the steps that are due run back to back and
+their tokens leave together, so each request's TTFT and ITL stay the model's at any
+``speedup_ratio`` (:mod:`kvferry.serving.clock` has the rules and their limits).
 
 Outputs are deterministic (:mod:`kvferry.serving.tokenizer`): the prompt's hash picks where in
 the answer passage the output starts and, unless ``ignore_eos``, how long the answer is (16 to
@@ -41,6 +50,7 @@ import xxhash
 from kvferry.config.models import MockConfig
 from kvferry.index.hashing import BlockHasher
 from kvferry.serving.blocks import BlockManager
+from kvferry.serving.clock import StepClock
 from kvferry.serving.timing import TimingModel
 from kvferry.serving.tokenizer import MockTokenizer
 
@@ -99,6 +109,12 @@ class EngineCounters:
     """Modelled prefill time of all steps (after speedup_ratio)."""
     decode_seconds: float = 0.0
     """Modelled decode time of all steps (after speedup_ratio)."""
+    late_seconds: float = 0.0
+    """Sum over steps of how late the step's tokens were handed out (wall time after the step's
+    modelled end); / ``steps`` = the mean lag of the engine behind its model."""
+    slipped_seconds: float = 0.0
+    """Model time the engine gave up because it fell too far behind the wall clock
+    (:class:`~kvferry.serving.clock.StepClock`); 0 while it keeps its model's time."""
 
 
 class MockRequest:
@@ -113,12 +129,19 @@ class MockRequest:
     """
 
     def __init__(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams, hasher: BlockHasher
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        hasher: BlockHasher,
+        arrival: float = 0.0,
     ) -> None:
         self.request_id = request_id
         self.prompt_ids = prompt_ids
         self.params = params
         self.hasher = hasher
+        self.arrival = arrival
+        """When it was submitted (the engine clock's seconds): no step before it admits it."""
         self.output_ids: list[int] = []
         self.cached_tokens = 0
         self.finish_reason: FinishReason | None = None
@@ -160,6 +183,8 @@ class MockEngine:
         config: the ``mock`` config section.
         tokenizer: turns prompts into ids and gives the answer passage.
         timing: the step-time model; from ``config`` if None.
+        clock: when steps end on the wall clock (:mod:`kvferry.serving.clock`); a
+            :class:`~kvferry.serving.clock.StepClock` if None.
     """
 
     def __init__(
@@ -167,6 +192,7 @@ class MockEngine:
         config: MockConfig,
         tokenizer: MockTokenizer,
         timing: TimingModel | None = None,
+        clock: StepClock | None = None,
     ) -> None:
         self.config = config
         self.tokenizer = tokenizer
@@ -180,6 +206,7 @@ class MockEngine:
         self._ids = itertools.count(1)
         self._wake = asyncio.Event()
         self._stopping = False
+        self._clock = clock or StepClock()
 
     # --- submission --------------------------------------------------------------------------
 
@@ -215,7 +242,11 @@ class MockEngine:
         if self._stopping:
             raise RuntimeError("the engine is shutting down")
         request = MockRequest(
-            f"req-{next(self._ids)}", list(prompt_ids), params, self.hasher(cache_salt)
+            f"req-{next(self._ids)}",
+            list(prompt_ids),
+            params,
+            self.hasher(cache_salt),
+            self._clock.now(),
         )
         self._requests[request.request_id] = request
         self._waiting.append(request)
@@ -265,26 +296,28 @@ class MockEngine:
 
     async def run(self) -> None:
         """Run engine steps until :meth:`stop`; then abort every request left."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time()
+        clock = self._clock
         try:
             while not self._stopping:
-                step = self._schedule()
+                step = self._schedule(clock.due)
                 if step is None:
+                    if self._waiting and self._waiting[0].arrival > clock.due:
+                        # Idle in model time until the next request arrived (it has already,
+                        # on the wall clock: arrivals are stamped when submitted).
+                        clock.start_at(self._waiting[0].arrival)
+                        continue
                     self._wake.clear()
                     await self._wake.wait()
-                    deadline = loop.time()
                     continue
-                seconds = (step.prefill_ms + step.decode_ms) / 1000.0
-                # Steps follow each other at their modelled times; a step that starts late (the
-                # loop was busy) does not make the next ones shorter to catch up.
-                deadline = max(deadline, loop.time()) + seconds
-                await asyncio.sleep(max(0.0, deadline - loop.time()))
+                await clock.step((step.prefill_ms + step.decode_ms) / 1000.0)
                 self.counters.steps += 1
                 self.counters.prefill_seconds += step.prefill_ms / 1000.0
                 self.counters.decode_seconds += step.decode_ms / 1000.0
+                self.counters.late_seconds = clock.late_s
+                self.counters.slipped_seconds = clock.slipped_s
                 self._complete(step)
         finally:
+            clock.close()
             for request in [*self._running, *self._waiting]:
                 self.abort(request.request_id)
 
@@ -293,7 +326,9 @@ class MockEngine:
         self._stopping = True
         self._wake.set()
 
-    def _schedule(self) -> _Step | None:
+    def _schedule(self, start: float) -> _Step | None:
+        """The next step, starting at model time ``start``: requests that arrived after it
+        wait for a later step, as they would at an engine that keeps the model's time."""
         budget = self.config.max_num_batched_tokens
         prefill: list[tuple[MockRequest, int]] = []
         decode: list[tuple[MockRequest, tuple[int, str]]] = []
@@ -318,7 +353,7 @@ class MockEngine:
             i += 1
         while self._waiting and budget > 0 and len(self._running) < self.config.max_num_seqs:
             request = self._waiting[0]
-            if not self._admit(request):
+            if request.arrival > start or not self._admit(request):
                 break
             self._waiting.popleft()
             self._running.append(request)

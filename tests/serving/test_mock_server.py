@@ -538,8 +538,10 @@ def test_hf_tokenizer_without_the_library_names_the_extra(
 
 def test_preemption_under_block_pressure_keeps_outputs_exact() -> None:
     async def main() -> tuple[list[list[int]], list[list[int]], int]:
-        # 8 blocks of 4 tokens; 4 requests that grow to 24 tokens (6 blocks) each.
-        config = MockConfig(num_blocks=8, block_size=4, speedup_ratio=1e6)
+        # 8 blocks of 4 tokens; 4 requests that grow to 24 tokens (6 blocks) each. Steps of
+        # about 0.07 ms: the four arrive microseconds apart, so they overlap in model time (at
+        # 1e6 the first would finish before the second arrived).
+        config = MockConfig(num_blocks=8, block_size=4, speedup_ratio=100)
         params = SamplingParams(max_tokens=20, ignore_eos=True)
         prompts = [[i, i + 1, i + 2, i + 3] for i in range(0, 40, 10)]
 
