@@ -39,6 +39,7 @@ import statistics
 import pytest
 
 from kvferry.bench.endpoint import ServeBenchOptions, run_serve_bench
+from kvferry.bench.endpoint_metrics import usage_values
 from kvferry.config.models import MockConfig
 from kvferry.serving.clock import StepClock
 from kvferry.serving.scheduler import MockEngine, MockRequest, SamplingParams
@@ -83,7 +84,10 @@ def test_bench_measures_the_timing_models_ttft_and_itl(speedup: int, osl: int) -
     model = TimingModel(speedup_ratio=speedup)
     # One request at a time: its prefill is one step (a cached prefix shortens it), then one
     # decode step per further token, with a context of the prompt and the tokens so far.
-    cached = [min(r.usage_cached_tokens or 0, ISL - 1) for r in records]
+    cached = [
+        min(int(usage_values(r.usage).get("usage_prompt_cache_read_tokens", 0)), ISL - 1)
+        for r in records
+    ]
     ttft_model = statistics.median(model.prefill_ms([(ISL - c, c)]) for c in cached)
     itl_model = sum(model.decode_ms(1, ISL + k) for k in range(1, osl)) / (osl - 1)
     ttft = level.metrics.value("time_to_first_token", "p50")
