@@ -47,15 +47,6 @@ on a pool of ``io_threads - 1`` threads (``pread``/``pwrite`` release the GIL). 
 keeps a reader count; a deleted slot goes back to the free list only once its readers are gone,
 so a read never sees its slot reused.
 
-Checksums off the I/O's critical path: under ``O_DIRECT`` a block read lands in memory the CPU
-has not touched, and hashing 1 MiB of it took ~100 us here (it runs at memory speed, not at the
-tens of GB/s of a cached buffer), on top of the read itself: fio does no such work. With one I/O
-thread and a batch of several blocks, the calling thread therefore only does the I/O and a
-*checker* thread hashes: for reads it checks block i (header, key, checksum; the copy out of a
-bounce buffer) while the caller's ``preadv`` of block i+1 runs without the GIL; for writes it
-computes the headers of the blocks ahead while the caller writes. At most ``_AHEAD`` blocks are
-between the two. With several I/O threads the threads already overlap each other's hashing.
-
 ``O_DIRECT``: used when ``direct_io`` is set and a probe (open with ``O_DIRECT``, one aligned
 write and read in the directory) succeeds; otherwise buffered I/O, with one warning and
 ``stats().extra["direct_io"] == 0``. Under ``O_DIRECT`` a page-aligned caller buffer whose length
@@ -259,10 +250,6 @@ def _byte_view(buf: Buffer, what: str) -> memoryview:
     return view
 
 
-_AHEAD = 4
-"""Blocks a checker thread may be behind (reads) or ahead (writes) of the I/O thread."""
-
-
 class _Bounce:
     """Page-aligned scratch buffers of one slot each, reused across I/Os (anonymous mmaps)."""
 
@@ -348,7 +335,6 @@ class DiskTier(Tier):
         self._recovered = 0
         self._bounce = _Bounce(self.slot_bytes)
         self._pool: ThreadPoolExecutor | None = None
-        self._checker: ThreadPoolExecutor | None = None  # see "Checksums off the I/O's path"
         self._lock_fd = -1
 
         try:
@@ -672,71 +658,6 @@ class DiskTier(Tier):
                 f.result()
         return results
 
-    def _checker_pool(self) -> ThreadPoolExecutor:
-        if self._checker is None:
-            self._checker = ThreadPoolExecutor(
-                1, thread_name_prefix=f"kvferry-disk-{self.label}-sum"
-            )
-        return self._checker
-
-    def _pipelined(self, ops: int) -> bool:
-        """Overlap checksums with I/O for this batch: one I/O thread and more than one block."""
-        return self.io_threads == 1 and ops > 1
-
-    def _read_all(self, jobs: Sequence[_Read]) -> list[bool | Exception]:
-        """Every read of a batch; with one I/O thread, each block's check runs on the checker
-        thread while the next block is read (module docstring)."""
-        if not self._pipelined(len(jobs)):
-            return self._run(self._read, jobs)
-        checker = self._checker_pool()
-        results: list[bool | Exception] = [OSError("not run")] * len(jobs)
-        checks: list[Future[bool] | None] = [None] * len(jobs)
-        try:
-            for i, job in enumerate(jobs):
-                if i >= _AHEAD:
-                    self._collect(checks, results, i - _AHEAD)
-                try:
-                    io = self._read_io(job)
-                except Exception as e:  # handed to the caller, as _run does
-                    results[i] = e
-                    continue
-                checks[i] = checker.submit(self._check_read, job, io)
-        finally:  # no check may still touch an out buffer once the caller has it back
-            for i in range(len(jobs)):
-                self._collect(checks, results, i)
-        return results
-
-    def _write_all(self, jobs: Sequence[_Write]) -> list[Exception | None]:
-        """Every write of a batch; with one I/O thread, the checker thread computes the
-        headers (checksums) of the blocks ahead while the calling thread writes."""
-        if not self._pipelined(len(jobs)):
-            return self._run(self._write, jobs)
-        checker = self._checker_pool()
-        headers: list[Future[bytes]] = [checker.submit(self._header, j) for j in jobs[:_AHEAD]]
-        results: list[Exception | None] = [OSError("not run")] * len(jobs)
-        for i, job in enumerate(jobs):
-            if i + _AHEAD < len(jobs):
-                headers.append(checker.submit(self._header, jobs[i + _AHEAD]))
-            try:
-                self._write(job, headers[i].result())
-                results[i] = None
-            except Exception as e:
-                results[i] = e
-        return results
-
-    @staticmethod
-    def _collect(
-        checks: list[Future[bool] | None], results: list[bool | Exception], i: int
-    ) -> None:
-        fut = checks[i]
-        if fut is None:
-            return
-        checks[i] = None
-        try:
-            results[i] = fut.result()
-        except Exception as e:
-            results[i] = e
-
     def _raise_io(self, op: str, failures: Sequence[tuple[int, object]]) -> None:
         """Raise StorageError for failed jobs ``(slot, exception)``; a non-I/O exception (a bug)
         is re-raised as itself."""
@@ -786,17 +707,11 @@ class DiskTier(Tier):
         """Can ``view`` go to/from the file without a bounce buffer?"""
         return not self.direct_io or (len(view) % ALIGN == 0 and _is_aligned(view))
 
-    def _header(self, job: _Write) -> bytes:
-        """``job``'s header block fields (the payload's checksum included)."""
-        value = job.value
-        return encode_header(SlotHeader(job.key, len(value), checksum(value), job.generation))
-
-    def _write(self, job: _Write, header: bytes | None = None) -> None:
+    def _write(self, job: _Write) -> None:
         fd, offset = self._where(job.slot)
         value = job.value
         length = len(value)
-        if header is None:
-            header = self._header(job)
+        header = encode_header(SlotHeader(job.key, length, checksum(value), job.generation))
         buf = self._bounce.take()
         view = memoryview(buf)
         try:
@@ -822,41 +737,19 @@ class DiskTier(Tier):
     def _read(self, job: _Read) -> bool:
         """Read ``job``'s block into its out buffer; False when the slot no longer holds exactly
         that block (torn, corrupt, or rewritten)."""
-        return self._check_read(job, self._read_io(job))
-
-    def _read_io(self, job: _Read) -> tuple[mmap.mmap, int]:
-        """The I/O half of a read: header and payload in one ``preadv`` (the payload straight
-        into the out buffer when it can take ``O_DIRECT``, else into a bounce buffer). Returns
-        the bounce buffer holding the header (``_check_read`` gives it back) and the bytes
-        read, or -1 when the read failed (its OSError is raised by ``_check_read``)."""
         fd, offset = self._where(job.slot)
         length = job.length
         target = job.out[:length]
         buf = self._bounce.take()
-        try:
-            if self._direct_ok(target):
-                with memoryview(buf) as view:
-                    n = os.preadv(fd, [view[:HEADER_BLOCK], target], offset)
-            else:
-                with memoryview(buf) as view:
-                    n = os.preadv(fd, [view[: HEADER_BLOCK + align_up(length)]], offset)
-        except BaseException:
-            self._bounce.give(buf)
-            raise
-        return buf, n
-
-    def _check_read(self, job: _Read, io: tuple[mmap.mmap, int]) -> bool:
-        """The check half of a read (see ``_read``); gives the bounce buffer back."""
-        buf, n = io
-        length = job.length
-        target = job.out[:length]
         view = memoryview(buf)
         try:
             if self._direct_ok(target):
                 expected = HEADER_BLOCK + length
+                n = os.preadv(fd, [view[:HEADER_BLOCK], target], offset)
                 payload = target
             else:
                 expected = HEADER_BLOCK + align_up(length)
+                n = os.preadv(fd, [view[:expected]], offset)
                 payload = view[HEADER_BLOCK : HEADER_BLOCK + length]
             if n < expected:
                 return False
@@ -933,7 +826,7 @@ class DiskTier(Tier):
                 jobs.append(_Write(i, self._free.pop(), k, v, self._next_gen))
                 self._pending.add(k)
                 self._next_gen += 1
-        results = self._write_all(jobs) if jobs else []
+        results = self._run(self._write, jobs) if jobs else []
         failures: list[tuple[int, object]] = []
         with self._lock:
             for job, res in zip(jobs, results):
@@ -985,7 +878,7 @@ class DiskTier(Tier):
         results: list[bool | Exception] = []
         dropped: list[int] = []
         try:
-            results = self._read_all(jobs)
+            results = self._run(self._read, jobs)
         finally:
             with self._lock:
                 for n, job in enumerate(jobs):
@@ -1087,8 +980,6 @@ class DiskTier(Tier):
         errors: list[tuple[str, OSError]] = []
         if self._pool is not None:
             self._pool.shutdown(wait=True)
-        if self._checker is not None:
-            self._checker.shutdown(wait=True)
         for fd, path in zip(self._fds, self._paths):
             try:
                 os.fdatasync(fd)
@@ -1105,9 +996,6 @@ class DiskTier(Tier):
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
-        if self._checker is not None:
-            self._checker.shutdown(wait=True)
-            self._checker = None
         for fd in self._fds:
             try:
                 os.close(fd)

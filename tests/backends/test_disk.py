@@ -690,31 +690,3 @@ def test_a_disk_path_under_a_file_is_a_config_error(tmp_path: Path) -> None:
     config = DiskTierConfig(path=str(blocker / "slots"), capacity=1 << 20, force_capacity=True)
     with pytest.raises(ConfigError, match=r"disk\.path .* is not a directory"):
         DiskTier.check(config, TierContext(slot_size=SLOT))
-
-
-@pytest.mark.parametrize("direct", [True, False], ids=["o_direct", "buffered"])
-def test_one_io_thread_checks_blocks_on_the_checker_thread_and_still_drops_a_bad_one(
-    direct_dir: Path, direct: bool
-) -> None:
-    """io_threads=1 with a batch: reads are checked (and writes checksummed) on the checker
-    thread while the next block's I/O runs; every block lands, in order, and a corrupt one is
-    still a miss, for page-aligned and bounce-buffered outputs alike."""
-    n = 12
-    keys = [key(i, 6) for i in range(n)]
-    vals = [value(i, SLOT) for i in range(n)]
-    tier = open_tier(direct_dir, direct=direct, io_threads=1)
-    try:
-        assert tier.put(keys, vals) == [PutStatus.STORED] * n
-        assert tier._checker is not None, "the batch went through the checker thread"
-        write_at(direct_dir, slot_offset(direct_dir, keys[7]) + HEADER_BLOCK + 99, b"\x00\xff")
-        outs = [
-            memoryview(mmap.mmap(-1, SLOT)) if i % 2 else memoryview(bytearray(SLOT))
-            for i in range(n)
-        ]
-        got = tier.get(keys, outs)
-        assert got == [None if i == 7 else SLOT for i in range(n)]
-        assert [bytes(o) for i, o in enumerate(outs) if i != 7] == vals[:7] + vals[8:]
-        assert tier.stats().extra["corrupt_dropped"] == 1
-        assert read_all(tier, keys[:7] + keys[8:]) == vals[:7] + vals[8:]
-    finally:
-        tier.close()
