@@ -1,4 +1,5 @@
-"""Reading the ready line of a kvferry server started as a child process, and reaping it."""
+"""Reading the ready line of a kvferry server started as a child process, reaping it, and
+waiting for a condition a test expects to become true."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import os
 import select
 import subprocess
 import time
+from collections.abc import Callable
 from typing import IO
 
-__all__ = ["read_ready_line", "reap"]
+__all__ = ["read_ready_line", "reap", "wait_for"]
 
 
 def read_ready_line(
@@ -57,3 +59,18 @@ def reap(proc: subprocess.Popen[bytes]) -> None:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
     proc.wait(timeout=30)
+
+
+def wait_for(
+    check: Callable[[], bool], what: str, timeout: float = 10.0, poll: float = 0.02
+) -> None:
+    """Poll ``check`` until it is true.
+
+    Raises:
+        AssertionError: still false after ``timeout`` seconds (the message names ``what``).
+    """
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {timeout}s: {what}")
+        time.sleep(poll)

@@ -13,11 +13,12 @@ from __future__ import annotations
 import json
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
 from kvferry.testing.mock_engine import MockServerProcess
+from kvferry.testing.ready import wait_for
 from kvferry.testing.router_process import RouterProcess
 from kvferry.testing.slowloris import Trickle
 
@@ -40,14 +41,6 @@ def limits(section: str) -> list[str]:
     ):
         flags += ["--set", f"{section}.{key}={value}"]
     return flags
-
-
-def wait_for(check: Callable[[], bool], what: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true within {timeout}s: {what}")
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module", params=["mock", "router"])

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -21,6 +20,7 @@ import pytest
 
 from kvferry.cli.main import main
 from kvferry.testing.mock_engine import MockServerProcess
+from kvferry.testing.ready import wait_for
 from kvferry.testing.router_process import RouterProcess
 
 FAST = ("--speedup-ratio", "1000", "--num-blocks", "512", "--max-model-len", "2048")
@@ -48,14 +48,6 @@ def hits(fleet: list[MockServerProcess]) -> dict[str, tuple[int, int]]:
         s = w.kv_stats()
         out[w.url] = (s["hit_blocks"], s["lookup_blocks"])
     return out
-
-
-def wait_for(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true within {timeout}s: {what}")
-        time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")

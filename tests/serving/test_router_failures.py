@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -23,6 +22,7 @@ import pytest
 from aiohttp import web
 
 from kvferry.testing.mock_engine import MockServerProcess
+from kvferry.testing.ready import wait_for
 from kvferry.testing.router_process import RouterProcess
 
 POISON = "POISON"
@@ -30,14 +30,6 @@ POISON = "POISON"
 
 def words(tag: str, n: int) -> str:
     return " ".join(f"{tag}{i}" for i in range(n))
-
-
-def wait_for(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true within {timeout}s: {what}")
-        time.sleep(0.02)
 
 
 class BuggyWorker:

