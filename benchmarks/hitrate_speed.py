@@ -44,7 +44,7 @@ BLOCK_TOKENS = 512
 
 def _trace() -> tuple[Any, list[list[bytes]], int]:
     """The trace (``--trace``), its store keys (built once) and their number."""
-    from kvferry.bench import hitrate
+    from kvferry.bench.hitrate import lab as hitrate
     from kvferry.bench.traces import read_trace
 
     trace = read_trace(TRACE, block_tokens=BLOCK_TOKENS, strict=True)
@@ -55,7 +55,7 @@ def _trace() -> tuple[Any, list[list[bytes]], int]:
 def measure(
     policies: list[str], capacities: list[int], repeat: int, engine: str
 ) -> list[dict[str, object]]:
-    from kvferry.bench import hitrate
+    from kvferry.bench.hitrate import lab as hitrate
 
     trace, keys, blocks = _trace()
     rows: list[dict[str, object]] = []
@@ -129,7 +129,7 @@ def bare_reference(
 ) -> list[dict[str, object]]:
     """Each policy's run (``engine``) next to :func:`bare_lru` at the same capacity, and with
     ``store_too`` the store loop as well, alternating single runs; LRU must hit the same."""
-    from kvferry.bench import hitrate
+    from kvferry.bench.hitrate import lab as hitrate
 
     trace, keys, blocks = _trace()
     rows: list[dict[str, object]] = []
@@ -184,7 +184,7 @@ def _worker(root: Path, cpu: int) -> subprocess.Popen[str]:
 
 
 def _serve() -> None:
-    from kvferry.bench import hitrate
+    from kvferry.bench.hitrate import lab as hitrate
 
     trace, keys, blocks = _trace()
     for line in sys.stdin:

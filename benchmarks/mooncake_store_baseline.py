@@ -12,7 +12,7 @@ registered staging buffer and copies into the caller's buffers):
   from the other process over Mooncake's transfer engine (TCP). Default 128 x 64 KiB per batch,
   reported in GB/s (1e9 bytes/s).
 
-A ``mooncake_master`` is started on free loopback ports (``kvferry.testing.mooncake_master``)
+A ``mooncake_master`` is started on free loopback ports (``kvferry.backends.mooncake_master``)
 unless ``--master host:port`` names one. Each row runs ``--duration`` seconds after a short
 warm-up, and the first batch of every row is checked byte for byte before timing.
 
@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.local_objects < args.batch:
         parser.error("--local-objects must be at least --batch")
 
-    from kvferry.testing.mooncake_master import MooncakeMaster
+    from kvferry.backends.mooncake_master import MooncakeMaster
 
     master = None if args.master else MooncakeMaster.start()
     address = args.master or (master.address if master else "")

@@ -50,7 +50,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from kvferry.bench.endpoint import ServeBenchOptions, run_serve_bench
+from kvferry.bench.endpoint.harness import ServeBenchOptions, run_serve_bench
 from kvferry.bench.traces import read_trace
 from kvferry.testing.mock_engine import MockServerProcess
 from kvferry.testing.router_process import RouterProcess

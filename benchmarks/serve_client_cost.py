@@ -15,7 +15,7 @@ import socket
 import statistics
 import time
 
-from kvferry.bench.endpoint import ServeBenchOptions, run_serve_bench
+from kvferry.bench.endpoint.harness import ServeBenchOptions, run_serve_bench
 from kvferry.testing.mock_engine import MockServerProcess
 from kvferry.testing.zero_server import ZeroServerProcess
 

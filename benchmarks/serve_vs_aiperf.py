@@ -34,9 +34,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from kvferry.bench.endpoint import ServeBenchOptions, run_serve_bench
-from kvferry.bench.endpoint_export import write_artifacts
-from kvferry.bench.endpoint_inputs import SyntheticSource
+from kvferry.bench.endpoint.export import write_artifacts
+from kvferry.bench.endpoint.harness import ServeBenchOptions, run_serve_bench
+from kvferry.bench.endpoint.inputs import SyntheticSource
 from kvferry.serving.tiny_model import build_tiny_model, place_in_hf_cache
 from kvferry.testing.mock_engine import MockServerProcess
 

@@ -34,8 +34,7 @@ from kvferry.transfer import (
     TransferRequest,
     TransferState,
 )
-
-__version__ = "0.1.0"
+from kvferry.version import __version__
 
 __all__ = [
     "AuthError",

@@ -68,13 +68,12 @@ from typing import TYPE_CHECKING, ClassVar
 import xxhash
 from pydantic import BaseModel
 
+from kvferry.index.keys import KEY_BYTES as KEY_BYTES
+from kvferry.index.keys import Key as Key
+
 if TYPE_CHECKING:
     from kvferry.transfer.memory import MemoryRegion
 
-Key = bytes
-"""A block hash: 16 bytes from ``kvferry.index.hashing``."""
-
-KEY_BYTES = 16
 
 Buffer = bytes | bytearray | memoryview
 """A block value given to ``put``."""

@@ -77,10 +77,11 @@ import numpy as np
 import xxhash
 from pydantic import BaseModel
 
-from kvferry.backends.base import KEY_BYTES, Buffer, Key, PutStatus, Tier, TierContext, TierStats
+from kvferry.backends.base import Buffer, Key, PutStatus, Tier, TierContext, TierStats
 from kvferry.config.models import DiskTierConfig
 from kvferry.config.units import format_size_approx
 from kvferry.errors import ConfigError, StorageError
+from kvferry.index.keys import KEY_BYTES
 
 log = logging.getLogger(__name__)
 

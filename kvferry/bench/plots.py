@@ -26,8 +26,8 @@ if TYPE_CHECKING:
     from matplotlib.axis import Axis
     from matplotlib.figure import Figure
 
-    from kvferry.bench.endpoint import ServeBenchReport
-    from kvferry.bench.hitrate import HitRateReport
+    from kvferry.bench.endpoint.harness import ServeBenchReport
+    from kvferry.bench.hitrate.lab import HitRateReport
 
 IDENTITY_GID = "run-identity"
 """The gid of the footer text :func:`stamp` adds (tests find it by it)."""
@@ -253,7 +253,7 @@ def plot_hitrate(
         HitRateError: matplotlib is missing (``pip install 'kvferry[plot]'``), or the file
             cannot be written.
     """
-    from kvferry.bench.hitrate import HitRateError
+    from kvferry.bench.hitrate.lab import HitRateError
 
     try:
         fig = hitrate_figure(report, weighting=weighting, reference_label=reference_label)

@@ -13,8 +13,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from kvferry.bench import references
-from kvferry.bench import store as store_bench
-from kvferry.bench.transfer import (
+from kvferry.bench.store import harness as store_bench
+from kvferry.bench.transfer.harness import (
     COLUMNS,
     READY_PREFIX,
     Contender,
@@ -30,10 +30,10 @@ from kvferry.bench.transfer import (
 from kvferry.cli.common import add_config_options, load_from_args
 from kvferry.cli.hitrate_cmd import add_hitrate_parser
 from kvferry.cli.serve_bench_cmd import add_serve_bench_parser
-from kvferry.cli.tables import FitTable, add_wide_option, output_console, print_table
 from kvferry.config.models import KvferryConfig
 from kvferry.config.units import parse_duration, parse_size
 from kvferry.errors import ConfigError
+from kvferry.tables import FitTable, add_wide_option, output_console, print_table
 
 
 def _size(text: str) -> int:

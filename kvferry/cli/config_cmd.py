@@ -11,9 +11,9 @@ import json
 import sys
 
 from kvferry.cli.common import add_config_options, load_from_args
-from kvferry.cli.tables import FitTable, add_wide_option, output_console, print_table
 from kvferry.config.loader import LoadedConfig, load_config
 from kvferry.config.presets import PRESET_DESCRIPTIONS, PRESETS
+from kvferry.tables import FitTable, add_wide_option, output_console, print_table
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

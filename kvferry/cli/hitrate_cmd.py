@@ -1,5 +1,5 @@
 """``kvferry bench hitrate``: hit rate versus capacity and policy, by simulation or by replay
-against a real store, with capacity advice; parse, call :mod:`kvferry.bench.hitrate`, print."""
+against a real store, with capacity advice; parse, call :mod:`kvferry.bench.hitrate.lab`, print."""
 
 from __future__ import annotations
 
@@ -10,16 +10,16 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from kvferry.bench import hitrate as lab
-from kvferry.bench.hitrate import Advice, HitRateReport, HitRateResult, SimCase, TierSpec
+from kvferry.bench.hitrate import lab
+from kvferry.bench.hitrate.lab import Advice, HitRateReport, HitRateResult, SimCase, TierSpec
 from kvferry.bench.plots import plot_hitrate
 from kvferry.bench.traces import BUNDLED, Trace, bundled_path, ingest
 from kvferry.cli.common import add_config_options, load_from_args
-from kvferry.cli.tables import FitTable, add_wide_option, output_console, print_table
 from kvferry.cli.trace_cmd import add_trace_options, load, print_problems
 from kvferry.config.models import KvferryConfig
 from kvferry.errors import ConfigError
 from kvferry.store.eviction import load_policy
+from kvferry.tables import FitTable, add_wide_option, output_console, print_table
 
 FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0)
 """Default sweep: these fractions of the trace's distinct blocks."""

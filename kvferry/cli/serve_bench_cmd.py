@@ -1,5 +1,6 @@
 """``kvferry bench serve``: benchmark an OpenAI-compatible endpoint (aiperf-compatible output);
-parse flags, call :mod:`kvferry.bench.endpoint`, show progress, print and write the results."""
+parse flags, call :mod:`kvferry.bench.endpoint.harness`, show progress, print and write the
+results."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from kvferry.bench import endpoint_export as export
-from kvferry.bench.endpoint import (
+from kvferry.bench.endpoint import export
+from kvferry.bench.endpoint.harness import (
     ENDPOINTS,
     EndpointBenchError,
     LevelResult,
@@ -24,12 +25,12 @@ from kvferry.bench.endpoint import (
     load_source,
     run_serve_bench,
 )
-from kvferry.bench.endpoint_metrics import RECORD_METRICS, parse_goodput
+from kvferry.bench.endpoint.metrics import RECORD_METRICS, parse_goodput
 from kvferry.bench.traces import BUNDLED, DEFAULT_BLOCK_TOKENS
-from kvferry.cli.tables import FitTable, add_wide_option, output_console, print_table
 from kvferry.cli.trace_cmd import print_problems
 from kvferry.config.units import parse_duration
 from kvferry.errors import ConfigError
+from kvferry.tables import FitTable, add_wide_option, output_console, print_table
 
 TABLE_METRICS = (
     "time_to_first_token",

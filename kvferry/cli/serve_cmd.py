@@ -18,7 +18,7 @@ from kvferry.cli.common import Stopped, add_config_options, load_from_args
 from kvferry.config.units import format_size, format_size_approx
 
 if TYPE_CHECKING:
-    from kvferry.backends.server.service import StoreServer
+    from kvferry.store.server import StoreServer
 
 READY = "kvferry-store-ready"
 
@@ -178,7 +178,7 @@ _ROUTER_FLAGS: list[tuple[str, str, str]] = [
 
 
 def run_store(args: argparse.Namespace) -> int:
-    from kvferry.backends.server.service import StoreServer
+    from kvferry.store.server import StoreServer
 
     flags = {
         "listen.port": args.port,
@@ -271,7 +271,7 @@ class _StopSignals:
 def run_mock(args: argparse.Namespace) -> int:
     import asyncio
 
-    from kvferry.serving.mock import READY, MockServer, describe, serve
+    from kvferry.serving.mock.server import READY, MockServer, describe, serve
 
     flags = {key: getattr(args, key.replace(".", "_")) for _, key, _ in _MOCK_FLAGS}
     names = {key: option for option, key, _ in _MOCK_FLAGS}
@@ -291,7 +291,7 @@ def run_mock(args: argparse.Namespace) -> int:
 def run_router(args: argparse.Namespace) -> int:
     import asyncio
 
-    from kvferry.serving.router import READY, RouterServer, describe, serve
+    from kvferry.serving.router.server import READY, RouterServer, describe, serve
 
     flags: dict[str, object] = {
         key: getattr(args, key.replace(".", "_")) for _, key, _ in _ROUTER_FLAGS

@@ -17,7 +17,7 @@ from kvferry.bench.traces import (
     analyze_trace,
     read_trace,
 )
-from kvferry.cli.tables import FitTable, add_wide_option, output_console, print_table
+from kvferry.tables import FitTable, add_wide_option, output_console, print_table
 
 PROBLEMS_SHOWN = 10
 

@@ -554,7 +554,7 @@ class HttpFrontConfig(_Model):
 class MockConfig(HttpFrontConfig):
     """The simulated OpenAI-compatible engine (``kvferry serve mock``): KV blocks, batching,
     timing. The timing defaults model an 8B model in bf16 on one H100-class GPU
-    (``kvferry.serving.timing``)."""
+    (``kvferry.serving.mock.timing``)."""
 
     model: str = Field(
         "kvferry-mock",

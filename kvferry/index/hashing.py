@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 
 import xxhash
 
-from kvferry.backends.base import KEY_BYTES
+from kvferry.index.keys import KEY_BYTES
 
 __all__ = ["HASH_ALGORITHMS", "BlockHasher", "block_hashes"]
 

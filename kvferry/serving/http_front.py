@@ -51,7 +51,7 @@ from kvferry.admission import PendingConnections
 from kvferry.config.models import HttpFrontConfig
 from kvferry.errors import ConfigError
 from kvferry.observe.logs import RateLimitedLog
-from kvferry.serving.openai_api import HttpError, bad_request, error_body
+from kvferry.serving.mock.openai_api import HttpError, bad_request, error_body
 
 __all__ = [
     "OFF_LOOP_BYTES",

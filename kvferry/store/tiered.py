@@ -180,7 +180,7 @@ class TieredStore:
             log.info("store: %s holds %d blocks from before", tier.label, len(policy))
 
     def _start_exporter(self, port: int) -> None:
-        from kvferry.observe.prometheus import MetricsExporter
+        from kvferry.telemetry.prometheus import MetricsExporter
 
         token = self.config.listen.auth_token
         exporter = MetricsExporter(

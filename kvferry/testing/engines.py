@@ -39,7 +39,7 @@ def connector_config(extra: dict[str, Any] | None = None) -> str:
     return json.dumps(
         {
             "kv_connector": "KvferryConnector",
-            "kv_connector_module_path": "kvferry.serving.vllm",
+            "kv_connector_module_path": "kvferry.serving.vllm.connector",
             "kv_role": "kv_both",
             "kv_connector_extra_config": extra or {},
         }

@@ -1,4 +1,4 @@
-"""The check every printed table must pass (see :mod:`kvferry.cli.tables`): no value cut.
+"""The check every printed table must pass (see :mod:`kvferry.tables`): no value cut.
 
 Tests render a command's output on a console of a fixed width and hand the text here with the
 values the table was built from.
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from rich.console import Console
 
-from kvferry.cli.tables import FitTable, print_table
+from kvferry.tables import FitTable, print_table
 
 __all__ = [
     "assert_fits",

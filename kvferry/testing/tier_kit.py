@@ -10,7 +10,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-from kvferry.backends.base import KEY_BYTES, PutStatus, SlotTier, Tier
+from kvferry.backends.base import PutStatus, SlotTier, Tier
+from kvferry.index.keys import KEY_BYTES
 
 TierFactory = Callable[[], Tier]
 

@@ -21,12 +21,12 @@ import pytest
 from kvferry.backends.base import PutStatus, TierContext
 from kvferry.backends.cpu import CpuTier
 from kvferry.backends.mooncake import MooncakeTier, describe_code, object_name
+from kvferry.backends.mooncake_master import MooncakeMaster, find_master_binary, free_port
 from kvferry.backends.registry import create_tier
 from kvferry.config.models import CpuTierConfig, KvferryConfig, MooncakeTierConfig, StoreConfig
 from kvferry.errors import ConfigError, MissingDependency, StorageError
 from kvferry.store import TieredStore
 from kvferry.testing.hang import hung
-from kvferry.testing.mooncake_master import MooncakeMaster, find_master_binary, free_port
 from kvferry.testing.tier_kit import check_tier, key, value
 
 pytestmark = pytest.mark.mooncake

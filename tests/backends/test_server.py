@@ -20,11 +20,11 @@ from kvferry.backends.cpu import CpuTier
 from kvferry.backends.server import protocol as p
 from kvferry.backends.server.client import ServerTier
 from kvferry.backends.server.ring import HashRing
-from kvferry.backends.server.service import StoreServer
 from kvferry.config import load_config
 from kvferry.config.models import CpuTierConfig, KvferryConfig, ServerTierConfig, StoreConfig
 from kvferry.errors import ConfigError, StorageError
 from kvferry.store import TieredStore
+from kvferry.store.server import StoreServer
 from kvferry.testing.hang import hung
 from kvferry.testing.redis_server import RedisProcesses
 from kvferry.testing.tier_kit import check_tier, key, value

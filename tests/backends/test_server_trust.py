@@ -12,9 +12,9 @@ import pytest
 from kvferry.backends.base import PutStatus, TierContext, block_checksum
 from kvferry.backends.server import protocol as p
 from kvferry.backends.server.client import ServerTier
-from kvferry.backends.server.service import StoreServer
 from kvferry.config import load_config
 from kvferry.config.models import KvferryConfig, ServerTierConfig
+from kvferry.store.server import StoreServer
 from kvferry.testing.tier_kit import key, value
 from kvferry.transfer import handshake, wire
 from kvferry.transfer.memory import PeerMapping

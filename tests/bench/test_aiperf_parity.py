@@ -32,8 +32,8 @@ from typing import Any
 
 import pytest
 
-from kvferry.bench.endpoint_aggregate import aggregate
-from kvferry.bench.endpoint_metrics import ErrorInfo, HttpTrace, RequestRecord
+from kvferry.bench.endpoint.aggregate import aggregate
+from kvferry.bench.endpoint.metrics import ErrorInfo, HttpTrace, RequestRecord
 from kvferry.cli.main import main
 from kvferry.testing.mock_engine import MockServerProcess
 
@@ -130,7 +130,7 @@ class Runs:
 
 
 def _prompts(path: Path, tokenizer: str) -> None:
-    from kvferry.bench.endpoint_inputs import SyntheticSource
+    from kvferry.bench.endpoint.inputs import SyntheticSource
 
     source = SyntheticSource(isl=ISL, osl=OSL, seed=0, tokenizer=tokenizer)
     with path.open("w") as f:
@@ -318,7 +318,7 @@ def _rebuild(line: dict[str, Any]) -> RequestRecord:
 
 
 def test_aiperfs_own_records_give_aiperfs_numbers(runs: Runs) -> None:
-    from kvferry.bench.endpoint_metrics import parse_goodput
+    from kvferry.bench.endpoint.metrics import parse_goodput
 
     lines = [json.loads(x) for x in (runs.aiperf / "profile_export.jsonl").open()]
     manifest = json.loads((runs.aiperf / "phase_manifest.json").read_text())

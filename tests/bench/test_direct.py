@@ -8,8 +8,9 @@ import random
 
 import pytest
 
-from kvferry.bench import direct, hitrate
-from kvferry.bench.hitrate import SimCase, TierSpec, simulate, sweep
+from kvferry.bench.hitrate import direct
+from kvferry.bench.hitrate import lab as hitrate
+from kvferry.bench.hitrate.lab import SimCase, TierSpec, simulate, sweep
 from kvferry.bench.traces import Trace, TraceRequest
 from kvferry.config.models import KvferryConfig
 from kvferry.store.eviction import POLICIES

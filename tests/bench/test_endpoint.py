@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from kvferry.bench.endpoint import ServeBenchOptions, parse_stream, run_serve_bench
+from kvferry.bench.endpoint.harness import ServeBenchOptions, parse_stream, run_serve_bench
 from kvferry.cli.main import main
 from kvferry.testing.mock_engine import MockServerProcess
 from kvferry.testing.zero_server import ZeroServerProcess
@@ -212,9 +212,9 @@ def test_zero_delay_server_through_the_api() -> None:
 
 
 def test_tables_keep_every_number_whole_in_a_narrow_terminal(server: MockServerProcess) -> None:
-    from kvferry.bench.endpoint_metrics import parse_goodput
+    from kvferry.bench.endpoint.metrics import parse_goodput
     from kvferry.cli.serve_bench_cmd import level_table, sweep_table
-    from kvferry.cli.tables import print_table
+    from kvferry.tables import print_table
     from kvferry.testing.tables import assert_fits, narrow_console, printed
 
     options = ServeBenchOptions(
@@ -243,7 +243,7 @@ def test_every_plot_names_the_run(
 
     from matplotlib.figure import Figure
 
-    from kvferry.bench.endpoint_export import plot_sweep
+    from kvferry.bench.endpoint.export import plot_sweep
     from kvferry.bench.plots import IDENTITY_GID
 
     saved: list[Figure] = []
@@ -333,7 +333,7 @@ def test_parse_stream() -> None:
 
 
 def test_plots_without_matplotlib_name_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
-    from kvferry.bench.endpoint_export import require_matplotlib
+    from kvferry.bench.endpoint.export import require_matplotlib
     from kvferry.errors import MissingDependency
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kvferry.bench.endpoint_aggregate import MetricResult, aggregate
-from kvferry.bench.endpoint_metrics import (
+from kvferry.bench.endpoint.aggregate import MetricResult, aggregate
+from kvferry.bench.endpoint.metrics import (
     PERCENTILES,
     RECORD_METRICS,
     ErrorInfo,

@@ -21,7 +21,7 @@ import pytest
 
 pytest.importorskip("mooncake")
 
-from kvferry.bench.transfer_backends.mooncake import MooncakeBenchBackend, find_readable_size
+from kvferry.bench.transfer.backends.mooncake import MooncakeBenchBackend, find_readable_size
 from kvferry.errors import PeerClosed, SegmentError, TransferError
 
 pytestmark = pytest.mark.mooncake
@@ -37,7 +37,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 _KVFERRY_TARGET = """
 import sys
-from kvferry.bench.transfer_backends.mooncake import MooncakeBenchBackend, find_readable_size
+from kvferry.bench.transfer.backends.mooncake import MooncakeBenchBackend, find_readable_size
 backend = MooncakeBenchBackend()
 try:
     print(backend.start_target(int(sys.argv[1])), flush=True)

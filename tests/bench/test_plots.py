@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from kvferry.bench.hitrate import HitRateReport, TierSpec, advise, simulate, trace_keys
+from kvferry.bench.hitrate.lab import HitRateReport, TierSpec, advise, simulate, trace_keys
 from kvferry.bench.plots import IDENTITY_GID, hitrate_figure, plot_hitrate
 from kvferry.bench.traces import Trace
 

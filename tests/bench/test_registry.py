@@ -1,4 +1,4 @@
-"""Tests for the transfer-bench backend registry (kvferry.bench.transfer_backends.registry)."""
+"""Tests for the transfer-bench backend registry (kvferry.bench.transfer.backends.registry)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from kvferry.bench.transfer_backends import registry
-from kvferry.bench.transfer_backends.base import Op, TransferBenchBackend
-from kvferry.bench.transfer_backends.mooncake import MooncakeBenchBackend
+from kvferry.bench.transfer.backends import registry
+from kvferry.bench.transfer.backends.base import Op, TransferBenchBackend
+from kvferry.bench.transfer.backends.mooncake import MooncakeBenchBackend
 from kvferry.errors import ConfigError
 
 
@@ -64,10 +64,10 @@ def clean_registry() -> Iterator[None]:
 
 def test_builtins_are_registered() -> None:
     assert registry.BACKENDS["kvferry"] == (
-        "kvferry.bench.transfer_backends.kvferry:KvferryBenchBackend"
+        "kvferry.bench.transfer.backends.kvferry:KvferryBenchBackend"
     )
     assert registry.BACKENDS["mooncake"] == (
-        "kvferry.bench.transfer_backends.mooncake:MooncakeBenchBackend"
+        "kvferry.bench.transfer.backends.mooncake:MooncakeBenchBackend"
     )
 
 

@@ -16,9 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from kvferry.bench import store as store_bench
+import kvferry.tables as tables
 from kvferry.bench.stats import Summary
-from kvferry.bench.store import (
+from kvferry.bench.store import harness as store_bench
+from kvferry.bench.store.backends import start_store_server
+from kvferry.bench.store.harness import (
     BACKENDS,
     COLUMNS,
     KeySpace,
@@ -29,8 +31,6 @@ from kvferry.bench.store import (
     auto_slot_size,
     run_store_bench,
 )
-from kvferry.bench.store_backends import start_store_server
-from kvferry.cli import tables
 from kvferry.cli.bench_cmd import _print_store_report
 from kvferry.cli.main import main
 from kvferry.config.models import (
@@ -377,7 +377,7 @@ def test_cli_wide_prints_every_column(
 
 
 def test_every_backend_has_a_preparer() -> None:
-    from kvferry.bench.store_backends import PREPARERS
+    from kvferry.bench.store.backends import PREPARERS
 
     assert set(PREPARERS) == set(BACKENDS)
 

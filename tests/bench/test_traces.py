@@ -146,8 +146,8 @@ def test_cli_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 def test_analyze_keeps_every_number_whole_in_a_narrow_terminal(
     width: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    import kvferry.tables as tables
     from kvferry.bench.traces import STAT_KEYS
-    from kvferry.cli import tables
     from kvferry.testing.tables import assert_values_whole
 
     monkeypatch.setattr(tables, "PIPED_WIDTH", width)

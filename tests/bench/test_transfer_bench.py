@@ -117,7 +117,7 @@ def test_rounds_interleave_two_backends_and_report_per_round_ratios(tmp_path: Pa
 
 def test_merge_rounds_pools_samples_and_sums_the_rest() -> None:
     from kvferry.bench.stats import Samples, Summary
-    from kvferry.bench.transfer import CaseResult, RoundRatios, merge_rounds
+    from kvferry.bench.transfer.harness import CaseResult, RoundRatios, merge_rounds
 
     def result(batches: int, seconds: float, cpu: float, target: float | None) -> CaseResult:
         return CaseResult(
@@ -200,7 +200,7 @@ def test_bad_backend_entries_are_clear_errors(tmp_path: Path, backend: str, mess
 @pytest.mark.parametrize("width", [100, 80])
 def test_tables_keep_every_number_whole_in_a_narrow_terminal(width: int) -> None:
     from kvferry.bench.stats import Summary
-    from kvferry.bench.transfer import (
+    from kvferry.bench.transfer.harness import (
         COLUMNS,
         CaseResult,
         RoundRatios,

@@ -320,7 +320,7 @@ def test_python_dash_m_error_exits_2_without_traceback() -> None:
 def test_show_keeps_every_key_and_short_value_whole_in_a_narrow_terminal(
     width: int, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from kvferry.cli import tables
+    import kvferry.tables as tables
     from kvferry.config.loader import load_config
     from kvferry.testing.tables import assert_values_whole
 

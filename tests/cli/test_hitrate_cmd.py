@@ -131,7 +131,7 @@ def test_tables_keep_every_number_whole_in_a_narrow_terminal(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from kvferry.cli import tables
+    import kvferry.tables as tables
     from kvferry.testing.tables import assert_values_whole
 
     monkeypatch.setattr(tables, "PIPED_WIDTH", width)

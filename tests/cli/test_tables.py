@@ -8,7 +8,7 @@ import io
 import pytest
 from rich.console import Console
 
-from kvferry.cli.tables import FitTable, print_table
+from kvferry.tables import FitTable, print_table
 
 HEADERS = ("Phase", "Op", "Ops", "Ops/s", "Blocks/s", "GB/s", "Mean (us)", "P99 (us)")
 DROP = {"Blocks/s": 3, "Mean (us)": 2, "Ops": 1}

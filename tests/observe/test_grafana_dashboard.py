@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvferry.backends.server.service import StoreServer
 from kvferry.config import load_config
-from kvferry.serving.connector_metrics import PROM_NAMES
+from kvferry.serving.vllm.metrics import PROM_NAMES
+from kvferry.store.server import StoreServer
 from kvferry.testing.engines import free_port
 from kvferry.testing.tier_kit import key, value
 

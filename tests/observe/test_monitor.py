@@ -10,8 +10,8 @@ from rich.console import Console
 
 from kvferry.backends.base import TierStats
 from kvferry.errors import ConfigError
-from kvferry.observe.monitor import StatsMonitor, format_table
 from kvferry.store.stats import StoreStats, TierCounters
+from kvferry.telemetry.monitor import StatsMonitor, format_table
 
 
 class FakeClock:

@@ -17,8 +17,8 @@ from prometheus_client.samples import Sample
 from kvferry.backends.base import TierStats
 from kvferry.errors import ConfigError
 from kvferry.observe.counters import MetricSet
-from kvferry.observe.prometheus import MetricsExporter, histogram_buckets
 from kvferry.store.stats import StoreStats, TierCounters
+from kvferry.telemetry.prometheus import MetricsExporter, histogram_buckets
 from kvferry.testing.slowloris import Trickle
 
 

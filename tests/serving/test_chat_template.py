@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from kvferry.errors import ConfigError
-from kvferry.serving.tokenizer import HfTokenizer, render_chat
+from kvferry.serving.mock.tokenizer import HfTokenizer, render_chat
 from kvferry.testing.mock_engine import MockServerProcess
 
 tokenizers = pytest.importorskip("tokenizers")

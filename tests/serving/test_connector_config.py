@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kvferry.errors import ConfigError
-from kvferry.serving.connector_config import parse_extra_config, store_mode
+from kvferry.serving.vllm.config import parse_extra_config, store_mode
 
 
 def test_empty_config_is_an_embedded_cpu_store() -> None:

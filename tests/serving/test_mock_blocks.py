@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from kvferry.index.hashing import BlockHasher
-from kvferry.serving.blocks import BlockManager, KvEvent
+from kvferry.serving.mock.blocks import BlockManager, KvEvent
 
 MODEL = "m"
 BS = 4

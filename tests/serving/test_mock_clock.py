@@ -1,5 +1,5 @@
-"""The simulated engine keeps its timing model's time (kvferry/serving/clock.py and the engine
-loop of kvferry/serving/scheduler.py).
+"""The simulated engine keeps its timing model's time (kvferry/serving/mock/clock.py and the engine
+loop of kvferry/serving/mock/scheduler.py).
 
 End to end: the real endpoint bench (:func:`run_serve_bench`, a worker process) measures a real
 ``kvferry serve mock`` process at speed-ups 1, 10 and 100, one request at a time, and its TTFT
@@ -38,13 +38,13 @@ import statistics
 
 import pytest
 
-from kvferry.bench.endpoint import ServeBenchOptions, run_serve_bench
-from kvferry.bench.endpoint_metrics import usage_values
+from kvferry.bench.endpoint.harness import ServeBenchOptions, run_serve_bench
+from kvferry.bench.endpoint.metrics import usage_values
 from kvferry.config.models import MockConfig
-from kvferry.serving.clock import StepClock
-from kvferry.serving.scheduler import MockEngine, MockRequest, SamplingParams
-from kvferry.serving.timing import TimingModel
-from kvferry.serving.tokenizer import WordTokenizer
+from kvferry.serving.mock.clock import StepClock
+from kvferry.serving.mock.scheduler import MockEngine, MockRequest, SamplingParams
+from kvferry.serving.mock.timing import TimingModel
+from kvferry.serving.mock.tokenizer import WordTokenizer
 from kvferry.testing.mock_engine import MockServerProcess
 
 VOCAB = 128256

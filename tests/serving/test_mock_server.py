@@ -29,10 +29,10 @@ from kvferry.config import load_config
 from kvferry.config.models import MockConfig
 from kvferry.errors import MissingDependency
 from kvferry.index.hashing import BlockHasher
-from kvferry.serving.openai_api import CompletionFormatter, ParsedRequest, data_line
-from kvferry.serving.scheduler import MockEngine, MockRequest, SamplingParams
-from kvferry.serving.timing import TimingModel
-from kvferry.serving.tokenizer import WordTokenizer, load_tokenizer
+from kvferry.serving.mock.openai_api import CompletionFormatter, ParsedRequest, data_line
+from kvferry.serving.mock.scheduler import MockEngine, MockRequest, SamplingParams
+from kvferry.serving.mock.timing import TimingModel
+from kvferry.serving.mock.tokenizer import WordTokenizer, load_tokenizer
 from kvferry.testing.mock_engine import KvEventReader, MockServerProcess
 
 MODEL = "kvferry-mock"

@@ -11,7 +11,7 @@ import pytest
 from kvferry.config import load_config
 from kvferry.config.models import MockConfig
 from kvferry.errors import ConfigError
-from kvferry.serving.timing import TimingModel, fit_profile, load_profile, parse_profile
+from kvferry.serving.mock.timing import TimingModel, fit_profile, load_profile, parse_profile
 
 TRUE = TimingModel(
     prefill_base_ms=3.0,

@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 
 from kvferry.errors import ConfigError
 from kvferry.index.hashing import BlockHasher
-from kvferry.serving.blocks import BlockManager
-from kvferry.serving.kv_events import event_json
-from kvferry.serving.kv_index import (
+from kvferry.serving.mock.blocks import BlockManager
+from kvferry.serving.mock.kv_events import event_json
+from kvferry.serving.router.prefix_index import (
     EventMirror,
     LoadTracker,
     PrefixIndex,
@@ -26,7 +26,7 @@ from kvferry.serving.kv_index import (
     pick,
     score,
 )
-from kvferry.serving.router_workers import SseParser
+from kvferry.serving.router.workers import SseParser
 
 BS = 4
 INF = math.inf

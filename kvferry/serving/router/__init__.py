@@ -1,0 +1,5 @@
+"""The KV-aware router behind ``kvferry serve router``: :mod:`.prefix_index` (which worker holds
+which blocks, and the routing decision, pure), :mod:`.workers` (health, start-up check, event
+subscriptions), :mod:`.vllm_events` (vLLM's ZeroMQ KV events, translated) and :mod:`.server`
+(the OpenAI-compatible front).
+"""
