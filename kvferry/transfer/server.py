@@ -22,6 +22,12 @@ blocking reads and writes (SO_RCVTIMEO/SO_SNDTIMEO, no cost on the data path): a
 no progress for ``listen.stall_timeout`` closes its connection, and so does an idle wait between
 frames past ``listen.idle_timeout``. A large CALL payload is received into lazily committed
 memory, so a header that announces 64 MiB and stalls costs what it sent, not 64 MiB.
+
+The module is one class, :class:`TargetServer`, kept whole past 500 lines on purpose: the accept
+loop, the handshake, the data loop and the READV/WRITEV/CALL paths share one connection's
+limits, counters and refusal path, and the data loop is one function so the per-frame hot path
+runs on locals. What its threads do to a socket (bounded receives, gathered sends, ERR replies)
+is in :mod:`kvferry.transfer.server_io`.
 """
 
 from __future__ import annotations
@@ -29,9 +35,7 @@ from __future__ import annotations
 import functools
 import hmac
 import logging
-import mmap
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -44,6 +48,25 @@ from kvferry.observe.counters import TransportCounters
 from kvferry.observe.logs import RateLimitedLog
 from kvferry.transfer import wire
 from kvferry.transfer.memory import DeviceRegion, MemoryRegion
+from kvferry.transfer.server_io import (
+    CallArena,
+    Limits,
+    Refused,
+    ServeTimeout,
+    fill,
+    linger,
+    merge_adjacent,
+    peer_text,
+    recv_by,
+    refusal,
+    send_error,
+    sendmsg_all,
+    take,
+    timeval,
+    try_fill,
+)
+
+__all__ = ["CallHandler", "CallReply", "TargetServer"]
 
 CallHandler = Callable[[int, memoryview], "CallReply"]
 """(method, payload) -> reply; mounted by a service (the store server) on the listener. The
@@ -71,7 +94,6 @@ _peer_log = RateLimitedLog(log)
 _FLUSH_BYTES = 4 << 20
 _PENDING_CAP_FACTOR = 4
 _RBUF_BYTES = 16 << 10
-_DONTWAIT = socket.MSG_DONTWAIT
 
 
 class TargetServer:
@@ -109,7 +131,7 @@ class TargetServer:
         self._idle = listen.idle_timeout
         # The kernel's blocking-read timeout: the shorter of the two, so both are seen.
         self._tick = min(self._stall, self._idle) if self._idle > 0 else self._stall
-        self._limits = _Limits(self._tick, self._stall, self._idle)
+        self._limits = Limits(self._tick, self._stall, self._idle)
         self.counters = counters
         self._sock: socket.socket | None = None
         self._conns: set[socket.socket] = set()
@@ -211,30 +233,30 @@ class TargetServer:
             with self._lock:
                 if len(self._conns) >= self._listen.max_connections:
                     self.counters.add(protocol_errors=1)
-                    _send_error(sock, "too many connections")
+                    send_error(sock, "too many connections")
                     return
                 self._conns.add(sock)
             self._set_timeouts(sock)
             self._data_loop(sock)
-        except _Timeout as e:
+        except ServeTimeout as e:
             self.counters.add(timeouts=1)
-            log.debug("closing connection from %s: %s", _addr(peer), e)
-        except _Refused as e:
+            log.debug("closing connection from %s: %s", peer_text(peer), e)
+        except Refused as e:
             # already counted, before the ERR reply went out (a peer may read the counters as
             # soon as it has the reply)
-            _peer_log.warning("refused", "refused a request from %s: %s", _addr(peer), e)
-            _linger(sock)
+            _peer_log.warning("refused", "refused a request from %s: %s", peer_text(peer), e)
+            linger(sock)
         except (ProtocolError, ValueError) as e:
             # An isolation boundary: a bad peer gets a reason and loses only its own connection.
             self.counters.add(protocol_errors=1)
-            _peer_log.warning("closed", "closing connection from %s: %s", _addr(peer), e)
-            _send_error(sock, str(e))
-            _linger(sock)
+            _peer_log.warning("closed", "closing connection from %s: %s", peer_text(peer), e)
+            send_error(sock, str(e))
+            linger(sock)
         except (PeerClosed, OSError, TimeoutError):
             pass  # the peer went away; nothing to answer
         except Exception:  # pragma: no cover - a bug must not take the listener down
             self.counters.add(errors=1)
-            log.exception("unexpected error serving %s", _addr(peer))
+            log.exception("unexpected error serving %s", peer_text(peer))
         finally:
             self._pending.closed(sock)
             with self._lock:
@@ -243,11 +265,11 @@ class TargetServer:
 
     def _handshake(self, sock: socket.socket, deadline: float) -> None:
         header = wire.decode(
-            _recv_by(sock, wire.HEADER_SIZE, deadline), reply=False, max_length=wire.MAX_HELLO_BYTES
+            recv_by(sock, wire.HEADER_SIZE, deadline), reply=False, max_length=wire.MAX_HELLO_BYTES
         )
         if header.op is not wire.Op.HELLO:
             raise ProtocolError("the first frame must be HELLO")
-        doc = wire.decode_json(_recv_by(sock, header.length, deadline))
+        doc = wire.decode_json(recv_by(sock, header.length, deadline))
         if doc.get("version") != wire.WIRE_VERSION:
             raise ProtocolError(f"wire version {doc.get('version')!r} is not {wire.WIRE_VERSION}")
         if self._token is not None:
@@ -263,10 +285,10 @@ class TargetServer:
 
     def _set_timeouts(self, sock: socket.socket) -> None:
         """Kernel timeouts on blocking reads and writes (the socket is in blocking mode, so
-        Python adds no poll of its own): they surface as BlockingIOError in ``_fill`` and
-        ``_sendmsg_all``, which tell a stall from an idle wait."""
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(self._tick))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(self._stall))
+        Python adds no poll of its own): they surface as BlockingIOError in ``fill`` and
+        ``sendmsg_all``, which tell a stall from an idle wait."""
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval(self._tick))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval(self._stall))
 
     def _data_loop(self, sock: socket.socket) -> None:
         regions = self._regions
@@ -289,7 +311,7 @@ class TargetServer:
         read_op, ok_op, call_op = wire.Op.READ, wire.Op.OK, wire.Op.CALL
         vector_ops, writev_op = (wire.Op.READV, wire.Op.WRITEV), wire.Op.WRITEV
         call = self._call
-        arena = _CallArena()
+        arena = CallArena()
         limits = self._limits
         try:
             while True:
@@ -305,7 +327,7 @@ class TargetServer:
                             left = rend - rpos
                             rbuf[:left] = rview[rpos:rend]
                             rpos, rend = 0, left
-                        rend = _try_fill(sock, rview, rend)
+                        rend = try_fill(sock, rview, rend)
                     if rend < hdr_size:
                         if served_read or served_write:
                             # Publish before going idle (a long-lived connection must not keep
@@ -317,10 +339,10 @@ class TargetServer:
                                 counters.frames += frames
                             served_read = served_write = frames = 0
                         if out:
-                            _sendmsg_all(sock, out)
+                            sendmsg_all(sock, out)
                             out.clear()
                             out_bytes = 0
-                        rend = _fill(sock, rview, rend, hdr_size, grace, limits, rend == 0)
+                        rend = fill(sock, rview, rend, hdr_size, grace, limits, rend == 0)
                 # Hot path: unpack once and check inline (no per-frame objects beyond the views).
                 magic, version, op, region_id, req_id, offset, length = unpack_from(rbuf, rpos)
                 hdr = rview[rpos : rpos + hdr_size]
@@ -338,7 +360,7 @@ class TargetServer:
                         out_bytes += served
                         served_read += served
                         if out_bytes >= _FLUSH_BYTES or len(out) >= 512:
-                            _sendmsg_all(sock, out)
+                            sendmsg_all(sock, out)
                             out_bytes = 0
                         continue
                     if op == call_op and call is not None and magic == wire.MAGIC:
@@ -358,21 +380,21 @@ class TargetServer:
                 ):
                     # Answer this very request (the initiator fails it without retry), then
                     # close: a WRITE payload may follow and must not be read as a header.
-                    reason = _refusal(region_id, region, offset, length)
+                    reason = refusal(region_id, region, offset, length)
                     if length > max_frame:
                         reason = f"frame length {length} exceeds the limit of {max_frame} bytes"
                     if out:
-                        _sendmsg_all(sock, out)
+                        sendmsg_all(sock, out)
                     counters.add(protocol_errors=1)
-                    _send_error(sock, reason, req_id)
-                    raise _Refused(reason)
+                    send_error(sock, reason, req_id)
+                    raise Refused(reason)
                 if length > max_frame:
                     if out:
-                        _sendmsg_all(sock, out)
+                        sendmsg_all(sock, out)
                     reason = f"frame length {length} exceeds the limit of {max_frame} bytes"
                     counters.add(protocol_errors=1)
-                    _send_error(sock, reason, req_id)
-                    raise _Refused(reason)
+                    send_error(sock, reason, req_id)
+                    raise Refused(reason)
                 if isinstance(region, DeviceRegion):
                     device: DeviceRegion | None = region
                     staged = self._device_copy(
@@ -390,20 +412,20 @@ class TargetServer:
                     out_bytes += length
                     served_read += length
                     frames += 1
-                else:  # _take, inline: the hot path of small WRITEs
+                else:  # take, inline: the hot path of small WRITEs
                     have = min(length, rend - rpos)
                     if have:
                         view[:have] = rview[rpos : rpos + have]
                         rpos += have
                     if have < length:
-                        _fill(sock, view, have, length, grace, limits)
+                        fill(sock, view, have, length, grace, limits)
                     if device is not None:
                         self._device_copy(sock, device, False, offset, length, req_id, out, staged)
                     out.append(pack(wire.MAGIC, wire.WIRE_VERSION, ok_op, region_id, req_id, 0, 0))
                     served_write += length
                     frames += 1
                 if out_bytes >= _FLUSH_BYTES or len(out) >= 512:
-                    _sendmsg_all(sock, out)
+                    sendmsg_all(sock, out)
                     out.clear()
                     out_bytes = 0
         except (ProtocolError, PeerClosed):
@@ -411,7 +433,7 @@ class TargetServer:
             # come in request order, and a peer that half-closed still reads them.
             if out:
                 try:
-                    _sendmsg_all(sock, out)
+                    sendmsg_all(sock, out)
                 except OSError:
                     pass
             raise
@@ -450,10 +472,10 @@ class TargetServer:
         except Exception as e:  # CUDA errors come as RuntimeError (or torch's own)
             reason = f"device copy of [{offset}, {offset + length}) of {region!r} failed: {e}"
             if out:
-                _sendmsg_all(sock, out)  # consumes the list
+                sendmsg_all(sock, out)  # consumes the list
             self.counters.add(errors=1)
-            _send_error(sock, reason, req_id)
-            raise _Refused(reason) from e
+            send_error(sock, reason, req_id)
+            raise Refused(reason) from e
         return staged
 
     def _vector_ranges(
@@ -476,16 +498,16 @@ class TargetServer:
             reason = f"a vector of {count} ranges: want 1..{wire.MAX_VECTOR}"
             self._refuse(sock, out, reason, req_id)
         desc = bytearray(count * entry)
-        rpos = _take(sock, memoryview(desc), rview, rpos, rend, self._grace, self._limits)
+        rpos = take(sock, memoryview(desc), rview, rpos, rend, self._grace, self._limits)
         regions = self._regions
         ranges: list[tuple[MemoryRegion | DeviceRegion, int, int]] = []
         total = 0
         for region_id, offset, n in wire.VECTOR_ENTRY.iter_unpack(desc):
             region = regions.get(region_id)
             if region is None or n <= 0 or offset + n > region.size:
-                self._refuse(sock, out, _refusal(region_id, region, offset, n), req_id)
+                self._refuse(sock, out, refusal(region_id, region, offset, n), req_id)
             if write and not region.peer_writable:
-                self._refuse(sock, out, _refusal(region_id, region, offset, n), req_id)
+                self._refuse(sock, out, refusal(region_id, region, offset, n), req_id)
             total += n
             if total > self._max_frame:
                 reason = f"a vector of more than {self._max_frame} bytes (the frame limit)"
@@ -523,7 +545,7 @@ class TargetServer:
         ok = wire.HEADER.pack(
             wire.MAGIC, wire.WIRE_VERSION, wire.Op.OK, 0, req_id, 0, 0 if write else total
         )
-        ranges = _merge_adjacent(ranges)
+        ranges = merge_adjacent(ranges)
         if not write:
             out.append(ok)
             for region, offset, n in ranges:
@@ -540,7 +562,7 @@ class TargetServer:
                 view = staged.view
             else:
                 view = region.view[offset : offset + n]
-            rpos = _take(sock, view, rview, rpos, rend, self._grace, self._limits)
+            rpos = take(sock, view, rview, rpos, rend, self._grace, self._limits)
             if device is not None:
                 self._device_copy(sock, device, False, offset, n, req_id, out, staged)
         out.append(ok)
@@ -551,16 +573,16 @@ class TargetServer:
     ) -> NoReturn:
         """Answer what is gathered, then ERR for ``req_id``; the connection closes."""
         if out:
-            _sendmsg_all(sock, out)  # consumes the list
+            sendmsg_all(sock, out)  # consumes the list
         self.counters.add(protocol_errors=1)
-        _send_error(sock, reason, req_id)
-        raise _Refused(reason)
+        send_error(sock, reason, req_id)
+        raise Refused(reason)
 
     def _serve_call(
         self,
         sock: socket.socket,
         call: CallHandler,
-        arena: _CallArena,
+        arena: CallArena,
         method: int,
         req_id: int,
         length: int,
@@ -576,13 +598,13 @@ class TargetServer:
         """
         if length > self._max_frame:
             if out:
-                _sendmsg_all(sock, out)
+                sendmsg_all(sock, out)
             reason = f"call payload {length} exceeds the limit of {self._max_frame} bytes"
             self.counters.add(protocol_errors=1)
-            _send_error(sock, reason, req_id)
-            raise _Refused(reason)
+            send_error(sock, reason, req_id)
+            raise Refused(reason)
         pview = arena.take(length)
-        rpos = _take(sock, pview, rview, rpos, rend, self._grace, self._limits)
+        rpos = take(sock, pview, rview, rpos, rend, self._grace, self._limits)
         try:
             reply = call(method, pview)
         except (KvferryError, ValueError) as e:
@@ -597,277 +619,16 @@ class TargetServer:
             body = message.encode()[: wire.MAX_ERROR_BYTES]
             out.append(wire.encode(wire.Op.ERR, req_id=req_id, length=len(body)))
             out.append(body)
-            _sendmsg_all(sock, out)
+            sendmsg_all(sock, out)
             out.clear()
             return rpos, rend
         size = sum(len(p) for p in reply.parts)
         out.append(wire.encode(wire.Op.OK, region=method, req_id=req_id, length=size))
         out.extend(reply.parts)
         try:
-            _sendmsg_all(sock, out)
+            sendmsg_all(sock, out)
         finally:
             out.clear()
             if reply.after is not None:
                 reply.after()
         return rpos, rend
-
-
-def _addr(peer: tuple[Any, ...]) -> str:
-    return f"{peer[0]}:{peer[1]}" if len(peer) >= 2 else str(peer)
-
-
-def _recv_by(sock: socket.socket, n: int, deadline: float) -> bytearray:
-    """Exactly ``n`` bytes, all of them before ``deadline`` (monotonic seconds), however the
-    peer paces them.
-
-    Raises:
-        _Timeout: the deadline passed first.
-        PeerClosed: the peer closed first.
-    """
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise _Timeout("handshake not completed within listen.handshake_timeout")
-        sock.settimeout(left)
-        try:
-            k = sock.recv_into(view[got:], n - got)
-        except TimeoutError:
-            raise _Timeout("handshake not completed within listen.handshake_timeout") from None
-        if k == 0:
-            raise PeerClosed("peer closed the connection")
-        got += k
-    return buf
-
-
-class _Limits:
-    """A connection's timeouts after the handshake: the kernel's read timeout (``tick``) and
-    the two waits it measures, a stall mid-frame and an idle wait between frames (0: none)."""
-
-    __slots__ = ("idle", "stall", "tick")
-
-    def __init__(self, tick: float, stall: float, idle: float) -> None:
-        self.tick = tick
-        self.stall = stall
-        self.idle = idle
-
-
-def _timeval(seconds: float) -> bytes:
-    whole = int(seconds)
-    micros = max(round((seconds - whole) * 1e6), 0 if whole else 1)
-    return struct.pack("ll", whole, micros)
-
-
-_SMALL_PAYLOAD = 64 << 10
-_ARENA_BYTES = 4 << 20
-
-
-class _CallArena:
-    """Where one connection receives its CALL payloads (a handler may keep no view of its
-    payload past the call: the next one reuses the memory).
-
-    Beyond 64 KiB a payload goes into an anonymous mapping, whose pages are committed as bytes
-    arrive: a peer that announces a large payload and stalls holds what it sent, not what it
-    announced (a bytearray zeroes, and so commits, all of it up front). Up to 4 MiB the mapping
-    is kept and reused by the connection's next calls, so a steady stream of batch PUTs pays
-    its page faults once, not per call (a fresh 2 MiB mapping per PUT halved their rate);
-    larger payloads get a mapping of their own, freed with the call.
-    """
-
-    __slots__ = ("_map",)
-
-    def __init__(self) -> None:
-        self._map: mmap.mmap | None = None
-
-    def take(self, length: int) -> memoryview:
-        if length <= _SMALL_PAYLOAD:
-            return memoryview(bytearray(length))
-        if length > _ARENA_BYTES:
-            return memoryview(_anonymous(length))
-        if self._map is None or len(self._map) < length:
-            grown = max(length, 2 * len(self._map)) if self._map is not None else length
-            # The old mapping goes with its last view (a handler that broke the rule).
-            self._map = _anonymous(min(_ARENA_BYTES, -(-grown // mmap.PAGESIZE) * mmap.PAGESIZE))
-        return memoryview(self._map)[:length]
-
-
-def _anonymous(size: int) -> mmap.mmap:
-    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-
-
-def _merge_adjacent(
-    ranges: list[tuple[MemoryRegion | DeviceRegion, int, int]],
-) -> list[tuple[MemoryRegion | DeviceRegion, int, int]]:
-    """``ranges`` with each run of adjacent ranges of one region (in order) made one range: the
-    bytes and their order on the wire are the same."""
-    merged = [ranges[0]]
-    for region, offset, n in ranges[1:]:
-        last, start, length = merged[-1]
-        if region is last and start + length == offset:
-            merged[-1] = (last, start, length + n)
-        else:
-            merged.append((region, offset, n))
-    return merged
-
-
-def _refusal(
-    region_id: int, region: MemoryRegion | DeviceRegion | None, offset: int, length: int
-) -> str:
-    """Why a range is refused: its region is not granted, the range lies outside it, or (a
-    range inside it) the region is read-only to peers and the request writes."""
-    if region is None:
-        return f"region {region_id} is not granted to this peer"
-    if length > 0 and offset + length <= region.size:
-        return f"region {region_id} is read-only to peers; writing into it is refused"
-    return (
-        f"range [{offset}, {offset + length}) is outside region {region_id} of {region.size} bytes"
-    )
-
-
-def _take(
-    sock: socket.socket,
-    view: memoryview,
-    rview: memoryview,
-    rpos: int,
-    rend: int,
-    grace: float,
-    limits: _Limits | None = None,
-) -> int:
-    """Fill ``view`` with the next bytes of the stream: what the receive buffer already holds
-    (``rview[rpos:rend]``), then the socket. Returns the new ``rpos``."""
-    n = len(view)
-    have = min(n, rend - rpos)
-    if have:
-        view[:have] = rview[rpos : rpos + have]
-        rpos += have
-    if have < n:
-        _fill(sock, view, have, n, grace, limits)
-    return rpos
-
-
-def _try_fill(sock: socket.socket, view: memoryview, end: int) -> int:
-    """One non-blocking read of whatever is there into ``view[end:]``; the new fill level."""
-    try:
-        k = sock.recv_into(view[end:], len(view) - end, _DONTWAIT)
-    except (BlockingIOError, InterruptedError):
-        return end
-    if k == 0:
-        raise PeerClosed("peer closed the connection")
-    return end + k
-
-
-def _fill(
-    sock: socket.socket,
-    view: memoryview,
-    end: int,
-    need: int,
-    grace: float,
-    limits: _Limits | None = None,
-    idle: bool = False,
-) -> int:
-    """Read into ``view[end:]`` until at least ``need`` bytes are there: spin, then block.
-
-    ``limits``: the connection's timeouts (its blocking reads time out every ``limits.tick``
-    seconds); ``idle``: this is the wait for the next frame, which may last ``limits.idle``
-    until its first byte, where a wait inside a frame may last ``limits.stall``.
-
-    Raises:
-        _Timeout: the wait ran past its limit.
-        PeerClosed: the peer closed the connection.
-    """
-    if grace > 0:
-        spin_until = time.monotonic() + grace
-        while end < need:
-            before = end
-            end = _try_fill(sock, view, end)
-            if end == before and time.monotonic() >= spin_until:
-                break
-    waiting_since: float | None = None
-    start = end
-    while end < need:
-        try:
-            k = sock.recv_into(view[end:], len(view) - end)
-        except BlockingIOError:  # SO_RCVTIMEO: no byte for limits.tick seconds
-            if limits is None:
-                raise _Timeout("no progress within the socket's timeout") from None
-            now = time.monotonic()
-            if waiting_since is None:
-                waiting_since = now - limits.tick
-            if idle and end == start:
-                if limits.idle and now - waiting_since >= limits.idle - 1e-3:
-                    raise _Timeout("idle past listen.idle_timeout") from None
-            elif now - waiting_since >= limits.stall - 1e-3:
-                raise _Timeout("a frame made no progress for listen.stall_timeout") from None
-            continue
-        if k == 0:
-            raise PeerClosed("peer closed the connection")
-        end += k
-        waiting_since = None
-    return end
-
-
-_IOV_MAX = 512  # Linux refuses more than 1024 buffers per sendmsg; stay well under
-
-
-def _sendmsg_all(sock: socket.socket, parts: list[bytes | memoryview]) -> None:
-    """Send every part (consumes the list). A peer that reads nothing for the socket's send
-    timeout (``listen.stall_timeout``, SO_SNDTIMEO) gets the connection closed."""
-    while parts:
-        try:
-            n = sock.sendmsg(parts[:_IOV_MAX] if len(parts) > _IOV_MAX else parts)
-        except BlockingIOError:
-            raise _Timeout("the peer read no reply bytes for listen.stall_timeout") from None
-        i = 0
-        while i < len(parts) and n >= len(parts[i]):
-            n -= len(parts[i])
-            i += 1
-        del parts[:i]
-        if n:
-            parts[0] = memoryview(parts[0])[n:]
-
-
-class _Refused(ProtocolError):
-    """A request was refused and already answered with an ERR reply."""
-
-
-class _Timeout(TimeoutError):
-    """A connection ran out of time: handshake deadline, idle or stall timeout."""
-
-
-_LINGER_S = 1.0
-_LINGER_BYTES = 64 << 20
-
-
-def _linger(sock: socket.socket) -> None:
-    """After an ERR reply: half-close, then discard what the peer still sends (bounded).
-
-    Closing a socket with unread bytes resets the connection, and a peer still sending pipelined
-    WRITE payloads would then see ECONNRESET (and retry) instead of the ERR reply that says why.
-    """
-    buf = bytearray(1 << 16)
-    left = _LINGER_BYTES
-    deadline = time.monotonic() + _LINGER_S
-    try:
-        sock.shutdown(socket.SHUT_WR)
-        while left > 0:
-            timeout = deadline - time.monotonic()
-            if timeout <= 0:
-                return
-            sock.settimeout(timeout)
-            k = sock.recv_into(buf)
-            if k == 0:
-                return
-            left -= k
-    except OSError:
-        pass
-
-
-def _send_error(sock: socket.socket, message: str, req_id: int = 0) -> None:
-    body = message.encode()[: wire.MAX_ERROR_BYTES]
-    try:
-        sock.settimeout(1.0)
-        sock.sendall(wire.encode(wire.Op.ERR, req_id=req_id, length=len(body)) + body)
-    except OSError:
-        pass
