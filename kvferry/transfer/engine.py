@@ -37,6 +37,7 @@ from kvferry.errors import KvferryError, SegmentError, TransferError
 from kvferry.observe.counters import MetricSet
 from kvferry.transfer import handshake, staging, wire
 from kvferry.transfer.batch import Batch, BatchStatus, OpCode, TransferRequest, TransferState
+from kvferry.transfer.host import boot_id
 from kvferry.transfer.memory import (
     DeviceRegion,
     MemoryRegion,
@@ -51,14 +52,6 @@ from kvferry.transfer.server import CallHandler, TargetServer
 from kvferry.transfer.transports.base import Channel, Transport, TransportContext, WorkItem
 
 _R = TypeVar("_R", MemoryRegion, DeviceRegion, MemoryRegion | DeviceRegion)
-
-
-def _boot_id() -> str:
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
-        return socket.gethostname()
 
 
 class TransferEngine:
@@ -83,7 +76,7 @@ class TransferEngine:
         self._metrics = MetricSet()
         self._ctx = TransportContext(
             instance=self.instance,
-            boot_id=_boot_id(),
+            boot_id=boot_id(),
             pid=os.getpid(),
             listen=self.config.listen,
             counters={},

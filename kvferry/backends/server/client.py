@@ -47,6 +47,7 @@ from kvferry.config.models import ServerTierConfig
 from kvferry.errors import ConfigError, KvferryError, MissingDependency, PeerClosed, StorageError
 from kvferry.observe.logs import RateLimitedLog
 from kvferry.transfer import handshake, wire
+from kvferry.transfer.host import boot_id as _boot_id
 from kvferry.transfer.memory import PeerMapping
 from kvferry.transfer.segment import PeerInfo
 
@@ -55,14 +56,6 @@ _corrupt_log = RateLimitedLog(log)
 
 _MEMBERSHIP_REFRESH_S = 5.0
 _MEMBER_STALE_S = 10.0
-
-
-def _boot_id() -> str:
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
 
 
 class _Conn:

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from kvferry.errors import SegmentError
 from kvferry.transfer.batch import OpCode
+from kvferry.transfer.host import same_host
 from kvferry.transfer.memory import PeerMapping, memmove
 from kvferry.transfer.segment import PeerInfo
 from kvferry.transfer.transports.base import Channel, Transport, WorkItem
@@ -60,7 +61,7 @@ class ShmTransport(Transport):
     name = "shm"
 
     def reachable(self, peer: PeerInfo) -> bool:
-        if peer.boot_id != self.ctx.boot_id or not peer.regions:
+        if not same_host(self.ctx.boot_id, peer.boot_id) or not peer.regions:
             return False
         if any(r.shm is None for r in peer.regions):
             return False
