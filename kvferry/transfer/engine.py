@@ -167,10 +167,12 @@ class TransferEngine:
 
         Binds ``listen.bind_address:listen.port`` (127.0.0.1 by default). With p2p metadata the
         name is "host:port"; with redis metadata ``segment_name`` (default "host:port") is
-        published.
+        published. A failed call leaves nothing listening.
 
         Raises:
             PeerClosed: the address cannot be bound or the metadata service is unreachable.
+            SegmentError: the metadata service cannot publish ``segment_name`` (p2p: any name
+                but the listener's host:port).
         """
         with self._lock:
             if self._server is not None:
@@ -190,7 +192,15 @@ class TransferEngine:
         if host in ("0.0.0.0", "::"):
             host = socket.gethostname()
         name = segment_name or f"{host}:{port}"
-        self._metadata_service().publish(name, (host, port), self.instance)
+        try:
+            self._metadata_service().publish(name, (host, port), self.instance)
+        except BaseException:
+            # Not serving under a name no one can resolve: the engine is as before the call.
+            with self._lock:
+                if self._server is server:
+                    self._server = None
+            server.close()
+            raise
         self.segment_name = name
         return name
 

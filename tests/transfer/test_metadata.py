@@ -123,3 +123,25 @@ def test_p2p_ipv6_name_parses_and_unreachable_port_is_peer_closed() -> None:
         for name in ("127.0.0.1:1", "[::1]:1"):
             with pytest.raises(PeerClosed):
                 ini.open_segment(name)
+
+
+def test_p2p_listen_refuses_a_free_name_and_leaves_nothing_listening() -> None:
+    """p2p names are addresses: a target told to announce "prefill-0" would be unreachable by
+    it. listen says so, and the listener it had bound is closed, so a second listen works."""
+    with TransferEngine(KvferryConfig(listen={"port": 0})) as target:
+        target.allocate(MiB)
+        with pytest.raises(SegmentError, match="with p2p metadata a segment name is"):
+            target.listen("prefill-0")
+        assert target.address is None and target.segment_name is None
+        name = target.listen()
+        assert target.address is not None and name == "{}:{}".format(*target.address)
+        with TransferEngine(KvferryConfig()) as ini:
+            assert ini.open_segment(name).size == MiB
+
+
+def test_listen_with_unreachable_redis_leaves_nothing_listening() -> None:
+    config = {"backend": "redis", "url": "redis://127.0.0.1:1/0", "key_prefix": "x"}
+    with TransferEngine(KvferryConfig(metadata=config, listen={"port": 0})) as target:
+        with pytest.raises(PeerClosed):
+            target.listen("prefill-0")
+        assert target.address is None and target.segment_name is None

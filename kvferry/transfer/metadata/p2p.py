@@ -3,14 +3,30 @@
 from __future__ import annotations
 
 from kvferry.errors import SegmentError
-from kvferry.transfer.metadata.base import MetadataService, parse_address
+from kvferry.transfer.metadata.base import MetadataService, check_address, parse_address
 
 
 class P2pMetadata(MetadataService):
     name = "p2p"
+    names_are_addresses = True
 
     def publish(self, name: str, address: tuple[str, int], instance: str) -> None:
-        pass
+        """Store nothing, but refuse a name that would not resolve to ``address``: a target
+        that announced "prefill-0" with p2p metadata would be unreachable by that name."""
+        check_address(address)
+        try:
+            host, port = parse_address(name)
+        except ValueError as e:
+            reason = str(e)
+        else:
+            if (host, port) == (address[0], address[1]):
+                return
+            reason = f"it resolves to {host}:{port}"
+        raise SegmentError(
+            f"cannot publish segment {name!r} at {address[0]}:{address[1]}: with p2p "
+            f"metadata a segment name is the target's host:port ({reason}); leave the name "
+            "out, or set metadata.backend to redis to publish free names"
+        )
 
     def resolve(self, name: str) -> tuple[str, int]:
         try:

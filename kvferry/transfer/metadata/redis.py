@@ -7,15 +7,17 @@ unless the target republishes, so a dead target stops resolving.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from kvferry.config.models import MetadataConfig
 from kvferry.errors import MissingDependency, PeerClosed, SegmentError
-from kvferry.transfer.metadata.base import MetadataService
+from kvferry.transfer.metadata.base import MetadataService, check_address
 
 
 class RedisMetadata(MetadataService):
     name = "redis"
+    url_schemes = ("redis", "rediss", "unix")
 
     def __init__(self, config: MetadataConfig) -> None:
         super().__init__(config)
@@ -32,8 +34,10 @@ class RedisMetadata(MetadataService):
         return f"{self.config.key_prefix}:segment:{name}"
 
     def publish(self, name: str, address: tuple[str, int], instance: str) -> None:
+        check_address(address)
         doc = json.dumps({"host": address[0], "port": address[1], "instance": instance})
-        ttl_ms = int(self.config.ttl * 1000) or None
+        # Rounded up: a positive ttl under a millisecond ("500us") must not become "forever".
+        ttl_ms = math.ceil(self.config.ttl * 1000) if self.config.ttl > 0 else None
         try:
             self._client.set(self._key(name), doc, px=ttl_ms)
         except self._redis_errors as e:
