@@ -55,6 +55,7 @@ __all__ = [
     "parse_vllm_events",
 ]
 
+
 class _Model(ConfigModel):
     """The base's old private name, kept so code written against it still imports (a subclass,
     not an alias, so pydantic's mypy plugin still sees a model); use :class:`ConfigModel`."""
