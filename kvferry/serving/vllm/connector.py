@@ -68,6 +68,7 @@ from kvferry.serving.vllm.config import ConnectorSettings, parse_extra_config, s
 from kvferry.serving.vllm.kv_blocks import KvLayer, gather_blocks, host_staging, scatter_blocks
 from kvferry.serving.vllm.metrics import PROM_NAMES, STAT_KEYS
 from kvferry.store import TieredStore
+from kvferry.telemetry.prometheus import export_store
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -297,8 +298,15 @@ class KvferryConnector(KVConnectorBase_V1):  # type: ignore[misc]
 
     def _open_scheduler_store(self) -> None:
         config = self._store_config(self.settings.config)
+        # store.metrics_port is served from the scheduler's process only: a worker's store (in
+        # that process too, with one GPU) would ask for the same port.
         if self.mode == "shared":
             self._store = TieredStore(config)
+            try:
+                export_store(self._store)
+            except BaseException:
+                self._store.close()
+                raise
             return
         from kvferry.store.server import StoreServer
 
@@ -308,7 +316,12 @@ class KvferryConnector(KVConnectorBase_V1):  # type: ignore[misc]
         )
         server_cfg = config.model_copy(update={"listen": listen})
         self._server = StoreServer(server_cfg)
-        host, port = self._server.start()
+        try:
+            export_store(self._server.store, transfer=self._server.engine.metrics)
+            host, port = self._server.start()
+        except BaseException:
+            self._server.close()
+            raise
         self._address = f"{host}:{port}"
         self._store = TieredStore(_client_config(config, self._address, self._token))
         log.info("kvferry: embedded store server on %s", self._address)
