@@ -1,11 +1,15 @@
 """TieredStore: the control plane of kvferry's KV-cache store.
 
-Owns the prefix index (which local tier holds which block), pins and their leases, placement
-(write-back or write-through, promotion on hit, demotion on eviction, prefetch), eviction at the
-high watermark, and the statistics. It moves no bytes itself: tiers (``kvferry.backends``) do.
+Owns the public batch API (lookup, contains, put, get, the two-phase store and load, delete,
+flush, verify, the async forms), pins and their leases, write-through and prefetch, and the
+statistics of every call. It moves no bytes itself: tiers (``kvferry.backends``) do. It composes
+two parts: :class:`~kvferry.store.placement.Placement` (the index of the local tiers, their
+eviction policies, eviction at the high watermark, demotion and promotion) and
+:class:`~kvferry.store.shared.SharedTiers` (the shared tiers behind their circuit breakers, and
+the write-behind of demotions into them).
 
 Tiers form a pipeline, fastest first (``store.tiers``). *Local* tiers (cpu, disk) are known
-exactly: every block they hold is in ``_where`` (key -> bit mask of tiers), so ``lookup`` is
+exactly: every block they hold is in the index (key -> bit mask of tiers), so ``lookup`` is
 O(prefix length) dict probes and never scans a tier. *Shared* tiers (redis, server, mooncake)
 are written by other processes too, so the store asks them for what its index does not have.
 
@@ -25,16 +29,16 @@ store reads its statistics (:meth:`TieredStore.stats`), e.g. through
 (:meth:`TieredStore.attach`). Trace events go to the tracer it is given (``tracer``; by default
 one opened from ``store.trace_file``).
 
-Why one class of this length: the index, the policies and the leases are one state under one
-lock, and every public call (lookup, put, get, the two-phase forms, delete, flush) reads and
-changes all three in one lock section; split across classes, each call would cross the split
-with the lock held and the hot paths would pay for the indirection per block.
+Why one class of this length (past ~600 lines): it is the store's whole public API, and each
+call reads and changes the index, the policies and the leases in one section under one lock;
+the hot paths (put, get, the two-phase forms) read the index inline rather than through
+another object, so that no per-block work crosses a class boundary. What could leave with its
+own state (placement, the shared tiers) has left.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -49,6 +53,7 @@ from kvferry.observe.logs import RateLimitedLog
 from kvferry.observe.trace import NullTracer, Tracer, open_tracer
 from kvferry.store.eviction import EvictionPolicy, load_policy
 from kvferry.store.leases import Lease, LeaseTable, LoadHandle, StoreHandle
+from kvferry.store.placement import Placement, eviction_marks
 from kvferry.store.shared import Promote, SharedTiers
 from kvferry.store.stats import StoreStats, TierCounters
 
@@ -56,15 +61,6 @@ __all__ = ["Closeable", "TieredStore", "eviction_marks"]
 
 log = logging.getLogger("kvferry.store")
 _lease_log = RateLimitedLog(log)  # callers that vanish can expire leases by the thousand
-
-
-def eviction_marks(capacity: int | None, cfg: StoreConfig) -> tuple[int | None, int]:
-    """A tier's high watermark (blocks in use that start an eviction round; None: never) and
-    its round (the fewest victims a round takes), from ``evict_start_threshold`` and
-    ``evict_ratio``."""
-    if capacity is None:
-        return None, 0
-    return int(capacity * cfg.evict_start_threshold), max(1, math.ceil(capacity * cfg.evict_ratio))
 
 
 T = TypeVar("T")
@@ -78,9 +74,6 @@ class Closeable(Protocol):
 
 _FLUSH_BATCH = 256
 """Blocks :meth:`TieredStore.flush` writes per step (the store's lock is let go between)."""
-
-STORED = PutStatus.STORED
-EXISTS = PutStatus.EXISTS
 
 
 class TieredStore:
@@ -130,56 +123,43 @@ class TieredStore:
         self.names = [t.label for t in self.tiers]
         policy_cls = load_policy(cfg.eviction_policy)
         self._policies: list[EvictionPolicy[Key]] = [policy_cls() for _ in self.tiers]
-        self._local = [i for i, t in enumerate(self.tiers) if not t.shared]
         self._shared = [i for i, t in enumerate(self.tiers) if t.shared]
-        self._local_mask = sum(1 << i for i in self._local)
-        # the tiers below each tier, as a mask of _where bits
-        self._lower_masks = [
-            sum(1 << j for j in range(i + 1, len(self.tiers))) for i in range(len(self.tiers))
-        ]
-        self._high: list[int | None] = []
-        self._round: list[int] = []
-        for t in self.tiers:
-            high, round_ = eviction_marks(t.capacity_blocks, cfg)
-            self._high.append(high)
-            self._round.append(round_)
         self._lock = threading.RLock()
-        self._where: dict[Key, int] = {}
-        self._doomed: set[Key] = set()  # deleted while pinned: freed at the last unpin
         self._leases = LeaseTable()
         self._stats = StoreStats(tiers={name: TierCounters() for name in self.names})
         self._counters = [self._stats.tiers[name] for name in self.names]
+        # Off by default: the null tracer's span() is one shared no-op object.
+        self._own_tracer = tracer is None
+        self.tracer = open_tracer(cfg.trace_file) if tracer is None else tracer
         self._shared_tiers = SharedTiers(
             self.tiers, self.names, self._counters, self._lock, cfg, clock
         )
-        # the same dict: an empty outbox costs the hot paths one truth test, no attribute chain
+        self._placement = Placement(
+            self.tiers,
+            self._policies,
+            self._counters,
+            self._leases,
+            self._shared_tiers,
+            cfg,
+            self.tracer,
+        )
+        # The same objects under short names: the hot paths read them without an attribute
+        # chain, and an empty outbox costs them one truth test.
+        place = self._placement
+        self._where = place.where
+        self._doomed = place.doomed
+        self._local = place.local
+        self._local_mask = place.local_mask
         self._outbox = self._shared_tiers.outbox
         self._drain = self._shared_tiers.drain
         self._executor: ThreadPoolExecutor | None = None
         self._closed = False
-        # Off by default: the null tracer's span() is one shared no-op object.
-        self._own_tracer = tracer is None
-        self.tracer = open_tracer(cfg.trace_file) if tracer is None else tracer
         self._attached: list[Closeable] = []
         try:
-            self._rebuild()
+            place.rebuild()
         except BaseException:
             self.close()
             raise
-
-    # -- construction helpers -------------------------------------------------------------
-    def _rebuild(self) -> None:
-        """Index the blocks persistent tiers already hold (a disk tier after a restart)."""
-        for i in self._local:
-            tier = self.tiers[i]
-            if not tier.persistent:
-                continue
-            bit = 1 << i
-            policy = self._policies[i]
-            for k in tier.keys():  # noqa: SIM118 - a Tier, not a dict
-                self._where[k] = self._where.get(k, 0) | bit
-                policy.insert(k)
-            log.info("store: %s holds %d blocks from before", tier.label, len(policy))
 
     @property
     def slot_size(self) -> int:
@@ -306,7 +286,9 @@ class TieredStore:
             self._check_open()
             self._expire()
             depths = None if depth is None else range(depth, depth + len(hashes))
-            status = self._put_local(0, hashes, values, depths) if not self.first.shared else None
+            status = (
+                self._placement.put(0, hashes, values, depths) if not self.first.shared else None
+            )
             st = self._stats
             st.puts += 1
             st.put_blocks += len(hashes)
@@ -325,110 +307,6 @@ class TieredStore:
         self._drain()
         return status
 
-    def _put_local(
-        self,
-        ti: int,
-        hashes: Sequence[Key],
-        values: Sequence[Buffer],
-        depths: Sequence[int | None] | None = None,
-    ) -> list[PutStatus]:
-        """Put into local tier ``ti`` after making room; caller holds the lock. ``depths``:
-        each block's depth in its prefix chain, for depth-aware policies (None: unknown)."""
-        bit = 1 << ti
-        where = self._where
-        status: list[PutStatus] = [PutStatus.EXISTS] * len(hashes)
-        todo: list[int] = []
-        touched = False
-        seen: set[Key] = set()
-        policy = self._policies[ti]
-        if not policy.uses_depth:
-            depths = None
-        doomed = self._doomed
-        # The usual case: blocks no tier has, no repeats (C-level checks, no loop here).
-        fresh = where.keys().isdisjoint(hashes) and len(set(hashes)) == len(hashes)
-        # consecutive depths of fresh blocks: one chain, which a policy takes in one call
-        chained = fresh and isinstance(depths, range) and depths.step == 1
-        if fresh:
-            todo = list(range(len(hashes)))
-        else:
-            masks = [where.get(k, 0) for k in hashes]
-            for i, k in enumerate(hashes):
-                if masks[i] & bit:
-                    policy.touch(k)
-                    touched = True
-                    if doomed:
-                        doomed.discard(k)
-                elif k not in seen:
-                    seen.add(k)
-                    todo.append(i)
-        if not todo:
-            return status
-        if fresh:
-            keys, vals = list(hashes), list(values)
-        else:
-            keys = [hashes[i] for i in todo]
-            vals = [values[i] for i in todo]
-        # A batch larger than the tier goes in chunks, with room made before each: the older
-        # part of the batch is demoted like any other block instead of answering NO_SPACE.
-        cap = self.tiers[ti].capacity_blocks
-        step = len(keys) if cap is None else max(1, min(len(keys), cap // 2))
-        c = self._counters[ti]
-        t0 = time.perf_counter()
-        for start in range(0, len(keys), step):
-            end = min(len(keys), start + step)
-            self._make_room(ti, end - start)
-            try:
-                got = self.tiers[ti].put(keys[start:end], vals[start:end])
-            except StorageError as e:
-                c.errors += 1
-                log.warning("store: put into %s failed: %s", self.names[ti], e)
-                got = [PutStatus.NO_SPACE] * (end - start)
-            # Indexed chunk by chunk: the next chunk's eviction must see these blocks.
-            if got.count(STORED) == len(got) and (depths is None or chained):  # the usual case
-                chunk = keys[start:end]
-                if fresh:  # todo is 0..n-1
-                    status[start:end] = got
-                    where.update(dict.fromkeys(chunk, bit))
-                else:
-                    for i in todo[start:end]:
-                        status[i] = STORED
-                    where.update(zip(chunk, [where.get(k, 0) | bit for k in chunk]))
-                if depths is None:
-                    policy.insert_many(chunk)
-                else:
-                    policy.insert_chain(chunk, depths[start])  # type: ignore[arg-type]
-                c.blocks_in += len(chunk)
-                c.bytes_in += sum(map(len, vals[start:end]))
-                continue
-            insert = policy.insert
-            stored = nbytes = refused = 0
-            for i, k, v, st in zip(todo[start:end], keys[start:end], vals[start:end], got):
-                status[i] = st
-                if st is STORED or st is EXISTS:
-                    where[k] = where.get(k, 0) | bit
-                    insert(k)
-                    if depths is not None:
-                        d = depths[i]
-                        if d is not None:
-                            policy.set_depth(k, d)
-                    if st is STORED:
-                        stored += 1
-                        nbytes += len(v)
-                else:
-                    refused += 1
-            c.blocks_in += stored
-            c.bytes_in += nbytes
-            c.no_space += refused
-        if touched or len(todo) != len(hashes):
-            # Present blocks were touched before room was made (so that making room never
-            # evicts a block of this very put); their recency now follows the put's order, as
-            # if each block had been used in turn. (A put of blocks new to this tier, none
-            # repeated, inserted them in that order already: a demotion, or blocks held only
-            # below.)
-            policy.reorder(hashes)
-        c.save_seconds += time.perf_counter() - t0
-        return status
-
     def _write_through(
         self, hashes: Sequence[Key], values: Sequence[Buffer], status: Sequence[PutStatus]
     ) -> None:
@@ -440,119 +318,7 @@ class TieredStore:
                 self._shared_tiers.put(ti, keys, vals)
             else:
                 with self._lock:
-                    self._put_local(ti, keys, vals)
-
-    # -- eviction ---------------------------------------------------------------------------
-    def _make_room(self, ti: int, needed: int) -> None:
-        """Evict from local tier ``ti`` when ``needed`` more blocks would pass the high
-        watermark; caller holds the lock."""
-        tier = self.tiers[ti]
-        cap = tier.capacity_blocks
-        high = self._high[ti]
-        if cap is None or high is None:
-            return
-        used = tier.used_blocks
-        if used + needed <= high:
-            return
-        must = max(0, used + needed - cap)
-        want = max(self._round[ti], used + needed - high, must)
-        pins = self._leases
-        victims = self._policies[ti].victims(min(want, used), pins.pinned if pins.pins else None)
-        if victims:
-            with self.tracer.span("evict", "store", tier=self.names[ti], blocks=len(victims)):
-                self._evict(ti, victims, must)
-
-    def _evict(self, ti: int, victims: list[Key], must: int) -> None:
-        """Remove ``victims`` from local tier ``ti``, demoting to the next tier first those no
-        lower tier has (write-back); caller holds the lock.
-
-        A victim whose demotion failed (the lower tier is full or down) is kept unless fewer
-        than ``must`` blocks could leave otherwise: the store trades a lost block for room only
-        when a put cannot fit at all.
-        """
-        tier = self.tiers[ti]
-        c = self._counters[ti]
-        where = self._where
-        lower_mask = self._lower_masks[ti]
-        demote = [k for k in victims if not (where.get(k, 0) & lower_mask)] if lower_mask else []
-        if demote:
-            gone = self._demote(ti, ti + 1, demote)
-            stuck = [k for k in demote if k not in gone]
-        else:
-            stuck = []  # no tier below: eviction from the last tier is a plain drop
-        if stuck:
-            stuck_set = set(stuck)
-            safe = [k for k in victims if k not in stuck_set]
-            extra = max(0, must - len(safe))
-            victims = safe + stuck[:extra]
-            c.dropped += min(extra, len(stuck))
-        if not victims:
-            return
-        tier.delete(victims)
-        self._policies[ti].remove_many(victims)
-        if self._local_mask == 1 << ti:  # the only local tier: nothing else holds them
-            pop = where.pop
-            for k in victims:
-                pop(k, None)
-        else:
-            clear = ~(1 << ti)
-            for k in victims:
-                left = where.get(k, 0) & clear
-                if left:
-                    where[k] = left
-                else:
-                    where.pop(k, None)
-        c.evictions += len(victims)
-
-    def _demote(self, src: int, dst: int, keys: list[Key]) -> set[Key]:
-        """Copy ``keys`` from local tier ``src`` into tier ``dst``; the keys that may leave
-        ``src`` (landed in a local ``dst``, or queued for a shared one). Caller holds the lock.
-
-        Into a shared tier the blocks are queued (``SharedTiers.queue``) and put by ``_drain``
-        once the lock is released: a network call here would hold up every local get for as long
-        as the remote tier takes, a whole timeout when it hangs. Counted as demotions when
-        they land. A breaker that is open (and not due for a probe) refuses them up front.
-
-        A slot tier checks each block's checksum first (when it keeps them): a block that
-        fails is dropped there and forgotten here, never copied down with a fresh checksum.
-        """
-        if self.tiers[dst].shared and self._shared_tiers.refuses(dst):
-            return set()
-        values = self._read_local(src, keys)
-        for k, v in zip(keys, values):
-            if v is None and self._where.get(k, 0) & (1 << src):
-                self._forget(src, k)
-                self._counters[src].corrupt += 1
-        present = [(k, v) for k, v in zip(keys, values) if v is not None]
-        if not present:
-            return set()
-        ks = [k for k, _ in present]
-        if self.tiers[dst].shared:
-            self._shared_tiers.queue(src, dst, present)
-            return set(ks)
-        vs: list[Buffer] = [v for _, v in present]
-        src_policy = self._policies[src]
-        depths = [src_policy.depth(k) for k in ks] if src_policy.uses_depth else None
-        got = self._put_local(dst, ks, vs, depths)
-        landed = {k for k, s in zip(ks, got) if s is not PutStatus.NO_SPACE}
-        self._counters[src].demotions += len(landed)
-        return landed
-
-    def _read_local(self, ti: int, keys: list[Key]) -> list[Buffer | None]:
-        tier = self.tiers[ti]
-        if isinstance(tier, SlotTier):
-            return list(tier.views(keys, verify=True))
-        peeked = tier.peek(keys)
-        if peeked is not None:
-            return peeked
-        outs = [memoryview(bytearray(self.slot_size)) for _ in keys]
-        try:
-            got = tier.get(keys, outs)
-        except StorageError as e:
-            self._counters[ti].errors += 1
-            log.warning("store: read from %s failed: %s", self.names[ti], e)
-            return [None] * len(keys)
-        return [None if n is None else o[:n] for o, n in zip(outs, got)]
+                    self._placement.put(ti, keys, vals)
 
     def flush(self, timeout: float) -> int:
         """Write every block that only volatile local tiers (cpu) hold into the first
@@ -598,7 +364,9 @@ class TieredStore:
                         for k in todo[start : start + _FLUSH_BATCH]
                         if where.get(k, 0) & bit and not where.get(k, 0) & on_disk
                     ]
-                    landed = self._demote(src, dst, batch) if batch else set()  # counted there
+                    landed = (
+                        self._placement.demote(src, dst, batch) if batch else set()
+                    )  # counted there
                 written += len(landed)
         return written
 
@@ -640,7 +408,7 @@ class TieredStore:
                 masks = [where.get(k, 0) for k in hashes]
                 first_all = all(m & 1 for m in masks)
             if first_all:  # the usual case: all in the first tier
-                got0 = self._get_local(0, list(hashes), list(outs), depth)
+                got0 = self._placement.get(0, list(hashes), list(outs), depth)
                 if None in got0:  # a block was gone: the general path below sorts it out
                     groups[0] = list(range(len(hashes)))
                 else:
@@ -660,7 +428,7 @@ class TieredStore:
                 if ti == 0 and got0 is not None:
                     got = got0  # read above
                 else:
-                    got = self._get_local(ti, [hashes[i] for i in idx], [outs[i] for i in idx])
+                    got = self._placement.get(ti, [hashes[i] for i in idx], [outs[i] for i in idx])
                 policy = self._policies[ti]
                 for i, n in zip(idx, got):
                     res[i] = n
@@ -672,7 +440,7 @@ class TieredStore:
                         if ti:
                             promote.append(i)
             if promote and self._cfg.promote_on_hit and not self.first.shared:
-                self._promote(
+                self._placement.promote(
                     [hashes[i] for i in promote],
                     [outs[i][: res[i]] for i in promote],
                     None if depth is None else [depth + i for i in promote],
@@ -692,68 +460,12 @@ class TieredStore:
             self._drain()
         return res
 
-    def _get_local(
-        self, ti: int, keys: list[Key], outs: list[memoryview], depth: int | None = None
-    ) -> list[int | None]:
-        """Read from local tier ``ti``; drops index entries the tier no longer vouches for.
-        ``depth``: ``keys`` are consecutive chain blocks from that depth (told to a depth-aware
-        policy when every block was read)."""
-        tier = self.tiers[ti]
-        c = self._counters[ti]
-        t0 = time.perf_counter()
-        try:
-            got = tier.get(keys, outs)
-        except StorageError as e:
-            c.errors += 1
-            log.warning("store: get from %s failed: %s", self.names[ti], e)
-            got = [None] * len(keys)
-        c.load_seconds += time.perf_counter() - t0
-        c.lookups += len(keys)
-        policy = self._policies[ti]
-        if None not in got:  # the usual case: every block there
-            if depth is not None and policy.uses_depth:
-                policy.touch_chain(keys, depth)
-            else:
-                policy.touch_many(keys)
-            n_got = len(keys)
-            c.hits += n_got
-            c.blocks_out += n_got
-            c.bytes_out += sum(got)  # type: ignore[arg-type]  # no None here
-            return got
-        touch = policy.touch
-        nbytes = hits = 0
-        for k, n in zip(keys, got):
-            if n is None:
-                self._forget(ti, k)  # torn/corrupt or lost: never ask this tier for it again
-            else:
-                touch(k)
-                nbytes += n
-                hits += 1
-        c.hits += hits
-        c.blocks_out += hits
-        c.bytes_out += nbytes
-        return got
-
-    def _promote(
-        self, keys: list[Key], values: list[Buffer], depths: list[int] | None = None
-    ) -> None:
-        """Copy blocks found below into the first tier; caller holds the lock."""
-        before = self._counters[0].blocks_in
-        self._put_local(0, keys, values, depths)
-        self._counters[0].promotions += self._counters[0].blocks_in - before
-
     def _promote_from_shared(self) -> Promote | None:
         """What a get from the shared tiers promotes with: None unless ``promote_on_hit`` is
         on and the first tier is local."""
-        return self._promote if self._cfg.promote_on_hit and not self.first.shared else None
-
-    def _forget(self, ti: int, key: Key) -> None:
-        m = self._where.get(key, 0) & ~(1 << ti)
-        if m:
-            self._where[key] = m
-        else:
-            self._where.pop(key, None)
-        self._policies[ti].remove(key)
+        return (
+            self._placement.promote if self._cfg.promote_on_hit and not self.first.shared else None
+        )
 
     def verify(self, hashes: Sequence[Key]) -> int:
         """Check the given blocks in the local slot tiers against their checksums (a client
@@ -769,7 +481,7 @@ class TieredStore:
                 bit = 1 << ti
                 keys = [k for k in hashes if self._where.get(k, 0) & bit]
                 for k in tier.verify(keys) if keys else ():
-                    self._forget(ti, k)
+                    self._placement.forget(ti, k)
                     self._counters[ti].corrupt += 1
                     dropped += 1
         return dropped
@@ -837,7 +549,7 @@ class TieredStore:
                     todo.append(i)
             keys = [hashes[i] for i in todo]
             if isinstance(first, SlotTier):
-                self._make_room(0, len(todo))
+                self._placement.make_room(0, len(todo))
                 views = first.reserve(keys, [sizes[i] for i in todo])
                 locate = getattr(first, "locate", None)
                 locs = locate(keys) if locate is not None else [None] * len(keys)
@@ -921,7 +633,7 @@ class TieredStore:
             if handle.staged:
                 vals: list[Buffer] = [handle.buffers[i] or b"" for i, g in zip(pending, good) if g]
                 pub = [k for k, g in zip(keys, good) if g]
-                got = self._put_local(0, pub, vals) if not first.shared else None
+                got = self._placement.put(0, pub, vals) if not first.shared else None
                 if got is None:
                     got = []
                     publish_shared = (pub, vals)
@@ -989,7 +701,7 @@ class TieredStore:
         with self._lock:
             self._check_open()
             self._expire()
-            n = self._local_prefix(hashes)
+            n = self._placement.local_prefix(hashes)
         keys = list(hashes[:n])
         if n < len(hashes) and self._shared:
             keys += self._fetch_shared_prefix(list(hashes[n:]))
@@ -1008,7 +720,7 @@ class TieredStore:
             # Bring the prefix into the first tier, then pin and lend views.
             below = [k for k in keys if not (self._where.get(k, 0) & 1)]
             if below:
-                self._promote_prefix(below)
+                self._placement.promote_prefix(below)
             m = 0
             for k in keys:
                 if self._where.get(k, 0) & 1:
@@ -1056,16 +768,6 @@ class TieredStore:
             self._release(handle.lease)
             self._counters[0].bytes_out += sum(len(b) for b in handle.buffers)
 
-    def _local_prefix(self, hashes: Sequence[Key]) -> int:
-        where, mask = self._where, self._local_mask
-        n = 0
-        for k in hashes:
-            if where.get(k, 0) & mask:
-                n += 1
-            else:
-                break
-        return n
-
     def _fetch_shared_prefix(self, hashes: list[Key]) -> list[Key]:
         """Get the leading blocks of ``hashes`` that shared tiers hold into the first tier;
         returns the keys that landed there."""
@@ -1078,22 +780,8 @@ class TieredStore:
             # a get promotes only when promote_on_hit is on; a load needs the bytes in
             # the first tier regardless.
             with self._lock:
-                self._put_local(0, hashes[:m], [outs[i][: res[i] or 0] for i in range(m)])
+                self._placement.put(0, hashes[:m], [outs[i][: res[i] or 0] for i in range(m)])
         return hashes[:m]
-
-    def _promote_prefix(self, keys: list[Key]) -> None:
-        """Copy ``keys`` (held by lower local tiers) into the first tier; caller holds lock."""
-        by_tier: dict[int, list[Key]] = {}
-        for k in keys:
-            m = self._where.get(k, 0)
-            if m:
-                by_tier.setdefault((m & -m).bit_length() - 1, []).append(k)
-        for ti, ks in by_tier.items():
-            outs = [memoryview(bytearray(self.slot_size)) for _ in ks]
-            got = self._get_local(ti, ks, outs)
-            present = [(k, o[:n]) for k, o, n in zip(ks, outs, got) if n is not None]
-            if present:
-                self._promote([k for k, _ in present], [v for _, v in present])
 
     # -- async forms ------------------------------------------------------------------------
     def get_async(
@@ -1135,7 +823,7 @@ class TieredStore:
             below = [k for k in keys if (self._where.get(k, 0) & ~1)]
             below = [k for k in below if not (self._where.get(k, 0) & 1)]
             if below:
-                self._promote_prefix(below)
+                self._placement.promote_prefix(below)
         self._drain()
 
     # -- leases -----------------------------------------------------------------------------
