@@ -384,7 +384,7 @@ def test_exporters_do_not_share_a_registry() -> None:
 
 
 def _memory_store(**store: object) -> TieredStore:
-    cfg = KvferryConfig(store=StoreConfig(slot_size=4096, **store))  # type: ignore[arg-type]
+    cfg = KvferryConfig(store=StoreConfig(slot_size=4096, **store))
     return TieredStore(cfg, tiers=[MemoryTier.sized(8, label="cpu", slot_size=4096)])
 
 
