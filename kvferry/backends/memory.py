@@ -15,12 +15,21 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 
+from pydantic import BaseModel, ConfigDict
+
 from kvferry.backends.base import Buffer, Key, PutStatus, Tier, TierContext, TierStats
-from kvferry.config.models import _Model
+
+__all__ = ["MemoryTier", "MemoryTierConfig"]
 
 
-class MemoryTierConfig(_Model):
-    """Capacity of a :class:`MemoryTier` in blocks (None: unbounded)."""
+class MemoryTierConfig(BaseModel):
+    """Capacity of a :class:`MemoryTier` in blocks (None: unbounded).
+
+    A model of its own, with the same settings as the config sections (``kvferry.config``):
+    this tier is not configured by name, so it has no section there.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
     capacity_blocks: int | None = None
 

@@ -14,8 +14,8 @@ multi-key command):
 
 - ``put``: ``SET key value NX [PX ttl]`` per block. ``OK`` -> STORED, nil (NX refused) -> EXISTS,
   an ``OOM`` error reply (Redis at ``maxmemory`` with ``noeviction``) -> NO_SPACE for that block.
-- ``get``: on a single Redis, one ``MGET`` whose reply this module parses itself, straight off
-  the pooled connection's socket into the caller's buffers (:class:`_MgetReader`): redis-py
+- ``get``: on a single Redis, one ``MGET`` whose reply kvferry parses itself, straight off the
+  pooled connection's socket into the caller's buffers (``redis_mget.MgetReader``): redis-py
   with hiredis would copy each value three times (socket buffer -> hiredis -> ``bytes`` ->
   caller). On a cluster, pipelined ``GET`` through redis-py, whose pipeline splits the keys by
   slot, and one copy from each reply's ``bytes`` into the caller's buffer. The choice is
@@ -69,12 +69,15 @@ from kvferry.backends.base import (
     TierContext,
     TierStats,
 )
+from kvferry.backends.redis_mget import SCRATCH_BYTES, ErrorReply, MgetReader, ReplyFormatError
 from kvferry.config.models import RedisTierConfig
 from kvferry.errors import MissingDependency, StorageError
 
 if TYPE_CHECKING:
     from redis import ConnectionPool, Redis
     from redis.cluster import RedisCluster
+
+__all__ = ["RedisTier", "glob_escape", "redact_url"]
 
 log = logging.getLogger(__name__)
 
@@ -85,146 +88,6 @@ _SCAN_COUNT = 1000
 # A bigger read buffer than redis-py's 64 KiB default for the replies redis-py parses (cluster
 # GETs: a batch of 64 KiB blocks is megabytes, and each socket read is fed to hiredis apart).
 _SOCKET_READ_SIZE = 1 << 20
-
-
-# Direct MGET reads: a scratch buffer for reply headers and small values; a value remainder of
-# at least _DIRECT_MIN bytes is received straight into the caller's buffer. After such a value the
-# next header is read in _HEADER_READ-byte gulps, so that little of the next value lands in the
-# scratch buffer (where it would cost a copy).
-_SCRATCH_BYTES = 256 * 1024
-_DIRECT_MIN = 16 * 1024
-_HEADER_READ = 64
-_MAX_LINE = 4096  # a header or error line longer than this is not an MGET reply
-
-
-class _ReplyFormatError(Exception):
-    """The server's reply did not parse as the RESP answer to MGET (the stream is lost)."""
-
-
-class _ErrorReply(Exception):
-    """The server answered with an error reply (the stream is still in sync)."""
-
-
-class _MgetReader:
-    """Parses one RESP2/RESP3 ``MGET`` reply from a socket into the callers' buffers.
-
-    Each value is received into its buffer by ``recv_into`` (by ``recvmsg_into`` with a small
-    scratch tail where the socket has it, so that the next value's header arrives in the same
-    call), so the bytes are copied once, by the kernel. One per call; ``scratch`` (at least
-    ``2 * _MAX_LINE`` bytes) is the calling thread's own.
-    """
-
-    def __init__(self, sock: socket.socket, scratch: bytearray) -> None:
-        self.sock = sock
-        self.buf = scratch
-        self.view = memoryview(scratch)
-        self.pos = 0
-        self.end = 0
-        # recvmsg_into on plain TCP/unix sockets only (an SSL socket has no scatter read)
-        self.scatter = type(sock) is socket.socket
-        self.large = False  # the last value was large: read the next header in small gulps
-
-    def _fill(self, limit: int) -> None:
-        """Receive at most ``limit`` more bytes into the scratch buffer."""
-        if self.pos == self.end:
-            self.pos = self.end = 0
-        elif self.end + limit > len(self.buf):
-            kept = self.end - self.pos
-            self.buf[:kept] = self.view[self.pos : self.end]
-            self.pos, self.end = 0, kept
-        limit = min(limit, len(self.buf) - self.end)
-        n = self.sock.recv_into(self.view[self.end : self.end + limit])
-        if n == 0:
-            raise ConnectionResetError("the server closed the connection mid-reply")
-        self.end += n
-
-    def line(self) -> bytes:
-        while True:
-            i = self.buf.find(b"\r\n", self.pos, self.end)
-            if i >= 0:
-                out = bytes(self.view[self.pos : i])
-                self.pos = i + 2
-                return out
-            if self.end - self.pos > _MAX_LINE:
-                raise _ReplyFormatError("reply header line too long")
-            self._fill(_HEADER_READ if self.large else len(self.buf))
-
-    def payload(self, out: memoryview | None, n: int) -> None:
-        """Read an ``n``-byte bulk payload and its CRLF into ``out[:n]`` (None: discard it)."""
-        big = n >= _DIRECT_MIN
-        have = min(self.end - self.pos, n)
-        if out is not None:
-            out[:have] = self.view[self.pos : self.pos + have]
-        self.pos += have
-        got = have
-        while got < n:
-            rest = n - got
-            if out is not None and rest >= _DIRECT_MIN:
-                # the scratch buffer is empty here: everything in it went into out
-                if self.scatter:
-                    self.pos = self.end = 0
-                    k = self.sock.recvmsg_into([out[got:n], self.view[:_HEADER_READ]])[0]
-                    if k > rest:
-                        self.end = k - rest
-                else:
-                    k = self.sock.recv_into(out[got:n])
-                if k == 0:
-                    raise ConnectionResetError("the server closed the connection mid-reply")
-                got += min(k, rest)
-            else:
-                # the tail of a big value: take no more than it, the next value may be big
-                self._fill(rest + 2 if big else len(self.buf))
-                take = min(self.end - self.pos, rest)
-                if out is not None:
-                    out[got : got + take] = self.view[self.pos : self.pos + take]
-                self.pos += take
-                got += take
-        self.large = big
-        while self.end - self.pos < 2:
-            self._fill(_HEADER_READ)
-        if self.buf[self.pos : self.pos + 2] != b"\r\n":
-            raise _ReplyFormatError("bulk string not followed by CRLF")
-        self.pos += 2
-
-    def read(
-        self, outs: Sequence[memoryview], limit: int
-    ) -> tuple[list[int | None], list[int], int]:
-        """Read the reply; returns the sizes, the indexes whose buffer was too small, and how
-        many values were larger than ``limit`` (not blocks: read as misses). Refused values are
-        drained and dropped, so the connection stays usable."""
-        head = self.line()
-        if head[:1] == b"-":
-            raise _ErrorReply(head[1:].decode(errors="replace"))
-        if head[:1] != b"*" or head[1:] != str(len(outs)).encode():
-            raise _ReplyFormatError(f"expected an array of {len(outs)}, got {head[:32]!r}")
-        sizes: list[int | None] = []
-        too_small: list[int] = []
-        foreign = 0
-        for i, out in enumerate(outs):
-            h = self.line()
-            if h[:1] == b"_" or h == b"$-1":  # RESP3 null, RESP2 null bulk
-                sizes.append(None)
-                continue
-            if h[:1] != b"$":
-                raise _ReplyFormatError(f"expected a bulk string, got {h[:32]!r}")
-            try:
-                n = int(h[1:])
-            except ValueError as e:
-                raise _ReplyFormatError(f"bad bulk length {h[:32]!r}") from e
-            if n < 0:
-                raise _ReplyFormatError(f"bad bulk length {h[:32]!r}")
-            if n > limit:
-                foreign += 1
-                self.payload(None, n)
-                sizes.append(None)
-                continue
-            if n > out.nbytes:
-                too_small.append(i)
-                self.payload(None, n)
-            else:
-                self.payload(out, n)
-            sizes.append(n)
-        return sizes, too_small, foreign
 
 
 def _import_redis() -> ModuleType:
@@ -334,7 +197,7 @@ class RedisTier(Tier):
         """Talking to a Redis Cluster: configured, or found out (module docstring)."""
         self._switch_lock = threading.Lock()
         self._direct = False
-        self._scratch = threading.local()  # .buf: this thread's _MgetReader scratch buffer
+        self._scratch = threading.local()  # .buf: this thread's MgetReader scratch buffer
         """``get`` reads MGET replies itself: a single server speaking RESP2."""
         with self._failures():
             if config.cluster:
@@ -517,15 +380,15 @@ class RedisTier(Tier):
                 return None
             scratch: bytearray | None = getattr(self._scratch, "buf", None)
             if scratch is None:  # one per thread: no 256 KiB allocation per call
-                scratch = self._scratch.buf = bytearray(_SCRATCH_BYTES)
+                scratch = self._scratch.buf = bytearray(SCRATCH_BYTES)
             conn.send_command("MGET", *rkeys)
-            return _MgetReader(sock, scratch).read(views, self.context.slot_size)
-        except _ErrorReply as e:  # a whole reply was read: the connection is still in sync
+            return MgetReader(sock, scratch).read(views, self.context.slot_size)
+        except ErrorReply as e:  # a whole reply was read: the connection is still in sync
             raise self._redis.exceptions.ResponseError(str(e)) from None
         except BaseException as e:
             # a reply read part way leaves the stream out of step: never reuse this socket
             conn.disconnect()
-            if isinstance(e, OSError | _ReplyFormatError):
+            if isinstance(e, OSError | ReplyFormatError):
                 raise self._redis.exceptions.ConnectionError(f"reading the MGET reply: {e}") from e
             raise
         finally:

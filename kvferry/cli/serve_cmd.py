@@ -179,6 +179,7 @@ _ROUTER_FLAGS: list[tuple[str, str, str]] = [
 
 def run_store(args: argparse.Namespace) -> int:
     from kvferry.store.server import StoreServer
+    from kvferry.telemetry.prometheus import export_store
 
     flags = {
         "listen.port": args.port,
@@ -214,6 +215,7 @@ def run_store(args: argparse.Namespace) -> int:
         signal.signal(sig, signals)
     server = StoreServer(loaded.config)
     try:
+        export_store(server.store, transfer=server.engine.metrics)  # store.metrics_port
         host, port = server.start()
         signals.serving = True
         print(f"{READY} {host}:{port}", flush=True)

@@ -16,7 +16,8 @@ that writes through the shared mapping after RESERVE declares each block's check
 which publishes only slots that hold exactly those bytes. Every block it lends (GET, LOCATE)
 goes out with its checksum, and clients check what they received (``protocol``).
 
-Each request counts once in the store's statistics (``store.metrics_port`` serves them): CONTAINS
+Each request counts once in the store's statistics (whoever runs the server serves them on
+``store.metrics_port`` with ``kvferry.telemetry.prometheus.export_store``): CONTAINS
 (a client store's lookup) and LOOKUP as lookups, GET and LOCATE as gets, PUT and RESERVE+COMMIT
 as puts; the store calls that serve a request are made with ``count=False``.
 """
@@ -148,8 +149,6 @@ class StoreServer:
     def start(self) -> tuple[str, int]:
         """Listen (``listen.bind_address:listen.port``); returns the bound (host, port)."""
         self.engine.listen(call=self._call, service={"store_protocol": p.PROTOCOL_VERSION})
-        if self.store.exporter is not None:
-            self.store.exporter.add_source("transfer", self.engine.metrics)
         address = self.engine.address
         assert address is not None
         self.address = address

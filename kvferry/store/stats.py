@@ -109,6 +109,29 @@ class StoreStats:
     """Seconds from a store call's start to its blocks being published (for a two-phase store,
     from ``prepare_store`` to ``complete_store``: the writer's copy included)."""
 
+    def copy(self) -> StoreStats:
+        """A snapshot of these counters (histograms and tier counters copied, ``usage``
+        left empty)."""
+        snap = StoreStats(
+            lookups=self.lookups,
+            lookup_blocks=self.lookup_blocks,
+            hit_blocks=self.hit_blocks,
+            request_hit_fraction_sum=self.request_hit_fraction_sum,
+            puts=self.puts,
+            put_blocks=self.put_blocks,
+            gets=self.gets,
+            get_blocks=self.get_blocks,
+            get_hit_blocks=self.get_hit_blocks,
+            leases_active=self.leases_active,
+            leases_expired=self.leases_expired,
+            lookup_latency=self.lookup_latency.copy(),
+            get_latency=self.get_latency.copy(),
+            put_latency=self.put_latency.copy(),
+        )
+        for name, c in self.tiers.items():
+            snap.tiers[name] = TierCounters(**vars(c))
+        return snap
+
     @property
     def hit_rate(self) -> float:
         """Headline hit rate: hit blocks / looked-up blocks (block-weighted ratio of sums)."""

@@ -1,73 +1,79 @@
 """TieredStore: the control plane of kvferry's KV-cache store.
 
-Owns the prefix index (which local tier holds which block), pins and their leases, placement
-(write-back or write-through, promotion on hit, demotion on eviction, prefetch), eviction at the
-high watermark, and the statistics. It moves no bytes itself: tiers (``kvferry.backends``) do.
+Owns the public batch API (lookup, contains, put, get, the two-phase store and load, delete,
+flush, verify, the async forms), pins and their leases, write-through and prefetch, and the
+statistics of every call. It moves no bytes itself: tiers (``kvferry.backends``) do. It composes
+two parts: :class:`~kvferry.store.placement.Placement` (the index of the local tiers, their
+eviction policies, eviction at the high watermark, demotion and promotion) and
+:class:`~kvferry.store.shared.SharedTiers` (the shared tiers behind their circuit breakers, and
+the write-behind of demotions into them).
 
 Tiers form a pipeline, fastest first (``store.tiers``). *Local* tiers (cpu, disk) are known
-exactly: every block they hold is in ``_where`` (key -> bit mask of tiers), so ``lookup`` is
+exactly: every block they hold is in the index (key -> bit mask of tiers), so ``lookup`` is
 O(prefix length) dict probes and never scans a tier. *Shared* tiers (redis, server, mooncake)
 are written by other processes too, so the store asks them for what its index does not have.
 
 Concurrency: one lock guards the index, the policies, the leases and the calls into local tiers
 (a cpu copy holds the GIL anyway). Calls into shared tiers (network) are never made under it, so
-a hung remote tier never holds up the local tiers: an eviction that demotes into a shared tier
-copies the victims' bytes into ``_outbox`` and frees their slots under the lock, and the call that
-evicted makes the remote put after releasing it (``_drain``); until then the blocks are served
-from the outbox. Blocks handed out as views (``prepare_load``, ``prepare_store``) are pinned or
-reserved, and eviction skips them, so a view never sees its slot reused.
+a hung remote tier never holds up the local tiers: :class:`~kvferry.store.shared.SharedTiers`
+owns those calls, their circuit breakers and the write-behind of demotions into them (its
+docstring has the details). Blocks handed out as views (``prepare_load``, ``prepare_store``) are
+pinned or reserved, and eviction skips them, so a view never sees its slot reused.
 
-Failures: a failed shared tier (Redis down) counts an error and reads as a miss (NO_SPACE for a
-put); the local tiers keep serving. Each shared tier's calls go through its circuit breaker
-(``kvferry.store.breaker``; ``store.breaker_*``): after ``breaker_failures`` failures in a row
-the tier is skipped at once (counted in ``breaker_skipped``) instead of costing a timeout per
-call, and one probe call per open interval finds out when it answers again. A demotion that fails
-in flight loses its blocks (counted in ``dropped``); one the breaker refuses up front leaves them
-where they are, as a full lower tier does.
+Failures: a failed tier counts an error and reads as a miss (NO_SPACE for a put); the local
+tiers keep serving when a shared one is down.
+
+What the store does not do: it starts no exporter and writes no file of its own. Whoever runs a
+store reads its statistics (:meth:`TieredStore.stats`), e.g. through
+``kvferry.telemetry.prometheus.export_store``, and hands it what must close with it
+(:meth:`TieredStore.attach`). Trace events go to the tracer it is given (``tracer``; by default
+one opened from ``store.trace_file``).
+
+Why one class of this length (past ~600 lines): it is the store's whole public API, and each
+call reads and changes the index, the policies and the leases in one section under one lock;
+the hot paths (put, get, the two-phase forms) read the index inline rather than through
+another object, so that no per-block work crosses a class boundary. What could leave with its
+own state (placement, the shared tiers) has left.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from functools import partial
-from typing import Any, TypeVar
+from typing import Protocol, TypeVar
 
 from kvferry.backends.base import Buffer, Key, PutStatus, SlotTier, Tier
 from kvferry.backends.registry import check_tiers, create_tier
 from kvferry.config.models import KvferryConfig, StoreConfig
 from kvferry.errors import LeaseExpired, StorageError
 from kvferry.observe.logs import RateLimitedLog
-from kvferry.observe.trace import open_tracer
-from kvferry.store.breaker import BreakerState, CircuitBreaker
+from kvferry.observe.trace import NullTracer, Tracer, open_tracer
 from kvferry.store.eviction import EvictionPolicy, load_policy
 from kvferry.store.leases import Lease, LeaseTable, LoadHandle, StoreHandle
+from kvferry.store.placement import Placement, eviction_marks
+from kvferry.store.shared import Promote, SharedTiers
 from kvferry.store.stats import StoreStats, TierCounters
+
+__all__ = ["Closeable", "TieredStore", "eviction_marks"]
 
 log = logging.getLogger("kvferry.store")
 _lease_log = RateLimitedLog(log)  # callers that vanish can expire leases by the thousand
 
 
-def eviction_marks(capacity: int | None, cfg: StoreConfig) -> tuple[int | None, int]:
-    """A tier's high watermark (blocks in use that start an eviction round; None: never) and
-    its round (the fewest victims a round takes), from ``evict_start_threshold`` and
-    ``evict_ratio``."""
-    if capacity is None:
-        return None, 0
-    return int(capacity * cfg.evict_start_threshold), max(1, math.ceil(capacity * cfg.evict_ratio))
-
-
 T = TypeVar("T")
+
+
+class Closeable(Protocol):
+    """What :meth:`TieredStore.attach` takes: anything closed with the store (an exporter)."""
+
+    def close(self) -> None: ...
+
 
 _FLUSH_BATCH = 256
 """Blocks :meth:`TieredStore.flush` writes per step (the store's lock is let go between)."""
-
-STORED = PutStatus.STORED
-EXISTS = PutStatus.EXISTS
 
 
 class TieredStore:
@@ -79,6 +85,8 @@ class TieredStore:
             them on ``close``.
         clock: monotonic seconds (a fake clock in tests of lease expiry and of the shared
             tiers' circuit breakers).
+        tracer: where trace events go; the caller closes it. None: one opened from
+            ``store.trace_file`` (off when empty), closed with the store.
 
     Raises:
         ConfigError: an unknown tier or policy name.
@@ -91,6 +99,7 @@ class TieredStore:
         *,
         tiers: Sequence[Tier] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        tracer: Tracer | NullTracer | None = None,
     ) -> None:
         self.config = config or KvferryConfig()
         cfg: StoreConfig = self.config.store
@@ -114,88 +123,43 @@ class TieredStore:
         self.names = [t.label for t in self.tiers]
         policy_cls = load_policy(cfg.eviction_policy)
         self._policies: list[EvictionPolicy[Key]] = [policy_cls() for _ in self.tiers]
-        self._local = [i for i, t in enumerate(self.tiers) if not t.shared]
         self._shared = [i for i, t in enumerate(self.tiers) if t.shared]
-        self._local_mask = sum(1 << i for i in self._local)
-        # the tiers below each tier, as a mask of _where bits
-        self._lower_masks = [
-            sum(1 << j for j in range(i + 1, len(self.tiers))) for i in range(len(self.tiers))
-        ]
-        self._high: list[int | None] = []
-        self._round: list[int] = []
-        for t in self.tiers:
-            high, round_ = eviction_marks(t.capacity_blocks, cfg)
-            self._high.append(high)
-            self._round.append(round_)
         self._lock = threading.RLock()
-        self._where: dict[Key, int] = {}
-        self._doomed: set[Key] = set()  # deleted while pinned: freed at the last unpin
         self._leases = LeaseTable()
         self._stats = StoreStats(tiers={name: TierCounters() for name in self.names})
         self._counters = [self._stats.tiers[name] for name in self.names]
-        # one circuit breaker per shared tier, by tier index
-        self._breakers = {
-            i: CircuitBreaker(
-                cfg.breaker_failures,
-                cfg.breaker_open_seconds,
-                cfg.breaker_max_open_seconds,
-                clock=clock,
-            )
-            for i in self._shared
-        }
-        # Demotions into shared tiers queued under the lock, made outside it by _drain:
-        # key -> (source tier, shared tier, the block's bytes).
-        self._outbox: dict[Key, tuple[int, int, bytes]] = {}
-        # One drainer at a time; delete() takes it too, so that a block it deletes from a
-        # shared tier cannot land there afterwards from a demotion in flight.
-        self._drain_lock = threading.Lock()
-        # .owes: this thread queued demotions, so it drains before its call returns (a thread
-        # that queued nothing, a local get, never waits for a remote put)
-        self._tls = threading.local()
+        # Off by default: the null tracer's span() is one shared no-op object.
+        self._own_tracer = tracer is None
+        self.tracer = open_tracer(cfg.trace_file) if tracer is None else tracer
+        self._shared_tiers = SharedTiers(
+            self.tiers, self.names, self._counters, self._lock, cfg, clock
+        )
+        self._placement = Placement(
+            self.tiers,
+            self._policies,
+            self._counters,
+            self._leases,
+            self._shared_tiers,
+            cfg,
+            self.tracer,
+        )
+        # The same objects under short names: the hot paths read them without an attribute
+        # chain, and an empty outbox costs them one truth test.
+        place = self._placement
+        self._where = place.where
+        self._doomed = place.doomed
+        self._local = place.local
+        self._local_mask = place.local_mask
+        self._outbox = self._shared_tiers.outbox
+        self._drain = self._shared_tiers.drain
         self._executor: ThreadPoolExecutor | None = None
         self._closed = False
-        # Off by default: the null tracer's span() is one shared no-op object.
-        self.tracer = open_tracer(cfg.trace_file)
-        self._exporter: Any = None
+        self._attached: list[Closeable] = []
         try:
-            self._rebuild()
-            if cfg.metrics_port:
-                self._start_exporter(cfg.metrics_port)
+            place.rebuild()
         except BaseException:
             self.close()
             raise
-
-    # -- construction helpers -------------------------------------------------------------
-    def _rebuild(self) -> None:
-        """Index the blocks persistent tiers already hold (a disk tier after a restart)."""
-        for i in self._local:
-            tier = self.tiers[i]
-            if not tier.persistent:
-                continue
-            bit = 1 << i
-            policy = self._policies[i]
-            for k in tier.keys():  # noqa: SIM118 - a Tier, not a dict
-                self._where[k] = self._where.get(k, 0) | bit
-                policy.insert(k)
-            log.info("store: %s holds %d blocks from before", tier.label, len(policy))
-
-    def _start_exporter(self, port: int) -> None:
-        from kvferry.telemetry.prometheus import MetricsExporter
-
-        token = self.config.listen.auth_token
-        exporter = MetricsExporter(
-            self.config.listen.bind_address,
-            port,
-            auth_token=token.get_secret_value() if token is not None else None,
-        )
-        exporter.add_source("store", self.stats)
-        exporter.start()
-        self._exporter = exporter
-
-    @property
-    def exporter(self) -> Any:
-        """The in-process Prometheus exporter (``store.metrics_port``), or None."""
-        return self._exporter
 
     @property
     def slot_size(self) -> int:
@@ -238,7 +202,12 @@ class TieredStore:
                 self._count_lookup(len(hashes), n, t0)
         if shared:
             if n < len(hashes):
-                n += self._shared_prefix(list(hashes[n:]), mask, shared)
+                rest = list(hashes[n:])
+                with self._lock:
+                    where = self._where
+                    found = [bool(where.get(k, 0) & mask) for k in rest]
+                self._shared_tiers.fill(rest, found, shared)
+                n += found.index(False) if False in found else len(found)
             with self._lock:
                 self._count_lookup(len(hashes), n, t0)
         if self._cfg.prefetch_depth and n and tier is None:
@@ -278,93 +247,13 @@ class TieredStore:
         with self._lock:
             self._count_get(blocks, found, started_ns)
 
-    def _shared_prefix(self, rest: list[Key], mask: int, shared: list[int]) -> int:
-        """Leading blocks of ``rest`` present locally (under ``mask``) or in a shared tier;
-        each shared tier is asked once, for the blocks not found before it."""
-        with self._lock:
-            where = self._where
-            found = [bool(where.get(k, 0) & mask) for k in rest]
-        for si in shared:
-            ask = [i for i, ok in enumerate(found) if not ok]
-            if not ask:
-                break
-            for i, ok in zip(ask, self._shared_contains(si, [rest[i] for i in ask])):
-                found[i] = ok
-        lead = 0
-        for ok in found:
-            if not ok:
-                break
-            lead += 1
-        return lead
-
-    def _shared_contains(self, si: int, keys: list[Key]) -> list[bool]:
-        """Ask shared tier ``si`` (blocks on their way there count); a failure or an open
-        breaker reads as absent."""
-        got = self._remote(si, "lookup in", partial(self.tiers[si].contains, keys))
-        out = [False] * len(keys) if got is None else got
-        if self._outbox:
-            with self._lock:
-                box = self._outbox
-                out = [ok or (k in box and box[k][1] == si) for k, ok in zip(keys, out)]
-        return out
-
-    def _remote(self, si: int, what: str, call: Callable[[], T]) -> T | None:
-        """``call()`` into shared tier ``si`` through its circuit breaker; the caller does not
-        hold the lock.
-
-        Returns None when the breaker skipped the call or the tier failed (StorageError), both
-        counted (``breaker_skipped``, ``errors``) and a failure logged; the caller reads None
-        as a miss, or NO_SPACE. Any other exception (the caller's ValueError) propagates and
-        says nothing about the tier.
-        """
-        breaker = self._breakers[si]
-        c = self._counters[si]
-        if not breaker.allow():
-            with self._lock:
-                c.breaker_skipped += 1
-            return None
-        try:
-            out = call()
-        except StorageError as e:
-            opened = breaker.failure()
-            with self._lock:
-                c.errors += 1
-                if opened:
-                    c.breaker_opens += 1
-                    c.breaker_open = 1
-            log.warning("store: %s %s failed: %s", what, self.names[si], e)
-            if opened:
-                log.warning(
-                    "store: %s keeps failing; skipping it for %.1fs (circuit breaker open)",
-                    self.names[si],
-                    breaker.open_seconds,
-                )
-            return None
-        except BaseException:
-            breaker.cancel()
-            raise
-        if breaker.success():
-            with self._lock:
-                c.breaker_closes += 1
-                c.breaker_open = 0
-            log.warning("store: %s answers again; circuit breaker closed", self.names[si])
-        return out
-
     def contains(self, hashes: Sequence[Key]) -> list[bool]:
         """Presence of each block in some tier (not only leading ones)."""
         with self._lock:
             where = self._where
             mask = self._local_mask
             out = [bool(where.get(k, 0) & mask) for k in hashes]
-        missing = [i for i, present in enumerate(out) if not present]
-        for si in self._shared:
-            if not missing:
-                break
-            found = self._shared_contains(si, [hashes[i] for i in missing])
-            for i, present in zip(list(missing), found):
-                if present:
-                    out[i] = True
-            missing = [i for i in missing if not out[i]]
+        self._shared_tiers.fill(hashes, out, self._shared)
         return out
 
     # -- put --------------------------------------------------------------------------------
@@ -397,7 +286,9 @@ class TieredStore:
             self._check_open()
             self._expire()
             depths = None if depth is None else range(depth, depth + len(hashes))
-            status = self._put_local(0, hashes, values, depths) if not self.first.shared else None
+            status = (
+                self._placement.put(0, hashes, values, depths) if not self.first.shared else None
+            )
             st = self._stats
             st.puts += 1
             st.put_blocks += len(hashes)
@@ -408,135 +299,13 @@ class TieredStore:
                 self._drain()
             return status  # type: ignore[return-value]  # not None: the first tier is local
         if status is None:
-            status = self._put_shared(0, hashes, values)
+            status = self._shared_tiers.put(0, hashes, values)
         if self._write_through_on and len(self.tiers) > 1:
             self._write_through(hashes, values, status)
         with self._lock:
             self._stats.put_latency.observe_ns(time.perf_counter_ns() - t0)
         self._drain()
         return status
-
-    def _put_local(
-        self,
-        ti: int,
-        hashes: Sequence[Key],
-        values: Sequence[Buffer],
-        depths: Sequence[int | None] | None = None,
-    ) -> list[PutStatus]:
-        """Put into local tier ``ti`` after making room; caller holds the lock. ``depths``:
-        each block's depth in its prefix chain, for depth-aware policies (None: unknown)."""
-        bit = 1 << ti
-        where = self._where
-        status: list[PutStatus] = [PutStatus.EXISTS] * len(hashes)
-        todo: list[int] = []
-        touched = False
-        seen: set[Key] = set()
-        policy = self._policies[ti]
-        if not policy.uses_depth:
-            depths = None
-        doomed = self._doomed
-        # The usual case: blocks no tier has, no repeats (C-level checks, no loop here).
-        fresh = where.keys().isdisjoint(hashes) and len(set(hashes)) == len(hashes)
-        # consecutive depths of fresh blocks: one chain, which a policy takes in one call
-        chained = fresh and isinstance(depths, range) and depths.step == 1
-        if fresh:
-            todo = list(range(len(hashes)))
-        else:
-            masks = [where.get(k, 0) for k in hashes]
-            for i, k in enumerate(hashes):
-                if masks[i] & bit:
-                    policy.touch(k)
-                    touched = True
-                    if doomed:
-                        doomed.discard(k)
-                elif k not in seen:
-                    seen.add(k)
-                    todo.append(i)
-        if not todo:
-            return status
-        if fresh:
-            keys, vals = list(hashes), list(values)
-        else:
-            keys = [hashes[i] for i in todo]
-            vals = [values[i] for i in todo]
-        # A batch larger than the tier goes in chunks, with room made before each: the older
-        # part of the batch is demoted like any other block instead of answering NO_SPACE.
-        cap = self.tiers[ti].capacity_blocks
-        step = len(keys) if cap is None else max(1, min(len(keys), cap // 2))
-        c = self._counters[ti]
-        t0 = time.perf_counter()
-        for start in range(0, len(keys), step):
-            end = min(len(keys), start + step)
-            self._make_room(ti, end - start)
-            try:
-                got = self.tiers[ti].put(keys[start:end], vals[start:end])
-            except StorageError as e:
-                c.errors += 1
-                log.warning("store: put into %s failed: %s", self.names[ti], e)
-                got = [PutStatus.NO_SPACE] * (end - start)
-            # Indexed chunk by chunk: the next chunk's eviction must see these blocks.
-            if got.count(STORED) == len(got) and (depths is None or chained):  # the usual case
-                chunk = keys[start:end]
-                if fresh:  # todo is 0..n-1
-                    status[start:end] = got
-                    where.update(dict.fromkeys(chunk, bit))
-                else:
-                    for i in todo[start:end]:
-                        status[i] = STORED
-                    where.update(zip(chunk, [where.get(k, 0) | bit for k in chunk]))
-                if depths is None:
-                    policy.insert_many(chunk)
-                else:
-                    policy.insert_chain(chunk, depths[start])  # type: ignore[arg-type]
-                c.blocks_in += len(chunk)
-                c.bytes_in += sum(map(len, vals[start:end]))
-                continue
-            insert = policy.insert
-            stored = nbytes = refused = 0
-            for i, k, v, st in zip(todo[start:end], keys[start:end], vals[start:end], got):
-                status[i] = st
-                if st is STORED or st is EXISTS:
-                    where[k] = where.get(k, 0) | bit
-                    insert(k)
-                    if depths is not None:
-                        d = depths[i]
-                        if d is not None:
-                            policy.set_depth(k, d)
-                    if st is STORED:
-                        stored += 1
-                        nbytes += len(v)
-                else:
-                    refused += 1
-            c.blocks_in += stored
-            c.bytes_in += nbytes
-            c.no_space += refused
-        if touched or len(todo) != len(hashes):
-            # Present blocks were touched before room was made (so that making room never
-            # evicts a block of this very put); their recency now follows the put's order, as
-            # if each block had been used in turn. (A put of blocks new to this tier, none
-            # repeated, inserted them in that order already: a demotion, or blocks held only
-            # below.)
-            policy.reorder(hashes)
-        c.save_seconds += time.perf_counter() - t0
-        return status
-
-    def _put_shared(
-        self, ti: int, hashes: Sequence[Key], values: Sequence[Buffer]
-    ) -> list[PutStatus]:
-        c = self._counters[ti]
-        t0 = time.perf_counter()
-        got = self._remote(ti, "put into", partial(self.tiers[ti].put, hashes, values))
-        if got is None:
-            return [PutStatus.NO_SPACE] * len(hashes)
-        with self._lock:
-            c.save_seconds += time.perf_counter() - t0
-            for v, s in zip(values, got):
-                if s is PutStatus.STORED:
-                    c.blocks_in += 1
-                    c.bytes_in += len(v)
-                elif s is PutStatus.NO_SPACE:
-                    c.no_space += 1
-        return got
 
     def _write_through(
         self, hashes: Sequence[Key], values: Sequence[Buffer], status: Sequence[PutStatus]
@@ -546,159 +315,10 @@ class TieredStore:
         vals = [values[i] for i in keep]
         for ti in range(1, len(self.tiers)):
             if self.tiers[ti].shared:
-                self._put_shared(ti, keys, vals)
+                self._shared_tiers.put(ti, keys, vals)
             else:
                 with self._lock:
-                    self._put_local(ti, keys, vals)
-
-    # -- eviction ---------------------------------------------------------------------------
-    def _make_room(self, ti: int, needed: int) -> None:
-        """Evict from local tier ``ti`` when ``needed`` more blocks would pass the high
-        watermark; caller holds the lock."""
-        tier = self.tiers[ti]
-        cap = tier.capacity_blocks
-        high = self._high[ti]
-        if cap is None or high is None:
-            return
-        used = tier.used_blocks
-        if used + needed <= high:
-            return
-        must = max(0, used + needed - cap)
-        want = max(self._round[ti], used + needed - high, must)
-        pins = self._leases
-        victims = self._policies[ti].victims(min(want, used), pins.pinned if pins.pins else None)
-        if victims:
-            with self.tracer.span("evict", "store", tier=self.names[ti], blocks=len(victims)):
-                self._evict(ti, victims, must)
-
-    def _evict(self, ti: int, victims: list[Key], must: int) -> None:
-        """Remove ``victims`` from local tier ``ti``, demoting to the next tier first those no
-        lower tier has (write-back); caller holds the lock.
-
-        A victim whose demotion failed (the lower tier is full or down) is kept unless fewer
-        than ``must`` blocks could leave otherwise: the store trades a lost block for room only
-        when a put cannot fit at all.
-        """
-        tier = self.tiers[ti]
-        c = self._counters[ti]
-        where = self._where
-        lower_mask = self._lower_masks[ti]
-        demote = [k for k in victims if not (where.get(k, 0) & lower_mask)] if lower_mask else []
-        if demote:
-            gone = self._demote(ti, ti + 1, demote)
-            stuck = [k for k in demote if k not in gone]
-        else:
-            stuck = []  # no tier below: eviction from the last tier is a plain drop
-        if stuck:
-            stuck_set = set(stuck)
-            safe = [k for k in victims if k not in stuck_set]
-            extra = max(0, must - len(safe))
-            victims = safe + stuck[:extra]
-            c.dropped += min(extra, len(stuck))
-        if not victims:
-            return
-        tier.delete(victims)
-        self._policies[ti].remove_many(victims)
-        if self._local_mask == 1 << ti:  # the only local tier: nothing else holds them
-            pop = where.pop
-            for k in victims:
-                pop(k, None)
-        else:
-            clear = ~(1 << ti)
-            for k in victims:
-                left = where.get(k, 0) & clear
-                if left:
-                    where[k] = left
-                else:
-                    where.pop(k, None)
-        c.evictions += len(victims)
-
-    def _demote(self, src: int, dst: int, keys: list[Key]) -> set[Key]:
-        """Copy ``keys`` from local tier ``src`` into tier ``dst``; the keys that may leave
-        ``src`` (landed in a local ``dst``, or queued for a shared one). Caller holds the lock.
-
-        Into a shared tier the blocks are copied into ``_outbox`` and put by ``_drain`` once
-        the lock is released: a network call here would hold up every local get for as long
-        as the remote tier takes, a whole timeout when it hangs. Counted as demotions when
-        they land. A breaker that is open (and not due for a probe) refuses them up front.
-
-        A slot tier checks each block's checksum first (when it keeps them): a block that
-        fails is dropped there and forgotten here, never copied down with a fresh checksum.
-        """
-        if self.tiers[dst].shared and not self._breakers[dst].ready():
-            self._counters[dst].breaker_skipped += 1
-            return set()
-        values = self._read_local(src, keys)
-        for k, v in zip(keys, values):
-            if v is None and self._where.get(k, 0) & (1 << src):
-                self._forget(src, k)
-                self._counters[src].corrupt += 1
-        present = [(k, v) for k, v in zip(keys, values) if v is not None]
-        if not present:
-            return set()
-        ks = [k for k, _ in present]
-        if self.tiers[dst].shared:
-            box = self._outbox
-            for k, v in present:
-                box[k] = (src, dst, bytes(v))  # a copy: the slot is reused once we return
-            self._tls.owes = True
-            return set(ks)
-        vs: list[Buffer] = [v for _, v in present if v is not None]
-        src_policy = self._policies[src]
-        depths = [src_policy.depth(k) for k in ks] if src_policy.uses_depth else None
-        got = self._put_local(dst, ks, vs, depths)
-        landed = {k for k, s in zip(ks, got) if s is not PutStatus.NO_SPACE}
-        self._counters[src].demotions += len(landed)
-        return landed
-
-    def _drain(self, *, everything: bool = False) -> None:
-        """Make the demotions into shared tiers that evictions queued (``_outbox``), when this
-        thread queued some (or ``everything``); the caller does not hold the lock.
-
-        Blocks stay in the outbox (and are served from it) until their put is over; a block
-        the shared tier did not take is lost (``dropped``). The thread that queued waits for
-        the put, as it would have under the lock, but no other thread waits with it.
-        """
-        if not (everything or getattr(self._tls, "owes", False)):
-            return
-        self._tls.owes = False
-        with self._drain_lock:
-            while True:
-                with self._lock:
-                    batch = list(self._outbox.items())
-                if not batch:
-                    return
-                by_dst: dict[int, list[tuple[Key, tuple[int, int, bytes]]]] = {}
-                for k, entry in batch:
-                    by_dst.setdefault(entry[1], []).append((k, entry))
-                for dst, items in by_dst.items():
-                    got = self._put_shared(dst, [k for k, _ in items], [e[2] for _, e in items])
-                    with self._lock:
-                        box = self._outbox
-                        for (k, entry), st in zip(items, got):
-                            if box.get(k) is entry:
-                                del box[k]
-                            c = self._counters[entry[0]]
-                            if st is PutStatus.NO_SPACE:
-                                c.dropped += 1
-                            else:
-                                c.demotions += 1
-
-    def _read_local(self, ti: int, keys: list[Key]) -> list[Buffer | None]:
-        tier = self.tiers[ti]
-        if isinstance(tier, SlotTier):
-            return list(tier.views(keys, verify=True))
-        peeked = tier.peek(keys)
-        if peeked is not None:
-            return peeked
-        outs = [memoryview(bytearray(self.slot_size)) for _ in keys]
-        try:
-            got = tier.get(keys, outs)
-        except StorageError as e:
-            self._counters[ti].errors += 1
-            log.warning("store: read from %s failed: %s", self.names[ti], e)
-            return [None] * len(keys)
-        return [None if n is None else o[:n] for o, n in zip(outs, got)]
+                    self._placement.put(ti, keys, vals)
 
     def flush(self, timeout: float) -> int:
         """Write every block that only volatile local tiers (cpu) hold into the first
@@ -744,7 +364,9 @@ class TieredStore:
                         for k in todo[start : start + _FLUSH_BATCH]
                         if where.get(k, 0) & bit and not where.get(k, 0) & on_disk
                     ]
-                    landed = self._demote(src, dst, batch) if batch else set()  # counted there
+                    landed = (
+                        self._placement.demote(src, dst, batch) if batch else set()
+                    )  # counted there
                 written += len(landed)
         return written
 
@@ -786,7 +408,7 @@ class TieredStore:
                 masks = [where.get(k, 0) for k in hashes]
                 first_all = all(m & 1 for m in masks)
             if first_all:  # the usual case: all in the first tier
-                got0 = self._get_local(0, list(hashes), list(outs), depth)
+                got0 = self._placement.get(0, list(hashes), list(outs), depth)
                 if None in got0:  # a block was gone: the general path below sorts it out
                     groups[0] = list(range(len(hashes)))
                 else:
@@ -806,7 +428,7 @@ class TieredStore:
                 if ti == 0 and got0 is not None:
                     got = got0  # read above
                 else:
-                    got = self._get_local(ti, [hashes[i] for i in idx], [outs[i] for i in idx])
+                    got = self._placement.get(ti, [hashes[i] for i in idx], [outs[i] for i in idx])
                 policy = self._policies[ti]
                 for i, n in zip(idx, got):
                     res[i] = n
@@ -818,7 +440,7 @@ class TieredStore:
                         if ti:
                             promote.append(i)
             if promote and self._cfg.promote_on_hit and not self.first.shared:
-                self._promote(
+                self._placement.promote(
                     [hashes[i] for i in promote],
                     [outs[i][: res[i]] for i in promote],
                     None if depth is None else [depth + i for i in promote],
@@ -828,7 +450,9 @@ class TieredStore:
                 self._count_get(len(hashes), len(res) - res.count(None), t0)
         if remote:
             with self.tracer.span("get_remote", "store", blocks=len(missing)):
-                self._get_shared(hashes, outs, res, sorted(missing), depth)
+                self._shared_tiers.get(
+                    hashes, outs, res, sorted(missing), depth, self._promote_from_shared()
+                )
             if count:
                 with self._lock:
                     self._count_get(len(hashes), len(res) - res.count(None), t0)
@@ -836,131 +460,12 @@ class TieredStore:
             self._drain()
         return res
 
-    def _get_local(
-        self, ti: int, keys: list[Key], outs: list[memoryview], depth: int | None = None
-    ) -> list[int | None]:
-        """Read from local tier ``ti``; drops index entries the tier no longer vouches for.
-        ``depth``: ``keys`` are consecutive chain blocks from that depth (told to a depth-aware
-        policy when every block was read)."""
-        tier = self.tiers[ti]
-        c = self._counters[ti]
-        t0 = time.perf_counter()
-        try:
-            got = tier.get(keys, outs)
-        except StorageError as e:
-            c.errors += 1
-            log.warning("store: get from %s failed: %s", self.names[ti], e)
-            got = [None] * len(keys)
-        c.load_seconds += time.perf_counter() - t0
-        c.lookups += len(keys)
-        policy = self._policies[ti]
-        if None not in got:  # the usual case: every block there
-            if depth is not None and policy.uses_depth:
-                policy.touch_chain(keys, depth)
-            else:
-                policy.touch_many(keys)
-            n_got = len(keys)
-            c.hits += n_got
-            c.blocks_out += n_got
-            c.bytes_out += sum(got)  # type: ignore[arg-type]  # no None here
-            return got
-        touch = policy.touch
-        nbytes = hits = 0
-        for k, n in zip(keys, got):
-            if n is None:
-                self._forget(ti, k)  # torn/corrupt or lost: never ask this tier for it again
-            else:
-                touch(k)
-                nbytes += n
-                hits += 1
-        c.hits += hits
-        c.blocks_out += hits
-        c.bytes_out += nbytes
-        return got
-
-    def _get_shared(
-        self,
-        hashes: Sequence[Key],
-        outs: Sequence[memoryview],
-        res: list[int | None],
-        missing: list[int],
-        depth: int | None,
-    ) -> None:
-        if self._outbox:
-            missing = self._get_outbox(hashes, outs, res, missing)
-        for si in self._shared:
-            if not missing:
-                return
-            tier = self.tiers[si]
-            c = self._counters[si]
-            t0 = time.perf_counter()
-            call = partial(tier.get, [hashes[i] for i in missing], [outs[i] for i in missing])
-            got = self._remote(si, "get from", call)
-            if got is None:
-                continue
-            found = [(i, n) for i, n in zip(missing, got) if n is not None]
-            for i, n in found:
-                res[i] = n
-            with self._lock:
-                c.load_seconds += time.perf_counter() - t0
-                c.lookups += len(missing)
-                c.hits += len(found)
-                c.blocks_out += len(found)
-                c.bytes_out += sum(n for _, n in found)
-                if found and self._cfg.promote_on_hit and si and not self.first.shared:
-                    self._promote(
-                        [hashes[i] for i, _ in found],
-                        [outs[i][:n] for i, n in found],
-                        None if depth is None else [depth + i for i, _ in found],
-                    )
-            missing = [i for i in missing if res[i] is None]
-
-    def _get_outbox(
-        self,
-        hashes: Sequence[Key],
-        outs: Sequence[memoryview],
-        res: list[int | None],
-        missing: list[int],
-    ) -> list[int]:
-        """Copy the missing blocks that are on their way into a shared tier out of the outbox
-        (hits of that tier); returns the indexes still missing."""
-        left: list[int] = []
-        with self._lock:
-            box = self._outbox
-            for i in missing:
-                entry = box.get(hashes[i])
-                if entry is None:
-                    left.append(i)
-                    continue
-                data, out = entry[2], outs[i]
-                if len(out) < len(data):
-                    raise ValueError(
-                        f"block {i} is {len(data)} bytes but its buffer holds {len(out)}"
-                    )
-                out[: len(data)] = data
-                res[i] = len(data)
-                c = self._counters[entry[1]]
-                c.lookups += 1
-                c.hits += 1
-                c.blocks_out += 1
-                c.bytes_out += len(data)
-        return left
-
-    def _promote(
-        self, keys: list[Key], values: list[Buffer], depths: list[int] | None = None
-    ) -> None:
-        """Copy blocks found below into the first tier; caller holds the lock."""
-        before = self._counters[0].blocks_in
-        self._put_local(0, keys, values, depths)
-        self._counters[0].promotions += self._counters[0].blocks_in - before
-
-    def _forget(self, ti: int, key: Key) -> None:
-        m = self._where.get(key, 0) & ~(1 << ti)
-        if m:
-            self._where[key] = m
-        else:
-            self._where.pop(key, None)
-        self._policies[ti].remove(key)
+    def _promote_from_shared(self) -> Promote | None:
+        """What a get from the shared tiers promotes with: None unless ``promote_on_hit`` is
+        on and the first tier is local."""
+        return (
+            self._placement.promote if self._cfg.promote_on_hit and not self.first.shared else None
+        )
 
     def verify(self, hashes: Sequence[Key]) -> int:
         """Check the given blocks in the local slot tiers against their checksums (a client
@@ -976,7 +481,7 @@ class TieredStore:
                 bit = 1 << ti
                 keys = [k for k in hashes if self._where.get(k, 0) & bit]
                 for k in tier.verify(keys) if keys else ():
-                    self._forget(ti, k)
+                    self._placement.forget(ti, k)
                     self._counters[ti].corrupt += 1
                     dropped += 1
         return dropped
@@ -991,9 +496,7 @@ class TieredStore:
         removed = 0
         with self._lock:
             self._check_open()
-            if self._outbox:
-                for k in hashes:
-                    self._outbox.pop(k, None)
+            self._shared_tiers.unqueue(hashes)
             for k in hashes:
                 m = self._where.pop(k, 0)
                 if not m:
@@ -1006,10 +509,7 @@ class TieredStore:
                             self._doomed.add(k)
                         else:
                             self.tiers[ti].delete([k])
-        if self._shared:
-            with self._drain_lock:  # after any demotion in flight has landed
-                for si in self._shared:
-                    self._remote(si, "delete from", partial(self.tiers[si].delete, hashes))
+        self._shared_tiers.delete(hashes)
         return removed
 
     # -- two-phase store --------------------------------------------------------------------
@@ -1049,7 +549,7 @@ class TieredStore:
                     todo.append(i)
             keys = [hashes[i] for i in todo]
             if isinstance(first, SlotTier):
-                self._make_room(0, len(todo))
+                self._placement.make_room(0, len(todo))
                 views = first.reserve(keys, [sizes[i] for i in todo])
                 locate = getattr(first, "locate", None)
                 locs = locate(keys) if locate is not None else [None] * len(keys)
@@ -1133,7 +633,7 @@ class TieredStore:
             if handle.staged:
                 vals: list[Buffer] = [handle.buffers[i] or b"" for i, g in zip(pending, good) if g]
                 pub = [k for k, g in zip(keys, good) if g]
-                got = self._put_local(0, pub, vals) if not first.shared else None
+                got = self._placement.put(0, pub, vals) if not first.shared else None
                 if got is None:
                     got = []
                     publish_shared = (pub, vals)
@@ -1164,7 +664,7 @@ class TieredStore:
             self._stats.puts += 1
             self._stats.put_blocks += n
         if publish_shared is not None:
-            got = self._put_shared(0, *publish_shared)
+            got = self._shared_tiers.put(0, *publish_shared)
             for i, s in zip([i for i, g in zip(pending, good) if g], got):
                 final[i] = s
         if self._write_through_on and len(self.tiers) > 1:
@@ -1201,7 +701,7 @@ class TieredStore:
         with self._lock:
             self._check_open()
             self._expire()
-            n = self._local_prefix(hashes)
+            n = self._placement.local_prefix(hashes)
         keys = list(hashes[:n])
         if n < len(hashes) and self._shared:
             keys += self._fetch_shared_prefix(list(hashes[n:]))
@@ -1220,7 +720,7 @@ class TieredStore:
             # Bring the prefix into the first tier, then pin and lend views.
             below = [k for k in keys if not (self._where.get(k, 0) & 1)]
             if below:
-                self._promote_prefix(below)
+                self._placement.promote_prefix(below)
             m = 0
             for k in keys:
                 if self._where.get(k, 0) & 1:
@@ -1268,43 +768,20 @@ class TieredStore:
             self._release(handle.lease)
             self._counters[0].bytes_out += sum(len(b) for b in handle.buffers)
 
-    def _local_prefix(self, hashes: Sequence[Key]) -> int:
-        where, mask = self._where, self._local_mask
-        n = 0
-        for k in hashes:
-            if where.get(k, 0) & mask:
-                n += 1
-            else:
-                break
-        return n
-
     def _fetch_shared_prefix(self, hashes: list[Key]) -> list[Key]:
         """Get the leading blocks of ``hashes`` that shared tiers hold into the first tier;
         returns the keys that landed there."""
         outs = [memoryview(bytearray(self.slot_size)) for _ in hashes]
         res: list[int | None] = [None] * len(hashes)
-        self._get_shared(hashes, outs, res, list(range(len(hashes))), None)
+        promote = self._promote_from_shared()
+        self._shared_tiers.get(hashes, outs, res, list(range(len(hashes))), None, promote)
         m = next((i for i, n in enumerate(res) if n is None), len(res))
         if m and (not self._cfg.promote_on_hit or self.first.shared):
-            # _get_shared promotes only when promote_on_hit is on; a load needs the bytes in
+            # a get promotes only when promote_on_hit is on; a load needs the bytes in
             # the first tier regardless.
             with self._lock:
-                self._put_local(0, hashes[:m], [outs[i][: res[i] or 0] for i in range(m)])
+                self._placement.put(0, hashes[:m], [outs[i][: res[i] or 0] for i in range(m)])
         return hashes[:m]
-
-    def _promote_prefix(self, keys: list[Key]) -> None:
-        """Copy ``keys`` (held by lower local tiers) into the first tier; caller holds lock."""
-        by_tier: dict[int, list[Key]] = {}
-        for k in keys:
-            m = self._where.get(k, 0)
-            if m:
-                by_tier.setdefault((m & -m).bit_length() - 1, []).append(k)
-        for ti, ks in by_tier.items():
-            outs = [memoryview(bytearray(self.slot_size)) for _ in ks]
-            got = self._get_local(ti, ks, outs)
-            present = [(k, o[:n]) for k, o, n in zip(ks, outs, got) if n is not None]
-            if present:
-                self._promote([k for k, _ in present], [v for _, v in present])
 
     # -- async forms ------------------------------------------------------------------------
     def get_async(
@@ -1346,7 +823,7 @@ class TieredStore:
             below = [k for k in keys if (self._where.get(k, 0) & ~1)]
             below = [k for k in below if not (self._where.get(k, 0) & 1)]
             if below:
-                self._promote_prefix(below)
+                self._placement.promote_prefix(below)
         self._drain()
 
     # -- leases -----------------------------------------------------------------------------
@@ -1402,37 +879,30 @@ class TieredStore:
         """A consistent snapshot of the counters and of every tier's usage."""
         with self._lock:
             self._expire()
-            st = self._stats
-            snap = StoreStats(
-                lookups=st.lookups,
-                lookup_blocks=st.lookup_blocks,
-                hit_blocks=st.hit_blocks,
-                request_hit_fraction_sum=st.request_hit_fraction_sum,
-                puts=st.puts,
-                put_blocks=st.put_blocks,
-                gets=st.gets,
-                get_blocks=st.get_blocks,
-                get_hit_blocks=st.get_hit_blocks,
-                leases_active=len(self._leases.leases),
-                leases_expired=st.leases_expired,
-                lookup_latency=st.lookup_latency.copy(),
-                get_latency=st.get_latency.copy(),
-                put_latency=st.put_latency.copy(),
-            )
-            for name, c in st.tiers.items():
-                snap.tiers[name] = TierCounters(**vars(c))
+            snap = self._stats.copy()
+            snap.leases_active = len(self._leases.leases)
         for i, (name, tier) in enumerate(zip(self.names, self.tiers)):
-            breaker = self._breakers.get(i)
-            if breaker is not None and breaker.state is not BreakerState.CLOSED:
-                continue  # a tier being skipped is not asked either (a server tier's is a call)
+            if not self._shared_tiers.answering(i):
+                continue
             try:
                 snap.usage[name] = tier.stats()
             except StorageError as e:
                 log.warning("store: stats of %s failed: %s", name, e)
         return snap
 
+    def attach(self, closeable: Closeable) -> None:
+        """Close ``closeable`` when the store closes, before its tiers (an exporter reading
+        :meth:`stats`: ``kvferry.telemetry.prometheus.export_store`` attaches its own).
+
+        Raises:
+            StorageError: the store is closed.
+        """
+        with self._lock:
+            self._check_open()
+            self._attached.append(closeable)
+
     def close(self) -> None:
-        """Stop background work and close every tier; idempotent."""
+        """Stop background work, close what was attached, then every tier; idempotent."""
         with self._lock:
             if self._closed:
                 return
@@ -1441,9 +911,13 @@ class TieredStore:
         if executor is not None:
             executor.shutdown(wait=True)
         self._drain(everything=True)  # demotions still queued land before their tier closes
-        if self._exporter is not None:
-            self._exporter.close()
-        self.tracer.close()
+        for closeable in reversed(self._attached):
+            try:
+                closeable.close()
+            except Exception:  # an isolation boundary, as for the tiers below
+                log.exception("store: closing %r failed", closeable)
+        if self._own_tracer:
+            self.tracer.close()
         for tier in self.tiers:
             try:
                 tier.close()

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
 from kvferry.backends.base import PutStatus
-from kvferry.backends.memory import MemoryTier
+from kvferry.backends.memory import MemoryTier, MemoryTierConfig
 from kvferry.testing.tier_kit import check_tier, key
 
 SLOT = 4096
@@ -55,3 +56,15 @@ def test_peek_hands_out_the_stored_bytes_and_none_for_a_miss() -> None:
         outs = [memoryview(bytearray(SLOT)) for _ in range(5)]
         lengths = store.get([key(i) for i in range(5)], outs)
         assert [bytes(o[:n]) for o, n in zip(outs, lengths)] == values  # type: ignore[misc]
+
+
+def test_config_is_validated_like_a_config_section() -> None:
+    """A local model with the config sections' settings: unknown keys, a wrong type and a change
+    after construction are refused (kvferry.config's private base is not imported)."""
+    with pytest.raises(ValidationError, match="extra"):
+        MemoryTierConfig(capacity_blocks=2, capacity=3)  # type: ignore[call-arg]
+    with pytest.raises(ValidationError):
+        MemoryTierConfig(capacity_blocks="many")  # type: ignore[arg-type]
+    cfg = MemoryTierConfig(capacity_blocks=2)
+    with pytest.raises(ValidationError, match="frozen"):
+        cfg.capacity_blocks = 3  # type: ignore[misc]

@@ -24,7 +24,8 @@ import redis
 import redis.cluster
 
 from kvferry.backends.base import PutStatus, TierContext
-from kvferry.backends.redis import _SCRATCH_BYTES, RedisTier, _MgetReader, glob_escape, redact_url
+from kvferry.backends.redis import RedisTier, glob_escape, redact_url
+from kvferry.backends.redis_mget import SCRATCH_BYTES, MgetReader
 from kvferry.backends.registry import create_tier
 from kvferry.config.models import KvferryConfig, RedisTierConfig
 from kvferry.errors import MissingDependency, StorageError
@@ -625,7 +626,7 @@ def test_mget_reader_any_chunking(scatter: bool) -> None:
     sender = threading.Thread(target=send)
     sender.start()
     try:
-        reader = _MgetReader(b, bytearray(_SCRATCH_BYTES))
+        reader = MgetReader(b, bytearray(SCRATCH_BYTES))
         reader.scatter = scatter
         got, too_small, foreign = reader.read(outs, 300_000)
     finally:

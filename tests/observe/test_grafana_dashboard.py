@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from kvferry.config import load_config
 from kvferry.serving.vllm.metrics import PROM_NAMES
 from kvferry.store.server import StoreServer
+from kvferry.telemetry.prometheus import export_store
 from kvferry.testing.engines import free_port
 from kvferry.testing.tier_kit import key, value
 
@@ -60,6 +61,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
         }
     ).config
     with StoreServer(cfg) as server:
+        export_store(server.store, transfer=server.engine.metrics)  # as `kvferry serve store`
         store = server.store
         ks = [key(i) for i in range(40)]  # more than the cpu tier holds: some go to disk
         store.put(ks, [value(i, SLOT) for i in range(40)])

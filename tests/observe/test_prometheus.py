@@ -15,11 +15,16 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from kvferry.backends.base import TierStats
+from kvferry.backends.memory import MemoryTier
+from kvferry.config.models import KvferryConfig, StoreConfig
 from kvferry.errors import ConfigError
 from kvferry.observe.counters import MetricSet
+from kvferry.store import TieredStore
 from kvferry.store.stats import StoreStats, TierCounters
-from kvferry.telemetry.prometheus import MetricsExporter, histogram_buckets
+from kvferry.telemetry.prometheus import MetricsExporter, export_store, histogram_buckets
+from kvferry.testing.engines import free_port
 from kvferry.testing.slowloris import Trickle
+from kvferry.testing.tier_kit import key, value
 
 
 def _store_stats() -> StoreStats:
@@ -376,3 +381,52 @@ def test_exporters_do_not_share_a_registry() -> None:
     # but process metrics of its own, and the build
     assert b"process_cpu_seconds_total" in a.render()
     assert b"kvferry_build_info{" in a.render()
+
+
+def _memory_store(**store: object) -> TieredStore:
+    cfg = KvferryConfig(store=StoreConfig(slot_size=4096, **store))
+    return TieredStore(cfg, tiers=[MemoryTier.sized(8, label="cpu", slot_size=4096)])
+
+
+def test_export_store_serves_the_stores_stats_until_the_store_closes() -> None:
+    store = _memory_store(metrics_port=free_port())
+    exporter = export_store(store)
+    assert exporter is not None and exporter.address is not None
+    host, port = exporter.address
+    store.put([key(0), key(1)], [value(0, 4096), value(1, 4096)])
+    store.lookup([key(0), key(1), key(77)])
+    text = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5).read().decode()
+    samples = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    assert samples["kvferry_store_hit_blocks_total"] == 2
+    assert samples["kvferry_store_lookup_blocks_total"] == 3
+    store.close()
+    assert exporter.address is None  # closed with the store: the port is free again
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as a new exporter would
+        s.bind((host, port))
+
+
+def test_export_store_adds_a_transfer_source_and_honours_a_given_config() -> None:
+    store = _memory_store()  # its own config has no metrics port
+    assert export_store(store) is None
+    port = free_port()
+    cfg = KvferryConfig(store=StoreConfig(metrics_port=port))
+    metrics = MetricSet()
+    metrics.group("tcp").add_request(read=True, nbytes=10, slices=1, latency_ns=1_000)
+    exporter = export_store(store, cfg, transfer=metrics.snapshot)
+    assert exporter is not None and exporter.address == ("127.0.0.1", port)
+    assert [name for name, _ in exporter.sources()] == ["store", "transfer"]
+    s = _samples(exporter.render().decode())
+    assert _value(s, "kvferry_transfer_bytes_read_total", source="transfer", transport="tcp") == 10
+    store.close()
+    assert exporter.address is None
+
+
+def test_export_store_on_a_port_in_use_is_a_config_error_and_leaves_nothing_open() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        store = _memory_store(metrics_port=busy.getsockname()[1])
+        with pytest.raises(ConfigError, match="cannot listen"):
+            export_store(store)
+        store.close()

@@ -1,11 +1,16 @@
-"""Eviction policies: the order each one evicts in, and pinned keys are skipped."""
+"""Eviction policies: the order each one evicts in, and every registered policy passes the
+conformance kit (``kvferry.testing.eviction_kit``)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterable
 
 import pytest
 
 from kvferry.errors import ConfigError
-from kvferry.store.eviction import load_policy
+from kvferry.store.eviction import POLICIES, load_policy
+from kvferry.store.eviction.lru import LruPolicy
+from kvferry.testing.eviction_kit import check_policy
 
 
 def test_lru_order_and_touch() -> None:
@@ -46,7 +51,7 @@ def test_unknown_policy() -> None:
         load_policy("mru")
 
 
-@pytest.mark.parametrize("name", ["lru", "lfu", "fifo", "length-aware"])
+@pytest.mark.parametrize("name", POLICIES.names())
 def test_no_pins_gives_the_same_order_as_a_skip_that_skips_nothing(name: str) -> None:
     p = load_policy(name)()
     for k in "abcdef":
@@ -92,43 +97,33 @@ def test_without_depths_length_aware_is_lru() -> None:
     assert la.victims(5, None) == lru.victims(5, None)
 
 
-@pytest.mark.parametrize("name", ["lru", "lfu", "fifo", "length-aware"])
-@pytest.mark.parametrize("seed", range(5))
-def test_batch_primitives_equal_their_key_by_key_definition(name: str, seed: int) -> None:
-    """The fast batch paths (insert_many, touch_many, remove_many, insert_chain, touch_chain)
-    leave exactly the state the contract's key-by-key calls leave, repeats and unknown keys
-    included."""
-    import random
-
-    from kvferry.store.eviction.base import EvictionPolicy
-
-    rng = random.Random(seed)
-    fast, slow = load_policy(name)(), load_policy(name)()
-    universe = [f"k{i}" for i in range(40)]
-    for _ in range(400):
-        keys = [rng.choice(universe) for _ in range(rng.randint(0, 8))]
-        if rng.random() < 0.5:  # mostly fresh blocks, as a store's put sends them
-            keys = list(dict.fromkeys(f"n{rng.randint(0, 10**6)}" for _ in keys))
-            universe.extend(keys)
-        op = rng.choice(["insert_many", "touch_many", "remove_many", "insert_chain", "touch_chain"])
-        if op.endswith("_chain"):
-            depth = rng.choice([0, 1, 3])
-            getattr(fast, op)(keys, depth)
-            getattr(EvictionPolicy, op)(slow, keys, depth)
-        else:
-            getattr(fast, op)(keys)
-            getattr(EvictionPolicy, op)(slow, keys)
-        assert len(fast) == len(slow)
-        assert fast.victims(len(fast), None) == slow.victims(len(slow), None), op
-        assert [fast.depth(k) for k in universe] == [slow.depth(k) for k in universe]
+@pytest.mark.parametrize("name", POLICIES.names())
+def test_every_registered_policy_passes_the_conformance_kit(name: str) -> None:
+    """Every name in the registry, so a new policy is checked without editing this test."""
+    check_policy(lambda: load_policy(name)(), seeds=5)
 
 
-@pytest.mark.parametrize("name", ["lru", "lfu", "fifo", "length-aware"])
-def test_tracked_is_a_live_view_of_the_keys(name: str) -> None:
-    p = load_policy(name)()
-    view = p.tracked()
-    p.insert_many(["a", "b", "c"])
-    p.insert_chain(["d"], 0)
-    p.remove_many(["b"])
-    assert [k in view for k in "abcde"] == [True, False, True, True, False]
-    assert [k in view for k in "abcde"] == [k in p for k in "abcde"]
+class _IgnoresPins(LruPolicy[bytes]):
+    """LRU whose victims ignore the pins: what the kit exists to catch."""
+
+    def victims(self, n: int, skip: Callable[[bytes], bool] | None) -> list[bytes]:
+        return super().victims(n, None)
+
+
+class _ForgetsNothing(LruPolicy[bytes]):
+    """LRU whose remove_many does nothing: its batch form differs from its definition."""
+
+    def remove_many(self, keys: Iterable[bytes]) -> None:
+        return None
+
+
+@pytest.mark.parametrize(
+    ("policy", "message"),
+    [
+        (_IgnoresPins, "pinned key"),
+        (_ForgetsNothing, "remove_many did not forget"),
+    ],
+)
+def test_the_kit_catches_a_broken_policy(policy: type[LruPolicy[bytes]], message: str) -> None:
+    with pytest.raises(AssertionError, match=message):
+        check_policy(policy)

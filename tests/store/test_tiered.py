@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import json
 import random
-import socket
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from kvferry.backends.base import PutStatus, TierContext
 from kvferry.backends.cpu import CpuTier
@@ -19,6 +16,7 @@ from kvferry.backends.disk import DiskTier
 from kvferry.config.models import CpuTierConfig, DiskTierConfig, KvferryConfig, StoreConfig
 from kvferry.errors import LeaseExpired, StorageError
 from kvferry.index.hashing import BlockHasher
+from kvferry.observe.trace import Tracer
 from kvferry.store import TieredStore
 from kvferry.testing.tier_kit import key, value
 
@@ -306,21 +304,48 @@ def test_trace_file_records_puts_gets_and_evictions(tmp_path: Path) -> None:
     assert spans and all(e["dur"] >= 0 for e in spans)
 
 
-def test_in_process_metrics_endpoint() -> None:
-    with make_store(8, metrics_port=_free_port()) as store:
+def test_a_tracer_given_is_used_and_left_open(tmp_path: Path) -> None:
+    """The store records into the tracer it is handed (a sink shared with other components)
+    and leaves closing it to the caller; ``store.trace_file`` is then not opened."""
+    path = tmp_path / "shared.json"
+    unused = tmp_path / "unused.json"
+    tracer = Tracer(str(path))
+    cfg = KvferryConfig(store=StoreConfig(slot_size=SLOT, trace_file=str(unused)))
+    with TieredStore(cfg, tiers=[dram(4, "cpu")], tracer=tracer) as store:
         store.put(keys(2), vals(2))
-        store.lookup([*keys(2), key(77)])
-        host, port = store.exporter.address
-        text = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5).read().decode()
-    samples = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
-    assert samples["kvferry_store_hit_blocks_total"] == 2
-    assert samples["kvferry_store_lookup_blocks_total"] == 3
+    assert not tracer.closed
+    tracer.instant("after", "test")  # still open: the store did not close it
+    tracer.close()
+    names = {e.get("name") for e in json.loads(path.read_text())}
+    assert {"put", "after"} <= names
+    assert not unused.exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def test_attached_things_close_with_the_store_before_its_tiers() -> None:
+    order: list[str] = []
+
+    class Probe:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def close(self) -> None:
+            order.append(self.name)
+
+    class Broken:
+        def close(self) -> None:
+            order.append("broken")
+            raise RuntimeError("boom")
+
+    store = make_store(4)
+    store.attach(Probe("first"))
+    store.attach(Broken())  # an isolation boundary: the others still close
+    store.attach(Probe("last"))
+    store.close()
+    assert order == ["last", "broken", "first"]
+    store.close()  # idempotent: nothing closed twice
+    assert order == ["last", "broken", "first"]
+    with pytest.raises(StorageError, match="closed"):
+        store.attach(Probe("late"))
 
 
 def cpu_over_disk(path: Path | None, cpu: int, disk: int, **store: object) -> TieredStore:

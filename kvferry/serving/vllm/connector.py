@@ -57,7 +57,6 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
     KVConnectorPromMetrics,
-    KVConnectorStats,
 )
 
 from kvferry.backends import PutStatus
@@ -66,8 +65,13 @@ from kvferry.errors import ConfigError, StorageError
 from kvferry.index import BlockHasher
 from kvferry.serving.vllm.config import ConnectorSettings, parse_extra_config, store_mode
 from kvferry.serving.vllm.kv_blocks import KvLayer, gather_blocks, host_staging, scatter_blocks
-from kvferry.serving.vllm.metrics import PROM_NAMES, STAT_KEYS
+from kvferry.serving.vllm.stats import (
+    ConnectorPromMetrics,
+    IntervalCounters,
+    KvferryConnectorStats,
+)
 from kvferry.store import TieredStore
+from kvferry.telemetry.prometheus import export_store
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -101,78 +105,6 @@ class KvferryConnectorMetadata(KVConnectorMetadata):  # type: ignore[misc]
     store_address: str = ""
     """host:port of the embedded store server (embedded mode), else empty."""
     store_token: str = ""
-
-
-class KvferryConnectorStats(KVConnectorStats):  # type: ignore[misc]
-    """Counters of one interval (see ``STAT_KEYS``); ``reduce`` adds the speeds in GB/s."""
-
-    def __post_init__(self) -> None:
-        for key in STAT_KEYS:
-            self.data.setdefault(key, 0)
-
-    def reset(self) -> None:
-        self.data = dict.fromkeys(STAT_KEYS, 0)
-
-    def aggregate(self, other: KVConnectorStats) -> KvferryConnectorStats:
-        for key, value in other.data.items():
-            self.data[key] = self.data.get(key, 0) + value
-        return self
-
-    def reduce(self) -> dict[str, int | float]:
-        d = self.data
-        out: dict[str, int | float] = {k: round(v, 6) for k, v in d.items()}
-        out["load_GBps"] = (
-            round(d["load_bytes"] / d["load_seconds"] / 1e9, 3) if d["load_seconds"] else 0.0
-        )
-        out["save_GBps"] = (
-            round(d["save_bytes"] / d["save_seconds"] / 1e9, 3) if d["save_seconds"] else 0.0
-        )
-        return out
-
-    def is_empty(self) -> bool:
-        return not any(self.data.get(k) for k in STAT_KEYS)
-
-
-class _Counters:
-    """Thread-safe interval counters; ``take`` returns them and starts a new interval."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._data: dict[str, float] = dict.fromkeys(STAT_KEYS, 0.0)
-        self.totals: dict[str, float] = dict.fromkeys(STAT_KEYS, 0.0)
-
-    def add(self, **values: float) -> None:
-        with self._lock:
-            for key, value in values.items():
-                self._data[key] += value
-                self.totals[key] += value
-
-    def take(self) -> KvferryConnectorStats | None:
-        with self._lock:
-            if not any(self._data.values()):
-                return None
-            data, self._data = self._data, dict.fromkeys(STAT_KEYS, 0.0)
-        return KvferryConnectorStats(data=data)
-
-
-class _PromMetrics(KVConnectorPromMetrics):  # type: ignore[misc]
-    """One counter per statistic, per engine, in vLLM's /metrics (names: ``PROM_NAMES``)."""
-
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
-        self._counters: dict[str, dict[int, Any]] = {}
-        for key in STAT_KEYS:
-            name, doc = PROM_NAMES[key]
-            counter = self._counter_cls(name=name, documentation=doc, labelnames=self._labelnames)
-            self._counters[key] = {
-                idx: counter.labels(*values) for idx, values in self.per_engine_labelvalues.items()
-            }
-
-    def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
-        for key, value in transfer_stats_data.items():
-            per_engine = self._counters.get(key)
-            if per_engine and value and engine_idx in per_engine:
-                per_engine[engine_idx].inc(value)
 
 
 @dataclass
@@ -235,7 +167,7 @@ class KvferryConnector(KVConnectorBase_V1):  # type: ignore[misc]
         opts = self.settings.options
         self.mode = store_mode(self.settings.config)
         self.block_size: int = vllm_config.cache_config.block_size
-        self._counters = _Counters()
+        self._counters = IntervalCounters()
         self._breaker = _Breaker(opts.retry_after)
         self._lock = threading.Lock()
         self._store: TieredStore | None = None
@@ -297,8 +229,15 @@ class KvferryConnector(KVConnectorBase_V1):  # type: ignore[misc]
 
     def _open_scheduler_store(self) -> None:
         config = self._store_config(self.settings.config)
+        # store.metrics_port is served from the scheduler's process only: a worker's store (in
+        # that process too, with one GPU) would ask for the same port.
         if self.mode == "shared":
             self._store = TieredStore(config)
+            try:
+                export_store(self._store)
+            except BaseException:
+                self._store.close()
+                raise
             return
         from kvferry.store.server import StoreServer
 
@@ -308,7 +247,12 @@ class KvferryConnector(KVConnectorBase_V1):  # type: ignore[misc]
         )
         server_cfg = config.model_copy(update={"listen": listen})
         self._server = StoreServer(server_cfg)
-        host, port = self._server.start()
+        try:
+            export_store(self._server.store, transfer=self._server.engine.metrics)
+            host, port = self._server.start()
+        except BaseException:
+            self._server.close()
+            raise
         self._address = f"{host}:{port}"
         self._store = TieredStore(_client_config(config, self._address, self._token))
         log.info("kvferry: embedded store server on %s", self._address)
@@ -451,7 +395,7 @@ class KvferryConnector(KVConnectorBase_V1):  # type: ignore[misc]
         labelnames: list[str],
         per_engine_labelvalues: dict[int, list[object]],
     ) -> KVConnectorPromMetrics:
-        return _PromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        return ConnectorPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def reset_cache(self) -> bool | None:
         return None

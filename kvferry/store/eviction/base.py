@@ -49,6 +49,10 @@ the store skips these calls for the others):
     one pass.
 
 Constructor shape: ``Policy()``; every policy is created fresh per tier.
+
+Every policy registered in ``kvferry.store.eviction.POLICIES`` passes the conformance kit,
+``kvferry.testing.eviction_kit.check_policy`` (tests/store/test_eviction.py runs it over the
+registry); an out-of-tree policy's tests call it too.
 """
 
 from __future__ import annotations
