@@ -86,8 +86,10 @@ class HitRateOptions:
         Raises:
             ConfigError: naming the option, its value and what would be valid.
         """
-        if (self.trace is None) == (self.workload is None):
-            raise ConfigError("give the input as trace (a file) or workload (a spec), not both")
+        if self.trace is None and self.workload is None:
+            raise ConfigError("no input: give trace (a file) or workload (NAME[:KEY=VALUE,...])")
+        if self.trace is not None and self.workload is not None:
+            raise ConfigError("give trace or workload as the input, not both")
         if isinstance(self.block_tokens, bool) or not isinstance(self.block_tokens, int):
             raise ConfigError(f"block_tokens must be a whole number >= 1, got {self.block_tokens}")
         if self.block_tokens < 1:
