@@ -111,7 +111,9 @@ def add_hitrate_parser(kinds: Any) -> None:
         "--evict-start-threshold",
         type=_fraction,
         default=None,
-        help="simulation: fill fraction that starts eviction (default 1.0: exact capacity)",
+        help="simulation: fill fraction that starts eviction (default 1.0: exact capacity). "
+        "A simulation evicts exactly down to capacity unless this or --evict-ratio is given; "
+        "the config's store watermarks are for --replay",
     )
     p.add_argument(
         "--evict-ratio",
