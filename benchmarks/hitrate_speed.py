@@ -42,10 +42,24 @@ TRACE = "mooncake-synthetic"
 BLOCK_TOKENS = 512
 
 
+def _lab() -> Any:
+    """The hit-rate lab of the checkout on the path, whichever layout it has: the package's
+    public surface (``kvferry.bench.hitrate``), its one ``lab`` module (941204f), or the flat
+    module before it; so ``--base`` can name any of them."""
+    import kvferry.bench.hitrate as hitrate
+
+    if hasattr(hitrate, "simulate"):
+        return hitrate
+    from kvferry.bench.hitrate import lab  # type: ignore[attr-defined]
+
+    return lab
+
+
 def _trace() -> tuple[Any, list[list[bytes]], int]:
     """The trace (``--trace``), its store keys (built once) and their number."""
-    from kvferry.bench.hitrate import lab as hitrate
     from kvferry.bench.traces import read_trace
+
+    hitrate = _lab()
 
     trace = read_trace(TRACE, block_tokens=BLOCK_TOKENS, strict=True)
     keys = hitrate.trace_keys(trace)
@@ -55,8 +69,7 @@ def _trace() -> tuple[Any, list[list[bytes]], int]:
 def measure(
     policies: list[str], capacities: list[int], repeat: int, engine: str
 ) -> list[dict[str, object]]:
-    from kvferry.bench.hitrate import lab as hitrate
-
+    hitrate = _lab()
     trace, keys, blocks = _trace()
     rows: list[dict[str, object]] = []
     for policy in policies:
@@ -129,8 +142,7 @@ def bare_reference(
 ) -> list[dict[str, object]]:
     """Each policy's run (``engine``) next to :func:`bare_lru` at the same capacity, and with
     ``store_too`` the store loop as well, alternating single runs; LRU must hit the same."""
-    from kvferry.bench.hitrate import lab as hitrate
-
+    hitrate = _lab()
     trace, keys, blocks = _trace()
     rows: list[dict[str, object]] = []
     for policy in policies:
@@ -184,8 +196,7 @@ def _worker(root: Path, cpu: int) -> subprocess.Popen[str]:
 
 
 def _serve() -> None:
-    from kvferry.bench.hitrate import lab as hitrate
-
+    hitrate = _lab()
     trace, keys, blocks = _trace()
     for line in sys.stdin:
         policy, cap = line.split()

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from kvferry.bench.endpoint.harness import ServeBenchReport
-    from kvferry.bench.hitrate.lab import HitRateReport
+    from kvferry.bench.hitrate import HitRateReport
 
 IDENTITY_GID = "run-identity"
 """The gid of the footer text :func:`stamp` adds (tests find it by it)."""
@@ -84,7 +84,7 @@ def serve_identity(report: ServeBenchReport, run_name: str) -> list[str]:
 
 def hitrate_identity(report: HitRateReport) -> list[str]:
     """The identity lines of a ``bench hitrate`` run: trace, geometry, mode, date, host."""
-    replay = any(r.mode == "replay" for r in report.results)
+    replay = any(r.mode == "replay" for r in report.cases)
     kv = report.kv_bytes_per_token
     geometry = f"; KV {format_size_approx(kv)} per token" if kv else ""
     return [
@@ -118,7 +118,7 @@ def hitrate_figure(
     from matplotlib.figure import Figure
 
     curves: dict[str, list[tuple[int, float]]] = {}
-    for r in report.results:
+    for r in report.cases:
         if r.capacity_blocks is None:
             continue
         label = (
@@ -150,10 +150,11 @@ def hitrate_figure(
         )
         colors.setdefault(label.split(" ")[0], to_hex(line.get_color()))
         drawn[label] = points
-    if report.reference:
+    curve = report.reference_curve()
+    if curve:
         ax.plot(
-            [p[0] for p in report.reference],
-            [p[1] for p in report.reference],
+            [p[0] for p in curve],
+            [p[1] for p in curve],
             linestyle="--",
             color="black",
             linewidth=1.0,
@@ -253,7 +254,7 @@ def plot_hitrate(
         HitRateError: matplotlib is missing (``pip install 'kvferry[plot]'``), or the file
             cannot be written.
     """
-    from kvferry.bench.hitrate.lab import HitRateError
+    from kvferry.bench.hitrate import HitRateError
 
     try:
         fig = hitrate_figure(report, weighting=weighting, reference_label=reference_label)

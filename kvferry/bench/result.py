@@ -315,7 +315,7 @@ _TOOLS: dict[str, str] = {
     # tool -> "module:Class"; each bench's report registers itself here (imported lazily)
     "transfer": "kvferry.bench.transfer.harness:TransferBenchReport",
     "store": "kvferry.bench.store.harness:StoreBenchReport",
-    "hitrate": "kvferry.bench.hitrate.lab:HitRateReport",
+    "hitrate": "kvferry.bench.hitrate.report:HitRateReport",
     "serve": "kvferry.bench.endpoint.harness:ServeBenchReport",
     "router": "kvferry.bench.router.harness:RouterBenchReport",
 }
@@ -429,7 +429,9 @@ def load_result(source: str | os.PathLike[str] | Mapping[str, Any]) -> BenchResu
 
 # Shapes of files written before the result model (no "tool" field): a key only that tool wrote.
 # Each bench's report class reads its own old shape in ``from_legacy``.
-_LEGACY_MARKERS: list[tuple[str, Callable[[Mapping[str, Any]], bool]]] = []
+_LEGACY_MARKERS: list[tuple[str, Callable[[Mapping[str, Any]], bool]]] = [
+    ("hitrate", lambda d: "hit_rate_definitions" in d and "results" in d),
+]
 
 
 def _guess_legacy_tool(data: Mapping[str, Any]) -> str | None:

@@ -254,6 +254,27 @@ def ingest(
     return Trace(path=source, block_tokens=block_tokens, requests=requests, problems=problems)
 
 
+def workload_trace(spec_text: str, block_tokens: int = DEFAULT_BLOCK_TOKENS) -> Trace:
+    """The trace of a generated workload ``NAME[:KEY=VALUE,...]`` (see ``kvferry workload``),
+    its spec read by :func:`kvferry.bench.workloads.parse_workload`; ``block_tokens`` is the
+    default of the spec's own ``block_tokens=``. The hit-rate lab and ``bench serve`` both read
+    ``--workload`` here.
+
+    Raises:
+        ConfigError: an unknown workload or key, or a bad value (one line naming the key and
+            what it accepts).
+    """
+    from kvferry.bench.workloads import parse_workload  # workloads imports this module
+
+    spec, options = parse_workload(spec_text, block_tokens=block_tokens)
+    return ingest(
+        ((i, r, "") for i, r in enumerate(spec.generator(options), start=1)),
+        source=f"workload {spec_text}",
+        block_tokens=options.block_tokens,
+        strict=True,
+    )
+
+
 # -- analysis (aiperf analyze-trace, same definitions) -------------------------------------------
 
 STAT_KEYS = ("mean", "std_dev", "min", "p25", "median", "p75", "max")

@@ -1,5 +1,7 @@
 """``kvferry bench hitrate``: hit rate versus capacity and policy, by simulation or by replay
-against a real store, with capacity advice; parse, call :mod:`kvferry.bench.hitrate.lab`, print."""
+against a real store, with capacity advice: parse the flags into
+:class:`~kvferry.bench.hitrate.HitRateOptions`, :func:`~kvferry.bench.hitrate.run` them, print
+the report (and write its JSON, CSV and plot)."""
 
 from __future__ import annotations
 
@@ -10,19 +12,20 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from kvferry.bench.hitrate import lab
-from kvferry.bench.hitrate.lab import Advice, HitRateReport, HitRateResult, SimCase, TierSpec
+from kvferry.bench.hitrate import (
+    ENGINES,
+    HitRateOptions,
+    HitRateReport,
+    load_trace,
+    run,
+    write_csv,
+    write_json,
+)
 from kvferry.bench.plots import plot_hitrate
-from kvferry.bench.traces import BUNDLED, Trace, bundled_path, ingest
+from kvferry.bench.traces import BUNDLED
 from kvferry.cli.common import add_config_options, load_from_args
-from kvferry.cli.trace_cmd import add_trace_options, load, print_problems
-from kvferry.config.models import KvferryConfig
-from kvferry.errors import ConfigError
-from kvferry.store.eviction import load_policy
+from kvferry.cli.trace_cmd import add_trace_options, print_problems
 from kvferry.tables import FitTable, add_wide_option, output_console, print_table
-
-FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0)
-"""Default sweep: these fractions of the trace's distinct blocks."""
 
 
 def _fraction(text: str) -> float:
@@ -108,7 +111,9 @@ def add_hitrate_parser(kinds: Any) -> None:
         "--evict-start-threshold",
         type=_fraction,
         default=None,
-        help="simulation: fill fraction that starts eviction (default 1.0: exact capacity)",
+        help="simulation: fill fraction that starts eviction (default 1.0: exact capacity). "
+        "A simulation evicts exactly down to capacity unless this or --evict-ratio is given; "
+        "the config's store watermarks are for --replay",
     )
     p.add_argument(
         "--evict-ratio",
@@ -163,7 +168,7 @@ def add_hitrate_parser(kinds: Any) -> None:
     )
     p.add_argument(
         "--engine",
-        choices=list(lab.ENGINES),
+        choices=list(ENGINES),
         default="auto",
         help="simulation: how to count; auto (default): LRU over one tier with exact capacities "
         "takes a one-pass stack-distance shortcut where it equals the store loop block for "
@@ -177,70 +182,76 @@ def add_hitrate_parser(kinds: Any) -> None:
     p.set_defaults(func=run_hitrate)
 
 
-def _workload_trace(spec_text: str, args: argparse.Namespace) -> Trace:
-    from kvferry.bench.workloads import get_workload
+class _Bars:
+    """:class:`~kvferry.bench.hitrate.HitRateProgress` on rich progress bars."""
 
-    name, _, rest = spec_text.partition(":")
-    spec = get_workload(name.strip())
-    defaults = {i.name: i.default for i in spec.option_infos()}
-    options: dict[str, object] = {}
-    for item in filter(None, (s.strip() for s in rest.split(","))):
-        key, sep, value = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or key not in defaults:
-            raise ConfigError(
-                f"--workload {spec_text!r}: {item!r} is not KEY=VALUE with KEY one of "
-                f"{', '.join(defaults)}"
-            )
-        kind = type(defaults[key])
-        try:
-            options[key] = kind(value) if kind is not bool else value.lower() in ("1", "true")
-        except ValueError as e:
-            raise ConfigError(
-                f"--workload {spec_text!r}: {key} must be a {kind.__name__}, got {value!r}"
-            ) from e
-    options.setdefault("block_tokens", args.block_tokens)
-    records = spec.generate(**options)
-    trace = ingest(
-        ((i, r, "") for i, r in enumerate(records, start=1)),
-        source=f"workload {spec_text}",
-        block_tokens=int(options["block_tokens"]),  # type: ignore[call-overload]
-        strict=True,
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+
+    def add(self, label: str, total: int | None) -> Any:
+        return self.progress.add_task(label, total=total)
+
+    def update(self, task: Any, done: int) -> None:
+        self.progress.update(task, completed=done)
+
+    def remove(self, task: Any) -> None:
+        self.progress.remove_task(task)
+
+
+def options_from_args(args: argparse.Namespace) -> HitRateOptions:
+    """The run the flags ask for. Exact capacities unless a watermark flag is given
+    (``--evict-start-threshold``, ``--evict-ratio``): then the store's batch eviction at those
+    watermarks (:func:`config_flags` puts them in the config), the other at its exact value."""
+    watermarks = args.evict_start_threshold is not None or args.evict_ratio is not None
+    return HitRateOptions(
+        trace=args.trace,
+        workload=args.workload,
+        block_tokens=args.block_tokens,
+        strict=args.strict,
+        keep_mismatched=args.keep_mismatched,
+        policies=[p.strip() for p in args.policy.split(",") if p.strip()],
+        capacities=[c for c in (args.capacity or "").split(",") if c.strip()],
+        tiers=args.tiers,
+        kv_bytes_per_token=args.kv_bytes_per_token,
+        model_kv=args.model_kv,
+        exact_capacity=args.replay or not watermarks,
+        engine=args.engine,
+        jobs=args.jobs or None,
+        replay=args.replay,
+        speedup=args.speedup,
+        target_hit_rate=args.target_hit_rate,
+        prefill_tokens_per_s=args.prefill_tokens_per_s,
+        reference=args.reference,
     )
-    return trace
 
 
-def _geometry(args: argparse.Namespace) -> int | None:
-    if args.kv_bytes_per_token:
-        return int(args.kv_bytes_per_token)
-    if args.model_kv:
-        return lab.kv_bytes_per_token(args.model_kv)
-    return None
+def config_flags(args: argparse.Namespace) -> dict[str, object]:
+    """Config keys the flags set: ``--backend`` (store.tiers) and, for a simulation with a
+    watermark flag, both watermarks (a flag not given takes its exact value: 1.0 or 0)."""
+    flags: dict[str, object] = {}
+    if args.backend:
+        flags["store.tiers"] = args.backend
+    if not args.replay and (args.evict_start_threshold is not None or args.evict_ratio is not None):
+        threshold, ratio = args.evict_start_threshold, args.evict_ratio
+        flags["store.evict_start_threshold"] = 1.0 if threshold is None else threshold
+        flags["store.evict_ratio"] = 0.0 if ratio is None else ratio
+    return flags
+
+
+_FLAG_NAMES = {
+    "store.tiers": "--backend",
+    "store.evict_start_threshold": "--evict-start-threshold",
+    "store.evict_ratio": "--evict-ratio",
+}
 
 
 def run_hitrate(args: argparse.Namespace) -> int:
     console = output_console()
-    trace = load(args, args.trace) if args.trace else _workload_trace(args.workload, args)
+    options = options_from_args(args)
+    options.validate()
+    trace = load_trace(options)
     print_problems(console, trace)
-    trace.require_requests()
-    kv = _geometry(args)
-    block_bytes = None if kv is None else kv * trace.block_tokens
-    policies = [p.strip() for p in args.policy.split(",") if p.strip()]
-    if not policies:
-        raise ConfigError("--policy: give at least one policy, e.g. lru,lfu")
-    for name in policies:
-        load_policy(name)  # an unknown name fails here, before any run
-    flags: dict[str, object] = {}
-    if args.backend:
-        flags["store.tiers"] = args.backend
-    loaded = load_from_args(args, flags, flag_names={"store.tiers": "--backend"})
-    config = loaded.config
-    keys = lab.trace_keys(trace)
-    distinct = len({k for ks in keys for k in ks})
-    reqs = trace.requests
-    duration = (reqs[-1].timestamp_ms - reqs[0].timestamp_ms) / 1000.0 if reqs else 0.0
-    results: list[HitRateResult] = []
-    advice: list[Advice] = []
+    loaded = load_from_args(args, config_flags(args), flag_names=_FLAG_NAMES)
     progress = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -250,143 +261,18 @@ def run_hitrate(args: argparse.Namespace) -> int:
         disable=args.quiet,
         transient=True,
     )
-
-    def track(label: str) -> Any:
-        task = progress.add_task(label, total=len(reqs))
-        return lambda done, total: progress.update(task, completed=done)
-
     with progress:
-        if args.replay:
-            if kv is None:
-                raise ConfigError(
-                    "--replay moves real bytes: give the KV geometry with --kv-bytes-per-token "
-                    "or --model-kv"
-                )
-            if args.capacity or args.tiers or args.target_hit_rate:
-                raise ConfigError(
-                    "--replay runs the configured store: size its tiers in the config "
-                    "(e.g. --set cpu.capacity=4GiB); --capacity, --tiers and "
-                    "--target-hit-rate are for simulation"
-                )
-            for policy in policies:
-                results.append(
-                    lab.replay(
-                        trace,
-                        config,
-                        kv_bytes_per_token=kv,
-                        policy=policy,
-                        speedup=args.speedup,
-                        on_progress=track(f"replay {policy}"),
-                    )
-                )
-        else:
-            sim_config = _sim_config(args, loaded.sources, config)
-            cases = [
-                SimCase(policy, tiers)
-                for policy in policies
-                for tiers in _cases(args, block_bytes, distinct)
-            ]
-            tasks = [progress.add_task(case.label, total=len(reqs)) for case in cases]
-            results = lab.sweep(
-                trace,
-                cases,
-                config=sim_config,
-                keys=keys,
-                jobs=args.jobs or lab.default_jobs(),
-                on_progress=lambda i, done, total: progress.update(tasks[i], completed=done),
-                engine=args.engine,
-            )
-            for policy in policies:
-                if args.target_hit_rate:
-                    # the last tier is searched, the others stay as given
-                    base = lab.parse_tiers(args.tiers, block_bytes) if args.tiers else []
-                    task = progress.add_task(f"advice {policy}", total=None)
-                    advice.append(
-                        lab.advise(
-                            trace,
-                            base or [TierSpec("cpu", None)],
-                            args.target_hit_rate,
-                            policy=policy,
-                            config=sim_config,
-                            keys=keys,
-                            engine=args.engine,
-                        )
-                    )
-                    progress.remove_task(task)
-    reference = None
-    if args.reference:
-        path = bundled_path(args.reference) if args.reference in BUNDLED else args.reference
-        reference = lab.read_reference(path, trace.block_tokens)
-    report = HitRateReport(
-        source=trace.path,
-        block_tokens=trace.block_tokens,
-        requests=len(reqs),
-        blocks=trace.total_blocks,
-        duration_s=duration,
-        kv_bytes_per_token=kv,
-        results=results,
-        advice=advice,
-        prefill_tokens_per_s=args.prefill_tokens_per_s,
-        peak_rss_mib=lab.peak_rss_mib(),
-        reference=reference,
-    )
-    _print_report(console, report, distinct, wide=args.wide)
+        report = run(options, _Bars(progress), config=loaded, trace=trace)
+    _print_report(console, report, wide=args.wide)
     if args.json:
-        lab.write_json(args.json, report)
+        write_json(args.json, report)
     if args.csv:
-        lab.write_csv(args.csv, report)
+        write_csv(args.csv, report)
     if args.plot:
         label = "reference" if not args.reference else args.reference
         plot_hitrate(args.plot, report, weighting=args.plot_weighting, reference_label=label)
         console.print(f"plot: {args.plot}")
     return 0
-
-
-def _sim_config(
-    args: argparse.Namespace, sources: dict[str, str], config: KvferryConfig
-) -> KvferryConfig:
-    """The config's placement settings, with exact-capacity eviction unless the user set the
-    watermarks (flag > config)."""
-    threshold = args.evict_start_threshold
-    if threshold is None:
-        default = sources.get("store.evict_start_threshold", "default") == "default"
-        threshold = 1.0 if default else config.store.evict_start_threshold
-    ratio = args.evict_ratio
-    if ratio is None:
-        default = sources.get("store.evict_ratio", "default") == "default"
-        ratio = 0.0 if default else config.store.evict_ratio
-    if not 0 <= ratio <= 1:
-        raise ConfigError(f"--evict-ratio must be in [0, 1], got {ratio}")
-    return lab.sim_store_config(
-        config.store.eviction_policy,
-        base=config,
-        evict_start_threshold=threshold,
-        evict_ratio=ratio,
-    )
-
-
-def _cases(
-    args: argparse.Namespace, block_bytes: int | None, distinct: int
-) -> list[list[TierSpec]]:
-    """Tier pipelines to simulate: --tiers as given, its open last tier swept over --capacity,
-    or one cpu tier per --capacity."""
-    if args.capacity:
-        caps = [lab.parse_capacity(c, block_bytes) for c in args.capacity.split(",") if c.strip()]
-    else:
-        caps = sorted({max(1, int(distinct * f)) for f in FRACTIONS})
-    if not args.tiers:
-        return [[TierSpec("cpu", c)] for c in caps]
-    tiers = lab.parse_tiers(args.tiers, block_bytes)
-    if tiers[-1].capacity_blocks is not None:
-        if args.capacity:
-            raise ConfigError(
-                "--capacity sweeps the last tier of --tiers; leave its capacity out "
-                "(e.g. --tiers cpu:5000,disk --capacity 10000,50000)"
-            )
-        return [tiers]
-    if not args.capacity and args.target_hit_rate:
-        return []  # only advice was asked for
-    return [[*tiers[:-1], TierSpec(tiers[-1].name, c)] for c in caps]
 
 
 def _gib(blocks: int | None, block_bytes: int | None) -> str:
@@ -407,17 +293,15 @@ _DROP = {
 """Columns of the hit-rate table a narrow terminal leaves out, the highest first."""
 
 
-def _print_report(
-    console: Console, report: HitRateReport, distinct: int, *, wide: bool = False
-) -> None:
+def _print_report(console: Console, report: HitRateReport, *, wide: bool = False) -> None:
     bb = report.block_bytes
-    replay = any(r.mode == "replay" for r in report.results)
+    replay = any(r.mode == "replay" for r in report.cases)
     console.print(
         f"{report.source}: {report.requests:,} requests, {report.blocks:,} blocks "
-        f"({distinct:,} distinct) of {report.block_tokens} tokens"
+        f"({report.distinct_blocks or 0:,} distinct) of {report.block_tokens} tokens"
         + (f", {bb:,} B per block" if bb else "")
     )
-    multi = any(len(r.tiers) > 1 for r in report.results)
+    multi = any(len(r.tiers) > 1 for r in report.cases)
     title = "kvferry bench hitrate (" + ("replay" if replay else "simulation") + ")"
     table = FitTable(title, wide=wide)
     table.add_column("policy", justify="left")
@@ -435,7 +319,7 @@ def _print_report(
         table.add_column("lookups/s", drop=_DROP["lookups/s"])
     if report.prefill_tokens_per_s:
         table.add_column("prefill s/s")
-    for r in report.results:
+    for r in report.cases:
         if multi:
             where = "+".join(f"{t.name}:{t.capacity_blocks or 'inf'}" for t in r.tiers)
         else:
@@ -481,13 +365,13 @@ def _print_report(
         + (
             "; (stack) = counted by LRU's one-pass shortcut (equal to the store loop; its "
             "lookups/s include the whole pass)"
-            if any(r.engine == "stack" for r in report.results)
+            if any(r.engine == "stack" for r in report.cases)
             else ""
         )
         + (
             "; (direct) = the store's eviction policy driven without the store around it (equal "
             "to the store loop)"
-            if any(r.engine == "direct" for r in report.results)
+            if any(r.engine == "direct" for r in report.cases)
             else ""
         )
         + f"; peak RSS {report.peak_rss_mib:,.0f} MiB"

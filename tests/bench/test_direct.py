@@ -8,11 +8,11 @@ import random
 
 import pytest
 
-from kvferry.bench.hitrate import direct
-from kvferry.bench.hitrate import lab as hitrate
-from kvferry.bench.hitrate.lab import SimCase, TierSpec, simulate, sweep
+from kvferry.bench import hitrate
+from kvferry.bench.hitrate import SimCase, TierSpec, direct, simulate, sweep
 from kvferry.bench.traces import Trace, TraceRequest
 from kvferry.config.models import KvferryConfig
+from kvferry.errors import ConfigError
 from kvferry.store.eviction import POLICIES
 
 POLICY_NAMES = POLICIES.names()
@@ -107,7 +107,7 @@ def test_a_policy_given_by_path_and_an_unknown_one() -> None:
     by_path = simulate(trace, tiers, policy="kvferry.store.eviction.lfu:LfuPolicy")
     assert by_path.engine == "direct"
     assert by_path.counted() | {"policy": "lfu"} == simulate(trace, tiers, policy="lfu").counted()
-    with pytest.raises(hitrate.ConfigError, match="eviction policy"):
+    with pytest.raises(ConfigError, match="eviction policy"):
         simulate(trace, tiers, policy="nope")
 
 

@@ -110,7 +110,7 @@ def test_workload_trace() -> None:
     assert all(r.input_length == 64 and len(r.hash_ids) == 4 for r in trace.requests)
     for bad, match in (
         ("prefix-ratio:nope=1", "is not KEY=VALUE with KEY one of"),
-        ("prefix-ratio:requests=x", "requests must be a int"),
+        ("prefix-ratio:requests=x", "requests must be a whole number"),
         ("nosuch", "unknown workload"),
     ):
         with pytest.raises(ConfigError, match=match):

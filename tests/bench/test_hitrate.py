@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from kvferry.bench.hitrate import lab as hitrate
-from kvferry.bench.hitrate.lab import TierSpec, advise, replay, simulate, trace_keys
+from kvferry.bench import hitrate
+from kvferry.bench.hitrate import TierSpec, advise, replay, simulate, trace_keys
 from kvferry.bench.traces import Trace, bundled_path
 from kvferry.config.models import KvferryConfig
 from kvferry.errors import ConfigError

@@ -9,8 +9,8 @@ import random
 import numpy as np
 import pytest
 
-from kvferry.bench.hitrate import lab as hitrate
-from kvferry.bench.hitrate.lab import SimCase, TierSpec, simulate, sweep
+from kvferry.bench import hitrate
+from kvferry.bench.hitrate import SimCase, TierSpec, simulate, sweep
 from kvferry.bench.hitrate.lru_stack import LruStack, _count_less
 from kvferry.bench.traces import Trace, TraceRequest, bundled_path
 from kvferry.config.models import KvferryConfig

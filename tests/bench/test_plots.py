@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from kvferry.bench.hitrate.lab import HitRateReport, TierSpec, advise, simulate, trace_keys
+from kvferry.bench.hitrate import HitRateReport, TierSpec, advise, simulate, trace_keys
 from kvferry.bench.plots import IDENTITY_GID, hitrate_figure, plot_hitrate
 from kvferry.bench.traces import Trace
 
@@ -52,9 +52,9 @@ def report(mooncake: Trace) -> HitRateReport:
         block_tokens=trace.block_tokens,
         requests=len(trace.requests),
         blocks=trace.total_blocks,
-        duration_s=1.0,
+        trace_duration_s=1.0,
         kv_bytes_per_token=KV_PER_TOKEN,
-        results=results,
+        cases=results,
         advice=advice,
     )
 
@@ -86,9 +86,9 @@ def test_overlapping_policies_get_their_own_marker_line_and_width(report: HitRat
 
 
 def test_a_curve_on_the_same_points_as_another_says_so(report: HitRateReport) -> None:
-    twin = HitRateReport(**{**vars(report), "results": report.results[:3] * 2})
-    twin.results[3:] = [
-        type(r)(**{**vars(r), "policy": "fifo"}) for r in report.results[:3]
+    twin = HitRateReport(**{**vars(report), "cases": report.cases[:3] * 2})
+    twin.cases[3:] = [
+        type(r)(**{**vars(r), "policy": "fifo"}) for r in report.cases[:3]
     ]  # the lru runs again, relabelled: the same points
     labels = list(curves(hitrate_figure(twin)))
     assert labels == ["lru", "fifo (same points as lru)"]

@@ -6,14 +6,19 @@ import io
 import itertools
 import json
 import math
+import re
 import statistics
 from collections import Counter, defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
 from kvferry.bench import workloads
+from kvferry.bench.endpoint.inputs import workload_trace
+from kvferry.bench.hitrate import HitRateOptions, load_trace
 from kvferry.bench.traces import analyze_trace, read_trace
 from kvferry.bench.workloads import WORKLOADS, Record, Tally, generate, write_jsonl
 from kvferry.errors import ConfigError
@@ -399,3 +404,90 @@ def test_length_stddev_is_the_spread_of_the_draws() -> None:
     assert 4096 - 50 < statistics.mean(isls) < 4096 + 50
     assert 450 < statistics.pstdev(isls) < 550
     assert {r["output_length"] for r in records} == {256}
+
+
+# -- the one workload-spec parser -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class _FlagOptions(workloads.WorkloadOptions):
+    """A workload with a boolean option, as a plug-in might add one: ``flagged``."""
+
+    workload: ClassVar[str] = "flagged"
+
+    shared: bool = field(
+        default=True, metadata={"metavar": "BOOL", "help": "reuse the prefix", "choices": ()}
+    )
+
+
+def _flagged(options: _FlagOptions) -> Iterator[Record]:
+    """Two one-block requests; the second reuses the first's id when ``shared``."""
+    yield {"timestamp": 0, "input_length": 1, "output_length": 1, "hash_ids": [0]}
+    second = 0 if options.shared else 1
+    yield {"timestamp": 1, "input_length": 1, "output_length": 1, "hash_ids": [second]}
+
+
+@pytest.fixture
+def flagged(monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = workloads.WorkloadSpec("flagged", "test", "test", _FlagOptions, _flagged)
+    monkeypatch.setitem(WORKLOADS, "flagged", spec)
+
+
+def _both(text: str) -> list[list[int]]:
+    """The hash ids of ``--workload text`` as ``bench hitrate`` and ``bench serve`` read it;
+    they must agree."""
+    lab = load_trace(HitRateOptions(workload=text, block_tokens=1))
+    serve = workload_trace(text, 1)
+    ids = [r.hash_ids for r in lab.requests]
+    assert ids == [r.hash_ids for r in serve.requests], text
+    return ids
+
+
+@pytest.mark.parametrize(
+    ("value", "shared"),
+    [
+        *[(v, False) for v in ("false", "False", "no", "0", "off")],
+        *[(v, True) for v in ("true", "YES", "1", "on")],
+    ],
+)
+def test_both_benches_read_a_boolean_alike(flagged: None, value: str, shared: bool) -> None:
+    """bench serve read ``shared=false`` as True (``bool("false")``) and bench hitrate read
+    ``shared=yes`` as False: one parser now reads both."""
+    assert _both(f"flagged:shared={value}") == [[0], [0] if shared else [1]]
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("flagged:shared=maybe", "shared must be true or false (1/0, yes/no, on/off), got 'maybe'"),
+        ("multi-turn:sessions=2.5", "sessions must be a whole number, got '2.5'"),
+        ("multi-turn:think_time=soon", "think_time must be a number, got 'soon'"),
+        ("multi-turn:colour=red", "'colour=red' is not KEY=VALUE with KEY one of sessions, turns"),
+        ("multi-turn:sessions", "'sessions' is not KEY=VALUE"),
+        ("multi-turn:turns=2,turns=3", "turns is given twice"),
+        ("long-doc-qa:order=backwards", "order (--order) must be 'random' or 'sequential'"),
+        ("chat", "unknown workload 'chat'"),
+    ],
+)
+def test_a_bad_spec_is_a_one_line_error_naming_the_key(
+    flagged: None, text: str, fragment: str
+) -> None:
+    for read in (lambda: workloads.parse_workload(text), lambda: workload_trace(text)):
+        with pytest.raises(ConfigError, match=re.escape(fragment)) as caught:
+            read()
+        assert "\n" not in str(caught.value)
+
+
+def test_spec_keys_take_dashes_values_spaces_and_defaults_yield() -> None:
+    spec, options = workloads.parse_workload(
+        "long-doc-qa: documents = 2, question-tokens=8, order= sequential", block_tokens=16
+    )
+    assert spec.name == "long-doc-qa"
+    assert options == workloads.LongDocQAOptions(
+        documents=2, question_tokens=8, order="sequential", block_tokens=16
+    )
+    _, own = workloads.parse_workload("long-doc-qa:block_tokens=32", block_tokens=16)
+    assert own.block_tokens == 32  # the spec's own value wins over the caller's default
+    assert _both("long-doc-qa:documents=2,questions=3,order= sequential") == _both(
+        "long-doc-qa:documents=2,questions=3,order=sequential"
+    )

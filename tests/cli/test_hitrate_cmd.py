@@ -26,16 +26,17 @@ def test_sweep_writes_json_csv_and_plot(tmp_path: Path, capsys: pytest.CaptureFi
     assert rc == 0
     report = json.loads(out.read_text())
     assert report["schema_version"] == 1 and report["blocks"] == 121877
-    assert [(r["policy"], r["capacity_blocks"]) for r in report["results"]] == [
+    assert report["tool"] == "hitrate" and report["environment"]["cpus"] > 0
+    assert [(r["policy"], r["capacity_blocks"]) for r in report["cases"]] == [
         ("lru", 1953), ("lru", 9765), ("fifo", 1953), ("fifo", 9765),
     ]  # fmt: skip
     # LRU over one tier is counted by the stack pass, FIFO by its policy driven directly
-    assert [r["engine"] for r in report["results"]] == ["stack", "stack", "direct", "direct"]
-    lru = report["results"][1]
+    assert [r["engine"] for r in report["cases"]] == ["stack", "stack", "direct", "direct"]
+    lru = report["cases"][1]
     assert lru["capacity_bytes"] == 9765 * 131072 * 512
     assert abs(lru["token_hit_rate"] - 0.4352) < 0.02  # Figure 9 at 5e6 tokens
     assert lru["prefill_seconds_saved"] == pytest.approx(lru["hit_tokens"] / 10000)
-    assert len(report["reference"]) == 10
+    assert [r["name"] for r in report["references"]] == ["mooncake-fig9"] * 10
     rows = list(csv.DictReader(table.open()))
     assert [r["engine"] for r in rows] == ["stack", "stack", "direct", "direct"]
     assert len(rows) == 4 and float(rows[1]["block_hit_rate"]) == pytest.approx(
@@ -69,7 +70,7 @@ def test_replay_from_the_cli(tmp_path: Path) -> None:
         ]
     )  # fmt: skip
     assert rc == 0
-    r = json.loads(out.read_text())["results"][0]
+    r = json.loads(out.read_text())["cases"][0]
     assert r["mode"] == "replay" and r["replay"]["corrupt_blocks"] == 0
     assert r["tiers"] == [{"name": "cpu", "capacity_blocks": 20}]
     assert r["hit_blocks"] > 0
@@ -102,8 +103,10 @@ def test_replay_from_the_cli(tmp_path: Path) -> None:
             ["--trace", "mooncake-synthetic", "--capacity", "9", "--json", "/nonexistent/r.json"],
             "cannot write the JSON report",
         ),
-        (["--workload", "multi-turn:sessions=many"], "sessions must be a int"),
-        (["--workload", "multi-turn:colour=red"], "is not KEY=VALUE"),
+        (["--workload", "multi-turn:sessions=many"], "sessions must be a whole number, got 'many'"),
+        (["--workload", "multi-turn:colour=red"], "'colour=red' is not KEY=VALUE with KEY one of"),
+        (["--workload", "multi-turn:sessions"], "'sessions' is not KEY=VALUE"),
+        (["--workload", "multi-turn:turns=2,turns=3"], "turns is given twice"),
         (["--trace", "nope.jsonl"], "cannot open trace"),
         (["--trace", "mooncake-synthetic", "--jobs", "0"], "expected a whole number >= 1"),
         (
@@ -151,7 +154,7 @@ def test_tables_keep_every_number_whole_in_a_narrow_terminal(
             f"{r['request_mean_hit_rate']:.4f}",
             f"{r['prefill_seconds_saved_per_trace_second']:.3f}",
         ]
-        for r in report["results"]
+        for r in report["cases"]
     ]
     dropped = assert_values_whole(text, width, headers, values)
     assert "block" not in dropped and "blocks" not in dropped
@@ -159,7 +162,7 @@ def test_tables_keep_every_number_whole_in_a_narrow_terminal(
     replay = ["--replay", "--backend", "cpu", "--set", "cpu.buffer_number=20"]
     assert main(["bench", "hitrate", *workload, *replay, "--kv-bytes-per-token", "8"]) == 0
     text = capsys.readouterr().out
-    r = json.loads(out.read_text())["results"][0]
+    r = json.loads(out.read_text())["cases"][0]
     x = r["replay"]
     headers = ["block", "QPS", "p50 us", "p99 us", "GB/s", "write"]
     values = [

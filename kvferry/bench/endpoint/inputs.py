@@ -45,7 +45,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Protocol, cast
 
-from kvferry.bench.traces import DEFAULT_BLOCK_TOKENS, Trace, ingest
+from kvferry.bench.traces import Trace, workload_trace
 from kvferry.errors import ConfigError, MissingDependency
 
 __all__ = [
@@ -586,39 +586,3 @@ class PromptFileSource(RequestSource):
         k = index % len(self.rows)
         text, osl, _ = self.rows[k]
         return RequestSpec(index, text, self._isl[k], osl, conversation=f"entry-{k + 1}")
-
-
-def workload_trace(spec_text: str, block_tokens: int = DEFAULT_BLOCK_TOKENS) -> Trace:
-    """The trace of a generated workload ``NAME[:KEY=VALUE,...]`` (see ``kvferry workload``).
-
-    Raises:
-        ConfigError: unknown workload or option, or a bad value.
-    """
-    from kvferry.bench.workloads import get_workload
-
-    name, _, rest = spec_text.partition(":")
-    spec = get_workload(name.strip())
-    defaults = {i.name: i.default for i in spec.option_infos()}
-    options: dict[str, object] = {"block_tokens": block_tokens}
-    for item in filter(None, (s.strip() for s in rest.split(","))):
-        key, sep, value = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or key not in defaults:
-            raise ConfigError(
-                f"--workload {spec_text!r}: {item!r} is not KEY=VALUE with KEY one of "
-                f"{', '.join(defaults)}"
-            )
-        kind = type(defaults[key])
-        try:
-            options[key] = kind(value.strip())
-        except ValueError as e:
-            raise ConfigError(
-                f"--workload {spec_text!r}: {key} must be a {kind.__name__}, got {value!r}"
-            ) from e
-    records = spec.generate(**options)
-    return ingest(
-        ((i, r, "") for i, r in enumerate(records, start=1)),
-        source=f"workload {spec_text}",
-        block_tokens=cast(int, options["block_tokens"]),
-        strict=True,
-    )
