@@ -101,7 +101,11 @@ class StoreConfig(ConfigModel):
         "", description="Write get/put/transfer/eviction events as Chrome trace JSON here."
     )
     metrics_port: int = Field(
-        0, ge=0, le=65535, description="In-process Prometheus /metrics port; 0 = no exporter."
+        0,
+        ge=0,
+        le=65535,
+        description="Prometheus /metrics port, served by whoever runs the store (kvferry serve "
+        "store, the vLLM connector, or telemetry.prometheus.export_store); 0 = no exporter.",
     )
     breaker_failures: int = Field(
         3,
