@@ -24,6 +24,7 @@ host memory on the initiator's side.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import socket
 import threading
@@ -35,6 +36,7 @@ from typing import Any, Literal, TypeVar, overload
 from kvferry.config.models import KvferryConfig
 from kvferry.errors import KvferryError, SegmentError, TransferError
 from kvferry.observe.counters import MetricSet
+from kvferry.observe.logs import RateLimitedLog
 from kvferry.transfer import handshake, staging, wire
 from kvferry.transfer.batch import Batch, BatchStatus, OpCode, TransferRequest, TransferState
 from kvferry.transfer.host import boot_id
@@ -50,6 +52,8 @@ from kvferry.transfer.registry import AUTO_ORDER, load_metadata, load_transport
 from kvferry.transfer.segment import PeerInfo, SegmentHandle
 from kvferry.transfer.server import CallHandler, TargetServer
 from kvferry.transfer.transports.base import Channel, Transport, TransportContext, WorkItem
+
+_republish_log = RateLimitedLog(logging.getLogger("kvferry.transfer.engine"))
 
 _R = TypeVar("_R", MemoryRegion, DeviceRegion, MemoryRegion | DeviceRegion)
 
@@ -91,6 +95,7 @@ class TransferEngine:
         self._metadata: MetadataService | None = None
         self.segment_name: str | None = None
         self._closed = False
+        self._republisher: _Republisher | None = None
 
     # -- memory ---------------------------------------------------------------------------
     @overload
@@ -202,6 +207,12 @@ class TransferEngine:
             server.close()
             raise
         self.segment_name = name
+        ttl = self.config.metadata.ttl
+        if ttl > 0:
+            # An entry with a ttl expires unless refreshed: refresh it while this engine serves.
+            self._republisher = _Republisher(
+                self._metadata_service(), name, (host, port), self.instance, ttl
+            )
         return name
 
     @property
@@ -520,6 +531,9 @@ class TransferEngine:
         (a store server's flush to disk). Idempotent; ``close`` does it too."""
         with self._lock:
             server, self._server = self._server, None
+            republisher, self._republisher = self._republisher, None
+        if republisher is not None:
+            republisher.stop()
         if server is not None:
             server.close()
 
@@ -533,7 +547,10 @@ class TransferEngine:
             self._handles.clear()
             self._open_channels = ()
             server, self._server = self._server, None
+            republisher, self._republisher = self._republisher, None
             metadata = self._metadata
+        if republisher is not None:
+            republisher.stop()
         for handle in handles:
             handle.channel.close()
         if server is not None:
@@ -553,6 +570,41 @@ class TransferEngine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _Republisher:
+    """Publishes a listening engine's name again every third of the metadata ttl, so the entry
+    expires only when the engine is gone (killed, or its host cut off), never while it serves.
+    A failed refresh is retried at the next tick (a warning, held to a rate); ``stop`` joins."""
+
+    def __init__(
+        self,
+        service: MetadataService,
+        name: str,
+        address: tuple[str, int],
+        instance: str,
+        ttl: float,
+    ) -> None:
+        self._service = service
+        self._args = (name, address, instance)
+        self._period = ttl / 3
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name=f"kvferry-republish-{name}", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self._period):
+            try:
+                self._service.publish(*self._args)
+            except KvferryError as e:
+                _republish_log.warning("metadata", "cannot refresh %r: %s", self._args[0], e)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
 
 
 def requests_for(

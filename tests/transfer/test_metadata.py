@@ -145,3 +145,35 @@ def test_listen_with_unreachable_redis_leaves_nothing_listening() -> None:
         with pytest.raises(PeerClosed):
             target.listen("prefill-0")
         assert target.address is None and target.segment_name is None
+
+
+@pytest.mark.redis
+def test_a_live_target_with_a_ttl_keeps_resolving_and_stops_when_closed(
+    redis_server: str, prefix: str
+) -> None:
+    """With ``metadata.ttl`` set, the entry of a target that still serves must not expire: the
+    engine publishes it again every third of the ttl. Before, nothing refreshed it, and a live
+    target stopped resolving once its ttl ran out."""
+    import time
+
+    import redis
+
+    ttl = 0.3
+    metadata = {"backend": "redis", "url": redis_server, "key_prefix": prefix, "ttl": ttl}
+    key = f"{prefix}:segment:prefill-0"
+    client = redis.Redis.from_url(redis_server)
+    target = TransferEngine(KvferryConfig(metadata=metadata, listen={"port": 0}))
+    target.allocate(4096)
+    target.listen("prefill-0")
+    try:
+        time.sleep(4 * ttl)
+        assert client.exists(key), "the entry of a live target expired"
+        assert 0 < client.pttl(key) <= ttl * 1000
+        with redis_engine(redis_server, prefix) as ini:
+            assert ini.open_segment("prefill-0").name == "prefill-0"
+        target.stop_listening()
+        time.sleep(2 * ttl)
+        assert not client.exists(key), "a target that stopped listening is still refreshed"
+    finally:
+        target.close()
+        client.close()

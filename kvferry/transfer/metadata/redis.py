@@ -1,7 +1,8 @@
 """Redis metadata: targets publish ``<prefix>:segment:<name>`` -> JSON address; initiators read it.
 
 Needs the ``redis`` extra. Any name works (e.g. "prefill-0"); with ``ttl`` set the entry expires
-unless the target republishes, so a dead target stops resolving.
+unless refreshed: a listening engine publishes it again every ttl/3 until it stops listening, so
+a dead target stops resolving within the ttl and a live one never does.
 """
 
 from __future__ import annotations
