@@ -24,7 +24,6 @@ host memory on the initiator's side.
 from __future__ import annotations
 
 import itertools
-import logging
 import os
 import socket
 import threading
@@ -36,7 +35,6 @@ from typing import Any, Literal, TypeVar, overload
 from kvferry.config.models import KvferryConfig
 from kvferry.errors import KvferryError, SegmentError, TransferError
 from kvferry.observe.counters import MetricSet
-from kvferry.observe.logs import RateLimitedLog
 from kvferry.transfer import handshake, staging, wire
 from kvferry.transfer.batch import Batch, BatchStatus, OpCode, TransferRequest, TransferState
 from kvferry.transfer.host import boot_id
@@ -48,12 +46,11 @@ from kvferry.transfer.memory import (
     register_buffer,
 )
 from kvferry.transfer.metadata.base import MetadataService
+from kvferry.transfer.metadata.refresh import Republisher
 from kvferry.transfer.registry import AUTO_ORDER, load_metadata, load_transport
 from kvferry.transfer.segment import PeerInfo, SegmentHandle
 from kvferry.transfer.server import CallHandler, TargetServer
 from kvferry.transfer.transports.base import Channel, Transport, TransportContext, WorkItem
-
-_republish_log = RateLimitedLog(logging.getLogger("kvferry.transfer.engine"))
 
 _R = TypeVar("_R", MemoryRegion, DeviceRegion, MemoryRegion | DeviceRegion)
 
@@ -95,7 +92,7 @@ class TransferEngine:
         self._metadata: MetadataService | None = None
         self.segment_name: str | None = None
         self._closed = False
-        self._republisher: _Republisher | None = None
+        self._republisher: Republisher | None = None
 
     # -- memory ---------------------------------------------------------------------------
     @overload
@@ -210,7 +207,7 @@ class TransferEngine:
         ttl = self.config.metadata.ttl
         if ttl > 0:
             # An entry with a ttl expires unless refreshed: refresh it while this engine serves.
-            self._republisher = _Republisher(
+            self._republisher = Republisher(
                 self._metadata_service(), name, (host, port), self.instance, ttl
             )
         return name
@@ -570,41 +567,6 @@ class TransferEngine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-class _Republisher:
-    """Publishes a listening engine's name again every third of the metadata ttl, so the entry
-    expires only when the engine is gone (killed, or its host cut off), never while it serves.
-    A failed refresh is retried at the next tick (a warning, held to a rate); ``stop`` joins."""
-
-    def __init__(
-        self,
-        service: MetadataService,
-        name: str,
-        address: tuple[str, int],
-        instance: str,
-        ttl: float,
-    ) -> None:
-        self._service = service
-        self._args = (name, address, instance)
-        self._period = ttl / 3
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, name=f"kvferry-republish-{name}", daemon=True
-        )
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stopped.wait(self._period):
-            try:
-                self._service.publish(*self._args)
-            except KvferryError as e:
-                _republish_log.warning("metadata", "cannot refresh %r: %s", self._args[0], e)
-
-    def stop(self) -> None:
-        self._stopped.set()
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout=10)
 
 
 def requests_for(
