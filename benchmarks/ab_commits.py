@@ -11,7 +11,8 @@ in the same minutes, so drift of a noisy VM lands on both.
         bench store --backend cpu --op batch-get --value-size 4KiB --duration 2
 
 ``--metric`` is a dotted path into the JSON; ``name[key=value]`` picks the list element whose
-``key`` equals ``value``. ``--out FILE`` appends a JSON line per run (for BENCHMARKS.md).
+``key`` equals ``value``; ``PATH|PATH`` takes the first path that resolves (when the two sides
+write different JSON layouts, as across the lab's move to one result model). ``--out FILE`` appends a JSON line per run (for BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -28,7 +29,16 @@ from typing import Any
 
 
 def pick(doc: Any, path: str) -> float:
-    """The number at ``path`` (dotted; ``list[key=value]`` selects an element)."""
+    """The number at ``path`` (dotted; ``list[key=value]`` selects an element; ``a|b``: the
+    first of the alternatives that resolves)."""
+    if "|" in path:
+        errors = []
+        for alternative in path.split("|"):
+            try:
+                return pick(doc, alternative)
+            except (KeyError, IndexError, StopIteration, TypeError, ValueError) as e:
+                errors.append(f"{alternative}: {e!r}")
+        raise KeyError("no alternative resolves: " + "; ".join(errors))
     for part in path.split("."):
         if "[" in part:
             name, sel = part[:-1].split("[", 1)
