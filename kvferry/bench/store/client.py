@@ -37,7 +37,7 @@ from kvferry.errors import KvferryError
 from kvferry.store.tiered import TieredStore
 
 if TYPE_CHECKING:
-    from kvferry.bench.store.harness import StoreBenchOptions
+    from kvferry.bench.store.options import StoreBenchOptions
 
 BULK_BATCH = 128
 """Keys per store call in fill, verify and cleanup."""
