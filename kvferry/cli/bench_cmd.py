@@ -27,6 +27,8 @@ from kvferry.cli.serve_bench_cmd import add_serve_bench_parser
 from kvferry.config.units import parse_duration, parse_size
 from kvferry.tables import FitTable, add_wide_option, output_console, print_table
 
+__all__ = ["add_parser", "run_store", "run_transfer"]
+
 
 def _size(text: str) -> int:
     try:

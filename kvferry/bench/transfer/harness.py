@@ -64,6 +64,7 @@ __all__ = [
     "TransferBenchOptions",
     "TransferBenchReport",
     "make_backend",
+    "measure_references",
     "merge_rounds",
     "parse_contenders",
     "row",
