@@ -1,4 +1,11 @@
-"""``kvferry bench ...``: parse flags, call the bench harness, print/write results; no logic."""
+"""``kvferry bench transfer`` and ``kvferry bench store``: flags -> options -> ``run`` -> print.
+
+Owns the flags, turning them into each bench's options (``TransferBenchOptions``,
+``StoreBenchOptions``) and the config they load, the progress bar, and the printed tables; the
+JSON and CSV are the reports' own. Everything a
+Python user needs (validation, case expansion, the contender grammar, targets, references,
+report assembly) lives in the bench packages, not here.
+"""
 
 from __future__ import annotations
 
