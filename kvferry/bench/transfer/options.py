@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
 
 from pydantic import SecretStr
 
@@ -22,8 +21,6 @@ from kvferry.config.models import KvferryConfig
 from kvferry.errors import ConfigError
 
 __all__ = ["ContenderSpec", "TransferBenchOptions", "parse_contenders"]
-
-Op = Literal["read", "write", "mix"]
 
 
 @dataclass(frozen=True)
