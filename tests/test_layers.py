@@ -28,6 +28,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "kvferry.observe",
             "kvferry.index",
             "kvferry.tables",
+            "kvferry.launcher",
         ),
     ),
     ("config", ("kvferry.config",)),

@@ -17,6 +17,16 @@ from typing import Literal
 
 from kvferry.errors import KvferryError
 
+__all__ = [
+    "FIO_FILE",
+    "FioFailed",
+    "FioRw",
+    "MissingTool",
+    "fio_command",
+    "parse_fio_json",
+    "run_fio",
+]
+
 FioRw = Literal["read", "write", "randread", "randwrite"]
 
 FIO_FILE = "kvferry-fio.bin"

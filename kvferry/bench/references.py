@@ -15,6 +15,8 @@ from multiprocessing.connection import Connection
 
 import numpy as np
 
+__all__ = ["memcpy", "socket_stream"]
+
 
 def _receiver(port_out: Connection, message_size: int) -> None:
     server = socket.create_server(("127.0.0.1", 0))

@@ -417,8 +417,8 @@ def load_result(source: str | os.PathLike[str] | Mapping[str, Any]) -> BenchResu
     if not isinstance(data, Mapping):
         raise ResultError(f"{where}: a result is a JSON object")
     tool = data.get("tool")
-    if not isinstance(tool, str):
-        tool = _guess_legacy_tool(data)
+    if not isinstance(tool, str) or (tool not in _TOOLS and data.get("schema") != SCHEMA):
+        tool = _guess_legacy_tool(data)  # no "tool", or an older spelling of one
         if tool is None:
             raise ResultError(
                 f'{where}: no "tool" field and not a known older kvferry result; known tools: '
@@ -427,10 +427,13 @@ def load_result(source: str | os.PathLike[str] | Mapping[str, Any]) -> BenchResu
     return result_class(tool).from_json(data)
 
 
-# Shapes of files written before the result model (no "tool" field): a key only that tool wrote.
+# Shapes of files written before the result model (no "tool" field, or a "tool" spelled the old
+# way, "kvferry bench transfer"): a key only that tool wrote.
 # Each bench's report class reads its own old shape in ``from_legacy``.
 _LEGACY_MARKERS: list[tuple[str, Callable[[Mapping[str, Any]], bool]]] = [
     ("hitrate", lambda d: "hit_rate_definitions" in d and "results" in d),
+    ("transfer", lambda d: d.get("tool") == "kvferry bench transfer"),
+    ("store", lambda d: d.get("tool") == "kvferry bench store"),
 ]
 
 

@@ -1,39 +1,40 @@
-"""``kvferry bench ...``: parse flags, call the bench harness, print/write results; no logic."""
+"""``kvferry bench transfer`` and ``kvferry bench store``: flags -> options -> ``run`` -> print.
+
+Owns the flags, turning them into each bench's options (``TransferBenchOptions``,
+``StoreBenchOptions``) and the config they load, the progress bar, and the printed tables; the
+JSON and CSV are the reports' own. Everything a
+Python user needs (validation, case expansion, the contender grammar, targets, references,
+report assembly) lives in the bench packages, not here.
+"""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import sys
-from dataclasses import dataclass
 from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from kvferry.bench import references
 from kvferry.bench.store import harness as store_bench
+from kvferry.bench.store.backends import BACKENDS, backend_settings
 from kvferry.bench.transfer.harness import (
     COLUMNS,
     READY_PREFIX,
-    Contender,
     TransferBenchOptions,
     TransferBenchReport,
-    make_backend,
     row,
-    run_interleaved,
-    serve_target,
-    spawn_local_target,
+    run,
+    serve,
     write_csv,
 )
 from kvferry.cli.common import add_config_options, load_from_args
 from kvferry.cli.hitrate_cmd import add_hitrate_parser
 from kvferry.cli.serve_bench_cmd import add_serve_bench_parser
-from kvferry.config.models import KvferryConfig
 from kvferry.config.units import parse_duration, parse_size
-from kvferry.errors import ConfigError
 from kvferry.tables import FitTable, add_wide_option, output_console, print_table
+
+__all__ = ["add_parser", "run_store", "run_transfer"]
 
 
 def _size(text: str) -> int:
@@ -124,9 +125,9 @@ def add_parser(subparsers: Any) -> None:
     add_serve_bench_parser(kinds)
 
 
-def _options(args: argparse.Namespace, backend: str) -> TransferBenchOptions:
-    options = TransferBenchOptions(
-        backend=backend,
+def _transfer_options(args: argparse.Namespace) -> TransferBenchOptions:
+    return TransferBenchOptions(
+        backend=args.backend,
         seg_type=args.seg_type,
         total_buffer_size=args.total_buffer_size,
         start_block_size=args.start_block_size,
@@ -141,83 +142,35 @@ def _options(args: argparse.Namespace, backend: str) -> TransferBenchOptions:
         transport=args.transport,
         pin_threads=not args.no_pin,
         rounds=args.rounds,
+        target_seg=args.target_seg,
+        reference=args.reference,
     )
-    options.validate()
-    return options
-
-
-@dataclass(frozen=True)
-class _Entry:
-    """One ``--backend`` entry: ``NAME`` or ``NAME+SECTION.KEY=VALUE[+...]``, the name with
-    config overrides of its own (``kvferry+transfer.grace_period_ns=200000``), so two configs
-    of one engine can be measured side by side. ``label`` (the entry as typed) names its
-    results."""
-
-    label: str
-    name: str
-    config: KvferryConfig
-
-
-def _entries(args: argparse.Namespace) -> list[_Entry]:
-    """Parse --backend; each entry's config is the command's with the entry's overrides.
-
-    Raises:
-        ConfigError: an empty list, a repeated entry, or a malformed or invalid override.
-    """
-    labels = [b.strip() for b in args.backend.split(",") if b.strip()]
-    if not labels:
-        raise ConfigError("--backend is empty; use kvferry, mooncake or both comma-separated")
-    if len(set(labels)) != len(labels):
-        raise ConfigError(
-            f"--backend {args.backend!r} names an entry twice; to compare two configs of one "
-            "engine, give one of them overrides (kvferry,kvferry+transfer.workers=2)"
-        )
-    entries = []
-    for label in labels:
-        name, *pairs = label.split("+")
-        overrides: dict[str, str] = {}
-        for pair in pairs:
-            key, sep, value = pair.partition("=")
-            if not sep or "." not in key.strip(".") or not value:
-                raise ConfigError(
-                    f"--backend entry {label!r}: {pair!r} is not SECTION.KEY=VALUE (e.g. "
-                    "kvferry+transfer.grace_period_ns=200000)"
-                )
-            overrides[key] = value
-        config = load_from_args(
-            args, overrides, flag_names={k: f"--backend {label}" for k in overrides}
-        ).config
-        entries.append(_Entry(label, name.strip(), config))
-    return entries
 
 
 def run_transfer(args: argparse.Namespace) -> int:
     console = output_console()
     err = Console(stderr=True)
-    entries = _entries(args)
+    options = _transfer_options(args)
+    loaded = load_from_args(args)
 
     if args.target:
-        if len(entries) != 1:
-            raise ConfigError("--target serves one backend; pass a single --backend")
-        options = _options(args, entries[0].name)
-        backend = make_backend(entries[0].name, options, entries[0].config)
 
         def announce(name: str) -> None:
             print(READY_PREFIX + name, flush=True)
             if not args.quiet:
                 print(
                     "To start initiators, run\n"
-                    f"  kvferry bench transfer --backend {entries[0].name} --target-seg {name} "
+                    f"  kvferry bench transfer --backend {options.contenders()[0].name} "
+                    f"--target-seg {name} "
                     + ("--seg-type VRAM " if options.seg_type == "VRAM" else "")
                     + "--op read --start-block-size 4096 --max-block-size 64MiB "
                     "--max-batch-size 128 --max-threads 4 --duration 5",
                     flush=True,
                 )
 
-        serve_target(backend, options.total_buffer_size, announce)
+        serve(options, announce, config=loaded.config)
         return 0
 
-    report = TransferBenchReport(options=_options(args, entries[0].name))
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -226,21 +179,18 @@ def run_transfer(args: argparse.Namespace) -> int:
         console=err,
         transient=True,
         disable=args.quiet,
-    ) as progress:
-        skipped = _run_contenders(args, entries, report, progress)
-        if skipped and not args.quiet:
-            err.print(f"[dim]skipped {len(skipped)} case(s) larger than a buffer[/]")
-        if args.reference:
-            task = progress.add_task("reference: socket stream 1MiB, memcpy 16MiB", total=None)
-            seconds = max(1.0, args.duration)
-            report.references["socket_stream_1MiB"] = references.socket_stream(1 << 20, seconds)
-            report.references["memcpy_16MiB"] = references.memcpy(16 << 20, seconds)
-            progress.remove_task(task)
+    ) as bar:
+        task = bar.add_task("sweep", total=None)
 
-    _print_report(console, report, multi=len(entries) > 1, wide=args.wide)
+        def on_progress(done: int, total: int, what: str) -> None:
+            bar.update(task, total=total or None, completed=done, description=what)
+
+        report = run(options, on_progress, config=loaded.config, sources=loaded.sources)
+    if report.skipped and not args.quiet:
+        err.print(f"[dim]skipped {len(report.skipped)} case(s) larger than a buffer[/]")
+    _print_report(console, report, multi=len(report.contenders) > 1, wide=args.wide)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report.to_json(), f, indent=2)
+        report.write(args.json)
     if args.csv:
         write_csv(args.csv, report.cases)
     return 0
@@ -249,11 +199,12 @@ def run_transfer(args: argparse.Namespace) -> int:
 def _print_round_ratios(
     console: Console, report: TransferBenchReport, *, wide: bool = False
 ) -> None:
-    if not report.ratios:
+    rows = report.ratio_rows()
+    if not rows:
         return
-    first = report.ratios[0]
-    rounds = len(first.bw)
-    title = f"{first.base} / {first.other}"
+    first = rows[0][1]
+    rounds = len(first.rounds)
+    title = f"{first.subject} / {first.reference}"
     if rounds > 1:
         title += f", median of {rounds} alternating rounds"
     table = FitTable(title, wide=wide)
@@ -263,54 +214,15 @@ def _print_round_ratios(
         columns.append("P99 ratio range")
     for column in columns:
         table.add_column(column, drop={"P99 ratio range": 2, "BW ratio range": 1}.get(column, 0))
-    for r in report.ratios:
-        cells = [str(r.block_size), str(r.batch_size), str(r.threads), f"{r.bw_median:.2f}x"]
+    for case, bw, p99 in rows:
+        cells = [str(case.block_size), str(case.batch_size), str(case.threads), f"{bw.value:.2f}x"]
         if rounds > 1:
-            cells.append(f"{min(r.bw):.2f}-{max(r.bw):.2f}")
-        cells.append(f"{r.p99_median:.2f}x")
+            cells.append("{:.2f}-{:.2f}".format(*bw.spread))
+        cells.append(f"{p99.value:.2f}x" if p99 else "")
         if rounds > 1:
-            cells.append(f"{min(r.p99):.2f}-{max(r.p99):.2f}")
+            cells.append("{:.2f}-{:.2f}".format(*p99.spread) if p99 else "")
         table.add_row(*cells)
     print_table(console, table)
-
-
-def _run_contenders(
-    args: argparse.Namespace,
-    entries: list[_Entry],
-    report: TransferBenchReport,
-    progress: Progress,
-) -> list[Any]:
-    """Every entry connected to its own target at once, cases interleaved over --rounds."""
-    task = progress.add_task("sweep", total=None)
-
-    def on_progress(i: int, n: int, case: Any) -> None:
-        progress.update(
-            task,
-            total=n,
-            completed=i,
-            description=f"{case.block_size}B x{case.batch_size} t{case.threads}",
-        )
-
-    with contextlib.ExitStack() as stack:
-        contenders = []
-        for e in entries:
-            options = _options(args, e.name)
-            backend = make_backend(e.name, options, e.config)
-            stack.callback(backend.close)
-            if args.target_seg:
-                contenders.append(Contender(e.label, backend, args.target_seg))
-            else:
-                segment, pid = stack.enter_context(spawn_local_target(e.name, options, e.config))
-                contenders.append(Contender(e.label, backend, segment, pid))
-        results, ratios, skipped = run_interleaved(
-            contenders, _options(args, entries[0].name), progress=on_progress
-        )
-        for c in contenders:
-            report.backends[c.name] = c.backend.describe()
-    report.cases.extend(results)
-    report.ratios.extend(ratios)
-    progress.remove_task(task)
-    return skipped
 
 
 _TRANSFER_DROP = {"Avg Tx (us)": 4, "P999 Tx (us)": 3, "Avg Lat (us)": 2, "Transport": 1}
@@ -336,8 +248,8 @@ def _print_report(
     verdict = report.consistency_verdict()
     if verdict:
         console.print(verdict)
-    for name, ref in report.references.items():
-        console.print(f"reference {name}: {ref['gbps']:.3f} GB/s")
+    for ref in report.references:
+        console.print(f"reference {ref.name}: {ref.value:.3f} {ref.unit}")
     sys.stdout.flush()
 
 
@@ -444,39 +356,16 @@ def _add_store_parser(kinds: Any) -> None:
 
 def _store_flags(args: argparse.Namespace) -> tuple[dict[str, object], dict[str, str]]:
     """The store flags as dotted config keys, refusing those that do not apply to --backend."""
-    backend = args.backend
-    applies = {
-        "--capacity": ("cpu", "disk", "server"),
-        "--disk-path": ("disk",),
-        "--redis-url": ("redis",),
-        "--address": ("server", "mooncake"),
-    }
     given = {
         "--capacity": args.capacity,
         "--disk-path": args.disk_path,
         "--redis-url": args.redis_url,
         "--address": args.address,
     }
-    for flag, value in given.items():
-        if value is not None and backend not in applies[flag]:
-            raise ConfigError(
-                f"{flag} does not apply to --backend {backend}; it is for "
-                f"--backend {' or '.join(applies[flag])}"
-            )
-    capacity_key = "disk.capacity" if backend == "disk" else "cpu.capacity"
-    flags: dict[str, object] = {
-        "store.slot_size": args.slot_size,
-        capacity_key: args.capacity,
-        "disk.path": args.disk_path,
-        "redis.url": args.redis_url,
-    }
-    names = {
-        "store.slot_size": "--slot-size",
-        capacity_key: "--capacity",
-        "disk.path": "--disk-path",
-        "redis.url": "--redis-url",
-    }
-    return flags, names
+    keys = backend_settings(args.backend, given)
+    names = {key: flag for flag, key in BACKENDS[args.backend].settings.items() if key}
+    flags: dict[str, object] = {"store.slot_size": args.slot_size, **keys}
+    return flags, {"store.slot_size": "--slot-size", **names}
 
 
 def run_store(args: argparse.Namespace) -> int:
@@ -508,7 +397,6 @@ def run_store(args: argparse.Namespace) -> int:
         slot_size=slot,
         address=address,
     )
-    options.validate()
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -532,10 +420,10 @@ def run_store(args: argparse.Namespace) -> int:
                 detail=detail,
             )
 
-        report = store_bench.run_store_bench(options, config, on_progress=on_progress)
+        report = store_bench.run(options, on_progress, config=config, sources=loaded.sources)
     _print_store_report(console, report, wide=args.wide)
     if args.json:
-        store_bench.write_json(args.json, report)
+        report.write(args.json)
     if args.csv:
         store_bench.write_csv(args.csv, report)
     report.raise_for_failures()

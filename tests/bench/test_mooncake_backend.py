@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import select
-import subprocess
 import sys
 import threading
 from collections.abc import Iterator
@@ -23,6 +21,7 @@ pytest.importorskip("mooncake")
 
 from kvferry.bench.transfer.backends.mooncake import MooncakeBenchBackend, find_readable_size
 from kvferry.errors import PeerClosed, SegmentError, TransferError
+from kvferry.launcher import launch
 
 pytestmark = pytest.mark.mooncake
 
@@ -64,44 +63,18 @@ engine.unregister_memory(buf.ctypes.data)
 """
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """End a child started by _serving: EOF on stdin first, then kill if it lingers."""
-    try:
-        if proc.stdin is not None:
-            proc.stdin.close()
-        proc.wait(timeout=10)
-    except (subprocess.TimeoutExpired, OSError):
-        proc.kill()
-        proc.wait(timeout=10)
-    finally:
-        if proc.stdout is not None:
-            proc.stdout.close()
-
-
 def _serving(code: str, arg: int, log: Path) -> Iterator[str]:
-    """Run ``code`` in a child Python; yield the segment name it prints; stop it afterwards."""
+    """Run ``code`` in a child Python; yield the segment name it prints; stop it afterwards
+    (EOF on its stdin first, then signals if it lingers). Its stderr goes to ``log``, a file:
+    nobody has to drain Mooncake's log lines."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
-    with log.open("wb") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", code, str(arg)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=err,  # a file, not a pipe: nobody has to drain Mooncake's log lines
-            env=env,
-        )
-    try:
-        assert proc.stdout is not None
-        ready, _, _ = select.select([proc.stdout], [], [], 60)
-        line = proc.stdout.readline().decode().strip() if ready else ""
-        if not line:
-            proc.kill()
-            proc.wait(timeout=10)
-            tail = log.read_text(errors="replace")[-3000:]
-            pytest.fail(f"target did not start (rc={proc.returncode}); its log:\n{tail}")
-        yield line
-    finally:
-        _stop(proc)
+    argv = [sys.executable, "-c", code, str(arg)]
+    child, line = launch(
+        argv, lambda text: bool(text.strip()), 60.0, what="target", log=log, stdin=True, env=env
+    )
+    with child:
+        yield line.strip()
 
 
 @pytest.fixture(scope="module")

@@ -24,12 +24,13 @@ from kvferry.bench.store.harness import (
     BACKENDS,
     COLUMNS,
     KeySpace,
+    PhaseHook,
     PhaseResult,
     StoreBenchError,
     StoreBenchOptions,
     StoreBenchReport,
     auto_slot_size,
-    run_store_bench,
+    run,
 )
 from kvferry.cli.bench_cmd import _print_store_report
 from kvferry.cli.main import main
@@ -40,6 +41,7 @@ from kvferry.config.models import (
     MooncakeTierConfig,
     RedisTierConfig,
 )
+from kvferry.errors import ConfigError
 from kvferry.store.tiered import TieredStore
 from kvferry.testing.tables import assert_values_whole, narrow_console, printed
 
@@ -60,6 +62,12 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def options(**kw: object) -> StoreBenchOptions:
     return StoreBenchOptions(**{**SHORT, **kw})  # type: ignore[arg-type]
+
+
+def run_store_bench(
+    opts: StoreBenchOptions, config: KvferryConfig, *, hook: PhaseHook | None = None
+) -> StoreBenchReport:
+    return run(opts, config=config, hook=hook)
 
 
 def rows(report: StoreBenchReport) -> dict[tuple[str, str], object]:
@@ -281,7 +289,7 @@ def test_cli_writes_table_json_and_csv(tmp_path: Path, capsys: pytest.CaptureFix
     assert "OK" in printed
 
     data = json.loads(out_json.read_text())
-    assert data["schema_version"] == 1 and data["tool"] == "kvferry bench store"
+    assert data["schema_version"] == 1 and data["tool"] == "store"
     assert data["options"]["op"] == "batch-get" and data["options"]["batch_size"] == 16
     assert data["ok"] is True and data["verify"]["ok"] is True
     assert [(p["phase"], p["op"]) for p in data["phases"]] == [
@@ -293,7 +301,10 @@ def test_cli_writes_table_json_and_csv(tmp_path: Path, capsys: pytest.CaptureFix
     assert read["ops"] > 0 and read["hit_rate"] == 1.0
     assert read["latency_us"]["p50"] <= read["latency_us"]["p99"]
     assert data["backend"]["slot_size"] == VALUE
-    assert "cpu_model" in data["machine"] or "cpus" in data["machine"]
+    assert "cpu_model" in data["environment"] and data["environment"]["cpus"] > 0
+    assert data["config"]["values"]["cpu.capacity"] == "4MiB"
+    assert data["config"]["sources"]["cpu.capacity"] == "flag"
+    assert data["config"]["sources"]["store.slot_size"] == "bench"
 
     with open(out_csv, newline="") as f:
         table = list(csv.DictReader(f))
@@ -344,7 +355,7 @@ def big_numbers_report() -> StoreBenchReport:
         )  # fmt: skip
 
     phases = [phase("fill", "put", stored=158_024_576), phase("read_perf", "get", hits=9)]
-    return StoreBenchReport(options(), {}, phases, None, {})
+    return StoreBenchReport(options=options(), phases=phases)
 
 
 @pytest.mark.parametrize("width", [100, 80])
@@ -376,10 +387,18 @@ def test_cli_wide_prints_every_column(
     assert max(len(line) for line in wide.splitlines()) > 80
 
 
-def test_every_backend_has_a_preparer() -> None:
-    from kvferry.bench.store.backends import PREPARERS
+def test_every_backend_is_a_tier_and_the_cli_offers_exactly_the_table(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The one table of backends: each is a tier the store can build, and the CLI's --backend
+    choices are its names (read from it, not listed again)."""
+    from kvferry.backends.registry import TIERS
 
-    assert set(PREPARERS) == set(BACKENDS)
+    assert list(BACKENDS) == ["cpu", "disk", "redis", "server", "mooncake"]
+    assert set(BACKENDS) <= set(TIERS.names())
+    assert all(name == b.name and callable(b.prepare) for name, b in BACKENDS.items())
+    assert main(["bench", "store", "--backend", "nfs"]) == 2
+    assert "[--backend {cpu,disk,redis,server,mooncake}]" in capsys.readouterr().err
 
 
 def test_a_client_that_cannot_reach_its_tier_fails_the_run_with_the_tier_message() -> None:
@@ -390,3 +409,92 @@ def test_a_client_that_cannot_reach_its_tier_fails_the_run_with_the_tier_message
     config = KvferryConfig(redis=RedisTierConfig(url=f"redis://127.0.0.1:{port}/0"))
     with pytest.raises(StoreBenchError, match=r"client \d failed: StorageError: .*127\.0\.0\.1"):
         run_store_bench(options(backend="redis", clients=2), config)
+
+
+# -- the library, driven directly ----------------------------------------------------------------
+RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+
+
+def test_the_library_runs_a_few_cpu_ops_and_the_report_round_trips_through_json() -> None:
+    from kvferry.bench import store
+    from kvferry.bench.result import load_result
+    from kvferry.config.loader import load_config
+
+    loaded = load_config(flags={"cpu.capacity": "4MiB"}, environ={})
+    seen: list[tuple[str, str]] = []
+    report = store.run(
+        store.StoreBenchOptions(
+            backend="cpu", op="batch-get", batch_size=8, duration=0.1, warmup=0.0, num_keys=64
+        ),
+        lambda phase, done, total, unit: seen.append((phase, unit)),
+        config=loaded.config,
+        sources=loaded.sources,
+    )
+    assert isinstance(report, store.StoreBenchReport) and report.tool == "store"
+    assert [(p.phase, p.op) for p in report.phases] == [
+        ("fill", "put"),
+        ("read_perf", "get"),
+        ("verify", "get"),
+    ]
+    assert report.phases[1].hits == report.phases[1].blocks > 0 and report.ok
+    assert {phase for phase, _ in seen} == {"fill", "read_perf", "verify"}
+    assert ("read_perf", "s") in seen and ("fill", "keys") in seen
+    assert report.config is not None
+    assert report.config.sources["cpu.capacity"] == "flag"
+    assert report.config.sources["store.slot_size"] == "bench"  # derived from value_size
+    assert report.config.values["store.tiers"] == ["cpu"]
+    assert 0 < report.started_at < report.ended_at
+
+    doc = json.loads(json.dumps(report.to_json()))
+    assert (doc["schema"], doc["tool"], doc["ok"], doc["verify"]["ok"]) == (
+        "kvferry.bench.result",
+        "store",
+        True,
+        True,
+    )
+    assert doc["phases"][1]["hit_rate"] == 1.0
+    back = load_result(doc)
+    assert isinstance(back, store.StoreBenchReport) and back == report
+
+
+def test_options_are_validated_when_built() -> None:
+    with pytest.raises(ConfigError, match=r"--clients 0 is invalid: must be 1\.\.256"):
+        StoreBenchOptions(clients=0)
+    with pytest.raises(ConfigError, match="--backend 'nfs' is invalid: must be cpu, disk"):
+        StoreBenchOptions(backend="nfs")
+    with pytest.raises(ConfigError, match="must be given only with --backend server or mooncake"):
+        StoreBenchOptions(address="127.0.0.1:1")
+
+
+def test_backend_settings_come_from_the_one_table() -> None:
+    from kvferry.bench.store.backends import backend_settings
+
+    given = {"--capacity": 1 << 20, "--disk-path": "/tmp/x", "--redis-url": None}
+    assert backend_settings("disk", given) == {"disk.capacity": 1 << 20, "disk.path": "/tmp/x"}
+    assert backend_settings("server", {"--capacity": 1, "--address": "h:1"}) == {"cpu.capacity": 1}
+    with pytest.raises(ConfigError, match="--disk-path does not apply to --backend cpu; it is"):
+        backend_settings("cpu", given)
+
+
+def test_every_old_store_result_file_loads() -> None:
+    from kvferry.bench.result import load_result
+
+    paths = []
+    for path in sorted(RESULTS.glob("*.json")):
+        doc = json.loads(path.read_text())
+        if isinstance(doc, dict) and doc.get("tool") == "kvferry bench store":
+            paths.append(path)
+    assert len(paths) >= 3  # store_cpu_4k, store_server_auto, store_server_tcp
+    for path in paths:
+        old = json.loads(path.read_text())
+        report = load_result(path)
+        assert isinstance(report, StoreBenchReport), path
+        assert report.options.backend == old["options"]["backend"]
+        assert [(p.phase, p.op, p.gbps) for p in report.phases] == [
+            (p["phase"], p["op"], p["gbps"]) for p in old["phases"]
+        ]
+        assert report.phases[1].latency_us.p99 == old["phases"][1]["latency_us"]["p99"]
+        assert report.verify is not None and report.verify.ok == old["verify"]["ok"]
+        assert report.ok == old["ok"] and report.backend == old["backend"]
+        assert report.environment.cpu_model == old["machine"]["cpu_model"]
+        assert StoreBenchReport.from_json(json.loads(json.dumps(report.to_json()))) == report

@@ -1,9 +1,12 @@
-"""What each backend of the store bench needs before its clients start: one function per backend.
+"""The store bench's backends, listed once, and what each needs before its clients start.
 
-Owns the preparers (:data:`PREPARERS`, backend name -> function): they check that the filled
-keys fit, give each client its config (a disk directory of its own, the address of a server or
-master) and start the store-side process when no address is given: ``kvferry serve store`` for
-``server`` and ``mooncake_master`` (:mod:`kvferry.backends.mooncake_master`) for ``mooncake``.
+Owns :data:`BACKENDS`, the one table of the bench's backends (the CLI's choices, the options'
+validation and the dispatch all read it): each names its preparer and the settings that apply
+to it (``--capacity`` and the config key it sets, ``--disk-path``, ``--redis-url``,
+``--address``). A preparer checks that the filled keys fit, gives each client its config (a disk
+directory of its own, the address of a server or master) and starts the store-side process when
+no address is given: ``kvferry serve store`` for ``server`` (through :mod:`kvferry.launcher`)
+and ``mooncake_master`` (:mod:`kvferry.backends.mooncake_master`) for ``mooncake``.
 Every process they start and every directory they create is registered on the harness's
 ``ExitStack`` and goes away with it. They never build a store: the clients do, the same way for
 every backend.
@@ -14,15 +17,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import queue
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,9 +30,20 @@ from urllib.parse import urlsplit
 from kvferry.bench.store.client import StoreBenchError
 from kvferry.config.models import KvferryConfig
 from kvferry.errors import ConfigError
+from kvferry.launcher import LaunchError, launch
 
 if TYPE_CHECKING:
-    from kvferry.bench.store.harness import StoreBenchOptions
+    from kvferry.bench.store.options import StoreBenchOptions
+
+__all__ = [
+    "BACKENDS",
+    "SERVER_READY",
+    "Prepared",
+    "Preparer",
+    "StoreBackend",
+    "backend_settings",
+    "start_store_server",
+]
 
 SERVER_READY = "kvferry-store-ready "
 """What ``kvferry serve store`` prints, followed by HOST:PORT, once it accepts connections."""
@@ -164,20 +174,70 @@ def _prepare_mooncake(
     return Prepared([cfg] * options.clients, {"master_address": address}, notes)
 
 
-PREPARERS: dict[str, Preparer] = {
-    "cpu": _prepare_cpu,
-    "disk": _prepare_disk,
-    "redis": _prepare_redis,
-    "server": _prepare_server,
-    "mooncake": _prepare_mooncake,
+@dataclass(frozen=True)
+class StoreBackend:
+    """One backend of the store bench: the tier it runs (the same name in the tier registry),
+    what prepares it, and the settings that apply to it."""
+
+    name: str
+    prepare: Preparer
+    settings: Mapping[str, str | None] = field(default_factory=dict)
+    """Setting (as the CLI spells it) -> the config key it sets; None: an option of the bench
+    (``--address``), not a config key."""
+
+
+BACKENDS: dict[str, StoreBackend] = {
+    b.name: b
+    for b in (
+        StoreBackend("cpu", _prepare_cpu, {"--capacity": "cpu.capacity"}),
+        StoreBackend(
+            "disk", _prepare_disk, {"--capacity": "disk.capacity", "--disk-path": "disk.path"}
+        ),
+        StoreBackend("redis", _prepare_redis, {"--redis-url": "redis.url"}),
+        # --capacity: of the server a run starts (its cpu tier)
+        StoreBackend("server", _prepare_server, {"--capacity": "cpu.capacity", "--address": None}),
+        StoreBackend("mooncake", _prepare_mooncake, {"--address": None}),
+    )
 }
-"""Backend name -> the function that prepares its config (and processes) for the clients."""
+"""Every backend of the store bench, in the order the CLI lists them."""
+
+
+def backend_settings(backend: str, given: Mapping[str, object | None]) -> dict[str, object]:
+    """The config keys that the settings ``given`` (``{"--capacity": 4096, ...}``, None: not
+    given) set for ``backend``.
+
+    Raises:
+        ConfigError: an unknown backend, or a setting given that does not apply to it (the
+            message names the backends it is for).
+    """
+    if backend not in BACKENDS:
+        raise ConfigError(f"--backend {backend!r} is invalid: must be {', '.join(BACKENDS)}")
+    applies = BACKENDS[backend].settings
+    keys: dict[str, object] = {}
+    for setting, value in given.items():
+        if value is None:
+            continue
+        if setting not in applies:
+            users = [b.name for b in BACKENDS.values() if setting in b.settings]
+            raise ConfigError(
+                f"{setting} does not apply to --backend {backend}; it is for "
+                f"--backend {' or '.join(users)}"
+            )
+        key = applies[setting]
+        if key is not None:
+            keys[key] = value
+    return keys
 
 
 @contextlib.contextmanager
 def start_store_server(config: KvferryConfig, timeout: float = 60.0) -> Iterator[str]:
     """Run ``python -m kvferry serve store`` (cpu tier, a free port) for the block; yield its
-    HOST:PORT from its ``kvferry-store-ready HOST:PORT`` line."""
+    HOST:PORT from its ``kvferry-store-ready HOST:PORT`` line; stop it afterwards.
+
+    Raises:
+        StoreBenchError: it exited or was not ready within ``timeout`` seconds (the message
+            has its exit status and stderr).
+    """
     with tempfile.TemporaryDirectory(prefix="kvferry-store-bench-") as tmp:
         doc = config.model_dump(mode="json")
         if config.listen.auth_token is not None:
@@ -187,52 +247,9 @@ def start_store_server(config: KvferryConfig, timeout: float = 60.0) -> Iterator
         config_file.write_text(json.dumps(doc))
         cmd = [sys.executable, "-m", "kvferry", "serve", "store", "--config", str(config_file)]
         cmd += ["--port", "0", "--tiers", "cpu", "--quiet"]
-        proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
         try:
-            yield _await_line(proc, SERVER_READY, timeout, "kvferry serve store")
-        finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-
-
-def _await_line(proc: subprocess.Popen[str], prefix: str, timeout: float, what: str) -> str:
-    """The rest of the first stdout line starting with ``prefix``; stdout and stderr are
-    drained afterwards by daemon threads so the process never blocks on a full pipe."""
-    lines: queue.Queue[str | None] = queue.Queue()
-    errors: list[str] = []
-
-    def pump_out() -> None:
-        assert proc.stdout is not None  # Popen(stdout=PIPE)
-        for line in proc.stdout:
-            lines.put(line)
-        lines.put(None)
-
-    def pump_err() -> None:
-        assert proc.stderr is not None  # Popen(stderr=PIPE)
-        for line in proc.stderr:
-            errors.append(line)
-            del errors[:-50]
-
-    threading.Thread(target=pump_out, daemon=True).start()
-    threading.Thread(target=pump_err, daemon=True).start()
-    deadline = time.monotonic() + timeout
-    while (left := deadline - time.monotonic()) > 0:
-        try:
-            line = lines.get(timeout=left)
-        except queue.Empty:
-            break
-        if line is None:
-            proc.wait(timeout=10)
-            break
-        if line.startswith(prefix):
-            return line[len(prefix) :].strip()
-    rc = proc.poll()
-    state = f"exited with status {rc}" if rc is not None else f"was not ready in {timeout:g}s"
-    raise StoreBenchError(f"{what} {state}: {''.join(errors).strip()[-2000:]}")
+            child, line = launch(cmd, SERVER_READY, timeout, what="kvferry serve store")
+        except LaunchError as e:
+            raise StoreBenchError(str(e)) from e
+        with child:
+            yield line[len(SERVER_READY) :].strip()

@@ -37,7 +37,24 @@ from kvferry.errors import KvferryError
 from kvferry.store.tiered import TieredStore
 
 if TYPE_CHECKING:
-    from kvferry.bench.store.harness import StoreBenchOptions
+    from kvferry.bench.store.options import StoreBenchOptions
+
+__all__ = [
+    "BULK_BATCH",
+    "EXAMPLES",
+    "PATTERN_SPAN",
+    "TIMED",
+    "ClientResult",
+    "ClientSpec",
+    "KeySpace",
+    "PhaseHook",
+    "ProgressFn",
+    "StoreBenchError",
+    "Tally",
+    "VerifyTally",
+    "client_main",
+    "run_client",
+]
 
 BULK_BATCH = 128
 """Keys per store call in fill, verify and cleanup."""

@@ -53,6 +53,8 @@ import numpy as np
 if TYPE_CHECKING:
     from kvferry.config.models import KvferryConfig
 
+__all__ = ["Op", "TransferBenchBackend"]
+
 Op = Literal["read", "write"]
 
 

@@ -19,6 +19,8 @@ from kvferry.transfer import (
 )
 from kvferry.transfer.memory import DeviceRegion
 
+__all__ = ["KvferryBenchBackend"]
+
 
 class KvferryBenchBackend(TransferBenchBackend):
     name = "kvferry"

@@ -56,6 +56,8 @@ from kvferry.errors import (
     TransferError,
 )
 
+__all__ = ["MooncakeBenchBackend", "find_readable_size"]
+
 _DIST_NAMES = ("mooncake-transfer-engine-non-cuda", "mooncake-transfer-engine")
 _P2P_METADATA = "P2PHANDSHAKE"
 _PROTOCOLS = {"auto": "tcp", "tcp": "tcp", "rdma": "rdma"}
