@@ -12,7 +12,8 @@ in the same minutes, so drift of a noisy VM lands on both.
 
 ``--metric`` is a dotted path into the JSON; ``name[key=value]`` picks the list element whose
 ``key`` equals ``value``; ``PATH|PATH`` takes the first path that resolves (when the two sides
-write different JSON layouts, as across the lab's move to one result model). ``--out FILE`` appends a JSON line per run (for BENCHMARKS.md).
+write different JSON layouts, as across the lab's move to one result model).
+``--out FILE`` appends a JSON line per run (for BENCHMARKS.md).
 """
 
 from __future__ import annotations

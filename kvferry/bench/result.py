@@ -35,7 +35,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from kvferry.errors import KvferryError
+from kvferry.errors import ConfigError, KvferryError
+from kvferry.plugins import Registry
 from kvferry.version import __version__
 
 __all__ = [
@@ -311,21 +312,25 @@ def decode(tp: Any, data: Any) -> Any:
 # ---------------------------------------------------------------------------------------------
 # The base of every report
 
-_TOOLS: dict[str, str] = {
-    # tool -> "module:Class"; each bench's report registers itself here (imported lazily)
-    "transfer": "kvferry.bench.transfer.harness:TransferBenchReport",
-    "store": "kvferry.bench.store.harness:StoreBenchReport",
-    "hitrate": "kvferry.bench.hitrate.report:HitRateReport",
-    "serve": "kvferry.bench.endpoint.harness:ServeBenchReport",
-    "router": "kvferry.bench.router.harness:RouterBenchReport",
-}
+_TOOLS = Registry(
+    "bench result",
+    {
+        # tool -> "module:Class"; each bench's report registers itself here (imported lazily)
+        "transfer": "kvferry.bench.transfer.harness:TransferBenchReport",
+        "store": "kvferry.bench.store.harness:StoreBenchReport",
+        "hitrate": "kvferry.bench.hitrate.report:HitRateReport",
+        "serve": "kvferry.bench.endpoint.harness:ServeBenchReport",
+        "router": "kvferry.bench.router.harness:RouterBenchReport",
+    },
+)
 
 
 def register_result(tool: str, target: str) -> None:
     """Make :func:`load_result` read results of ``tool`` as the class at ``"module:Class"``."""
-    if tool in _TOOLS and _TOOLS[tool] != target:
-        raise ResultError(f"result tool {tool!r} is already registered ({_TOOLS[tool]})")
-    _TOOLS[tool] = target
+    try:
+        _TOOLS.register(tool, target)
+    except ConfigError as e:
+        raise ResultError(str(e)) from e
 
 
 R = TypeVar("R", bound="BenchResult")
@@ -393,12 +398,12 @@ class BenchResult:
 
 
 def result_class(tool: str) -> type[BenchResult]:
-    target = _TOOLS.get(tool)
-    if target is None:
-        raise ResultError(f"unknown result tool {tool!r}; known: {', '.join(sorted(_TOOLS))}")
-    from kvferry.plugins import Registry
-
-    return Registry("result", {tool: target}).load(tool, BenchResult)
+    if tool not in _TOOLS:
+        raise ResultError(f"unknown result tool {tool!r}; known: {', '.join(_TOOLS.names())}")
+    try:
+        return _TOOLS.load(tool, BenchResult)
+    except ConfigError as e:
+        raise ResultError(str(e)) from e
 
 
 def load_result(source: str | os.PathLike[str] | Mapping[str, Any]) -> BenchResult:
@@ -422,7 +427,7 @@ def load_result(source: str | os.PathLike[str] | Mapping[str, Any]) -> BenchResu
         if tool is None:
             raise ResultError(
                 f'{where}: no "tool" field and not a known older kvferry result; known tools: '
-                + ", ".join(sorted(_TOOLS))
+                + ", ".join(_TOOLS.names())
             )
     return result_class(tool).from_json(data)
 
