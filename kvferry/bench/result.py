@@ -429,7 +429,13 @@ def load_result(source: str | os.PathLike[str] | Mapping[str, Any]) -> BenchResu
 
 # Shapes of files written before the result model (no "tool" field): a key only that tool wrote.
 # Each bench's report class reads its own old shape in ``from_legacy``.
-_LEGACY_MARKERS: list[tuple[str, Callable[[Mapping[str, Any]], bool]]] = []
+_LEGACY_MARKERS: list[tuple[str, Callable[[Mapping[str, Any]], bool]]] = [
+    # bench serve --json / sweep_summary.json, and benchmarks/serve_vs_aiperf.py's output
+    ("serve", lambda d: str(d.get("generator", "")).startswith("kvferry bench serve")),
+    ("serve", lambda d: {"kvferry", "aiperf"} <= set(d.get("runs") or ())),
+    # benchmarks/router_bench.py's output: {"args": {"engine", ...}, "rows": [...]}
+    ("router", lambda d: "engine" in d.get("args", {}) and isinstance(d.get("rows"), list)),
+]
 
 
 def _guess_legacy_tool(data: Mapping[str, Any]) -> str | None:
