@@ -199,14 +199,17 @@ def print_report(console: Console, report: RouterBenchReport, *, wide: bool = Fa
     print_table(console, router_table(report, wide=wide))
     basis = report.cases[0].hit_rate_basis if report.cases else "blocks"
     console.print(
-        f"times in ms; hit rate: the workers' own prefix-cache counters ({basis}-weighted); "
-        "predicted: the router's; per worker: requests routed to each (the test request too)"
+        f"times in ms; hit rate: the workers' own prefix-cache counters "
+        f"({basis.removesuffix('s')}-weighted); predicted: the router's; per worker: requests "
+        "routed to each (the bench's test request too)"
     )
-    by_load: dict[str, list[str]] = {}
-    for ratio in report.ratios:
-        text = f"{ratio.metric} {ratio.subject} / {ratio.reference} = {ratio.value:.2f}x"
-        by_load.setdefault(ratio.case, []).append(text)
-    for load, parts in by_load.items():
+    names = {"time_to_first_token p50": "TTFT p50"}
+    lines: dict[str, dict[tuple[str, str], list[str]]] = {}
+    for r in report.ratios:
+        key = (names.get(r.metric, r.metric), r.reference)
+        lines.setdefault(r.case, {}).setdefault(key, []).append(f"{r.subject} {r.value:.2f}x")
+    for load, metrics in lines.items():
+        parts = [f"{metric} / {ref}: {', '.join(v)}" for (metric, ref), v in metrics.items()]
         console.print(f"{load}: " + "; ".join(parts), highlight=False)
     for note in report.notes:
         console.print(f"[red]{note}[/]", highlight=False)

@@ -90,20 +90,22 @@ def router_figure(report: RouterBenchReport) -> Figure:
         right.bar(at, hit, width, color=color, label=f"{policy} at the workers")
         right.scatter(at, predicted, marker="x", color="black", zorder=3)
     if sweep:
+        ratios = sorted({c.prefix_ratio for c in report.cases if c.prefix_ratio is not None})
         for ax in (left, right):
             ax.set_xlabel("prefix ratio (shared share of each prompt)")
+            ax.set_xticks(ratios, [f"{r:g}" for r in ratios])
     else:
         for ax in (left, right):
             ax.set_xticks(range(len(labels)), labels)
         left.set_title("TTFT p50 (bars), p99 (triangles)", fontsize=10)
         right.set_title("hit rate at the workers (bars), predicted (x)", fontsize=10)
     left.set_ylabel("time to first token (ms)")
-    right.set_ylabel(f"prefix-cache hit rate ({basis}-weighted, 0..1)")
+    right.set_ylabel(f"prefix-cache hit rate ({basis.removesuffix('s')}-weighted, 0..1)")
     right.set_ylim(0, 1)
     for ax in (left, right):
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("KV-aware routing against round-robin and random", fontsize=11)
+    fig.suptitle(f"routing policies: {' vs '.join(policies)}", fontsize=11)
     stamp(fig, router_identity(report))
     return fig
 
