@@ -130,3 +130,23 @@ def test_a_worker_that_is_not_there_is_a_clear_error(capsys: pytest.CaptureFixtu
     assert rc == 2
     err = capsys.readouterr().err
     assert "GET http://127.0.0.1:9/metrics failed" in err and "Traceback" not in err
+
+
+def test_the_lab_surfaces_are_pinned() -> None:
+    """The router and endpoint benches' public names: what a Python caller may rely on."""
+    from kvferry.bench.endpoint import harness as serve
+    from kvferry.bench.router import fleet, harness, plot
+
+    assert set(harness.__all__) == {
+        "POLICIES", "RouterBenchError", "RouterBenchOptions", "RouterBenchReport",
+        "RouterProgress", "RouterRun", "run",
+    }  # fmt: skip
+    assert set(fleet.__all__) == {
+        "RouterBenchError", "ServeProcess", "WorkerCounters", "router_stats", "worker_counters",
+    }  # fmt: skip
+    assert set(plot.__all__) == {"plot_router", "router_figure", "router_identity"}
+    assert {"ServeBenchOptions", "ServeBenchReport", "LevelResult", "run"} <= set(serve.__all__)
+    for module in (harness, fleet, plot, serve):
+        for name in module.__all__:
+            assert hasattr(module, name), f"{module.__name__}.{name}"
+    assert harness.RouterBenchReport.tool == "router" and serve.ServeBenchReport.tool == "serve"
