@@ -15,7 +15,7 @@ import socket
 import statistics
 import time
 
-from kvferry.bench.endpoint.harness import ServeBenchOptions, run_serve_bench
+from kvferry.bench.endpoint.harness import ServeBenchOptions, run
 from kvferry.testing.mock_engine import MockServerProcess
 from kvferry.testing.zero_server import ZeroServerProcess
 
@@ -32,7 +32,7 @@ def ours(url: str, concurrency: int, count: int, workers: int) -> tuple[float, f
         osl=OSL,
         workers=workers,
     )
-    m = run_serve_bench(options).levels[0].metrics
+    m = run(options).cases[0].metrics
     assert m.error_count == 0, m.errors
     return (
         m.value("request_throughput") or 0.0,

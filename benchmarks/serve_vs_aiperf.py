@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from kvferry.bench.endpoint.export import write_artifacts
-from kvferry.bench.endpoint.harness import ServeBenchOptions, run_serve_bench
+from kvferry.bench.endpoint.harness import ServeBenchOptions, run
 from kvferry.bench.endpoint.inputs import SyntheticSource
 from kvferry.serving.tiny_model import build_tiny_model, place_in_hf_cache
 from kvferry.testing.mock_engine import MockServerProcess
@@ -97,7 +97,7 @@ def _aiperf(
 def _kvferry(
     url: str, model: Path, prompts: Path, work: Path, args: argparse.Namespace
 ) -> dict[str, Any]:
-    report = run_serve_bench(
+    report = run(
         ServeBenchOptions(
             url=url,
             tokenizer=str(model),
@@ -112,7 +112,7 @@ def _kvferry(
         )
     )
     write_artifacts(report, work / "kvferry")
-    m = report.levels[0].metrics
+    m = report.cases[0].metrics
     return {
         "figures": {f"{t} {st}": m.value(t, st) for t, st in COMPARED},
         "isl": m.value("input_sequence_length", "avg"),

@@ -68,7 +68,7 @@ def stamp(fig: Figure, lines: Sequence[str]) -> None:
 
 def serve_identity(report: ServeBenchReport, run_name: str) -> list[str]:
     """The identity lines of a ``bench serve`` run: run name, target, load, date, host."""
-    levels = report.levels
+    levels = report.cases
     if levels and levels[0].level.kind == "fixed_schedule":
         load = "the source's own schedule"
     elif levels:

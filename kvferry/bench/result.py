@@ -439,6 +439,11 @@ _LEGACY_MARKERS: list[tuple[str, Callable[[Mapping[str, Any]], bool]]] = [
     ("hitrate", lambda d: "hit_rate_definitions" in d and "results" in d),
     ("transfer", lambda d: d.get("tool") == "kvferry bench transfer"),
     ("store", lambda d: d.get("tool") == "kvferry bench store"),
+    # bench serve --json / sweep_summary.json, and benchmarks/serve_vs_aiperf.py's output
+    ("serve", lambda d: str(d.get("generator", "")).startswith("kvferry bench serve")),
+    ("serve", lambda d: {"kvferry", "aiperf"} <= set(d.get("runs") or ())),
+    # benchmarks/router_bench.py's output: {"args": {"engine", ...}, "rows": [...]}
+    ("router", lambda d: "engine" in d.get("args", {}) and isinstance(d.get("rows"), list)),
 ]
 
 

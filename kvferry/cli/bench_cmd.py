@@ -30,6 +30,7 @@ from kvferry.bench.transfer.harness import (
 )
 from kvferry.cli.common import add_config_options, load_from_args
 from kvferry.cli.hitrate_cmd import add_hitrate_parser
+from kvferry.cli.router_bench_cmd import add_router_bench_parser
 from kvferry.cli.serve_bench_cmd import add_serve_bench_parser
 from kvferry.config.units import parse_duration, parse_size
 from kvferry.tables import FitTable, add_wide_option, output_console, print_table
@@ -123,6 +124,7 @@ def add_parser(subparsers: Any) -> None:
     _add_store_parser(kinds)
     add_hitrate_parser(kinds)
     add_serve_bench_parser(kinds)
+    add_router_bench_parser(kinds)
 
 
 def _transfer_options(args: argparse.Namespace) -> TransferBenchOptions:

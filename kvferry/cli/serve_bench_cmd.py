@@ -1,6 +1,8 @@
-"""``kvferry bench serve``: benchmark an OpenAI-compatible endpoint (aiperf-compatible output);
-parse flags, call :mod:`kvferry.bench.endpoint.harness`, show progress, print and write the
-results."""
+"""``kvferry bench serve``: benchmark an OpenAI-compatible endpoint (aiperf-compatible output).
+
+Parse flags -> :class:`~kvferry.bench.endpoint.options.ServeBenchOptions` ->
+:func:`kvferry.bench.endpoint.harness.run` (with a live view) -> print the tables and write the
+files. Nothing is measured or computed here."""
 
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from kvferry.bench.endpoint.harness import (
     ServeBenchOptions,
     ServeBenchReport,
     load_source,
-    run_serve_bench,
+    run,
 )
 from kvferry.bench.endpoint.metrics import RECORD_METRICS, parse_goodput
 from kvferry.bench.traces import BUNDLED, DEFAULT_BLOCK_TOKENS
@@ -31,6 +33,18 @@ from kvferry.cli.trace_cmd import print_problems
 from kvferry.config.units import parse_duration
 from kvferry.errors import ConfigError
 from kvferry.tables import FitTable, add_wide_option, output_console, print_table
+
+__all__ = [
+    "add_serve_bench_parser",
+    "default_run_name",
+    "level_table",
+    "options_from_args",
+    "print_errors",
+    "print_level",
+    "print_sweep",
+    "run_serve",
+    "sweep_table",
+]
 
 TABLE_METRICS = (
     "time_to_first_token",
@@ -277,7 +291,7 @@ def options_from_args(args: argparse.Namespace) -> ServeBenchOptions:
 
 def default_run_name(report: ServeBenchReport) -> str:
     """``<model>-openai-<endpoint>-<levels>``, as aiperf names its artifact directories."""
-    levels = [r.level for r in report.levels] or report.options.levels()
+    levels = [r.level for r in report.cases] or report.options.levels()
     kind = levels[0].kind
     if kind == "fixed_schedule":
         load = "fixed_schedule"
@@ -365,7 +379,7 @@ def sweep_table(report: ServeBenchReport, *, wide: bool = False) -> FitTable:
         )
     if goodput:
         table.add_column("goodput")
-    for result in report.levels:
+    for result in report.cases:
         m = result.metrics
         row = [
             result.level.label,
@@ -431,7 +445,7 @@ def print_level(console: Console, result: LevelResult, *, wide: bool = False) ->
 
 
 def print_errors(console: Console, report: ServeBenchReport) -> None:
-    for result in report.levels:
+    for result in report.cases:
         for error, count in result.metrics.errors[:5]:
             code = f"HTTP {error.code} " if error.code is not None else ""
             console.print(
@@ -455,11 +469,11 @@ def run_serve(args: argparse.Namespace) -> int:
         print_problems(err, trace)
     live = _Live(err, args.quiet)
     with live.progress:
-        report = run_serve_bench(options, source=(source, what), on_progress=live)
+        report = run(options, live, source=(source, what))
     report.command = shlex.join(["kvferry", *getattr(args, "argv", [])])
     print_sweep(console, report, wide=args.wide)
-    if len(report.levels) == 1:
-        print_level(console, report.levels[0], wide=args.wide)
+    if len(report.cases) == 1:
+        print_level(console, report.cases[0], wide=args.wide)
     print_errors(console, report)
     directory = args.artifact_dir or f"artifacts/{args.run_name or default_run_name(report)}"
     export.write_artifacts(report, directory)
@@ -473,8 +487,8 @@ def run_serve(args: argparse.Namespace) -> int:
                 json.dump(export.summary_json(report), f, indent=2)
         except OSError as e:
             raise EndpointBenchError(f"cannot write {args.json!r}: {e.strerror or e}") from e
-    if all(r.metrics.request_count == 0 for r in report.levels):
-        first = next((r.metrics.errors[0] for r in report.levels if r.metrics.errors), None)
+    if all(r.metrics.request_count == 0 for r in report.cases):
+        first = next((r.metrics.errors[0] for r in report.cases if r.metrics.errors), None)
         cause = "" if first is None else f"; most frequent: {first[0].type}: {first[0].message}"
         raise EndpointBenchError(f"every request failed{cause}")
     return 0

@@ -9,18 +9,21 @@ import json
 import socket
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from kvferry.bench.endpoint.harness import ServeBenchOptions, parse_stream, run_serve_bench
+from kvferry.bench.endpoint.harness import ServeBenchOptions, ServeBenchReport, parse_stream, run
+from kvferry.bench.result import SCHEMA, load_result
 from kvferry.cli.main import main
 from kvferry.testing.mock_engine import MockServerProcess
 from kvferry.testing.zero_server import ZeroServerProcess
 
 FINISHED = 'kvferry_mock_requests_total{finish_reason="length"}'
+RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +106,19 @@ def test_concurrency_sweep(
     sweep = list(csv.DictReader((art / "sweep_summary.csv").open()))
     assert [r["level"] for r in sweep] == ["concurrency_1", "concurrency_2", "concurrency_4"]
     assert load(art / "sweep_summary.json")["levels"][2]["artifact_dir"].endswith("concurrency_4")
+    # Both summaries are results of the lab's model too, and read back into the report.
+    assert summary["schema"] == SCHEMA and summary["tool"] == "serve"
+    assert summary["environment"]["cpus"] >= 1 and summary["ended_at"] > summary["started_at"]
+    for path in (tmp_path / "s.json", art / "sweep_summary.json"):
+        report = load_result(path)
+        assert isinstance(report, ServeBenchReport) and report.model == "kvferry-mock"
+        assert [c.level.value for c in report.cases] == [1, 2, 4]
+        assert report.options.goodput == {"time_to_first_token": 60000.0,
+                                          "inter_token_latency": 60000.0}  # fmt: skip
+        for case, lv in zip(report.cases, levels, strict=True):
+            assert case.metrics.request_count == 12 and case.records == []
+            ttft = case.metrics.metrics["time_to_first_token"]
+            assert ttft.to_json() == lv["metrics"]["time_to_first_token"]
     for png in ("ttft_itl_vs_concurrency.png", "throughput_vs_concurrency.png", "pareto.png"):
         assert (art / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -200,15 +216,60 @@ def test_input_file_prompts_are_sent_as_written_and_wrap(
 
 def test_zero_delay_server_through_the_api() -> None:
     with ZeroServerProcess.start() as zero:
-        report = run_serve_bench(
+        report = run(
             ServeBenchOptions(url=zero.url, concurrency=(8,), request_count=200, isl=16, osl=4)
         )
-    (level,) = report.levels
+    (level,) = report.cases
     assert report.model == "kvferry-zero"
     assert level.metrics.request_count == 200 and level.metrics.error_count == 0
     assert level.metrics.value("output_sequence_length", "min") == 4
     assert level.metrics.value("input_sequence_length", "max") == 16
     assert sorted(r.index for r in level.records) == list(range(200))
+    # to_json -> JSON text -> load_result gives the same report, less the per-request records
+    # (profile_export.jsonl holds those); the auth token is never written.
+    data = json.loads(json.dumps(report.to_json()))
+    assert data["tool"] == "serve" and "auth_token" not in data["options"]
+    loaded = load_result(data)
+    assert loaded == replace(report, cases=[replace(level, records=[], warmup_records=[])])
+    assert loaded.cases[0].metrics.value("time_to_first_token", "p99") == level.metrics.value(
+        "time_to_first_token", "p99"
+    )
+
+
+def test_a_summary_written_before_the_result_model_still_loads() -> None:
+    """The old ``--json`` / ``sweep_summary.json``: the summary keys alone, no schema."""
+    with ZeroServerProcess.start() as zero:
+        report = run(ServeBenchOptions(url=zero.url, concurrency=(2, 4), request_count=20))
+    old = {"schema_version": 1, **json.loads(json.dumps(report.summary()))}
+    loaded = load_result(old)
+    assert isinstance(loaded, ServeBenchReport)
+    assert loaded.options.concurrency == (2, 4) and loaded.url == report.url
+    assert [c.level for c in loaded.cases] == [c.level for c in report.cases]
+    for new, was in zip(loaded.cases, report.cases, strict=True):
+        assert new.metrics.request_count == was.metrics.request_count == 20
+        for tag, stat in (("time_to_first_token", "p50"), ("request_throughput", "avg")):
+            assert new.metrics.value(tag, stat) == was.metrics.value(tag, stat)
+    assert loaded.environment.host == ""  # an old file says nothing of its machine
+
+
+@pytest.mark.parametrize("name", ["serve_vs_aiperf.json", "serve_vs_aiperf_c1.json",
+                                  "serve_vs_aiperf_rate4.json"])  # fmt: skip
+def test_old_serve_vs_aiperf_results_load(name: str) -> None:
+    old = load(RESULTS / name)
+    report = load_result(RESULTS / name)
+    assert isinstance(report, ServeBenchReport)
+    assert len(report.cases) == len(old["runs"]["kvferry"]) == 3
+    first = old["runs"]["kvferry"][0]["figures"]
+    assert (
+        report.cases[0].metrics.value("time_to_first_token", "p50")
+        == (first["time_to_first_token p50"])
+    )
+    ttft = next(r for r in report.ratios if r.metric == "time_to_first_token p50")
+    row = next(r for r in old["rows"] if r["metric"] == "time_to_first_token p50")
+    assert ttft.rounds == pytest.approx([a / b for a, b in zip(row["kvferry"], row["aiperf"])])
+    assert ttft.reference == "aiperf" and min(ttft.rounds) <= ttft.value <= max(ttft.rounds)
+    again = load_result(json.loads(json.dumps(report.to_json())))
+    assert again == report
 
 
 def test_tables_keep_every_number_whole_in_a_narrow_terminal(server: MockServerProcess) -> None:
@@ -221,11 +282,11 @@ def test_tables_keep_every_number_whole_in_a_narrow_terminal(server: MockServerP
         url=server.url, concurrency=(1, 2), request_count=4, isl=40, osl=6,
         goodput=parse_goodput("ttft:60000 itl:60000"),
     )  # fmt: skip
-    report = run_serve_bench(options)
+    report = run(options)
     for width in (100, 80):
         _, dropped = assert_fits(sweep_table(report), width)
         assert {"req/s", "out tok/s", "TTFT p99", "ITL p99", "goodput"}.isdisjoint(dropped)
-        _, dropped = assert_fits(level_table(report.levels[0]), width)
+        _, dropped = assert_fits(level_table(report.cases[0]), width)
         assert {"avg", "p99", "p50"}.isdisjoint(dropped)
     console = narrow_console(80)
     print_table(console, sweep_table(report, wide=True))
@@ -255,9 +316,9 @@ def test_every_plot_names_the_run(
 
     monkeypatch.setattr(Figure, "savefig", keep)
     options = ServeBenchOptions(url=server.url, concurrency=(1, 2), request_count=4, isl=40, osl=6)
-    report = run_serve_bench(options)
-    run = tmp_path / "my-run"
-    written = plot_sweep(report, run)
+    report = run(options)
+    run_dir = tmp_path / "my-run"
+    written = plot_sweep(report, run_dir)
     assert len(saved) == len(written) == 3
     today = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")
     for fig in saved:

@@ -119,7 +119,7 @@ def test_workload_trace() -> None:
 
 def test_hf_tokenizer_prompts_have_exact_counts(tmp_path: Path) -> None:
     tokenizers = pytest.importorskip("tokenizers")
-    from kvferry.bench.endpoint.inputs import lexicon
+    from kvferry.bench.endpoint.tokens import lexicon
 
     words = ["[UNK]", *lexicon()[:300]]
     tok = tokenizers.Tokenizer(

@@ -1,9 +1,9 @@
 """The simulated engine keeps its timing model's time (kvferry/serving/mock/clock.py and the engine
 loop of kvferry/serving/mock/scheduler.py).
 
-End to end: the real endpoint bench (:func:`run_serve_bench`, a worker process) measures a real
-``kvferry serve mock`` process at speed-ups 1, 10 and 100, one request at a time, and its TTFT
-and ITL (aiperf's: (latency - TTFT) / (OSL - 1)) are compared with what
+End to end: the real endpoint bench (:func:`~kvferry.bench.endpoint.harness.run`, a worker
+process) measures a real ``kvferry serve mock`` process at speed-ups 1, 10 and 100, one request
+at a time, and its TTFT and ITL (aiperf's: (latency - TTFT) / (OSL - 1)) are compared with what
 :class:`~kvferry.serving.timing.TimingModel` gives for those requests. Issue 27: the engine slept
 each step with ``asyncio.sleep``, whose epoll timeout is rounded up to whole milliseconds, so a
 7.05 ms step took about 7.5 ms, a 0.7 ms step 1.2 ms and a 0.07 ms step up to 1.1 ms.
@@ -38,7 +38,7 @@ import statistics
 
 import pytest
 
-from kvferry.bench.endpoint.harness import ServeBenchOptions, run_serve_bench
+from kvferry.bench.endpoint.harness import ServeBenchOptions, run
 from kvferry.bench.endpoint.metrics import usage_values
 from kvferry.config.models import MockConfig
 from kvferry.serving.mock.clock import StepClock
@@ -68,7 +68,7 @@ def ids(seed: int, n: int) -> list[int]:
 )
 def test_bench_measures_the_timing_models_ttft_and_itl(speedup: int, osl: int) -> None:
     with MockServerProcess.start("--speedup-ratio", str(speedup)) as server:
-        report = run_serve_bench(
+        report = run(
             ServeBenchOptions(
                 url=server.url,
                 concurrency=(1,),
@@ -78,7 +78,7 @@ def test_bench_measures_the_timing_models_ttft_and_itl(speedup: int, osl: int) -
                 osl=osl,
             )
         )
-    level = report.levels[0]
+    level = report.cases[0]
     records = [r for r in level.records if r.valid]
     assert len(records) == REQUESTS, [r.error for r in level.records]
     model = TimingModel(speedup_ratio=speedup)

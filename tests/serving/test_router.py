@@ -184,6 +184,26 @@ def test_round_robin_spreads_requests_evenly(
     assert order[:3] == order[3:6] == order[6:]
 
 
+def test_random_mode_ignores_the_cache_and_counts_what_it_predicted(
+    fleet: list[MockServerProcess],
+) -> None:
+    """One prefix 30 times: KV mode would send every repeat to one worker; random spreads them
+    (all 30 on one of 3 workers has probability 3^-29), and its predicted hits are exactly
+    what the workers then found."""
+    with RouterProcess.over(fleet, "--router-mode", "random") as router:
+        assert router.stats()["mode"] == "random"
+        before = hits(fleet)
+        workers = [complete(router, prompt("rnd", f"s{i}")).worker for i in range(30)]
+        after, stats = hits(fleet), router.stats()
+    assert len(set(workers)) > 1
+    assert {w["url"]: w["requests"] for w in stats["workers"]} == {
+        w.url: workers.count(w.url) for w in fleet
+    }
+    found = sum(after[u][0] - before[u][0] for u in after)
+    # The first request to each worker it visits misses the 4 prefix blocks, every later one hits.
+    assert found == stats["hit_blocks"] == 4 * (30 - len(set(workers)))
+
+
 def test_approximate_mode_routes_repeats_to_the_same_worker(
     fleet: list[MockServerProcess],
 ) -> None:

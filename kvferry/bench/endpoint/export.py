@@ -1,6 +1,6 @@
 """Files of the endpoint bench: aiperf-compatible exports, the sweep summary and the plots.
 
-Owns writing a :class:`~kvferry.bench.endpoint.ServeBenchReport` to disk; computes nothing
+Owns writing a :class:`~kvferry.bench.endpoint.report.ServeBenchReport` to disk; computes nothing
 (aggregates come from :mod:`kvferry.bench.endpoint.metrics`).
 
 Per level (aiperf's file names, field names and nesting where the concept is the same):
@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 from kvferry.bench.endpoint.aggregate import MetricResult, RunMetrics
-from kvferry.bench.endpoint.harness import EndpointBenchError, LevelResult, ServeBenchReport
 from kvferry.bench.endpoint.metrics import (
     ERROR_METRICS,
     RECORD_METRICS,
@@ -49,11 +48,12 @@ from kvferry.bench.endpoint.metrics import (
     is_good,
     record_metrics,
 )
+from kvferry.bench.endpoint.options import EndpointBenchError
+from kvferry.bench.endpoint.report import LevelResult, ServeBenchReport
 from kvferry.bench.plots import serve_identity, stamp
 from kvferry.errors import MissingDependency
 
 __all__ = [
-    "SCHEMA_VERSION",
     "aiperf_csv",
     "aiperf_json",
     "plot_sweep",
@@ -63,8 +63,6 @@ __all__ = [
     "write_artifacts",
 ]
 
-SCHEMA_VERSION = 1
-"""Of ``sweep_summary.json`` / ``--json`` (kvferry's own summary)."""
 AIPERF_SCHEMA_VERSION = "1.4"
 """The aiperf ``profile_export_aiperf.json`` schema whose shape the level files follow."""
 
@@ -303,44 +301,11 @@ def _write_level(directory: Path, report: ServeBenchReport, result: LevelResult)
 
 
 def summary_json(report: ServeBenchReport, dirs: Sequence[str] = ()) -> dict[str, Any]:
-    """``sweep_summary.json`` and ``--json``: the run and every level's aggregates."""
-    o = report.options
-    levels = []
-    for i, result in enumerate(report.levels):
-        m = result.metrics
-        entry: dict[str, Any] = {
-            "name": result.level.name,
-            "kind": result.level.kind,
-            "value": result.level.value,
-        }
-        if result.level.max_concurrency:
-            entry["max_concurrency"] = result.level.max_concurrency
-        if i < len(dirs):
-            entry["artifact_dir"] = dirs[i]
-        entry.update(
-            {
-                "planned_requests": result.planned,
-                "request_count": m.request_count,
-                "error_request_count": m.error_count,
-                "warmup_error_count": result.warmup_errors,
-                "benchmark_duration_s": m.duration_s,
-                "metrics": {tag: metric.to_json() for tag, metric in m.metrics.items()},
-                "error_summary": m.error_summary(),
-            }
-        )
-        levels.append(entry)
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "generator": f"kvferry bench serve {_version()}",
-        "url": report.url,
-        "endpoint": o.endpoint,
-        "model": report.model,
-        "source": report.source,
-        "tokenizer": o.tokenizer or "words",
-        "use_server_token_count": o.use_server_token_count,
-        "goodput": dict(o.goodput),
-        "levels": levels,
-    }
+    """``sweep_summary.json`` and ``--json``: the report on the lab's result model
+    (:meth:`~kvferry.bench.endpoint.report.ServeBenchReport.to_json`, which
+    :func:`kvferry.bench.result.load_result` reads back), with the summary's keys beside it
+    (``levels`` ..., each level's ``artifact_dir`` from ``dirs``)."""
+    return report.to_json(dirs)
 
 
 def sweep_csv(report: ServeBenchReport) -> str:
@@ -363,7 +328,7 @@ def sweep_csv(report: ServeBenchReport) -> str:
     for _, name in SWEEP_METRICS:
         header += [f"{name}_{stat}" for stat in SWEEP_STATS]
     writer.writerow(header)
-    for result in report.levels:
+    for result in report.cases:
         m = result.metrics
         row: list[object] = [
             result.level.name,
@@ -395,10 +360,10 @@ def write_artifacts(report: ServeBenchReport, directory: str | os.PathLike[str])
     """
     root = _mkdir(Path(directory))
     written: list[Path] = []
-    if len(report.levels) == 1:
-        return _write_level(root, report, report.levels[0])
+    if len(report.cases) == 1:
+        return _write_level(root, report, report.cases[0])
     dirs: list[str] = []
-    for result in report.levels:
+    for result in report.cases:
         written += _write_level(root / result.level.name, report, result)
         dirs.append(str(root / result.level.name))
     text = json.dumps(summary_json(report, dirs), indent=2) + "\n"
@@ -447,7 +412,7 @@ def plot_sweep(report: ServeBenchReport, directory: str | os.PathLike[str]) -> l
     import matplotlib.pyplot as plt
 
     root = _mkdir(Path(directory))
-    levels = report.levels
+    levels = report.cases
     kind = levels[0].level.kind if levels else "concurrency"
     axis = {"concurrency": "concurrency", "request_rate": "request rate (requests/s)"}.get(
         kind, "level"

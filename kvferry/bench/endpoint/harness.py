@@ -1,14 +1,15 @@
 """The endpoint bench (``kvferry bench serve``): load generation against any OpenAI-compatible
 server, planned over worker processes, level by level.
 
-Owns the options (:class:`ServeBenchOptions`), the levels of a sweep (closed-loop concurrency,
-open-loop request rate, or a trace's own schedule), planning each worker's share of a level,
-the worker processes, the preflight check of the server, and :func:`run_serve_bench`, which
-returns a :class:`ServeBenchReport`. The client and what runs in a worker are
+The bench as a library: ``ServeBenchOptions`` -> :func:`run` -> :class:`ServeBenchReport`
+(the lab's result model, tool ``serve``); this module re-exports the options and report types
+so ``kvferry.bench.endpoint.harness`` is the one import a caller needs. It owns planning each
+worker's share of a level, the worker processes, the preflight check of the server and the
+run. The options and levels are :mod:`kvferry.bench.endpoint.options`; the report
+:mod:`kvferry.bench.endpoint.report`; the client and what runs in a worker
 :mod:`kvferry.bench.endpoint.client`; metrics :mod:`kvferry.bench.endpoint.metrics` and
-:mod:`kvferry.bench.endpoint.aggregate` (pure);
-prompts :mod:`kvferry.bench.endpoint.inputs`; files and plots
-:mod:`kvferry.bench.endpoint.export`. Nothing here prints.
+:mod:`kvferry.bench.endpoint.aggregate` (pure); prompts :mod:`kvferry.bench.endpoint.inputs`;
+files and plots :mod:`kvferry.bench.endpoint.export`. Nothing here prints.
 
 How a level runs. The load runs in ``workers`` spawned processes (started once per run), never
 in the caller's (whose live view would share the GIL and delay timestamps). Each worker takes
@@ -21,7 +22,7 @@ aiperf's warm-up phase), then waits; once all are ready the parent starts them a
 records at the end. A phase's window, over which its rates and load curves are taken, runs
 from its start to its last request's end.
 
-Before the first level, :func:`run_serve_bench` asks ``/v1/models`` (the model name, unless
+Before the first level, :func:`run` asks ``/v1/models`` (the model name, unless
 ``--model`` is given) and sends one small streamed request, so an unreachable server, a wrong
 token or model, or a server that does not stream is a clear error, not a level of failures.
 """
@@ -35,13 +36,11 @@ import math
 import multiprocessing as mp
 import random
 import time
-import uuid
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection, wait
 from typing import Any, cast
-from urllib.parse import urlsplit
 
 from kvferry.bench.endpoint.aggregate import RunMetrics, aggregate
 from kvferry.bench.endpoint.client import (
@@ -64,9 +63,15 @@ from kvferry.bench.endpoint.inputs import (
     workload_trace,
 )
 from kvferry.bench.endpoint.metrics import RequestRecord
+from kvferry.bench.endpoint.options import (
+    ENDPOINTS,
+    EndpointBenchError,
+    Level,
+    ServeBenchOptions,
+)
+from kvferry.bench.endpoint.report import LevelResult, ServeBenchReport
 from kvferry.bench.stats import percentile
 from kvferry.bench.traces import read_trace
-from kvferry.errors import ConfigError, KvferryError
 
 __all__ = [
     "ENDPOINTS",
@@ -74,193 +79,20 @@ __all__ = [
     "Level",
     "LevelResult",
     "Phase",
+    "ProgressFn",
     "ProgressUpdate",
     "ServeBenchOptions",
     "ServeBenchReport",
     "load_source",
     "parse_stream",
-    "run_serve_bench",
+    "run",
 ]
 
-ENDPOINTS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
-ARRIVALS = ("poisson", "constant")
-MAX_WORKERS = 64
 LIVE_SAMPLES = 2048
 """The live view's running p50s are over this many latest requests."""
 START_DELAY_NS = 100_000_000
 """From the barrier to the common start: every worker must have received "go" by then."""
 PREFLIGHT_SALT = 2_000_000
-
-
-class EndpointBenchError(KvferryError):
-    """The endpoint bench cannot run: the server is unreachable or refuses the requests, or a
-    worker process failed."""
-
-
-# --- options and levels ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Level:
-    """One run of a sweep: closed-loop ``concurrency``, open-loop ``request_rate`` (requests/s,
-    with ``max_concurrency`` in flight at most, 0 = no cap), or a trace's ``fixed_schedule``
-    (``value`` = its speedup)."""
-
-    kind: str
-    value: float
-    max_concurrency: int = 0
-
-    @property
-    def name(self) -> str:
-        """Its artifact sub-directory: concurrency_4, request_rate_10 or fixed_schedule."""
-        if self.kind == "fixed_schedule":
-            return "fixed_schedule"
-        return f"{self.kind}_{self.value:g}"
-
-    @property
-    def label(self) -> str:
-        if self.kind == "fixed_schedule":
-            return f"trace schedule x{self.value:g}"
-        return f"{self.kind.replace('_', ' ')} {self.value:g}"
-
-
-@dataclass(frozen=True, kw_only=True)
-class ServeBenchOptions:
-    """Everything ``kvferry bench serve`` takes (its flags, one field each)."""
-
-    url: str = "http://127.0.0.1:8000"
-    """Base URL of the server (``/v1/...`` is appended), or the full endpoint URL."""
-    endpoint: str = "completions"
-    """``completions`` (/v1/completions) or ``chat`` (/v1/chat/completions)."""
-    model: str = ""
-    """Model name sent; empty = the first model of the server's /v1/models."""
-    tokenizer: str = ""
-    """Local Hugging Face tokenizer (directory or tokenizer.json); empty = word tokenizer."""
-    auth_token: str | None = field(default=None, repr=False)
-    """Sent as ``Authorization: Bearer <token>``."""
-    use_server_token_count: bool = False
-    """ISL/OSL from the server's usage instead of the client's counts."""
-    concurrency: tuple[int, ...] = ()
-    """Closed-loop levels; with ``request_rate``: one value, the cap of requests in flight."""
-    request_rate: tuple[float, ...] = ()
-    """Open-loop levels, requests per second."""
-    arrival: str = "poisson"
-    """Open-loop arrivals: ``poisson`` or ``constant``."""
-    seed: int = 0
-    request_count: int | None = None
-    """Requests measured per level (default: max(100, 10 x level); a trace: all its rows)."""
-    duration_s: float | None = None
-    """Seconds of sending per level (requests in flight then finish)."""
-    warmup_requests: int = 0
-    """Requests sent before each level and never counted."""
-    isl: int = 550
-    isl_stddev: float = 0.0
-    osl: int = 128
-    osl_stddev: float = 0.0
-    workload: str = ""
-    """A generated workload ``NAME[:K=V,...]`` (kvferry.bench.workloads), replayed as a trace."""
-    trace: str = ""
-    """A Mooncake-format trace file (or a bundled trace's name)."""
-    input_file: str = ""
-    """Fixed prompts, aiperf ``single_turn`` JSONL (:class:`PromptFileSource`)."""
-    speedup: float = 1.0
-    """Trace timestamps are divided by this."""
-    trace_block_size: int = 512
-    """Tokens per hash_id of the trace (and of a workload)."""
-    goodput: Mapping[str, float] = field(default_factory=dict)
-    """SLOs by metric tag (:func:`kvferry.bench.endpoint_metrics.parse_goodput`)."""
-    ignore_eos: bool = True
-    """Send ``ignore_eos`` and ``min_tokens`` = OSL, so outputs are exactly OSL long."""
-    extra_body: Mapping[str, Any] = field(default_factory=dict)
-    """Merged into every request body."""
-    workers: int = 1
-    """Load-generating processes."""
-    request_timeout_s: float = 600.0
-
-    def validate(self) -> None:
-        """Check every option.
-
-        Raises:
-            ConfigError: naming the flag, the value and what would be valid.
-        """
-        parts = urlsplit(self.url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(f"--url must be http://HOST:PORT[/...], got {self.url!r}")
-        if self.endpoint not in ENDPOINTS:
-            raise ConfigError(
-                f"--endpoint must be one of {', '.join(ENDPOINTS)}, got {self.endpoint!r}"
-            )
-        for c in self.concurrency:
-            if isinstance(c, bool) or not isinstance(c, int) or c < 1:
-                raise ConfigError(f"--concurrency values must be whole numbers >= 1, got {c!r}")
-        for r in self.request_rate:
-            if not (isinstance(r, int | float) and math.isfinite(r) and r > 0):
-                raise ConfigError(f"--request-rate values must be numbers > 0, got {r!r}")
-        if self.request_rate and len(self.concurrency) > 1:
-            raise ConfigError(
-                "--concurrency with --request-rate is the cap of requests in flight: give one "
-                f"value, got {','.join(map(str, self.concurrency))}"
-            )
-        if self.arrival not in ARRIVALS:
-            raise ConfigError(f"--arrival must be poisson or constant, got {self.arrival!r}")
-        given = [f for f, v in (("--trace", self.trace), ("--workload", self.workload),
-                                 ("--input-file", self.input_file)) if v]  # fmt: skip
-        if len(given) > 1:
-            raise ConfigError(f"{' and '.join(given)} are exclusive: give one source of requests")
-        checks: list[tuple[str, object, bool, str]] = [
-            ("--seed", self.seed, isinstance(self.seed, int) and self.seed >= 0, ">= 0"),
-            ("--warmup-requests", self.warmup_requests, self.warmup_requests >= 0, ">= 0"),
-            ("--isl", self.isl, self.isl >= 1, ">= 1"),
-            ("--osl", self.osl, self.osl >= 1, ">= 1"),
-            ("--isl-stddev", self.isl_stddev, self.isl_stddev >= 0, ">= 0"),
-            ("--osl-stddev", self.osl_stddev, self.osl_stddev >= 0, ">= 0"),
-            ("--speedup", self.speedup, math.isfinite(self.speedup) and self.speedup > 0, "> 0"),
-            ("--trace-block-size", self.trace_block_size, self.trace_block_size >= 1, ">= 1"),
-            ("--workers", self.workers, 1 <= self.workers <= MAX_WORKERS, f"1..{MAX_WORKERS}"),
-            ("--request-timeout", self.request_timeout_s, self.request_timeout_s > 0, "> 0 s"),
-        ]
-        if self.request_count is not None:
-            checks.append(("--request-count", self.request_count, self.request_count >= 1, ">= 1"))
-        if self.duration_s is not None:
-            ok = math.isfinite(self.duration_s) and self.duration_s > 0
-            checks.append(("--duration", self.duration_s, ok, "> 0 s"))
-        for flag, value, ok, valid in checks:
-            if not ok:
-                raise ConfigError(f"{flag} must be {valid}, got {value!r}")
-
-    @property
-    def from_trace(self) -> bool:
-        return bool(self.trace or self.workload)
-
-    def levels(self, scheduled: bool | None = None) -> list[Level]:
-        """The sweep: one level per request rate, else per concurrency, else the trace's
-        schedule (a trace or workload without either, or ``scheduled``: an input file whose
-        lines have timestamps), else concurrency 1."""
-        if self.request_rate:
-            cap = self.concurrency[0] if self.concurrency else 0
-            return [Level("request_rate", r, cap) for r in self.request_rate]
-        if self.concurrency:
-            return [Level("concurrency", c) for c in self.concurrency]
-        if self.from_trace or scheduled:
-            return [Level("fixed_schedule", self.speedup)]
-        return [Level("concurrency", 1)]
-
-    def endpoint_url(self) -> str:
-        """The full URL requests go to."""
-        base = self.url.rstrip("/")
-        if base.endswith(tuple(ENDPOINTS.values())):
-            return base
-        if base.endswith("/v1"):
-            base = base[: -len("/v1")]
-        return base + ENDPOINTS[self.endpoint]
-
-    def base_url(self) -> str:
-        """The server's root URL (``/v1/models`` lives under it)."""
-        url = self.endpoint_url()
-        for path in ENDPOINTS.values():
-            if url.endswith(path):
-                return url[: -len(path)]
-        return url
 
 
 # --- the parent: planning, worker processes, the run -------------------------------------------
@@ -302,52 +134,6 @@ class Phase:
     def of(cls, records: list[RequestRecord], start_ns: int) -> Phase:
         end = max((r.end_ns for r in records), default=start_ns)
         return cls(records, start_ns, max(end, start_ns))
-
-
-@dataclass
-class LevelResult:
-    """One level: its measured records and their aggregates, and the same of its warm-up."""
-
-    level: Level
-    records: list[RequestRecord]
-    metrics: RunMetrics
-    planned: int | None
-    warmup_records: list[RequestRecord]
-    warmup_metrics: RunMetrics | None
-    """None when the level had no warm-up."""
-    window_ns: tuple[int, int]
-    """The measured phase: from its start to its last request's end (monotonic ns)."""
-    wall_offset_ns: int
-    """``time.time_ns() - time.monotonic_ns()`` when the level ran."""
-
-    @property
-    def warmup_errors(self) -> int:
-        return 0 if self.warmup_metrics is None else self.warmup_metrics.error_count
-
-    @property
-    def start_time(self) -> float:
-        """``time.time()`` of the measured phase's start."""
-        return (self.window_ns[0] + self.wall_offset_ns) / 1e9
-
-    @property
-    def end_time(self) -> float:
-        return (self.window_ns[1] + self.wall_offset_ns) / 1e9
-
-
-@dataclass
-class ServeBenchReport:
-    """A whole run: the options, what was measured, one result per level."""
-
-    options: ServeBenchOptions
-    model: str
-    url: str
-    source: str
-    """``synthetic ...``, ``trace FILE`` or ``workload SPEC``."""
-    levels: list[LevelResult] = field(default_factory=list)
-    benchmark_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
-    """Names the run in its exports (aiperf's ``benchmark_id``)."""
-    command: str = ""
-    """The command line that ran it, when it came from the CLI."""
 
 
 def _split(total: int, parts: int, k: int) -> int:
@@ -643,19 +429,19 @@ async def _preflight(options: ServeBenchOptions, setup: WorkerSetup) -> str:
     return model
 
 
-def run_serve_bench(
+def run(
     options: ServeBenchOptions,
+    progress: ProgressFn | None = None,
     *,
     source: tuple[RequestSource, str] | None = None,
-    on_progress: ProgressFn | None = None,
     on_level: Callable[[LevelResult], None] | None = None,
 ) -> ServeBenchReport:
     """Run every level of ``options`` against the server and return the report.
 
     Args:
         options: the run; validated here.
+        progress: called in this thread with the live figures of the running level.
         source: ``(requests, description)`` from :func:`load_source` (loaded here if None).
-        on_progress: called in this thread with the live figures of the running level.
         on_level: called with each level's result as it completes.
 
     Raises:
@@ -667,6 +453,7 @@ def run_serve_bench(
         MissingDependency: ``options.tokenizer`` needs a library that is not installed.
     """
     options.validate()
+    started = time.time()
     requests, what = source or load_source(options)[:2]
     warmup = SyntheticSource(
         isl=options.isl,
@@ -694,13 +481,15 @@ def run_serve_bench(
     )
     model = asyncio.run(_preflight(options, setup))
     setup = replace(setup, model=model)
-    report = ServeBenchReport(options=options, model=model, url=setup.url, source=what)
+    report = ServeBenchReport(
+        options=options, model=model, url=setup.url, source=what, started_at=started
+    )
     pool = _Pool(setup, options.workers)
     try:
         scheduled = requests.timestamps_ms() is not None
         for salt, level in enumerate(options.levels(scheduled), start=1):
             plans, planned = _plan_level(options, level, salt, requests, options.workers)
-            warm, measured = pool.run_level(level, plans, planned, options.duration_s, on_progress)
+            warm, measured = pool.run_level(level, plans, planned, options.duration_s, progress)
 
             def run_metrics(phase: Phase) -> RunMetrics:
                 return aggregate(
@@ -720,9 +509,27 @@ def run_serve_bench(
                 window_ns=(measured.start_ns, measured.end_ns),
                 wall_offset_ns=time.time_ns() - time.monotonic_ns(),
             )
-            report.levels.append(result)
+            report.cases.append(result)
+            report.notes += _notes(result)
             if on_level is not None:
                 on_level(result)
     finally:
         pool.close()
+    report.ended_at = time.time()
     return report
+
+
+def _notes(result: LevelResult) -> list[str]:
+    """What a reader of the level's figures must know: requests that failed."""
+    notes = []
+    m = result.metrics
+    if m.error_count:
+        error, count = m.errors[0]
+        code = f"HTTP {error.code} " if error.code is not None else ""
+        notes.append(
+            f"{result.level.label}: {m.error_count} of {m.error_count + m.request_count} "
+            f"requests failed (most often, {count}x: {code}{error.type}: {error.message})"
+        )
+    if result.warmup_errors:
+        notes.append(f"{result.level.label}: {result.warmup_errors} warm-up request(s) failed")
+    return notes

@@ -29,11 +29,11 @@ Routing a request (``POST /v1/completions`` or ``/v1/chat/completions``):
 Failures: a request that fails on a worker before its response started is sent once more, to
 the next best healthy worker. A worker that refuses the connection (nothing listens there) is
 marked down at once and its blocks are dropped
-(:meth:`~kvferry.serving.router_workers.WorkerPool.mark_down`). Any other failure (a 5xx, a
+(:meth:`~kvferry.serving.router.workers.WorkerPool.mark_down`). Any other failure (a 5xx, a
 reset or timed-out connection) may be the request's fault, not the worker's: when the retry
 fails alike, no worker is suspected; otherwise the worker's ``/health`` is checked first, and
 only a failed check marks it down (keeping its blocks: a slow or erring worker still holds its
-cache) (:meth:`~kvferry.serving.router_workers.WorkerPool.suspect`). A 4xx is the worker's
+cache) (:meth:`~kvferry.serving.router.workers.WorkerPool.suspect`). A 4xx is the worker's
 answer, passed through. When every try answered 5xx, the client gets the last worker's own
 answer. A stream that breaks after it started ends with an error chunk
 ``data: {"error": {...}}`` and ``data: [DONE]`` (no retry: the client already has part of the
@@ -55,26 +55,7 @@ Endpoints (all but ``/health`` require ``Authorization: Bearer <token>`` when
   ``"no healthy worker"`` when none is up.
 - ``GET /router/stats``: JSON, below. ``GET /metrics``: the same in Prometheus text.
 
-``/router/stats``: ``{"mode", "temperature", "prefill_weight", "block_size", "model",
-"requests", "retries", "unrouted", "prompt_blocks", "hit_blocks", "hit_rate", "workers":
-[{"url", "healthy", "down_reason", "kv_source", "requests", "prompt_blocks", "hit_blocks",
-"hit_rate", "errors", "retries", "checks", "in_flight", "active_blocks", "indexed_blocks",
-"kv_events", "resyncs", "last_event_id", "event_blocks", "skipped_blocks"}]}``. ``hit_rate`` is
-the router's predicted block-weighted hit rate (predicted overlap blocks / full prompt blocks
-routed), per worker and overall; ``retries`` per worker counts requests that failed there and
-went elsewhere; ``checks`` the /health checks after such a failure; ``unrouted`` counts 503s
-for want of a healthy worker; ``kv_source`` is "events", "approx" or "connecting"; for a vLLM
-worker read through ``router.vllm_events``, ``event_blocks`` are the blocks its events announced
-that the router keyed and ``skipped_blocks`` those it could not key
-(:mod:`kvferry.serving.router.vllm_events`), else null and 0.
-
-Metrics: per worker (label ``worker``) counters ``kvferry_router_{requests,prompt_blocks,
-hit_blocks,errors,retries,checks,kv_events,kv_resyncs}_total`` and gauges
-``kvferry_router_{predicted_hit_rate,in_flight,active_blocks,indexed_blocks,worker_up}``;
-``kvferry_router_requests_received_total``, ``kvferry_router_unrouted_total``,
-``kvferry_router_http_responses_total{path,status}`` (path "malformed": requests that were not
-HTTP), ``kvferry_router_http_connections_closed_total{reason}`` (header_timeout,
-too_many_waiting).
+``/router/stats`` and the metrics are listed in :mod:`kvferry.serving.router.metrics`.
 
 The server binds 127.0.0.1 unless told otherwise and stops on SIGINT/SIGTERM.
 """
@@ -93,11 +74,10 @@ from typing import Any, Final
 import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from kvferry.config.models import RouterConfig
 from kvferry.index.hashing import BlockHasher
-from kvferry.serving.http_front import HttpFront, connections_closed, decode_json, listen, off_loop
+from kvferry.serving.http_front import HttpFront, decode_json, listen, off_loop
 from kvferry.serving.mock.openai_api import (
     HttpError,
     data_line,
@@ -105,6 +85,7 @@ from kvferry.serving.mock.openai_api import (
     request_object,
 )
 from kvferry.serving.mock.tokenizer import load_tokenizer
+from kvferry.serving.router.metrics import Collector, stats
 from kvferry.serving.router.prefix_index import LoadTracker, PrefixIndex, RoundRobin, pick, score
 from kvferry.serving.router.workers import Worker, WorkerPool, describe_error
 
@@ -159,103 +140,6 @@ class _Failed(Exception):
         self.answer = answer
 
 
-# --- metrics ---------------------------------------------------------------------------------
-
-
-class _Collector:
-    """Reads the router's state at scrape time (module docstring lists the metrics)."""
-
-    def __init__(self, router: RouterServer) -> None:
-        self._router = router
-
-    def collect(self) -> Iterable[Metric]:
-        router = self._router
-        workers = router.pool.workers
-        p = "kvferry_router_"
-        per_worker: Sequence[tuple[str, str, bool, Callable[[Worker], float]]] = (
-            ("requests", "Requests sent to the worker.", True, lambda w: w.stats.requests),
-            (
-                "prompt_blocks",
-                "Full prompt blocks of the requests sent to the worker.",
-                True,
-                lambda w: w.stats.prompt_blocks,
-            ),
-            (
-                "hit_blocks",
-                "Prompt blocks the router predicted the worker held (expected hits).",
-                True,
-                lambda w: w.stats.hit_blocks,
-            ),
-            ("errors", "Requests to the worker that failed.", True, lambda w: w.stats.errors),
-            (
-                "retries",
-                "Requests that failed on the worker and were sent to another.",
-                True,
-                lambda w: w.stats.retries,
-            ),
-            (
-                "checks",
-                "Health checks of the worker after a request failed on it.",
-                True,
-                lambda w: w.stats.checks,
-            ),
-            ("kv_events", "KV events applied.", True, lambda w: w.events_applied),
-            (
-                "kv_resyncs",
-                "Event stream restarts from a snapshot.",
-                True,
-                lambda w: w.resyncs,
-            ),
-            (
-                "predicted_hit_rate",
-                "Predicted hit blocks / prompt blocks (block-weighted).",
-                False,
-                lambda w: w.stats.hit_rate,
-            ),
-            (
-                "in_flight",
-                "Requests in flight on the worker.",
-                False,
-                lambda w: router.load.in_flight(w.url),
-            ),
-            (
-                "active_blocks",
-                "KV blocks of the requests in flight on the worker (shared prefixes once).",
-                False,
-                lambda w: router.load.active_blocks(w.url),
-            ),
-            (
-                "indexed_blocks",
-                "Blocks the router's index holds for the worker.",
-                False,
-                lambda w: router.index.blocks(w.url),
-            ),
-            ("worker_up", "1 while the worker is healthy.", False, lambda w: float(w.healthy)),
-        )
-        for name, doc, is_counter, value in per_worker:
-            family: CounterMetricFamily | GaugeMetricFamily
-            if is_counter:
-                family = CounterMetricFamily(p + name, doc, labels=["worker"])
-            else:
-                family = GaugeMetricFamily(p + name, doc, labels=["worker"])
-            for w in workers:
-                family.add_metric([w.url], value(w))
-            yield family
-        yield CounterMetricFamily(
-            p + "requests_received", "Generation requests received.", value=router.requests
-        )
-        yield CounterMetricFamily(
-            p + "unrouted", "Requests answered 503: no healthy worker.", value=router.unrouted
-        )
-        http = CounterMetricFamily(
-            p + "http_responses", "HTTP responses, by path and status.", labels=["path", "status"]
-        )
-        for (path, status), n in sorted(router.responses.items()):
-            http.add_metric([path, str(status)], n)
-        yield http
-        yield connections_closed(p, "router", router.front.pending)
-
-
 # --- the server ------------------------------------------------------------------------------
 
 
@@ -291,7 +175,7 @@ class RouterServer:
         self.responses = self.front.responses
         self._upstream_headers = {"Content-Type": "application/json", **self.pool.headers}
         self._registry = CollectorRegistry(auto_describe=False)
-        self._registry.register(_Collector(self))
+        self._registry.register(Collector(self))
         self._session: aiohttp.ClientSession | None = None
         self.address: tuple[str, int] | None = None
 
@@ -611,49 +495,8 @@ class RouterServer:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     def stats(self) -> dict[str, object]:
-        """What ``GET /router/stats`` answers (module docstring)."""
-        workers = []
-        for w in self.pool.workers:
-            s = w.stats
-            workers.append(
-                {
-                    "url": w.url,
-                    "healthy": w.healthy,
-                    "down_reason": w.down_reason,
-                    "kv_source": w.kv_source,
-                    "requests": s.requests,
-                    "prompt_blocks": s.prompt_blocks,
-                    "hit_blocks": s.hit_blocks,
-                    "hit_rate": s.hit_rate,
-                    "errors": s.errors,
-                    "retries": s.retries,
-                    "checks": s.checks,
-                    "in_flight": self.load.in_flight(w.url),
-                    "active_blocks": self.load.active_blocks(w.url),
-                    "indexed_blocks": self.index.blocks(w.url),
-                    "kv_events": w.events_applied,
-                    "resyncs": w.resyncs,
-                    "last_event_id": w.last_event_id,
-                    "event_blocks": w.event_blocks,
-                    "skipped_blocks": w.skipped_blocks,
-                }
-            )
-        prompt = sum(w.stats.prompt_blocks for w in self.pool.workers)
-        hit = sum(w.stats.hit_blocks for w in self.pool.workers)
-        return {
-            "mode": self.config.mode,
-            "temperature": self.config.temperature,
-            "prefill_weight": self.config.prefill_weight,
-            "block_size": self.config.block_size,
-            "model": self.pool.model,
-            "requests": self.requests,
-            "retries": self.retries,
-            "unrouted": self.unrouted,
-            "prompt_blocks": prompt,
-            "hit_blocks": hit,
-            "hit_rate": hit / prompt if prompt else 0.0,
-            "workers": workers,
-        }
+        """What ``GET /router/stats`` answers (:func:`kvferry.serving.router.metrics.stats`)."""
+        return stats(self)
 
     async def _stats(self, _: web.Request) -> web.Response:
         return web.json_response(self.stats())

@@ -1,5 +1,5 @@
 """vLLM's KV events, as the router reads them: a ZeroMQ subscriber and the translation of each
-event into the router's :class:`~kvferry.serving.kv_index.PrefixIndex`.
+event into the router's :class:`~kvferry.serving.router.prefix_index.PrefixIndex`.
 
 vLLM publishes its prefix cache's changes when started with ``--kv-events-config
 '{"enable_kv_cache_events": true, "publisher": "zmq", "endpoint": "tcp://*:5557",

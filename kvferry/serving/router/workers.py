@@ -1,5 +1,6 @@
 """The router's side of its workers: their health, the start-up check, and the KV event
-subscriptions that keep the router's :class:`~kvferry.serving.kv_index.PrefixIndex` true.
+subscriptions that keep the router's :class:`~kvferry.serving.router.prefix_index.PrefixIndex`
+true (the rules are here; the subscriptions run in :mod:`kvferry.serving.router.events`).
 
 One :class:`Worker` per ``--worker`` URL, all held by a :class:`WorkerPool`, which runs on the
 router's event loop:
@@ -17,9 +18,9 @@ router's event loop:
   or with errors, keeps them. It gets no requests until a ``GET /health`` probe, every
   ``router.health_interval`` seconds, and the start-up check pass again.
 - **KV events** (with ``router.kv_events``): one long-lived ``GET /kv/events`` per worker,
-  read by an :class:`~kvferry.serving.kv_index.EventMirror`. A stream that ends is resumed
-  with ``?since=<last id>``; an ``error`` event or a gap in the ids restarts it from a fresh
-  snapshot. A worker that answers 404 and publishes no vLLM events either falls back to the
+  read by an :class:`~kvferry.serving.router.prefix_index.EventMirror`. A stream that ends is
+  resumed with ``?since=<last id>``; an ``error`` event or a gap in the ids restarts it from a
+  fresh snapshot. A worker that answers 404 and publishes no vLLM events either falls back to the
   approximate mode (``kv_source`` "approx"): the router remembers its own routing decisions for
   ``router.approx_ttl`` seconds. Events whose block size differs from the router's mark the
   worker down with that reason. A vLLM worker named in ``router.vllm_events`` is read from
@@ -31,6 +32,8 @@ router's event loop:
 
 Every failure here is an isolation boundary for one worker: it is logged and counted, and the
 other workers keep serving. No HTTP server here: :mod:`kvferry.serving.router.server` owns that.
+(:class:`SseParser` and :func:`describe_error` live in :mod:`kvferry.serving.router.events` and
+are re-exported here.)
 """
 
 from __future__ import annotations
@@ -39,20 +42,16 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any, Literal
 
 import aiohttp
 
 from kvferry.config.models import RouterConfig, parse_vllm_events
-from kvferry.errors import ConfigError, MissingDependency, PeerClosed
+from kvferry.errors import ConfigError, PeerClosed
+from kvferry.serving.router.events import EventFollower, SseParser, describe_error
 from kvferry.serving.router.prefix_index import EventMirror, PrefixIndex
-from kvferry.serving.router.vllm_events import (
-    VllmEventMirror,
-    discovered_endpoints,
-    follow_vllm_events,
-)
+from kvferry.serving.router.vllm_events import VllmEventMirror
 
 __all__ = ["KvSource", "SseParser", "Worker", "WorkerPool", "WorkerStats", "describe_error"]
 
@@ -61,20 +60,6 @@ log = logging.getLogger("kvferry.serving.router.server")
 KvSource = Literal["events", "approx", "connecting"]
 """Where a worker's cached blocks come from: its KV events, the router's own decisions, or
 (events wanted, not synced yet) the router's decisions until the first snapshot."""
-
-EVENT_READ_TIMEOUT_S: Final = 60.0
-"""A silent event stream is dead after this long (the mock sends a keepalive every 15 s)."""
-
-
-def describe_error(error: BaseException) -> str:
-    """A short one-line description of a network error."""
-    if isinstance(error, aiohttp.ClientConnectorError):
-        code = error.os_error.errno
-        reason = os.strerror(code) if code else str(error.os_error)
-        return f"cannot connect to {error.host}:{error.port}: {reason}"
-    if isinstance(error, TimeoutError):
-        return "timed out"
-    return " ".join((str(error) or type(error).__name__).split())
 
 
 @dataclass
@@ -160,39 +145,6 @@ class Worker:
         return self.vllm[0].skipped_blocks if self.vllm else 0
 
 
-class SseParser:
-    """Splits a ``text/event-stream`` body into the ``data`` of each message (``\\n``-ended
-    lines; comments and other fields are skipped). Pure."""
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-        self._scan = 0
-
-    def feed(self, chunk: bytes) -> list[str]:
-        """Add received bytes; returns the data of every message they completed, in order."""
-        self._buf += chunk
-        out: list[str] = []
-        start = 0
-        while True:
-            # Resume the search where the last one stopped (a snapshot may arrive in many
-            # chunks), one byte back in case "\n\n" straddles two chunks.
-            end = self._buf.find(b"\n\n", max(start, self._scan - 1))
-            if end < 0:
-                break
-            message = bytes(self._buf[start:end])
-            start = end + 2
-            self._scan = start
-            data = [
-                line[5:].removeprefix(b" ") for line in message.split(b"\n") if line[:5] == b"data:"
-            ]
-            if data:
-                out.append(b"\n".join(data).decode())
-        if start:
-            del self._buf[:start]
-        self._scan = len(self._buf)
-        return out
-
-
 class WorkerPool:
     """The router's workers: health, start-up check, event subscriptions (module docstring).
 
@@ -231,6 +183,8 @@ class WorkerPool:
             {"Authorization": f"Bearer {token.get_secret_value()}"} if token is not None else {}
         )
         self._session: aiohttp.ClientSession | None = None
+        self.events = EventFollower(self)
+        """Follows the workers' KV events (:mod:`kvferry.serving.router.events`)."""
         self._tasks: list[asyncio.Task[None]] = []
         self._checks: dict[Worker, asyncio.Task[None]] = {}
 
@@ -251,7 +205,7 @@ class WorkerPool:
         self._tasks.append(asyncio.create_task(self._probe_loop(), name="kvferry-router-probe"))
         if self.config.kv_events:
             for w in self.workers:
-                follow = self._follow_vllm(w) if w.vllm else self._follow(w)
+                follow = self.events.follow(w)
                 task = asyncio.create_task(follow, name=f"kvferry-router-events {w.url}")
                 self._tasks.append(task)
 
@@ -304,7 +258,7 @@ class WorkerPool:
 
     async def _check(self, worker: Worker, reason: str) -> None:
         try:
-            status, _ = await self._get(worker, "/health")
+            status, _ = await self.get(worker, "/health")
         except aiohttp.ClientConnectorError as e:
             self.mark_down(worker, f"{reason}; then its /health: {describe_error(e)}")
         except (aiohttp.ClientError, OSError, TimeoutError) as e:
@@ -329,12 +283,17 @@ class WorkerPool:
 
     # --- checks ---
 
-    async def _get(self, worker: Worker, path: str) -> tuple[int, Any]:
-        """GET ``path`` of ``worker``: status and decoded JSON (None if not JSON)."""
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The router's client session (set by :meth:`start`)."""
         if self._session is None:
             raise RuntimeError("the worker pool is not started")
+        return self._session
+
+    async def get(self, worker: Worker, path: str) -> tuple[int, Any]:
+        """GET ``path`` of ``worker``: status and decoded JSON (None if not JSON)."""
         timeout = aiohttp.ClientTimeout(total=self.config.connect_timeout * 2)
-        async with self._session.get(worker.url + path, headers=self.headers, timeout=timeout) as r:
+        async with self.session.get(worker.url + path, headers=self.headers, timeout=timeout) as r:
             raw = await r.read()
             try:
                 body = json.loads(raw) if raw else None
@@ -351,7 +310,7 @@ class WorkerPool:
             PeerClosed: it answered 5xx.
             aiohttp.ClientError, OSError, TimeoutError: it cannot be reached.
         """
-        status, body = await self._get(worker, "/kv/stats")
+        status, body = await self.get(worker, "/kv/stats")
         if status in (401, 403):
             raise ConfigError(
                 f"worker {worker.url} answered {status} to the router: give the token it "
@@ -373,7 +332,7 @@ class WorkerPool:
                 self._check_model(worker, model, strict=True)
             return
         # Not a kvferry mock (vLLM): its model names the hash salt only if none is set.
-        status, body = await self._get(worker, "/v1/models")
+        status, body = await self.get(worker, "/v1/models")
         if status in (401, 403):
             raise ConfigError(
                 f"worker {worker.url} answered {status} to the router: give the token it "
@@ -438,7 +397,7 @@ class WorkerPool:
         """``GET /health`` and the start-up check of a worker that is down; True if it is
         up again."""
         try:
-            status, _ = await self._get(worker, "/health")
+            status, _ = await self.get(worker, "/health")
             if status != 200:
                 worker.down_reason = f"/health answered {status}"
                 return False
@@ -462,158 +421,3 @@ class WorkerPool:
             if down:
                 await asyncio.gather(*(self.probe(w) for w in down))
             self.index.prune(loop.time())
-
-    # --- KV events ---
-
-    async def _follow(self, worker: Worker) -> None:
-        """Mirror ``worker``'s /kv/events for as long as the router runs (module docstring)."""
-        backoff = 0.05
-        while True:
-            await worker.up.wait()
-            outcome = "ended"
-            try:
-                outcome = await self._read_events(worker)
-            except ConfigError as e:  # another block size
-                log.error("%s", e)
-                self.mark_down(worker, str(e))
-            except (ValueError, UnicodeDecodeError) as e:  # malformed event: start over
-                log.warning("worker %s sent a malformed KV event (%s); resyncing", worker.url, e)
-                worker.mirror.last_id = None
-                worker.mirror.resyncs += 1
-            except aiohttp.ClientConnectorError as e:
-                self.mark_down(worker, f"event stream: {describe_error(e)}")
-            except (aiohttp.ClientError, OSError, TimeoutError) as e:
-                log.info("worker %s event stream broke (%s)", worker.url, describe_error(e))
-            if outcome == "approx":
-                return
-            if outcome == "vllm":  # a vLLM server: its ZeroMQ publisher from now on
-                await self._follow_vllm(worker)
-                return
-            if outcome == "synced":
-                backoff = 0.05
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, self.config.health_interval)
-
-    async def _follow_vllm(self, worker: Worker) -> None:
-        """Mirror a vLLM worker's ZeroMQ KV events (:mod:`kvferry.serving.router.vllm_events`) for
-        as long as the router runs; restarts the subscriber after a failure."""
-        assert worker.vllm is not None
-        mirror, endpoint, replay = worker.vllm
-        backoff = 0.05
-
-        def applied() -> None:
-            worker.kv_source = "events"
-
-        while True:
-            try:
-                await follow_vllm_events(
-                    mirror,
-                    endpoint,
-                    replay,
-                    model=lambda: self.model,
-                    on_applied=applied,
-                    timeout_s=self.config.connect_timeout,
-                )
-            except MissingDependency as e:
-                log.error("worker %s: %s; approximate mode", worker.url, e)
-                worker.kv_source = "approx"
-                return
-            except ConfigError as e:  # another block size
-                log.error("%s", e)
-                self.mark_down(worker, str(e))
-                await worker.up.wait()
-            except Exception as e:
-                log.warning("worker %s: vLLM KV event subscriber failed (%s)", worker.url, e)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, self.config.health_interval)
-
-    async def _read_events(self, worker: Worker) -> Literal["approx", "vllm", "synced", "ended"]:
-        """One /kv/events connection: "approx" when the worker has no event stream, "vllm"
-        when it has none but is a vLLM server whose ZeroMQ publisher was found (its
-        ``worker.vllm`` is set), "synced" when events were applied, "ended" when nothing was
-        (reconnect either way)."""
-        if self._session is None:
-            raise RuntimeError("the worker pool is not started")
-        mirror = worker.mirror
-        since = mirror.last_id
-        path = "/kv/events" if since is None else f"/kv/events?since={since}"
-        timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=self.config.connect_timeout, sock_read=EVENT_READ_TIMEOUT_S
-        )
-        synced = False
-        async with self._session.get(worker.url + path, headers=self.headers, timeout=timeout) as r:
-            if r.status in (401, 403):
-                log.error(
-                    "worker %s refused the router's /kv/events (%d): using approximate "
-                    "mode; give its token with --worker-auth-token",
-                    worker.url,
-                    r.status,
-                )
-                worker.kv_source = "approx"
-                return "approx"
-            if r.status == 404:
-                no_events = True
-            elif r.status != 200:
-                log.info("worker %s /kv/events answered %d", worker.url, r.status)
-                return "ended"
-            else:
-                no_events = False
-                parser = SseParser()
-                async for chunk in r.content.iter_any():
-                    for data in parser.feed(chunk):
-                        event = json.loads(data)
-                        if not isinstance(event, dict):
-                            raise ValueError(
-                                f"a KV event must be a JSON object, got {data[:100]!r}"
-                            )
-                        if not worker.healthy:
-                            # Marked down while streaming: its blocks were dropped, start over.
-                            return "ended"
-                        if mirror.apply(event) == "resync":
-                            log.info(
-                                "worker %s: KV event stream out of order (%s); resyncing",
-                                worker.url,
-                                event.get("type"),
-                            )
-                            return "ended"
-                        if not synced:
-                            synced = True
-                            worker.kv_source = "events"
-        if no_events:
-            return await self._discover_vllm(worker)
-        return "synced" if synced else "ended"
-
-    async def _discover_vllm(self, worker: Worker) -> Literal["approx", "vllm"]:
-        """A worker without /kv/events: ask it for vLLM's ``/kv_event_sources`` and, when it
-        names a publisher the router can reach, follow that (:func:`discovered_endpoints`);
-        else approximate mode, saying why."""
-        try:
-            status, body = await self._get(worker, "/kv_event_sources")
-        except (aiohttp.ClientError, OSError, TimeoutError) as e:
-            status, body = 0, describe_error(e)
-        if status != 200:
-            log.info(
-                "worker %s has no /kv/events and no vLLM /kv_event_sources (%s): approximate mode",
-                worker.url,
-                status or body,
-            )
-            worker.kv_source = "approx"
-            return "approx"
-        try:
-            endpoint, replay = discovered_endpoints(body, worker.url)
-        except ValueError as e:
-            log.warning("worker %s: %s; approximate mode", worker.url, e)
-            worker.kv_source = "approx"
-            return "approx"
-        log.info(
-            "worker %s: following vLLM's KV events at %s (replay %s), from /kv_event_sources",
-            worker.url,
-            endpoint,
-            replay or "none",
-        )
-        worker.vllm = (
-            VllmEventMirror(self.index, worker.url, self.config.block_size),
-            endpoint,
-            replay,
-        )
-        return "vllm"
