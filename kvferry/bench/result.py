@@ -286,7 +286,9 @@ def decode(tp: Any, data: Any) -> Any:
     if origin in (dict, Mapping) or tp is dict:
         args = typing.get_args(tp)
         key_t, val_t = args if args else (Any, Any)
-        return {decode(key_t, k) if key_t is int else k: decode(val_t, v) for k, v in data.items()}
+        # JSON object keys are strings: give int/float keys back their type
+        convert = key_t if key_t in (int, float) else (lambda k: k)
+        return {convert(k): decode(val_t, v) for k, v in data.items()}
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(data, Mapping):
             raise TypeError(f"{tp.__name__} expects an object, got {type(data).__name__}")

@@ -53,7 +53,9 @@ def _seconds(text: str) -> float:
 
 
 def add_parser(subparsers: Any) -> None:
-    bench = subparsers.add_parser("bench", help="benchmarks: transfer, store, hitrate, serve")
+    bench = subparsers.add_parser(
+        "bench", help="benchmarks: transfer, store, hitrate, serve, router"
+    )
     kinds = bench.add_subparsers(title="benchmarks", metavar="BENCH")
     p = kinds.add_parser(
         "transfer",

@@ -5,7 +5,7 @@ One :class:`HttpFront` per server holds the shared rules:
 
 - **Auth and errors** (:meth:`HttpFront.middleware`): a Bearer token on every path but
   ``/health`` when a token is set (compared in constant time), OpenAI-style JSON errors for
-  :class:`~kvferry.serving.openai_api.HttpError` and for aiohttp's own 404/405/413, a 500 for
+  :class:`~kvferry.serving.mock.openai_api.HttpError` and for aiohttp's own 404/405/413, a 500 for
   this request only when a handler has a bug, and a count of responses per (path, status).
 - **Slow clients** (the section's :class:`~kvferry.config.models.HttpFrontConfig` keys): a
   connection must deliver its request's headers within ``header_timeout`` seconds (from

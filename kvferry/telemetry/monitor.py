@@ -308,7 +308,7 @@ _DROP = {"peak": 3, "bytes in": 2, "bytes out": 2, "evictions": 1}
 
 def format_table(stats: StoreStats, *, wide: bool = False) -> FitTable:
     """A rich table of a store snapshot: one row per tier, hit rates in the title. It fits the
-    console it is printed on (:class:`~kvferry.cli.tables.FitTable`).
+    console it is printed on (:class:`~kvferry.tables.FitTable`).
 
     Speeds are cumulative (bytes over all seconds spent moving), in GB/s = 1e9 bytes/s.
     """

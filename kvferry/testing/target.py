@@ -15,16 +15,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from typing import IO, Any
 
 import numpy as np
+
+from kvferry.launcher import await_line
 
 DEFAULT_SIZE = 8 << 20
 DEFAULT_SEED = 20240611
@@ -118,23 +118,11 @@ class TargetProcess:
 
 
 def _read_line(proc: subprocess.Popen[bytes], timeout: float, log: IO[bytes]) -> str:
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout
-    buf = b""
-    while b"\n" not in buf:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise RuntimeError(f"target did not start within {timeout:g}s")
-        ready, _, _ = select.select([proc.stdout], [], [], left)
-        if ready:
-            chunk = os.read(proc.stdout.fileno(), 4096)
-            if not chunk:
-                rc = proc.wait()
-                log.seek(0)
-                err = log.read().decode(errors="replace")
-                raise RuntimeError(f"target exited before serving (rc={rc}):\n{err}")
-            buf += chunk
-    return buf.split(b"\n", 1)[0].decode()
+    def tail() -> str:
+        log.seek(0)
+        return log.read().decode(errors="replace")
+
+    return await_line(proc, lambda line: True, timeout, what="target", tail=tail)
 
 
 def _reap(proc: subprocess.Popen[bytes]) -> None:

@@ -4,9 +4,9 @@ loop of kvferry/serving/mock/scheduler.py).
 End to end: the real endpoint bench (:func:`~kvferry.bench.endpoint.harness.run`, a worker
 process) measures a real ``kvferry serve mock`` process at speed-ups 1, 10 and 100, one request
 at a time, and its TTFT and ITL (aiperf's: (latency - TTFT) / (OSL - 1)) are compared with what
-:class:`~kvferry.serving.timing.TimingModel` gives for those requests. Issue 27: the engine slept
-each step with ``asyncio.sleep``, whose epoll timeout is rounded up to whole milliseconds, so a
-7.05 ms step took about 7.5 ms, a 0.7 ms step 1.2 ms and a 0.07 ms step up to 1.1 ms.
+:class:`~kvferry.serving.mock.timing.TimingModel` gives for those requests. Issue 27: the engine
+slept each step with ``asyncio.sleep``, whose epoll timeout is rounded up to whole milliseconds,
+so a 7.05 ms step took about 7.5 ms, a 0.7 ms step 1.2 ms and a 0.07 ms step up to 1.1 ms.
 
 That check is about the simulator's clock, not the machine's speed, and its bounds say so:
 

@@ -364,8 +364,8 @@ def aggregate(
     Args:
         records: every request of the run, failed ones included.
         server_counts: ISL/OSL from the server's usage (see
-            :func:`~kvferry.bench.endpoint_metrics.record_metrics`).
-        goodput: SLOs from :func:`~kvferry.bench.endpoint_metrics.parse_goodput`; None or
+            :func:`~kvferry.bench.endpoint.metrics.record_metrics`).
+        goodput: SLOs from :func:`~kvferry.bench.endpoint.metrics.parse_goodput`; None or
             empty = no goodput metrics.
         window_ns: ``(start, end)`` of the run in the records' clock, over which the sweep
             metrics are time-weighted; None: from the first request start to the last end.

@@ -11,7 +11,7 @@ owns the processes). Pure pieces (:func:`parse_stream`) are public for tests.
 Timing: a request's start is taken just before it is handed to aiohttp; each body read is
 stamped as it is returned (``iter_any``: whatever arrived since the last read), and every SSE
 event completed by that read gets that stamp, as aiperf does. aiohttp's trace hooks stamp the
-request side of the :class:`~kvferry.bench.endpoint_metrics.HttpTrace` (pool wait, connect,
+request side of the :class:`~kvferry.bench.endpoint.metrics.HttpTrace` (pool wait, connect,
 DNS, body written); the reads give its response side. A request's credit is stamped when its
 slot frees (closed loop) or is its send time (open loop). Bodies are parsed after the stream
 ends, so parsing never delays a stamp; output and reasoning tokens are counted after the

@@ -1,15 +1,12 @@
 """The processes of a router bench run and what is read from them: ``kvferry serve mock`` workers,
 the ``kvferry serve router`` in front of them, and the counters that say what happened.
 
-Owns starting a ``kvferry serve mock|router --port 0 --quiet`` child (:class:`ServeProcess`: its
-ready line awaited with a deadline that fires even when the child prints nothing, its stderr
-kept in a temporary file and quoted when it fails, killed and reaped on close), and reading
+Owns starting a ``kvferry serve mock|router --port 0 --quiet`` child (:class:`ServeProcess`,
+through :mod:`kvferry.launcher`: its ready line awaited with a real deadline, its stderr quoted
+when it fails, the child stopped and reaped on close), and reading
 ``/metrics`` and ``/router/stats`` over plain HTTP (:func:`worker_counters`,
 :func:`router_stats`). ``KVFERRY_*`` variables are not passed to the children: a run's fleet is
 what its options say. Nothing here measures or decides (:mod:`kvferry.bench.router.harness`).
-
-(The process launcher of issue 21, ``kvferry.launcher``, is built in parallel; once it lands
-:class:`ServeProcess` should start its child through it.)
 """
 
 from __future__ import annotations
@@ -17,19 +14,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import select
-import subprocess
 import sys
-import tempfile
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import IO, Any
+from typing import Any
 
 from kvferry.errors import KvferryError
+from kvferry.launcher import LaunchError, launch
 
 __all__ = [
     "RouterBenchError",
@@ -38,9 +32,6 @@ __all__ = [
     "router_stats",
     "worker_counters",
 ]
-
-STDERR_TAIL_CHARS = 2000
-"""Of a child's stderr, quoted in the error when it fails to start."""
 
 
 class RouterBenchError(KvferryError):
@@ -64,65 +55,18 @@ class ServeProcess:
         self.kind = kind
         argv = [sys.executable, "-m", "kvferry", "serve", kind, "--port", "0", "--quiet", *args]
         env = {k: v for k, v in os.environ.items() if not k.startswith("KVFERRY_")}
-        self._log: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 - lives with the child
-        self._proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._log, env=env
-        )
+        marker = f"kvferry-{kind}-ready "
         try:
-            line = self._ready_line(f"kvferry-{kind}-ready", timeout_s)
-        except BaseException:
-            self.close()
-            raise
-        address = line.split()[1]
-        self.url = f"http://{address}"
-
-    def _ready_line(self, marker: str, timeout_s: float) -> str:
-        stdout = self._proc.stdout
-        if stdout is None:  # pragma: no cover - started with stdout=PIPE
-            raise RouterBenchError(f"kvferry serve {self.kind}'s stdout is not a pipe")
-        deadline = time.monotonic() + timeout_s
-        buf = b""
-        while b"\n" not in buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise RouterBenchError(
-                    f"kvferry serve {self.kind} did not start within {timeout_s:g}s"
-                    + self._stderr_tail()
-                )
-            if select.select([stdout], [], [], left)[0]:
-                chunk = os.read(stdout.fileno(), 4096)
-                if not chunk:
-                    rc = self._proc.wait()
-                    raise RouterBenchError(
-                        f"kvferry serve {self.kind} exited (status {rc}) before serving"
-                        + self._stderr_tail()
-                    )
-                buf += chunk
-        line = buf.split(b"\n", 1)[0].decode(errors="replace")
-        if not line.startswith(marker + " "):
-            raise RouterBenchError(f"kvferry serve {self.kind} printed {line!r}, not {marker}")
-        return line
-
-    def _stderr_tail(self) -> str:
-        with contextlib.suppress(OSError, ValueError):
-            self._log.seek(0)
-            text = self._log.read().decode(errors="replace").strip()
-            if text:
-                return ":\n" + text[-STDERR_TAIL_CHARS:]
-        return ""
+            self._child, line = launch(
+                argv, marker, timeout_s, what=f"kvferry serve {kind}", env=env
+            )
+        except LaunchError as e:
+            raise RouterBenchError(str(e)) from e
+        self.url = f"http://{line.split()[1]}"
 
     def close(self) -> None:
         """Stop the child (SIGTERM, then SIGKILL after 10 s) and reap it; idempotent."""
-        if self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait(timeout=30)
-        if self._proc.stdout is not None:
-            self._proc.stdout.close()
-        self._log.close()
+        self._child.stop(timeout=10)
 
     def __enter__(self) -> ServeProcess:
         return self

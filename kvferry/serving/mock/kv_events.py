@@ -1,7 +1,7 @@
 """The KV event stream of the simulated engine: JSON form, replay history, fan-out.
 
 Owns what ``GET /kv/events`` sends (the format is documented in :mod:`kvferry.serving.mock.server`):
-:func:`event_json` turns a :class:`~kvferry.serving.blocks.KvEvent` into its JSON object, and
+:func:`event_json` turns a :class:`~kvferry.serving.mock.blocks.KvEvent` into its JSON object, and
 :class:`EventHub` listens to one engine's block manager, keeps the last ``history`` events for
 ``?since=`` replays, and queues every event for each subscriber. A subscriber that falls
 :data:`SUBSCRIBER_QUEUE` events behind is cut off (it reconnects with ``since``), so a slow

@@ -9,12 +9,12 @@
    requests still prefilling get their next chunk;
 2. waiting requests that arrived before the step starts are admitted first-come first-served
    while fewer than ``max_num_seqs`` run, the step's token budget (``max_num_batched_tokens``)
-   lasts and their blocks fit (:meth:`~kvferry.serving.blocks.BlockManager.admit`; the head of
+   lasts and their blocks fit (:meth:`~kvferry.serving.mock.blocks.BlockManager.admit`; the head of
    the queue waits otherwise); each computes its uncached tokens, in chunks of the remaining
    budget;
 3. the step lasts the modelled time of its prefill chunks and decode batch
-   (:class:`~kvferry.serving.timing.TimingModel`) on the engine's deadline clock
-   (:class:`~kvferry.serving.clock.StepClock`: it starts when the previous step ended, or when
+   (:class:`~kvferry.serving.mock.timing.TimingModel`) on the engine's deadline clock
+   (:class:`~kvferry.serving.mock.clock.StepClock`: it starts when the previous step ended, or when
    its first request arrived if the engine was idle), then emits one token per decoding request
    and the first token of each request whose prefill finished. A request whose whole prompt is
    cached still computes its last token (an engine needs its logits).
@@ -114,7 +114,7 @@ class EngineCounters:
     modelled end); / ``steps`` = the mean lag of the engine behind its model."""
     slipped_seconds: float = 0.0
     """Model time the engine gave up because it fell too far behind the wall clock
-    (:class:`~kvferry.serving.clock.StepClock`); 0 while it keeps its model's time."""
+    (:class:`~kvferry.serving.mock.clock.StepClock`); 0 while it keeps its model's time."""
 
 
 class MockRequest:
@@ -184,7 +184,7 @@ class MockEngine:
         tokenizer: turns prompts into ids and gives the answer passage.
         timing: the step-time model; from ``config`` if None.
         clock: when steps end on the wall clock (:mod:`kvferry.serving.mock.clock`); a
-            :class:`~kvferry.serving.clock.StepClock` if None.
+            :class:`~kvferry.serving.mock.clock.StepClock` if None.
     """
 
     def __init__(

@@ -18,7 +18,7 @@ Endpoints (all but ``/health`` require ``Authorization: Bearer <token>`` when
   other sampling fields are accepted and ignored.
 - ``POST /v1/chat/completions``: ``messages`` (rendered by the model's chat template when the
   Hugging Face tokenizer has one, as vLLM does, else by the fixed template of
-  :func:`~kvferry.serving.tokenizer.render_chat`), ``max_tokens`` or
+  :func:`~kvferry.serving.mock.tokenizer.render_chat`), ``max_tokens`` or
   ``max_completion_tokens`` (default: the rest of ``max_model_len``), the same options.
 - Streaming answers are SSE ``data: {chunk}`` lines in OpenAI's chunk format (chat: a first
   chunk with ``delta.role``; ``finish_reason`` on the last token's chunk), a final usage chunk

@@ -7,7 +7,7 @@ busy with, what a request would cost on each, and which worker gets it.
   (:class:`~kvferry.index.hashing.BlockHasher`), so a hash names its whole prefix: the index is
   a radix tree over blocks flattened into one dict, and the overlap of a request with a worker
   is the length of the leading run of its hashes the worker holds (what the worker's own
-  prefix cache will hit, :meth:`~kvferry.serving.blocks.BlockManager.lookup`).
+  prefix cache will hit, :meth:`~kvferry.serving.mock.blocks.BlockManager.lookup`).
 - :class:`EventMirror`: applies one worker's KV events (the JSON objects of ``/kv/events``,
   :mod:`kvferry.serving.mock.server`) to the index and says when the stream must be resynced from a
   fresh snapshot (an ``error`` event, a gap in the ids).
