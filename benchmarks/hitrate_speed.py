@@ -199,21 +199,22 @@ def _serve() -> None:
     hitrate = _lab()
     trace, keys, blocks = _trace()
     for line in sys.stdin:
-        policy, cap = line.split()
-        r = hitrate.simulate(trace, [hitrate.TierSpec("cpu", int(cap))], policy=policy, keys=keys)
+        policy, cap, engine = line.split()
+        tiers = [hitrate.TierSpec("cpu", int(cap))]
+        r = hitrate.simulate(trace, tiers, policy=policy, keys=keys, engine=engine)
         print(json.dumps([blocks / r.seconds, r.block_hit_rate]), flush=True)
 
 
-def _ask(worker: subprocess.Popen[str], policy: str, cap: int) -> tuple[float, float]:
+def _ask(worker: subprocess.Popen[str], policy: str, cap: int, engine: str) -> tuple[float, float]:
     assert worker.stdin is not None and worker.stdout is not None
-    worker.stdin.write(f"{policy} {cap}\n")
+    worker.stdin.write(f"{policy} {cap} {engine}\n")
     worker.stdin.flush()
     rate, hit = json.loads(worker.stdout.readline())
     return rate, hit
 
 
 def compare(
-    base: Path, policies: list[str], caps: list[int], repeat: int
+    base: Path, policies: list[str], caps: list[int], repeat: int, engine: str = "auto"
 ) -> list[dict[str, object]]:
     """Alternate single runs of the base and this checkout on one CPU (never at once) and take
     the median of the adjacent pairs' ratios: the VM's speed drifts by up to 2x within a minute,
@@ -225,8 +226,8 @@ def compare(
             for cap in caps:
                 ratios, mine_rates, base_rates = [], [], []
                 for _ in range(repeat):
-                    b_rate, b_hit = _ask(other, policy, cap)
-                    m_rate, m_hit = _ask(mine, policy, cap)
+                    b_rate, b_hit = _ask(other, policy, cap, engine)
+                    m_rate, m_hit = _ask(mine, policy, cap, engine)
                     if b_hit != m_hit:
                         raise SystemExit(f"{policy} {cap}: hit rates differ ({b_hit} vs {m_hit})")
                     ratios.append(m_rate / b_rate)
@@ -236,6 +237,7 @@ def compare(
                     {
                         "policy": policy,
                         "capacity_blocks": cap,
+                        "engine": engine,
                         "block_hit_rate": m_hit,
                         "base_lookups_per_s": statistics.median(base_rates),
                         "lookups_per_s": statistics.median(mine_rates),
@@ -306,7 +308,7 @@ def main() -> None:
             )
         report = {"trace": TRACE, "rows": rows}
     else:
-        rows = compare(a.base, policies, caps, a.repeat)
+        rows = compare(a.base, policies, caps, a.repeat, a.engine)
         print(f"{'policy':13} {'blocks':>7} {'base':>8} {'this':>8}  ratio (median of pairs)")
         for r in rows:
             print(

@@ -40,6 +40,8 @@ SCRIPT_OUTPUTS = {
     "hitrate_speed_stack_bare.json": "hitrate_speed.py",
     "hitrate_speed_store_bare.json": "hitrate_speed.py",
     "hitrate_speed_vs_base.json": "hitrate_speed.py",
+    "issue21_hitrate_ab_auto.json": "hitrate_speed.py",
+    "issue21_hitrate_ab_store.json": "hitrate_speed.py",
     "mooncake_store_baseline.json": "mooncake_store_baseline.py",
     "store_memory.json": "store_memory.py",
     "store_memory_10min.json": "store_memory.py",
