@@ -38,6 +38,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("telemetry", ("kvferry.telemetry",)),
     ("serving", ("kvferry.serving",)),
     ("lab", ("kvferry.bench",)),
+    ("report", ("kvferry.report",)),
     ("cli", ("kvferry.cli", "kvferry.__main__")),
     ("facade", ("kvferry",)),
     ("testing", ("kvferry.testing",)),

@@ -1,0 +1,74 @@
+"""The report as a document, before it is drawn: sections of tables, figures and findings.
+
+Every part of the report builds these (one section per bench, the setup, the findings, a
+comparison) and the renderers draw them, HTML and Markdown alike, so both show the same content.
+Nothing here measures: every number in a table cell comes from a result file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+__all__ = ["Figure", "Finding", "ReportDoc", "Section", "Severity", "Table"]
+
+Severity = Literal["info", "warn", "bad", "good"]
+
+
+@dataclass
+class Table:
+    """Rows of already formatted cells; ``numeric`` columns are right-aligned."""
+
+    columns: list[str]
+    rows: list[list[str]]
+    title: str = ""
+    numeric: list[bool] = field(default_factory=list)
+    note: str = ""
+    """A line under the table: units, definitions, where the numbers come from."""
+
+
+@dataclass
+class Figure:
+    """One plot as PNG bytes (embedded in HTML as a data URI; written beside the Markdown)."""
+
+    name: str
+    """A file-name-safe stem, unique in the report (``transfer-bw``)."""
+    title: str
+    png: bytes = field(repr=False)
+    caption: str = ""
+
+
+@dataclass
+class Finding:
+    """A bottleneck or a recommendation, with the evidence it follows from."""
+
+    severity: Severity
+    title: str
+    detail: str
+    evidence: str
+    """Where it comes from: the run, the case and the values (``transfer 4096B x128: p99/avg
+    = 3.1``)."""
+    recommendation: str = ""
+
+
+@dataclass
+class Section:
+    title: str
+    anchor: str
+    intro: str = ""
+    tables: list[Table] = field(default_factory=list)
+    figures: list[Figure] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    subsections: list[Section] = field(default_factory=list)
+
+
+@dataclass
+class ReportDoc:
+    title: str
+    generated_at: float
+    """Unix time the report was built."""
+    sources: list[str]
+    """The result files it was built from."""
+    sections: list[Section] = field(default_factory=list)
+    headline: list[tuple[str, str]] = field(default_factory=list)
+    """(label, formatted value with unit): the few numbers printed after ``make run``."""
