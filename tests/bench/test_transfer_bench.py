@@ -157,6 +157,9 @@ def test_merge_rounds_pools_samples_and_sums_the_rest() -> None:
     assert merged.transfer_us.avg == 4.0
     assert (merged.initiator_cpu_s, merged.target_cpu_s) == (0.75, 0.75)
     assert merged.consistency_checked
+    # each round's own BW and P99 are kept: the spread an A/B comparison's noise band reads
+    assert merged.round_bw_gbps == [3 * 8192 / 1e9 / 1.0, 1 * 8192 / 1e9 / 3.0]
+    assert merged.round_p99_tx_us == [0.0, 0.0]
     unknown = merge_rounds([result(1, 1.0, 0.1, None), result(1, 1.0, 0.1, 0.2)], [a, b])
     assert unknown.target_cpu_s is None  # one round without the target's CPU: not a sum
     bw = round_ratio("bw_gbps", "kvferry", "mooncake", Case(4096, 1, 1), [1.5, 0.9, 2.0])

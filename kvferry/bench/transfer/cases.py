@@ -22,7 +22,7 @@ import resource
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +84,11 @@ class CaseResult:
     consistency_checked: bool = False
     consistency_bytes: int = 0
     """Bytes --check-consistency wrote with a pattern, read back and compared (every round)."""
+    round_bw_gbps: list[float] = field(default_factory=list)
+    """BW of each round on its own, in the order they ran: the spread an A/B comparison reads
+    its noise band from (empty in files written before rounds were kept)."""
+    round_p99_tx_us: list[float] = field(default_factory=list)
+    """P99 Tx of each round on its own (as :attr:`round_bw_gbps`)."""
 
     @classmethod
     def measured(
@@ -344,13 +349,13 @@ def check_consistency(backend: TransferBenchBackend, case: Case) -> int:
 
 def merge_rounds(rounds: Sequence[CaseResult], samples: Sequence[Samples]) -> CaseResult:
     """One result of several runs of the same case by the same backend: batches, bytes,
-    seconds and CPU summed, the per-batch samples pooled."""
+    seconds and CPU summed, the per-batch samples pooled, each round's BW and P99 kept."""
     first = rounds[0]
     pooled = Samples(sum(len(s) for s in samples) or 1)
     for s in samples:
         pooled.merge(s)
     target_cpu = [r.target_cpu_s for r in rounds]
-    return CaseResult.measured(
+    merged = CaseResult.measured(
         first.backend,
         Case(first.block_size, first.batch_size, first.threads),
         first.op,
@@ -364,3 +369,6 @@ def merge_rounds(rounds: Sequence[CaseResult], samples: Sequence[Samples]) -> Ca
         if all(r.consistency_checked for r in rounds)
         else None,
     )
+    merged.round_bw_gbps = [r.bw_gbps for r in rounds]
+    merged.round_p99_tx_us = [r.transfer_us.p99 for r in rounds]
+    return merged
