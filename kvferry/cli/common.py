@@ -10,6 +10,9 @@ import argparse
 import signal
 from collections.abc import Mapping
 
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
 from kvferry.config.loader import LoadedConfig, load_config
 from kvferry.config.presets import PRESETS
 from kvferry.errors import ConfigError
@@ -102,3 +105,19 @@ class Stopped(KeyboardInterrupt):
     def __init__(self, signum: int, doing: str) -> None:
         self.signum = signum
         super().__init__(f"stopped by {signal.Signals(signum).name} {doing}")
+
+
+def live_progress(console: Console, quiet: bool) -> Progress:
+    """The live view of a bench that reports as it goes: a bar per task with its count, the
+    time so far and a free ``stats`` field (running percentiles, rates). Off when ``quiet`` or
+    when ``console`` is not a terminal; gone from the screen when done."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[stats]}"),
+        console=console,
+        transient=True,
+        disable=quiet or not console.is_terminal,
+    )

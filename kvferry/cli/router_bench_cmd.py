@@ -13,7 +13,6 @@ import shlex
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from kvferry.bench.router.harness import (
     POLICIES,
@@ -23,6 +22,7 @@ from kvferry.bench.router.harness import (
     RouterProgress,
     run,
 )
+from kvferry.cli.common import live_progress
 from kvferry.errors import ConfigError
 from kvferry.tables import FitTable, add_wide_option, output_console, print_table
 
@@ -219,16 +219,7 @@ class _Live:
     """One progress bar over the runs, with the running run's requests."""
 
     def __init__(self, console: Console, quiet: bool) -> None:
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("{task.fields[stats]}"),
-            console=console,
-            transient=True,
-            disable=quiet or not console.is_terminal,
-        )
+        self.progress = live_progress(console, quiet)
         self.task: Any = None
 
     def __call__(self, update: RouterProgress) -> None:

@@ -14,7 +14,6 @@ import shlex
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from kvferry.bench.endpoint import export
 from kvferry.bench.endpoint.harness import (
@@ -29,6 +28,7 @@ from kvferry.bench.endpoint.harness import (
 )
 from kvferry.bench.endpoint.metrics import RECORD_METRICS, parse_goodput
 from kvferry.bench.traces import BUNDLED, DEFAULT_BLOCK_TOKENS
+from kvferry.cli.common import live_progress
 from kvferry.cli.trace_cmd import print_problems
 from kvferry.config.units import parse_duration
 from kvferry.errors import ConfigError
@@ -305,16 +305,7 @@ class _Live:
     """The live view: one progress bar per level, with running p50 TTFT/ITL."""
 
     def __init__(self, console: Console, quiet: bool) -> None:
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("{task.fields[stats]}"),
-            console=console,
-            transient=True,
-            disable=quiet or not console.is_terminal,
-        )
+        self.progress = live_progress(console, quiet)
         self.tasks: dict[str, Any] = {}
 
     def __call__(self, update: ProgressUpdate) -> None:
