@@ -24,6 +24,7 @@ what was measured before it stays on disk. Building the report from the files is
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -506,7 +507,8 @@ def run(options: SuiteOptions, progress: SuiteProgressFn | None = None) -> Suite
         record = StepResult(step)
         # An earlier run's files of this step go first: a file in the directory is this run's.
         for path in _outputs(out, step):
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                path.unlink()
         try:
             record.files = _STEP_RUNNERS[step](ctx, tell, result.notes)
         except KvferryError as e:  # one step's failure: recorded, the next step runs
