@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import shlex
+import time
 from pathlib import Path
 from typing import Any
 
@@ -131,7 +132,7 @@ def build_report_files(paths: list[Path], out: Path) -> tuple[Path, Path, list[t
     html, md = out / "report.html", out / "report.md"
     html_writer.write_html(doc, html)
     md_writer.write_markdown(doc, md)
-    return html, md, [(str(label), str(value)) for label, value in doc.headline]
+    return html, md, [(str(label).strip(), str(value).strip()) for label, value in doc.headline]
 
 
 def run_suite(args: argparse.Namespace) -> int:
@@ -150,6 +151,7 @@ def run_suite(args: argparse.Namespace) -> int:
         result = run(options, live)
     _print_steps(console, result)
     if result.results:
+        started = time.monotonic()
         try:
             html, md, headline = build_report_files(result.results, result.out)
         except ModuleNotFoundError as e:
@@ -157,7 +159,8 @@ def run_suite(args: argparse.Namespace) -> int:
                 raise
             console.print(f"report: skipped, this kvferry has no report builder ({e.name})")
         else:
-            console.print(f"report: {_relative(html)} (and {_relative(md)})")
+            seconds = time.monotonic() - started
+            console.print(f"report: {_relative(html)} (and {_relative(md)}, {seconds:.1f} s)")
             for label, value in headline:
                 console.print(f"  {label}: {value}")
     if result.failed:

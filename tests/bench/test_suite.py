@@ -136,6 +136,7 @@ def test_the_report_opens_cleanly_in_a_real_browser(quick_run: tuple[Path, int, 
     snap = open_page(out / "report.html")
     assert snap.console_errors == [] and snap.external_requests == []
     assert snap.images >= 1 and snap.images_loaded == snap.images
+    assert len(snap.headings) >= 1 + len(STEPS)  # the title, then at least a section a bench
     text = snap.text.lower()
     for step in ("transfer", "store", "hit", "serve", "router"):
         assert step in text, step
