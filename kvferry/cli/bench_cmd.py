@@ -32,6 +32,7 @@ from kvferry.cli.common import add_config_options, load_from_args
 from kvferry.cli.hitrate_cmd import add_hitrate_parser
 from kvferry.cli.router_bench_cmd import add_router_bench_parser
 from kvferry.cli.serve_bench_cmd import add_serve_bench_parser
+from kvferry.cli.suite_cmd import add_suite_parser
 from kvferry.config.units import parse_duration, parse_size
 from kvferry.tables import FitTable, add_wide_option, output_console, print_table
 
@@ -54,7 +55,7 @@ def _seconds(text: str) -> float:
 
 def add_parser(subparsers: Any) -> None:
     bench = subparsers.add_parser(
-        "bench", help="benchmarks: transfer, store, hitrate, serve, router"
+        "bench", help="benchmarks: transfer, store, hitrate, serve, router, all"
     )
     kinds = bench.add_subparsers(title="benchmarks", metavar="BENCH")
     p = kinds.add_parser(
@@ -127,6 +128,7 @@ def add_parser(subparsers: Any) -> None:
     add_hitrate_parser(kinds)
     add_serve_bench_parser(kinds)
     add_router_bench_parser(kinds)
+    add_suite_parser(kinds)
 
 
 def _transfer_options(args: argparse.Namespace) -> TransferBenchOptions:
