@@ -86,6 +86,8 @@ def _load_in_directory(path: Path) -> BenchResult | str:
         raise ResultError(f"cannot read {path}: {e.strerror or e}") from e
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         return f"not JSON ({e})"
+    if not isinstance(data, dict):
+        return f"a JSON {type(data).__name__}, not a result object"
     try:
         return load_result(data)
     except ResultError as e:

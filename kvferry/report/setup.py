@@ -102,12 +102,12 @@ def setup_section(items: Sequence[LoadedResult]) -> Section:
                 i.result.environment.host or "not recorded",
                 _commit(i.result.environment),
             ]
-            for i in items
+            for i in sorted(items, key=lambda i: (not i.result.started_at, i.result.started_at))
         ],
         title="Runs",
         numeric=[False, False, False, True, False, False],
-        note="Times in UTC. Files written before the result model recorded no start time, "
-        "machine or commit: 'not recorded'.",
+        note="In the order they ran; times in UTC. Files written before the result model "
+        "recorded no start time, machine or commit: 'not recorded'.",
     )
     tables = [runs]
     commands = [[i.name, command_of(i.result)] for i in items if command_of(i.result)]
