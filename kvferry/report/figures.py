@@ -133,10 +133,15 @@ def log_if_spread(ax: Axes, values: Iterable[float], axis: str = "y") -> bool:
     positive = [v for v in values if v == v and v > 0]
     if len(positive) < 2 or max(positive) / min(positive) < DECADE_SPAN:
         return False
+    from matplotlib.ticker import NullFormatter
+
     if axis == "y":
         ax.set_yscale("log")
     else:
         ax.set_xscale("log")
+    # minor ticks (and their grid lines) stay, unlabelled: a label on every minor tick crowds
+    # the axis, and laying out their text is most of a log figure's drawing time
+    (ax.yaxis if axis == "y" else ax.xaxis).set_minor_formatter(NullFormatter())
     return True
 
 
