@@ -37,6 +37,7 @@ _COMMAND_MODULES = [
     "kvferry.cli.trace_cmd",
     "kvferry.cli.workload_cmd",
     "kvferry.cli.model_cmd",
+    "kvferry.cli.report_cmd",
 ]
 
 EXIT_ERROR = 2

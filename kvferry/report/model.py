@@ -10,9 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-__all__ = ["Figure", "Finding", "ReportDoc", "Section", "Severity", "Table"]
+from kvferry.errors import KvferryError
+
+__all__ = ["Figure", "Finding", "ReportDoc", "ReportError", "Section", "Severity", "Table"]
 
 Severity = Literal["info", "warn", "bad", "good"]
+
+
+class ReportError(KvferryError):
+    """A report that cannot be written (the path, and why)."""
 
 
 @dataclass
@@ -72,3 +78,6 @@ class ReportDoc:
     sections: list[Section] = field(default_factory=list)
     headline: list[tuple[str, str]] = field(default_factory=list)
     """(label, formatted value with unit): the few numbers printed after ``make run``."""
+    meta: list[tuple[str, str]] = field(default_factory=list)
+    """(label, value) lines under the title: when the report was built, and the hosts, commits
+    and times of the runs it shows."""
