@@ -16,6 +16,7 @@ import argparse
 import math
 
 from kvferry.errors import ConfigError
+from kvferry.report.compare import DEFAULT_BAND
 
 EXIT_REGRESSION = 1
 
@@ -72,10 +73,11 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument(
         "--noise-band",
         type=_band,
-        default=0.05,
+        default=DEFAULT_BAND,
         metavar="FRACTION",
-        help="with --compare: the noise band where a result has no per-round spread "
-        "(default 0.05: +-5%%)",
+        help="with --compare: the noise band where a case has no per-round spread (default "
+        f"{DEFAULT_BAND:g}, i.e. +-{round(DEFAULT_BAND * 100)}%%, from A/A runs on a shared "
+        "2-core VM; record yours with benchmarks/aa_noise.py)",
     )
     p.set_defaults(func=run)
 
@@ -93,19 +95,14 @@ def run(args: argparse.Namespace) -> int:
     doc = build_from(head, title=args.title)
     comparison = None
     if base is not None:
-        try:
-            # written beside this command (issue 22's compare slice); absent, --compare says so
-            from kvferry.report.compare import (  # type: ignore[import-not-found,unused-ignore]
-                compare_results,
-            )
-        except ModuleNotFoundError as e:
-            if e.name != "kvferry.report.compare":
-                raise
-            raise ConfigError("--compare: this kvferry has no report comparison yet") from e
+        from kvferry.report.compare import compare_results
+
         comparison = compare_results(
             [r.result for r in base.results],
             [r.result for r in head.results],
             default_band=args.noise_band,
+            base_sources=[str(r.path) for r in base.results],
+            head_sources=[str(r.path) for r in head.results],
         )
         add_section(doc, comparison.section())
     write_html(doc, args.output)

@@ -10,7 +10,6 @@ headline numbers. The report is built here, not in the lab: :mod:`kvferry.report
 from __future__ import annotations
 
 import argparse
-import importlib
 import shlex
 import time
 from pathlib import Path
@@ -119,19 +118,16 @@ def build_report_files(paths: list[Path], out: Path) -> tuple[Path, Path, list[t
     returns both paths and the headline (label, value) pairs.
 
     Raises:
-        ModuleNotFoundError: this kvferry has no report builder (``kvferry.report.build``).
         KvferryError: a result cannot be read or the report cannot be written.
     """
-    # By name: the report builder is written beside this command (issue 22) and a kvferry
-    # without it still runs the lab. Once it is in, these become plain imports.
-    build = importlib.import_module("kvferry.report.build")
-    html_writer = importlib.import_module("kvferry.report.html")
-    md_writer = importlib.import_module("kvferry.report.markdown")
+    from kvferry.report.build import build_report
+    from kvferry.report.html import write_html
+    from kvferry.report.markdown import write_markdown
 
-    doc = build.build_report([str(p) for p in paths], title=f"kvferry lab run: {out.name}")
+    doc = build_report([str(p) for p in paths], title=f"kvferry lab run: {out.name}")
     html, md = out / "report.html", out / "report.md"
-    html_writer.write_html(doc, html)
-    md_writer.write_markdown(doc, md)
+    write_html(doc, html)
+    write_markdown(doc, md)
     return html, md, [(str(label).strip(), str(value).strip()) for label, value in doc.headline]
 
 
@@ -152,17 +148,11 @@ def run_suite(args: argparse.Namespace) -> int:
     _print_steps(console, result)
     if result.results:
         started = time.monotonic()
-        try:
-            html, md, headline = build_report_files(result.results, result.out)
-        except ModuleNotFoundError as e:
-            if not (e.name or "").startswith("kvferry.report"):
-                raise
-            console.print(f"report: skipped, this kvferry has no report builder ({e.name})")
-        else:
-            seconds = time.monotonic() - started
-            console.print(f"report: {_relative(html)} (and {_relative(md)}, {seconds:.1f} s)")
-            for label, value in headline:
-                console.print(f"  {label}: {value}")
+        html, md, headline = build_report_files(result.results, result.out)
+        seconds = time.monotonic() - started
+        console.print(f"report: {_relative(html)} (and {_relative(md)}, {seconds:.1f} s)")
+        for label, value in headline:
+            console.print(f"  {label}: {value}")
     if result.failed:
         names = ", ".join(s.name for s in result.failed)
         raise KvferryError(f"{len(result.failed)} step(s) failed: {names} (see the table above)")
