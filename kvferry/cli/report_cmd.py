@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     if comparison is not None:
         regressions = comparison.regressions()
         for r in regressions:
-            print(f"regression: {r}")
+            print(f"regression: {r.evidence}")
         if regressions and args.fail_on_regression:
             return EXIT_REGRESSION
     return 0
