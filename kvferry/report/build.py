@@ -83,6 +83,9 @@ BENCHES: dict[str, _Bench] = {
 
 
 def _with_notes(section: Section, item: LoadedResult) -> Section:
+    """The command line and the notes the run recorded, after its own intro."""
+    if item.result.command:
+        section.intro = f"{section.intro} Command: `{item.result.command}`.".strip()
     notes = item.result.notes
     if notes:
         text = "; ".join(n.rstrip(".") for n in notes)

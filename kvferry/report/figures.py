@@ -12,6 +12,7 @@ functions: importing this module needs nothing beyond kvferry.
 from __future__ import annotations
 
 import io
+import math
 import textwrap
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
@@ -140,17 +141,38 @@ def log_if_spread(ax: Axes, values: Iterable[float], axis: str = "y") -> bool:
     else:
         ax.set_xscale("log")
     # minor ticks (and their grid lines) stay, unlabelled: a label on every minor tick crowds
-    # the axis, and laying out their text is most of a log figure's drawing time
-    (ax.yaxis if axis == "y" else ax.xaxis).set_minor_formatter(NullFormatter())
+    # the axis, and laying out their text is most of a log figure's drawing time; but an axis
+    # with fewer than two powers of ten in range labels its 2x and 5x ticks, or it would read
+    # as one lone label
+    lo, hi = min(positive), max(positive)
+    decades = math.floor(math.log10(hi)) - math.ceil(math.log10(lo)) + 1
+    which = ax.yaxis if axis == "y" else ax.xaxis
+    if decades >= 2:
+        which.set_minor_formatter(NullFormatter())
+    else:
+        from matplotlib.ticker import FuncFormatter
+
+        which.set_minor_formatter(FuncFormatter(_two_and_five))
+        which.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))  # 100, not 10^2
     return True
+
+
+def _two_and_five(value: float, _pos: object = None) -> str:
+    """A minor log tick's label when it is 2 or 5 times a power of ten, else none."""
+    if value <= 0:
+        return ""
+    mantissa = value / 10 ** math.floor(math.log10(value) + 1e-9)
+    return f"{value:g}" if round(mantissa, 6) in (2.0, 5.0) else ""
 
 
 def size_ticks(ax: Axes, sizes: Sequence[int]) -> None:
     """A log2 x axis of byte sizes, one tick per size, labelled ``4 KiB`` ... ``1 MiB``."""
+    from matplotlib.ticker import NullLocator
+
     ax.set_xscale("log", base=2)
     ticks = sorted(set(sizes))
     ax.set_xticks(ticks, [fmt.size(s) for s in ticks])
-    ax.minorticks_off()
+    ax.xaxis.set_minor_locator(NullLocator())  # x only: a log y keeps its minor ticks
     if len(ticks) > 6:
         for label in ax.get_xticklabels():
             label.set_rotation(30)

@@ -51,7 +51,7 @@ caption { text-align: left; font-weight: 600; padding: 6px 8px; background: var(
           border-bottom: 1px solid var(--line); }
 th, td { padding: 4px 8px; border-bottom: 1px solid var(--line); text-align: left;
          vertical-align: top; }
-td { max-width: 520px; overflow-wrap: anywhere; }
+td { max-width: 520px; overflow-wrap: break-word; }
 th { background: #eef1f5; position: sticky; top: 0; white-space: nowrap; }
 td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 tbody tr:nth-child(even) { background: #fafbfc; }

@@ -91,8 +91,6 @@ def subsection(item: LoadedResult, index: int) -> Section:
         f"osl {o.osl}, {o.groups} groups"
     )
     intro = f"Policies {', '.join(o.policies)} on {workers}; load: {load}."
-    if report.command:
-        intro += f" Command: {report.command}"
     tables = [
         Table(
             columns=RUN_COLUMNS,

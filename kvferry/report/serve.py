@@ -165,10 +165,12 @@ def _level_figure(item: LoadedResult, report: ServeBenchReport, index: int) -> l
         req_ax.set_ylabel("requests/s")
         req_ax.legend(fontsize=7, loc="lower right")
     tput_ax.legend(fontsize=8, loc="upper left")
+    from matplotlib.ticker import NullLocator
+
     for ax in (ttft_ax, itl_ax, tput_ax):
         if log_if_spread(ax, xs, axis="x"):
             ax.set_xticks(xs, [f"{x:g}" for x in xs])
-            ax.minorticks_off()
+            ax.xaxis.set_minor_locator(NullLocator())  # x only: a log y keeps its minor ticks
         ax.set_xlabel(xlabel)
         ax.grid(True, which="both", alpha=0.3)
     fig.suptitle(f"endpoint bench: {report.model} ({report.source})", fontsize=11)
@@ -240,8 +242,6 @@ def subsection(item: LoadedResult, index: int) -> Section:
     if o.goodput:
         slos = ", ".join(f"{k} <= {v:g} ms" for k, v in o.goodput.items())
         intro += f" Goodput SLOs: {slos}."
-    if report.command:
-        intro += f" Command: {report.command}"
     tables = [
         Table(
             columns=LEVEL_COLUMNS,

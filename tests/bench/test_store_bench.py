@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shlex
 import socket
 from pathlib import Path
 
@@ -290,6 +291,9 @@ def test_cli_writes_table_json_and_csv(tmp_path: Path, capsys: pytest.CaptureFix
 
     data = json.loads(out_json.read_text())
     assert data["schema_version"] == 1 and data["tool"] == "store"
+    assert data["command"] == shlex.join(
+        ["kvferry", *argv, "--json", str(out_json), "--csv", str(out_csv)]
+    )
     assert data["options"]["op"] == "batch-get" and data["options"]["batch_size"] == 16
     assert data["ok"] is True and data["verify"]["ok"] is True
     assert [(p["phase"], p["op"]) for p in data["phases"]] == [

@@ -67,7 +67,7 @@ def test_every_step_writes_a_result_that_loads(quick_run: tuple[Path, int, str])
     results = {name: load_result(out / name) for name in RESULTS}
     for name, cls in RESULTS.items():
         assert type(results[name]) is cls, name
-        assert any("kvferry bench all --quick" in n for n in results[name].notes), name
+        assert results[name].command.startswith("kvferry bench all --quick"), name
     for name in FIGURES:
         assert (out / name).read_bytes().startswith(b"\x89PNG"), name
 
@@ -122,6 +122,22 @@ def test_the_run_ends_in_a_report(quick_run: tuple[Path, int, str]) -> None:
     html, md = out / "report.html", out / "report.md"
     assert html.stat().st_size > 0 and md.stat().st_size > 0
     assert "report: " in stdout and "report.html" in stdout
+    text = md.read_text()
+    # every step records the one command line: the setup names it once, for all six runs
+    rows = text.splitlines()
+    (row,) = [r for r in rows if r.startswith("| ") and "kvferry bench all --quick" in r]
+    assert all(name in row for name in RESULTS), row
+    assert "not installed" not in _package_row(text, "vllm") or not _imports("vllm")
+
+
+def _package_row(markdown: str, package: str) -> str:
+    return next(line for line in markdown.splitlines() if line.startswith(f"| {package} "))
+
+
+def _imports(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
 
 
 @pytest.mark.slow

@@ -105,6 +105,7 @@ def test_rounds_interleave_two_backends_and_report_per_round_ratios(tmp_path: Pa
     assert "reference socket_stream_1MiB" in run.stdout
     doc = json.loads((tmp_path / "out.json").read_text())
     assert doc["options"]["rounds"] == 3
+    assert doc["command"].startswith("kvferry bench transfer ") and "--rounds 3" in doc["command"]
     assert set(engines(doc)) == {"kvferry", "mooncake"}
     cases = {(c["backend"], c["block_size"]) for c in doc["cases"]}
     assert cases == {(b, s) for b in ("kvferry", "mooncake") for s in (16 * KiB, 32 * KiB)}

@@ -27,6 +27,10 @@ def test_sweep_writes_json_csv_and_plot(tmp_path: Path, capsys: pytest.CaptureFi
     report = json.loads(out.read_text())
     assert report["schema_version"] == 1 and report["blocks"] == 121877
     assert report["tool"] == "hitrate" and report["environment"]["cpus"] > 0
+    assert (
+        report["command"].startswith("kvferry bench hitrate ")
+        and "--capacity 1953,9765" in report["command"]
+    )
     assert [(r["policy"], r["capacity_blocks"]) for r in report["cases"]] == [
         ("lru", 1953), ("lru", 9765), ("fifo", 1953), ("fifo", 9765),
     ]  # fmt: skip

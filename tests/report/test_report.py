@@ -381,3 +381,17 @@ def test_unwritable_output_and_bad_flags_exit_2(
     assert "--noise-band" in capsys.readouterr().err
     assert main(["report", result, "--fail-on-regression", "-o", str(tmp_path / "r.html")]) == 2
     assert "needs --compare" in capsys.readouterr().err
+
+
+def test_transfer_ratios_read_one_row_per_case_with_sizes_and_round_ranges() -> None:
+    result = loaded("tcp_1m16_session12_rounds8_run1.json")
+    assert isinstance(result, TransferBenchReport) and result.ratios
+    doc = build_report([RESULTS / "tcp_1m16_session12_rounds8_run1.json"])
+    ratios = table(section(doc, "transfer").subsections[0], "Ratios between contenders, per case")
+    bw = [r for r in result.ratios if r.metric == "bw_gbps"]
+    assert len(ratios.rows) == len(bw)  # BW and P99 of a case share a row
+    assert column(ratios, "Case (block x batch x threads)")[0] == "1 MiB x 16 x 1"
+    assert column(ratios, "BW ratio (higher better)") == [fmt.ratio(r.value) for r in bw]
+    lo, hi = bw[0].spread
+    assert column(ratios, "BW range")[0] == f"{fmt.ratio(lo)} - {fmt.ratio(hi)}"
+    assert "Median of 8 alternating rounds" in (ratios.note or "")

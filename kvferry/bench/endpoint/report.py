@@ -111,8 +111,6 @@ class ServeBenchReport(BenchResult):
     """One per level, in the order they ran."""
     benchmark_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     """Names the run in its exports (aiperf's ``benchmark_id``)."""
-    command: str = ""
-    """The command line that ran it, when it came from the CLI."""
 
     def summary(self, dirs: Sequence[str] = ()) -> dict[str, Any]:
         """The keys of the pre-model summary: the run and every level's aggregates

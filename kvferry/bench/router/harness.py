@@ -235,8 +235,6 @@ class RouterBenchReport(BenchResult):
 
     options: RouterBenchOptions
     cases: list[RouterRun] = field(default_factory=list)
-    command: str = ""
-    """The command line that ran it, when it came from the CLI."""
 
     def case(self, label: str, policy: str) -> RouterRun | None:
         return next((c for c in self.cases if c.label == label and c.policy == policy), None)
