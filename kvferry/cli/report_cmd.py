@@ -1,7 +1,7 @@
 """``kvferry report RUN [RUN ...]``: the benches' results as one HTML page (and Markdown).
 
 Owns the command's flags and what it prints: where it wrote, then the headline numbers, then
-(with ``--compare``) each regression on one line. The report itself is built by
+(with ``--compare``) the count of each verdict and each regression on one line. The report itself is built by
 :func:`kvferry.report.build.build_from` and drawn by :mod:`kvferry.report.html` and
 :mod:`kvferry.report.markdown`; the comparison is :func:`kvferry.report.compare.compare_results`,
 imported only when ``--compare`` is given. Bad input (a missing file, another tool's JSON, a
@@ -113,6 +113,9 @@ def run(args: argparse.Namespace) -> int:
     for label, value in doc.headline:
         print(f"  {label}: {value}")
     if comparison is not None:
+        counts = comparison.counts()
+        told = ", ".join(f"{n} {verdict}" for verdict, n in counts.items() if n)
+        print(f"compare: {len(comparison.verdicts)} metric(s) of matched cases: {told or 'none'}")
         regressions = comparison.regressions()
         for r in regressions:
             print(f"regression: {r.evidence}")

@@ -4,6 +4,7 @@ page, one line per regression, and ``--fail-on-regression``'s exit status."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,12 @@ def test_a_run_against_itself_is_within_noise_and_passes(
     out = capsys.readouterr().out
     assert rc == 0
     assert "regression:" not in out
+    (summary,) = [line for line in out.splitlines() if line.startswith("compare: ")]
+    # the same file on both sides: every metric of every case is within noise
+    found = re.fullmatch(
+        r"compare: (\d+) metric\(s\) of matched cases: (\d+) within noise", summary
+    )
+    assert found and found[1] == found[2] != "0", summary
     page = (tmp_path / "r.html").read_text()
     assert "Comparison: head against base" in page
     assert "within noise" in page and ">worse<" not in page
@@ -54,6 +61,7 @@ def test_a_slower_head_is_a_regression_and_fails_only_when_asked(
     cases = json.loads(BASE.read_text())["cases"]
     assert len(cases) // 2 <= len(lines) <= len(cases), out
     assert all("BW" in line and "x0.500" in line for line in lines), lines
+    assert f"{len(lines)} worse" in out  # the summary counts what the lines list
     assert main(["report", *_report(tmp_path, head, "--fail-on-regression")]) == 1
 
 
