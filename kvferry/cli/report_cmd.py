@@ -1,13 +1,14 @@
 """``kvferry report RUN [RUN ...]``: the benches' results as one HTML page (and Markdown).
 
 Owns the command's flags and what it prints: where it wrote, then the headline numbers, then
-(with ``--compare``) the count of each verdict and each regression on one line. The report itself is built by
-:func:`kvferry.report.build.build_from` and drawn by :mod:`kvferry.report.html` and
-:mod:`kvferry.report.markdown`; the comparison is :func:`kvferry.report.compare.compare_results`,
-imported only when ``--compare`` is given. Bad input (a missing file, another tool's JSON, a
-result of a newer schema) is a :class:`~kvferry.bench.result.ResultError`: one ``error:`` line
-and exit status 2 at the CLI's boundary. Exit status 1: ``--fail-on-regression`` and a case
-worse beyond noise (after the report is written).
+(with ``--compare``) the count of each verdict and each regression on one line. The report
+itself is built by :func:`kvferry.report.build.build_from` and drawn by
+:mod:`kvferry.report.html` and :mod:`kvferry.report.markdown`; the comparison is
+:func:`kvferry.report.compare.compare_results`, imported only when ``--compare`` is given. Bad
+input (a missing file, another tool's JSON, a result of a newer schema) is a
+:class:`~kvferry.bench.result.ResultError`: one ``error:`` line and exit status 2 at the CLI's
+boundary. Exit status 1: ``--fail-on-regression`` and a case worse beyond noise (after the
+report is written).
 """
 
 from __future__ import annotations
