@@ -17,11 +17,12 @@ from kvferry.bench.endpoint.harness import ServeBenchReport
 from kvferry.bench.hitrate import HitRateReport
 from kvferry.bench.router.harness import RouterBenchReport
 from kvferry.bench.store.report import StoreBenchReport
+from kvferry.bench.transfer.cases import CaseResult
 from kvferry.bench.transfer.report import TransferBenchReport
 from kvferry.report import fmt
 from kvferry.report.hitrate import ceiling
 from kvferry.report.inputs import LoadedResult
-from kvferry.report.model import Finding, Section
+from kvferry.report.model import Candidate, Finding, Section
 from kvferry.report.router import TTFT_RATIO
 from kvferry.report.serve import level_figures
 from kvferry.report.transfer import best_case, tail_ratio
@@ -34,10 +35,14 @@ __all__ = [
     "MIN_TAIL_SAMPLES",
     "NEAR_CEILING",
     "PREDICTION_GAP",
+    "QUEUE_THROUGHPUT_GAIN",
+    "QUEUE_TTFT_GROWTH",
     "SOCKET_FLOOR",
+    "TAIL_GROWTH",
     "TAIL_RATIO",
     "findings",
     "findings_section",
+    "transfer_candidate",
 ]
 
 TAIL_RATIO = 4.0
@@ -73,9 +78,92 @@ limits the hit rate."""
 GOODPUT_FLOOR = 0.9
 """Goodput under 90% of the request throughput: more than one request in ten misses an SLO."""
 
+TAIL_GROWTH = 1.5
+"""P99/mean at a block size's largest batch over that at its smallest batch above which the tail
+grows with the batch: the deeper pipeline queues slices behind each other."""
+
+QUEUE_TTFT_GROWTH = 3.0
+"""TTFT p50 at the highest load over the lowest above which requests wait in a queue..."""
+
+QUEUE_THROUGHPUT_GAIN = 1.25
+"""...while the last step up in load raised throughput by less than this factor: the engine is
+past its capacity, and more load only lengthens the queue."""
+
 PREDICTION_GAP = 0.1
 """The router's predicted hit rate off the workers' real one by more than 10 points: its view
 of the caches is stale or wrong (missed KV events, a different block size)."""
+
+
+def _ours(contender: str) -> bool:
+    """A contender whose config kvferry sets (a peer engine's knobs are not kvferry's)."""
+    return contender.split("+", 1)[0] == "kvferry"
+
+
+def transfer_candidate(
+    report: TransferBenchReport, case: CaseResult, objective: str, **overrides: str
+) -> Candidate:
+    """A transfer config change, measured on ``case`` against the config the run had: the
+    bench's two contenders ``kvferry+KEY=VALUE`` and ``kvferry`` in alternating rounds."""
+    o = report.options
+    keys = tuple((f"transfer.{k}", v) for k, v in overrides.items())
+    with_change = "kvferry+" + "+".join(f"{k}={v}" for k, v in keys)
+    block = fmt.size(case.block_size).replace(" ", "")
+    command = (
+        f"kvferry bench transfer --transport {o.transport} --op {o.op} --start-block-size "
+        f"{block} --max-block-size {block} --start-batch-size {case.batch_size} "
+        f"--max-batch-size {case.batch_size} --max-threads {case.threads} --backend "
+        f"{with_change},kvferry --rounds 3 --duration 1 --warmup 0.3"
+    )
+    return Candidate(
+        overrides=keys,
+        bench="transfer",
+        objective=objective,
+        params=(
+            ("block_size", case.block_size),
+            ("batch_size", case.batch_size),
+            ("threads", case.threads),
+            ("transport", o.transport),
+            ("op", o.op),
+            ("seg_type", o.seg_type),
+        ),
+        command=command,
+    )
+
+
+def _tail_growth(item: LoadedResult, report: TransferBenchReport) -> Iterable[Finding]:
+    """P99/mean rising with the batch at a fixed block size and thread count (kvferry only)."""
+    groups: dict[tuple[str, int, int], list[CaseResult]] = {}
+    for c in report.cases:
+        if _ours(c.backend) and c.transfer_us.count >= MIN_TAIL_SAMPLES:
+            groups.setdefault((c.backend, c.block_size, c.threads), []).append(c)
+    grown = []
+    for cases in groups.values():
+        cases.sort(key=lambda c: c.batch_size)
+        small, large = cases[0], cases[-1]
+        if large.batch_size > small.batch_size and tail_ratio(large) > max(
+            TAIL_GROWTH * tail_ratio(small), 2.0
+        ):
+            grown.append((tail_ratio(large) / tail_ratio(small), small, large))
+    if not grown:
+        return
+    _, small, large = max(grown, key=lambda g: g[0])
+    yield Finding(
+        severity="warn",
+        title=f"transfer tail grows with the batch ({large.backend})",
+        detail=f"At {len(grown)} block size(s) the P99 per-batch time sits further above the "
+        "mean as batches grow: slices of one batch queue behind each other in the pipeline.",
+        evidence=f"{item.name}: {fmt.size(large.block_size)} x {large.threads} thread(s): P99/mean "
+        f"{fmt.num(tail_ratio(small))} at batch {small.batch_size}, "
+        f"{fmt.num(tail_ratio(large))} at batch {large.batch_size}",
+        recommendation="Spread a batch over more connections (transfer.workers) or cap the "
+        "slices in flight per connection (transfer.max_inflight) so one batch does not fill "
+        "the pipe; measure both against the current config.",
+        rule="transfer.tail_grows_with_batch",
+        candidates=[
+            transfer_candidate(report, large, "p99", workers="2"),
+            transfer_candidate(report, large, "p99", max_inflight="32"),
+        ],
+    )
 
 
 def _transfer(item: LoadedResult) -> Iterable[Finding]:
@@ -121,10 +209,18 @@ def _transfer(item: LoadedResult) -> Iterable[Finding]:
                 f"{worst.threads} ({contender}): mean {fmt.num(t.avg)} us, P50 {fmt.num(t.p50)} "
                 f"us, P99 {fmt.num(t.p99)} us, P99.9 {fmt.num(t.p999)} us over {t.count:,} "
                 "batches",
-                recommendation="Try a shorter transfer.grace_period_ns (how long a worker spins "
-                "for more work before it sleeps), more transfer.workers, or a smaller "
-                "transfer.slice_size so one large slice does not hold a batch; rerun with "
-                "--rounds 3 to see whether the tail repeats.",
+                recommendation="Try another transfer.grace_period_ns (how long a worker spins "
+                "for a reply before it sleeps: longer avoids a wake-up per reply, shorter "
+                "leaves the core to the peer on a small machine), more transfer.workers, or a "
+                "smaller transfer.slice_size so one large slice does not hold a batch; rerun "
+                "with --rounds 3 to see whether the tail repeats.",
+                rule="transfer.tail",
+                candidates=[
+                    transfer_candidate(report, worst, "p99", grace_period_ns="200000"),
+                    transfer_candidate(report, worst, "p99", grace_period_ns="10000"),
+                ]
+                if _ours(contender)
+                else [],
             )
     socket = next((r for r in report.references if r.name.startswith("socket_stream")), None)
     message = int(socket.detail.get("message_size") or 0) if socket is not None else 0
@@ -158,6 +254,13 @@ def _transfer(item: LoadedResult) -> Iterable[Finding]:
                 recommendation="Per-batch overhead dominates: try more threads or "
                 "transfer.workers, a larger transfer.slice_size, and check the transport (shm "
                 "on one host).",
+                rule="transfer.below_socket",
+                candidates=[
+                    transfer_candidate(report, top, "bw", slice_size="256KiB"),
+                    transfer_candidate(report, top, "bw", workers="2"),
+                ]
+                if _ours(contender)
+                else [],
             )
         if len(contenders) == 1 and best.cpu_s_per_gb > CPU_S_PER_GB_HIGH:
             yield Finding(
@@ -171,6 +274,7 @@ def _transfer(item: LoadedResult) -> Iterable[Finding]:
                 recommendation="Larger blocks and batches spread the per-call cost; compare "
                 "with Mooncake in the same run (--backend kvferry,mooncake) to see the "
                 "engine's share.",
+                rule="transfer.cpu_bound",
             )
     if len(contenders) >= 2:
         first, *others = contenders
@@ -199,7 +303,41 @@ def _transfer(item: LoadedResult) -> Iterable[Finding]:
                     ),
                     recommendation="Profile the initiator (kvferry's slice and completion "
                     "path); fewer, larger slices (transfer.slice_size) cut per-slice work.",
+                    rule="transfer.cpu_vs_peer",
+                    candidates=[
+                        transfer_candidate(
+                            report,
+                            max(pairs, key=lambda p: p[0])[1],
+                            "bw",
+                            slice_size="256KiB",
+                        )
+                    ]
+                    if _ours(first)
+                    else [],
                 )
+
+    yield from _tail_growth(item, report)
+
+
+def _policy_candidate(report: HitRateReport, capacity: int, policy: str) -> Candidate:
+    """Another eviction policy at ``capacity`` blocks, simulated on the same trace (exact: the
+    simulation gives the same count every time, so one run each decides)."""
+    o = report.options
+    source = f"--trace {o.trace}" if o.trace else f"--workload {o.workload}"
+    current = report.cases[0].policy if report.cases else "lru"
+    return Candidate(
+        overrides=(("store.eviction_policy", policy),),
+        bench="hitrate",
+        objective="hit_rate",
+        params=(
+            ("trace", o.trace),
+            ("workload", o.workload),
+            ("block_tokens", o.block_tokens),
+            ("capacity", capacity),
+            ("current", current),
+        ),
+        command=f"kvferry bench hitrate {source} --capacity {capacity} --policy {policy},{current}",
+    )
 
 
 def _hitrate(item: LoadedResult) -> Iterable[Finding]:
@@ -234,6 +372,7 @@ def _hitrate(item: LoadedResult) -> Iterable[Finding]:
                 recommendation="Size the cache at the smallest capacity near the ceiling "
                 "(--target-hit-rate finds it); a higher hit rate needs more reuse in the "
                 "workload (longer shared prefixes, a router that keeps prefixes together).",
+                rule="hitrate.near_ceiling",
             )
         elif share < FAR_FROM_CEILING:
             yield Finding(
@@ -244,6 +383,12 @@ def _hitrate(item: LoadedResult) -> Iterable[Finding]:
                 evidence=evidence,
                 recommendation="Add capacity (a disk tier behind the CPU tier: --tiers "
                 "cpu:N,disk) or try a policy that keeps shared prefixes (length-aware, lfu).",
+                rule="hitrate.capacity_bound",
+                candidates=[
+                    _policy_candidate(report, largest.capacity_blocks or 0, other)
+                    for other in ("lfu", "length-aware")
+                    if other != policy and report.options.tiers is None
+                ],
             )
     for a in report.advice:
         if not a.reachable:
@@ -254,6 +399,7 @@ def _hitrate(item: LoadedResult) -> Iterable[Finding]:
                 f"infinite cache gets {fmt.pct(a.block_hit_rate)}.",
                 evidence=f"{item.name}: advice for {a.policy}, target {fmt.pct(a.target)}",
                 recommendation="Lower the target to what the trace's reuse allows.",
+                rule="hitrate.target_unreachable",
             )
 
 
@@ -270,6 +416,7 @@ def _serve(item: LoadedResult) -> Iterable[Finding]:
             evidence=f"{item.name}: " + "; ".join(f"{lv}: {n:,} errors" for lv, n in errors),
             recommendation="Read the error summary in the run's profile_export_aiperf.json; "
             "timeouts under load mean the server is past its capacity.",
+            rule="serve.errors",
         )
     short = []
     for c in report.cases:
@@ -294,7 +441,37 @@ def _serve(item: LoadedResult) -> Iterable[Finding]:
             ),
             recommendation="Run at the highest level where goodput still equals throughput, "
             "or add capacity (workers, a router) before raising the load.",
+            rule="serve.goodput",
         )
+    yield from _queueing(item, report)
+
+
+def _queueing(item: LoadedResult, report: ServeBenchReport) -> Iterable[Finding]:
+    """TTFT growing with load while throughput has stopped growing: requests queue."""
+    levels = [(c.level.label, level_figures(c)) for c in report.cases]
+    known = [(lv, f) for lv, f in levels if f.ttft_p50 and f.tokens_per_s]
+    if len(known) < 3:
+        return
+    (first, f0), (prev, f1), (last, f2) = known[0], known[-2], known[-1]
+    assert f0.ttft_p50 and f2.ttft_p50 and f1.tokens_per_s and f2.tokens_per_s
+    growth = f2.ttft_p50 / f0.ttft_p50
+    gain = f2.tokens_per_s / f1.tokens_per_s
+    if growth <= QUEUE_TTFT_GROWTH or gain >= QUEUE_THROUGHPUT_GAIN:
+        return
+    yield Finding(
+        severity="warn",
+        title="TTFT is queueing: the endpoint is past its capacity",
+        detail=f"TTFT p50 grew {fmt.ratio(growth)} from the lightest load to the heaviest while "
+        f"the last step up in load added only {fmt.pct(gain - 1)} throughput: new requests "
+        "wait for a slot (KV blocks or batch seats) rather than for compute.",
+        evidence=f"{item.name}: {first}: TTFT p50 {fmt.num(f0.ttft_p50)} ms; {prev}: "
+        f"{fmt.num(f1.tokens_per_s)} tokens/s; {last}: TTFT p50 {fmt.num(f2.ttft_p50)} ms, "
+        f"{fmt.num(f2.tokens_per_s)} tokens/s",
+        recommendation=f"Cap the load near {prev} (admission control or the router's queue), "
+        "or add replicas; a larger KV cache (--num-blocks, gpu-memory-utilization) helps only "
+        "when the engine reports preemptions.",
+        rule="serve.queueing",
+    )
 
 
 def _router(item: LoadedResult) -> Iterable[Finding]:
@@ -316,6 +493,7 @@ def _router(item: LoadedResult) -> Iterable[Finding]:
             "or one light enough that queues stay empty, gives kv routing nothing to win; "
             "otherwise raise router.prefill_weight or lower router.temperature so the router "
             "weighs cached prefixes more against load.",
+            rule="router.kv_not_better",
         )
     elif kv:
         yield Finding(
@@ -324,6 +502,7 @@ def _router(item: LoadedResult) -> Iterable[Finding]:
             detail="kv routing's TTFT p50 is below round-robin's at each load measured.",
             evidence=f"{item.name}: "
             + "; ".join(f"load {r.case}: {fmt.ratio(r.value)}" for r in kv),
+            rule="router.kv_better",
         )
     gaps = [
         c
@@ -343,7 +522,23 @@ def _router(item: LoadedResult) -> Iterable[Finding]:
             ),
             recommendation="Check that the router sees every worker's KV events and uses the "
             "workers' block size; preemptions also cause hits it never predicts.",
+            rule="router.prediction_gap",
         )
+
+
+def _store_candidate(report: StoreBenchReport, **overrides: str) -> Candidate:
+    """A store config change, measured by the same store bench against the run's config."""
+    o = report.options
+    keys = tuple((f"store.{k}", v) for k, v in overrides.items())
+    sets = " ".join(f"--set {k}={v}" for k, v in keys)
+    return Candidate(
+        overrides=keys,
+        bench="store",
+        objective="no_space",
+        params=(("backend", o.backend), ("op", o.op)),
+        command=f"kvferry bench store --backend {o.backend} --op {o.op} --value-size "
+        f"{o.value_size} --num-keys {o.num_keys} {sets}  # then without the --set, and compare",
+    )
 
 
 def _store(item: LoadedResult) -> Iterable[Finding]:
@@ -357,6 +552,7 @@ def _store(item: LoadedResult) -> Iterable[Finding]:
             evidence=f"{item.name}: backend {report.options.backend}",
             recommendation="A mismatched byte is a correctness bug: rerun with --verify and "
             "the same --seed to reproduce it.",
+            rule="store.failed",
         )
     refused = report.store.get("no_space", 0)
     if refused:
@@ -367,7 +563,13 @@ def _store(item: LoadedResult) -> Iterable[Finding]:
             "misses.",
             evidence=f"{item.name}: store counter no_space = {refused:,}",
             recommendation="Give the store more capacity than --num-keys x --value-size, or "
-            "lower the eviction start threshold so it makes room before it is full.",
+            "let an eviction round free more (store.evict_ratio) or start earlier "
+            "(store.evict_start_threshold), so puts find room.",
+            rule="store.no_space",
+            candidates=[
+                _store_candidate(report, evict_ratio="0.2"),
+                _store_candidate(report, evict_start_threshold="0.7"),
+            ],
         )
 
 
@@ -392,13 +594,17 @@ def findings(items: Sequence[LoadedResult]) -> list[Finding]:
 def findings_section(found: Sequence[Finding]) -> Section:
     intro = (
         "Rules over the results above, each with the row it follows from. Thresholds: P99/mean "
-        f"> {fmt.num(TAIL_RATIO)} or mean > P99 (cases of {MIN_TAIL_SAMPLES}+ batches); peak BW < "
+        f"> {fmt.num(TAIL_RATIO)} or mean > P99 (cases of {MIN_TAIL_SAMPLES}+ batches), or growing "
+        f"{fmt.num(TAIL_GROWTH)}x from the smallest batch to the largest; peak BW < "
         f"{fmt.pct(SOCKET_FLOOR, 0)} of the same-run socket stream (batches of at least its "
         "message size); CPU per GB > "
         f"{fmt.num(CPU_COST_RATIO)}x another contender's, or > {fmt.num(CPU_S_PER_GB_HIGH)} s/GB "
         f"alone; hit rate >= {fmt.pct(NEAR_CEILING, 0)} or < {fmt.pct(FAR_FROM_CEILING, 0)} of "
-        f"the reuse ceiling; goodput < {fmt.pct(GOODPUT_FLOOR, 0)} of throughput; kv routing's "
-        "TTFT not below round-robin's."
+        f"the reuse ceiling; goodput < {fmt.pct(GOODPUT_FLOOR, 0)} of throughput; TTFT p50 up "
+        f"{fmt.num(QUEUE_TTFT_GROWTH)}x across the loads while the last step adds < "
+        f"{fmt.pct(QUEUE_THROUGHPUT_GAIN - 1, 0)} throughput; kv routing's TTFT not below "
+        "round-robin's. A config change a rule suggests is listed with the command that "
+        "measures it; kvferry advise --verify measures it and keeps only what helped."
     )
     if not found:
         intro += " No rule fired on these results."

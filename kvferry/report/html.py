@@ -118,6 +118,15 @@ def _finding(f: Finding) -> str:
     ]
     if f.recommendation:
         parts.append(f"<p><b>Try:</b> {_e(f.recommendation)}</p>")
+    if f.candidates:
+        items = "".join(
+            f"<li><code>{_e(c.label)}</code>: <code>{_e(c.command)}</code></li>"
+            for c in f.candidates
+        )
+        parts.append(
+            "<p><b>Measure before changing</b> (<code>kvferry advise --verify</code> runs "
+            f"these and keeps what helped):</p><ul>{items}</ul>"
+        )
     parts.append("</div>")
     return "".join(parts)
 

@@ -64,6 +64,9 @@ def _finding(f: Finding) -> list[str]:
     ]
     if f.recommendation:
         out += [">", f"> Try: {_m(f.recommendation)}"]
+    if f.candidates:
+        out += [">", "> Measure before changing (`kvferry advise --verify` keeps what helped):"]
+        out += [f"> - {_m(c.label)}: `{' '.join(c.command.split())}`" for c in f.candidates]
     out.append("")
     return out
 

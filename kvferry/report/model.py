@@ -12,7 +12,16 @@ from typing import Literal
 
 from kvferry.errors import KvferryError
 
-__all__ = ["Figure", "Finding", "ReportDoc", "ReportError", "Section", "Severity", "Table"]
+__all__ = [
+    "Candidate",
+    "Figure",
+    "Finding",
+    "ReportDoc",
+    "ReportError",
+    "Section",
+    "Severity",
+    "Table",
+]
 
 Severity = Literal["info", "warn", "bad", "good"]
 
@@ -44,6 +53,29 @@ class Figure:
     caption: str = ""
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """One config change a finding suggests, and what measures it on the user's machine.
+
+    ``overrides`` are dotted config keys and values as ``--set`` takes them. ``bench`` and
+    ``params`` say how ``kvferry advise --verify`` measures the change against the config the
+    result ran with (:mod:`kvferry.report.advise`); ``command`` is the same check as a command
+    line a user can run."""
+
+    overrides: tuple[tuple[str, str], ...]
+    bench: str
+    """``transfer``, ``store`` or ``hitrate``: the bench that measures it."""
+    objective: str
+    """What must improve: ``bw`` (higher), ``p99`` (lower), ``no_space`` (fewer), ``hit_rate``."""
+    params: tuple[tuple[str, object], ...] = ()
+    """The case to measure on (block size, batch, threads, transport, ...), from the evidence."""
+    command: str = ""
+
+    @property
+    def label(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.overrides)
+
+
 @dataclass
 class Finding:
     """A bottleneck or a recommendation, with the evidence it follows from."""
@@ -55,6 +87,10 @@ class Finding:
     """Where it comes from: the run, the case and the values (``transfer 4096B x128: p99/avg
     = 3.1``)."""
     recommendation: str = ""
+    rule: str = ""
+    """The rule that made it (``transfer.tail``): stable, for tests and ``kvferry advise``."""
+    candidates: list[Candidate] = field(default_factory=list)
+    """Config changes worth measuring (``kvferry advise --verify`` keeps those that helped)."""
 
 
 @dataclass
