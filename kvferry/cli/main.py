@@ -39,6 +39,7 @@ _COMMAND_MODULES = [
     "kvferry.cli.model_cmd",
     "kvferry.cli.report_cmd",
     "kvferry.cli.advise_cmd",
+    "kvferry.cli.tune_cmd",
 ]
 
 EXIT_ERROR = 2

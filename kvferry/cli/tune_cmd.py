@@ -1,0 +1,261 @@
+"""``kvferry tune transfer|cache``: tuned config files from measurements on this machine.
+
+Owns the flags, the progress line per measurement, the tables (each step: the change, what it
+was measured against, the per-round ratios, adopted or not; the before/after of the final
+interleaved run; the cache choices per policy) and writing ``-o tuned.yaml`` (a config file
+``--config`` reads) and ``--json``. The searches are :mod:`kvferry.bench.tune`. When nothing
+beats the defaults beyond noise, it says so and the file holds the defaults of the knobs it
+tried.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+
+from kvferry.config.units import format_size, format_size_approx, parse_size
+from kvferry.errors import ConfigError
+from kvferry.tables import FitTable, output_console, print_table
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``kvferry tune`` and its ``transfer`` and ``cache`` subcommands."""
+    p = subparsers.add_parser(
+        "tune",
+        help="search knobs by same-run measurements and write a tuned config file",
+        description="Search the knobs of a part of kvferry on this machine. Every candidate "
+        "is measured against the best so far in alternating rounds of one run and adopted only "
+        "when it wins every round by a margin; the result is a config file for --config.",
+    )
+    sub = p.add_subparsers(dest="tune_what", required=True, metavar="transfer|cache")
+
+    t = sub.add_parser("transfer", help="the transfer engine's knobs for one workload")
+    t.add_argument("--block-size", type=_size, default=1 << 20, metavar="SIZE")
+    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--threads", type=int, default=1)
+    t.add_argument("--transport", default="tcp", choices=("tcp", "shm"))
+    t.add_argument("--op", default="read", choices=("read", "write"))
+    t.add_argument("--objective", default="throughput", help="throughput or latency")
+    t.add_argument("--budget", type=float, default=120.0, metavar="SECONDS")
+    t.add_argument("--rounds", type=int, default=3, help="alternating rounds per candidate (3)")
+    t.add_argument("--duration", type=float, default=1.0, metavar="SECONDS")
+    t.add_argument(
+        "--knob",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="search only these knobs and values (repeatable); default: the built-in space",
+    )
+    t.add_argument("-o", "--output", default="", metavar="FILE", help="write the tuned YAML")
+    t.add_argument("--json", default="", metavar="FILE")
+    t.set_defaults(func=run_transfer)
+
+    c = sub.add_parser("cache", help="capacity and eviction policy for a trace")
+    c.add_argument("--trace", default=None)
+    c.add_argument("--workload", default=None)
+    c.add_argument("--model-kv", default=None, metavar="LAYERS,KV_HEADS,HEAD_DIM,DTYPE")
+    c.add_argument("--kv-bytes-per-token", type=int, default=None)
+    c.add_argument("--target-hit-rate", type=float, default=None)
+    c.add_argument("--memory-budget", type=_size, default=None, metavar="SIZE")
+    c.add_argument("--prefill-tokens-per-s", type=float, default=None)
+    c.add_argument("--policy", default="lru,lfu,fifo,length-aware", metavar="LIST")
+    c.add_argument("-o", "--output", default="", metavar="FILE", help="write the tuned YAML")
+    c.add_argument("--json", default="", metavar="FILE")
+    c.set_defaults(func=run_cache)
+
+
+def _knobs(given: list[str]) -> dict[str, tuple[str, ...]] | None:
+    if not given:
+        return None
+    out = {}
+    for text in given:
+        key, sep, values = text.partition("=")
+        if not sep or not key.strip() or not values.strip():
+            raise ConfigError(f"--knob {text!r} is not KEY=V1,V2 (e.g. transfer.workers=2,4)")
+        out[key.strip()] = tuple(v.strip() for v in values.split(",") if v.strip())
+    return out
+
+
+def _write_yaml(path: str, overrides: Mapping[str, Any], header: str) -> None:
+    nested: dict[str, dict[str, Any]] = {}
+    for key, value in overrides.items():
+        section, _, name = key.partition(".")
+        nested.setdefault(section, {})[name] = value
+    text = "".join(f"# {line}\n" for line in header.splitlines()) + yaml.safe_dump(
+        nested, sort_keys=True
+    )
+    try:
+        Path(path).write_text(text)
+    except OSError as e:
+        raise ConfigError(f"-o {path!r}: cannot write: {e.strerror}") from e
+
+
+def _write_json(path: str, data: object) -> None:
+    try:
+        Path(path).write_text(json.dumps(data, indent=2, default=str) + "\n")
+    except OSError as e:
+        raise ConfigError(f"--json {path!r}: cannot write: {e.strerror}") from e
+
+
+def run_transfer(args: argparse.Namespace) -> int:
+    from kvferry.bench.tune.search import Step
+    from kvferry.bench.tune.transfer import SPACE, TransferTuneOptions, tune
+    from kvferry.config.models import KvferryConfig
+
+    space = _knobs(args.knob)
+    options = TransferTuneOptions(
+        block_size=args.block_size,
+        batch_size=args.batch_size,
+        threads=args.threads,
+        transport=args.transport,
+        op=args.op,
+        objective=args.objective,
+        budget_s=args.budget,
+        rounds=args.rounds,
+        duration=args.duration,
+        space=space if space is not None else dict(SPACE),
+    )
+    console = output_console()
+    err = Console(stderr=True, highlight=False)
+    metric = "BW" if options.higher_better else "P99"
+    workload = f"{format_size(options.block_size)} x {options.batch_size} x {options.threads}"
+    with err.status(f"tuning transfer for {workload} over {options.transport}") as status:
+
+        def on_step(step: Step, index: int, total: int) -> None:
+            status.update(
+                f"{index + 1}/{total}: {step.knob}={step.value} {metric} x{step.median:.3f}"
+                + (" adopted" if step.adopted else "")
+            )
+
+        result = tune(options, on_step)
+    search = result.search
+    table = FitTable(f"kvferry tune transfer: {workload}, {options.objective} ({metric})")
+    table.add_column("Knob", justify="left")
+    table.add_column("Value", justify="left")
+    table.add_column("Against", justify="left", drop=1)
+    table.add_column(f"{metric} ratio")
+    table.add_column("Rounds")
+    table.add_column("Adopted", justify="left")
+    for step in search.steps:
+        against = ", ".join(f"{k}={v}" for k, v in step.against.items()) or "defaults"
+        rounds = ", ".join(f"{r:.3f}" for r in step.ratios)
+        table.add_row(step.knob, step.value, against, f"{step.median:.3f}", rounds,
+                      "yes" if step.adopted else "no")  # fmt: skip
+    print_table(console, table)
+    if search.untried:
+        untried = ", ".join(f"{k}={v}" for k, v in search.untried)
+        console.print(f"budget spent ({search.seconds:.0f} s): not measured: {untried}")
+    defaults = KvferryConfig().model_dump(mode="json")
+    tried = {k for k in options.space}
+    if result.final_ratio is not None:
+        r = result.final_ratio
+        spread = f"{min(r.rounds):.3f}-{max(r.rounds):.3f}" if r.rounds else ""
+        console.print(
+            f"tuned vs defaults, {len(r.rounds) or 1} alternating rounds: {metric} x{r.value:.3f}"
+            + (f" (rounds {spread})" if spread else "")
+        )
+        written = dict(search.best)
+        header = (
+            f"kvferry tune transfer --block-size {options.block_size} --batch-size "
+            f"{options.batch_size} --threads {options.threads} --transport {options.transport} "
+            f"--objective {options.objective}\ntuned vs defaults, same run: {metric} "
+            f"x{r.value:.3f}"
+        )
+    else:
+        console.print("nothing beat the defaults beyond noise: keep them")
+        written = {k: defaults[k.split(".")[0]][k.split(".")[1]] for k in tried}
+        header = "kvferry tune transfer: nothing beat the defaults beyond noise (defaults below)"
+    console.print("tuned: " + (", ".join(f"{k}={v}" for k, v in search.best.items()) or "-"))
+    if args.output:
+        _write_yaml(args.output, written, header)
+        console.print(f"wrote {args.output}")
+    if args.json:
+        _write_json(
+            args.json,
+            {
+                "objective": options.objective,
+                "case": options.case,
+                "transport": options.transport,
+                "tuned": search.best,
+                "steps": [vars(s) for s in search.steps],
+                "untried": search.untried,
+                "final": None
+                if result.final_ratio is None
+                else {"value": result.final_ratio.value, "rounds": result.final_ratio.rounds},
+                "seconds": search.seconds,
+            },
+        )
+    return 0
+
+
+def run_cache(args: argparse.Namespace) -> int:
+    from kvferry.bench.tune.cache import CacheTuneOptions, tune
+
+    options = CacheTuneOptions(
+        trace=args.trace,
+        workload=args.workload,
+        model_kv=args.model_kv,
+        kv_bytes_per_token=args.kv_bytes_per_token,
+        target_hit_rate=args.target_hit_rate,
+        memory_budget=args.memory_budget,
+        prefill_tokens_per_s=args.prefill_tokens_per_s,
+        policies=tuple(p.strip() for p in args.policy.split(",") if p.strip()),
+    )
+    console = output_console()
+    err = Console(stderr=True, highlight=False)
+    with err.status("simulating the trace per policy"):
+        result = tune(options)
+    question = (
+        f"smallest capacity reaching a block hit rate of {options.target_hit_rate:g}"
+        if options.target_hit_rate is not None
+        else f"best policy within {format_size(options.memory_budget or 0)}"
+    )
+    table = FitTable(f"kvferry tune cache: {question}")
+    table.add_column("Policy", justify="left")
+    table.add_column("Capacity (blocks)")
+    table.add_column("Capacity")
+    table.add_column("Block hit rate")
+    table.add_column("Prefill s saved")
+    table.add_column("s saved / GB")
+    for c in result.choices:
+        table.add_row(
+            c.policy,
+            "unreachable" if c.capacity_blocks is None else f"{c.capacity_blocks:,}",
+            "-" if c.capacity_bytes is None else format_size_approx(c.capacity_bytes),
+            f"{c.block_hit_rate:.4f}",
+            "-" if c.prefill_seconds_saved is None else f"{c.prefill_seconds_saved:,.1f}",
+            "-" if c.seconds_saved_per_gb is None else f"{c.seconds_saved_per_gb:.3f}",
+        )
+    print_table(console, table)
+    best = result.best
+    if best is None or best.capacity_blocks is None:
+        console.print("no policy reaches the target on this trace: lower --target-hit-rate")
+        return 0
+    size = "" if best.capacity_bytes is None else f" ({format_size_approx(best.capacity_bytes)})"
+    console.print(f"choice: {best.policy} at {best.capacity_blocks:,} blocks{size}")
+    overrides: dict[str, Any] = {"store.eviction_policy": best.policy}
+    if best.capacity_bytes is not None:
+        overrides["cpu.capacity"] = format_size(best.capacity_bytes)
+    if args.output:
+        _write_yaml(args.output, overrides, f"kvferry tune cache: {question}")
+        console.print(f"wrote {args.output}")
+    if args.json:
+        _write_json(
+            args.json,
+            {"question": question, "choices": [vars(c) for c in result.choices],
+             "best": vars(best)},
+        )  # fmt: skip
+    return 0
