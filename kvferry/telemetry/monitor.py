@@ -505,7 +505,8 @@ def format_sample(report: Sample, *, source: str = "", wide: bool = False) -> Fi
     cumulative hit rates and the interval's request count in the title; one row per tier with
     its pool usage, this interval's load and save speeds (GB/s = 1e9 bytes/s over the seconds
     spent moving; "-" where bytes moved in no measured time, as a store server lends blocks
-    without copying them), bytes, evictions and errors. Warnings are not in it (print them below)."""
+    without copying them), bytes, evictions and errors. Warnings are not in it (print them
+    below)."""
     interval = _num(report.get("interval_s"))
     lookup_blocks, hit_blocks = _num(report.get("lookup_blocks")), _num(report.get("hit_blocks"))
     since = "since start" if interval == 0 else f"last {interval:.1f}s"
