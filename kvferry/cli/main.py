@@ -40,6 +40,7 @@ _COMMAND_MODULES = [
     "kvferry.cli.report_cmd",
     "kvferry.cli.advise_cmd",
     "kvferry.cli.tune_cmd",
+    "kvferry.cli.monitor_cmd",
 ]
 
 EXIT_ERROR = 2

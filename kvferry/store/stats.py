@@ -18,9 +18,10 @@ The counters are plain integers updated under the store's lock; ``snapshot`` cop
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from kvferry.backends.base import TierStats
+from kvferry.errors import ProtocolError
 from kvferry.observe.counters import LatencyHistogram
 
 
@@ -169,3 +170,80 @@ class StoreStats:
             "tiers": tiers,
             "usage": {name: asdict(u) for name, u in self.usage.items()},
         }
+
+    @classmethod
+    def from_json(cls, doc: object) -> StoreStats:
+        """The counters and usage of a :meth:`to_json` document (a store server's STATS reply).
+
+        Latency histograms are not rebuilt (the document holds only their summaries) and the
+        derived speeds and hit rates are recomputed from the counters, not read.
+
+        Raises:
+            ProtocolError: ``doc`` is not such a document (names what was wrong).
+        """
+        if not isinstance(doc, dict):
+            raise ProtocolError(f"store statistics: expected a JSON object, got {_kind(doc)}")
+        out = cls(
+            lookups=_int(doc, "lookups"),
+            lookup_blocks=_int(doc, "lookup_blocks"),
+            hit_blocks=_int(doc, "hit_blocks"),
+            request_hit_fraction_sum=_num(doc, "request_hit_rate_mean") * _int(doc, "lookups"),
+            puts=_int(doc, "puts"),
+            put_blocks=_int(doc, "put_blocks"),
+            gets=_int(doc, "gets"),
+            get_blocks=_int(doc, "get_blocks"),
+            get_hit_blocks=_int(doc, "get_hit_blocks"),
+            leases_active=_int(doc, "leases_active"),
+            leases_expired=_int(doc, "leases_expired"),
+        )
+        counter_fields = {f.name: f.type for f in fields(TierCounters)}
+        for name, row in _obj(doc, "tiers").items():
+            row = _obj({"tier": row}, "tier", f"tiers.{name}")
+            values: dict[str, float] = {}
+            for key, kind in counter_fields.items():
+                if key in row:
+                    what = f"tiers.{name}.{key}"
+                    values[key] = _num(row, key, what) if kind == "float" else _int(row, key, what)
+            out.tiers[str(name)] = TierCounters(**values)  # type: ignore[arg-type]
+        for name, row in _obj(doc, "usage").items():
+            row = _obj({"usage": row}, "usage", f"usage.{name}")
+            total_blocks, total_bytes = row.get("total_blocks"), row.get("total_bytes")
+            out.usage[str(name)] = TierStats(
+                total_blocks=None if total_blocks is None else _int(row, "total_blocks"),
+                used_blocks=_int(row, "used_blocks"),
+                peak_blocks=_int(row, "peak_blocks"),
+                total_bytes=None if total_bytes is None else _int(row, "total_bytes"),
+                used_bytes=_int(row, "used_bytes"),
+                extra={
+                    str(k): float(v)
+                    for k, v in _obj(row, "extra", f"usage.{name}.extra").items()
+                    if isinstance(v, int | float)
+                },
+            )
+        return out
+
+
+def _kind(value: object) -> str:
+    return type(value).__name__
+
+
+def _num(doc: dict[str, object], key: str, what: str = "") -> float:
+    value = doc.get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ProtocolError(
+            f"store statistics: {what or key} is {value!r} ({_kind(value)}), expected a number"
+        )
+    return float(value)
+
+
+def _int(doc: dict[str, object], key: str, what: str = "") -> int:
+    return int(_num(doc, key, what))
+
+
+def _obj(doc: dict[str, object], key: str, what: str = "") -> dict[str, object]:
+    value = doc.get(key, {})
+    if not isinstance(value, dict):
+        raise ProtocolError(
+            f"store statistics: {what or key} is {_kind(value)}, expected a JSON object"
+        )
+    return value

@@ -244,6 +244,9 @@ class ServerTier(Tier):
             return reply
         except _ServerRefused as e:
             raise StorageError(str(e)) from None
+        except StorageError:  # from _conn, which names the server already
+            self._drop(member)
+            raise
         except (OSError, KvferryError) as e:
             self._drop(member)
             raise StorageError(f"server tier: store server {member}: {e}") from e
@@ -388,6 +391,9 @@ class ServerTier(Tier):
             conn.used = True
         except _ServerRefused as e:
             raise StorageError(str(e)) from None
+        except StorageError:  # from _conn, which names the server already
+            self._drop(member)
+            raise
         except (OSError, KvferryError) as e:
             self._drop(member)
             raise StorageError(f"server tier: store server {member}: {e}") from e
