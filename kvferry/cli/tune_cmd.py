@@ -1,4 +1,4 @@
-"""``kvferry tune transfer|cache``: tuned config files from measurements on this machine.
+"""``kvferry tune transfer|store|cache``: tuned config files from measurements on this machine.
 
 Owns the flags, the progress line per measurement, the tables (each step: the change, what it
 was measured against, the per-round ratios, adopted or not; the before/after of the final
@@ -12,16 +12,20 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from rich.console import Console
+from rich.status import Status
 
 from kvferry.config.units import format_size, format_size_approx, parse_size
 from kvferry.errors import ConfigError
 from kvferry.tables import FitTable, output_console, print_table
+
+if TYPE_CHECKING:
+    from kvferry.bench.tune.search import SearchResult, Step
 
 
 def _size(text: str) -> int:
@@ -40,7 +44,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "is measured against the best so far in alternating rounds of one run and adopted only "
         "when it wins every round by a margin; the result is a config file for --config.",
     )
-    sub = p.add_subparsers(dest="tune_what", required=True, metavar="transfer|cache")
+    sub = p.add_subparsers(dest="tune_what", required=True, metavar="transfer|store|cache")
 
     t = sub.add_parser("transfer", help="the transfer engine's knobs for one workload")
     t.add_argument("--block-size", type=_size, default=1 << 20, metavar="SIZE")
@@ -62,6 +66,22 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     t.add_argument("-o", "--output", default="", metavar="FILE", help="write the tuned YAML")
     t.add_argument("--json", default="", metavar="FILE")
     t.set_defaults(func=run_transfer)
+
+    st = sub.add_parser("store", help="the store's knobs for one store-bench workload")
+    st.add_argument("--backend", default="cpu", help="cpu, disk or server")
+    st.add_argument("--op", default="batch-get")
+    st.add_argument("--value-size", type=_size, default=64 << 10, metavar="SIZE")
+    st.add_argument("--batch-size", type=int, default=32)
+    st.add_argument("--num-keys", type=int, default=2048)
+    st.add_argument("--capacity", type=_size, default=256 << 20, metavar="SIZE")
+    st.add_argument("--objective", default="throughput", help="throughput or latency")
+    st.add_argument("--budget", type=float, default=120.0, metavar="SECONDS")
+    st.add_argument("--rounds", type=int, default=3, help="alternating pairs per candidate (3)")
+    st.add_argument("--duration", type=float, default=1.0, metavar="SECONDS")
+    st.add_argument("--knob", action="append", default=[], metavar="KEY=V1,V2")
+    st.add_argument("-o", "--output", default="", metavar="FILE", help="write the tuned YAML")
+    st.add_argument("--json", default="", metavar="FILE")
+    st.set_defaults(func=run_store)
 
     c = sub.add_parser("cache", help="capacity and eviction policy for a trace")
     c.add_argument("--trace", default=None)
@@ -110,10 +130,83 @@ def _write_json(path: str, data: object) -> None:
         raise ConfigError(f"--json {path!r}: cannot write: {e.strerror}") from e
 
 
-def run_transfer(args: argparse.Namespace) -> int:
-    from kvferry.bench.tune.search import Step
-    from kvferry.bench.tune.transfer import SPACE, TransferTuneOptions, tune
+def _reporter(status: Status, metric: str) -> Callable[[Step, int, int], None]:
+    """The live line of a search: which candidate, its ratio, adopted or not."""
+
+    def on_step(step: Step, index: int, total: int) -> None:
+        status.update(
+            f"{index + 1}/{total}: {step.knob}={step.value} {metric} x{step.median:.3f}"
+            + (" adopted" if step.adopted else "")
+        )
+
+    return on_step
+
+
+def _print_and_write(
+    console: Console,
+    args: argparse.Namespace,
+    title: str,
+    search: SearchResult,
+    metric: str,
+    final: list[float] | None,
+    tried: list[str],
+    command: str,
+) -> None:
+    """Every step as a table row, the final tuned-vs-defaults ratios, and ``-o`` YAML (the
+    tuned overrides, or the defaults of what was tried when nothing won)."""
+    import statistics
+
     from kvferry.config.models import KvferryConfig
+
+    table = FitTable(title)
+    table.add_column("Knob", justify="left")
+    table.add_column("Value", justify="left")
+    table.add_column("Against", justify="left", drop=1)
+    table.add_column(f"{metric} ratio")
+    table.add_column("Rounds")
+    table.add_column("Adopted", justify="left")
+    for step in search.steps:
+        against = ", ".join(f"{k}={v}" for k, v in step.against.items()) or "defaults"
+        rounds = ", ".join(f"{r:.3f}" for r in step.ratios)
+        table.add_row(step.knob, step.value, against, f"{step.median:.3f}", rounds,
+                      "yes" if step.adopted else "no")  # fmt: skip
+    print_table(console, table)
+    if search.untried:
+        untried = ", ".join(f"{k}={v}" for k, v in search.untried)
+        console.print(f"budget spent ({search.seconds:.0f} s): not measured: {untried}")
+    if final:
+        median = statistics.median(final)
+        console.print(
+            f"tuned vs defaults, {len(final)} alternating rounds: {metric} x{median:.3f} "
+            f"(rounds {min(final):.3f}-{max(final):.3f})"
+        )
+        written: dict[str, Any] = dict(search.best)
+        header = f"{command}\ntuned vs defaults, same run: {metric} x{median:.3f}"
+    else:
+        console.print("nothing beat the defaults beyond noise: keep them")
+        defaults = KvferryConfig().model_dump(mode="json")
+        written = {k: defaults[k.split(".")[0]][k.split(".")[1]] for k in tried}
+        header = f"{command}\nnothing beat the defaults beyond noise (defaults below)"
+    console.print("tuned: " + (", ".join(f"{k}={v}" for k, v in search.best.items()) or "-"))
+    if args.output:
+        _write_yaml(args.output, written, header)
+        console.print(f"wrote {args.output}")
+    if args.json:
+        _write_json(
+            args.json,
+            {
+                "command": command,
+                "tuned": search.best,
+                "steps": [vars(s) for s in search.steps],
+                "untried": search.untried,
+                "final_rounds": final or [],
+                "seconds": search.seconds,
+            },
+        )
+
+
+def run_transfer(args: argparse.Namespace) -> int:
+    from kvferry.bench.tune.transfer import SPACE, TransferTuneOptions, tune
 
     space = _knobs(args.knob)
     options = TransferTuneOptions(
@@ -133,71 +226,64 @@ def run_transfer(args: argparse.Namespace) -> int:
     metric = "BW" if options.higher_better else "P99"
     workload = f"{format_size(options.block_size)} x {options.batch_size} x {options.threads}"
     with err.status(f"tuning transfer for {workload} over {options.transport}") as status:
-
-        def on_step(step: Step, index: int, total: int) -> None:
-            status.update(
-                f"{index + 1}/{total}: {step.knob}={step.value} {metric} x{step.median:.3f}"
-                + (" adopted" if step.adopted else "")
-            )
-
-        result = tune(options, on_step)
+        result = tune(options, _reporter(status, metric))
     search = result.search
-    table = FitTable(f"kvferry tune transfer: {workload}, {options.objective} ({metric})")
-    table.add_column("Knob", justify="left")
-    table.add_column("Value", justify="left")
-    table.add_column("Against", justify="left", drop=1)
-    table.add_column(f"{metric} ratio")
-    table.add_column("Rounds")
-    table.add_column("Adopted", justify="left")
-    for step in search.steps:
-        against = ", ".join(f"{k}={v}" for k, v in step.against.items()) or "defaults"
-        rounds = ", ".join(f"{r:.3f}" for r in step.ratios)
-        table.add_row(step.knob, step.value, against, f"{step.median:.3f}", rounds,
-                      "yes" if step.adopted else "no")  # fmt: skip
-    print_table(console, table)
-    if search.untried:
-        untried = ", ".join(f"{k}={v}" for k, v in search.untried)
-        console.print(f"budget spent ({search.seconds:.0f} s): not measured: {untried}")
-    defaults = KvferryConfig().model_dump(mode="json")
-    tried = {k for k in options.space}
-    if result.final_ratio is not None:
-        r = result.final_ratio
-        spread = f"{min(r.rounds):.3f}-{max(r.rounds):.3f}" if r.rounds else ""
-        console.print(
-            f"tuned vs defaults, {len(r.rounds) or 1} alternating rounds: {metric} x{r.value:.3f}"
-            + (f" (rounds {spread})" if spread else "")
-        )
-        written = dict(search.best)
-        header = (
-            f"kvferry tune transfer --block-size {options.block_size} --batch-size "
-            f"{options.batch_size} --threads {options.threads} --transport {options.transport} "
-            f"--objective {options.objective}\ntuned vs defaults, same run: {metric} "
-            f"x{r.value:.3f}"
-        )
-    else:
-        console.print("nothing beat the defaults beyond noise: keep them")
-        written = {k: defaults[k.split(".")[0]][k.split(".")[1]] for k in tried}
-        header = "kvferry tune transfer: nothing beat the defaults beyond noise (defaults below)"
-    console.print("tuned: " + (", ".join(f"{k}={v}" for k, v in search.best.items()) or "-"))
-    if args.output:
-        _write_yaml(args.output, written, header)
-        console.print(f"wrote {args.output}")
-    if args.json:
-        _write_json(
-            args.json,
-            {
-                "objective": options.objective,
-                "case": options.case,
-                "transport": options.transport,
-                "tuned": search.best,
-                "steps": [vars(s) for s in search.steps],
-                "untried": search.untried,
-                "final": None
-                if result.final_ratio is None
-                else {"value": result.final_ratio.value, "rounds": result.final_ratio.rounds},
-                "seconds": search.seconds,
-            },
-        )
+    final = None if result.final_ratio is None else list(result.final_ratio.rounds)
+    if final is not None and not final and result.final_ratio is not None:
+        final = [result.final_ratio.value]
+    _print_and_write(
+        console,
+        args,
+        f"kvferry tune transfer: {workload}, {options.objective} ({metric})",
+        search,
+        metric,
+        final,
+        list(options.space),
+        f"kvferry tune transfer --block-size {options.block_size} --batch-size "
+        f"{options.batch_size} --threads {options.threads} --transport {options.transport} "
+        f"--objective {options.objective}",
+    )
+    return 0
+
+
+def run_store(args: argparse.Namespace) -> int:
+    from kvferry.bench.store import StoreBenchOptions
+    from kvferry.bench.tune.store import StoreTuneOptions, tune
+
+    bench = StoreBenchOptions(
+        backend=args.backend,
+        op=args.op,
+        value_size=args.value_size,
+        batch_size=args.batch_size,
+        num_keys=args.num_keys,
+        duration=args.duration,
+        warmup=min(0.3, args.duration),
+    )
+    options = StoreTuneOptions(
+        bench=bench,
+        capacity=args.capacity,
+        objective=args.objective,
+        budget_s=args.budget,
+        rounds=args.rounds,
+        space=_knobs(args.knob),
+    )
+    console = output_console()
+    err = Console(stderr=True, highlight=False)
+    metric = "ops/s" if options.higher_better else "P99"
+    workload = f"{bench.backend} {bench.op}, {format_size(bench.value_size)} x {bench.batch}"
+    with err.status(f"tuning the store for {workload}") as status:
+        result = tune(options, _reporter(status, metric))
+    _print_and_write(
+        console,
+        args,
+        f"kvferry tune store: {workload}, {options.objective} ({metric})",
+        result.search,
+        metric,
+        result.final_rounds or None,
+        list(options.knobs),
+        f"kvferry tune store --backend {bench.backend} --op {bench.op} --value-size "
+        f"{bench.value_size} --batch-size {bench.batch} --objective {options.objective}",
+    )
     return 0
 
 

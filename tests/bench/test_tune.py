@@ -14,9 +14,12 @@ import pytest
 
 from kvferry.bench.hitrate import HitRateOptions
 from kvferry.bench.hitrate import run as run_hitrate
+from kvferry.bench.store import StoreBenchOptions
 from kvferry.bench.tune.cache import CacheTuneOptions
 from kvferry.bench.tune.cache import tune as tune_cache
 from kvferry.bench.tune.search import MIN_GAIN, coordinate_search, helped
+from kvferry.bench.tune.store import StoreTuneOptions
+from kvferry.bench.tune.store import tune as tune_store
 from kvferry.bench.tune.transfer import TransferTuneOptions
 from kvferry.bench.tune.transfer import tune as tune_transfer
 from kvferry.cli.main import main
@@ -130,6 +133,28 @@ def test_a_real_transfer_tune_measures_every_candidate() -> None:
 
 
 @pytest.mark.slow
+def test_a_real_store_tune_measures_alternating_pairs() -> None:
+    bench = StoreBenchOptions(
+        backend="cpu", value_size=16 << 10, batch_size=8, num_keys=256, duration=0.2, warmup=0.05
+    )
+    options = StoreTuneOptions(
+        bench=bench, capacity=64 << 20, rounds=2, space={"cpu.checksum": ("off", "on")}
+    )
+    result = tune_store(options)
+    steps = result.search.steps
+    assert [(s.knob, s.value) for s in steps][:1] == [("cpu.checksum", "off")]
+    assert all(len(s.ratios) == 2 and all(r > 0 for r in s.ratios) for s in steps)
+    assert all(min(s.ratios) > 1 for s in steps if s.adopted)
+    assert result.tuned == {s.knob: s.value for s in steps if s.adopted}
+    # the final run (verify on) happens only for a winner, as pairs of the same rounds
+    assert (len(result.final_rounds) == 3) == bool(result.tuned)
+    with pytest.raises(ConfigError, match="no built-in knobs for backend 'redis'"):
+        StoreTuneOptions(bench=StoreBenchOptions(backend="redis"))
+    with pytest.raises(ConfigError, match="--objective 'fast'"):
+        StoreTuneOptions(objective="fast")
+
+
+@pytest.mark.slow
 def test_cache_tuning_answers_both_questions_from_the_lab() -> None:
     target = tune_cache(
         CacheTuneOptions(
@@ -182,7 +207,7 @@ def test_the_cli_writes_a_config_file_that_loads(
     loaded = load_config(config_file=out, environ={})
     data = json.loads(report.read_text())
     if data["tuned"]:
-        assert loaded.config.transfer.workers == 2 and data["final"] is not None
+        assert loaded.config.transfer.workers == 2 and data["final_rounds"]
     else:  # nothing won: the file holds the default of what was tried
         assert "nothing beat the defaults" in printed and loaded.config.transfer.workers == 1
     cache = tmp_path / "cache.yaml"
