@@ -354,6 +354,12 @@ def _add_store_parser(kinds: Any) -> None:
         "when it exits)",
     )
     p.add_argument("--redis-url", metavar="URL", help="redis.url")
+    p.add_argument(
+        "--reference",
+        action="store_true",
+        help="disk: also run fio on the tier's directory (same block size, direction, jobs, "
+        "direct I/O) for the timed phase's duration",
+    )
     p.add_argument("--json", metavar="FILE", help="write the report as JSON")
     p.add_argument("--csv", metavar="FILE", help="write one CSV row per phase and op")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -404,6 +410,7 @@ def run_store(args: argparse.Namespace) -> int:
         verify=not args.no_verify,
         slot_size=slot,
         address=address,
+        reference=args.reference,
     )
     with Progress(
         TextColumn("[bold]{task.description}"),
@@ -480,4 +487,8 @@ def _print_store_report(
         )
     for note in report.notes:
         console.print(f"note: {note}")
+    timed = [p for p in report.phases if p.phase != "fill" and p.phase != "verify"]
+    for ref in report.references:
+        against = f" (timed phase: {timed[0].gbps:.3f} GB/s)" if timed else ""
+        console.print(f"reference {ref.name}: {ref.value:.3f} {ref.unit}{against}")
     sys.stdout.flush()

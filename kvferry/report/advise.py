@@ -14,7 +14,8 @@ run, and keeping it only when it helped beyond noise:
 - ``store``: the result's own store bench (its options, its effective config's non-default
   keys), once with the change and once without, alternating for ``rounds`` pairs. ``no_space``:
   kept when every pair's refused puts fall and the median ops/s of the timed phase does not
-  fall beyond :data:`~kvferry.report.compare.DEFAULT_BAND`.
+  fall beyond :data:`~kvferry.report.compare.DEFAULT_BAND`; ``ops``: the timed phase's ops/s,
+  decided as for transfer.
 - ``hitrate``: one simulation with the change and one without on the same trace and capacity.
   A simulation is exact (the same count every run), so one run each decides: kept when the
   block hit rate rises.
@@ -257,6 +258,10 @@ def _store(
         refused.append((outcome["change"][0], outcome["current"][0]))
         if outcome["current"][1] > 0:
             speed.append(outcome["change"][1] / outcome["current"][1])
+    if candidate.objective == "ops":
+        if not speed:
+            raise KvferryError("the store bench measured no ops/s in its timed phase")
+        return decide(candidate, speed, higher_better=True)
     fewer = all(c < b for c, b in refused)
     ops_ratio = statistics.median(speed) if speed else 1.0
     detail = "; ".join(f"{b:,} -> {c:,}" for c, b in refused)

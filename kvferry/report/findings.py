@@ -30,6 +30,7 @@ from kvferry.report.transfer import best_case, tail_ratio
 __all__ = [
     "CPU_COST_RATIO",
     "CPU_S_PER_GB_HIGH",
+    "DISK_FIO_FLOOR",
     "FAR_FROM_CEILING",
     "GOODPUT_FLOOR",
     "MIN_TAIL_SAMPLES",
@@ -88,6 +89,10 @@ QUEUE_TTFT_GROWTH = 3.0
 QUEUE_THROUGHPUT_GAIN = 1.25
 """...while the last step up in load raised throughput by less than this factor: the engine is
 past its capacity, and more load only lengthens the queue."""
+
+DISK_FIO_FLOOR = 0.5
+"""The disk tier's timed GB/s under half of fio's on the same directory in the same run: the
+tier's path costs more than the device does (a good tier reaches 0.8x and more)."""
 
 PREDICTION_GAP = 0.1
 """The router's predicted hit rate off the workers' real one by more than 10 points: its view
@@ -526,18 +531,22 @@ def _router(item: LoadedResult) -> Iterable[Finding]:
         )
 
 
-def _store_candidate(report: StoreBenchReport, **overrides: str) -> Candidate:
-    """A store config change, measured by the same store bench against the run's config."""
+def _store_candidate(
+    report: StoreBenchReport, overrides: dict[str, str], objective: str = "no_space"
+) -> Candidate:
+    """A store config change (dotted keys), measured by the same store bench against the run's
+    config."""
     o = report.options
-    keys = tuple((f"store.{k}", v) for k, v in overrides.items())
-    sets = " ".join(f"--set {k}={v}" for k, v in keys)
+    keys = tuple(overrides.items())
+    knobs = " ".join(f"--knob {k}={v}" for k, v in keys)
     return Candidate(
         overrides=keys,
         bench="store",
-        objective="no_space",
+        objective=objective,
         params=(("backend", o.backend), ("op", o.op)),
-        command=f"kvferry bench store --backend {o.backend} --op {o.op} --value-size "
-        f"{o.value_size} --num-keys {o.num_keys} {sets}  # then without the --set, and compare",
+        # the same alternating pairs, from the command line
+        command=f"kvferry tune store --backend {o.backend} --op {o.op} --value-size "
+        f"{o.value_size} --batch-size {o.batch} --num-keys {o.num_keys} {knobs}",
     )
 
 
@@ -567,10 +576,40 @@ def _store(item: LoadedResult) -> Iterable[Finding]:
             "(store.evict_start_threshold), so puts find room.",
             rule="store.no_space",
             candidates=[
-                _store_candidate(report, evict_ratio="0.2"),
-                _store_candidate(report, evict_start_threshold="0.7"),
+                _store_candidate(report, {"store.evict_ratio": "0.2"}),
+                _store_candidate(report, {"store.evict_start_threshold": "0.7"}),
             ],
         )
+    yield from _disk_vs_fio(item, report)
+
+
+def _disk_vs_fio(item: LoadedResult, report: StoreBenchReport) -> Iterable[Finding]:
+    """The disk tier's timed phase far below fio on the same directory in the same run."""
+    fio = next((r for r in report.references if r.name.startswith("fio_")), None)
+    timed = [p for p in report.phases if p.phase not in ("fill", "verify")]
+    if report.options.backend != "disk" or fio is None or not timed or fio.value <= 0:
+        return
+    share = timed[0].gbps / fio.value
+    if share >= DISK_FIO_FLOOR:
+        return
+    yield Finding(
+        severity="warn",
+        title="the disk tier is far below fio on the same disk",
+        detail=f"The timed phase moves {fmt.pct(share)} of what fio moved on the tier's "
+        "directory in the same run (same block size, direction, jobs and direct I/O): the "
+        "tier's own path, not the device, limits it.",
+        evidence=f"{item.name}: {timed[0].phase} {fmt.num(timed[0].gbps)} GB/s; {fio.name} "
+        f"{fmt.num(fio.value)} GB/s (iodepth {fio.detail.get('iodepth')}, jobs "
+        f"{fio.detail.get('numjobs')})",
+        recommendation="More disk I/O threads keep more requests in flight (disk.io_threads); "
+        "more slot files spread the writers (disk.files); measure each here.",
+        rule="store.disk_below_fio",
+        candidates=[
+            _store_candidate(report, {"disk.io_threads": "8"}, "ops"),
+            _store_candidate(report, {"disk.io_threads": "16"}, "ops"),
+            _store_candidate(report, {"disk.files": "4"}, "ops"),
+        ],
+    )
 
 
 RULES: dict[str, Callable[[LoadedResult], Iterable[Finding]]] = {

@@ -17,9 +17,12 @@ from kvferry.bench.endpoint.aggregate import MetricResult
 from kvferry.bench.hitrate import HitRateOptions
 from kvferry.bench.hitrate import run as run_hitrate
 from kvferry.bench.result import BenchResult, load_result
+from kvferry.bench.store import StoreBenchOptions
+from kvferry.bench.store import run as run_store
 from kvferry.bench.transfer import TransferBenchOptions
 from kvferry.bench.transfer import run as run_transfer
 from kvferry.cli.main import main
+from kvferry.config.loader import load_config
 from kvferry.report.advise import DROPPED, KEPT, advise, decide, verify
 from kvferry.report.findings import findings, transfer_candidate
 from kvferry.report.inputs import LoadedResult
@@ -210,3 +213,34 @@ def test_bad_input_is_one_error_line(
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+@pytest.mark.slow
+def test_a_disk_tier_far_below_fio_suggests_io_knobs_measured_by_the_store_bench(
+    tmp_path: Path,
+) -> None:
+    options = StoreBenchOptions(
+        backend="disk", value_size=256 << 10, batch_size=4, num_keys=64, duration=0.3,
+        warmup=0.05, reference=True,
+    )  # fmt: skip
+    loaded = load_config(flags={"disk.capacity": 64 << 20, "disk.path": str(tmp_path)}, environ={})
+    result = run_store(options, config=loaded.config, sources=loaded.sources)
+    (fio,) = result.references
+    assert fio.name == "fio_read" and fio.unit == "GB/s" and fio.value > 0
+    assert fio.detail["block_size"] == 256 << 10 and fio.detail["direct"] is True
+    assert list(tmp_path.iterdir()) == []  # fio's file and the bench's directory are gone
+    timed = next(p for p in result.phases if p.phase == "read_perf")
+    fio.value = timed.gbps / 0.6  # the tier at 60% of fio: above the 0.5 floor
+    assert "store.disk_below_fio" not in rules(result)
+    fio.value = timed.gbps / 0.3  # at 30%: the rule fires
+    found = rules(result)["store.disk_below_fio"]
+    assert [c.label for c in found.candidates] == [
+        "disk.io_threads=8",
+        "disk.io_threads=16",
+        "disk.files=4",
+    ]
+    assert found.candidates[0].command.startswith("kvferry tune store --backend disk")
+    measured = verify(found.candidates[0], result, rounds=1, duration=0.3)
+    assert measured.verdict in (KEPT, DROPPED) and len(measured.rounds) == 1, measured.reason
+    if measured.verdict == KEPT:
+        assert measured.rounds[0] > 1.0

@@ -43,10 +43,11 @@ import os
 import queue
 import time
 from collections.abc import Mapping
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 from kvferry.backends.registry import load_tier
-from kvferry.bench.result import EffectiveConfig
+from kvferry.bench.result import EffectiveConfig, Reference
 from kvferry.bench.store.backends import BACKENDS
 from kvferry.bench.store.client import (
     ClientResult,
@@ -214,5 +215,52 @@ def run(
     info = {"name": options.backend, "slot_size": config.store.slot_size, **prepared.info}
     report = merge(options, clients, info, prepared.notes)
     report.config = EffectiveConfig.of(config, {**(sources or {}), **_BENCH_KEYS})
+    if options.reference and options.backend == "disk":
+        report.references.append(_fio_reference(options, config))
+    elif options.reference:
+        report.notes.append(f"--reference: no same-run reference for backend {options.backend}")
     report.started_at, report.ended_at = started, time.time()
     return report
+
+
+FIO_MAX_FILE = 1 << 30
+"""fio's file at most this big: the bench's keys' bytes, capped (no command takes gigabytes of
+disk that the user did not ask for)."""
+
+
+def _fio_reference(options: StoreBenchOptions, config: KvferryConfig) -> Reference:
+    """fio on the disk tier's directory: sequential reads (a get op) or writes (a put op) of
+    the slot size, one job per client thread, ``min(batch, disk.io_threads)`` in flight each
+    (the tier's own parallelism for a batch), time based over the timed phase's duration."""
+    from kvferry.backends.disk import default_root
+    from kvferry.bench.fio import run_fio
+
+    directory = str(Path(config.disk.path).expanduser()) if config.disk.path else default_root()
+    os.makedirs(directory, exist_ok=True)
+    rw: Literal["read", "write"] = "write" if options.op in ("put", "batch-put") else "read"
+    jobs = options.clients * options.threads
+    depth = max(1, min(options.batch, config.disk.io_threads))
+    size = min(FIO_MAX_FILE, max(options.num_keys * config.store.slot_size, 64 << 20))
+    got = run_fio(
+        directory,
+        rw=rw,
+        block_size=config.store.slot_size,
+        size_bytes=size,
+        iodepth=depth,
+        numjobs=jobs,
+        direct=config.disk.direct_io,
+        runtime_s=options.duration,
+    )
+    return Reference(
+        name=f"fio_{rw}",
+        value=got["gbps"],
+        unit="GB/s",
+        detail={
+            "block_size": config.store.slot_size,
+            "iodepth": depth,
+            "numjobs": jobs,
+            "direct": config.disk.direct_io,
+            "file_bytes": size,
+            "lat_p99_us": got.get("lat_p99_us"),
+        },
+    )

@@ -54,6 +54,9 @@ class StoreBenchOptions:
     """store.slot_size; 0 = value_size rounded up (see :func:`auto_slot_size`)."""
     address: str | None = None
     """server: a running store server; mooncake: a running master (host:port). None: start one."""
+    reference: bool = False
+    """disk: also run fio on the tier's directory with the same block size, direction, jobs and
+    direct I/O, for the timed phase's duration: the device's speed in the same run."""
 
     @property
     def batch(self) -> int:
