@@ -345,6 +345,35 @@ def _policy_candidate(report: HitRateReport, capacity: int, policy: str) -> Cand
     )
 
 
+def _load_vs_recompute(item: LoadedResult, report: HitRateReport) -> Iterable[Finding]:
+    """A replay whose per-block load time is above the time the engine takes to prefill the
+    block's tokens (``--prefill-tokens-per-s``): every hit from those tiers costs more than
+    recomputing it."""
+    tps = report.prefill_tokens_per_s
+    if not tps:
+        return
+    recompute_us = report.block_tokens / tps * 1e6
+    for case in report.cases:
+        load = (case.replay or {}).get("get_latency_per_block_us") or {}
+        p50 = load.get("p50")
+        if not isinstance(p50, int | float) or p50 <= recompute_us:
+            continue
+        tiers = "+".join(t.name for t in case.tiers)
+        yield Finding(
+            severity="warn",
+            title=f"loading a block is slower than recomputing it ({tiers}, {case.policy})",
+            detail="Each hit block took longer to load from the tiers than the engine takes to "
+            "prefill its tokens: hits from this pipeline slow requests down.",
+            evidence=f"{item.name}: per-block load p50 {fmt.num(p50)} us; recompute "
+            f"{report.block_tokens} tokens at {fmt.num(tps)} tokens/s = "
+            f"{fmt.num(recompute_us)} us",
+            recommendation="Load only from tiers faster than the engine's prefill (a cpu tier "
+            "in front, a faster disk or network), or let the connector skip hits whose load "
+            "would take longer than recomputing them.",
+            rule="hitrate.load_slower_than_recompute",
+        )
+
+
 def _hitrate(item: LoadedResult) -> Iterable[Finding]:
     report = item.result
     assert isinstance(report, HitRateReport)
@@ -395,6 +424,7 @@ def _hitrate(item: LoadedResult) -> Iterable[Finding]:
                     if other != policy and report.options.tiers is None
                 ],
             )
+    yield from _load_vs_recompute(item, report)
     for a in report.advice:
         if not a.reachable:
             yield Finding(
@@ -639,7 +669,9 @@ def findings_section(found: Sequence[Finding]) -> Section:
         "message size); CPU per GB > "
         f"{fmt.num(CPU_COST_RATIO)}x another contender's, or > {fmt.num(CPU_S_PER_GB_HIGH)} s/GB "
         f"alone; hit rate >= {fmt.pct(NEAR_CEILING, 0)} or < {fmt.pct(FAR_FROM_CEILING, 0)} of "
-        f"the reuse ceiling; goodput < {fmt.pct(GOODPUT_FLOOR, 0)} of throughput; TTFT p50 up "
+        f"the reuse ceiling; a replay's per-block load slower than prefilling the block; disk "
+        f"tier < {fmt.pct(DISK_FIO_FLOOR, 0)} of fio on its directory; refused puts; goodput < "
+        f"{fmt.pct(GOODPUT_FLOOR, 0)} of throughput; TTFT p50 up "
         f"{fmt.num(QUEUE_TTFT_GROWTH)}x across the loads while the last step adds < "
         f"{fmt.pct(QUEUE_THROUGHPUT_GAIN - 1, 0)} throughput; kv routing's TTFT not below "
         "round-robin's. A config change a rule suggests is listed with the command that "

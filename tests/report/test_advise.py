@@ -244,3 +244,14 @@ def test_a_disk_tier_far_below_fio_suggests_io_knobs_measured_by_the_store_bench
     assert measured.verdict in (KEPT, DROPPED) and len(measured.rounds) == 1, measured.reason
     if measured.verdict == KEPT:
         assert measured.rounds[0] > 1.0
+
+
+def test_a_replay_whose_loads_are_slower_than_prefill_is_flagged() -> None:
+    result = copy.deepcopy(load_result(RESULTS / "hitrate_replay.json"))
+    load_p50 = result.cases[0].replay["get_latency_per_block_us"]["p50"]  # 1.73 us per block
+    # a block's tokens prefill in block_tokens / tps seconds: just faster, just slower
+    result.prefill_tokens_per_s = result.block_tokens / (load_p50 * 2 / 1e6)
+    assert "hitrate.load_slower_than_recompute" not in rules(result)
+    result.prefill_tokens_per_s = result.block_tokens / (load_p50 / 2 / 1e6)
+    found = rules(result)["hitrate.load_slower_than_recompute"]
+    assert "per-block load p50" in found.evidence
