@@ -38,6 +38,7 @@ _COMMAND_MODULES = [
     "kvferry.cli.workload_cmd",
     "kvferry.cli.model_cmd",
     "kvferry.cli.report_cmd",
+    "kvferry.cli.doctor_cmd",
 ]
 
 EXIT_ERROR = 2
