@@ -93,7 +93,9 @@ def run(args: argparse.Namespace) -> int:
     if args.wide:
         table.add_column("Why", text=True)
     for c in report.checks:
-        cells = [c.name, Text(c.status, style=_STYLES[c.status]), c.value, c.threshold, c.fix]
+        cells: list[str | Text] = [
+            c.name, Text(c.status, style=_STYLES[c.status]), c.value, c.threshold, c.fix
+        ]  # fmt: skip
         table.add_row(*cells, *([c.why] if args.wide else []))
     print_table(console, table)
     print(report.summary())
