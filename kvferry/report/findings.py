@@ -18,7 +18,7 @@ from kvferry.bench.hitrate import HitRateReport
 from kvferry.bench.router.harness import RouterBenchReport
 from kvferry.bench.store.report import StoreBenchReport
 from kvferry.bench.transfer.report import TransferBenchReport
-from kvferry.report import fmt
+from kvferry.report import doctor, fmt
 from kvferry.report.hitrate import ceiling
 from kvferry.report.inputs import LoadedResult
 from kvferry.report.model import Finding, Section
@@ -372,6 +372,7 @@ def _store(item: LoadedResult) -> Iterable[Finding]:
 
 
 RULES: dict[str, Callable[[LoadedResult], Iterable[Finding]]] = {
+    "doctor": doctor.findings,
     "transfer": _transfer,
     "store": _store,
     "hitrate": _hitrate,
@@ -398,7 +399,7 @@ def findings_section(found: Sequence[Finding]) -> Section:
         f"{fmt.num(CPU_COST_RATIO)}x another contender's, or > {fmt.num(CPU_S_PER_GB_HIGH)} s/GB "
         f"alone; hit rate >= {fmt.pct(NEAR_CEILING, 0)} or < {fmt.pct(FAR_FROM_CEILING, 0)} of "
         f"the reuse ceiling; goodput < {fmt.pct(GOODPUT_FLOOR, 0)} of throughput; kv routing's "
-        "TTFT not below round-robin's."
+        "TTFT not below round-robin's; every doctor check that warned or failed."
     )
     if not found:
         intro += " No rule fired on these results."

@@ -242,8 +242,8 @@ def _gpu(h: Host) -> None:
 
 
 MEMLOCK = resource.RLIMIT_MEMLOCK
-RDMA = {"store.tiers": "cpu,mooncake", "mooncake.protocol": "rdma"}
-DISK = {"store.tiers": "cpu,disk"}
+RDMA: dict[str, object] = {"store.tiers": "cpu,mooncake", "mooncake.protocol": "rdma"}
+DISK: dict[str, object] = {"store.tiers": "cpu,disk"}
 
 CASES: list[tuple[str, list[Mutation], dict[str, object], str, str]] = [
     # check, changes to the healthy host, config flags, expected status, text in the value
