@@ -1,7 +1,9 @@
 """``kvferry doctor``: the production checklist, run against this machine and a config.
 
 Owns the command's flags and what it prints: one table row per check (Check, Status, Value,
-Threshold, Fix; ``--wide`` adds Why), then the summary line (``N OK, N WARN, N FAIL, N SKIP``).
+Threshold), a ``fix NAME: ...`` line under it for each WARN or FAIL (whole, so the command can be
+copied; ``--wide`` puts Fix and Why in the table instead), then the summary line
+(``N OK, N WARN, N FAIL, N SKIP``).
 The checks are :func:`kvferry.bench.doctor.run`'s. Exit status: 0 when no check FAILs (WARN
 included: a warning is advice, not a broken host), 1 when one does (after the table and the
 ``--json`` file are written), 2 for bad input (an unknown ``--only`` name, a bad config value:
@@ -12,11 +14,17 @@ from __future__ import annotations
 
 import argparse
 import shlex
+from typing import TYPE_CHECKING
 
 from rich.text import Text
 
 from kvferry.cli.common import add_config_options, live_progress, load_from_args
 from kvferry.tables import FitTable, add_wide_option, output_console, print_table
+
+if TYPE_CHECKING:
+    from kvferry.bench.doctor import DoctorReport
+
+__all__ = ["EXIT_FAILED", "add_parser", "doctor_table", "run"]
 
 EXIT_FAILED = 1
 
@@ -63,8 +71,25 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.set_defaults(func=run)
 
 
+def doctor_table(report: DoctorReport, *, wide: bool = False) -> FitTable:
+    """One row per check: Check, Status, Value, Threshold (``wide``: and Fix, Why)."""
+    table = FitTable("kvferry doctor", wide=wide, title_justify="left")
+    table.add_column("Check", justify="left", style="cyan")
+    table.add_column("Status", justify="left")
+    table.add_column("Value", text=True)
+    table.add_column("Threshold", text=True, drop=1)
+    if wide:
+        table.add_column("Fix", text=True)
+        table.add_column("Why", text=True)
+    for c in report.checks:
+        cells: list[str | Text] = [c.name, Text(c.status, style=_STYLES[c.status]), c.value]
+        cells.append(c.threshold)
+        table.add_row(*cells, *([c.fix, c.why] if wide else []))
+    return table
+
+
 def run(args: argparse.Namespace) -> int:
-    from kvferry.bench.doctor import DoctorOptions, DoctorReport
+    from kvferry.bench.doctor import DoctorOptions
     from kvferry.bench.doctor import run as run_doctor
 
     only = tuple(n.strip() for n in (args.only or "").split(",") if n.strip())
@@ -84,20 +109,14 @@ def run(args: argparse.Namespace) -> int:
     if args.json == "-":
         report.write("-")
         return EXIT_FAILED if report.failed else 0
-    table = FitTable("kvferry doctor", wide=args.wide, title_justify="left")
-    table.add_column("Check", justify="left", style="cyan")
-    table.add_column("Status", justify="left")
-    table.add_column("Value", text=True)
-    table.add_column("Threshold", text=True, drop=2)
-    table.add_column("Fix", text=True, drop=1)
-    if args.wide:
-        table.add_column("Why", text=True)
-    for c in report.checks:
-        cells: list[str | Text] = [
-            c.name, Text(c.status, style=_STYLES[c.status]), c.value, c.threshold, c.fix
-        ]  # fmt: skip
-        table.add_row(*cells, *([c.why] if args.wide else []))
+    table = doctor_table(report, wide=args.wide)
     print_table(console, table)
+    if not args.wide:
+        # fixes are commands: a line each, whole, so they can be copied (a narrow column would
+        # break them mid-word)
+        for c in report.checks:
+            if c.fix and c.status in ("WARN", "FAIL"):
+                console.print(Text(f"fix {c.name}: {c.fix}"), soft_wrap=True)
     print(report.summary())
     if args.json:
         report.write(args.json)

@@ -537,7 +537,25 @@ def test_cli_exits_1_when_a_check_fails(tmp_path: Path) -> None:
     rc, out, _ = cli(["doctor", "--only", "redis", "--set", "store.tiers=cpu,redis",
                       "--set", f"redis.url={url}", "--quiet", "--wide"])  # fmt: skip
     assert rc == 1 and "FAIL" in out and "0 OK, 0 WARN, 1 FAIL, 0 SKIP" in out
-    assert "Why" in out  # --wide adds the column
+    assert "Why" in out and "Fix" in out  # --wide adds the columns
+    rc, out, _ = cli(["doctor", "--only", "redis", "--set", "store.tiers=cpu,redis",
+                      "--set", f"redis.url={url}", "--quiet"])  # fmt: skip
+    # without --wide each fix is one whole line under the table, ready to copy
+    assert rc == 1 and f"fix redis: start Redis at {url} or fix redis.url" in out
+
+
+def test_the_table_fits_narrow_terminals(host: Host) -> None:
+    from kvferry.cli.doctor_cmd import doctor_table
+    from kvferry.testing.tables import assert_fits
+
+    _two_nodes(host)
+    host.limits[resource.RLIMIT_NOFILE] = (1024, 1024)
+    report = run(DoctorOptions(), view=host.view())
+    assert {c.status for c in report.checks} == set(STATUSES)
+    for width in (120, 80, 60):
+        text, dropped = assert_fits(doctor_table(report), width)
+        assert dropped in ([], ["Threshold"]), (width, dropped)
+        assert "nofile" in text and "FAIL" in text
 
 
 @pytest.mark.parametrize(
