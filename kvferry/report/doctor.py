@@ -81,7 +81,7 @@ def findings(item: LoadedResult) -> Iterable[Finding]:
             continue
         yield Finding(
             severity="bad" if c.status == "FAIL" else "warn",
-            title=f"doctor: {c.name} {c.status}",
+            title=f"doctor check {c.name}",
             detail=c.why,
             evidence=f"{item.name}: {c.name} = {c.value} (threshold: {c.threshold})",
             recommendation=c.fix,

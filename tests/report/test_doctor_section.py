@@ -59,10 +59,10 @@ def test_doctor_section_findings_and_headlines(tmp_path: Path) -> None:
     assert ["wakeup_p50_us", "17.5"] in measured.rows
 
     (findings,) = [s for s in doc.sections if s.anchor == "findings"]
-    mine = [f for f in findings.findings if f.title.startswith("doctor: ")]
+    mine = [f for f in findings.findings if f.title.startswith("doctor check ")]
     assert [(f.title, f.severity) for f in mine] == [
-        ("doctor: redis FAIL", "bad"),
-        ("doctor: nofile WARN", "warn"),
+        ("doctor check redis", "bad"),
+        ("doctor check nofile", "warn"),
     ]
     assert mine[1].evidence == ("doctor.json: nofile = 20000 (hard 20000) (threshold: >= 65536)")
     assert mine[1].recommendation == "ulimit -n 65536" and mine[1].detail == "why nofile"
