@@ -75,6 +75,7 @@ WHY_MEMLOCK = (
 
 @check("memlock")
 def memlock(ctx: DoctorContext) -> CheckResult:
+    """RLIMIT_MEMLOCK (soft) against the cpu pool when cpu.pinned and Mooncake's rdma buffers."""
     cfg = ctx.config
     soft, hard = ctx.view.getrlimit(resource.RLIMIT_MEMLOCK)
     value = f"{limit(soft)} (hard {limit(hard)})"
@@ -113,6 +114,7 @@ WHY_HUGEPAGES = (
 
 @check("hugepages")
 def hugepages(ctx: DoctorContext) -> CheckResult:
+    """/proc/meminfo: hugetlb pages reserved and still free (WARN when all are unused)."""
     info = ctx.view.meminfo()
     if "HugePages_Total" not in info:
         return unreadable("hugepages", f"{ctx.view.proc}/meminfo (HugePages_Total)", WHY_HUGEPAGES)
@@ -137,6 +139,7 @@ WHY_THP = (
 
 @check("thp")
 def thp(ctx: DoctorContext) -> CheckResult:
+    """The transparent huge page mode against *.use_hugepages and a Redis tier on this host."""
     rel = "kernel/mm/transparent_hugepage/enabled"
     text = ctx.view.sys_text(rel)
     found = re.search(r"\[(\w+)\]", text or "")
@@ -192,6 +195,7 @@ WHY_NUMA = (
 
 @check("numa")
 def numa(ctx: DoctorContext) -> CheckResult:
+    """NUMA nodes, the nodes this process may run on, and the NICs' nodes."""
     nodes = numa_nodes(ctx.view)
     if nodes is None:
         return unreadable("numa", f"{ctx.view.sys}/devices/system/node", WHY_NUMA)
@@ -226,6 +230,7 @@ WHY_NUMA_BALANCING = (
 
 @check("numa_balancing")
 def numa_balancing(ctx: DoctorContext) -> CheckResult:
+    """kernel.numa_balancing, which matters only with more than one node."""
     rel = "sys/kernel/numa_balancing"
     value = ctx.view.proc_int(rel)
     if value is None:
@@ -252,6 +257,7 @@ WHY_NOFILE = (
 
 @check("nofile")
 def nofile(ctx: DoctorContext) -> CheckResult:
+    """RLIMIT_NOFILE (soft): WARN under 65536, FAIL under what a full listener holds."""
     soft, hard = ctx.view.getrlimit(resource.RLIMIT_NOFILE)
     listen = ctx.config.listen
     floor = listen.max_connections + listen.max_pending + 64
@@ -279,6 +285,7 @@ WHY_MAX_MAP = (
 
 @check("max_map_count")
 def max_map_count(ctx: DoctorContext) -> CheckResult:
+    """vm.max_map_count against the kernel's default."""
     rel = "sys/vm/max_map_count"
     value = ctx.view.proc_int(rel)
     if value is None:
@@ -299,6 +306,7 @@ WHY_SHM = (
 
 @check("dev_shm")
 def dev_shm(ctx: DoctorContext) -> CheckResult:
+    """The size and use of /dev/shm (statvfs) and how many files are in it."""
     path = str(ctx.view.dev_shm)
     try:
         st = ctx.view.statvfs(path)
@@ -329,6 +337,7 @@ WHY_TCP = (
 
 @check("tcp_buffers")
 def tcp_buffers(ctx: DoctorContext) -> CheckResult:
+    """net.core.rmem_max/wmem_max and the tcp_rmem/tcp_wmem maxima against 4 MiB."""
     v = ctx.view
     rmem, wmem = v.proc_int("sys/net/core/rmem_max"), v.proc_int("sys/net/core/wmem_max")
     tcp_rmem, tcp_wmem = v.proc_ints("sys/net/ipv4/tcp_rmem"), v.proc_ints("sys/net/ipv4/tcp_wmem")
@@ -377,6 +386,7 @@ def time_wait(view: SystemView) -> int | None:
 
 @check("port_range")
 def port_range(ctx: DoctorContext) -> CheckResult:
+    """The ephemeral port range against listen.max_connections, and TIME_WAIT sockets."""
     rel = "sys/net/ipv4/ip_local_port_range"
     bounds = ctx.view.proc_ints(rel)
     if not bounds or len(bounds) != 2:
@@ -411,6 +421,7 @@ def listener_backlog(config: KvferryConfig) -> int:
 
 @check("somaxconn")
 def somaxconn(ctx: DoctorContext) -> CheckResult:
+    """net.core.somaxconn against the backlog kvferry's listener asks for."""
     rel = "sys/net/core/somaxconn"
     value = ctx.view.proc_int(rel)
     if value is None:
@@ -432,6 +443,7 @@ WHY_MTU = (
 
 @check("mtu")
 def mtu(ctx: DoctorContext) -> CheckResult:
+    """Loopback's MTU when kvferry binds loopback, else the up interfaces' (jumbo frames)."""
     net = ctx.view.sys / "class/net"
     names = ctx.view.listdir(net)
     if not names:

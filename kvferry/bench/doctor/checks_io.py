@@ -83,6 +83,7 @@ WHY_DIRECT = (
 
 @check("direct_io")
 def direct_io(ctx: DoctorContext) -> CheckResult:
+    """The disk tier's own O_DIRECT probe, in its directory or the nearest existing parent."""
     directory, probe_in = disk_directory(ctx)
     threshold = f"an aligned {size(ALIGN)} O_DIRECT write and read work"
     if not ctx.config.disk.direct_io:
@@ -126,6 +127,7 @@ def block_queue(ctx: DoctorContext, path: str) -> tuple[Path, str] | None:
 
 @check("disk_block_size")
 def disk_block_size(ctx: DoctorContext) -> CheckResult:
+    """The logical block size and rotational flag of the device behind the tier's directory."""
     _, probe_in = disk_directory(ctx)
     found = block_queue(ctx, probe_in)
     threshold = f"logical block <= {ALIGN} B; not rotational"
@@ -164,6 +166,7 @@ WHY_SPACE = (
 
 @check("disk_space")
 def disk_space(ctx: DoctorContext) -> CheckResult:
+    """Used share and free bytes of the tier's filesystem against disk.capacity."""
     directory, probe_in = disk_directory(ctx)
     try:
         st = ctx.view.statvfs(probe_in)
@@ -204,6 +207,7 @@ WHY_URING = (
 
 @check("io_uring")
 def io_uring(ctx: DoctorContext) -> CheckResult:
+    """kernel.io_uring_disabled and a real io_uring_setup by this process."""
     disabled = ctx.view.proc_int("sys/kernel/io_uring_disabled")
     reason = ctx.view.io_uring()
     setting = "" if disabled is None else f"io_uring_disabled {disabled}; "
@@ -239,6 +243,7 @@ def redact(url: str) -> str:
 
 @check("redis")
 def redis(ctx: DoctorContext) -> CheckResult:
+    """PING round trips to every configured Redis URL (tier, metadata, membership)."""
     cfg = ctx.config
     urls: dict[str, str] = {}
     if "redis" in cfg.store.tiers:
@@ -287,6 +292,7 @@ WHY_MOONCAKE = (
 
 @check("mooncake_master")
 def mooncake_master(ctx: DoctorContext) -> CheckResult:
+    """A TCP connect to mooncake.master_address when a mooncake tier is configured."""
     cfg = ctx.config.mooncake
     threshold = "master_address accepts TCP"
     if "mooncake" not in ctx.config.store.tiers:
@@ -322,6 +328,7 @@ def gpu_present(ctx: DoctorContext) -> bool:
 
 @check("gpu")
 def gpu(ctx: DoctorContext) -> CheckResult:
+    """Pinned host-to-device copy speed of GPU 0, when an NVIDIA driver or device is here."""
     threshold = f"pinned H2D >= {H2D_MIN_GBPS:g} GB/s"
     if not gpu_present(ctx):
         return CheckResult("gpu", "SKIP", "no NVIDIA GPU (/proc/driver/nvidia)",
@@ -356,6 +363,7 @@ WHY_RDMA = (
 
 @check("rdma")
 def rdma(ctx: DoctorContext) -> CheckResult:
+    """The state of every RDMA port, against mooncake.device_name when rdma is configured."""
     root = ctx.view.sys / "class/infiniband"
     devices = ctx.view.listdir(root)
     wanted = "mooncake" in ctx.config.store.tiers and ctx.config.mooncake.protocol == "rdma"
@@ -393,6 +401,7 @@ WHY_WAKEUP = (
 
 @check("wakeup_latency")
 def wakeup_latency(ctx: DoctorContext) -> CheckResult:
+    """A sleeping thread's wake-up cost and the grace period it suggests."""
     lat = ctx.view.wakeup(ctx.wakeup_samples)
     suggested = suggest_grace_period_ns(lat)
     configured = ctx.config.transfer.grace_period_ns
@@ -422,6 +431,7 @@ WHY_CONFIG = (
 
 @check("config")
 def config(ctx: DoctorContext) -> CheckResult:
+    """How many effective values came from each source (default, preset, file, env, flag)."""
     keys = sorted({*ctx.sources}) if ctx.sources else []
     counts: dict[str, int] = {}
     for key in keys:
