@@ -60,8 +60,9 @@ $(AIPERF_VENV)/.installed:
 
 aiperf: $(AIPERF_VENV)/.installed
 
-# The whole lab on the embedded default (transfer, store, hitrate, a mock engine's endpoint
-# sweep, a router comparison), ending in .kvferry-run/report.html: about 1.5 minutes on 2 cores.
+# The whole lab on the embedded default (kvferry doctor's host checks, transfer, store, hitrate,
+# a mock engine's endpoint sweep, a router comparison), ending in .kvferry-run/report.html: about
+# 1.5 minutes on 2 cores.
 run: $(STAMP)
 	$(VENV)/bin/kvferry bench all --out .kvferry-run
 

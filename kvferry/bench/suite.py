@@ -6,6 +6,8 @@ running the benches through their libraries in order, and the list of what was w
 steps, each a result JSON (the lab's result model, read back by
 :func:`~kvferry.bench.result.load_result`) and the bench's own figures:
 
+    doctor     the production checklist against this machine and the default config (seconds):
+               what a reader needs to trust the numbers after it (limits, NUMA, wake-up cost)
     transfer   kvferry over TCP on loopback, 4 KiB..1 MiB blocks x batches 1..4, with the same
                run's socket-stream and memcpy references; Mooncake's transfer engine beside it
                when its wheel imports (else a note in the result says how to add it)
@@ -49,7 +51,7 @@ __all__ = [
     "run",
 ]
 
-STEPS = ("transfer", "store", "hitrate", "serve", "router")
+STEPS = ("doctor", "transfer", "store", "hitrate", "serve", "router")
 """The steps, in the order they run."""
 
 MOONCAKE_HINT = (
@@ -63,6 +65,7 @@ MOONCAKE_HINT = (
 class SuitePlan:
     """What each step is asked to do (sizes in bytes, times in seconds)."""
 
+    doctor_wakeup_samples: int
     transfer_max_block: int
     transfer_max_batch: int
     transfer_buffer: int
@@ -90,6 +93,7 @@ class SuitePlan:
 
 
 FULL = SuitePlan(
+    doctor_wakeup_samples=300,
     transfer_max_block=1 << 20,
     transfer_max_batch=4,
     transfer_buffer=64 << 20,
@@ -116,6 +120,7 @@ FULL = SuitePlan(
 """``make run``: a few minutes at most on two cores."""
 
 QUICK = SuitePlan(
+    doctor_wakeup_samples=50,
     transfer_max_block=16 << 10,
     transfer_max_batch=1,
     transfer_buffer=16 << 20,
@@ -260,6 +265,19 @@ def _finish(report: BenchResult, ctx: _Context, path: Path, extra: Sequence[str]
     report.command = ctx.options.command
     report.write(path)
     return path
+
+
+def _doctor(ctx: _Context, tell: Tell, suite_notes: list[str]) -> list[Path]:
+    from kvferry.bench.doctor import DoctorOptions
+    from kvferry.bench.doctor import run as run_doctor
+
+    def progress(name: str, done: int, total: int) -> None:
+        tell(name, done, total)
+
+    # a FAIL is a finding of the report, not a failed step: the benches after it still run
+    options = DoctorOptions(wakeup_samples=ctx.plan.doctor_wakeup_samples)
+    report = run_doctor(options, progress)
+    return [_finish(report, ctx, ctx.out / "doctor.json")]
 
 
 def _transfer(ctx: _Context, tell: Tell, suite_notes: list[str]) -> list[Path]:
@@ -444,6 +462,7 @@ def _router(ctx: _Context, tell: Tell, suite_notes: list[str]) -> list[Path]:
 
 
 _STEP_RUNNERS: dict[str, Callable[[_Context, Tell, list[str]], list[Path]]] = {
+    "doctor": _doctor,
     "transfer": _transfer,
     "store": _store,
     "hitrate": _hitrate,
@@ -453,6 +472,7 @@ _STEP_RUNNERS: dict[str, Callable[[_Context, Tell, list[str]], list[Path]]] = {
 
 
 _OUTPUTS = {
+    "doctor": ("doctor.json",),
     "transfer": ("transfer.json",),
     "store": ("store-cpu.json", "store-server.json"),
     "hitrate": ("hitrate.json", "hitrate.png"),

@@ -41,6 +41,7 @@ _COMMAND_MODULES = [
     "kvferry.cli.advise_cmd",
     "kvferry.cli.tune_cmd",
     "kvferry.cli.monitor_cmd",
+    "kvferry.cli.doctor_cmd",
 ]
 
 EXIT_ERROR = 2

@@ -28,9 +28,10 @@ __all__ = ["add_suite_parser", "build_report_files", "run_suite"]
 def add_suite_parser(kinds: Any) -> None:
     p = kinds.add_parser(
         "all",
-        help="the whole lab on the embedded default (transfer, store, hitrate, serve, router), "
-        "then one HTML report",
-        description="Run every bench, small, on the embedded default: a transfer sweep over "
+        help="the whole lab on the embedded default (doctor, transfer, store, hitrate, serve, "
+        "router), then one HTML report",
+        description="Check the machine (kvferry doctor), then run every bench, small, on the "
+        "embedded default: a transfer sweep over "
         "loopback TCP with the same-run socket and memcpy references (and Mooncake's engine "
         "beside kvferry when it is installed), the store bench (cpu, server), the hit-rate lab "
         "on the bundled trace, a mock engine with an endpoint concurrency sweep, and a router "

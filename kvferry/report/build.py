@@ -4,9 +4,9 @@
 it, then :func:`kvferry.report.html.write_html` and :func:`kvferry.report.markdown.write_markdown`
 draw it). The document's sections, in order: headline metrics, setup, bottlenecks and
 recommendations, one section per bench kind present (a subsection per result), sources. Each
-bench's module (:mod:`.transfer`, :mod:`.store`, :mod:`.hitrate`, :mod:`.serve`, :mod:`.router`)
-builds its subsections and headline numbers; this module only orders them. A comparison
-(``--compare``) is added by the caller with :func:`add_section`.
+bench's module (:mod:`.doctor`, :mod:`.transfer`, :mod:`.store`, :mod:`.hitrate`, :mod:`.serve`,
+:mod:`.router`) builds its subsections and headline numbers; this module only orders them. A
+comparison (``--compare``) is added by the caller with :func:`add_section`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 
-from kvferry.report import findings, fmt, hitrate, router, serve, store, transfer
+from kvferry.report import doctor, findings, fmt, hitrate, router, serve, store, transfer
 from kvferry.report.headline import Headline, headline_section
 from kvferry.report.inputs import Inputs, LoadedResult, collect
 from kvferry.report.model import ReportDoc, Section
@@ -47,6 +47,13 @@ class _Bench:
 
 
 BENCHES: dict[str, _Bench] = {
+    "doctor": _Bench(
+        "Host checks (doctor)",
+        "doctor",
+        "kvferry doctor: the production checklist against the machine the runs below were "
+        "measured on, each check OK, WARN, FAIL or SKIP with its value, threshold and fix.",
+        doctor,
+    ),
     "transfer": _Bench(
         "Transfer engine",
         "transfer",

@@ -19,7 +19,7 @@ from kvferry.bench.router.harness import RouterBenchReport
 from kvferry.bench.store.report import StoreBenchReport
 from kvferry.bench.transfer.cases import CaseResult
 from kvferry.bench.transfer.report import TransferBenchReport
-from kvferry.report import fmt
+from kvferry.report import doctor, fmt
 from kvferry.report.hitrate import ceiling
 from kvferry.report.inputs import LoadedResult
 from kvferry.report.model import Candidate, Finding, Section
@@ -643,6 +643,7 @@ def _disk_vs_fio(item: LoadedResult, report: StoreBenchReport) -> Iterable[Findi
 
 
 RULES: dict[str, Callable[[LoadedResult], Iterable[Finding]]] = {
+    "doctor": doctor.findings,
     "transfer": _transfer,
     "store": _store,
     "hitrate": _hitrate,
@@ -674,8 +675,9 @@ def findings_section(found: Sequence[Finding]) -> Section:
         f"{fmt.pct(GOODPUT_FLOOR, 0)} of throughput; TTFT p50 up "
         f"{fmt.num(QUEUE_TTFT_GROWTH)}x across the loads while the last step adds < "
         f"{fmt.pct(QUEUE_THROUGHPUT_GAIN - 1, 0)} throughput; kv routing's TTFT not below "
-        "round-robin's. A config change a rule suggests is listed with the command that "
-        "measures it; kvferry advise --verify measures it and keeps only what helped."
+        "round-robin's; every doctor check that warned or failed. A config change a rule "
+        "suggests is listed with the command that measures it; kvferry advise --verify "
+        "measures it and keeps only what helped."
     )
     if not found:
         intro += " No rule fired on these results."

@@ -167,7 +167,7 @@ def test_a_result_of_one_tool_is_not_read_as_another() -> None:
         _Report.from_json(doc)
 
 
-@pytest.mark.parametrize("tool", ["transfer", "store", "hitrate", "serve", "router"])
+@pytest.mark.parametrize("tool", ["transfer", "store", "hitrate", "serve", "router", "doctor"])
 def test_every_bench_has_a_report_class(tool: str) -> None:
     cls = result_class(tool)
     assert issubclass(cls, BenchResult) and cls.tool == tool

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from kvferry.bench.doctor import CHECKS, DoctorReport
 from kvferry.bench.endpoint.harness import ServeBenchReport
 from kvferry.bench.hitrate import HitRateReport
 from kvferry.bench.result import load_result
@@ -34,6 +35,7 @@ from kvferry.errors import ConfigError
 from kvferry.testing.browser import MISSING_REASON, find_chromium, open_page
 
 RESULTS = {
+    "doctor.json": DoctorReport,
     "transfer.json": TransferBenchReport,
     "store-cpu.json": StoreBenchReport,
     "store-server.json": StoreBenchReport,
@@ -70,6 +72,11 @@ def test_every_step_writes_a_result_that_loads(quick_run: tuple[Path, int, str])
         assert results[name].command.startswith("kvferry bench all --quick"), name
     for name in FIGURES:
         assert (out / name).read_bytes().startswith(b"\x89PNG"), name
+
+    doctor = results["doctor.json"]
+    assert isinstance(doctor, DoctorReport)
+    assert [c.name for c in doctor.checks] == list(CHECKS)
+    assert doctor.options.wakeup_samples == QUICK.doctor_wakeup_samples
 
     transfer = results["transfer.json"]
     assert isinstance(transfer, TransferBenchReport)
@@ -123,7 +130,7 @@ def test_the_run_ends_in_a_report(quick_run: tuple[Path, int, str]) -> None:
     assert html.stat().st_size > 0 and md.stat().st_size > 0
     assert "report: " in stdout and "report.html" in stdout
     text = md.read_text()
-    # every step records the one command line: the setup names it once, for all six runs
+    # every step records the one command line: the setup names it once, for all seven runs
     rows = text.splitlines()
     (row,) = [r for r in rows if r.startswith("| ") and "kvferry bench all --quick" in r]
     assert all(name in row for name in RESULTS), row
@@ -150,7 +157,7 @@ def test_the_report_opens_cleanly_in_a_real_browser(quick_run: tuple[Path, int, 
     assert snap.images >= 1 and snap.images_loaded == snap.images
     assert len(snap.headings) >= 1 + len(STEPS)  # the title, then at least a section a bench
     text = snap.text.lower()
-    for step in ("transfer", "store", "hit", "serve", "router"):
+    for step in ("doctor", "transfer", "store", "hit", "serve", "router"):
         assert step in text, step
     snap.save_screenshot(out / "report.png")
 
@@ -191,6 +198,15 @@ def test_progress_and_the_mooncake_note(tmp_path: Path) -> None:
     assert {c["backend"] for c in data["cases"]} == {"kvferry"}
 
 
+def test_the_doctor_step_checks_the_machine_first(tmp_path: Path) -> None:
+    result = run(SuiteOptions(out=tmp_path / "run", quick=True, steps=("hitrate", "doctor")))
+    assert [s.name for s in result.steps] == ["doctor", "hitrate"]  # STEPS' order, doctor first
+    assert result.failed == []
+    doctor = load_result(tmp_path / "run" / "doctor.json")
+    assert isinstance(doctor, DoctorReport) and len(doctor.checks) == len(CHECKS)
+    assert doctor.config is not None and set(doctor.config.sources.values()) == {"default"}
+
+
 def test_a_stale_file_of_an_earlier_run_is_not_kept(tmp_path: Path) -> None:
     out = tmp_path / "run"
     out.mkdir()
@@ -207,8 +223,8 @@ def test_bad_options_are_one_error_line(tmp_path: Path, capsys: pytest.CaptureFi
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err
     assert err.strip() == (
-        "error: --only 'nope' is invalid: must be one or more of transfer, store, hitrate, "
-        "serve, router"
+        "error: --only 'nope' is invalid: must be one or more of doctor, transfer, store, "
+        "hitrate, serve, router"
     )
     blocker = tmp_path / "file"
     blocker.write_text("")
