@@ -13,6 +13,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable, Iterable, Sequence
 
+from kvferry.bench.doctor.report import DoctorReport
 from kvferry.bench.endpoint.harness import ServeBenchReport
 from kvferry.bench.hitrate import HitRateReport
 from kvferry.bench.router.harness import RouterBenchReport
@@ -655,9 +656,54 @@ RULES: dict[str, Callable[[LoadedResult], Iterable[Finding]]] = {
 _ORDER = {"bad": 0, "warn": 1, "info": 2, "good": 3}
 
 
+SMALL_BLOCK = 16 << 10
+"""Blocks up to this size at batch 1 are a lone request's round trip: a wake-up per reply is a
+large share of it, so the grace period decides their rate."""
+
+
+def _grace_vs_wakeup(items: Sequence[LoadedResult]) -> Iterable[Finding]:
+    """A doctor's measured wake-up suggests another grace period than a transfer run used:
+    measure that grace period on the run's small-block, batch-1 case."""
+    doctors = [i.result for i in items if isinstance(i.result, DoctorReport)]
+    suggested = next((d.measurements.get("suggested_grace_period_ns") for d in doctors), None)
+    if not suggested:
+        return
+    wakeup = doctors[0].measurements.get("wakeup_p50_us", 0.0)
+    grace = int(suggested)
+    for item in items:
+        report = item.result
+        if not isinstance(report, TransferBenchReport) or report.config is None:
+            continue
+        used = report.config.values.get("transfer.grace_period_ns")
+        small = [
+            c
+            for c in report.cases
+            if _ours(c.backend) and c.block_size <= SMALL_BLOCK and c.batch_size == 1
+        ]
+        if not small or not isinstance(used, int) or not (used / 2 > grace or used * 2 < grace):
+            continue
+        case = min(small, key=lambda c: c.block_size)
+        yield Finding(
+            severity="info",
+            title="the grace period is far from this machine's wake-up cost",
+            detail=f"The transfer run busy-polled {used:,} ns for a reply before sleeping; the "
+            f"doctor measured a wake-up that suggests {grace:,} ns. A lone small request waits "
+            "on that choice every round trip.",
+            evidence=f"{item.name}: {fmt.size(case.block_size)} x 1 x {case.threads}: "
+            f"{fmt.num(case.bw_gbps)} GB/s, P99 {fmt.num(case.transfer_us.p99)} us; doctor "
+            f"wake-up p50 {fmt.num(wakeup)} us",
+            recommendation="Measure the suggested grace period on the small-block case before "
+            "setting it: on a busy machine a shorter spin can also leave the core to the peer.",
+            rule="transfer.grace_vs_wakeup",
+            candidates=[transfer_candidate(report, case, "bw", grace_period_ns=str(grace))],
+        )
+
+
 def findings(items: Sequence[LoadedResult]) -> list[Finding]:
-    """Every rule's findings over ``items``, the worst first (stable within a severity)."""
+    """Every rule's findings over ``items`` (rules over one result, then rules across results),
+    the worst first (stable within a severity)."""
     out = [f for item in items if item.result.tool in RULES for f in RULES[item.result.tool](item)]
+    out += list(_grace_vs_wakeup(items))
     return sorted(out, key=lambda f: _ORDER[f.severity])
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from kvferry.bench.doctor.report import DoctorReport
 from kvferry.bench.endpoint.aggregate import MetricResult
 from kvferry.bench.hitrate import HitRateOptions
 from kvferry.bench.hitrate import run as run_hitrate
@@ -255,3 +256,18 @@ def test_a_replay_whose_loads_are_slower_than_prefill_is_flagged() -> None:
     result.prefill_tokens_per_s = result.block_tokens / (load_p50 / 2 / 1e6)
     found = rules(result)["hitrate.load_slower_than_recompute"]
     assert "per-block load p50" in found.evidence
+
+
+def test_a_doctor_wakeup_far_from_the_grace_period_suggests_measuring_it() -> None:
+    transfer = transfer_with_batches()
+    assert transfer.config.values["transfer.grace_period_ns"] == 50_000
+    doctor = DoctorReport(measurements={"wakeup_p50_us": 15.0})
+    items = [item(doctor, "doctor.json"), item(transfer, "transfer.json")]
+    for suggested, fires in ((40_000.0, False), (20_000.0, True), (200_000.0, True)):
+        doctor.measurements["suggested_grace_period_ns"] = suggested
+        found = [f for f in findings(items) if f.rule == "transfer.grace_vs_wakeup"]
+        assert bool(found) == fires, suggested
+    (f,) = found
+    (c,) = f.candidates
+    assert c.label == "transfer.grace_period_ns=200000"
+    assert dict(c.params)["block_size"] == 4096 and dict(c.params)["batch_size"] == 1
