@@ -117,14 +117,9 @@ class Advice:
 
 
 def advise(items: Sequence[LoadedResult]) -> list[Advice]:
-    """Every rule's finding over ``items`` as advice (worst first), nothing measured yet."""
-    by_id = {id(i): i for i in items}
-    out = []
-    for item in by_id.values():
-        for f in findings([item]):
-            out.append(Advice(finding=f, source=str(item.path)))
-    order = {"bad": 0, "warn": 1, "info": 2, "good": 3}
-    return sorted(out, key=lambda a: order[a.finding.severity])
+    """Every rule's finding over ``items`` as advice (worst first), nothing measured yet.
+    Rules across results (a doctor's wake-up against a transfer run) see all of ``items``."""
+    return [Advice(finding=f, source=f.source) for f in findings(items)]
 
 
 def verify(

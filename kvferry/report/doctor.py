@@ -85,4 +85,5 @@ def findings(item: LoadedResult) -> Iterable[Finding]:
             detail=c.why,
             evidence=f"{item.name}: {c.name} = {c.value} (threshold: {c.threshold})",
             recommendation=c.fix,
+            rule=f"doctor.{c.name}",
         )

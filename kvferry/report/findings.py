@@ -695,6 +695,7 @@ def _grace_vs_wakeup(items: Sequence[LoadedResult]) -> Iterable[Finding]:
             recommendation="Measure the suggested grace period on the small-block case before "
             "setting it: on a busy machine a shorter spin can also leave the core to the peer.",
             rule="transfer.grace_vs_wakeup",
+            source=str(item.path),
             candidates=[transfer_candidate(report, case, "bw", grace_period_ns=str(grace))],
         )
 
@@ -702,7 +703,11 @@ def _grace_vs_wakeup(items: Sequence[LoadedResult]) -> Iterable[Finding]:
 def findings(items: Sequence[LoadedResult]) -> list[Finding]:
     """Every rule's findings over ``items`` (rules over one result, then rules across results),
     the worst first (stable within a severity)."""
-    out = [f for item in items if item.result.tool in RULES for f in RULES[item.result.tool](item)]
+    out = []
+    for item in items:
+        for f in RULES[item.result.tool](item) if item.result.tool in RULES else ():
+            f.source = f.source or str(item.path)
+            out.append(f)
     out += list(_grace_vs_wakeup(items))
     return sorted(out, key=lambda f: _ORDER[f.severity])
 

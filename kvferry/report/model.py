@@ -91,6 +91,8 @@ class Finding:
     """The rule that made it (``transfer.tail``): stable, for tests and ``kvferry advise``."""
     candidates: list[Candidate] = field(default_factory=list)
     """Config changes worth measuring (``kvferry advise --verify`` keeps those that helped)."""
+    source: str = ""
+    """The result file the candidates are measured against (set by the rules' runner)."""
 
 
 @dataclass
