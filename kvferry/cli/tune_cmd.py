@@ -148,12 +148,13 @@ def _print_and_write(
     title: str,
     search: SearchResult,
     metric: str,
-    final: list[float] | None,
+    final: list[float],
+    tuned: dict[str, str],
     tried: list[str],
     command: str,
 ) -> None:
-    """Every step as a table row, the final tuned-vs-defaults ratios, and ``-o`` YAML (the
-    tuned overrides, or the defaults of what was tried when nothing won)."""
+    """Every step as a table row, the final tuned-vs-defaults ratios, and ``-o`` YAML: the
+    tuned overrides when the final run confirmed them, else the defaults of what was tried."""
     import statistics
 
     from kvferry.config.models import KvferryConfig
@@ -174,20 +175,26 @@ def _print_and_write(
     if search.untried:
         untried = ", ".join(f"{k}={v}" for k, v in search.untried)
         console.print(f"budget spent ({search.seconds:.0f} s): not measured: {untried}")
+    picked = ", ".join(f"{k}={v}" for k, v in search.best.items())
     if final:
         median = statistics.median(final)
         console.print(
-            f"tuned vs defaults, {len(final)} alternating rounds: {metric} x{median:.3f} "
-            f"(rounds {min(final):.3f}-{max(final):.3f})"
+            f"search picked {picked}; against the defaults, {len(final)} alternating rounds: "
+            f"{metric} x{median:.3f} (rounds {min(final):.3f}-{max(final):.3f})"
         )
-        written: dict[str, Any] = dict(search.best)
-        header = f"{command}\ntuned vs defaults, same run: {metric} x{median:.3f}"
+    if tuned:
+        written: dict[str, Any] = dict(tuned)
+        header = f"{command}\ntuned vs defaults, same run: {metric} x{statistics.median(final):.3f}"
+        console.print("tuned: " + ", ".join(f"{k}={v}" for k, v in tuned.items()))
     else:
-        console.print("nothing beat the defaults beyond noise: keep them")
+        console.print(
+            "the pick did not beat the defaults in every final round: keep the defaults"
+            if final
+            else "nothing beat the defaults beyond noise: keep them"
+        )
         defaults = KvferryConfig().model_dump(mode="json")
         written = {k: defaults[k.split(".")[0]][k.split(".")[1]] for k in tried}
         header = f"{command}\nnothing beat the defaults beyond noise (defaults below)"
-    console.print("tuned: " + (", ".join(f"{k}={v}" for k, v in search.best.items()) or "-"))
     if args.output:
         _write_yaml(args.output, written, header)
         console.print(f"wrote {args.output}")
@@ -196,10 +203,11 @@ def _print_and_write(
             args.json,
             {
                 "command": command,
-                "tuned": search.best,
+                "tuned": tuned,
+                "picked": search.best,
                 "steps": [vars(s) for s in search.steps],
                 "untried": search.untried,
-                "final_rounds": final or [],
+                "final_rounds": final,
                 "seconds": search.seconds,
             },
         )
@@ -227,17 +235,14 @@ def run_transfer(args: argparse.Namespace) -> int:
     workload = f"{format_size(options.block_size)} x {options.batch_size} x {options.threads}"
     with err.status(f"tuning transfer for {workload} over {options.transport}") as status:
         result = tune(options, _reporter(status, metric))
-    search = result.search
-    final = None if result.final_ratio is None else list(result.final_ratio.rounds)
-    if final is not None and not final and result.final_ratio is not None:
-        final = [result.final_ratio.value]
     _print_and_write(
         console,
         args,
         f"kvferry tune transfer: {workload}, {options.objective} ({metric})",
-        search,
+        result.search,
         metric,
-        final,
+        result.final_rounds,
+        result.tuned,
         list(options.space),
         f"kvferry tune transfer --block-size {options.block_size} --batch-size "
         f"{options.batch_size} --threads {options.threads} --transport {options.transport} "
@@ -279,7 +284,8 @@ def run_store(args: argparse.Namespace) -> int:
         f"kvferry tune store: {workload}, {options.objective} ({metric})",
         result.search,
         metric,
-        result.final_rounds or None,
+        result.final_rounds,
+        result.tuned,
         list(options.knobs),
         f"kvferry tune store --backend {bench.backend} --op {bench.op} --value-size "
         f"{bench.value_size} --batch-size {bench.batch} --objective {options.objective}",

@@ -14,13 +14,14 @@ import pytest
 
 from kvferry.bench.hitrate import HitRateOptions
 from kvferry.bench.hitrate import run as run_hitrate
+from kvferry.bench.result import Ratio
 from kvferry.bench.store import StoreBenchOptions
 from kvferry.bench.tune.cache import CacheTuneOptions
 from kvferry.bench.tune.cache import tune as tune_cache
-from kvferry.bench.tune.search import MIN_GAIN, coordinate_search, helped
+from kvferry.bench.tune.search import MIN_GAIN, SearchResult, coordinate_search, helped
 from kvferry.bench.tune.store import StoreTuneOptions
 from kvferry.bench.tune.store import tune as tune_store
-from kvferry.bench.tune.transfer import TransferTuneOptions
+from kvferry.bench.tune.transfer import TransferTuneOptions, TransferTuneResult
 from kvferry.bench.tune.transfer import tune as tune_transfer
 from kvferry.cli.main import main
 from kvferry.config.loader import load_config
@@ -127,9 +128,23 @@ def test_a_real_transfer_tune_measures_every_candidate() -> None:
     ]
     assert all(len(s.ratios) == 2 and all(r > 0 for r in s.ratios) for s in steps)
     adopted = {s.knob: s.value for s in steps if s.adopted}
-    assert result.tuned == adopted  # only measured winners
+    assert result.search.best == adopted  # only measured winners
     assert all(min(s.ratios) > 1 for s in steps if s.adopted)
     assert (result.final_ratio is not None) == bool(adopted)
+    # recommended only when the final interleaved run confirms it in every round
+    assert result.tuned in ({}, adopted)
+    if result.tuned:
+        assert min(result.final_rounds) > 1
+
+
+def test_a_pick_the_final_run_does_not_confirm_is_not_recommended() -> None:
+    options = TransferTuneOptions()
+    search = SearchResult(best={"transfer.slice_size": "1MiB"})
+    for rounds, confirmed in (([1.2, 1.1, 1.3], True), ([1.2, 0.97, 1.3], False), ([], False)):
+        final = Ratio("bw_gbps", "a", "b", 1.2, rounds) if rounds else None
+        result = TransferTuneResult(options=options, search=search, final_ratio=final)
+        assert result.confirmed == confirmed
+        assert result.tuned == ({"transfer.slice_size": "1MiB"} if confirmed else {})
 
 
 @pytest.mark.slow
@@ -145,9 +160,10 @@ def test_a_real_store_tune_measures_alternating_pairs() -> None:
     assert [(s.knob, s.value) for s in steps][:1] == [("cpu.checksum", "off")]
     assert all(len(s.ratios) == 2 and all(r > 0 for r in s.ratios) for s in steps)
     assert all(min(s.ratios) > 1 for s in steps if s.adopted)
-    assert result.tuned == {s.knob: s.value for s in steps if s.adopted}
-    # the final run (verify on) happens only for a winner, as pairs of the same rounds
-    assert (len(result.final_rounds) == 3) == bool(result.tuned)
+    assert result.search.best == {s.knob: s.value for s in steps if s.adopted}
+    # the final run (verify on) happens only for a winner, and gates the recommendation
+    assert (len(result.final_rounds) == 3) == bool(result.search.best)
+    assert result.tuned in ({}, result.search.best)
     with pytest.raises(ConfigError, match="no built-in knobs for backend 'redis'"):
         StoreTuneOptions(bench=StoreBenchOptions(backend="redis"))
     with pytest.raises(ConfigError, match="--objective 'fast'"):
@@ -207,9 +223,10 @@ def test_the_cli_writes_a_config_file_that_loads(
     loaded = load_config(config_file=out, environ={})
     data = json.loads(report.read_text())
     if data["tuned"]:
-        assert loaded.config.transfer.workers == 2 and data["final_rounds"]
-    else:  # nothing won: the file holds the default of what was tried
-        assert "nothing beat the defaults" in printed and loaded.config.transfer.workers == 1
+        assert loaded.config.transfer.workers == 2 and min(data["final_rounds"]) > 1
+    else:  # nothing won or the final run did not confirm: the defaults of what was tried
+        assert "keep the defaults" in printed or "keep them" in printed
+        assert loaded.config.transfer.workers == 1
     cache = tmp_path / "cache.yaml"
     argv = ["tune", "cache", "--trace", "mooncake-synthetic", "--model-kv", "32,8,128,bf16"]
     assert main([*argv, "--target-hit-rate", "0.3", "--policy", "lru", "-o", str(cache)]) == 0

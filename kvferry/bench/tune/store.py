@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from kvferry.bench.store import StoreBenchOptions, StoreBenchReport
 from kvferry.bench.store import run as run_store
-from kvferry.bench.tune.search import MIN_GAIN, SearchResult, Step, coordinate_search
+from kvferry.bench.tune.search import MIN_GAIN, SearchResult, Step, coordinate_search, helped
 from kvferry.config.loader import load_config
 from kvferry.errors import ConfigError, KvferryError
 
@@ -113,8 +113,14 @@ class StoreTuneResult:
     final: list[StoreBenchReport] = field(default_factory=list)
 
     @property
+    def confirmed(self) -> bool:
+        """The search's pick beat the defaults in the final alternating run too."""
+        return helped(self.final_rounds, self.options.higher_better)
+
+    @property
     def tuned(self) -> dict[str, str]:
-        return dict(self.search.best)
+        """The recommendation: the search's pick when the final run confirmed it, else none."""
+        return dict(self.search.best) if self.confirmed else {}
 
 
 def _timed(report: StoreBenchReport, higher_better: bool) -> float:

@@ -21,7 +21,7 @@ from kvferry.bench.result import Ratio
 from kvferry.bench.transfer import TransferBenchOptions
 from kvferry.bench.transfer import run as run_transfer
 from kvferry.bench.transfer.report import BW, P99, TransferBenchReport
-from kvferry.bench.tune.search import MIN_GAIN, SearchResult, Step, coordinate_search
+from kvferry.bench.tune.search import MIN_GAIN, SearchResult, Step, coordinate_search, helped
 from kvferry.config.loader import load_config
 from kvferry.errors import ConfigError, KvferryError
 
@@ -111,8 +111,21 @@ class TransferTuneResult:
     final_ratio: Ratio | None = None
 
     @property
+    def final_rounds(self) -> list[float]:
+        r = self.final_ratio
+        return [] if r is None else (list(r.rounds) or [r.value])
+
+    @property
+    def confirmed(self) -> bool:
+        """The search's pick beat the defaults in the final interleaved run too (every round,
+        by the margin): steps adopted one at a time can each win by a hair and together not."""
+        return helped(self.final_rounds, self.options.higher_better)
+
+    @property
     def tuned(self) -> dict[str, str]:
-        return dict(self.search.best)
+        """The recommendation: the search's pick when the final run confirmed it, else none
+        (keep the defaults)."""
+        return dict(self.search.best) if self.confirmed else {}
 
 
 def _label(overrides: Mapping[str, str]) -> str:
