@@ -290,6 +290,8 @@ def run_store(args: argparse.Namespace) -> int:
         f"kvferry tune store --backend {bench.backend} --op {bench.op} --value-size "
         f"{bench.value_size} --batch-size {bench.batch} --objective {options.objective}",
     )
+    for caveat in result.caveats:
+        console.print(f"caveat: {caveat}")
     return 0
 
 

@@ -19,7 +19,7 @@ from kvferry.bench.store import StoreBenchOptions
 from kvferry.bench.tune.cache import CacheTuneOptions
 from kvferry.bench.tune.cache import tune as tune_cache
 from kvferry.bench.tune.search import MIN_GAIN, SearchResult, coordinate_search, helped
-from kvferry.bench.tune.store import StoreTuneOptions
+from kvferry.bench.tune.store import StoreTuneOptions, StoreTuneResult
 from kvferry.bench.tune.store import tune as tune_store
 from kvferry.bench.tune.transfer import TransferTuneOptions, TransferTuneResult
 from kvferry.bench.tune.transfer import tune as tune_transfer
@@ -249,3 +249,14 @@ def test_bad_input_is_one_error_line(
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_a_page_cache_win_comes_with_its_caveat() -> None:
+    bench = StoreBenchOptions(backend="disk", value_size=1 << 20, num_keys=128)
+    options = StoreTuneOptions(bench=bench)
+    search = SearchResult(best={"disk.direct_io": "false"})
+    result = StoreTuneResult(options=options, search=search, final_rounds=[6.1, 6.4, 6.2])
+    assert result.tuned == {"disk.direct_io": "false"}
+    (caveat,) = result.caveats
+    assert "128 MiB fit in RAM" in caveat
+    assert StoreTuneResult(options=options, search=search, final_rounds=[1.0]).caveats == []

@@ -122,6 +122,20 @@ class StoreTuneResult:
         """The recommendation: the search's pick when the final run confirmed it, else none."""
         return dict(self.search.best) if self.confirmed else {}
 
+    @property
+    def caveats(self) -> list[str]:
+        """What the measurement cannot show about a tuned value (printed beside it)."""
+        out = []
+        if self.tuned.get("disk.direct_io") == "false":
+            working = self.options.bench.num_keys * self.options.bench.value_size
+            out.append(
+                f"disk.direct_io=false reads through the page cache: this workload's "
+                f"{working / 2**20:,.0f} MiB fit in RAM, so its gets were memory copies; a disk "
+                "tier larger than the free RAM does not keep this gain, and the page cache it "
+                "fills is not bounded by any kvferry capacity"
+            )
+        return out
+
 
 def _timed(report: StoreBenchReport, higher_better: bool) -> float:
     timed = [p for p in report.phases if p.phase == "read_perf"] or report.phases[-1:]
