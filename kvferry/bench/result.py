@@ -339,6 +339,7 @@ _TOOLS = Registry(
         "hitrate": "kvferry.bench.hitrate.report:HitRateReport",
         "serve": "kvferry.bench.endpoint.harness:ServeBenchReport",
         "router": "kvferry.bench.router.harness:RouterBenchReport",
+        "tune": "kvferry.bench.tune.report:TuneReport",
         "doctor": "kvferry.bench.doctor.report:DoctorReport",
     },
 )

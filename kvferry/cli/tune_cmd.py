@@ -11,7 +11,7 @@ tried.
 from __future__ import annotations
 
 import argparse
-import json
+import shlex
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +25,7 @@ from kvferry.errors import ConfigError
 from kvferry.tables import FitTable, output_console, print_table
 
 if TYPE_CHECKING:
+    from kvferry.bench.tune.report import TuneReport
     from kvferry.bench.tune.search import SearchResult, Step
 
 
@@ -123,11 +124,13 @@ def _write_yaml(path: str, overrides: Mapping[str, Any], header: str) -> None:
         raise ConfigError(f"-o {path!r}: cannot write: {e.strerror}") from e
 
 
-def _write_json(path: str, data: object) -> None:
-    try:
-        Path(path).write_text(json.dumps(data, indent=2, default=str) + "\n")
-    except OSError as e:
-        raise ConfigError(f"--json {path!r}: cannot write: {e.strerror}") from e
+def _write_report(args: argparse.Namespace, report: TuneReport) -> None:
+    """``--json``: the run as a lab result (tool ``tune``), which ``kvferry report`` reads."""
+    if not args.json:
+        return
+    report.command = shlex.join(["kvferry", *getattr(args, "argv", [])])
+    report.write(args.json)
+    output_console().print(f"json: {args.json}")
 
 
 def _reporter(status: Status, metric: str) -> Callable[[Step, int, int], None]:
@@ -198,22 +201,10 @@ def _print_and_write(
     if args.output:
         _write_yaml(args.output, written, header)
         console.print(f"wrote {args.output}")
-    if args.json:
-        _write_json(
-            args.json,
-            {
-                "command": command,
-                "tuned": tuned,
-                "picked": search.best,
-                "steps": [vars(s) for s in search.steps],
-                "untried": search.untried,
-                "final_rounds": final,
-                "seconds": search.seconds,
-            },
-        )
 
 
 def run_transfer(args: argparse.Namespace) -> int:
+    from kvferry.bench.tune.report import from_transfer
     from kvferry.bench.tune.transfer import SPACE, TransferTuneOptions, tune
 
     space = _knobs(args.knob)
@@ -248,11 +239,13 @@ def run_transfer(args: argparse.Namespace) -> int:
         f"{options.batch_size} --threads {options.threads} --transport {options.transport} "
         f"--objective {options.objective}",
     )
+    _write_report(args, from_transfer(result))
     return 0
 
 
 def run_store(args: argparse.Namespace) -> int:
     from kvferry.bench.store import StoreBenchOptions
+    from kvferry.bench.tune.report import from_store
     from kvferry.bench.tune.store import StoreTuneOptions, tune
 
     bench = StoreBenchOptions(
@@ -292,11 +285,13 @@ def run_store(args: argparse.Namespace) -> int:
     )
     for caveat in result.caveats:
         console.print(f"caveat: {caveat}")
+    _write_report(args, from_store(result))
     return 0
 
 
 def run_cache(args: argparse.Namespace) -> int:
     from kvferry.bench.tune.cache import CacheTuneOptions, tune
+    from kvferry.bench.tune.report import from_cache
 
     options = CacheTuneOptions(
         trace=args.trace,
@@ -346,10 +341,5 @@ def run_cache(args: argparse.Namespace) -> int:
     if args.output:
         _write_yaml(args.output, overrides, f"kvferry tune cache: {question}")
         console.print(f"wrote {args.output}")
-    if args.json:
-        _write_json(
-            args.json,
-            {"question": question, "choices": [vars(c) for c in result.choices],
-             "best": vars(best)},
-        )  # fmt: skip
+    _write_report(args, from_cache(result, question))
     return 0

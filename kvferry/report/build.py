@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 
-from kvferry.report import doctor, findings, fmt, hitrate, router, serve, store, transfer
+from kvferry.report import doctor, findings, fmt, hitrate, router, serve, store, transfer, tune
 from kvferry.report.headline import Headline, headline_section
 from kvferry.report.inputs import Inputs, LoadedResult, collect
 from kvferry.report.model import ReportDoc, Section
@@ -84,6 +84,13 @@ BENCHES: dict[str, _Bench] = {
         "router",
         "kvferry bench router: KV-aware routing against round-robin and random on one load.",
         router,
+    ),
+    "tune": _Bench(
+        "Tuning",
+        "tune",
+        "kvferry tune: knobs searched by same-run measurements on this machine, and what is "
+        "recommended.",
+        tune,
     ),
 }
 """The bench kinds the report has a section for, in the order they appear."""

@@ -175,7 +175,8 @@ def setup_section(items: Sequence[LoadedResult]) -> Section:
             all_default.append(f"{_names(group)} ({len(config.values)} keys)")
     missing = [i for i in items if i.result.config is None]
     clients = [i for i in missing if i.result.tool in CLIENT_TOOLS]
-    older = [i for i in missing if i.result.tool not in CLIENT_TOOLS]
+    tunes = [i for i in missing if i.result.tool == "tune"]
+    older = [i for i in missing if i.result.tool not in CLIENT_TOOLS and i.result.tool != "tune"]
     intro = "What each run was measured on and with. Every field comes from the run's result file."
     if all_default:
         intro += f" Every config key at its default: {'; '.join(all_default)}."
@@ -183,6 +184,11 @@ def setup_section(items: Sequence[LoadedResult]) -> Section:
         intro += (
             f" {_names(clients)}: no kvferry config (an endpoint bench measures a server "
             "through its URL; what it sent is in its own section)."
+        )
+    if tunes:
+        intro += (
+            f" {_names(tunes)}: tuning runs, each step measured against its own config (in "
+            "their section)."
         )
     if older:
         intro += (

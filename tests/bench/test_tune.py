@@ -14,11 +14,12 @@ import pytest
 
 from kvferry.bench.hitrate import HitRateOptions
 from kvferry.bench.hitrate import run as run_hitrate
-from kvferry.bench.result import Ratio
+from kvferry.bench.result import Ratio, load_result
 from kvferry.bench.store import StoreBenchOptions
 from kvferry.bench.tune.cache import CacheTuneOptions
 from kvferry.bench.tune.cache import tune as tune_cache
-from kvferry.bench.tune.search import MIN_GAIN, SearchResult, coordinate_search, helped
+from kvferry.bench.tune.report import TuneReport, from_transfer
+from kvferry.bench.tune.search import MIN_GAIN, SearchResult, Step, coordinate_search, helped
 from kvferry.bench.tune.store import StoreTuneOptions, StoreTuneResult
 from kvferry.bench.tune.store import tune as tune_store
 from kvferry.bench.tune.transfer import TransferTuneOptions, TransferTuneResult
@@ -26,6 +27,7 @@ from kvferry.bench.tune.transfer import tune as tune_transfer
 from kvferry.cli.main import main
 from kvferry.config.loader import load_config
 from kvferry.errors import ConfigError
+from kvferry.report.build import build_report
 
 SPACE = {"a": ("1", "2", "3"), "b": ("x", "y"), "c": ("on",)}
 # per-knob scores: the optimum is a=2, b=y, c unchanged (its one value is worse)
@@ -260,3 +262,23 @@ def test_a_page_cache_win_comes_with_its_caveat() -> None:
     (caveat,) = result.caveats
     assert "128 MiB fit in RAM" in caveat
     assert StoreTuneResult(options=options, search=search, final_rounds=[1.0]).caveats == []
+
+
+def test_a_tune_result_is_a_lab_result_the_report_shows(tmp_path: Path) -> None:
+    options = TransferTuneOptions(space={"transfer.workers": ("2",)})
+    steps = [Step("transfer.workers", "2", {}, [1.2, 1.1, 1.3], True, 3.0)]
+    search = SearchResult(best={"transfer.workers": "2"}, steps=steps)
+    final = Ratio("bw_gbps", "a", "b", 1.15, [1.1, 1.15, 1.2])
+    report = from_transfer(TransferTuneResult(options=options, search=search, final_ratio=final))
+    report.write(tmp_path / "tune.json")
+    back = load_result(tmp_path / "tune.json")
+    assert isinstance(back, TuneReport) and back.tuned == {"transfer.workers": "2"}
+    assert back.steps[0].ratios == [1.2, 1.1, 1.3] and back.final_rounds == [1.1, 1.15, 1.2]
+    doc = build_report([tmp_path / "tune.json"])
+    (section,) = [s for s in doc.sections if s.anchor == "tune"]
+    (sub,) = section.subsections
+    assert "Recommended: transfer.workers=2." in sub.intro and "x1.150" in sub.intro
+    (steps_table,) = sub.tables
+    assert steps_table.rows == [
+        ["transfer.workers", "2", "defaults", "1.200", "1.200, 1.100, 1.300", "yes"]
+    ]
