@@ -355,6 +355,11 @@ def _add_store_parser(kinds: Any) -> None:
     )
     p.add_argument("--redis-url", metavar="URL", help="redis.url")
     p.add_argument(
+        "--overfill",
+        action="store_true",
+        help="allow --num-keys beyond the capacity: the store evicts as it fills (churn)",
+    )
+    p.add_argument(
         "--reference",
         action="store_true",
         help="disk: also run fio on the tier's directory (same block size, direction, jobs, "
@@ -411,6 +416,7 @@ def run_store(args: argparse.Namespace) -> int:
         slot_size=slot,
         address=address,
         reference=args.reference,
+        overfill=args.overfill,
     )
     with Progress(
         TextColumn("[bold]{task.description}"),

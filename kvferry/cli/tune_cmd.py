@@ -75,6 +75,12 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     st.add_argument("--batch-size", type=int, default=32)
     st.add_argument("--num-keys", type=int, default=2048)
     st.add_argument("--capacity", type=_size, default=256 << 20, metavar="SIZE")
+    st.add_argument(
+        "--overfill",
+        action="store_true",
+        help="more keys than fit: the store evicts as it runs, and the eviction watermark and "
+        "ratio are searched too",
+    )
     st.add_argument("--objective", default="throughput", help="throughput or latency")
     st.add_argument("--budget", type=float, default=120.0, metavar="SECONDS")
     st.add_argument("--rounds", type=int, default=3, help="alternating pairs per candidate (3)")
@@ -256,6 +262,7 @@ def run_store(args: argparse.Namespace) -> int:
         num_keys=args.num_keys,
         duration=args.duration,
         warmup=min(0.3, args.duration),
+        overfill=args.overfill,
     )
     options = StoreTuneOptions(
         bench=bench,

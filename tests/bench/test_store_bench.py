@@ -502,3 +502,16 @@ def test_every_old_store_result_file_loads() -> None:
         assert report.ok == old["ok"] and report.backend == old["backend"]
         assert report.environment.cpu_model == old["machine"]["cpu_model"]
         assert StoreBenchReport.from_json(json.loads(json.dumps(report.to_json()))) == report
+
+
+def test_overfill_measures_a_store_that_evicts_as_it_fills(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    out = tmp_path / "churn.json"
+    argv = ["bench", "store", "--backend", "cpu", "--op", "batch-put", "--capacity", "1MiB"]
+    argv += [*CLI_SHORT, "--num-keys", "2000", "--overfill", "--quiet", "--json", str(out)]
+    assert main(argv) == 0  # without --overfill: "--num-keys 2000 does not fit"
+    data = json.loads(out.read_text())
+    assert data["options"]["overfill"] is True
+    assert data["verify"]["ok"] is True and data["verify"]["evictions"] > 0
+    assert data["store"]["evictions"] > 0

@@ -282,3 +282,13 @@ def test_a_tune_result_is_a_lab_result_the_report_shows(tmp_path: Path) -> None:
     assert steps_table.rows == [
         ["transfer.workers", "2", "defaults", "1.200", "1.200, 1.100, 1.300", "yes"]
     ]
+
+
+def test_a_churn_workload_searches_the_eviction_knobs_too() -> None:
+    plain = StoreTuneOptions(bench=StoreBenchOptions(backend="cpu", op="batch-put"))
+    churn = StoreTuneOptions(bench=StoreBenchOptions(backend="cpu", op="batch-put", overfill=True))
+    assert "store.evict_ratio" not in plain.knobs
+    assert set(churn.knobs) == set(plain.knobs) | {
+        "store.evict_start_threshold",
+        "store.evict_ratio",
+    }

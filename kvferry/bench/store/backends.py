@@ -63,6 +63,8 @@ Preparer = Callable[["StoreBenchOptions", KvferryConfig, contextlib.ExitStack], 
 
 
 def _check_fits(options: StoreBenchOptions, config: KvferryConfig, capacity: int, key: str) -> None:
+    if options.overfill:
+        return
     slot = config.store.slot_size
     usable = int(capacity // slot * config.store.evict_start_threshold)
     if options.num_keys > usable:
@@ -71,7 +73,7 @@ def _check_fits(options: StoreBenchOptions, config: KvferryConfig, capacity: int
             f"{usable} slots of {slot} bytes below the eviction threshold "
             f"({config.store.evict_start_threshold:g}); raise --capacity to at least "
             f"{-(-options.num_keys * slot // config.store.evict_start_threshold):.0f} "
-            "or lower --num-keys"
+            "or lower --num-keys (or --overfill to measure the store evicting as it fills)"
         )
 
 

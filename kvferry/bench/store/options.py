@@ -54,6 +54,10 @@ class StoreBenchOptions:
     """store.slot_size; 0 = value_size rounded up (see :func:`auto_slot_size`)."""
     address: str | None = None
     """server: a running store server; mooncake: a running master (host:port). None: start one."""
+    overfill: bool = False
+    """Allow ``num_keys`` beyond what the capacity holds below the eviction threshold: the store
+    evicts while it is filled and measured (a churn workload, for the eviction knobs); verify
+    counts the keys evicted as evicted, not as lost."""
     reference: bool = False
     """disk: also run fio on the tier's directory with the same block size, direction, jobs and
     direct I/O, for the timed phase's duration: the device's speed in the same run."""

@@ -9,9 +9,11 @@ defaults).
 One measurement is ``rounds`` pairs of store-bench runs (fill, then the timed phase), one with
 the change and one without, the order swapped every pair so neither side always runs on a warm
 machine; the ratio of a pair is the timed phase's ops/s (``throughput``) or its P99 per call
-(``latency``), change over base. A store bench run starts its own backend (a server, for
-``server``), so every run starts from the same empty state. Verify is off while tuning (the
-final run keeps it on: a tuned config that loses bytes fails there).
+(``latency``), change over base. ``bench.overfill`` makes it a churn workload (more keys than
+fit, the store evicting as it runs) and adds :data:`EVICTION_SPACE` to the search. A store
+bench run starts its own backend (a server, for ``server``), so every run starts from the same
+empty state. Verify is off while tuning (the final run keeps it on: a tuned config that loses
+bytes fails there).
 """
 
 from __future__ import annotations
@@ -22,11 +24,20 @@ from dataclasses import dataclass, field
 
 from kvferry.bench.store import StoreBenchOptions, StoreBenchReport
 from kvferry.bench.store import run as run_store
+from kvferry.bench.store.options import PERF_PHASE
 from kvferry.bench.tune.search import MIN_GAIN, SearchResult, Step, coordinate_search, helped
 from kvferry.config.loader import load_config
 from kvferry.errors import ConfigError, KvferryError
 
-__all__ = ["OBJECTIVES", "SPACES", "StoreTuneOptions", "StoreTuneResult", "measure_change", "tune"]
+__all__ = [
+    "EVICTION_SPACE",
+    "OBJECTIVES",
+    "SPACES",
+    "StoreTuneOptions",
+    "StoreTuneResult",
+    "measure_change",
+    "tune",
+]
 
 OBJECTIVES = ("throughput", "latency")
 
@@ -56,6 +67,16 @@ SPACES: dict[str, dict[str, tuple[str, ...]]] = {
 }
 """Per backend, the knobs ``kvferry tune store`` searches and the values it tries (the default
 is the start, so it is never listed)."""
+
+EVICTION_SPACE: dict[str, tuple[str, ...]] = {
+    # when an eviction round starts: earlier keeps room free for a burst of puts, later keeps
+    # more blocks cached
+    "store.evict_start_threshold": ("0.7", "0.95"),
+    # how much one round frees: more per round means fewer rounds on a churning store
+    "store.evict_ratio": ("0", "0.2"),
+}
+"""Searched too on a churn workload (``bench.overfill``: more keys than the capacity holds),
+where the store evicts while it is measured."""
 
 
 @dataclass(frozen=True)
@@ -93,7 +114,10 @@ class StoreTuneOptions:
 
     @property
     def knobs(self) -> Mapping[str, Sequence[str]]:
-        return self.space if self.space is not None else SPACES[self.bench.backend]
+        if self.space is not None:
+            return self.space
+        extra = EVICTION_SPACE if self.bench.overfill else {}
+        return {**SPACES[self.bench.backend], **extra}
 
     @property
     def higher_better(self) -> bool:
@@ -138,7 +162,8 @@ class StoreTuneResult:
 
 
 def _timed(report: StoreBenchReport, higher_better: bool) -> float:
-    timed = [p for p in report.phases if p.phase == "read_perf"] or report.phases[-1:]
+    perf = PERF_PHASE[report.options.op]
+    timed = [p for p in report.phases if p.phase == perf]
     if not timed:
         raise KvferryError("the store bench reported no phase")
     return timed[0].ops_per_s if higher_better else timed[0].latency_us.p99
