@@ -9,7 +9,8 @@ run, and keeping it only when it helped beyond noise:
 - ``transfer``: the bench's two contenders ``kvferry+KEY=VALUE`` and ``kvferry`` on the case the
   finding names, ``rounds`` alternating rounds (the order rotates each round). ``bw``: kept when
   every round's BW ratio (change / current) is above 1 and the median at least ``1 +
-  MIN_BAND``; ``p99``: the same, below 1 and at most ``1 / (1 + MIN_BAND)``. Every round must
+  MIN_GAIN``; ``p99``: the same, below 1 and at most ``1 / (1 + MIN_GAIN)`` (the tuner's rule,
+  :func:`kvferry.bench.tune.search.helped`). Every round must
   agree, so a lucky minute cannot make a winner.
 - ``store``: the result's own store bench (its options, its effective config's non-default
   keys), once with the change and once without, alternating for ``rounds`` pairs. ``no_space``:
@@ -33,8 +34,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvferry.bench.result import BenchResult
+from kvferry.bench.tune.search import MIN_GAIN, helped
 from kvferry.errors import ConfigError, KvferryError
-from kvferry.report.compare import DEFAULT_BAND, MIN_BAND
+from kvferry.report.compare import DEFAULT_BAND
 from kvferry.report.findings import findings
 from kvferry.report.inputs import LoadedResult
 from kvferry.report.model import Candidate, Finding
@@ -162,23 +164,19 @@ def _base_flags(result: BenchResult) -> dict[str, object]:
 def decide(candidate: Candidate, ratios: list[float], higher_better: bool) -> Measured:
     """The verdict on same-run ratios (change / current), one per round (module docstring)."""
     median = statistics.median(ratios)
-    if higher_better:
-        helped = min(ratios) > 1.0 and median >= 1.0 + MIN_BAND
-        worse = median < 1.0
-    else:
-        helped = max(ratios) < 1.0 and median <= 1.0 / (1.0 + MIN_BAND)
-        worse = median > 1.0
+    won = helped(ratios, higher_better, MIN_GAIN)  # the tuner's rule, so both agree
+    worse = median < 1.0 if higher_better else median > 1.0
     what = "higher" if higher_better else "lower"
-    if helped:
+    if won:
         reason = f"every round {what} with the change (median {median:.3f})"
     elif worse:
         reason = f"worse with the change (median {median:.3f})"
     else:
         reason = (
             f"not beyond noise: median {median:.3f}, rounds {min(ratios):.3f}-{max(ratios):.3f} "
-            f"(needs every round {what} and the median {what} by {MIN_BAND:.0%})"
+            f"(needs every round {what} and the median {what} by {MIN_GAIN:.0%})"
         )
-    return Measured(candidate, KEPT if helped else DROPPED, median, ratios, reason)
+    return Measured(candidate, KEPT if won else DROPPED, median, ratios, reason)
 
 
 def _transfer(
