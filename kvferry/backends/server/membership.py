@@ -37,6 +37,7 @@ import threading
 import uuid
 from typing import Any
 
+from kvferry.backends.redis import redact_url
 from kvferry.errors import MissingDependency, StorageError
 
 log = logging.getLogger("kvferry.backends.server.membership")
@@ -93,7 +94,9 @@ def read_members(url: str, prefix: str, timeout: float) -> dict[str, str]:
             client.srem(members_key(prefix), *gone)
         return live
     except redis.RedisError as e:
-        raise StorageError(f"server tier: cannot read the membership at {url}: {e}") from e
+        raise StorageError(
+            f"server tier: cannot read the membership at {redact_url(url)}: {e}"
+        ) from e
     finally:
         client.close()
 
@@ -139,7 +142,9 @@ class Registration:
         try:
             self._refresh()
         except redis.RedisError as e:
-            raise StorageError(f"cannot register in the membership at {self.url}: {e}") from e
+            raise StorageError(
+                f"cannot register in the membership at {redact_url(self.url)}: {e}"
+            ) from e
         self._thread = threading.Thread(target=self._run, name="kvferry-membership", daemon=True)
         self._thread.start()
 
