@@ -171,7 +171,7 @@ class ServerTier(Tier):
             "server tier: store server %s is down (%s); its blocks read as misses and its "
             "puts go to the next live server until it is back",
             member,
-            error,
+            error.__cause__ or error,
         )
         self._start_watcher()
 
