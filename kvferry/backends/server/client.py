@@ -112,7 +112,7 @@ class ServerTier(Tier):
         self._down: dict[str, str | None] = {}  # member -> its instance id when marked down
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
-        self._ring = self._all_ring = self._set_members(self._read_members())
+        self._ring = self._set_members(self._read_members())
         if self.cfg.membership_url:
             self._start_watcher()
 
@@ -152,10 +152,9 @@ class ServerTier(Tier):
             return self._rebuild()
 
     def _rebuild(self) -> HashRing:
-        """Rings over all members and over the live ones (all when none is live); under lock."""
-        self._all_ring = HashRing(self._members, self.cfg.virtual_nodes)
+        """The ring over the live members (over all when none is live); under the lock."""
         live = [m for m in self._members if m not in self._down]
-        self._ring = HashRing(live, self.cfg.virtual_nodes) if live else self._all_ring
+        self._ring = HashRing(live or self._members, self.cfg.virtual_nodes)
         return self._ring
 
     def _mark_down(self, member: str, error: BaseException) -> None:
@@ -228,9 +227,6 @@ class ServerTier(Tier):
                 continue
             sock.close()
             self._mark_up(member)
-
-    def _ring_now(self) -> HashRing:
-        return self._ring
 
     def _each(
         self,
