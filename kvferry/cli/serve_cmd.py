@@ -52,7 +52,12 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="empty a disk directory that holds slot files of another layout (slot size, "
         "capacity) instead of refusing it (disk.wipe_other_layout); its blocks are lost",
     )
-    store.add_argument("--register", metavar="REDIS_URL", help="server.membership_url")
+    store.add_argument(
+        "--register",
+        metavar="REDIS_URL",
+        help="server.membership_url: keep a lease there (server.membership_ttl) that clients "
+        "with the same URL find this server by",
+    )
     store.add_argument("--metrics-port", type=int, help="store.metrics_port (Prometheus)")
     store.add_argument(
         "--force-capacity",
@@ -249,6 +254,14 @@ def describe_store(server: StoreServer) -> str:
             parts.append(tier.label)
     if not any(isinstance(t, DiskTier) for t in server.store.tiers):
         parts.append("no disk tier (--tiers cpu,disk adds one)")
+    reg = server.registration
+    if reg is not None:
+        from kvferry.backends.redis import redact_url
+
+        parts.append(
+            f"registered as {reg.member} in {redact_url(reg.url)} under {reg.prefix} "
+            f"(lease {reg.ttl:g}s, server.membership_ttl)"
+        )
     return ", ".join(parts)
 
 

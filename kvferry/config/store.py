@@ -238,7 +238,24 @@ class ServerTierConfig(ConfigModel):
         "", description="Redis URL where servers register themselves; empty = use addresses."
     )
     membership_key: str = Field(
-        "kvferry:store-servers", min_length=1, description="Redis key of the server membership."
+        "kvferry:store-servers",
+        min_length=1,
+        description="Prefix of the membership keys in Redis: the set <prefix>:members and one "
+        "lease key <prefix>:member:<host:port> per live server.",
+    )
+    membership_ttl: Seconds = Field(
+        3.0,
+        ge=0.3,
+        le=3600,
+        description="Seconds a server's lease key lives unless refreshed (the server refreshes "
+        "it every third of that): how long a killed server stays listed.",
+    )
+    membership_poll: Seconds = Field(
+        1.0,
+        gt=0,
+        le=600,
+        description="Seconds between a client's reads of the membership and its probes of the "
+        "servers it marked down after a failed call.",
     )
     virtual_nodes: int = Field(
         64, ge=1, le=4096, description="Points per server on the consistent-hash ring."

@@ -30,15 +30,16 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from kvferry.backends.base import Key, SlotTier, Tier, TierContext
 from kvferry.backends.cpu import CpuTier
 from kvferry.backends.disk import instance_directory
 from kvferry.backends.registry import check_tiers, load_tier
 from kvferry.backends.server import protocol as p
+from kvferry.backends.server.membership import Registration
 from kvferry.config.models import KvferryConfig
-from kvferry.errors import ConfigError, LeaseExpired, MissingDependency, ProtocolError
+from kvferry.errors import ConfigError, LeaseExpired, ProtocolError
 from kvferry.observe.logs import RateLimitedLog
 from kvferry.store import LoadHandle, StoreHandle, TieredStore
 from kvferry.transfer.engine import TransferEngine
@@ -46,8 +47,6 @@ from kvferry.transfer.server import CallReply
 
 log = logging.getLogger("kvferry.store.server")
 _client_log = RateLimitedLog(log)  # what clients can provoke, at a rate
-
-_HEARTBEAT_S = 2.0
 
 
 def _check_bindable(host: str, port: int, what: str) -> None:
@@ -143,7 +142,8 @@ class StoreServer:
         self._lock = threading.Lock()
         self.address: tuple[str, int] = ("", 0)
         self._stop = threading.Event()
-        self._heartbeat: threading.Thread | None = None
+        self.registration: Registration | None = None
+        """This server's lease in the membership (``server.membership_url``), once started."""
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> tuple[str, int]:
@@ -163,9 +163,8 @@ class StoreServer:
         if self._stop.is_set():
             return
         self._stop.set()
-        if self._heartbeat is not None:
-            self._heartbeat.join(timeout=5)
-            self._unregister()
+        if self.registration is not None:
+            self.registration.close()  # first: clients stop routing here before we stop serving
         # No peer may change the store while it is flushed; the pool must live until then.
         self.engine.stop_listening()
         try:
@@ -192,33 +191,17 @@ class StoreServer:
             host = socket.gethostname()
         return f"{host}:{port}"
 
-    def _redis(self) -> Any:
-        try:
-            import redis
-        except ImportError as e:
-            raise MissingDependency("redis", "redis") from e
-        return redis.Redis.from_url(self.config.server.membership_url, socket_timeout=2)
-
     def _register(self) -> None:
-        client = self._redis()
-        key = self.config.server.membership_key
-        client.hset(key, self._member(), time.time())
-
-        def beat() -> None:
-            while not self._stop.wait(_HEARTBEAT_S):
-                try:
-                    client.hset(key, self._member(), time.time())
-                except Exception as e:  # keep serving; membership is advisory
-                    log.warning("store server: membership heartbeat failed: %s", e)
-
-        self._heartbeat = threading.Thread(target=beat, name="kvferry-membership", daemon=True)
-        self._heartbeat.start()
-
-    def _unregister(self) -> None:
+        cfg = self.config.server
+        reg = Registration(
+            cfg.membership_url, cfg.membership_key, self._member(), cfg.membership_ttl
+        )
         try:
-            self._redis().hdel(self.config.server.membership_key, self._member())
-        except Exception as e:
-            log.warning("store server: leaving the membership failed: %s", e)
+            reg.start()
+        except BaseException:
+            reg.close()
+            raise
+        self.registration = reg
 
     # -- calls ------------------------------------------------------------------------------
     def _call(self, method: int, payload: memoryview) -> CallReply:

@@ -19,6 +19,7 @@ from kvferry.backends.base import PutStatus, TierContext
 from kvferry.backends.cpu import CpuTier
 from kvferry.backends.server import protocol as p
 from kvferry.backends.server.client import ServerTier
+from kvferry.backends.server.membership import lease_key, members_key
 from kvferry.backends.server.ring import HashRing
 from kvferry.config import load_config
 from kvferry.config.models import CpuTierConfig, KvferryConfig, ServerTierConfig, StoreConfig
@@ -182,29 +183,30 @@ def test_membership_through_redis(redis_server: str, servers: Callable[..., Serv
 
 
 @pytest.mark.redis
-def test_a_hung_membership_redis_costs_one_timeout_and_keeps_the_old_members(
+def test_a_hung_membership_redis_costs_no_call_a_wait_and_keeps_the_old_members(
     own_redis: RedisProcesses, servers: Callable[..., ServerProcess]
 ) -> None:
-    # The member list is re-read every few seconds inside a tier call: against a hung Redis
-    # that read must end after server.timeout (it waited a fixed 2 s), and the tier goes on
-    # with the members it knew.
+    # The member list is re-read by the watcher thread, not inside tier calls: against a hung
+    # Redis a call does not wait at all, the poll ends after server.timeout, and the tier goes
+    # on with the members it knew.
     redis = own_redis()
     server = servers()
     raw = redis_py.Redis(port=redis.port)
-    raw.hset("kvferry:hung-members", server.address, time.time())
+    raw.set(lease_key("kvferry:hung", server.address), "i1", px=60_000)
+    raw.sadd(members_key("kvferry:hung"), server.address)
     raw.close()
     cfg = ServerTierConfig(
-        membership_url=redis.url, membership_key="kvferry:hung-members", timeout=1.0
+        membership_url=redis.url, membership_key="kvferry:hung", timeout=1.0, membership_poll=60
     )
     tier = ServerTier(cfg, TierContext(slot_size=SLOT))
     try:
         assert tier.put([key(1)], [b"v"]) == [PutStatus.STORED]
         with redis.paused():
-            tier._ring_at = 0.0  # the refresh interval has passed
             t0 = time.monotonic()
             assert tier.contains([key(1)]) == [True]
+            tier._watch_once()  # what the watcher does each poll
             took = time.monotonic() - t0
-            assert took < 1.6, f"a call took {took:.1f}s against a 1s timeout"
+            assert took < 1.6, f"a call and a poll took {took:.1f}s against a 1s timeout"
         assert tier._ring.members == [server.address]
     finally:
         tier.close()

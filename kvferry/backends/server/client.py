@@ -1,8 +1,22 @@
 """The server tier: kvferry store servers (``kvferry serve store``) as a shared remote tier.
 
 Keys are spread over the servers by consistent hashing (``ring``); the member list comes from
-``server.addresses`` or from the Redis hash the servers register in (``server.membership_url``).
-Each thread keeps one connection per server (a call is one request/reply on it).
+``server.addresses`` and from the leases the servers keep in Redis (``server.membership_url``,
+``membership``), re-read every ``server.membership_poll`` seconds by a watcher thread, so a
+tier call never waits on Redis. Each thread keeps one connection per server (a call is one
+request/reply on it).
+
+Failure is partial. A call that fails on the wire (refused, reset, timed out after
+``server.timeout``) marks that server down at once: the ring is rebuilt without it, so the very
+next call no longer asks it, and its keys fall to the next live owner on the ring. The failed
+call itself goes on: its blocks on that server are misses (``down_misses``), and puts meant for
+it are sent to the next live owner (``put_rerouted``; ``put_dropped`` counts blocks no live
+server took). A down server comes back when the watcher's probe (a handshake, every poll)
+succeeds or the membership shows a new instance of it (a restart); a server whose lease expired
+leaves the member list. Only when no server is live does a call raise :class:`StorageError`
+(the store's circuit breaker then skips the tier); then every known server is asked again, so
+one that returns is found by the next call. An ERR reply does not mark a server down: it is
+answered, and its blocks are misses (or the call raises, if no server answered at all).
 
 Data paths, picked per server:
 - same host (``transport: auto`` and the server's handshake shows our boot id): LOCATE pins the
@@ -17,8 +31,7 @@ is a miss, counted (``corrupt``), and reported to the server with CHECK so that 
 drops it. A put through the shared pool declares each block's checksum at COMMIT.
 
 Any socket failure closes that connection (a half-read reply must never be parsed as the next
-one) and raises :class:`~kvferry.errors.StorageError` naming the server; the next call
-reconnects.
+one); the next call to that server reconnects.
 """
 
 from __future__ import annotations
@@ -28,9 +41,9 @@ import json
 import logging
 import socket
 import threading
-import time
-from collections.abc import Sequence
-from typing import Any
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from kvferry.backends.base import (
     Buffer,
@@ -42,9 +55,10 @@ from kvferry.backends.base import (
     block_checksum,
 )
 from kvferry.backends.server import protocol as p
+from kvferry.backends.server.membership import read_members
 from kvferry.backends.server.ring import HashRing
 from kvferry.config.models import ServerTierConfig
-from kvferry.errors import ConfigError, KvferryError, MissingDependency, PeerClosed, StorageError
+from kvferry.errors import ConfigError, KvferryError, PeerClosed, StorageError
 from kvferry.observe.logs import RateLimitedLog
 from kvferry.transfer import handshake, wire
 from kvferry.transfer.host import boot_id as _boot_id
@@ -53,9 +67,9 @@ from kvferry.transfer.segment import PeerInfo
 
 log = logging.getLogger("kvferry.backends.server")
 _corrupt_log = RateLimitedLog(log)
+_member_log = RateLimitedLog(log)
 
-_MEMBERSHIP_REFRESH_S = 5.0
-_MEMBER_STALE_S = 10.0
+_T = TypeVar("_T")
 
 
 class _Conn:
@@ -86,16 +100,35 @@ class ServerTier(Tier):
         self._maps: dict[tuple[str, int], PeerMapping] = {}
         self._boot = _boot_id()
         self._req_ids = itertools.count(1)
-        self._ring_at = 0.0
         self._closed = False
         self._corrupt = 0
-        self._ring = self._load_ring()
-
-    # -- membership -------------------------------------------------------------------------
-    def _load_ring(self) -> HashRing:
-        members = list(self.cfg.addresses)
+        self._down_misses = 0
+        self._put_rerouted = 0
+        self._put_dropped = 0
+        self._member_failures = 0
+        self._marked_down = 0
+        self._members: list[str] = []
+        self._instances: dict[str, str] = {}  # member -> instance id from the membership
+        self._down: dict[str, str | None] = {}  # member -> its instance id when marked down
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self._ring = self._set_members(self._read_members())
         if self.cfg.membership_url:
-            members += self._members_from_redis()
+            self._start_watcher()
+
+    # -- membership and health ---------------------------------------------------------------
+    def _read_members(self) -> dict[str, str]:
+        """Members now: the configured addresses ("" instance) and the membership's.
+
+        Raises:
+            ConfigError: no member at all, or an address that is not host:port.
+            StorageError: the membership Redis cannot be read.
+        """
+        members = dict.fromkeys(self.cfg.addresses, "")
+        if self.cfg.membership_url:
+            members.update(
+                read_members(self.cfg.membership_url, self.cfg.membership_key, self.cfg.timeout)
+            )
         if not members:
             raise ConfigError(
                 "server tier: no store server known; set server.addresses (host:port, ...) or "
@@ -103,48 +136,148 @@ class ServerTier(Tier):
             )
         for m in members:
             _parse_address(m)
-        self._ring_at = time.monotonic()
-        return HashRing(members, self.cfg.virtual_nodes)
-
-    def _members_from_redis(self) -> list[str]:
-        try:
-            import redis
-            import redis.backoff
-            import redis.retry
-        except ImportError as e:
-            raise MissingDependency("redis", "redis") from e
-        # Read inside a tier call every few seconds: one server.timeout at most against a hung
-        # Redis, no retry (the next refresh is the retry), and no client left open behind.
-        timeout = self.cfg.timeout
-        client = redis.Redis.from_url(
-            self.cfg.membership_url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0),
-        )
-        try:
-            entries = client.hgetall(self.cfg.membership_key)
-        except redis.RedisError as e:
-            raise StorageError(
-                f"server tier: cannot read the membership at {self.cfg.membership_url}: {e}"
-            ) from e
-        finally:
-            client.close()
-        now = time.time()
-        members: list[str] = []
-        for m, ts in entries.items():
-            if now - float(ts) <= _MEMBER_STALE_S:
-                members.append(m.decode() if isinstance(m, bytes) else str(m))
         return members
 
-    def _ring_now(self) -> HashRing:
-        if self.cfg.membership_url and time.monotonic() - self._ring_at > _MEMBERSHIP_REFRESH_S:
-            try:
-                self._ring = self._load_ring()
-            except (StorageError, ConfigError) as e:
-                log.warning("server tier: keeping the old member list: %s", e)
-                self._ring_at = time.monotonic()
+    def _set_members(self, members: dict[str, str]) -> HashRing:
+        """Adopt a member list; forget down marks of members gone from it or restarted since."""
+        with self._lock:
+            self._members = sorted(members)
+            self._instances = members
+            for m, seen in list(self._down.items()):
+                if m not in members:
+                    del self._down[m]
+                elif seen and members[m] and members[m] != seen:
+                    del self._down[m]
+                    log.info("server tier: store server %s restarted; using it again", m)
+            return self._rebuild()
+
+    def _rebuild(self) -> HashRing:
+        """The ring over the live members (over all when none is live); under the lock."""
+        live = [m for m in self._members if m not in self._down]
+        self._ring = HashRing(live or self._members, self.cfg.virtual_nodes)
         return self._ring
+
+    def _mark_down(self, member: str, error: BaseException) -> None:
+        """Stop routing to ``member`` at once (a call to it failed on the wire)."""
+        with self._lock:
+            if member in self._down or member not in self._members:
+                return
+            self._down[member] = self._instances.get(member) or None
+            self._marked_down += 1
+            self._rebuild()
+        _member_log.warning(
+            "down",
+            "server tier: store server %s is down (%s); its blocks read as misses and its "
+            "puts go to the next live server until it is back",
+            member,
+            error.__cause__ or error,
+        )
+        self._start_watcher()
+
+    def _mark_up(self, member: str) -> None:
+        with self._lock:
+            if member not in self._down:
+                return
+            del self._down[member]
+            self._rebuild()
+        log.info("server tier: store server %s answers again; using it", member)
+
+    def _live(self) -> bool:
+        """Whether some member is not marked down."""
+        with self._lock:
+            return len(self._down) < len(self._members)
+
+    def down_members(self) -> list[str]:
+        """The members this client marked down and has not seen back yet."""
+        with self._lock:
+            return sorted(self._down)
+
+    def _start_watcher(self) -> None:
+        with self._lock:
+            if self._watcher is not None or self._closed:
+                return
+            # The thread holds the tier weakly: a tier dropped without close() still goes away.
+            self._watcher = threading.Thread(
+                target=_watch,
+                args=(weakref.ref(self), self._stop, self.cfg.membership_poll),
+                name="kvferry-server-members",
+                daemon=True,
+            )
+            self._watcher.start()
+
+    def _watch_once(self) -> None:
+        """One poll: re-read the membership, then probe each member marked down."""
+        if self.cfg.membership_url:
+            try:
+                members = self._read_members()
+            except (StorageError, ConfigError) as e:
+                # An empty membership (every lease expired) keeps the old list: its servers are
+                # down, and the calls that find them so raise, which the store's breaker skips.
+                _member_log.warning("poll", "server tier: keeping the old member list: %s", e)
+            else:
+                self._set_members(members)
+        with self._lock:
+            down = list(self._down)
+        for member in down:
+            if self._stop.is_set():
+                return
+            try:
+                sock, _peer = self._open(member)
+            except StorageError:
+                continue
+            sock.close()
+            self._mark_up(member)
+
+    def _each(
+        self,
+        keys: Sequence[Key],
+        call: Callable[[str, list[int]], _T],
+        ring: HashRing | None = None,
+        only: list[int] | None = None,
+    ) -> tuple[list[tuple[list[int], _T]], list[int]]:
+        """Run ``call(member, indexes)`` for each member's share of ``keys`` (of the keys at
+        indexes ``only``, when given), on ``ring`` (default: the live ring).
+
+        Returns:
+            ([(indexes, result)] of the members that answered, indexes whose member failed).
+
+        Raises:
+            StorageError: no member answered and either none is live any more or none failed
+                on the wire (an ERR reply from every one): the tier as a whole failed.
+            ValueError: the caller's buffers (raised by ``call``).
+        """
+        answered: list[tuple[list[int], _T]] = []
+        failed: list[int] = []
+        first: StorageError | None = None
+        downed = False
+        ring = ring or self._ring
+        if only is None:
+            shares = ring.split(keys)
+        else:
+            shares = {
+                m: [only[j] for j in js] for m, js in ring.split([keys[i] for i in only]).items()
+            }
+        for member, idx in shares.items():
+            try:
+                answered.append((idx, call(member, idx)))
+            except _Unreachable as e:
+                self._mark_down(member, e)
+                downed = True
+                first = first or e
+                failed.extend(idx)
+            except StorageError as e:
+                _member_log.warning("err", "server tier: %s", e)
+                first = first or e
+                failed.extend(idx)
+            else:
+                if member in self._down:
+                    self._mark_up(member)  # asked because no member was live: it answered
+        if failed:
+            with self._lock:
+                self._member_failures += 1
+        if first is not None and not answered and not (downed and self._live()):
+            raise StorageError(str(first)) from first
+        return answered, failed
 
     # -- connections ------------------------------------------------------------------------
     def _conn(self, member: str) -> _Conn:
@@ -155,25 +288,39 @@ class ServerTier(Tier):
         if conn is None:
             if self._closed:
                 raise StorageError("server tier is closed")
-            try:
-                sock, peer = handshake.connect(
-                    _parse_address(member), token=self._token, timeout=self.cfg.timeout
-                )
-            except KvferryError as e:
-                raise StorageError(f"server tier: store server {member}: {e}") from e
-            version = peer.service.get("store_protocol")
-            if version != p.PROTOCOL_VERSION:
-                sock.close()
-                raise StorageError(
-                    f"server tier: {member} speaks store protocol {version!r}, this client "
-                    f"{p.PROTOCOL_VERSION}: run the same kvferry version on both sides"
-                )
-            sock.settimeout(self.cfg.timeout)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            sock, peer = self._open(member)
             conn = conns[member] = _Conn(sock, peer)
             with self._lock:
                 self._conns.add(conn)
         return conn
+
+    def _open(self, member: str) -> tuple[socket.socket, PeerInfo]:
+        """A fresh, handshaken connection to ``member``.
+
+        Raises:
+            _Unreachable: connect or handshake failed (refused, timed out, token refused), or
+                the server speaks another store protocol; names the server.
+        """
+        try:
+            sock, peer = handshake.connect(
+                _parse_address(member), token=self._token, timeout=self.cfg.timeout
+            )
+        except (OSError, KvferryError) as e:
+            raise _Unreachable(f"server tier: store server {member}: {e}") from e
+        version = peer.service.get("store_protocol")
+        if version != p.PROTOCOL_VERSION:
+            sock.close()
+            raise _Unreachable(
+                f"server tier: {member} speaks store protocol {version!r}, this client "
+                f"{p.PROTOCOL_VERSION}: run the same kvferry version on both sides"
+            )
+        try:
+            sock.settimeout(self.cfg.timeout)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        except OSError as e:
+            sock.close()
+            raise _Unreachable(f"server tier: store server {member}: {e}") from e
+        return sock, peer
 
     def _drop(self, member: str) -> None:
         conns: dict[str, _Conn] = getattr(self._local, "conns", {})
@@ -244,12 +391,12 @@ class ServerTier(Tier):
             return reply
         except _ServerRefused as e:
             raise StorageError(str(e)) from None
-        except StorageError:  # from _conn, which names the server already
+        except StorageError:  # from _conn (which names the server), or a malformed reply
             self._drop(member)
             raise
         except (OSError, KvferryError) as e:
             self._drop(member)
-            raise StorageError(f"server tier: store server {member}: {e}") from e
+            raise _Unreachable(f"server tier: store server {member}: {e}") from e
 
     # -- sizes ------------------------------------------------------------------------------
     @property
@@ -263,13 +410,24 @@ class ServerTier(Tier):
     # -- primitives -------------------------------------------------------------------------
     def contains(self, keys: Sequence[Key]) -> list[bool]:
         out = [False] * len(keys)
-        for member, idx in self._ring_now().split(keys).items():
+
+        def ask(member: str, idx: list[int]) -> bytearray:
             reply = self._call(member, p.Method.CONTAINS, [p.encode_keys([keys[i] for i in idx])])
             if len(reply) != len(idx):
                 raise StorageError(f"server tier: {member} sent a malformed CONTAINS reply")
+            return reply
+
+        answered, failed = self._each(keys, ask)
+        for idx, reply in answered:
             for i, b in zip(idx, reply):
                 out[i] = b == 1
+        self._count_misses(len(failed))
         return out
+
+    def _count_misses(self, n: int) -> None:
+        if n:
+            with self._lock:
+                self._down_misses += n
 
     def put(self, keys: Sequence[Key], values: Sequence[Buffer]) -> list[PutStatus]:
         limit = self.context.slot_size
@@ -279,18 +437,39 @@ class ServerTier(Tier):
                     f"server tier: a {len(v)}-byte block is larger than store.slot_size ({limit})"
                 )
         out = [PutStatus.NO_SPACE] * len(keys)
-        for member, idx in self._ring_now().split(keys).items():
+
+        def put_member(member: str, idx: list[int]) -> list[PutStatus]:
             ks = [keys[i] for i in idx]
             vs = [values[i] for i in idx]
             mapping = self._mapping(member)
             if mapping is not None:
-                got = self._put_shm(member, mapping, ks, vs)
-            else:
-                head = p.encode_keys(ks) + p.encode_u32s([len(v) for v in vs])
-                reply = self._call(member, p.Method.PUT, [head, *vs])
-                got = p.decode_statuses(reply, len(ks))
+                return self._put_shm(member, mapping, ks, vs)
+            head = p.encode_keys(ks) + p.encode_u32s([len(v) for v in vs])
+            reply = self._call(member, p.Method.PUT, [head, *vs])
+            return p.decode_statuses(reply, len(ks))
+
+        ring = self._ring
+        answered, failed = self._each(keys, put_member, ring)
+        rerouted = 0
+        # A server that failed on the wire is out of the ring now: its share goes to the next
+        # live owner, once per ring change (at most once per member).
+        for _ in range(len(self._members)):
+            if not failed or self._ring is ring:
+                break
+            ring, left = self._ring, failed
+            try:
+                more, failed = self._each(keys, put_member, ring, only=left)
+            except StorageError:
+                break  # no live server left: what failed is dropped
+            answered += more
+            rerouted += len(left) - len(failed)
+        for idx, got in answered:
             for i, s in zip(idx, got):
                 out[i] = s
+        if failed or rerouted:
+            with self._lock:
+                self._put_dropped += len(failed)
+                self._put_rerouted += rerouted
         return out
 
     def _put_shm(
@@ -333,23 +512,29 @@ class ServerTier(Tier):
 
     def get(self, keys: Sequence[Key], outs: Sequence[memoryview]) -> list[int | None]:
         res: list[int | None] = [None] * len(keys)
-        for member, idx in self._ring_now().split(keys).items():
+
+        def get_member(member: str, idx: list[int]) -> list[int | None]:
             ks = [keys[i] for i in idx]
             os_ = [outs[i] for i in idx]
             mapping = self._mapping(member)
-            if mapping is not None:
-                got = self._get_shm(member, mapping, ks, os_)
-                # LOCATE lends only blocks it can pin in the server's cpu tier; the others
-                # (a batch larger than that tier, blocks on its disk) come inline.
-                again = [j for j, n in enumerate(got) if n is None]
-                if again:
-                    more = self._get_inline(member, [ks[j] for j in again], [os_[j] for j in again])
-                    for j, n in zip(again, more):
-                        got[j] = n
-            else:
-                got = self._get_inline(member, ks, os_)
+            if mapping is None:
+                return self._get_inline(member, ks, os_)
+            got = self._get_shm(member, mapping, ks, os_)
+            # LOCATE lends only blocks it can pin in the server's cpu tier; the others
+            # (a batch larger than that tier, blocks on its disk) come inline.
+            again = [j for j, n in enumerate(got) if n is None]
+            if again:
+                more = self._get_inline(member, [ks[j] for j in again], [os_[j] for j in again])
+                for j, n in zip(again, more):
+                    got[j] = n
+            return got
+
+        # A failed server's blocks stay None (misses); what it wrote into outs is not read.
+        answered, failed = self._each(keys, get_member)
+        for idx, got in answered:
             for i, n in zip(idx, got):
                 res[i] = n
+        self._count_misses(len(failed))
         return res
 
     def _get_inline(self, member: str, ks: list[Key], outs: list[memoryview]) -> list[int | None]:
@@ -391,12 +576,12 @@ class ServerTier(Tier):
             conn.used = True
         except _ServerRefused as e:
             raise StorageError(str(e)) from None
-        except StorageError:  # from _conn, which names the server already
+        except StorageError:  # from _conn (which names the server), or a malformed reply
             self._drop(member)
             raise
         except (OSError, KvferryError) as e:
             self._drop(member)
-            raise StorageError(f"server tier: store server {member}: {e}") from e
+            raise _Unreachable(f"server tier: store server {member}: {e}") from e
         if too_small is not None:
             raise ValueError(too_small)
         if sums:
@@ -505,26 +690,49 @@ class ServerTier(Tier):
         return mapping
 
     def delete(self, keys: Sequence[Key]) -> int:
-        removed = 0
-        for member, idx in self._ring_now().split(keys).items():
+        def delete_member(member: str, idx: list[int]) -> int:
             reply = self._call(member, p.Method.DELETE, [p.encode_keys([keys[i] for i in idx])])
-            removed += p.U32.unpack(reply)[0]
-        return removed
+            return int(p.U32.unpack(reply)[0])
+
+        answered, _failed = self._each(keys, delete_member)
+        return sum(n for _, n in answered)
+
+    def _live_members(self) -> list[str]:
+        with self._lock:
+            live = [m for m in self._members if m not in self._down]
+            return live or list(self._members)
+
+    def _ask_each(self, method: p.Method) -> dict[str, bytearray]:
+        """``method`` (no payload) of every live server, by address; a server that fails is
+        left out (and marked down when it failed on the wire).
+
+        Raises:
+            StorageError: no server answered.
+        """
+        replies: dict[str, bytearray] = {}
+        first: StorageError | None = None
+        for member in self._live_members():
+            try:
+                replies[member] = self._call(member, method, [])
+            except _Unreachable as e:
+                self._mark_down(member, e)
+                first = first or e
+            except StorageError as e:
+                first = first or e
+        if first is not None and not replies:
+            raise StorageError(str(first)) from first
+        return replies
 
     def keys(self) -> list[Key]:
         out: list[Key] = []
-        for member in self._ring_now().members:
-            reply = self._call(member, p.Method.KEYS, [])
+        for reply in self._ask_each(p.Method.KEYS).values():
             ks, _ = p.decode_keys(memoryview(reply))
             out.extend(ks)
         return out
 
     def server_stats(self) -> dict[str, dict[str, Any]]:
-        """Each server's StoreStats as JSON, by address."""
-        return {
-            m: json.loads(bytes(self._call(m, p.Method.STATS, [])))
-            for m in self._ring_now().members
-        }
+        """Each live server's StoreStats as JSON, by address."""
+        return {m: json.loads(bytes(r)) for m, r in self._ask_each(p.Method.STATS).items()}
 
     def stats(self) -> TierStats:
         used = total = peak = 0
@@ -536,16 +744,19 @@ class ServerTier(Tier):
             used += int(first.get("used_blocks", 0))
             total += int(first.get("total_blocks") or 0)
             peak += int(first.get("peak_blocks", 0))
-        return TierStats(
-            total_blocks=None,
-            used_blocks=used,
-            peak_blocks=peak,
-            extra={
-                "servers": float(len(self._ring.members)),
+        with self._lock:
+            extra = {
+                "servers": float(len(self._members)),
+                "servers_down": float(len(self._down)),
                 "server_slots": float(total),
                 "corrupt": float(self._corrupt),
-            },
-        )
+                "down_misses": float(self._down_misses),
+                "put_rerouted": float(self._put_rerouted),
+                "put_dropped": float(self._put_dropped),
+                "failed_calls": float(self._member_failures),
+                "marked_down": float(self._marked_down),
+            }
+        return TierStats(total_blocks=None, used_blocks=used, peak_blocks=peak, extra=extra)
 
     def close(self) -> None:
         with self._lock:
@@ -554,10 +765,33 @@ class ServerTier(Tier):
             self._closed = True
             conns, self._conns = self._conns, set()
             maps, self._maps = self._maps, {}
+            watcher = self._watcher
+        self._stop.set()
+        if watcher is not None and watcher is not threading.current_thread():
+            watcher.join(timeout=self.cfg.timeout + 1)
         for conn in conns:
             conn.sock.close()
         for mapping in maps.values():
             mapping.close()
+
+
+def _watch(ref: weakref.ref[ServerTier], stop: threading.Event, interval: float) -> None:
+    """The watcher thread: ``_watch_once`` every ``interval`` s until ``stop`` or the tier is
+    gone. An isolation boundary: a failed poll is logged and the next one retries."""
+    while not stop.wait(interval):
+        tier = ref()
+        if tier is None:
+            return
+        try:
+            tier._watch_once()
+        except Exception as e:
+            _member_log.warning("watch", "server tier: membership poll failed: %s", e)
+        del tier
+
+
+class _Unreachable(StorageError):
+    """A call to a server failed on the wire (connect, handshake, send, receive, timeout): the
+    server is marked down."""
 
 
 class _ServerRefused(KvferryError):
