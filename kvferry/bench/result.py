@@ -340,6 +340,7 @@ _TOOLS = Registry(
         "serve": "kvferry.bench.endpoint.harness:ServeBenchReport",
         "router": "kvferry.bench.router.harness:RouterBenchReport",
         "doctor": "kvferry.bench.doctor.report:DoctorReport",
+        "profile": "kvferry.bench.profile.report:ProfileReport",
     },
 )
 
