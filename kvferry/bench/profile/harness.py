@@ -64,7 +64,7 @@ class EngineLimits:
 
 def _get(url: str) -> tuple[int, bytes]:
     try:
-        with urllib.request.urlopen(url, timeout=INFO_TIMEOUT_S) as resp:  # noqa: S310 - http(s) checked
+        with urllib.request.urlopen(url, timeout=INFO_TIMEOUT_S) as resp:
             return int(resp.status), resp.read()
     except urllib.error.HTTPError as e:
         return e.code, b""
@@ -190,7 +190,9 @@ def _value(m: RunMetrics, tag: str, stat: str) -> float:
     return math.nan if v is None else v
 
 
-def _prefill(runner: _Runner, limits: EngineLimits, progress: ProgressFn | None, total: int) -> None:
+def _prefill(
+    runner: _Runner, limits: EngineLimits, progress: ProgressFn | None, total: int
+) -> None:
     o = runner.options
     report = runner.report
     todo = prefill.base_isls(limits.max_context, o.granularity, o.prefill_osl)

@@ -7,6 +7,7 @@ bends most). Pure: the harness measures.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -45,7 +46,7 @@ def next_isl(points: Sequence[tuple[int, float]]) -> int | None:
     """
     pts = sorted(points)
     if len(pts) < 3:
-        gaps = [(b[0] - a[0], a[0], b[0]) for a, b in zip(pts, pts[1:], strict=False)]
+        gaps = [(b[0] - a[0], a[0], b[0]) for a, b in itertools.pairwise(pts)]
         gap = max(gaps, default=None)
         return None if gap is None or gap[0] <= 2 else (gap[1] + gap[2]) // 2
     best: tuple[float, int, int] | None = None
