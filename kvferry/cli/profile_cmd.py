@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import sys
 
 from rich.console import Console
 
@@ -244,7 +245,7 @@ def run(args: argparse.Namespace) -> int:
         report.write(args.json)
         print(f"json: {args.json}")
     if report.aborted:
-        print(f"error: {report.aborted}")
+        print(f"error: {report.aborted}", file=sys.stderr)
         return EXIT_FAILED
     if plan is not None and args.strict and not plan.feasible:
         return EXIT_FAILED

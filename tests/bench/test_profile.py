@@ -76,6 +76,12 @@ def test_surface_reproduces_a_plane_and_fills_holes_by_the_nearest_point() -> No
     # (1.0, 10): outside row y=10's x range; nearest measured point, x and y scaled to their
     # ranges (1 and 10), is (0.5, 10) at 0.5 (not (1, 0) at 1): z = 32
     assert got[1, 1] == pytest.approx(32.0)
+    # rows whose x ranges do not overlap (KV usage grows with context): at (1.5, 5), halfway
+    # (t = .5) between row y=0 (x 0..1, z 0..1) and row y=10 (x 2..3, z 10..20), the strip
+    # spans x 1..2 so u = .5: (0.5 + 15) / 2 = 7.75
+    apart = interp_at([0, 1, 2, 3], [0, 0, 10, 10], [0, 1, 10, 20], np.array([1.5]),
+                      np.array([5.0]))  # fmt: skip
+    assert apart[0, 0] == pytest.approx(7.75)
     gx, gy, gz = interp_grid(xs, ys, zs, size=5)
     assert gz.shape == (5, 5) and not np.isnan(gz).any()
     assert (gx[0], gx[-1], gy[0], gy[-1]) == (0.0, 1.0, 0.0, 10.0)

@@ -6,11 +6,16 @@ Owns :func:`fit_quadratic` (TTFT(ISL) as ``c0 + c1 x + c2 x^2`` by ``numpy.polyf
 y = context length) on a fixed grid). It measures and reads nothing.
 
 The surface is griddata-like but not a Delaunay triangulation: the decode sweep measures rows
-(one context length, several concurrencies), so each row is interpolated linearly along x
-within its measured range, then each grid column linearly along y between the rows that
-cover it; that is exact for any plane and bilinear on a rectangle of four points. Cells
-outside every row's range are filled by the nearest measured point, distances taken with x
-and y each scaled to its measured range (Dynamo fills griddata's NaNs the same way).
+(one context length, several concurrencies), and the surface is linear between adjacent rows in
+the strip they bound. At a context ``y`` between rows ``r0`` (at ``y0``) and ``r1`` (at
+``y1``), ``t = (y - y0) / (y1 - y0)``, the strip spans x from ``lerp(r0.xmin, r1.xmin, t)`` to
+``lerp(r0.xmax, r1.xmax, t)``; a point at fraction ``u`` of that span takes
+``lerp(r0(u), r1(u), t)``, where ``r(u)`` is the row interpolated linearly at fraction ``u`` of
+its own x range. That is exact for any plane, bilinear on a rectangle of four points, and it
+follows rows whose x ranges do not overlap (KV usage grows with context at equal concurrency),
+where interpolating along x then along y would leave holes. Cells outside every strip are
+filled by the nearest measured point, distances taken with x and y each scaled to its measured
+range (Dynamo fills griddata's NaNs the same way).
 """
 
 from __future__ import annotations
@@ -93,10 +98,17 @@ def _rows(x: Array, y: Array, z: Array) -> list[tuple[float, Array, Array]]:
 
 
 def interp_at(
-    x: Sequence[float], y: Sequence[float], z: Sequence[float], gx: Array, gy: Array
+    x: Sequence[float],
+    y: Sequence[float],
+    z: Sequence[float],
+    gx: Array,
+    gy: Array,
+    *,
+    fill: bool = True,
 ) -> Array:
     """The surface through the points ``(x, y) -> z`` at every ``(gx[j], gy[i])``: an array of
-    shape ``(len(gy), len(gx))`` (module docstring: rows in x, then columns in y, then nearest).
+    shape ``(len(gy), len(gx))`` (module docstring: linear in the strips between measured
+    rows, nearest outside them; ``fill=False``: NaN outside them).
 
     Raises:
         ProfileError: no points, or arrays of different lengths.
@@ -109,22 +121,28 @@ def interp_at(
             f"a surface needs equal, non-empty x, y, z arrays, got {len(xs)}, {len(ys)}, {len(zs)}"
         )
     rows = _rows(xs, ys, zs)
-    # along x within each row: NaN outside the row's measured range
-    along = np.full((len(rows), len(gx)), np.nan)
-    for r, (_, rx, rz) in enumerate(rows):
-        inside = (gx >= rx[0]) & (gx <= rx[-1])
-        along[r, inside] = np.interp(gx[inside], rx, rz)
     row_y = np.array([r[0] for r in rows])
     out = np.full((len(gy), len(gx)), np.nan)
-    for j in range(len(gx)):
-        have = ~np.isnan(along[:, j])
-        if not have.any():
+    for i, yv in enumerate(gy):
+        if yv < row_y[0] or yv > row_y[-1]:
             continue
-        cy, cz = row_y[have], along[have, j]
-        inside = (gy >= cy[0]) & (gy <= cy[-1])
-        out[inside, j] = np.interp(gy[inside], cy, cz)
+        k = int(np.searchsorted(row_y, yv, side="right")) - 1
+        _, x0, z0 = rows[k]
+        if yv == row_y[k]:
+            inside = (gx >= x0[0]) & (gx <= x0[-1])
+            out[i, inside] = np.interp(gx[inside], x0, z0)
+            continue
+        y1, x1, z1 = rows[k + 1]
+        t = (yv - row_y[k]) / (y1 - row_y[k])
+        lo = x0[0] + t * (x1[0] - x0[0])
+        hi = x0[-1] + t * (x1[-1] - x0[-1])
+        inside = (gx >= lo) & (gx <= hi)
+        u = (gx[inside] - lo) / (hi - lo) if hi > lo else np.zeros(int(inside.sum()))
+        v0 = np.interp(x0[0] + u * (x0[-1] - x0[0]), x0, z0)
+        v1 = np.interp(x1[0] + u * (x1[-1] - x1[0]), x1, z1)
+        out[i, inside] = (1 - t) * v0 + t * v1
     holes = np.isnan(out)
-    if holes.any():
+    if fill and holes.any():
         sx = float(np.ptp(xs)) or 1.0
         sy = float(np.ptp(ys)) or 1.0
         hy, hx = np.nonzero(holes)

@@ -7,8 +7,8 @@ Owns :func:`plan`: among candidates (one profile each),
   over the measured points (Dynamo's rule);
 - decode: the highest output tokens/s per instance whose ITL meets the target: along the KV
   usage axis at the target context (ISL + OSL/2) of the interpolated surface
-  (:func:`kvferry.bench.profile.fit.interp_at`) when ISL and OSL are given, else over the
-  measured points;
+  (:func:`kvferry.bench.profile.fit.interp_at`, only between measured contexts; nearest
+  outside them) when ISL and OSL are given, else over the measured points;
 - ties (equal throughput) go to the lower latency, then to the earlier candidate, then to the
   lower ISL or KV usage, so a plan never depends on dict order;
 - infeasible: no candidate meets the target; the closest one (lowest latency) is given with
@@ -184,11 +184,20 @@ def _decode_options(
         if context is not None:
             gx = np.linspace(min(xs), max(xs), GRID_SIZE)
             gy = np.array([context])
-            itl = interp_at(xs, ys, [p.itl_avg_ms for p in r.decode], gx, gy)[0]
-            tput = interp_at(xs, ys, [p.tokens_per_s for p in r.decode], gx, gy)[0]
+            itls = [p.itl_avg_ms for p in r.decode]
+            tputs = [p.tokens_per_s for p in r.decode]
+            # only cells between measured rows: a nearest-filled cell carries another point's
+            # figures (another context), not this context's
+            itl = interp_at(xs, ys, itls, gx, gy, fill=False)[0]
+            if np.isnan(itl).all():  # the context is outside the measured ones: nearest
+                itl = interp_at(xs, ys, itls, gx, gy)[0]
+                tput = interp_at(xs, ys, tputs, gx, gy)[0]
+            else:
+                tput = interp_at(xs, ys, tputs, gx, gy, fill=False)[0]
             pts = [
                 (float(x), context, float(i), float(t))
                 for x, i, t in zip(gx, itl, tput, strict=True)
+                if not np.isnan(i)
             ]
         else:
             pts = [(p.kv_usage, p.context_length, p.itl_avg_ms, p.tokens_per_s) for p in r.decode]
