@@ -175,13 +175,15 @@ class _Runner:
         m = result.cases[0].metrics
         if m.error_count:
             error, _ = m.errors[0]
-            what = "timed out" if "timeout" in f"{error.type} {error.message}".lower() else "failed"
-            return _Point(
-                None,
-                f"{m.error_count} of {m.error_count + m.request_count} requests {what} "
-                f"({error.type}: {error.message or 'no message'}; per-request limit "
-                f"{bench.request_timeout_s:.3g} s of the point's {o.point_timeout_s:g} s)",
-            )
+            failed = f"{m.error_count} of {m.error_count + m.request_count} requests"
+            if "timeout" in f"{error.type} {error.message}".lower():
+                return _Point(
+                    None,
+                    f"{failed} timed out (each had {bench.request_timeout_s:.3g} s: "
+                    f"--point-timeout {o.point_timeout_s:g} s over {waves} wave(s) of requests)",
+                )
+            code = f"HTTP {error.code} " if error.code is not None else ""
+            return _Point(None, f"{failed} failed ({code}{error.type}: {error.message})")
         return _Point(m, "")
 
 
