@@ -5,8 +5,8 @@ it, then :func:`kvferry.report.html.write_html` and :func:`kvferry.report.markdo
 draw it). The document's sections, in order: headline metrics, setup, bottlenecks and
 recommendations, one section per bench kind present (a subsection per result), sources. Each
 bench's module (:mod:`.doctor`, :mod:`.transfer`, :mod:`.store`, :mod:`.hitrate`, :mod:`.serve`,
-:mod:`.router`, :mod:`.profile`) builds its subsections and headline numbers; this module only orders them. A
-comparison (``--compare``) is added by the caller with :func:`add_section`.
+:mod:`.router`, :mod:`.profile`) builds its subsections and headline numbers; this module only
+orders them. A comparison (``--compare``) is added by the caller with :func:`add_section`.
 """
 
 from __future__ import annotations
