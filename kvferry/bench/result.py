@@ -341,6 +341,7 @@ _TOOLS = Registry(
         "router": "kvferry.bench.router.harness:RouterBenchReport",
         "tune": "kvferry.bench.tune.report:TuneReport",
         "doctor": "kvferry.bench.doctor.report:DoctorReport",
+        "profile": "kvferry.bench.profile.report:ProfileReport",
     },
 )
 

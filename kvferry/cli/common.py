@@ -11,7 +11,15 @@ import signal
 from collections.abc import Mapping
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from kvferry.config.loader import LoadedConfig, load_config
 from kvferry.config.presets import PRESETS
@@ -107,15 +115,21 @@ class Stopped(KeyboardInterrupt):
         super().__init__(f"stopped by {signal.Signals(signum).name} {doing}")
 
 
-def live_progress(console: Console, quiet: bool) -> Progress:
+def live_progress(console: Console, quiet: bool, *, eta: bool = False) -> Progress:
     """The live view of a bench that reports as it goes: a bar per task with its count, the
-    time so far and a free ``stats`` field (running percentiles, rates). Off when ``quiet`` or
-    when ``console`` is not a terminal; gone from the screen when done."""
-    return Progress(
+    time so far (``eta``: and the time left, estimated from the rate so far) and a free
+    ``stats`` field (running percentiles, rates). Off when ``quiet`` or when ``console`` is not
+    a terminal; gone from the screen when done."""
+    columns: list[ProgressColumn] = [
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
+    ]
+    if eta:
+        columns.append(TimeRemainingColumn())
+    return Progress(
+        *columns,
         TextColumn("{task.fields[stats]}"),
         console=console,
         transient=True,

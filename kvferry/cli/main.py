@@ -42,6 +42,8 @@ _COMMAND_MODULES = [
     "kvferry.cli.tune_cmd",
     "kvferry.cli.monitor_cmd",
     "kvferry.cli.doctor_cmd",
+    "kvferry.cli.profile_cmd",
+    "kvferry.cli.plan_cmd",
 ]
 
 EXIT_ERROR = 2

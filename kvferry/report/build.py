@@ -5,8 +5,8 @@ it, then :func:`kvferry.report.html.write_html` and :func:`kvferry.report.markdo
 draw it). The document's sections, in order: headline metrics, setup, bottlenecks and
 recommendations, one section per bench kind present (a subsection per result), sources. Each
 bench's module (:mod:`.doctor`, :mod:`.transfer`, :mod:`.store`, :mod:`.hitrate`, :mod:`.serve`,
-:mod:`.router`) builds its subsections and headline numbers; this module only orders them. A
-comparison (``--compare``) is added by the caller with :func:`add_section`.
+:mod:`.router`, :mod:`.profile`) builds its subsections and headline numbers; this module only
+orders them. A comparison (``--compare``) is added by the caller with :func:`add_section`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 
-from kvferry.report import doctor, findings, fmt, hitrate, router, serve, store, transfer, tune
+from kvferry.report import (
+    doctor,
+    findings,
+    fmt,
+    hitrate,
+    profile,
+    router,
+    serve,
+    store,
+    transfer,
+    tune,
+)
 from kvferry.report.headline import Headline, headline_section
 from kvferry.report.inputs import Inputs, LoadedResult, collect
 from kvferry.report.model import ReportDoc, Section
@@ -84,6 +95,13 @@ BENCHES: dict[str, _Bench] = {
         "router",
         "kvferry bench router: KV-aware routing against round-robin and random on one load.",
         router,
+    ),
+    "profile": _Bench(
+        "SLA profile",
+        "profile",
+        "kvferry profile: TTFT against ISL (prefill) and ITL and throughput against KV usage "
+        "and context (decode) of one engine, for SLA planning (kvferry plan).",
+        profile,
     ),
     "tune": _Bench(
         "Tuning",
