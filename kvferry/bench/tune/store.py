@@ -158,6 +158,14 @@ class StoreTuneResult:
                 "tier larger than the free RAM does not keep this gain, and the page cache it "
                 "fills is not bounded by any kvferry capacity"
             )
+        threshold = self.tuned.get("store.evict_start_threshold")
+        if threshold is not None and float(threshold) < 0.9:
+            out.append(
+                f"store.evict_start_threshold={threshold} starts evicting with "
+                f"{1 - float(threshold):.0%} of the tier still free: puts find room sooner, and "
+                "that share of the tier no longer holds cached blocks (measure the hit-rate cost "
+                "with kvferry bench hitrate or kvferry tune cache)"
+            )
         return out
 
 
