@@ -200,4 +200,4 @@ def test_every_recorded_result_loads_or_is_a_scripts_raw_output() -> None:
             continue
         report = load_result(path)
         loaded[report.tool] = loaded.get(report.tool, 0) + 1
-    assert set(loaded) == {"transfer", "store", "hitrate", "serve", "router"}, loaded
+    assert set(loaded) == {"transfer", "store", "hitrate", "serve", "router", "tune"}, loaded
