@@ -165,13 +165,17 @@ class ServerTier(Tier):
             self._down[member] = self._instances.get(member) or None
             self._marked_down += 1
             self._rebuild()
-        _member_log.warning(
-            "down",
-            "server tier: store server %s is down (%s); its blocks read as misses and its "
-            "puts go to the next live server until it is back",
-            member,
-            error.__cause__ or error,
-        )
+            others = any(m not in self._down for m in self._members)
+        if others:
+            _member_log.warning(
+                "down",
+                "server tier: store server %s is down (%s); its blocks read as misses and its "
+                "puts go to the next live server until it is back",
+                member,
+                error.__cause__ or error,
+            )
+        else:  # no server left: the call fails with its own error, one line is enough
+            log.info("server tier: store server %s is down (%s)", member, error.__cause__ or error)
         self._start_watcher()
 
     def _mark_up(self, member: str) -> None:
