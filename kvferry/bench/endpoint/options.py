@@ -23,9 +23,19 @@ __all__ = [
     "EndpointBenchError",
     "Level",
     "ServeBenchOptions",
+    "check_url",
 ]
 
 ENDPOINTS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
+
+
+def check_url(url: str) -> None:
+    """Raises ConfigError unless ``url`` is ``http(s)://HOST[:PORT][/...]`` (``--url``)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"--url must be http://HOST:PORT[/...], got {url!r}")
+
+
 ARRIVALS = ("poisson", "constant")
 MAX_WORKERS = 64
 
@@ -121,9 +131,7 @@ class ServeBenchOptions:
         Raises:
             ConfigError: naming the flag, the value and what would be valid.
         """
-        parts = urlsplit(self.url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(f"--url must be http://HOST:PORT[/...], got {self.url!r}")
+        check_url(self.url)
         if self.endpoint not in ENDPOINTS:
             raise ConfigError(
                 f"--endpoint must be one of {', '.join(ENDPOINTS)}, got {self.endpoint!r}"

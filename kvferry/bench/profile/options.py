@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
+from kvferry.bench.endpoint.options import check_url
 from kvferry.errors import ConfigError, KvferryError
 
 __all__ = ["MODES", "ProfileError", "ProfileOptions"]
@@ -64,9 +64,7 @@ class ProfileOptions:
         Raises:
             ConfigError: naming the flag, the value and what would be valid.
         """
-        parts = urlsplit(self.url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(f"--url must be http://HOST:PORT[/...], got {self.url!r}")
+        check_url(self.url)
         if self.mode not in MODES:
             raise ConfigError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         checks: list[tuple[str, object, bool, str]] = [
