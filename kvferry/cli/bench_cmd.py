@@ -333,7 +333,13 @@ def _add_store_parser(kinds: Any) -> None:
     p.add_argument(
         "--address",
         metavar="HOST:PORT",
-        help="server: a running store server; mooncake: a running master (default: start one)",
+        help="server: running store servers, comma-separated; mooncake: a running master "
+        "(default: start one)",
+    )
+    p.add_argument(
+        "--membership-url",
+        metavar="REDIS_URL",
+        help="server: the servers registered there (kvferry serve store --register)",
     )
     p.add_argument(
         "--slot-size",
@@ -380,6 +386,7 @@ def _store_flags(args: argparse.Namespace) -> tuple[dict[str, object], dict[str,
         "--disk-path": args.disk_path,
         "--redis-url": args.redis_url,
         "--address": args.address,
+        "--membership-url": args.membership_url,
     }
     keys = backend_settings(args.backend, given)
     names = {key: flag for flag, key in BACKENDS[args.backend].settings.items() if key}

@@ -13,7 +13,9 @@ import json
 import os
 import shlex
 import socket
+import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -44,6 +46,7 @@ from kvferry.config.models import (
 )
 from kvferry.errors import ConfigError
 from kvferry.store.tiered import TieredStore
+from kvferry.testing.store_server import StoreServerProcess
 from kvferry.testing.tables import assert_values_whole, narrow_console, printed
 
 NUM_KEYS = 256
@@ -515,3 +518,51 @@ def test_overfill_measures_a_store_that_evicts_as_it_fills(
     assert data["options"]["overfill"] is True
     assert data["verify"]["ok"] is True and data["verify"]["evictions"] > 0
     assert data["store"]["evictions"] > 0
+
+
+def _run_server_bench(tmp_path: Path, *extra: str) -> dict[str, Any]:
+    out = tmp_path / "servers.json"
+    argv = ["bench", "store", "--backend", "server", "--op", "batch-get", "--quiet"]
+    assert main([*argv, *CLI_SHORT, *extra, "--json", str(out)]) == 0
+    data: dict[str, Any] = json.loads(out.read_text())
+    assert data["verify"]["ok"] is True and data["verify"]["missing"] == 0
+    return data
+
+
+def test_the_server_bench_runs_against_a_list_of_running_servers(tmp_path: Path) -> None:
+    servers = [StoreServerProcess(slot_size=VALUE).start() for _ in range(2)]
+    try:
+        listed = ",".join(s.address for s in servers)
+        data = _run_server_bench(tmp_path, "--address", listed)
+        assert data["backend"]["addresses"] == [s.address for s in servers]
+        assert not any("started `kvferry serve store`" in n for n in data["notes"])
+    finally:
+        for s in servers:
+            s.kill()
+
+
+@pytest.mark.redis
+def test_the_server_bench_runs_against_a_membership(redis_server: str, tmp_path: Path) -> None:
+    prefix = f"kvferry:bench-{uuid.uuid4().hex[:8]}"
+    key = f"server.membership_key={prefix}"
+    servers = [
+        StoreServerProcess("--register", redis_server, "--set", key, slot_size=VALUE).start()
+        for _ in range(2)
+    ]
+    try:
+        data = _run_server_bench(tmp_path, "--membership-url", redis_server, "--set", key)
+        assert data["backend"]["membership_url"] == redis_server
+        assert data["config"]["values"]["server.membership_url"] == redis_server
+    finally:
+        for s in servers:
+            s.kill()
+
+
+@pytest.mark.parametrize("address", ["nohost", "127.0.0.1:1,oops", ","])
+def test_a_bad_server_address_list_is_one_error_line(
+    address: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["bench", "store", "--backend", "server", "--address", address, *CLI_SHORT]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--address" in err[0] and "HOST:PORT" in err[0], err

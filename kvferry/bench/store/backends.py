@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
+from kvferry.backends.redis import redact_url
 from kvferry.bench.store.client import StoreBenchError
 from kvferry.config.models import KvferryConfig
 from kvferry.errors import ConfigError
@@ -142,18 +143,43 @@ def _prepare_redis(
 def _prepare_server(
     options: StoreBenchOptions, config: KvferryConfig, stack: contextlib.ExitStack
 ) -> Prepared:
-    addresses = [options.address] if options.address else list(config.server.addresses)
+    """Running servers (``--address a,b``, ``server.addresses``, or the membership at
+    ``--membership-url``/``server.membership_url``), or one server this run starts."""
+    if options.address:
+        addresses = [a.strip() for a in options.address.split(",") if a.strip()]
+        bad = [a for a in addresses if not _is_host_port(a)]
+        if bad or not addresses:
+            raise ConfigError(
+                f"--address {options.address!r} is invalid: give HOST:PORT of running store "
+                "servers, comma-separated (e.g. 127.0.0.1:15428,127.0.0.1:15429)"
+            )
+    else:
+        addresses = list(config.server.addresses)
+    membership = config.server.membership_url
     notes: list[str] = []
-    if not addresses:
+    if not addresses and not membership:
         _check_fits(options, config, config.cpu.capacity, "cpu.capacity (the server's)")
         addresses = [stack.enter_context(start_store_server(config))]
         notes.append(
             f"server: started `kvferry serve store` on {addresses[0]} (cpu tier, "
             f"{config.cpu.capacity} bytes) for this run"
         )
-    server = config.server.model_copy(update={"addresses": addresses, "membership_url": ""})
+    elif membership:
+        notes.append(
+            "server: the servers registered in the membership at "
+            f"{redact_url(membership)} (and any --address given)"
+        )
+    server = config.server.model_copy(update={"addresses": addresses})
     cfg = config.model_copy(update={"server": server})
-    return Prepared([cfg] * options.clients, {"addresses": addresses}, notes)
+    info: dict[str, object] = {"addresses": addresses}
+    if membership:
+        info["membership_url"] = redact_url(membership)
+    return Prepared([cfg] * options.clients, info, notes)
+
+
+def _is_host_port(text: str) -> bool:
+    host, sep, port = text.rpartition(":")
+    return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
 
 
 def _prepare_mooncake(
@@ -197,7 +223,15 @@ BACKENDS: dict[str, StoreBackend] = {
         ),
         StoreBackend("redis", _prepare_redis, {"--redis-url": "redis.url"}),
         # --capacity: of the server a run starts (its cpu tier)
-        StoreBackend("server", _prepare_server, {"--capacity": "cpu.capacity", "--address": None}),
+        StoreBackend(
+            "server",
+            _prepare_server,
+            {
+                "--capacity": "cpu.capacity",
+                "--address": None,
+                "--membership-url": "server.membership_url",
+            },
+        ),
         StoreBackend("mooncake", _prepare_mooncake, {"--address": None}),
     )
 }
