@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.status import Status
 
 from kvferry.errors import ConfigError
@@ -71,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
     console.print(f"kvferry advise: {len(advice)} finding(s) over {len(loaded.results)} result(s)")
     for a in advice:
         f = a.finding
-        console.print(f"\n[bold]{f.severity.upper()}[/] {f.rule or '-'}: {f.title}", markup=True)
+        head = f"{f.rule or '-'}: {f.title}"
+        console.print(f"\n[bold]{f.severity.upper()}[/] {escape(head)}", markup=True)
         for label, text in (("evidence", f.evidence), ("try", f.recommendation)):
             if text:
                 console.print(f"  {label}: {text}", markup=False, highlight=False)
