@@ -226,8 +226,7 @@ def _store(
     import dataclasses
 
     from kvferry.bench.store import StoreBenchReport
-    from kvferry.bench.store import run as run_store
-    from kvferry.config.loader import load_config
+    from kvferry.bench.tune.store import alternate, timed
 
     if not isinstance(result, StoreBenchReport):
         raise KvferryError("a store candidate needs a store bench result")
@@ -236,21 +235,11 @@ def _store(
     )
     base = _base_flags(result)
     changed = {**base, **dict(candidate.overrides)}
-    refused: list[tuple[int, int]] = []
-    speed: list[float] = []
-    for r in range(rounds):
-        outcome = {}
-        order = (("current", base), ("change", changed))
-        for name, flags in order if r % 2 == 0 else order[::-1]:
-            tell(f"store {candidate.label}: round {r + 1}/{rounds}, {name}")
-            loaded = load_config(flags=flags, environ={})
-            report = run_store(options, config=loaded.config, sources=loaded.sources)
-            timed = [ph for ph in report.phases if ph.phase == "read_perf"]
-            ops = timed[0].ops_per_s if timed else 0.0
-            outcome[name] = (int(report.store.get("no_space", 0)), ops)
-        refused.append((outcome["change"][0], outcome["current"][0]))
-        if outcome["current"][1] > 0:
-            speed.append(outcome["change"][1] / outcome["current"][1])
+    pairs = alternate(
+        options, base, changed, rounds, lambda what: tell(f"store {candidate.label}: {what}")
+    )
+    refused = [(int(c.store.get("no_space", 0)), int(b.store.get("no_space", 0))) for b, c in pairs]
+    speed = [timed(c) / timed(b) for b, c in pairs if timed(b) > 0]
     if candidate.objective == "ops":
         if not speed:
             raise KvferryError("the store bench measured no ops/s in its timed phase")

@@ -35,7 +35,9 @@ __all__ = [
     "SPACES",
     "StoreTuneOptions",
     "StoreTuneResult",
+    "alternate",
     "measure_change",
+    "timed",
     "tune",
 ]
 
@@ -169,12 +171,38 @@ class StoreTuneResult:
         return out
 
 
-def _timed(report: StoreBenchReport, higher_better: bool) -> float:
+def timed(report: StoreBenchReport, higher_better: bool = True) -> float:
+    """The timed phase's ops/s (``higher_better``) or its P99 per call in microseconds."""
     perf = PERF_PHASE[report.options.op]
-    timed = [p for p in report.phases if p.phase == perf]
-    if not timed:
-        raise KvferryError("the store bench reported no phase")
-    return timed[0].ops_per_s if higher_better else timed[0].latency_us.p99
+    phase = [p for p in report.phases if p.phase == perf]
+    if not phase:
+        raise KvferryError("the store bench reported no timed phase")
+    return phase[0].ops_per_s if higher_better else phase[0].latency_us.p99
+
+
+def alternate(
+    bench: StoreBenchOptions,
+    base: Mapping[str, object],
+    change: Mapping[str, object],
+    rounds: int,
+    tell: Callable[[str], None] | None = None,
+) -> list[tuple[StoreBenchReport, StoreBenchReport]]:
+    """``rounds`` pairs of store-bench runs, (base, change) per pair, from the config keys
+    ``base`` and ``change`` (dotted key -> value); the order swaps every pair so neither side
+    always runs second on a warm machine. A run that fails its verify raises."""
+    pairs = []
+    for r in range(rounds):
+        got: dict[str, StoreBenchReport] = {}
+        sides = (("base", base), ("change", change))
+        for name, flags in sides if r % 2 == 0 else sides[::-1]:
+            if tell is not None:
+                tell(f"round {r + 1}/{rounds}, {name}")
+            loaded = load_config(flags=flags, environ={})
+            report = run_store(bench, config=loaded.config, sources=loaded.sources)
+            report.raise_for_failures()
+            got[name] = report
+        pairs.append((got["base"], got["change"]))
+    return pairs
 
 
 def _pairs(
@@ -185,18 +213,12 @@ def _pairs(
     bench: StoreBenchOptions,
 ) -> tuple[list[float], list[StoreBenchReport]]:
     ratios, reports = [], []
-    for r in range(rounds):
-        got = {}
-        sides = (("base", base), ("change", change))
-        for name, overrides in sides if r % 2 == 0 else sides[::-1]:
-            loaded = load_config(flags=options.flags(overrides), environ={})
-            report = run_store(bench, config=loaded.config, sources=loaded.sources)
-            report.raise_for_failures()
-            got[name] = _timed(report, options.higher_better)
-            reports.append(report)
-        if got["base"] <= 0:
+    for b, c in alternate(bench, options.flags(base), options.flags(change), rounds):
+        before = timed(b, options.higher_better)
+        if before <= 0:
             raise KvferryError("the store bench measured nothing in its timed phase")
-        ratios.append(got["change"] / got["base"])
+        ratios.append(timed(c, options.higher_better) / before)
+        reports += [b, c]
     return ratios, reports
 
 
