@@ -136,6 +136,16 @@ def transfer_candidate(
     )
 
 
+def _tries(
+    report: TransferBenchReport, case: CaseResult, objective: str, *changes: dict[str, str]
+) -> list[Candidate]:
+    """Each change as a candidate measured on ``case``; none for a peer engine's case (its
+    knobs are not kvferry's)."""
+    if not _ours(case.backend):
+        return []
+    return [transfer_candidate(report, case, objective, **change) for change in changes]
+
+
 def _tail_growth(item: LoadedResult, report: TransferBenchReport) -> Iterable[Finding]:
     """P99/mean rising with the batch at a fixed block size and thread count (kvferry only)."""
     groups: dict[tuple[str, int, int], list[CaseResult]] = {}
@@ -165,10 +175,7 @@ def _tail_growth(item: LoadedResult, report: TransferBenchReport) -> Iterable[Fi
         "slices in flight per connection (transfer.max_inflight) so one batch does not fill "
         "the pipe; measure both against the current config.",
         rule="transfer.tail_grows_with_batch",
-        candidates=[
-            transfer_candidate(report, large, "p99", workers="2"),
-            transfer_candidate(report, large, "p99", max_inflight="32"),
-        ],
+        candidates=_tries(report, large, "p99", {"workers": "2"}, {"max_inflight": "32"}),
     )
 
 
@@ -221,12 +228,13 @@ def _transfer(item: LoadedResult) -> Iterable[Finding]:
                 "smaller transfer.slice_size so one large slice does not hold a batch; rerun "
                 "with --rounds 3 to see whether the tail repeats.",
                 rule="transfer.tail",
-                candidates=[
-                    transfer_candidate(report, worst, "p99", grace_period_ns="200000"),
-                    transfer_candidate(report, worst, "p99", grace_period_ns="10000"),
-                ]
-                if _ours(contender)
-                else [],
+                candidates=_tries(
+                    report,
+                    worst,
+                    "p99",
+                    {"grace_period_ns": "200000"},
+                    {"grace_period_ns": "10000"},
+                ),
             )
     socket = next((r for r in report.references if r.name.startswith("socket_stream")), None)
     message = int(socket.detail.get("message_size") or 0) if socket is not None else 0
@@ -261,12 +269,7 @@ def _transfer(item: LoadedResult) -> Iterable[Finding]:
                 "transfer.workers, a larger transfer.slice_size, and check the transport (shm "
                 "on one host).",
                 rule="transfer.below_socket",
-                candidates=[
-                    transfer_candidate(report, top, "bw", slice_size="256KiB"),
-                    transfer_candidate(report, top, "bw", workers="2"),
-                ]
-                if _ours(contender)
-                else [],
+                candidates=_tries(report, top, "bw", {"slice_size": "256KiB"}, {"workers": "2"}),
             )
         if len(contenders) == 1 and best.cpu_s_per_gb > CPU_S_PER_GB_HIGH:
             yield Finding(
@@ -310,16 +313,12 @@ def _transfer(item: LoadedResult) -> Iterable[Finding]:
                     recommendation="Profile the initiator (kvferry's slice and completion "
                     "path); fewer, larger slices (transfer.slice_size) cut per-slice work.",
                     rule="transfer.cpu_vs_peer",
-                    candidates=[
-                        transfer_candidate(
-                            report,
-                            max(pairs, key=lambda p: p[0])[1],
-                            "bw",
-                            slice_size="256KiB",
-                        )
-                    ]
-                    if _ours(first)
-                    else [],
+                    candidates=_tries(
+                        report,
+                        mine[max(pairs, key=lambda p: p[0])[1].case],
+                        "bw",
+                        {"slice_size": "256KiB"},
+                    ),
                 )
 
     yield from _tail_growth(item, report)
