@@ -26,7 +26,7 @@ from kvferry.tables import FitTable, output_console, print_table
 
 if TYPE_CHECKING:
     from kvferry.bench.tune.report import TuneReport
-    from kvferry.bench.tune.search import SearchResult, Step
+    from kvferry.bench.tune.search import Step
 
 
 def _size(text: str) -> int:
@@ -151,50 +151,62 @@ def _reporter(status: Status, metric: str) -> Callable[[Step, int, int], None]:
     return on_step
 
 
-def _print_and_write(
-    console: Console,
+def _search(
     args: argparse.Namespace,
-    title: str,
-    search: SearchResult,
+    what: str,
     metric: str,
-    final: list[float],
-    tuned: dict[str, str],
+    run: Callable[[Callable[[Step, int, int], None]], TuneReport],
     tried: list[str],
-    command: str,
+) -> int:
+    """Run a search with a live line, then print and write what it found (:func:`_finish`)."""
+    err = Console(stderr=True, highlight=False)
+    with err.status(f"tuning {what}") as status:
+        report = run(_reporter(status, metric))
+    report.command = shlex.join(["kvferry", *getattr(args, "argv", [])])
+    _finish(output_console(), args, report, tried)
+    return 0
+
+
+def _finish(
+    console: Console, args: argparse.Namespace, report: TuneReport, tried: list[str]
 ) -> None:
-    """Every step as a table row, the final tuned-vs-defaults ratios, and ``-o`` YAML: the
-    tuned overrides when the final run confirmed them, else the defaults of what was tried."""
+    """Every step as a table row, the final run against the defaults, the caveats, ``-o`` YAML
+    (the tuned overrides when the final run confirmed them, else the defaults of what was
+    tried) and ``--json`` (the report)."""
     import statistics
 
     from kvferry.config.models import KvferryConfig
 
-    table = FitTable(title)
+    metric, final = report.metric, report.final_rounds
+    table = FitTable(
+        f"kvferry tune {report.what}: {report.workload}, {report.objective} ({metric})"
+    )
     table.add_column("Knob", justify="left")
     table.add_column("Value", justify="left")
     table.add_column("Against", justify="left", drop=1)
     table.add_column(f"{metric} ratio")
     table.add_column("Rounds")
     table.add_column("Adopted", justify="left")
-    for step in search.steps:
+    for step in report.steps:
         against = ", ".join(f"{k}={v}" for k, v in step.against.items()) or "defaults"
         rounds = ", ".join(f"{r:.3f}" for r in step.ratios)
         table.add_row(step.knob, step.value, against, f"{step.median:.3f}", rounds,
                       "yes" if step.adopted else "no")  # fmt: skip
     print_table(console, table)
-    if search.untried:
-        untried = ", ".join(f"{k}={v}" for k, v in search.untried)
-        console.print(f"budget spent ({search.seconds:.0f} s): not measured: {untried}")
-    picked = ", ".join(f"{k}={v}" for k, v in search.best.items())
+    if report.untried:
+        untried = ", ".join(f"{k}={v}" for k, v in report.untried)
+        console.print(f"budget spent ({report.search_seconds:.0f} s): not measured: {untried}")
     if final:
-        median = statistics.median(final)
+        picked = ", ".join(f"{k}={v}" for k, v in report.picked.items())
         console.print(
             f"search picked {picked}; against the defaults, {len(final)} alternating rounds: "
-            f"{metric} x{median:.3f} (rounds {min(final):.3f}-{max(final):.3f})"
+            f"{metric} x{statistics.median(final):.3f} (rounds {min(final):.3f}-{max(final):.3f})"
         )
-    if tuned:
-        written: dict[str, Any] = dict(tuned)
-        header = f"{command}\ntuned vs defaults, same run: {metric} x{statistics.median(final):.3f}"
-        console.print("tuned: " + ", ".join(f"{k}={v}" for k, v in tuned.items()))
+    if report.tuned:
+        written: dict[str, Any] = dict(report.tuned)
+        header = f"{report.command}\ntuned vs defaults, same run: {metric} "
+        header += f"x{statistics.median(final):.3f}"
+        console.print("tuned: " + ", ".join(f"{k}={v}" for k, v in report.tuned.items()))
     else:
         console.print(
             "the pick did not beat the defaults in every final round: keep the defaults"
@@ -203,10 +215,15 @@ def _print_and_write(
         )
         defaults = KvferryConfig().model_dump(mode="json")
         written = {k: defaults[k.split(".")[0]][k.split(".")[1]] for k in tried}
-        header = f"{command}\nnothing beat the defaults beyond noise (defaults below)"
+        header = f"{report.command}\nnothing beat the defaults beyond noise (defaults below)"
     if args.output:
         _write_yaml(args.output, written, header)
         console.print(f"wrote {args.output}")
+    for caveat in report.caveats:
+        console.print(f"caveat: {caveat}")
+    if args.json:
+        report.write(args.json)
+        console.print(f"json: {args.json}")
 
 
 def run_transfer(args: argparse.Namespace) -> int:
@@ -226,27 +243,14 @@ def run_transfer(args: argparse.Namespace) -> int:
         duration=args.duration,
         space=space if space is not None else dict(SPACE),
     )
-    console = output_console()
-    err = Console(stderr=True, highlight=False)
-    metric = "BW" if options.higher_better else "P99"
-    workload = f"{format_size(options.block_size)} x {options.batch_size} x {options.threads}"
-    with err.status(f"tuning transfer for {workload} over {options.transport}") as status:
-        result = tune(options, _reporter(status, metric))
-    _print_and_write(
-        console,
+    return _search(
         args,
-        f"kvferry tune transfer: {workload}, {options.objective} ({metric})",
-        result.search,
-        metric,
-        result.final_rounds,
-        result.tuned,
+        f"transfer for {format_size(options.block_size)} x {options.batch_size} over "
+        f"{options.transport}",
+        "BW" if options.higher_better else "P99",
+        lambda on_step: from_transfer(tune(options, on_step)),
         list(options.space),
-        f"kvferry tune transfer --block-size {options.block_size} --batch-size "
-        f"{options.batch_size} --threads {options.threads} --transport {options.transport} "
-        f"--objective {options.objective}",
     )
-    _write_report(args, from_transfer(result))
-    return 0
 
 
 def run_store(args: argparse.Namespace) -> int:
@@ -272,28 +276,13 @@ def run_store(args: argparse.Namespace) -> int:
         rounds=args.rounds,
         space=_knobs(args.knob),
     )
-    console = output_console()
-    err = Console(stderr=True, highlight=False)
-    metric = "ops/s" if options.higher_better else "P99"
-    workload = f"{bench.backend} {bench.op}, {format_size(bench.value_size)} x {bench.batch}"
-    with err.status(f"tuning the store for {workload}") as status:
-        result = tune(options, _reporter(status, metric))
-    _print_and_write(
-        console,
+    return _search(
         args,
-        f"kvferry tune store: {workload}, {options.objective} ({metric})",
-        result.search,
-        metric,
-        result.final_rounds,
-        result.tuned,
+        f"the store for {bench.backend} {bench.op}",
+        "ops/s" if options.higher_better else "P99",
+        lambda on_step: from_store(tune(options, on_step)),
         list(options.knobs),
-        f"kvferry tune store --backend {bench.backend} --op {bench.op} --value-size "
-        f"{bench.value_size} --batch-size {bench.batch} --objective {options.objective}",
     )
-    for caveat in result.caveats:
-        console.print(f"caveat: {caveat}")
-    _write_report(args, from_store(result))
-    return 0
 
 
 def run_cache(args: argparse.Namespace) -> int:

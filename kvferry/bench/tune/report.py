@@ -30,7 +30,8 @@ class TuneReport(BenchResult):
     what: str
     """``transfer``, ``store`` or ``cache``."""
     workload: str
-    """The workload tuned for, in words (``1MiB x 16 x 1 over tcp``)."""
+    """The workload tuned for, in words (``1MiB x 16 x 1``: block x batch x threads; the command
+    line has the rest)."""
     objective: str = ""
     metric: str = ""
     """What the ratios are of (``BW``, ``P99``, ``ops/s``); empty for cache."""
@@ -53,8 +54,7 @@ def from_transfer(result: TransferTuneResult) -> TuneReport:
     o = result.options
     return TuneReport(
         what="transfer",
-        workload=f"{format_size(o.block_size)} x {o.batch_size} x {o.threads} {o.op} over "
-        f"{o.transport}",
+        workload=f"{format_size(o.block_size)} x {o.batch_size} x {o.threads}",
         objective=o.objective,
         metric="BW" if o.higher_better else "P99",
         higher_better=o.higher_better,
@@ -71,7 +71,7 @@ def from_store(result: StoreTuneResult) -> TuneReport:
     o, b = result.options, result.options.bench
     return TuneReport(
         what="store",
-        workload=f"{b.backend} {b.op}, {format_size(b.value_size)} x {b.batch}, {b.num_keys} keys",
+        workload=f"{b.backend} {b.op}, {format_size(b.value_size)} x {b.batch}",
         objective=o.objective,
         metric="ops/s" if o.higher_better else "P99",
         higher_better=o.higher_better,
