@@ -264,9 +264,14 @@ def test_a_point_that_times_out_is_skipped_and_the_profile_goes_on() -> None:
             url=s.url, mode="prefill", granularity=3, point_timeout_s=0.6, warmup_requests=0
         )
         report = run(options)
-    assert [p.isl for p in report.prefill][:1] == [100]
+    assert [p.isl for p in report.prefill] == [100]
     skipped = {sk.label: sk.reason for sk in report.skipped}
-    assert "isl 7680" in skipped and "timed out" in skipped["isl 7680"]
+    # ISL 3890's requests time out; ISL 7680's either do too, or its test request waits behind
+    # the engine's last step of 3890 and times out first: skipped either way, never "the engine
+    # went away" (it did not)
+    assert sorted(skipped) == ["isl 3890", "isl 7680"]
+    assert "timed out" in skipped["isl 3890"]
+    assert "timed out" in skipped["isl 7680"] or "engine is up" in skipped["isl 7680"]
     assert not report.aborted
 
 

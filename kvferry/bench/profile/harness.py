@@ -168,7 +168,13 @@ class _Runner:
         try:
             result = endpoint.run(bench)
         except endpoint.EndpointBenchError as e:
-            raise _Aborted(str(e)) from e
+            # the point's own test request may time out behind the engine's last step (a
+            # prefill of a point just abandoned): that is a slow point, not a dead engine
+            try:
+                _get(bench.base_url() + "/v1/models")
+            except ProfileError:
+                raise _Aborted(str(e)) from e
+            return _Point(None, f"the engine is up but the point could not start: {e}")
         if not self.report.model:
             self.report.model = result.model
             self.report.url = result.url
