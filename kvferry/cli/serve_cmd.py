@@ -114,6 +114,31 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "endpoint and replay_endpoint; repeatable; router.vllm_events). Without it the router "
         "finds each vLLM worker's publisher through its /kv_event_sources",
     )
+    router.add_argument(
+        "--pd",
+        dest="router_pd",
+        action="store_const",
+        const=True,
+        default=None,
+        help="disaggregated prefill/decode: prefill each request on a --prefill instance, "
+        "decode it on a --decode instance with the KV hand-off (router.pd)",
+    )
+    router.add_argument(
+        "--prefill",
+        dest="router_prefill_workers",
+        metavar="URL",
+        action="append",
+        default=None,
+        help="with --pd: a prefill instance's base URL (repeatable; router.prefill_workers)",
+    )
+    router.add_argument(
+        "--decode",
+        dest="router_decode_workers",
+        metavar="URL",
+        action="append",
+        default=None,
+        help="with --pd: a decode instance's base URL (repeatable; router.decode_workers)",
+    )
     for option, key, text in _ROUTER_FLAGS:
         router.add_argument(option, dest=key.replace(".", "_"), metavar="VALUE", help=text)
     router.add_argument(
@@ -314,7 +339,17 @@ def run_router(args: argparse.Namespace) -> int:
     flags["router.workers"] = args.router_workers
     flags["router.kv_events"] = args.router_kv_events
     flags["router.vllm_events"] = args.router_vllm_events
+    flags["router.pd"] = args.router_pd
+    flags["router.prefill_workers"] = args.router_prefill_workers
+    flags["router.decode_workers"] = args.router_decode_workers
     names = {key: option for option, key, _ in _ROUTER_FLAGS}
+    names.update(
+        {
+            "router.pd": "--pd",
+            "router.prefill_workers": "--prefill",
+            "router.decode_workers": "--decode",
+        }
+    )
     names["router.workers"] = "--worker"
     names["router.vllm_events"] = "--vllm-events"
     names["router.kv_events"] = "--no-kv-events"

@@ -276,6 +276,22 @@ class RouterConfig(HttpFrontConfig):
         default_factory=list,
         description="Base URLs of the workers (http://host:port); --worker, repeatable.",
     )
+    pd: bool = Field(
+        False,
+        description="Disaggregated prefill/decode (--pd): each request is prefilled on one of "
+        "router.prefill_workers (max_tokens 1, asking for remote decode) and decoded on one of "
+        "router.decode_workers with the KV hand-off parameters the prefill returned.",
+    )
+    prefill_workers: list[str] = Field(
+        default_factory=list,
+        description="P/D: base URLs of the prefill instances (--prefill, repeatable); chosen "
+        "by KV overlap and load (router.mode).",
+    )
+    decode_workers: list[str] = Field(
+        default_factory=list,
+        description="P/D: base URLs of the decode instances (--decode, repeatable); chosen by "
+        "load.",
+    )
     bind_address: str = Field(
         "127.0.0.1", description="Address the router binds; 127.0.0.1 unless told otherwise."
     )
@@ -353,7 +369,12 @@ class RouterConfig(HttpFrontConfig):
         5.0, gt=0, description="Seconds to connect to a worker before it counts as down."
     )
 
-    @field_validator("workers")
+    @property
+    def all_workers(self) -> list[str]:
+        """Every worker the router talks to: ``workers``, or the prefill then the decode ones."""
+        return [*self.workers, *self.prefill_workers, *self.decode_workers]
+
+    @field_validator("workers", "prefill_workers", "decode_workers")
     @classmethod
     def _valid_workers(cls, value: list[str]) -> list[str]:
         urls = [_worker_url(v) for v in value]
@@ -389,13 +410,36 @@ class RouterConfig(HttpFrontConfig):
                 "router.vllm_events with router.kv_events false: approximate mode reads no "
                 "events; drop --no-kv-events or the --vllm-events sources"
             )
-        workers = set(self.workers)
+        if self.pd:
+            if self.workers:
+                raise ValueError(
+                    "router.pd with router.workers: a P/D router sends every request to a "
+                    "prefill and a decode instance; give them with --prefill and --decode "
+                    "instead of --worker"
+                )
+            if not self.prefill_workers or not self.decode_workers:
+                raise ValueError(
+                    "router.pd needs at least one prefill and one decode instance: "
+                    "--prefill URL --decode URL (each repeatable)"
+                )
+            both = set(self.prefill_workers) & set(self.decode_workers)
+            if both:
+                raise ValueError(
+                    f"{', '.join(sorted(both))} is both a prefill and a decode instance; an "
+                    "instance has one role in a P/D fleet"
+                )
+        elif self.prefill_workers or self.decode_workers:
+            raise ValueError(
+                "router.prefill_workers / router.decode_workers without router.pd: add --pd "
+                "to serve disaggregated, or give the instances with --worker"
+            )
+        workers = set(self.all_workers)
         for entry in self.vllm_events:
             url = parse_vllm_events(entry)[0]
             if url not in workers:
                 raise ValueError(
                     f"router.vllm_events names {url}, which is not a worker "
-                    f"({', '.join(self.workers) or 'none given'}); give it with --worker too"
+                    f"({', '.join(self.all_workers) or 'none given'}); give it with --worker too"
                 )
         return self
 

@@ -82,6 +82,10 @@ class ParsedRequest:
     include_usage: bool
     return_token_ids: bool
     cache_salt: str
+    remote_decode: bool = False
+    """P/D: ``kv_transfer_params.do_remote_decode``; the answer carries a hand-off."""
+    handoff_tokens: int = 0
+    """P/D: prompt tokens whose KV a mock prefill instance handed off (not computed here)."""
 
 
 def bad_request(message: str, param: str | None = None) -> HttpError:
@@ -243,6 +247,7 @@ class RequestParser:
             raise bad_request(f"cache_salt must be a non-empty string, got {salt!r}", "cache_salt")
         if salt is not None:
             check_text(salt, "cache_salt")
+        remote_decode, handoff = _handoff(body.get("kv_transfer_params"), len(prompt_ids))
         return ParsedRequest(
             chat=chat,
             prompt_ids=prompt_ids,
@@ -255,6 +260,8 @@ class RequestParser:
             include_usage=include_usage,
             return_token_ids=_opt_bool(body, "return_token_ids"),
             cache_salt=salt or "",
+            remote_decode=remote_decode,
+            handoff_tokens=handoff,
         )
 
     def _too_long(self, prompt_len: int, param: str) -> HttpError:
@@ -443,7 +450,38 @@ class CompletionFormatter:
         out["usage"] = _usage(self.request)
         if self.parsed.return_token_ids:
             out["prompt_token_ids"] = self.request.prompt_ids
+        if self.parsed.remote_decode:
+            out["kv_transfer_params"] = {
+                "do_remote_prefill": True,
+                "do_remote_decode": False,
+                "transfer_mode": MOCK_TRANSFER_MODE,
+                "remote_num_tokens": len(self.request.prompt_ids),
+            }
         return out
+
+
+MOCK_TRANSFER_MODE = "kvferry-mock"
+"""``kv_transfer_params["transfer_mode"]`` of a mock engine's P/D hand-off."""
+
+
+def _handoff(params: object, prompt_len: int) -> tuple[bool, int]:
+    """P/D as vLLM's pull-style connectors do it, simulated: (asked for remote decode, prompt
+    tokens handed off by a mock prefill instance). Parameters of other engines are ignored,
+    as vLLM ignores what its connector does not use."""
+    if not isinstance(params, dict):
+        return False, 0
+    if params.get("do_remote_decode") is True:
+        return True, 0
+    tokens = params.get("remote_num_tokens")
+    if (
+        params.get("do_remote_prefill") is True
+        and params.get("transfer_mode") == MOCK_TRANSFER_MODE
+        and isinstance(tokens, int)
+        and not isinstance(tokens, bool)
+        and tokens > 0
+    ):
+        return False, min(tokens, prompt_len)
+    return False, 0
 
 
 def data_line(obj: Mapping[str, object]) -> bytes:

@@ -99,6 +99,8 @@ class EngineCounters:
     prompt_tokens: int = 0
     """Prompt tokens of admitted requests (counted at first admission)."""
     cached_prompt_tokens: int = 0
+    handoff_tokens: int = 0
+    """P/D: prompt tokens a prefill instance handed off (beyond the cache's hits)."""
     """Prompt tokens found in the cache at first admission."""
     prefill_tokens: int = 0
     """Tokens computed by prefill chunks (recomputation after preemption included)."""
@@ -155,6 +157,8 @@ class MockRequest:
         self.hashes: list[bytes] | None = None
         self.admitted_once = False
         self.prefill_pos = 0
+        self.handoff_tokens = 0
+        """P/D: prompt tokens whose KV came from a prefill instance (first admission only)."""
         self.prefilling = True
 
     @property
@@ -229,7 +233,12 @@ class MockEngine:
         return hasher
 
     def submit(
-        self, prompt_ids: list[int], params: SamplingParams, *, cache_salt: str = ""
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        *,
+        cache_salt: str = "",
+        handoff_tokens: int = 0,
     ) -> MockRequest:
         """Queue a request; its tokens arrive through :meth:`stream`.
 
@@ -248,6 +257,7 @@ class MockEngine:
             self.hasher(cache_salt),
             self._clock.now(),
         )
+        request.handoff_tokens = handoff_tokens
         self._requests[request.request_id] = request
         self._waiting.append(request)
         self.counters.requests_submitted += 1
@@ -406,12 +416,15 @@ class MockEngine:
             return False
         hit_tokens = admission.hit_blocks * self.config.block_size
         # A fully cached prompt still computes its last token (its logits give the next one).
-        request.prefill_pos = min(hit_tokens, len(request.tokens) - 1)
+        # P/D: tokens a prefill instance handed off count as loaded, not computed.
+        handed = request.handoff_tokens if not request.admitted_once else 0
+        request.prefill_pos = min(max(hit_tokens, handed), len(request.tokens) - 1)
         if not request.admitted_once:
             request.admitted_once = True
             request.cached_tokens = min(hit_tokens, request.num_prompt_tokens)
             self.counters.prompt_tokens += request.num_prompt_tokens
             self.counters.cached_prompt_tokens += request.cached_tokens
+            self.counters.handoff_tokens += max(0, request.prefill_pos - hit_tokens)
         return True
 
     def _complete(self, step: _Step) -> None:

@@ -24,6 +24,10 @@ Endpoints (all but ``/health`` require ``Authorization: Bearer <token>`` when
   chunk with ``delta.role``; ``finish_reason`` on the last token's chunk), a final usage chunk
   with empty ``choices`` when ``stream_options.include_usage`` is true, then ``data: [DONE]``.
   Usage carries ``prompt_tokens_details.cached_tokens`` (prompt tokens found in the KV cache).
+  P/D, simulated as vLLM's pull-style connectors do it: a request whose ``kv_transfer_params``
+  has ``do_remote_decode`` answers with ``kv_transfer_params`` (``transfer_mode``
+  ``kvferry-mock``, ``remote_num_tokens``); a request carrying those parameters on another mock
+  counts that many prompt tokens as handed off (loaded, not computed; the last one is).
 - ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text, below).
 - ``GET /kv/stats``: JSON ``{"model", "block_size", "num_blocks", "used_blocks",
   "cached_blocks", "free_blocks", "usage", "lookup_blocks", "hit_blocks", "hit_rate",
@@ -75,8 +79,8 @@ events behind gets ``{"type": "error", "message": ...}`` and is disconnected (re
 Metrics (``GET /metrics``): gauges ``kvferry_mock_requests_{running,waiting}``,
 ``kvferry_mock_kv_{used,cached,free,total}_blocks``, ``kvferry_mock_kv_usage`` (used / total),
 ``kvferry_mock_kv_hit_rate``; counters ``kvferry_mock_{prompt_blocks,hit_blocks,evicted_blocks,
-prompt_tokens,cached_prompt_tokens,prefill_tokens,generated_tokens,preemptions,steps,
-kv_events}_total``, ``kvferry_mock_requests_total{finish_reason}``,
+prompt_tokens,cached_prompt_tokens,handoff_tokens,prefill_tokens,generated_tokens,
+preemptions,steps,kv_events}_total``, ``kvferry_mock_requests_total{finish_reason}``,
 ``kvferry_mock_model_seconds_total{phase}`` (modelled step time: what the timing model
 computed, after ``speedup_ratio``), ``kvferry_mock_clock_late_seconds_total`` (sum over steps
 of how long after its modelled end each step's tokens were handed to the HTTP side; divided by
@@ -206,6 +210,11 @@ class _Collector:
         yield counter("prompt_tokens", "Prompt tokens of admitted requests.", c.prompt_tokens)
         yield counter(
             "cached_prompt_tokens", "Prompt tokens found in the cache.", c.cached_prompt_tokens
+        )
+        yield counter(
+            "handoff_tokens",
+            "P/D: prompt tokens whose KV a prefill instance handed off (not computed here).",
+            c.handoff_tokens,
         )
         yield counter("prefill_tokens", "Tokens computed by prefill.", c.prefill_tokens)
         yield counter("generated_tokens", "Output tokens generated.", c.generated_tokens)
@@ -356,7 +365,10 @@ class MockServer:
         parsed = await off_loop(len(raw), self._parse, raw, chat)
         try:
             request = self.engine.submit(
-                parsed.prompt_ids, parsed.params, cache_salt=parsed.cache_salt
+                parsed.prompt_ids,
+                parsed.params,
+                cache_salt=parsed.cache_salt,
+                handoff_tokens=parsed.handoff_tokens,
             )
         except RuntimeError as e:
             raise HttpError(503, f"the server is shutting down: {e}") from e

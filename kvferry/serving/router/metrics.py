@@ -2,8 +2,8 @@
 metrics of ``GET /metrics`` (:class:`Collector`), both read from the router's state when asked.
 
 ``/router/stats``: ``{"mode", "temperature", "prefill_weight", "block_size", "model",
-"requests", "retries", "unrouted", "prompt_blocks", "hit_blocks", "hit_rate", "workers":
-[{"url", "healthy", "down_reason", "kv_source", "requests", "prompt_blocks", "hit_blocks",
+"requests", "retries", "unrouted", "prompt_blocks", "hit_blocks", "hit_rate", "pd", "workers":
+[{"url", "role", "healthy", "down_reason", "kv_source", "requests", "prompt_blocks", "hit_blocks",
 "hit_rate", "errors", "retries", "checks", "in_flight", "active_blocks", "indexed_blocks",
 "kv_events", "resyncs", "last_event_id", "event_blocks", "skipped_blocks"}]}``. ``hit_rate`` is
 the router's predicted block-weighted hit rate (predicted overlap blocks / full prompt blocks
@@ -27,6 +27,7 @@ Nothing here routes or changes state: :mod:`kvferry.serving.router.server` owns 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
@@ -39,6 +40,15 @@ if TYPE_CHECKING:
     from kvferry.serving.router.workers import Worker
 
 __all__ = ["Collector", "stats"]
+
+_PD_HELP = {
+    "prefills": "P/D: prefill steps sent to prefill instances (retries included).",
+    "prefill_retries": "P/D: prefill steps that failed on one instance and went to another.",
+    "prefill_failures": "P/D: requests no prefill instance could prefill (answered 4xx/5xx).",
+    "handoffs": "P/D: requests sent to a decode instance with a prefill's KV hand-off.",
+    "without_handoff": "P/D: prefills that returned no kv_transfer_params (decode recomputes).",
+    "decode_failures": "P/D: requests that failed on every decode instance tried.",
+}
 
 
 class Collector:
@@ -126,6 +136,9 @@ class Collector:
         yield CounterMetricFamily(
             p + "unrouted", "Requests answered 503: no healthy worker.", value=router.unrouted
         )
+        if router.config.pd:
+            for name, value in dataclasses.asdict(router.pd).items():
+                yield CounterMetricFamily(p + "pd_" + name, _PD_HELP[name], value=value)
         http = CounterMetricFamily(
             p + "http_responses", "HTTP responses, by path and status.", labels=["path", "status"]
         )
@@ -143,6 +156,7 @@ def stats(router: RouterServer) -> dict[str, object]:
         workers.append(
             {
                 "url": w.url,
+                "role": w.role,
                 "healthy": w.healthy,
                 "down_reason": w.down_reason,
                 "kv_source": w.kv_source,
@@ -177,5 +191,6 @@ def stats(router: RouterServer) -> dict[str, object]:
         "prompt_blocks": prompt,
         "hit_blocks": hit,
         "hit_rate": hit / prompt if prompt else 0.0,
+        "pd": dataclasses.asdict(router.pd) if router.config.pd else None,
         "workers": workers,
     }

@@ -65,10 +65,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 import random
 import signal
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Final
 
 import aiohttp
@@ -87,7 +89,7 @@ from kvferry.serving.mock.openai_api import (
 from kvferry.serving.mock.tokenizer import load_tokenizer
 from kvferry.serving.router.metrics import Collector, stats
 from kvferry.serving.router.prefix_index import LoadTracker, PrefixIndex, RoundRobin, pick, score
-from kvferry.serving.router.workers import Worker, WorkerPool, describe_error
+from kvferry.serving.router.workers import Worker, WorkerPool, WorkerRole, describe_error
 
 __all__ = ["PREDICTION_GRACE_S", "READY", "WORKER_HEADER", "RouterServer", "describe", "serve"]
 
@@ -119,6 +121,30 @@ _PATHS: Final = frozenset(
         "/router/stats",
     }
 )
+
+
+@dataclass
+class PdCounters:
+    """P/D (router.pd): prefill steps sent, retried on another instance and failed for good;
+    hand-offs passed to a decode instance, prefills that returned none, decodes that failed."""
+
+    prefills: int = 0
+    prefill_retries: int = 0
+    prefill_failures: int = 0
+    handoffs: int = 0
+    without_handoff: int = 0
+    decode_failures: int = 0
+
+
+def _error_text(answer: Any, where: str) -> str:
+    """An upstream OpenAI-style error's message, prefixed with where it came from."""
+    if isinstance(answer, dict):
+        err = answer.get("error")
+        if isinstance(err, dict) and isinstance(err.get("message"), str):
+            return f"{where}: {err['message']}"
+        if isinstance(answer.get("message"), str):
+            return f"{where}: {answer['message']}"
+    return f"{where} refused the request"
 
 
 class _Failed(Exception):
@@ -164,6 +190,7 @@ class RouterServer:
         self.requests = 0
         self.retries = 0
         self.unrouted = 0
+        self.pd = PdCounters()
         self._rng = random.Random(seed)
         self._rr = RoundRobin([w.url for w in self.pool.workers])
         self._hashers: dict[tuple[str, str], BlockHasher] = {}
@@ -258,17 +285,27 @@ class RouterServer:
         return []
 
     def choose(
-        self, hashes: Sequence[bytes], prompt_tokens: int, exclude: Iterable[Worker] = ()
+        self,
+        hashes: Sequence[bytes],
+        prompt_tokens: int,
+        exclude: Iterable[Worker] = (),
+        role: WorkerRole = "both",
     ) -> tuple[Worker, int] | None:
         """The worker for a request and its predicted overlap; None if no healthy worker is
-        left outside ``exclude``."""
+        left outside ``exclude``. P/D: ``role`` picks among the prefill or the decode
+        instances; decode instances are chosen by load alone (their KV comes with the
+        request)."""
         skip = {w.url for w in exclude}
-        candidates = [w for w in self.pool.workers if w.healthy and w.url not in skip]
+        candidates = [
+            w for w in self.pool.workers if w.healthy and w.url not in skip and w.role == role
+        ]
         if not candidates:
             return None
         urls = [w.url for w in candidates]
+        if role == "decode":
+            hashes, prompt_tokens = (), 0
         overlaps = self.index.overlaps(hashes, urls, asyncio.get_running_loop().time())
-        if self.config.mode == "kv":
+        if self.config.mode == "kv" or role == "decode":
             costs = score(
                 urls, hashes, prompt_tokens, overlaps, self.load, self.config.prefill_weight
             )
@@ -306,12 +343,162 @@ class RouterServer:
         chat = http.path == "/v1/chat/completions"
         prompt_tokens, hashes = await off_loop(len(raw), self._blocks, raw, chat)
         self.requests += 1
+        if self.config.pd:
+            return await self._disaggregated(http, raw, hashes, prompt_tokens)
+        return await self._route(http, raw, hashes, prompt_tokens, "both")
+
+    async def _disaggregated(
+        self, http: web.Request, raw: bytes, hashes: Sequence[bytes], prompt_tokens: int
+    ) -> web.StreamResponse:
+        """P/D: prefill on a prefill instance (max_tokens 1, no stream, asking for remote
+        decode), then decode on a decode instance with the returned ``kv_transfer_params``.
+
+        A prefill that fails is retried on another prefill instance; when none can, the client
+        gets a clear 502/503 naming what failed. A prefill instance that returns no hand-off
+        (no P/D connector) still gets the request decoded: the decode instance recomputes it.
+        """
+        body = decode_json(raw)
+        assert isinstance(body, dict)  # checked by _blocks
+        params = await self._prefill(http, body, hashes, prompt_tokens)
+        if params:
+            self.pd.handoffs += 1
+            body["kv_transfer_params"] = params
+        else:
+            self.pd.without_handoff += 1
+        decode_raw = json.dumps(body).encode()
+        try:
+            return await self._route(http, decode_raw, hashes, prompt_tokens, "decode")
+        except HttpError:
+            self.pd.decode_failures += 1
+            raise
+
+    async def _prefill(
+        self,
+        http: web.Request,
+        body: dict[str, Any],
+        hashes: Sequence[bytes],
+        prompt_tokens: int,
+    ) -> dict[str, Any] | None:
+        """Run the prefill step; the ``kv_transfer_params`` it returned (None: none).
+
+        Raises:
+            HttpError: every prefill instance failed (502/503), or one refused the request
+                (its 4xx, passed on: the request is at fault, not the instance).
+        """
+        prefill = {
+            k: v
+            for k, v in body.items()
+            if k not in ("stream", "stream_options", "min_tokens", "max_completion_tokens")
+        }
+        prefill.update(
+            max_tokens=1,
+            stream=False,
+            kv_transfer_params={
+                "do_remote_decode": True,
+                "do_remote_prefill": False,
+                "remote_engine_id": None,
+                "remote_block_ids": None,
+                "remote_host": None,
+                "remote_port": None,
+            },
+        )
+        raw = json.dumps(prefill).encode()
+        tried: list[Worker] = []
+        failures: list[str] = []
+        while len(tried) < MAX_ATTEMPTS:
+            choice = self.choose(hashes, prompt_tokens, exclude=tried, role="prefill")
+            if choice is None:
+                break
+            worker, overlap = choice
+            if tried:
+                tried[-1].stats.retries += 1
+                self.pd.prefill_retries += 1
+            tried.append(worker)
+            self.pd.prefills += 1
+            try:
+                status, answer = await self._post_json(
+                    http, worker, raw, hashes, prompt_tokens, overlap
+                )
+            except _Failed as e:
+                worker.stats.errors += 1
+                failures.append(f"{worker.url} {e.reason}")
+                if e.unreachable:
+                    self.pool.mark_down(worker, e.reason)
+                else:
+                    self.pool.suspect(worker, e.reason)
+                continue
+            if status >= 400:  # the request's fault: the client gets the instance's answer
+                self.pd.prefill_failures += 1
+                raise HttpError(status, _error_text(answer, f"prefill on {worker.url}"))
+            params = answer.get("kv_transfer_params") if isinstance(answer, dict) else None
+            return params if isinstance(params, dict) else None
+        self.pd.prefill_failures += 1
+        detail = f" ({'; '.join(failures)})" if failures else ""
+        if not any(w.healthy and w.role == "prefill" for w in self.pool.workers):
+            self.unrouted += 1
+            raise HttpError(503, f"no healthy prefill instance for the request{detail}")
+        raise HttpError(502, f"the prefill failed on {len(failures)} instances{detail}")
+
+    async def _post_json(
+        self,
+        http: web.Request,
+        worker: Worker,
+        raw: bytes,
+        hashes: Sequence[bytes],
+        prompt_tokens: int,
+        overlap: int,
+    ) -> tuple[int, Any]:
+        """POST a non-streamed request to ``worker``; its (status, decoded JSON body).
+
+        Raises:
+            _Failed: the worker failed (unreachable, 5xx, a broken or non-JSON answer).
+        """
+        if self._session is None:
+            raise HttpError(503, "the router is shutting down")
+        stats = worker.stats
+        stats.requests += 1
+        stats.prompt_blocks += len(hashes)
+        stats.hit_blocks += overlap
+        now = asyncio.get_running_loop().time()
+        ttl = self.config.approx_ttl if worker.kv_source == "approx" else PREDICTION_GRACE_S
+        self.index.store(worker.url, hashes, until=now + ttl)
+        rid = next(self._ids)
+        self.load.start(rid, worker.url, hashes, prompt_tokens)
+        try:
+            async with self._session.post(
+                worker.url + http.path, data=raw, headers=self._upstream_headers
+            ) as upstream:
+                payload = await upstream.read()
+                status = upstream.status
+        except aiohttp.ClientConnectorError as e:
+            raise _Failed(f"failed before answering: {describe_error(e)}", unreachable=True) from e
+        except (aiohttp.ClientError, OSError, TimeoutError) as e:
+            raise _Failed(f"failed: {describe_error(e)}") from e
+        finally:
+            self.load.finish(rid)
+        text = " ".join(payload[:300].decode(errors="replace").split())
+        if status >= 500:
+            raise _Failed(f"answered {status}" + (f": {text}" if text else ""))
+        try:
+            return status, json.loads(payload)
+        except ValueError:
+            raise _Failed(f"answered {status} with a body that is not JSON: {text!r}") from None
+
+    async def _route(
+        self,
+        http: web.Request,
+        raw: bytes,
+        hashes: Sequence[bytes],
+        prompt_tokens: int,
+        role: WorkerRole,
+    ) -> web.StreamResponse:
+        """Send the request to the best worker of ``role``, retrying once elsewhere."""
         tried: list[Worker] = []
         failures: list[str] = []
         suspects: list[tuple[Worker, str]] = []
         answer: web.Response | None = None
         while len(tried) < MAX_ATTEMPTS:
-            choice = self.choose(hashes, prompt_tokens, exclude=tried)
+            choice = self.choose(hashes, prompt_tokens, exclude=tried, role=role)
             if choice is None:
                 break
             worker, overlap = choice
@@ -340,11 +527,12 @@ class RouterServer:
         if answer is not None:  # a worker's own 5xx says best what went wrong
             return answer
         detail = f" ({'; '.join(failures)})" if failures else ""
-        if not self.pool.healthy():
+        if not any(w.role == role for w in self.pool.healthy()):
             self.unrouted += 1
+            what = "worker" if role == "both" else f"{role} instance"
             raise HttpError(
                 503,
-                f"no healthy worker to send the request to{detail}; the router retries "
+                f"no healthy {what} to send the request to{detail}; the router retries "
                 f"down workers every {self.config.health_interval:g}s",
             )
         raise HttpError(502, f"the request failed on {len(failures)} workers{detail}")
@@ -552,7 +740,15 @@ def describe(server: RouterServer) -> str:
     if mode == "kv":
         mode += f" (prefill_weight {config.prefill_weight:g}, temperature {config.temperature:g})"
     events = "KV events" if config.kv_events else f"approximate, ttl {config.approx_ttl:g}s"
+    if config.pd:
+        prefill = [w for w in workers if w.role == "prefill"]
+        p_up = sum(1 for w in prefill if w.healthy)
+        decode = len(workers) - len(prefill)
+        d_up = up - p_up
+        fleet = f"P/D: {len(prefill)} prefill ({p_up} up), {decode} decode ({d_up} up)"
+    else:
+        fleet = f"{len(workers)} workers ({up} up)"
     return (
-        f"mode {mode}, {len(workers)} workers ({up} up), block_size {config.block_size}, "
+        f"mode {mode}, {fleet}, block_size {config.block_size}, "
         f"model {server.pool.model!r}, tokenizer {server.tokenizer.name}, {events}"
     )

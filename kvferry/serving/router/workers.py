@@ -85,6 +85,9 @@ class WorkerStats:
         return self.hit_blocks / self.prompt_blocks if self.prompt_blocks else 0.0
 
 
+WorkerRole = Literal["both", "prefill", "decode"]
+
+
 class Worker:
     """One worker as the router sees it.
 
@@ -105,6 +108,8 @@ class Worker:
         vllm: tuple[VllmEventMirror, str, str | None] | None = None,
     ) -> None:
         self.url = url
+        self.role: WorkerRole = "both"
+        """P/D: "prefill" or "decode" (router.prefill_workers / decode_workers), else "both"."""
         self.healthy = False
         self.down_reason = "not checked yet"
         self.kv_source: KvSource = kv_source
@@ -157,7 +162,7 @@ class WorkerPool:
     """
 
     def __init__(self, config: RouterConfig, index: PrefixIndex) -> None:
-        if not config.workers:
+        if not config.all_workers:
             raise ConfigError(
                 "router.workers is empty: give at least one worker URL with --worker "
                 "http://HOST:PORT (repeatable)"
@@ -171,13 +176,18 @@ class WorkerPool:
             url: (pub, replay) for url, pub, replay in map(parse_vllm_events, config.vllm_events)
         }
         self.workers = []
-        for url in config.workers:
+        for url in config.all_workers:
             mirror = EventMirror(index, url, config.block_size)
             zmq_source = None
             if url in vllm:
                 vmirror = VllmEventMirror(index, url, config.block_size)
                 zmq_source = (vmirror, *vllm[url])
-            self.workers.append(Worker(url, mirror, source, zmq_source))
+            worker = Worker(url, mirror, source, zmq_source)
+            if url in config.prefill_workers:
+                worker.role = "prefill"
+            elif url in config.decode_workers:
+                worker.role = "decode"
+            self.workers.append(worker)
         token = config.worker_auth_token
         self.headers: dict[str, str] = (
             {"Authorization": f"Bearer {token.get_secret_value()}"} if token is not None else {}

@@ -58,6 +58,22 @@ class ConnectorOptions:
     skipped and counted) before it tries again."""
     min_hit_blocks: int = 1
     """Fewer hit blocks than this are not loaded (vLLM computes them)."""
+    pd_data_plane: Literal["", "direct", "store"] = ""
+    """How a prefill instance hands a request's KV to a decode instance (vLLM's
+    ``kv_transfer_params`` with ``do_remote_decode``): ``direct`` (the prefill keeps the blocks,
+    the decode reads them over the transfer engine; :mod:`kvferry.serving.vllm.handoff`) or
+    ``store`` (the prefill saves to the store, the decode loads from it). Empty: ``direct``
+    for ``kv_role`` ``kv_producer`` and ``kv_consumer``, no P/D for ``kv_both``."""
+    pd_host: str = "127.0.0.1"
+    """Direct data plane, prefill side: the address its KV listener binds and announces (the
+    one decode instances reach it on)."""
+    pd_port: int = 0
+    """Direct data plane, prefill side: the listener's port (0: any free port)."""
+    pd_lease: float = 30.0
+    """Direct data plane, prefill side: seconds a finished prefill's blocks wait for a decode
+    instance; then they are freed (a decode that read too late recomputes)."""
+    pd_timeout: float = 10.0
+    """Direct data plane, decode side: the most seconds one hand-off's reads may take."""
 
 
 _OPTION_NAMES = {f.name for f in fields(ConnectorOptions)}
@@ -74,6 +90,25 @@ class ConnectorSettings:
 
 def _check_option(name: str, value: object) -> object:
     default = getattr(ConnectorOptions(), name)
+    if name == "pd_data_plane":
+        if value not in ("", "direct", "store"):
+            raise ConfigError(
+                f"kv_connector_extra_config.pd_data_plane must be 'direct' or 'store', "
+                f"got {value!r}"
+            )
+        return value
+    if name == "pd_port" and (
+        isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 65536
+    ):
+        raise ConfigError(
+            f"kv_connector_extra_config.pd_port must be a port (0-65535; 0: any), got {value!r}"
+        )
+    if name in ("pd_lease", "pd_timeout") and (
+        isinstance(value, bool) or not isinstance(value, int | float) or not value > 0
+    ):
+        raise ConfigError(
+            f"kv_connector_extra_config.{name} must be a number of seconds > 0, got {value!r}"
+        )
     if name == "on_load_failure":
         if value not in ("recompute", "fail"):
             raise ConfigError(

@@ -52,6 +52,7 @@ import torch
 from pydantic import SecretStr
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
+    KVConnectorHandshakeMetadata,
     KVConnectorMetadata,
     KVConnectorRole,
 )
@@ -64,6 +65,13 @@ from kvferry.config import KvferryConfig
 from kvferry.errors import ConfigError, StorageError
 from kvferry.index import BlockHasher
 from kvferry.serving.vllm.config import ConnectorSettings, parse_extra_config, store_mode
+from kvferry.serving.vllm.handoff import (
+    TRANSFER_MODE,
+    HandOff,
+    HandOffError,
+    KvReceiver,
+    KvSender,
+)
 from kvferry.serving.vllm.kv_blocks import KvLayer, gather_blocks, host_staging, scatter_blocks
 from kvferry.serving.vllm.stats import (
     ConnectorPromMetrics,
@@ -96,12 +104,38 @@ class TransferSpec:
     depth: int
 
 
+STORE_MODE = "kvferry-store"
+"""``kv_transfer_params["transfer_mode"]`` of a hand-off through the store."""
+
+
+@dataclass
+class PdRecv:
+    """A hand-off for a decode worker: read ``handoff``'s blocks into ``block_ids`` (none: the
+    blocks were cached here, only release them; no handoff: unusable, fail the blocks)."""
+
+    req_id: str
+    handoff: HandOff | None
+    block_ids: list[int]
+
+
+@dataclass
+class KvferryHandshake(KVConnectorHandshakeMetadata):  # type: ignore[misc]
+    """What a prefill worker tells its scheduler: where its KV listener is."""
+
+    host: str
+    port: int
+    engine_id: str
+
+
 @dataclass
 class KvferryConnectorMetadata(KVConnectorMetadata):  # type: ignore[misc]
     """What the scheduler tells the workers for one step."""
 
     loads: list[TransferSpec] = field(default_factory=list)
     saves: list[TransferSpec] = field(default_factory=list)
+    pd_holds: list[str] = field(default_factory=list)
+    """Finished prefills whose blocks wait for a decode instance (start their leases)."""
+    pd_recvs: list[PdRecv] = field(default_factory=list)
     store_address: str = ""
     """host:port of the embedded store server (embedded mode), else empty."""
     store_token: str = ""
@@ -198,23 +232,38 @@ class KvferryConnector(KVConnectorBase_V1):  # type: ignore[misc]
             "algorithm": self.settings.config.store.key_hash,
         }
         self._hashers: dict[str, BlockHasher] = {}
+        self.layout = f"{spec.dtype}:{shape}:block={self.block_size}"
+        """The KV layout fingerprint both sides of a direct hand-off must share."""
+        self.pd = opts.pd_data_plane or (
+            "direct" if ktc.kv_role in ("kv_producer", "kv_consumer") else ""
+        )
+        self.pd_send = bool(self.pd) and ktc.kv_role != "kv_consumer"
+        self.pd_recv = bool(self.pd) and ktc.kv_role != "kv_producer"
 
         if role == KVConnectorRole.SCHEDULER:
             if opts.on_load_failure == "recompute":
                 # Read by vLLM's scheduler right after it builds this connector.
                 ktc.kv_load_failure_policy = "recompute"
             self._reqs: dict[str, _ReqState] = {}
+            self._pd_peer: KvferryHandshake | None = None
+            self._pd_holds: list[str] = []
+            self._pd_recvs: list[PdRecv] = []
             self._open_scheduler_store()
         else:
             self._layers: list[KvLayer] = []
             self._failed_block_ids: set[int] = set()
             self._failed_reqs: set[str] = set()
             self._warned_rejected = False
+            self._sender: KvSender | None = None
+            self._receiver: KvReceiver | None = None
+            self._recv_done: set[str] = set()
         log.info(
-            "kvferry connector (%s, %s store, tiers %s): %d-token blocks of %d bytes",
+            "kvferry connector (%s, %s, %s store, tiers %s, P/D %s): %d-token blocks of %d bytes",
             role.name.lower(),
+            ktc.kv_role,
             self.mode,
             self.settings.config.store.tiers,
+            self.pd or "off",
             self.block_size,
             self.block_bytes,
         )
@@ -292,6 +341,25 @@ class KvferryConnector(KVConnectorBase_V1):  # type: ignore[misc]
         opts = self.settings.options
         st = self._state(request)
         st.local_tokens = num_computed_tokens
+        params = getattr(request, "kv_transfer_params", None)
+        if (
+            params
+            and params.get("do_remote_prefill")
+            and params.get("transfer_mode") == TRANSFER_MODE
+            and self.pd_recv
+            and self.pd == "direct"
+        ):
+            # Prefilled elsewhere: the whole prompt's KV is read from the prefill instance
+            # asynchronously; vLLM recomputes the last token to sample from.
+            try:
+                HandOff.from_params(params)
+            except HandOffError as e:
+                log.warning("kvferry P/D: request %s: %s", request.request_id, e)
+                params["do_remote_prefill"] = False
+            else:
+                count = st.prompt_len - num_computed_tokens
+                if count > 0:
+                    return count, True
         # Never the prompt's last token: vLLM computes at least one token to sample from.
         n = (st.prompt_len - 1) // self.block_size
         if not opts.load or st.started or n <= 0:
@@ -320,6 +388,21 @@ class KvferryConnector(KVConnectorBase_V1):  # type: ignore[misc]
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
     ) -> None:
+        params = getattr(request, "kv_transfer_params", None)
+        if (
+            params
+            and params.get("do_remote_prefill")
+            and params.get("transfer_mode") == TRANSFER_MODE
+            and self.pd_recv
+            and self.pd == "direct"
+        ):
+            params["do_remote_prefill"] = False  # one hand-off per request
+            handoff = HandOff.from_params(params)  # checked in get_num_new_matched_tokens
+            ids = blocks.get_unhashed_block_ids() if num_external_tokens > 0 else []
+            self._pd_recvs.append(PdRecv(request.request_id, handoff, ids))
+            if num_external_tokens > 0:
+                self._counters.add(hit_tokens=num_external_tokens)
+            return
         if num_external_tokens <= 0:
             return
         st = self._state(request)
@@ -330,6 +413,8 @@ class KvferryConnector(KVConnectorBase_V1):  # type: ignore[misc]
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KvferryConnectorMetadata:
         meta = KvferryConnectorMetadata(store_address=self._address, store_token=self._token)
+        meta.pd_holds, self._pd_holds = self._pd_holds, []
+        meta.pd_recvs, self._pd_recvs = self._pd_recvs, []
         scheduled = scheduler_output.num_scheduled_tokens
         for new in scheduler_output.scheduled_new_reqs:
             st = self._reqs.get(new.req_id)
@@ -374,9 +459,67 @@ class KvferryConnector(KVConnectorBase_V1):  # type: ignore[misc]
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
         # Saves copy the blocks out of vLLM's cache in the step that computed them, so vLLM
-        # may free the blocks now.
+        # may free the blocks now; a direct hand-off keeps them for the decode instance.
         self._reqs.pop(request.request_id, None)
-        return False, None
+        params = getattr(request, "kv_transfer_params", None)
+        if not params or not self.pd:
+            return False, None
+        if (
+            params.get("do_remote_prefill")
+            and params.get("transfer_mode") == TRANSFER_MODE
+            and self.pd_recv
+            and self.pd == "direct"
+        ):
+            # Ended (aborted) before its blocks were allocated: release the prefill's blocks.
+            params["do_remote_prefill"] = False
+            try:
+                self._pd_recvs.append(PdRecv(request.request_id, HandOff.from_params(params), []))
+            except HandOffError:
+                pass
+            return False, None
+        if not params.get("do_remote_decode") or not self.pd_send:
+            return False, None
+        from vllm.v1.request import RequestStatus
+
+        if request.status not in (
+            RequestStatus.FINISHED_LENGTH_CAPPED,
+            RequestStatus.FINISHED_STOPPED,
+        ):
+            return False, None  # aborted: nothing to hand off
+        computed = request.num_computed_tokens
+        if self.pd == "store":
+            return False, {
+                "do_remote_prefill": True,
+                "do_remote_decode": False,
+                "transfer_mode": STORE_MODE,
+                "remote_num_tokens": computed,
+            }
+        peer = self._pd_peer
+        n = min(len(block_ids), -(-computed // self.block_size))
+        if peer is None or n <= 0:
+            if peer is None:
+                log.warning("kvferry P/D: the prefill worker announced no KV listener")
+            return False, None
+        handoff = HandOff(
+            engine_id=peer.engine_id,
+            request_id=request.request_id,
+            host=peer.host,
+            port=peer.port,
+            block_ids=tuple(block_ids[:n]),
+            num_tokens=computed,
+            layout=self.layout,
+        )
+        self._pd_holds.append(request.request_id)
+        self._counters.add(pd_sends=1)
+        return True, handoff.to_params()
+
+    def set_xfer_handshake_metadata(
+        self, metadata: dict[int, KVConnectorHandshakeMetadata]
+    ) -> None:
+        for md in metadata.values():
+            if isinstance(md, KvferryHandshake):
+                self._pd_peer = md
+                log.info("kvferry P/D: prefill KV listener on %s:%d", md.host, md.port)
 
     def get_kv_connector_stats(self) -> KvferryConnectorStats | None:
         return self._counters.take()
@@ -424,10 +567,42 @@ class KvferryConnector(KVConnectorBase_V1):  # type: ignore[misc]
             tuple(layers[0].tensor.shape[1:]) if layers else (),
             layers[0].tensor.dtype if layers else "",
         )
+        if self.pd == "direct":
+            opts = self.settings.options
+            config = self.settings.config
+            if self.pd_send:
+                self._sender = KvSender(
+                    config,
+                    layers,
+                    self.layout,
+                    host=opts.pd_host,
+                    port=opts.pd_port,
+                    lease_s=opts.pd_lease,
+                )
+                log.info(
+                    "kvferry P/D: serving this instance's KV cache read-only on %s:%d",
+                    self._sender.host,
+                    self._sender.port,
+                )
+            if self.pd_recv:
+                self._receiver = KvReceiver(config, layers, self.layout, timeout_s=opts.pd_timeout)
+
+    def get_handshake_metadata(self) -> KVConnectorHandshakeMetadata | None:
+        sender = getattr(self, "_sender", None)
+        if sender is None:
+            return None
+        return KvferryHandshake(sender.host, sender.port, sender.engine_id)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
-        if not isinstance(meta, KvferryConnectorMetadata) or not meta.loads:
+        if not isinstance(meta, KvferryConnectorMetadata):
+            return
+        if self._sender is not None:
+            for req_id in meta.pd_holds:
+                self._sender.hold(req_id)
+        for recv in meta.pd_recvs:
+            self._start_recv(recv)
+        if not meta.loads:
             return
         store = self._worker_store(meta)
         for spec in meta.loads:
@@ -540,11 +715,61 @@ class KvferryConnector(KVConnectorBase_V1):  # type: ignore[misc]
             save_rejected_blocks=rejected,
         )
 
+    def _start_recv(self, recv: PdRecv) -> None:
+        receiver = self._receiver
+        if receiver is None or recv.handoff is None:
+            self._failed_block_ids.update(recv.block_ids)
+            self._counters.add(pd_recvs=1, pd_recv_failed_blocks=len(recv.block_ids))
+            self._recv_done.add(recv.req_id)
+            return
+        if recv.block_ids:
+            receiver.start(recv.req_id, recv.handoff, recv.block_ids)
+        else:
+            receiver.release_quietly(recv.handoff)
+
+    def _drain_recvs(self) -> None:
+        if self._receiver is None:
+            return
+        for r in self._receiver.results():
+            self._recv_done.add(r.request_id)
+            if r.failed_block_ids:
+                log.warning(
+                    "kvferry P/D: request %s: %d blocks not read, vLLM recomputes them (%s)",
+                    r.request_id,
+                    len(r.failed_block_ids),
+                    r.error,
+                )
+                self._failed_block_ids.update(r.failed_block_ids)
+            self._counters.add(
+                pd_recvs=1,
+                pd_recv_blocks=r.blocks - len(r.failed_block_ids),
+                pd_recv_bytes=r.bytes,
+                pd_recv_seconds=r.seconds,
+                pd_recv_failed_blocks=len(r.failed_block_ids),
+            )
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        sending: set[str] | None = None
+        if self._sender is not None:
+            before = (self._sender.released, self._sender.expired)
+            sending = self._sender.finished() or None
+            self._counters.add(
+                pd_released=self._sender.released - before[0],
+                pd_expired=self._sender.expired - before[1],
+            )
+        self._drain_recvs()
+        recving, self._recv_done = (self._recv_done or None), set()
+        return sending, recving
+
     def get_block_ids_with_load_errors(self) -> set[int]:
+        self._drain_recvs()
         failed, self._failed_block_ids = self._failed_block_ids, set()
         return failed
 
     def shutdown(self) -> None:
+        for part in (getattr(self, "_sender", None), getattr(self, "_receiver", None)):
+            if part is not None:
+                part.close()
         with self._lock:
             store, self._store = self._store, None
         if store is not None:

@@ -87,6 +87,40 @@ PROM_NAMES: Final[dict[str, tuple[str, str]]] = {
         "Blocks not saved: computed from a prefix that failed to load, or the store was down.",
     ),
     "save_errors": ("kvferry_connector_save_errors", "Saves during which the store failed."),
+    # P/D, the direct data plane (kvferry.serving.vllm.handoff)
+    "pd_recvs": (
+        "kvferry_connector_pd_recvs",
+        "Hand-offs a decode instance read from a prefill instance (one per request).",
+    ),
+    "pd_recv_blocks": (
+        "kvferry_connector_pd_recv_blocks",
+        "Blocks read from prefill instances into this decode instance's KV cache.",
+    ),
+    "pd_recv_bytes": (
+        "kvferry_connector_pd_recv_bytes",
+        "Bytes read from prefill instances into this decode instance's KV cache.",
+    ),
+    "pd_recv_seconds": (
+        "kvferry_connector_pd_recv_seconds",
+        "Seconds from a hand-off's start to its RELEASE (the reads and the release call).",
+    ),
+    "pd_recv_failed_blocks": (
+        "kvferry_connector_pd_recv_failed_blocks",
+        "Hand-off blocks that could not be read (prefill gone, timeout, lease lost); "
+        "vLLM recomputes them.",
+    ),
+    "pd_sends": (
+        "kvferry_connector_pd_sends",
+        "Finished prefills whose blocks this prefill instance held for a decode instance.",
+    ),
+    "pd_released": (
+        "kvferry_connector_pd_released",
+        "Held hand-offs a decode instance released (read, or cached on its side).",
+    ),
+    "pd_expired": (
+        "kvferry_connector_pd_expired",
+        "Held hand-offs whose lease (pd_lease) ran out before a decode instance released them.",
+    ),
 }
 """Each statistic's key -> (Prometheus counter name without ``_total``, help)."""
 
