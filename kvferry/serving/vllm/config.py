@@ -69,10 +69,15 @@ class ConnectorOptions:
     one decode instances reach it on)."""
     pd_port: int = 0
     """Direct data plane, prefill side: the listener's port (0: any free port)."""
-    pd_lease: float = 30.0
-    """Direct data plane, prefill side: seconds a finished prefill's blocks wait for a decode
-    instance; then they are freed (a decode that read too late recomputes)."""
-    pd_timeout: float = 10.0
+    pd_lease: float = 120.0
+    """Direct data plane, prefill side: seconds a finished prefill's staged KV waits for a
+    decode instance; then it is dropped (a decode that reads too late recomputes). A request
+    may ask for less with ``kv_transfer_params.kvferry_lease_s``."""
+    pd_buffer_blocks: int = 0
+    """Direct data plane, prefill side: the staging buffer's size in KV blocks (every layer);
+    0: room for 4 prompts of max_model_len, at most a quarter of the instance's KV cache. A
+    prefill that finds no room hands off nothing (the decode instance recomputes)."""
+    pd_timeout: float = 30.0
     """Direct data plane, decode side: the most seconds one hand-off's reads may take."""
 
 

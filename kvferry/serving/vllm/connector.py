@@ -110,12 +110,13 @@ STORE_MODE = "kvferry-store"
 
 @dataclass
 class PdRecv:
-    """A hand-off for a decode worker: read ``handoff``'s blocks into ``block_ids`` (none: the
-    blocks were cached here, only release them; no handoff: unusable, fail the blocks)."""
+    """A hand-off for a decode worker: read ``handoff``'s blocks ``first, first + 1, ...`` into
+    ``block_ids`` (none: the blocks were cached here, only release them)."""
 
     req_id: str
-    handoff: HandOff | None
+    handoff: HandOff
     block_ids: list[int]
+    first: int = 0
 
 
 @dataclass
@@ -133,8 +134,10 @@ class KvferryConnectorMetadata(KVConnectorMetadata):  # type: ignore[misc]
 
     loads: list[TransferSpec] = field(default_factory=list)
     saves: list[TransferSpec] = field(default_factory=list)
-    pd_holds: list[str] = field(default_factory=list)
-    """Finished prefills whose blocks wait for a decode instance (start their leases)."""
+    pd_stage: list[tuple[str, list[int], float | None]] = field(default_factory=list)
+    """Prefills that complete in this step and hand off to a decode instance: request id, its
+    prompt's block ids and the lease it asked for (None: ``pd_lease``). Staged after the
+    forward pass (``wait_for_save``)."""
     pd_recvs: list[PdRecv] = field(default_factory=list)
     store_address: str = ""
     """host:port of the embedded store server (embedded mode), else empty."""
@@ -153,6 +156,14 @@ class _ReqState:
     block_ids: list[int] = field(default_factory=list)
     saved: int = 0
     started: bool = False
+    handoff: HandOff | None = None
+    """P/D, decode side: the hand-off to read (direct data plane), until it is planned."""
+    remote_decode: bool = False
+    """P/D, prefill side: the request asked for remote decode (direct data plane)."""
+    lease: float | None = None
+    staged: bool = False
+    pd_load: tuple[HandOff, int, int] | None = None
+    """P/D, decode side: the hand-off and the blocks [start, end) to read into."""
 
 
 class _Breaker:
@@ -184,6 +195,13 @@ def _client_config(config: KvferryConfig, address: str, token: str) -> KvferryCo
     )
     store = config.store.model_copy(update={"tiers": ["server"], "metrics_port": 0})
     return config.model_copy(update={"server": server, "store": store})
+
+
+def _auto_buffer_blocks(max_model_len: int, block_size: int, cache_blocks: int) -> int:
+    """The default staging buffer: room for 4 full-length prompts, at most a quarter of the
+    instance's own KV cache, at least one full-length prompt."""
+    per_prompt = -(-max_model_len // block_size)
+    return max(per_prompt, min(4 * per_prompt, cache_blocks // 4))
 
 
 class KvferryConnector(KVConnectorBase_V1):  # type: ignore[misc]
@@ -239,6 +257,7 @@ class KvferryConnector(KVConnectorBase_V1):  # type: ignore[misc]
         )
         self.pd_send = bool(self.pd) and ktc.kv_role != "kv_consumer"
         self.pd_recv = bool(self.pd) and ktc.kv_role != "kv_producer"
+        self._max_model_len = int(vllm_config.model_config.max_model_len)
 
         if role == KVConnectorRole.SCHEDULER:
             if opts.on_load_failure == "recompute":
@@ -246,7 +265,6 @@ class KvferryConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 ktc.kv_load_failure_policy = "recompute"
             self._reqs: dict[str, _ReqState] = {}
             self._pd_peer: KvferryHandshake | None = None
-            self._pd_holds: list[str] = []
             self._pd_recvs: list[PdRecv] = []
             self._open_scheduler_store()
         else:
@@ -256,7 +274,7 @@ class KvferryConnector(KVConnectorBase_V1):  # type: ignore[misc]
             self._warned_rejected = False
             self._sender: KvSender | None = None
             self._receiver: KvReceiver | None = None
-            self._recv_done: set[str] = set()
+            self._sender_seen = (0, 0, 0, 0)
         log.info(
             "kvferry connector (%s, %s, %s store, tiers %s, P/D %s): %d-token blocks of %d bytes",
             role.name.lower(),
@@ -342,6 +360,11 @@ class KvferryConnector(KVConnectorBase_V1):  # type: ignore[misc]
         st = self._state(request)
         st.local_tokens = num_computed_tokens
         params = getattr(request, "kv_transfer_params", None)
+        if params and params.get("do_remote_decode") and self.pd_send and self.pd == "direct":
+            st.remote_decode = True
+            asked = params.get("kvferry_lease_s")
+            if isinstance(asked, int | float) and not isinstance(asked, bool) and asked > 0:
+                st.lease = float(asked)
         if (
             params
             and params.get("do_remote_prefill")
@@ -349,17 +372,22 @@ class KvferryConnector(KVConnectorBase_V1):  # type: ignore[misc]
             and self.pd_recv
             and self.pd == "direct"
         ):
-            # Prefilled elsewhere: the whole prompt's KV is read from the prefill instance
-            # asynchronously; vLLM recomputes the last token to sample from.
+            # Prefilled elsewhere: the prompt's KV is read from the prefill instance in the
+            # step that schedules the request, all but the last token (vLLM computes it to
+            # sample from). One hand-off per request.
+            params["do_remote_prefill"] = False
             try:
-                HandOff.from_params(params)
+                st.handoff = HandOff.from_params(params)
             except HandOffError as e:
                 log.warning("kvferry P/D: request %s: %s", request.request_id, e)
-                params["do_remote_prefill"] = False
-            else:
-                count = st.prompt_len - num_computed_tokens
-                if count > 0:
-                    return count, True
+        if st.handoff is not None:
+            count = st.prompt_len - 1 - num_computed_tokens
+            if count > 0:
+                return count, False
+            # All cached here already: only release the prefill's copy.
+            self._pd_recvs.append(PdRecv(request.request_id, st.handoff, []))
+            st.handoff = None
+            return 0, False
         # Never the prompt's last token: vLLM computes at least one token to sample from.
         n = (st.prompt_len - 1) // self.block_size
         if not opts.load or st.started or n <= 0:
@@ -388,20 +416,16 @@ class KvferryConnector(KVConnectorBase_V1):  # type: ignore[misc]
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
     ) -> None:
-        params = getattr(request, "kv_transfer_params", None)
-        if (
-            params
-            and params.get("do_remote_prefill")
-            and params.get("transfer_mode") == TRANSFER_MODE
-            and self.pd_recv
-            and self.pd == "direct"
-        ):
-            params["do_remote_prefill"] = False  # one hand-off per request
-            handoff = HandOff.from_params(params)  # checked in get_num_new_matched_tokens
-            ids = blocks.get_unhashed_block_ids() if num_external_tokens > 0 else []
-            self._pd_recvs.append(PdRecv(request.request_id, handoff, ids))
-            if num_external_tokens > 0:
-                self._counters.add(hit_tokens=num_external_tokens)
+        st = self._reqs.get(request.request_id)
+        if st is not None and st.handoff is not None:
+            handoff, st.handoff = st.handoff, None
+            if num_external_tokens <= 0:  # not loaded after all: release the prefill's copy
+                self._pd_recvs.append(PdRecv(request.request_id, handoff, []))
+                return
+            start = st.local_tokens // self.block_size
+            end = -(-(st.local_tokens + num_external_tokens) // self.block_size)
+            st.pd_load = (handoff, start, end)
+            self._counters.add(hit_tokens=num_external_tokens)
             return
         if num_external_tokens <= 0:
             return
@@ -413,7 +437,6 @@ class KvferryConnector(KVConnectorBase_V1):  # type: ignore[misc]
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KvferryConnectorMetadata:
         meta = KvferryConnectorMetadata(store_address=self._address, store_token=self._token)
-        meta.pd_holds, self._pd_holds = self._pd_holds, []
         meta.pd_recvs, self._pd_recvs = self._pd_recvs, []
         scheduled = scheduler_output.num_scheduled_tokens
         for new in scheduler_output.scheduled_new_reqs:
@@ -426,7 +449,13 @@ class KvferryConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 a, b = st.load
                 meta.loads.append(TransferSpec(new.req_id, st.hashes[a:b], st.block_ids[a:b], a))
                 st.load = None
-            self._plan_save(new.req_id, st, new.num_computed_tokens + scheduled[new.req_id], meta)
+            if st.pd_load is not None:
+                handoff, a, b = st.pd_load
+                meta.pd_recvs.append(PdRecv(new.req_id, handoff, st.block_ids[a:b], a))
+                st.pd_load = None
+            done = new.num_computed_tokens + scheduled[new.req_id]
+            self._plan_save(new.req_id, st, done, meta)
+            self._plan_handoff(new.req_id, st, done, meta)
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
             st = self._reqs.get(req_id)
@@ -440,6 +469,7 @@ class KvferryConnector(KVConnectorBase_V1):  # type: ignore[misc]
                 st.block_ids.extend(new_ids[0])
             done = cached.num_computed_tokens[i] + scheduled.get(req_id, 0)
             self._plan_save(req_id, st, done, meta)
+            self._plan_handoff(req_id, st, done, meta)
         for req_id in scheduler_output.finished_req_ids:
             self._reqs.pop(req_id, None)
         return meta
@@ -455,27 +485,32 @@ class KvferryConnector(KVConnectorBase_V1):  # type: ignore[misc]
             meta.saves.append(TransferSpec(req_id, st.hashes[a:full], st.block_ids[a:full], a))
             st.saved = full
 
+    def _plan_handoff(
+        self, req_id: str, st: _ReqState, computed: int, meta: KvferryConnectorMetadata
+    ) -> None:
+        """P/D, prefill side: the step that completes the prompt stages its blocks."""
+        if not st.remote_decode or st.staged or computed < st.prompt_len:
+            return
+        n = -(-st.prompt_len // self.block_size)
+        if len(st.block_ids) < n:
+            return
+        st.staged = True
+        meta.pd_stage.append((req_id, st.block_ids[:n], st.lease))
+
     def request_finished(
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
-        # Saves copy the blocks out of vLLM's cache in the step that computed them, so vLLM
-        # may free the blocks now; a direct hand-off keeps them for the decode instance.
-        self._reqs.pop(request.request_id, None)
+        # Saves and hand-offs copy the blocks out of vLLM's cache in the step that computed
+        # them, so vLLM may free the blocks now.
+        st = self._reqs.pop(request.request_id, None)
         params = getattr(request, "kv_transfer_params", None)
         if not params or not self.pd:
             return False, None
-        if (
-            params.get("do_remote_prefill")
-            and params.get("transfer_mode") == TRANSFER_MODE
-            and self.pd_recv
-            and self.pd == "direct"
-        ):
-            # Ended (aborted) before its blocks were allocated: release the prefill's blocks.
-            params["do_remote_prefill"] = False
-            try:
-                self._pd_recvs.append(PdRecv(request.request_id, HandOff.from_params(params), []))
-            except HandOffError:
-                pass
+        if st is not None and (st.handoff is not None or st.pd_load is not None):
+            # Ended (aborted) before its hand-off was read: release the prefill's copy.
+            handoff = st.handoff or (st.pd_load[0] if st.pd_load else None)
+            if handoff is not None:
+                self._pd_recvs.append(PdRecv(request.request_id, handoff, []))
             return False, None
         if not params.get("do_remote_decode") or not self.pd_send:
             return False, None
@@ -486,32 +521,29 @@ class KvferryConnector(KVConnectorBase_V1):  # type: ignore[misc]
             RequestStatus.FINISHED_STOPPED,
         ):
             return False, None  # aborted: nothing to hand off
-        computed = request.num_computed_tokens
         if self.pd == "store":
             return False, {
                 "do_remote_prefill": True,
                 "do_remote_decode": False,
                 "transfer_mode": STORE_MODE,
-                "remote_num_tokens": computed,
+                "remote_num_tokens": request.num_computed_tokens,
             }
         peer = self._pd_peer
-        n = min(len(block_ids), -(-computed // self.block_size))
-        if peer is None or n <= 0:
+        if peer is None or st is None or not st.staged:
             if peer is None:
                 log.warning("kvferry P/D: the prefill worker announced no KV listener")
             return False, None
+        n = -(-st.prompt_len // self.block_size)
         handoff = HandOff(
             engine_id=peer.engine_id,
             request_id=request.request_id,
             host=peer.host,
             port=peer.port,
-            block_ids=tuple(block_ids[:n]),
-            num_tokens=computed,
+            block_ids=tuple(st.block_ids[:n]),
+            num_tokens=st.prompt_len,
             layout=self.layout,
         )
-        self._pd_holds.append(request.request_id)
-        self._counters.add(pd_sends=1)
-        return True, handoff.to_params()
+        return False, handoff.to_params()
 
     def set_xfer_handshake_metadata(
         self, metadata: dict[int, KVConnectorHandshakeMetadata]
@@ -571,6 +603,9 @@ class KvferryConnector(KVConnectorBase_V1):  # type: ignore[misc]
             opts = self.settings.options
             config = self.settings.config
             if self.pd_send:
+                blocks = opts.pd_buffer_blocks or _auto_buffer_blocks(
+                    self._max_model_len, self.block_size, int(layers[0].tensor.shape[0])
+                )
                 self._sender = KvSender(
                     config,
                     layers,
@@ -578,9 +613,13 @@ class KvferryConnector(KVConnectorBase_V1):  # type: ignore[misc]
                     host=opts.pd_host,
                     port=opts.pd_port,
                     lease_s=opts.pd_lease,
+                    buffer_blocks=blocks,
                 )
                 log.info(
-                    "kvferry P/D: serving this instance's KV cache read-only on %s:%d",
+                    "kvferry P/D: staging hand-offs in %d blocks (%.0f MiB), served read-only "
+                    "on %s:%d",
+                    blocks,
+                    self._sender.region.size / 2**20,
                     self._sender.host,
                     self._sender.port,
                 )
@@ -597,9 +636,6 @@ class KvferryConnector(KVConnectorBase_V1):  # type: ignore[misc]
         meta = self._get_connector_metadata()
         if not isinstance(meta, KvferryConnectorMetadata):
             return
-        if self._sender is not None:
-            for req_id in meta.pd_holds:
-                self._sender.hold(req_id)
         for recv in meta.pd_recvs:
             self._start_recv(recv)
         if not meta.loads:
@@ -663,6 +699,10 @@ class KvferryConnector(KVConnectorBase_V1):  # type: ignore[misc]
         if not isinstance(meta, KvferryConnectorMetadata):
             return
         failed, self._failed_reqs = self._failed_reqs, set()
+        if self._sender is not None:
+            for req_id, block_ids, lease in meta.pd_stage:
+                if req_id not in failed:  # else computed from a prefix that failed to load
+                    self._sender.stage(req_id, block_ids, lease)
         if not meta.saves:
             return
         store = self._worker_store(meta)
@@ -717,52 +757,47 @@ class KvferryConnector(KVConnectorBase_V1):  # type: ignore[misc]
 
     def _start_recv(self, recv: PdRecv) -> None:
         receiver = self._receiver
-        if receiver is None or recv.handoff is None:
+        if not recv.block_ids:
+            if receiver is not None:
+                receiver.release_quietly(recv.handoff)
+            return
+        if receiver is None:  # pragma: no cover - the scheduler plans reads only with one
             self._failed_block_ids.update(recv.block_ids)
-            self._counters.add(pd_recvs=1, pd_recv_failed_blocks=len(recv.block_ids))
-            self._recv_done.add(recv.req_id)
+            self._failed_reqs.add(recv.req_id)
             return
-        if recv.block_ids:
-            receiver.start(recv.req_id, recv.handoff, recv.block_ids)
-        else:
-            receiver.release_quietly(recv.handoff)
-
-    def _drain_recvs(self) -> None:
-        if self._receiver is None:
-            return
-        for r in self._receiver.results():
-            self._recv_done.add(r.request_id)
-            if r.failed_block_ids:
-                log.warning(
-                    "kvferry P/D: request %s: %d blocks not read, vLLM recomputes them (%s)",
-                    r.request_id,
-                    len(r.failed_block_ids),
-                    r.error,
-                )
-                self._failed_block_ids.update(r.failed_block_ids)
-            self._counters.add(
-                pd_recvs=1,
-                pd_recv_blocks=r.blocks - len(r.failed_block_ids),
-                pd_recv_bytes=r.bytes,
-                pd_recv_seconds=r.seconds,
-                pd_recv_failed_blocks=len(r.failed_block_ids),
+        r = receiver.read(recv.req_id, recv.handoff, recv.block_ids, recv.first)
+        if r.failed_block_ids:
+            log.warning(
+                "kvferry P/D: request %s: %d blocks not read, vLLM recomputes them (%s)",
+                r.request_id,
+                len(r.failed_block_ids),
+                r.error,
             )
+            self._failed_block_ids.update(r.failed_block_ids)
+            self._failed_reqs.add(recv.req_id)
+        self._counters.add(
+            pd_recvs=1,
+            pd_recv_blocks=r.blocks - len(r.failed_block_ids),
+            pd_recv_bytes=r.bytes,
+            pd_recv_seconds=r.seconds,
+            pd_recv_failed_blocks=len(r.failed_block_ids),
+        )
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        sending: set[str] | None = None
-        if self._sender is not None:
-            before = (self._sender.released, self._sender.expired)
-            sending = self._sender.finished() or None
+        sender = self._sender
+        if sender is not None:
+            now = (sender.staged, sender.released, sender.expired, sender.dropped)
+            last = self._sender_seen
+            self._sender_seen = now
             self._counters.add(
-                pd_released=self._sender.released - before[0],
-                pd_expired=self._sender.expired - before[1],
+                pd_sends=now[0] - last[0],
+                pd_released=now[1] - last[1],
+                pd_expired=now[2] - last[2],
+                pd_dropped=now[3] - last[3],
             )
-        self._drain_recvs()
-        recving, self._recv_done = (self._recv_done or None), set()
-        return sending, recving
+        return None, None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
-        self._drain_recvs()
         failed, self._failed_block_ids = self._failed_block_ids, set()
         return failed
 

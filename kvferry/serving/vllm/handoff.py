@@ -1,36 +1,41 @@
-"""The direct P/D data plane: a decode instance reads a prefill instance's KV blocks.
+"""The direct P/D data plane: a decode instance reads a prefill instance's KV.
 
 Prefill/decode disaggregation hands a request's KV cache from the instance that computed the
 prompt (prefill) to the one that generates (decode). kvferry's direct data plane does it with
 the transfer engine, pull-style, as vLLM's own P/D connectors do:
 
-1. The prefill worker registers each layer's KV cache with a :class:`TransferEngine` and serves
-   it (``listen``): **read-only** (a peer's WRITE is refused), on ``pd_host`` (127.0.0.1 unless
-   told otherwise), behind ``listen.auth_token`` when one is set. The handshake announces the
-   layers' region ids and the KV layout (:class:`KvSender`).
-2. When a prefill finishes, vLLM keeps the request's blocks (the connector returns
-   ``delay_free_blocks``) and the response carries ``kv_transfer_params``
-   (:class:`HandOff`): the engine id, host, port, block ids and token count.
-3. The decode worker opens the prefill's segment and reads the blocks straight into its own
-   KV cache, one READ per run of consecutive blocks per layer, in one batch
-   (:class:`KvReceiver`). Then it calls RELEASE on the prefill's listener: the prefill side
-   lets vLLM free the blocks.
-4. A lease bounds how long blocks wait: a decode instance that vanishes (or never comes) pins
-   nothing for good; the prefill side frees the blocks when ``pd_lease`` seconds pass. RELEASE
-   answers whether the lease still held: a read that outlived its lease may have raced with
-   the blocks' reuse, so the decode side then drops what it read and vLLM recomputes.
+1. In the step that completes a prompt asking for remote decode (``kv_transfer_params``
+   ``do_remote_decode``), the prefill worker copies the prompt's blocks of every layer into a
+   staging buffer (:class:`KvSender`): transfer-engine memory, served **read-only** on
+   ``pd_host`` (127.0.0.1 unless told otherwise), behind ``listen.auth_token`` when one is set.
+   vLLM frees its own blocks as usual: the prefill instance goes idle at once.
+2. The response carries ``kv_transfer_params`` (:class:`HandOff`): the engine id, host, port,
+   block count and token count, under the names vLLM's pull-style connectors use.
+3. The decode worker (:class:`KvReceiver`) asks the prefill side where the request's KV is
+   (a GRANT call), reads it straight into its own KV cache with one READ per run of
+   consecutive blocks per layer, in one batch (shm on one host, tcp across hosts), and calls
+   RELEASE: the staged copy is dropped.
+4. A lease bounds how long a staged copy waits: a decode instance that vanishes (or never
+   comes) pins nothing for good; after ``pd_lease`` seconds the copy is dropped. RELEASE
+   answers whether the lease still held: a read that outlived its lease may have raced with the
+   buffer's reuse, so the decode side then drops what it read and vLLM recomputes.
 
-Every failure on the decode side (prefill gone, wrong layout, timeout, lease lost) ends the
-same way: the blocks are reported as failed and vLLM recomputes them; the request still gets a
-correct answer. Nothing here imports vLLM.
+Every failure on the decode side (prefill gone or restarted, wrong layout, nothing staged,
+timeout, lease lost) ends the same way: the blocks are reported as failed and vLLM recomputes
+them; the request still gets a correct answer. Nothing here imports vLLM.
 
-Memory that vLLM allocated cannot be mapped by another process, so transfers run over the
-engine's tcp transport, on one host (loopback) as across hosts; the engine's shm transport
-needs memory the engine allocates itself.
+Why a copy and not vLLM's delay-free blocks (the prefill keeps the blocks until the decode
+read them): while vLLM holds finished requests' blocks it keeps stepping its engine without
+pause (two busy processes per prefill instance for as long as the hold lasts), which on a few
+cores starves the very transfers it waits for (measured on 2 cores: reads delayed by tens of
+seconds until the lease ran out). The copy costs one gather of the prompt's KV in host memory,
+frees vLLM's blocks at once, exposes only what is handed off, and lives in memory the engine
+allocated, which a decode instance on the same host maps over shm.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import threading
@@ -38,9 +43,10 @@ import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+import torch
 from pydantic import SecretStr
 
 from kvferry.config import KvferryConfig
@@ -70,6 +76,10 @@ SERVICE = "kvferry_pd"
 
 METHOD_RELEASE = 1
 """CALL method: RELEASE <request id>; the reply is :data:`LEASE_HELD` or :data:`LEASE_LOST`."""
+
+METHOD_GRANT = 2
+"""CALL method: GRANT <request id>; the reply is JSON ``{"region", "offset", "blocks"}``: where
+the request's staged KV is in the sender's segment (an ERR when nothing is staged for it)."""
 
 LEASE_HELD = b"held"
 LEASE_LOST = b"lost"
@@ -182,15 +192,29 @@ def _engine_config(config: KvferryConfig, host: str, port: int) -> KvferryConfig
     return config.model_copy(update={"listen": listen})
 
 
+@dataclass
+class _Grant:
+    start: int
+    blocks: int
+    deadline: float
+    lease_s: float
+
+
 class KvSender:
-    """The prefill side: serves its KV cache read-only and holds blocks under leases.
+    """The prefill side: stages finished prefills' KV and serves it read-only under leases.
+
+    The staging buffer is transfer-engine memory (shareable: a decode instance on the same host
+    reads it over shm), ``buffer_blocks`` blocks of every layer. A request's blocks take one
+    contiguous range, layer by layer (layer 0's blocks, then layer 1's, ...), so a decode reads
+    one run of consecutive blocks per layer with one READ.
 
     Args:
         config: kvferry config (``listen.auth_token`` guards the listener; ``transfer.*``).
         layers: vLLM's KV cache, one tensor per layer (blocks first, contiguous, host memory).
         layout: the KV layout fingerprint; a decode side with another one refuses to read.
         host, port: where to listen (port 0: any free port).
-        lease_s: seconds blocks wait for their RELEASE before they are freed anyway.
+        lease_s: seconds a staged hand-off waits for its RELEASE before it is dropped.
+        buffer_blocks: the staging buffer's size in blocks.
     """
 
     def __init__(
@@ -202,28 +226,35 @@ class KvSender:
         host: str,
         port: int,
         lease_s: float,
+        buffer_blocks: int,
     ) -> None:
         _check_layers(layers)
+        if buffer_blocks < 1:
+            raise HandOffError(f"pd_buffer_blocks must be >= 1, got {buffer_blocks}")
+        self.layers = list(layers)
         self.lease_s = lease_s
         self.layout = layout
+        self.page = layers[0].size
+        self.buffer_blocks = buffer_blocks
         self._lock = threading.Lock()
-        self._held: dict[str, float] = {}
-        """request id -> monotonic deadline of its lease."""
-        self._early: dict[str, float] = {}
-        """RELEASEs that came before the worker heard of the request (id -> when)."""
-        self._done: set[str] = set()
+        self._free: list[tuple[int, int]] = [(0, buffer_blocks)]
+        """Free ranges of the staging buffer, (first block, blocks), sorted, coalesced."""
+        self._grants: dict[str, _Grant] = {}
         self._ended: OrderedDict[str, bool] = OrderedDict()
-        """Recently ended leases: request id -> released (True) or expired (False)."""
+        """Recently ended hand-offs: request id -> released (True) or expired (False)."""
+        self.staged = 0
         self.released = 0
         self.expired = 0
+        self.dropped = 0
+        """Hand-offs not staged: the buffer had no room (the decode side recomputes)."""
+        self._wake = threading.Event()
+        self._closed = False
         self.engine = TransferEngine(_engine_config(config, host, port))
         try:
-            regions = []
-            for layer in layers:
-                region = self.engine.register(layer.tensor)
-                region.peer_writable = False
-                regions.append(region.region_id)
-            service = {SERVICE: {"layers": regions, "page_bytes": layers[0].size, "layout": layout}}
+            size = buffer_blocks * self.page * len(layers)
+            self.region = self.engine.allocate(size)
+            self.region.peer_writable = False
+            service = {SERVICE: {"page_bytes": self.page, "layers": len(layers), "layout": layout}}
             self.engine.listen(call=self._call, service=service)
         except BaseException:
             self.engine.close()
@@ -232,43 +263,62 @@ class KvSender:
         assert address is not None
         self.host, self.port = address
         self.engine_id = self.engine.instance
+        self._timer = threading.Thread(target=self._expire_loop, name="kvferry-pd-lease")
+        self._timer.daemon = True
+        self._timer.start()
 
-    def hold(self, request_id: str) -> None:
-        """Start ``request_id``'s lease (the scheduler delayed freeing its blocks)."""
-        now = time.monotonic()
+    # -- staging --------------------------------------------------------------------------
+    def stage(
+        self, request_id: str, block_ids: Sequence[int], lease_s: float | None = None
+    ) -> bool:
+        """Copy ``block_ids`` of every layer into the staging buffer and hold them for a
+        decode instance for ``lease_s`` seconds (at most the sender's). False: no room."""
+        n = len(block_ids)
+        lease = self.lease_s if lease_s is None else min(lease_s, self.lease_s)
         with self._lock:
-            if self._early.pop(request_id, None) is not None:
-                self._end(request_id, released=True)
-                return
-            self._held[request_id] = now + self.lease_s
+            start = self._alloc(n) if n else None
+            if start is None:
+                self.dropped += 1
+                return False
+        page = self.page
+        ids = torch.tensor(list(block_ids), dtype=torch.long)
+        array = self.region.array
+        for i, layer in enumerate(self.layers):
+            first = (start * len(self.layers) + i * n) * page
+            rows = torch.from_numpy(array[first : first + n * page])
+            t = layer.tensor
+            rows.view(t.dtype).view((n, *t.shape[1:])).copy_(t[ids])
+        with self._lock:
+            self._grants[request_id] = _Grant(start, n, time.monotonic() + lease, lease)
+            self.staged += 1
+        self._wake.set()
+        return True
 
-    def finished(self) -> set[str]:
-        """Requests whose blocks vLLM may free now: released, or their lease ran out."""
-        now = time.monotonic()
-        with self._lock:
-            for req_id, deadline in list(self._held.items()):
-                if deadline <= now:
-                    del self._held[req_id]
-                    self._end(req_id, released=False)
-                    log.warning(
-                        "kvferry P/D: no decode instance read request %s within the %.0f s "
-                        "lease (pd_lease); its blocks are freed",
-                        req_id,
-                        self.lease_s,
-                    )
-            for req_id, at in list(self._early.items()):
-                if at + self.lease_s <= now:  # a RELEASE for a request this worker never held
-                    del self._early[req_id]
-            done, self._done = self._done, set()
-        return done
+    def _alloc(self, n: int) -> int | None:
+        for i, (first, count) in enumerate(self._free):
+            if count >= n:
+                if count == n:
+                    del self._free[i]
+                else:
+                    self._free[i] = (first + n, count - n)
+                return first
+        return None
 
-    @property
-    def held(self) -> int:
-        with self._lock:
-            return len(self._held)
+    def _release(self, grant: _Grant) -> None:
+        free = self._free
+        free.append((grant.start, grant.blocks))
+        free.sort()
+        merged: list[tuple[int, int]] = []
+        for first, count in free:
+            if merged and merged[-1][0] + merged[-1][1] == first:
+                merged[-1] = (merged[-1][0], merged[-1][1] + count)
+            else:
+                merged.append((first, count))
+        self._free[:] = merged
 
     def _end(self, request_id: str, *, released: bool) -> None:
-        self._done.add(request_id)
+        grant = self._grants.pop(request_id)
+        self._release(grant)
         self._ended[request_id] = released
         while len(self._ended) > _FORGET_AFTER:
             self._ended.popitem(last=False)
@@ -276,34 +326,62 @@ class KvSender:
             self.released += 1
         else:
             self.expired += 1
+            log.warning(
+                "kvferry P/D: no decode instance released request %s within its %.0f s lease "
+                "(pd_lease); its staged KV is dropped",
+                request_id,
+                grant.lease_s,
+            )
 
+    def expire(self) -> float | None:
+        """Drop hand-offs whose lease ran out; seconds until the next one ends (None: none)."""
+        now = time.monotonic()
+        with self._lock:
+            for req_id, grant in list(self._grants.items()):
+                if grant.deadline <= now:
+                    self._end(req_id, released=False)
+            deadlines = [g.deadline for g in self._grants.values()]
+        return min(deadlines) - now if deadlines else None
+
+    def _expire_loop(self) -> None:
+        while not self._closed:
+            left = self.expire()
+            self._wake.wait(timeout=1.0 if left is None else max(0.01, min(left, 1.0)))
+            self._wake.clear()
+
+    @property
+    def held_blocks(self) -> int:
+        with self._lock:
+            return sum(g.blocks for g in self._grants.values())
+
+    # -- the decode side's calls ----------------------------------------------------------
     def _call(self, method: int, payload: memoryview) -> CallReply:
-        if method != METHOD_RELEASE:
-            raise KvferryError(f"unknown P/D call {method}; this listener serves RELEASE (1)")
         request_id = bytes(payload).decode(errors="replace")
         with self._lock:
-            if self._held.pop(request_id, None) is not None:
-                self._end(request_id, released=True)
-                return CallReply([LEASE_HELD])
-            ended = self._ended.get(request_id)
-            if ended is False:
+            grant = self._grants.get(request_id)
+            if method == METHOD_GRANT:
+                if grant is None:
+                    why = "expired" if self._ended.get(request_id) is False else "unknown"
+                    raise KvferryError(f"no staged KV for request {request_id} ({why})")
+                doc = {
+                    "region": self.region.region_id,
+                    "offset": grant.start * self.page * len(self.layers),
+                    "blocks": grant.blocks,
+                }
+                return CallReply([json.dumps(doc).encode()])
+            if method == METHOD_RELEASE:
+                if grant is not None:
+                    self._end(request_id, released=True)
+                    return CallReply([LEASE_HELD])
                 return CallReply([LEASE_LOST])
-            if ended is None:
-                # Not held yet: the scheduler delayed the free, the worker hears of it with
-                # the next step. The blocks are still vLLM's to keep until then.
-                self._early[request_id] = time.monotonic()
-            return CallReply([LEASE_HELD])
+        raise KvferryError(
+            f"unknown P/D call {method}; this listener serves GRANT (2) and RELEASE (1)"
+        )
 
     def close(self) -> None:
+        self._closed = True
+        self._wake.set()
         self.engine.close()
-
-
-@dataclass
-class _Recv:
-    request_id: str
-    handoff: HandOff | None
-    local_block_ids: list[int]
-    started: float = field(default_factory=time.perf_counter)
 
 
 @dataclass
@@ -319,14 +397,20 @@ class RecvResult:
 
 
 class KvReceiver:
-    """The decode side: reads hand-offs into its own KV cache, in the background.
+    """The decode side: reads hand-offs into its own KV cache.
+
+    Reads are synchronous, in the step that schedules the request (before its forward pass), as
+    the store's loads are: a hand-off is a few milliseconds of copying, and vLLM's asynchronous
+    loads keep its engine stepping without pause while they wait, which on a few cores starves
+    the transfer (measured on 2 cores: stalls of up to a minute in vLLM's engine-to-worker
+    queue). RELEASEs without a read go to a small thread pool.
 
     Args:
         config: kvferry config (``listen.auth_token`` is presented to prefill listeners).
         layers: this instance's KV cache (the same layout as the prefill side's).
         layout: this instance's KV layout fingerprint.
         timeout_s: the most one hand-off's reads may take.
-        threads: hand-offs read at once.
+        threads: RELEASE calls in flight at once.
     """
 
     def __init__(
@@ -343,48 +427,45 @@ class KvReceiver:
         self.timeout_s = timeout_s
         self._page = layers[0].size
         self._token = _token(config)
-        self._connect_timeout = config.transfer.connect_timeout
-        self.engine = TransferEngine(config.model_copy(deep=True))
+        # A prefill worker busy with a long forward pass answers a handshake late: wait for it
+        # as long as for the reads.
+        self._connect_timeout = max(config.transfer.connect_timeout, timeout_s)
+        transfer = config.transfer.model_copy(
+            update={
+                "connect_timeout": self._connect_timeout,
+                "transfer_timeout": max(config.transfer.transfer_timeout, timeout_s),
+            }
+        )
+        self.engine = TransferEngine(config.model_copy(update={"transfer": transfer}, deep=True))
         try:
             self._regions = [self.engine.register(layer.tensor) for layer in layers]
         except BaseException:
             self.engine.close()
             raise
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="kvferry-pd-recv")
-        self._lock = threading.Lock()
-        self._results: list[RecvResult] = []
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="kvferry-pd-release")
         self._calls: dict[tuple[str, int], socket.socket] = {}
         self._call_lock = threading.Lock()
 
-    def start(
-        self, request_id: str, handoff: HandOff | None, local_block_ids: Sequence[int]
-    ) -> None:
-        """Read ``handoff``'s blocks into ``local_block_ids`` (the last ones of the hand-off
-        when the local prefix cache had the first), then RELEASE them on the prefill side.
-        With no local blocks (all cached here), only the RELEASE is sent."""
-        job = _Recv(request_id, handoff, list(local_block_ids))
-        self._pool.submit(self._run, job)
-
-    def results(self) -> list[RecvResult]:
-        """Hand-offs that ended since the last call."""
-        with self._lock:
-            out, self._results = self._results, []
-        return out
-
-    def _run(self, job: _Recv) -> None:
-        n = len(job.local_block_ids)
+    def read(
+        self,
+        request_id: str,
+        handoff: HandOff | None,
+        local_block_ids: Sequence[int],
+        first: int,
+    ) -> RecvResult:
+        """Read the hand-off's blocks ``first, first + 1, ...`` (the earlier ones were cached
+        here) into ``local_block_ids``, then RELEASE them on the prefill side. Never raises:
+        a failure fails every block (vLLM recomputes them)."""
+        n = len(local_block_ids)
+        t0 = time.perf_counter()
         try:
-            moved = self._read(job) if n else 0
+            moved = self._read(handoff, list(local_block_ids), first)
         except Exception as e:  # every failure is a recompute, never a failed request
             error = f"{type(e).__name__}: {e}"
-            result = RecvResult(job.request_id, n, list(job.local_block_ids), 0, 0.0, error)
-        else:
-            result = RecvResult(job.request_id, n, [], moved, time.perf_counter() - job.started)
-        with self._lock:
-            self._results.append(result)
+            return RecvResult(request_id, n, list(local_block_ids), 0, 0.0, error)
+        return RecvResult(request_id, n, [], moved, time.perf_counter() - t0)
 
-    def _read(self, job: _Recv) -> int:
-        h = job.handoff
+    def _read(self, h: HandOff | None, local: list[int], first: int) -> int:
         if h is None:
             raise HandOffError("no usable kv_transfer_params")
         if h.layout != self.layout:
@@ -392,34 +473,52 @@ class KvReceiver:
                 f"the prefill instance's KV layout {h.layout!r} is not this instance's "
                 f"{self.layout!r}: run the same model, dtype and block size on both"
             )
-        local = job.local_block_ids
-        remote = list(h.block_ids[len(h.block_ids) - len(local) :])
-        if len(remote) != len(local):
+        total = len(h.block_ids)
+        if first < 0 or first + len(local) > total:
             raise HandOffError(
-                f"the hand-off has {len(h.block_ids)} blocks, this instance expects {len(local)}"
+                f"the hand-off has {total} blocks, this instance expects blocks {first} to "
+                f"{first + len(local) - 1}"
             )
         name = f"{h.host}:{h.port}"
+        t0 = time.perf_counter()
         handle = self.engine.open_segment(name)
         if handle.peer.instance != h.engine_id:
-            # A prefill instance restarted on the same address: its blocks are gone.
+            # A prefill instance restarted on the same address: its KV is gone.
             handle = self.engine.open_segment(name, refresh=True)
             if handle.peer.instance != h.engine_id:
                 raise HandOffError(
                     f"{name} is no longer the prefill engine {h.engine_id} (restarted?)"
                 )
         service = handle.peer.service.get(SERVICE)
-        if not isinstance(service, dict) or service.get("page_bytes") != self._page:
-            raise HandOffError(f"{name} serves no KV cache of {self._page}-byte pages")
-        remote_regions = service.get("layers")
-        if not isinstance(remote_regions, list) or len(remote_regions) != len(self._regions):
-            raise HandOffError(f"{name} serves {remote_regions!r}, not one region per layer")
+        layers = len(self._regions)
+        if (
+            not isinstance(service, dict)
+            or service.get("page_bytes") != self._page
+            or service.get("layers") != layers
+        ):
+            raise HandOffError(
+                f"{name} serves no KV of {layers} layers of {self._page}-byte pages ({service!r})"
+            )
+        grant = json.loads(self.call(h, METHOD_GRANT))
+        region, offset, blocks = int(grant["region"]), int(grant["offset"]), int(grant["blocks"])
+        if blocks != total:
+            raise HandOffError(f"{name} staged {blocks} blocks, the hand-off says {total}")
+        t1 = time.perf_counter()
         page = self._page
+        # Staged layer by layer: layer i's blocks start at offset + i * blocks * page.
+        positions = range(first, first + len(local))
         requests = [
             TransferRequest(
-                OpCode.READ, region, lo * page, handle, r * page, count * page, int(rid)
+                OpCode.READ,
+                local_region,
+                lo * page,
+                handle,
+                offset + (i * blocks + pos) * page,
+                count * page,
+                region,
             )
-            for region, rid in zip(self._regions, remote_regions, strict=True)
-            for r, lo, count in coalesce(remote, local)
+            for i, local_region in enumerate(self._regions)
+            for pos, lo, count in coalesce(positions, local)
         ]
         batch = self.engine.allocate_batch(len(requests))
         try:
@@ -433,17 +532,30 @@ class KvReceiver:
                 f"reading {len(local)} blocks from {name} did not complete "
                 f"({status.state.name.lower()}{': ' + str(errors[0]) if errors else ''})"
             )
-        if self.release(h) != LEASE_HELD:
+        t2 = time.perf_counter()
+        answer = self.call(h, METHOD_RELEASE)
+        log.debug(
+            "kvferry P/D: request %s from %s (%s): grant %.3f s, %d reads %.3f s, release %.3f s",
+            h.request_id,
+            name,
+            handle.transport,
+            t1 - t0,
+            len(requests),
+            t2 - t1,
+            time.perf_counter() - t2,
+        )
+        if answer != LEASE_HELD:
             raise HandOffError(
-                f"the lease on request {h.request_id}'s blocks at {name} ran out during the "
-                "read: its blocks may have been reused (raise pd_lease)"
+                f"the lease on request {h.request_id}'s KV at {name} ran out during the read "
+                "(raise pd_lease)"
             )
         return sum(r.length for r in requests)
 
-    def release(self, h: HandOff) -> bytes:
-        """RELEASE ``h``'s blocks on the prefill side; its answer (held or lost).
+    def call(self, h: HandOff, method: int) -> bytes:
+        """Call ``method`` (GRANT, RELEASE) for ``h``'s request on its prefill side.
 
         Raises:
+            HandOffError: the prefill side answered ERR (nothing staged for the request).
             KvferryError, OSError: the prefill side cannot be reached.
         """
         key = (h.host, h.port)
@@ -456,7 +568,7 @@ class KvReceiver:
                 sock.settimeout(self.timeout_s)
             try:
                 sock.sendall(
-                    wire.encode(wire.Op.CALL, region=METHOD_RELEASE, length=len(payload)) + payload
+                    wire.encode(wire.Op.CALL, region=method, length=len(payload)) + payload
                 )
                 header = wire.decode(
                     handshake.recv_exact(sock, wire.HEADER_SIZE), reply=True, max_length=1 << 16
@@ -468,13 +580,12 @@ class KvReceiver:
                 if attempt:
                     raise
                 continue
-            if header.op is wire.Op.ERR:
-                sock.close()
-                raise HandOffError(f"{h.host}:{h.port} refused RELEASE: {body.decode()}")
             with self._call_lock:
                 old = self._calls.setdefault(key, sock)
             if old is not sock:
                 sock.close()
+            if header.op is wire.Op.ERR:
+                raise HandOffError(f"{h.host}:{h.port} answered: {body.decode(errors='replace')}")
             return body
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -484,7 +595,7 @@ class KvReceiver:
 
     def _release_logged(self, h: HandOff) -> None:
         try:
-            self.release(h)
+            self.call(h, METHOD_RELEASE)
         except (OSError, KvferryError) as e:
             log.info(
                 "kvferry P/D: RELEASE to %s:%d failed (%s); its lease frees it", h.host, h.port, e

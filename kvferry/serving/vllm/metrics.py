@@ -111,15 +111,19 @@ PROM_NAMES: Final[dict[str, tuple[str, str]]] = {
     ),
     "pd_sends": (
         "kvferry_connector_pd_sends",
-        "Finished prefills whose blocks this prefill instance held for a decode instance.",
+        "Finished prefills whose KV this prefill instance staged for a decode instance.",
     ),
     "pd_released": (
         "kvferry_connector_pd_released",
-        "Held hand-offs a decode instance released (read, or cached on its side).",
+        "Staged hand-offs a decode instance released (read, or cached on its side).",
     ),
     "pd_expired": (
         "kvferry_connector_pd_expired",
-        "Held hand-offs whose lease (pd_lease) ran out before a decode instance released them.",
+        "Staged hand-offs whose lease (pd_lease) ran out before a decode instance released them.",
+    ),
+    "pd_dropped": (
+        "kvferry_connector_pd_dropped",
+        "Hand-offs not staged for want of room in the staging buffer (pd_buffer_blocks).",
     ),
 }
 """Each statistic's key -> (Prometheus counter name without ``_total``, help)."""
