@@ -291,42 +291,57 @@ class ServerTier(Tier):
     def _read(
         self, keys: Sequence[Key], call: Callable[[str, list[int]], list[_V | None]]
     ) -> list[_V | None]:
-        """Ask each key's readers (``placement``) in turn until one has it: round r sends the
-        keys not found yet to their next reader not marked down. ``call(member, indexes)``
-        answers per index, None where that server does not have it (or it failed)."""
+        """Ask each key's readers (``placement``) in turn until one has it: first its first
+        writer, then (for the keys not found yet, round by round) its next writer or fallback
+        server not marked down. ``call(member, indexes)`` answers per index, None where that
+        server does not have it.
+
+        Raises:
+            StorageError: the first round failed as a whole (see ``_each``).
+        """
+        ring, place = self._ring, self._placement
+        writers = place.writers(ring, keys)
         res: list[_V | None] = [None] * len(keys)
-        readers = self._placement.readers(self._ring, keys)
-        nxt = [0] * len(keys)
-        pending: Sequence[int] = range(len(keys))
-        lost: set[int] = set()  # asked of a server that failed
-        skip = self._skip()
-        first = True
-        while pending:
-            shares: dict[str, list[int]] = {}
-            for i in pending:
-                cand, at = readers[i], nxt[i]
-                while at < len(cand) and cand[at] in skip:
-                    at += 1
-                if at < len(cand):
-                    shares.setdefault(cand[at], []).append(i)
-                nxt[i] = at + 1
+        shares: dict[str, list[int]] = {}
+        for i, w in enumerate(writers):
+            shares.setdefault(w[0], []).append(i)
+        answered, failed = self._each(shares, call)
+        for _m, idx, got in answered:
+            for i, v in zip(idx, got):
+                if v is not None:
+                    res[i] = v
+        lost = set(failed)  # asked of a server that failed
+        # Later rounds, for misses only: the next replica, then the own key's owners.
+        rest: dict[int, list[str]] = {}
+        for i, v in enumerate(res):
+            if v is None:
+                more = writers[i][1:] + place.fallback(ring, keys[i], writers[i])
+                if more:
+                    rest[i] = more
+        while rest:
+            skip = self._skip()
+            shares = {}
+            for i, more in list(rest.items()):
+                while more and more[0] in skip:
+                    more.pop(0)
+                if not more:
+                    del rest[i]
+                    continue
+                shares.setdefault(more.pop(0), []).append(i)
             if not shares:
                 break
             try:
                 answered, failed = self._each(shares, call)
             except StorageError:
-                if first:  # nothing answered at all: the tier failed
-                    raise
-                break  # a later round: what the first found stands, the rest are misses
-            first = False
+                break  # what the first round found stands; the rest are misses
+            lost.update(failed)
             for _m, idx, got in answered:
                 for i, v in zip(idx, got):
                     if v is not None:
                         res[i] = v
-            if failed:
-                lost.update(failed)
-                skip = self._skip() or skip
-            pending = [i for i in pending if res[i] is None and nxt[i] < len(readers[i])]
+                        rest.pop(i, None)
+            for i in [i for i, more in rest.items() if not more]:
+                del rest[i]
         self._count_misses(sum(1 for i in lost if res[i] is None))
         return res
 

@@ -108,36 +108,30 @@ class Placement:
         return self._memo.get(key, key)
 
     def writers(self, ring: HashRing, keys: Sequence[Key]) -> list[list[str]]:
-        """Each key's R servers on ``ring``, in the order reads ask them."""
+        """Each key's R servers on ``ring``, in the order reads ask them (the blocks of one chunk
+        share one list: do not change it)."""
         r = self.replicas
-        if self.chunk_blocks == 1 and r == 1:
-            return [[ring.owner(k)] for k in keys]
+        memo = self._memo
+        if r == 1 and (self.chunk_blocks == 1 or not memo):
+            owner = ring.owner
+            return [[owner(k)] for k in keys]
         seen: dict[Key, list[str]] = {}  # the blocks of a chunk share one walk
         out: list[list[str]] = []
         for k in keys:
-            a = self.anchor(k)
+            a = memo.get(k, k)
             owners = seen.get(a)
             if owners is None:
                 owners = seen[a] = ring.owners(a, r)
             out.append(owners)
         return out
 
-    def readers(self, ring: HashRing, keys: Sequence[Key]) -> list[list[str]]:
-        """Each key's servers to ask in turn: its writers, then the owners of its own key that
-        are not among them (where a put that had no anchor for it placed it)."""
-        r = self.replicas
+    def fallback(self, ring: HashRing, key: Key, writers: list[str]) -> list[str]:
+        """The servers to ask for ``key`` after its ``writers``: the owners of its own key that
+        are not among them (where a put that had no anchor for it placed it); often none."""
         if self.chunk_blocks == 1:
-            return self.writers(ring, keys)
-        out: list[list[str]] = []
-        seen: dict[Key, list[str]] = {}
-        for k in keys:
-            a = self.anchor(k)
-            owners = seen.get(a)
-            if owners is None:
-                owners = seen[a] = ring.owners(a, r)
-            if a is not k and a != k:
-                extra = [m for m in ring.owners(k, r) if m not in owners]
-                if extra:
-                    owners = owners + extra
-            out.append(owners)
-        return out
+            return []
+        return [m for m in ring.owners(key, self.replicas) if m not in writers]
+
+    def readers(self, ring: HashRing, keys: Sequence[Key]) -> list[list[str]]:
+        """Each key's servers to ask in turn: its writers, then :meth:`fallback`."""
+        return [w + self.fallback(ring, k, w) for k, w in zip(keys, self.writers(ring, keys))]
