@@ -15,9 +15,9 @@ namespace) reaches them by tcp over those interfaces (``server.transport: tcp``)
    failed client calls (exceptions out of the store, and tier calls that failed as a whole);
    blocks with wrong bytes; the time from the kill until the dead server is out of the client's
    view, and from the restarted server's ready line until the client uses it again.
-2. Throughput: ``--threads`` client threads doing batch gets of ``--batch`` blocks for
-   ``--seconds`` against one server, then against all of them (same run, same blocks): blocks/s
-   and GB/s (1e9 B/s).
+2. Throughput: ``--threads`` client threads doing batch gets of ``--batch`` blocks (each batch
+   one request's prefix) for ``--seconds`` against one server, then against all of them (same
+   run, same blocks): blocks/s and GB/s (1e9 B/s).
 
 Smoke run (tiny sizes, not a measurement):
 
@@ -286,12 +286,16 @@ def main() -> int:
             counters=failover.stats,
         )
         # Throughput: the same blocks, one server vs all of them.
-        n_keys = max(args.batch * args.threads * 4, 256)
+        # Each batch is the prefix of one request (a chain from depth 0), so it is placed as
+        # the replay's are; a batch of blocks placed each by its own key would ask every server.
+        n_keys = args.batch * max(args.threads * 4, -(-256 // args.batch))
         keys = [b"T" + i.to_bytes(15, "little") for i in range(n_keys)]
         vals = [value(k, size) for k in keys]
         through: dict[str, Any] = {}
         for label, addresses in (("1 server", addrs[:1]), (f"{len(addrs)} servers", addrs)):
             t = tier(addresses)
+            for g in range(0, n_keys, args.batch):
+                t.note_chain(keys[g : g + args.batch], 0)
             t.put(keys, vals)
             bps, gbs = throughput(t, keys, size, args.threads, args.seconds, args.batch)
             t.close()
