@@ -114,9 +114,9 @@ def held_by(address: str) -> set[bytes]:
         one.close()
 
 
-def fill(store: TieredStore, prefixes: int, blocks: int) -> list[list[bytes]]:
+def fill(store: TieredStore, prefixes: int, blocks: int, first: int = 0) -> list[list[bytes]]:
     out = []
-    for p in range(prefixes):
+    for p in range(first, first + prefixes):
         ks = chain(p, blocks)
         vals = [value(p * 100_000 + i, 256) for i in range(blocks)]
         assert store.put(ks, vals, depth=0) == [PutStatus.STORED] * blocks
@@ -184,7 +184,7 @@ def test_a_dead_server_cuts_each_prefix_at_its_first_chunk_there(
     if chunk_blocks == 1:
         assert hit < 0.25  # nearly every prefix cut within its first few blocks
     else:  # two chunks per prefix: about (2/3 + 2/3 * 2/3) / 2 = 0.56 of the blocks survive
-        assert hit > 0.3
+        assert hit > 0.2  # (loose: one ring can give the dead server well over a third)
 
 
 def test_two_replicas_lose_no_hit_when_a_server_dies(
@@ -206,7 +206,7 @@ def test_two_replicas_lose_no_hit_when_a_server_dies(
                 value(p * 100_000 + i, 256) for i in range(32)
             ]
         # Writes go on to two live servers; the dead one never fails a call.
-        extra = fill(store, 1, 8)[0]
+        extra = fill(store, 1, 8, first=99)[0]
         assert store.lookup(extra) == 8
         st = store.stats().tiers["server"]
         assert (st.errors, st.breaker_opens) == (0, 0)
