@@ -32,6 +32,12 @@ Primitives and their contracts (all must be safe to call from several threads at
     Optional: the stored blocks themselves, without a copy (None per miss), from a tier that
     keeps immutable bytes in this process (the simulator's memory tier), for the store's
     demotions. The base class returns None: not offered, the store reads with ``get``.
+``note_chain(keys, depth)``
+    Optional hint, no I/O: ``keys`` are consecutive blocks of one prefix chain and ``keys[0]``
+    is at ``depth`` (0: a prompt's first block). The store gives it before the calls about those
+    blocks (its lookups, and its gets and puts given a depth). A tier that places blocks by
+    prefix (server: ``server.chunk_blocks``) remembers it; the base class ignores it. Reads
+    must stay correct without it (a hint can be missing or stale).
 ``close()``
     Release files, sockets, memory; idempotent.
 ``check(config, context)`` (classmethod, optional)
@@ -189,6 +195,10 @@ class Tier(ABC):
     def peek(self, keys: Sequence[Key]) -> list[Buffer | None] | None:
         """The stored blocks without a copy, or None when the tier does not offer it."""
         return None
+
+    def note_chain(self, keys: Sequence[Key], depth: int) -> None:
+        """A hint that ``keys`` are consecutive blocks of one chain from ``depth`` (see the
+        module docstring); ignored unless a tier places blocks by prefix."""
 
     @abstractmethod
     def close(self) -> None: ...

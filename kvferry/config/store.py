@@ -260,6 +260,22 @@ class ServerTierConfig(ConfigModel):
     virtual_nodes: int = Field(
         64, ge=1, le=4096, description="Points per server on the consistent-hash ring."
     )
+    chunk_blocks: int = Field(
+        64,
+        ge=1,
+        le=1 << 16,
+        description="Consecutive blocks of a prefix kept on one server (a chunk, placed by its "
+        "first block's key): losing a server cuts a prefix at its first chunk there, not at its "
+        "first block. 1 = place each block by its own key. Every client of the same servers "
+        "must use the same value.",
+    )
+    replicas: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="Servers each block is written to (the next ones on the ring); reads ask "
+        "them in order. 2 = losing one server loses no block.",
+    )
     transport: Literal["auto", "tcp"] = Field(
         "auto",
         description="auto: copy block bytes through shared memory when the server is on this "
@@ -269,6 +285,16 @@ class ServerTierConfig(ConfigModel):
         None, description="Shared token the store servers require (their listen.auth_token)."
     )
     timeout: Seconds = Field(5.0, gt=0, description="Seconds to connect or to wait for a reply.")
+
+    @model_validator(mode="after")
+    def _replicas_fit(self) -> ServerTierConfig:
+        if not self.membership_url and self.addresses and self.replicas > len(self.addresses):
+            raise ValueError(
+                f"server.replicas={self.replicas} but server.addresses lists "
+                f"{len(self.addresses)} server(s): each block needs that many distinct servers; "
+                f"set server.replicas to at most {len(self.addresses)} or add servers"
+            )
+        return self
 
 
 class MooncakeTierConfig(ConfigModel):

@@ -144,6 +144,13 @@ class SharedTiers:
         return breaker is None or breaker.state is BreakerState.CLOSED
 
     # -- lookup -----------------------------------------------------------------------------
+    def note_chain(self, keys: Sequence[Key], depth: int) -> None:
+        """Tell each shared tier that ``keys`` are consecutive blocks of one prefix chain from
+        ``depth`` (``Tier.note_chain``: a server tier places blocks by prefix chunk with it).
+        No I/O; the caller may hold the lock."""
+        for si in self.indexes:
+            self.tiers[si].note_chain(keys, depth)
+
     def contains(self, si: int, keys: list[Key]) -> list[bool]:
         """Ask shared tier ``si`` (blocks on their way there count); a failure or an open
         breaker reads as absent."""

@@ -201,6 +201,8 @@ class TieredStore:
             if not shared:
                 self._count_lookup(len(hashes), n, t0)
         if shared:
+            # A lookup is on a prompt's prefix: its first block is at depth 0.
+            self._shared_tiers.note_chain(hashes, 0)
             if n < len(hashes):
                 rest = list(hashes[n:])
                 with self._lock:
@@ -281,6 +283,10 @@ class TieredStore:
                 f"a {biggest}-byte block is larger than store.slot_size ({limit} bytes)"
             )
         t0 = time.perf_counter_ns()
+        if depth is not None and self._shared:
+            # Also when the blocks go to the first tier only: a shared tier they are demoted
+            # into later places them by this chain (server: by prefix chunk).
+            self._shared_tiers.note_chain(hashes, depth)
         local_only = not self.first.shared and not (self._write_through_on and len(self.tiers) > 1)
         with self.tracer.span("put", "store", blocks=len(hashes)), self._lock:
             self._check_open()
@@ -449,6 +455,8 @@ class TieredStore:
             if not remote and count:
                 self._count_get(len(hashes), len(res) - res.count(None), t0)
         if remote:
+            if depth is not None:
+                self._shared_tiers.note_chain(hashes, depth)
             with self.tracer.span("get_remote", "store", blocks=len(missing)):
                 self._shared_tiers.get(
                     hashes, outs, res, sorted(missing), depth, self._promote_from_shared()

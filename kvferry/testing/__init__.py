@@ -5,8 +5,9 @@ implementation: ``transport_kit.check_transport`` (transports), ``tier_kit`` (ti
 ``eviction_kit.check_policy`` (eviction policies), ``metadata_kit.check_metadata`` (metadata
 services). ``target.TargetProcess`` runs a real transfer target in its own process;
 ``mock_engine.MockServerProcess`` runs a simulated engine (``kvferry serve mock``);
-``router_process.RouterProcess`` runs a KV-aware router (``kvferry serve router``). Nothing here
-is imported by kvferry itself.
+``router_process.RouterProcess`` runs a KV-aware router (``kvferry serve router``);
+``netns.NetLab`` makes network namespaces joined by a bridge, so servers run as on other hosts
+(``store_server.StoreServerProcess(netns=...)``). Nothing here is imported by kvferry itself.
 """
 
 from kvferry.testing.eviction_kit import check_policy

@@ -3,7 +3,9 @@
 Each :class:`StoreServerProcess` is a real ``python -m kvferry serve store`` child: real
 sockets, a real shared-memory pool, and (with ``register=``) a real lease in a real Redis. It
 can be stopped cleanly (SIGTERM: the server leaves the membership), killed (SIGKILL: it leaves
-its lease to expire) and restarted on the same port.
+its lease to expire) and restarted on the same port. With ``netns=`` it runs inside a network
+namespace of a :class:`~kvferry.testing.netns.NetLab`, bound to that namespace's address, as a
+server on another host would be.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import subprocess
 import sys
 import tempfile
 from typing import IO
+
+from kvferry.testing.netns import Netns
 
 __all__ = ["StoreServerProcess"]
 
@@ -26,6 +30,7 @@ class StoreServerProcess:
         extra: more ``kvferry serve store`` arguments (``--register URL``, ``--set k=v``, ...).
         slot_size: ``--slot-size`` in bytes.
         capacity: ``--capacity`` of its cpu tier.
+        netns: run inside this network namespace, bound to its address (``--bind ns.ip``).
     """
 
     def __init__(
@@ -34,11 +39,13 @@ class StoreServerProcess:
         port: int = 0,
         slot_size: int = 4096,
         capacity: str = "4MiB",
+        netns: Netns | None = None,
     ) -> None:
         self.port = port
         self.extra = list(extra)
         self.slot_size = slot_size
         self.capacity = capacity
+        self.netns = netns
         self.proc: subprocess.Popen[str] | None = None
         self.address = ""
         self._err: IO[str] | None = None
@@ -52,11 +59,12 @@ class StoreServerProcess:
         cmd = [sys.executable, "-m", "kvferry", "serve", "store", "--port", str(self.port)]
         cmd += ["--tiers", "cpu", "--capacity", self.capacity, "--slot-size", str(self.slot_size)]
         cmd += ["--quiet", *self.extra]
+        if self.netns is not None:
+            cmd += ["--bind", self.netns.ip]
         # stderr to a file, not a pipe: a pipe nobody reads would block a chatty server.
         err = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (lives as long as the process)
-        proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=dict(os.environ)
-        )
+        start = subprocess.Popen if self.netns is None else self.netns.popen
+        proc = start(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=dict(os.environ))
         assert proc.stdout is not None
         line = proc.stdout.readline()
         if not line.startswith("kvferry-store-ready "):

@@ -1,6 +1,8 @@
 """The server tier: kvferry store servers (``kvferry serve store``) as a shared remote tier.
 
-Keys are spread over the servers by consistent hashing (``ring``); the member list comes from
+Blocks are spread over the servers by consistent hashing (``ring``), by prefix chunk and on
+``server.replicas`` servers each (``placement``: the store tells the tier which keys form a chain,
+``note_chain``; reads ask a block's servers in turn until one has it); the member list comes from
 ``server.addresses`` and from the leases the servers keep in Redis (``server.membership_url``,
 ``membership``), re-read every ``server.membership_poll`` seconds by a watcher thread, so a
 tier call never waits on Redis. Each thread keeps one connection per server (a call is one
@@ -9,14 +11,15 @@ request/reply on it).
 Failure is partial. A call that fails on the wire (refused, reset, timed out after
 ``server.timeout``) marks that server down at once: the ring is rebuilt without it, so the very
 next call no longer asks it, and its keys fall to the next live owner on the ring. The failed
-call itself goes on: its blocks on that server are misses (``down_misses``), and puts meant for
-it are sent to the next live owner (``put_rerouted``; ``put_dropped`` counts blocks no live
-server took). A down server comes back when the watcher's probe (a handshake, every poll)
-succeeds or the membership shows a new instance of it (a restart); a server whose lease expired
-leaves the member list. Only when no server is live does a call raise :class:`StorageError`
-(the store's circuit breaker then skips the tier); then every known server is asked again, so
-one that returns is found by the next call. An ERR reply does not mark a server down: it is
-answered, and its blocks are misses (or the call raises, if no server answered at all).
+call itself goes on: its blocks on that server are asked of their next server (a replica), else
+are misses (``down_misses``), and puts meant for it are sent to the next live owner
+(``put_rerouted``; ``put_dropped`` counts blocks no live server took). A down server comes back
+when the watcher's probe (a handshake, every poll) succeeds or the membership shows a new
+instance of it (a restart); a server whose lease expired leaves the member list. Only when no
+server is live does a call raise :class:`StorageError` (the store's circuit breaker then skips
+the tier); then every known server is asked again, so one that returns is found by the next call.
+An ERR reply does not mark a server down: it is answered, and its blocks are misses (or the call
+raises, if no server answered at all).
 
 Data paths, picked per server:
 - same host (``transport: auto`` and the server's handshake shows our boot id): LOCATE pins the
@@ -56,6 +59,7 @@ from kvferry.backends.base import (
 )
 from kvferry.backends.server import protocol as p
 from kvferry.backends.server.membership import read_members
+from kvferry.backends.server.placement import Placement
 from kvferry.backends.server.ring import HashRing
 from kvferry.config.models import ServerTierConfig
 from kvferry.errors import ConfigError, KvferryError, PeerClosed, StorageError
@@ -70,6 +74,10 @@ _corrupt_log = RateLimitedLog(log)
 _member_log = RateLimitedLog(log)
 
 _T = TypeVar("_T")
+_V = TypeVar("_V")
+
+_RANK = {PutStatus.NO_SPACE: 0, PutStatus.REJECTED: 1, PutStatus.EXISTS: 2, PutStatus.STORED: 3}
+"""Which of a block's replica answers is its status: the best (one stored copy is readable)."""
 
 
 class _Conn:
@@ -112,6 +120,7 @@ class ServerTier(Tier):
         self._down: dict[str, str | None] = {}  # member -> its instance id when marked down
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
+        self._placement = Placement(config.chunk_blocks, config.replicas)
         self._ring = self._set_members(self._read_members())
         if self.cfg.membership_url:
             self._start_watcher()
@@ -233,37 +242,26 @@ class ServerTier(Tier):
             self._mark_up(member)
 
     def _each(
-        self,
-        keys: Sequence[Key],
-        call: Callable[[str, list[int]], _T],
-        ring: HashRing | None = None,
-        only: list[int] | None = None,
-    ) -> tuple[list[tuple[list[int], _T]], list[int]]:
-        """Run ``call(member, indexes)`` for each member's share of ``keys`` (of the keys at
-        indexes ``only``, when given), on ``ring`` (default: the live ring).
+        self, shares: dict[str, list[int]], call: Callable[[str, list[int]], _T]
+    ) -> tuple[list[tuple[str, list[int], _T]], list[int]]:
+        """Run ``call(member, indexes)`` for each member's share (member -> indexes).
 
         Returns:
-            ([(indexes, result)] of the members that answered, indexes whose member failed).
+            ([(member, indexes, result)] of the members that answered, indexes whose member
+            failed).
 
         Raises:
             StorageError: no member answered and either none is live any more or none failed
                 on the wire (an ERR reply from every one): the tier as a whole failed.
             ValueError: the caller's buffers (raised by ``call``).
         """
-        answered: list[tuple[list[int], _T]] = []
+        answered: list[tuple[str, list[int], _T]] = []
         failed: list[int] = []
         first: StorageError | None = None
         downed = False
-        ring = ring or self._ring
-        if only is None:
-            shares = ring.split(keys)
-        else:
-            shares = {
-                m: [only[j] for j in js] for m, js in ring.split([keys[i] for i in only]).items()
-            }
         for member, idx in shares.items():
             try:
-                answered.append((idx, call(member, idx)))
+                answered.append((member, idx, call(member, idx)))
             except _Unreachable as e:
                 self._mark_down(member, e)
                 downed = True
@@ -282,6 +280,74 @@ class ServerTier(Tier):
         if first is not None and not answered and not (downed and self._live()):
             raise StorageError(str(first)) from first
         return answered, failed
+
+    def _skip(self) -> set[str]:
+        """Members a call passes over: those marked down, unless every member is (then all are
+        asked, so that one that is back is found)."""
+        with self._lock:
+            down = self._down
+            return set(down) if len(down) < len(self._members) else set()
+
+    def _read(
+        self, keys: Sequence[Key], call: Callable[[str, list[int]], list[_V | None]]
+    ) -> list[_V | None]:
+        """Ask each key's readers (``placement``) in turn until one has it: first its first
+        writer, then (for the keys not found yet, round by round) its next writer or fallback
+        server not marked down. ``call(member, indexes)`` answers per index, None where that
+        server does not have it.
+
+        Raises:
+            StorageError: the first round failed as a whole (see ``_each``).
+        """
+        ring, place = self._ring, self._placement
+        writers = place.writers(ring, keys)
+        res: list[_V | None] = [None] * len(keys)
+        shares: dict[str, list[int]] = {}
+        for i, w in enumerate(writers):
+            shares.setdefault(w[0], []).append(i)
+        answered, failed = self._each(shares, call)
+        for _m, idx, got in answered:
+            for i, v in zip(idx, got):
+                if v is not None:
+                    res[i] = v
+        lost = set(failed)  # asked of a server that failed
+        # Later rounds, for misses only: the next replica, then the own key's owners.
+        rest: dict[int, list[str]] = {}
+        for i, v in enumerate(res):
+            if v is None:
+                more = writers[i][1:] + place.fallback(ring, keys[i], writers[i])
+                if more:
+                    rest[i] = more
+        while rest:
+            skip = self._skip()
+            shares = {}
+            for i, more in list(rest.items()):
+                while more and more[0] in skip:
+                    more.pop(0)
+                if not more:
+                    del rest[i]
+                    continue
+                shares.setdefault(more.pop(0), []).append(i)
+            if not shares:
+                break
+            try:
+                answered, failed = self._each(shares, call)
+            except StorageError:
+                break  # what the first round found stands; the rest are misses
+            lost.update(failed)
+            for _m, idx, got in answered:
+                for i, v in zip(idx, got):
+                    if v is not None:
+                        res[i] = v
+                        rest.pop(i, None)
+            for i in [i for i, more in rest.items() if not more]:
+                del rest[i]
+        self._count_misses(sum(1 for i in lost if res[i] is None))
+        return res
+
+    def note_chain(self, keys: Sequence[Key], depth: int) -> None:
+        """Remember where the blocks of this chain go (``server.chunk_blocks``; ``placement``)."""
+        self._placement.note_chain(keys, depth)
 
     # -- connections ------------------------------------------------------------------------
     def _conn(self, member: str) -> _Conn:
@@ -413,20 +479,13 @@ class ServerTier(Tier):
 
     # -- primitives -------------------------------------------------------------------------
     def contains(self, keys: Sequence[Key]) -> list[bool]:
-        out = [False] * len(keys)
-
-        def ask(member: str, idx: list[int]) -> bytearray:
+        def ask(member: str, idx: list[int]) -> list[bool | None]:
             reply = self._call(member, p.Method.CONTAINS, [p.encode_keys([keys[i] for i in idx])])
             if len(reply) != len(idx):
                 raise StorageError(f"server tier: {member} sent a malformed CONTAINS reply")
-            return reply
+            return [True if b == 1 else None for b in reply]
 
-        answered, failed = self._each(keys, ask)
-        for idx, reply in answered:
-            for i, b in zip(idx, reply):
-                out[i] = b == 1
-        self._count_misses(len(failed))
-        return out
+        return [v is not None for v in self._read(keys, ask)]
 
     def _count_misses(self, n: int) -> None:
         if n:
@@ -452,27 +511,53 @@ class ServerTier(Tier):
             reply = self._call(member, p.Method.PUT, [head, *vs])
             return p.decode_statuses(reply, len(ks))
 
+        # Each block to its writers (``server.replicas`` of them, on the live ring); the best
+        # answer of its writers is its status (one replica that stored it makes it readable).
         ring = self._ring
-        answered, failed = self._each(keys, put_member, ring)
+        writers = self._placement.writers(ring, keys)
+        done: list[list[str]] = [[] for _ in keys]  # the writers that answered, per block
+        shares: dict[str, list[int]] = {}
+        for i, ws in enumerate(writers):
+            for m in ws:
+                shares.setdefault(m, []).append(i)
+
+        def merge(answered: list[tuple[str, list[int], list[PutStatus]]]) -> set[int]:
+            landed: set[int] = set()
+            for member, idx, got in answered:
+                for i, st in zip(idx, got):
+                    done[i].append(member)
+                    landed.add(i)
+                    if _RANK[st] > _RANK[out[i]]:
+                        out[i] = st
+            return landed
+
+        answered, failed = self._each(shares, put_member)
+        merge(answered)
         rerouted = 0
         # A server that failed on the wire is out of the ring now: its share goes to the next
-        # live owner, once per ring change (at most once per member).
+        # live owner (a block's writers on the new ring that do not have it yet), once per ring
+        # change (at most once per member).
         for _ in range(len(self._members)):
             if not failed or self._ring is ring:
                 break
-            ring, left = self._ring, failed
+            ring = self._ring
+            left = sorted(set(failed))
+            shares = {}
+            for i, ws in zip(left, self._placement.writers(ring, [keys[j] for j in left])):
+                for m in ws:
+                    if m not in done[i]:
+                        shares.setdefault(m, []).append(i)
+            if not shares:
+                break
             try:
-                more, failed = self._each(keys, put_member, ring, only=left)
+                more, failed = self._each(shares, put_member)
             except StorageError:
                 break  # no live server left: what failed is dropped
-            answered += more
-            rerouted += len(left) - len(failed)
-        for idx, got in answered:
-            for i, s in zip(idx, got):
-                out[i] = s
-        if failed or rerouted:
+            rerouted += len(merge(more))
+        dropped = sum(1 for d in done if not d)
+        if dropped or rerouted:
             with self._lock:
-                self._put_dropped += len(failed)
+                self._put_dropped += dropped
                 self._put_rerouted += rerouted
         return out
 
@@ -515,8 +600,6 @@ class ServerTier(Tier):
         return p.decode_statuses(final, len(ks))
 
     def get(self, keys: Sequence[Key], outs: Sequence[memoryview]) -> list[int | None]:
-        res: list[int | None] = [None] * len(keys)
-
         def get_member(member: str, idx: list[int]) -> list[int | None]:
             ks = [keys[i] for i in idx]
             os_ = [outs[i] for i in idx]
@@ -533,13 +616,9 @@ class ServerTier(Tier):
                     got[j] = n
             return got
 
-        # A failed server's blocks stay None (misses); what it wrote into outs is not read.
-        answered, failed = self._each(keys, get_member)
-        for idx, got in answered:
-            for i, n in zip(idx, got):
-                res[i] = n
-        self._count_misses(len(failed))
-        return res
+        # A failed server's blocks are asked of their next reader, else stay None (misses);
+        # what a failed server wrote into outs is overwritten or not read.
+        return self._read(keys, get_member)
 
     def _get_inline(self, member: str, ks: list[Key], outs: list[memoryview]) -> list[int | None]:
         too_small: str | None = None
@@ -694,12 +773,28 @@ class ServerTier(Tier):
         return mapping
 
     def delete(self, keys: Sequence[Key]) -> int:
+        """Delete ``keys`` wherever a read could find them (every reader of each); the number
+        deleted from each key's first reader."""
+
         def delete_member(member: str, idx: list[int]) -> int:
             reply = self._call(member, p.Method.DELETE, [p.encode_keys([keys[i] for i in idx])])
             return int(p.U32.unpack(reply)[0])
 
-        answered, _failed = self._each(keys, delete_member)
-        return sum(n for _, n in answered)
+        readers = self._placement.readers(self._ring, keys)
+        skip = self._skip()
+        counted: dict[str, list[int]] = {}  # each key's first reader: the count
+        others: dict[str, list[int]] = {}  # its other readers (replicas, own-key owners)
+        for i, rs in enumerate(readers):
+            live = [m for m in rs if m not in skip]
+            for j, m in enumerate(live):
+                (counted if j == 0 else others).setdefault(m, []).append(i)
+        answered, _failed = self._each(counted, delete_member)
+        if others:
+            try:
+                self._each(others, delete_member)
+            except StorageError as e:
+                log.warning("server tier: deleting other copies failed: %s", e)
+        return sum(n for _, _, n in answered)
 
     def _live_members(self) -> list[str]:
         with self._lock:
@@ -728,11 +823,11 @@ class ServerTier(Tier):
         return replies
 
     def keys(self) -> list[Key]:
-        out: list[Key] = []
+        out: dict[Key, None] = {}  # a replicated block once
         for reply in self._ask_each(p.Method.KEYS).values():
             ks, _ = p.decode_keys(memoryview(reply))
-            out.extend(ks)
-        return out
+            out.update(dict.fromkeys(ks))
+        return list(out)
 
     def server_stats(self) -> dict[str, dict[str, Any]]:
         """Each live server's StoreStats as JSON, by address."""

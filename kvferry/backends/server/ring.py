@@ -3,6 +3,9 @@
 Each server owns ``virtual_nodes`` points on a 64-bit ring (xxh3-64 of "address#i"); a key goes
 to the first point at or after its own position. Adding or removing one of N servers moves
 about 1/N of the keys, and every client with the same member list agrees on every key.
+:meth:`HashRing.owners` walks on from there to the next distinct servers: a key's replicas, in
+an order every client agrees on, and when one of them leaves the ring the others keep their
+place (the next server on the walk joins at the end).
 """
 
 from __future__ import annotations
@@ -42,6 +45,24 @@ class HashRing:
         pos = xxhash.xxh3_64_intdigest(key)
         i = bisect.bisect_left(self._points, pos)
         return self._owners[i if i < len(self._owners) else 0]
+
+    def owners(self, key: Key, n: int) -> list[str]:
+        """The first ``n`` distinct members at or after ``key``'s position (fewer when the ring
+        has fewer members): ``owners(key, 1) == [owner(key)]``."""
+        n = min(n, len(self.members))
+        if n == 1:
+            return [self.owner(key)]
+        pos = xxhash.xxh3_64_intdigest(key)
+        i = bisect.bisect_left(self._points, pos)
+        out: list[str] = []
+        size = len(self._owners)
+        for step in range(size):
+            m = self._owners[(i + step) % size]
+            if m not in out:
+                out.append(m)
+                if len(out) == n:
+                    break
+        return out
 
     def split(self, keys: Sequence[Key]) -> dict[str, list[int]]:
         """member -> indexes of ``keys`` it owns."""
