@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from kvferry.bench.profile import decode, prefill
+from kvferry.bench.profile.candidates import parse_candidates
 from kvferry.bench.profile.fit import fit_quadratic, interp_1d, interp_at, interp_grid
 from kvferry.bench.profile.harness import ProfileProgress, run
 from kvferry.bench.profile.npz import (
@@ -292,3 +293,93 @@ def test_an_engine_killed_mid_profile_keeps_its_points(tmp_path: Path) -> None:
     assert "went away after 2 point(s)" in report.aborted and "kept" in report.aborted
     write_profile(report, tmp_path)
     assert [p.isl for p in read_profile(tmp_path).prefill] == [p.isl for p in report.prefill]
+
+
+# --- candidates ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("fast", "expected NAME=ARGS"),
+        ("=mock", "expected NAME=ARGS"),
+        ("a/b=mock", "letters, digits"),
+        ("x=", "ARGS is empty"),
+        ("x=sglang --model m", "unknown engine 'sglang'"),
+        ("x=http://127.0.0.1:1 --max-num-seqs 4", "takes no flags"),
+        ("x=ftp://host", "--url must be http"),
+        ("x=vllm --max-num-seqs 4", "needs --model"),
+        ("x=mock --model 'unclosed", "cannot split"),
+    ],
+)
+def test_a_bad_candidate_says_what_is_wrong(spec: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_candidates([spec])
+
+
+def test_candidates_parse_urls_and_engines_and_refuse_a_name_twice() -> None:
+    got = parse_candidates(
+        ["a=http://127.0.0.1:9/", "b=mock --speedup-ratio 20", "c=vllm --model=/m --dtype float"]
+    )
+    assert [(c.name, c.kind, c.args) for c in got] == [
+        ("a", "url", ("http://127.0.0.1:9/",)),
+        ("b", "mock", ("--speedup-ratio", "20")),
+        ("c", "vllm", ("--model=/m", "--dtype", "float")),
+    ]
+    with pytest.raises(ConfigError, match="'a' is given twice"):
+        parse_candidates(["a=mock", "a=mock --speedup-ratio 2"])
+
+
+def test_profile_cli_refuses_url_with_candidates_and_json_with_several(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["profile", "--url", "http://127.0.0.1:9", "--candidate", "a=mock"]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main(["profile", "--candidate", "a=mock", "--candidate", "b=mock", "--json", "-"]) == 2
+    assert "--out DIR" in capsys.readouterr().err
+
+
+def test_candidates_are_started_profiled_stopped_and_planned_among(
+    server: MockServerProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two mocks kvferry starts (one 4x slower to decode), a running one by URL, and one that
+    cannot start: each profiled in turn, the plan picks a fast one, the broken one is reported
+    and the exit status says so."""
+    small = "--max-model-len 2048 --num-blocks 512"
+    out = tmp_path / "cands"
+    rc = main([
+        "profile", "--granularity", "3", "--concurrency-points", "1", "--decode-osl", "6",
+        "--warmup-requests", "1", "--startup-timeout", "60", "--out", str(out),
+        "--candidate", f"fast=mock --speedup-ratio 40 {small}",
+        "--candidate", f"slow=mock --speedup-ratio 10 {small}",
+        "--candidate", f"running={server.url}",
+        "--candidate", "broken=mock --num-blocks 0",
+        "--ttft", "1000", "--itl", "1000", "--quiet",
+    ])  # fmt: skip
+    captured = capsys.readouterr()
+    assert rc == 1, captured.out + captured.err
+    fast, slow, running = (read_profile(out / n) for n in ("fast", "slow", "running"))
+    assert fast.candidate.startswith("fast=mock") and running.candidate == f"running={server.url}"
+    assert fast.max_context == slow.max_context == 2048 and running.max_context == 4096
+    assert len(fast.prefill) == len(slow.prefill) == 3 and fast.decode and slow.decode
+    # same work, a model 4x slower in real time: the plan never picks slow for decode
+    assert slow.decode[0].itl_avg_ms > fast.decode[0].itl_avg_ms
+    broken = read_profile(out / "broken")
+    assert not broken.prefill and "candidate broken" in broken.aborted
+    assert "num_blocks" in broken.aborted  # the mock's own error, quoted
+    assert "error: candidate broken" in captured.err
+    assert "decode: slow" not in captured.out and "SLA met" in captured.out
+    for name in ("fast", "slow", "running", "broken"):
+        assert f"candidate {name}: {name}=" in captured.out
+    # the mocks it started are gone: their ports refuse
+    assert fast.url != slow.url and not _answers(fast.url) and not _answers(slow.url)
+
+
+def _answers(url: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=2):
+            return True
+    except OSError:
+        return False
