@@ -81,6 +81,12 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     sim.add_argument(
         "--sim-requests", type=int, default=100, metavar="N", help="requests per fleet (100)"
     )
+    sim.add_argument(
+        "--all-fleets",
+        action="store_true",
+        help="run every fleet size up to --max-instances, not only up to the first that meets "
+        "the SLA",
+    )
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--quiet", action="store_true", help="no live progress")
     add_wide_option(p)
@@ -132,6 +138,7 @@ def _simulate(args: argparse.Namespace) -> int:
         speedup_ratio=args.speedup_ratio,
         requests=args.sim_requests,
         seed=args.seed,
+        all_fleets=args.all_fleets,
     )
     options.validate()
     plan = plan_from_args([read_profile(args.profile[0])], args, [Path(args.profile[0]).name])

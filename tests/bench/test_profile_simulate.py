@@ -47,7 +47,8 @@ def test_a_generous_sla_is_met_by_one_instance_per_mode(
     profile_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "sim.json"
-    rc = main(_plan(profile_dir, "--ttft", "1e6", "--itl", "1e6", "--json", str(out)))
+    flags = ("--ttft", "1e6", "--itl", "1e6", "--max-instances", "2", "--json", str(out))
+    rc = main(_plan(profile_dir, *flags))
     text = capsys.readouterr().out
     assert rc == 0, text
     report = load_result(json.loads(out.read_text()))
@@ -67,6 +68,15 @@ def test_a_generous_sla_is_met_by_one_instance_per_mode(
     assert report.plan is not None and report.plan.feasible  # the analytic plan, kept beside
     assert "kv: 1 instance(s) meet" in text and "round-robin: 1 instance(s) meet" in text
     assert "simulated fleets: simprofile" in text and "SLA met" in text
+
+    # --all-fleets: every size, though the first meets the SLA
+    flags = ("--ttft", "1e6", "--itl", "1e6", "--router-modes", "round-robin",
+             "--max-instances", "2", "--all-fleets", "--json", "-")  # fmt: skip
+    assert main(_plan(profile_dir, *flags)) == 0
+    every = load_result(json.loads(capsys.readouterr().out))
+    assert isinstance(every, SimulationReport)
+    assert [(r.instances, r.meets) for r in every.runs] == [(1, True), (2, True)]
+    assert every.smallest("round-robin") is every.runs[0]
 
 
 def test_an_sla_no_fleet_meets_tries_every_size_and_says_infeasible(

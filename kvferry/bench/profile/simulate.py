@@ -82,6 +82,9 @@ class SimulateOptions:
     block_size: int = 16
     """Tokens per KV block of the mocks and the router."""
     seed: int = 0
+    all_fleets: bool = False
+    """Run every fleet size up to ``max_instances``, not only up to the first that meets the
+    SLA (to compare each size with measured fleets)."""
     startup_timeout_s: float = 60.0
     request_timeout_s: float = 600.0
 
@@ -419,7 +422,7 @@ def run(
                 )
             if sim.errors:
                 report.notes.append(f"{mode} x {n}: {sim.errors} request(s) failed")
-            if sim.meets:
+            if sim.meets and not options.all_fleets:
                 break
     report.notes.append(
         f"times are the profiled engine's: measured at {s:g}x, minus {report.overhead_ttft_ms:.3g}"
