@@ -188,7 +188,9 @@ def main() -> int:
     ap.add_argument("--itl", type=float, default=50.0, help="SLA: ITL p50 ms (50)")
     ap.add_argument("--requests", type=int, default=60, help="requests per fleet run (60)")
     ap.add_argument("--modes", default="kv,round-robin")
-    ap.add_argument("--speedup-ratio", type=float, default=10.0, help="of the simulation (10)")
+    ap.add_argument(
+        "--speedup-ratio", type=float, default=None, help="of the simulation (default: auto)"
+    )
     ap.add_argument("--workdir", default="", help="keep the profile etc. here (default: temp)")
     ap.add_argument("--json", default="", metavar="FILE")
     args = ap.parse_args()
@@ -274,8 +276,7 @@ def main() -> int:
             f"{args.itl:g}",
             "--sim-requests",
             str(args.requests),
-            "--speedup-ratio",
-            f"{args.speedup_ratio:g}",
+            *(["--speedup-ratio", f"{args.speedup_ratio:g}"] if args.speedup_ratio else []),
             "--json",
             str(sim_json),
             "--quiet",

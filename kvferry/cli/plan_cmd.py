@@ -74,9 +74,10 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     sim.add_argument(
         "--speedup-ratio",
         type=float,
-        default=10.0,
+        default=None,
         metavar="X",
-        help="the mocks run X times faster; times are scaled back (10)",
+        help="the mocks run X times faster; times are scaled back (default: up to 10, as the "
+        "load allows: the router and the client are not sped up)",
     )
     sim.add_argument(
         "--sim-requests", type=int, default=100, metavar="N", help="requests per fleet (100)"
@@ -179,7 +180,7 @@ def simulation_table(report: SimulationReport, *, wide: bool = False) -> FitTabl
     o = report.options
     table = FitTable(
         f"simulated fleets: {report.profile_name} at {o.request_rate:g} requests/s, ISL "
-        f"{o.isl}, OSL {o.osl} ({o.speedup_ratio:g}x, {o.requests} requests each)",
+        f"{o.isl}, OSL {o.osl} ({report.speedup_ratio:g}x, {o.requests} requests each)",
         wide=wide,
         title_justify="left",
     )

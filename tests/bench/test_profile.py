@@ -28,6 +28,7 @@ from kvferry.bench.profile.npz import (
 from kvferry.bench.profile.options import ProfileError, ProfileOptions
 from kvferry.bench.profile.report import DecodePoint, PrefillPoint, ProfileReport
 from kvferry.bench.profile.select import plan
+from kvferry.bench.profile.simulate import SimulateOptions
 from kvferry.bench.result import load_result
 from kvferry.cli.main import main
 from kvferry.errors import ConfigError
@@ -293,6 +294,19 @@ def test_an_engine_killed_mid_profile_keeps_its_points(tmp_path: Path) -> None:
     assert "went away after 2 point(s)" in report.aborted and "kept" in report.aborted
     write_profile(report, tmp_path)
     assert [p.isl for p in read_profile(tmp_path).prefill] == [p.isl for p in report.prefill]
+
+
+def test_the_automatic_speedup_keeps_the_simulated_load_within_the_token_budget() -> None:
+    def speedup(rate: float, isl: int, osl: int, given: float | None = None) -> float:
+        return SimulateOptions(
+            profile="p", ttft_ms=1, itl_ms=1, request_rate=rate, isl=isl, osl=osl,
+            speedup_ratio=given,
+        ).speedup()  # fmt: skip
+
+    assert speedup(20, 1000, 50) == 2  # 60,000 / 21,000 tokens/s = 2.86, whole
+    assert speedup(1, 100, 10) == 10  # at most 10
+    assert speedup(100, 4000, 100) == 1  # never under 1
+    assert speedup(100, 4000, 100, given=25) == 25  # as given
 
 
 # --- candidates ---------------------------------------------------------------------------------

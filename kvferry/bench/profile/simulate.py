@@ -8,11 +8,15 @@ fresh fleet (``kvferry serve mock --profile DIR --speedup-ratio S``, the profile
 and max context) and a fresh router, and ``kvferry bench serve``
 (:func:`kvferry.bench.endpoint.harness.run`) through it: ``requests`` requests of ``isl`` +
 ``osl`` tokens, Poisson arrivals at ``request_rate x S`` (the load in simulated time), unique
-prompts. A mode stops at the first fleet that meets the SLA.
+prompts. A mode stops at the first fleet that meets the SLA (``all_fleets``: it runs every
+size).
 
 Time: the mocks run ``S`` times faster than the profiled engine, so every measured time is
-scaled back by ``S``. What a request spends outside the model (HTTP, the router's hop, the
-client) is not sped up and would be multiplied by ``S`` too; it is measured first (the probe: a
+scaled back by ``S``. The router and the client are not sped up: by default ``S`` is chosen
+for the load (:meth:`SimulateOptions.speedup`, at most 10x), and a run whose ITL falls under
+the model's fastest decode step (tokens bunched by a router or client that fell behind) is
+noted. What a request spends outside the model (HTTP, the router's hop, the client) is not
+sped up and would be multiplied by ``S`` too; it is measured first (the probe: a
 few lone requests through a fleet of one, against the model's own TTFT and ITL of a lone request
 from the same fit) and subtracted before scaling: ``engine ms = (measured ms - overhead) x S``.
 The profile's own times already hold its engine's HTTP time (in the fitted base terms).
@@ -56,6 +60,15 @@ __all__ = [
 MODES = ("kv", "round-robin", "random")
 """The router's modes (``router.mode``)."""
 PROBE_REQUESTS = 5
+MAX_AUTO_SPEEDUP = 10.0
+SIM_TOKENS_PER_S = 60_000.0
+"""Tokens per second (prompt + output, in simulated time) the automatic speed-up keeps the
+load under. The mocks are sped up, the router and the client are not: on this 2-core VM (loaded
+by other work) a KV-mode router held 20 requests/s of 1,000 + 50 tokens at 3x (63,000 tokens/s)
+and fell seconds behind at 10x (210,000), bunching tokens (an ITL p50 of 0.2 ms)."""
+ITL_FLOOR = 0.8
+"""A run whose ITL p50 is under this share of the model's fastest decode step at the load's
+context had its tokens bunched outside the engines: noted as not to be trusted."""
 SYNC_TIMEOUT_S = 10.0
 _SLIP = "kvferry_mock_clock_slip_seconds_total"
 
@@ -75,8 +88,9 @@ class SimulateOptions:
     max_instances: int = 4
     """Fleets of 1 .. this many mocks are tried, per mode."""
     modes: tuple[str, ...] = ("kv", "round-robin")
-    speedup_ratio: float = 10.0
-    """The mocks run this much faster than the profiled engine; times are scaled back."""
+    speedup_ratio: float | None = None
+    """The mocks run this much faster than the profiled engine; times are scaled back. None:
+    :meth:`speedup` picks it for the load."""
     requests: int = 100
     """Requests per run."""
     block_size: int = 16
@@ -114,7 +128,12 @@ class SimulateOptions:
             ("--isl", self.isl, self.isl >= 1, ">= 1"),
             ("--osl", self.osl, self.osl >= 2, ">= 2 (an ITL needs two tokens)"),
             ("--max-instances", self.max_instances, 1 <= self.max_instances <= 64, "1..64"),
-            ("--speedup-ratio", self.speedup_ratio, pos(self.speedup_ratio), "> 0"),
+            (
+                "--speedup-ratio",
+                self.speedup_ratio,
+                self.speedup_ratio is None or pos(self.speedup_ratio),
+                "> 0",
+            ),
             ("--sim-requests", self.requests, self.requests >= 1, ">= 1"),
             ("--block-size", self.block_size, self.block_size >= 1, ">= 1"),
             ("--seed", self.seed, self.seed >= 0, ">= 0"),
@@ -122,6 +141,15 @@ class SimulateOptions:
         for flag, value, ok, valid in checks:
             if not ok:
                 raise ConfigError(f"{flag} must be {valid}, got {value!r}")
+
+    def speedup(self) -> float:
+        """``speedup_ratio``, or when None the most (up to :data:`MAX_AUTO_SPEEDUP`, at least
+        1) that keeps the simulated load's prompt and output tokens within
+        :data:`SIM_TOKENS_PER_S` (the router and the client are not sped up)."""
+        if self.speedup_ratio is not None:
+            return self.speedup_ratio
+        tokens = self.request_rate * (self.isl + self.osl)
+        return max(1.0, min(MAX_AUTO_SPEEDUP, math.floor(SIM_TOKENS_PER_S / tokens)))
 
 
 @dataclass(kw_only=True)
@@ -152,6 +180,8 @@ class SimulationReport(BenchResult):
     tool = "plan"
 
     options: SimulateOptions
+    speedup_ratio: float = 1.0
+    """The speed-up the mocks ran at (``options.speedup_ratio`` or the automatic one)."""
     profile_name: str = ""
     """The profile directory's name (the candidate's, as ``kvferry plan`` names it)."""
     max_kv_tokens: int = 0
@@ -224,7 +254,7 @@ def _fleet(options: SimulateOptions, n: int, mode: str, stack: ExitStack) -> tup
     """``n`` calibrated mocks and a router in front of them; their URLs and the router's."""
     flags = [
         "--profile", options.profile,
-        "--speedup-ratio", f"{options.speedup_ratio:g}",
+        "--speedup-ratio", f"{options.speedup():g}",
         "--block-size", str(options.block_size),
     ]  # fmt: skip
 
@@ -355,7 +385,7 @@ def run(
         plan=plan,
         started_at=time.time(),
     )
-    s = options.speedup_ratio
+    s = report.speedup_ratio = options.speedup()
     total = 1 + len(options.modes) * options.max_instances
     model_ttft, model_itl = _model_lone_request(options)
 
@@ -422,6 +452,13 @@ def run(
                 )
             if sim.errors:
                 report.notes.append(f"{mode} x {n}: {sim.errors} request(s) failed")
+            if sim.itl_p50_ms is not None and sim.itl_p50_ms < ITL_FLOOR * model_itl:
+                report.notes.append(
+                    f"{mode} x {n}: ITL p50 {sim.itl_p50_ms:.3g} ms is under the model's fastest "
+                    f"decode step ({model_itl:.3g} ms): tokens were bunched outside the engines "
+                    f"(the router or the client fell behind at {s:g}x); not to be trusted, "
+                    "lower --speedup-ratio"
+                )
             if sim.meets and not options.all_fleets:
                 break
     report.notes.append(
