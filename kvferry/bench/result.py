@@ -342,6 +342,7 @@ _TOOLS = Registry(
         "tune": "kvferry.bench.tune.report:TuneReport",
         "doctor": "kvferry.bench.doctor.report:DoctorReport",
         "profile": "kvferry.bench.profile.report:ProfileReport",
+        "plan": "kvferry.bench.profile.simulate:SimulationReport",
     },
 )
 

@@ -3,9 +3,12 @@
 Parse flags -> :class:`~kvferry.bench.profile.options.ProfileOptions` ->
 :func:`kvferry.bench.profile.harness.run` (a live bar with an ETA) -> print the points, the fit
 and, with ``--ttft`` and ``--itl``, the plan; write ``--out DIR`` (profile.json, Dynamo's npz
-files, plots when matplotlib is installed) and ``--json FILE``. Exit status: 0; 1 when the
-engine went away mid-profile (the points so far are written) or, with ``--strict``, when the
-SLA is infeasible; 2 for bad input.
+files, plots when matplotlib is installed) and ``--json FILE``. With ``--candidate NAME=ARGS``
+(repeatable) each candidate is profiled in turn (an engine kvferry starts and stops, or a running
+URL: :mod:`kvferry.bench.profile.candidates`), written to ``--out DIR/NAME``, and the plan picks
+among them. Exit status: 0; 1 when an engine went away mid-profile or a candidate did not start
+(the points so far are written) or, with ``--strict``, when the SLA is infeasible; 2 for bad
+input.
 """
 
 from __future__ import annotations
@@ -39,7 +42,26 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "and with --ttft and --itl pick what meets the SLA (as kvferry plan does). Writes "
         "profile.json, Dynamo's raw_data.npz files and plots into --out.",
     )
-    p.add_argument("--url", default="http://127.0.0.1:8000", help="the server's base URL")
+    p.add_argument(
+        "--url", default=None, help="the server's base URL (default http://127.0.0.1:8000)"
+    )
+    p.add_argument(
+        "--candidate",
+        action="append",
+        default=[],
+        metavar="NAME=ARGS",
+        help="profile this engine instead of --url (repeatable; the plan picks among them): "
+        "NAME=http://HOST:PORT (running), NAME=mock [kvferry serve mock flags] or NAME=vllm "
+        "--model DIR [vLLM flags], started, profiled and stopped in turn; --out DIR gets one "
+        "directory per NAME",
+    )
+    p.add_argument(
+        "--startup-timeout",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="seconds a candidate's engine may take to start (default 600)",
+    )
     p.add_argument("--mode", choices=("prefill", "decode", "both"), default="both")
     p.add_argument("--model", default="", help="model name (default: the server's first)")
     p.add_argument("--tokenizer", default="", help="local HF tokenizer (default: words)")
@@ -178,15 +200,27 @@ def plan_from_args(
 
 
 def run(args: argparse.Namespace) -> int:
+    from kvferry.bench.profile.candidates import parse_candidates, profile_candidates
     from kvferry.bench.profile.harness import ProfileProgress
     from kvferry.bench.profile.harness import run as run_profile
-    from kvferry.bench.profile.npz import write_profile
     from kvferry.bench.profile.options import ProfileOptions
 
     if (args.ttft is None) != (args.itl is None):
         raise ConfigError("give --ttft and --itl together (the SLA), or neither")
+    candidates = parse_candidates(args.candidate)
+    if candidates and args.url is not None:
+        raise ConfigError(
+            "give --url or --candidate, not both (a running engine is --candidate NAME=URL)"
+        )
+    if len(candidates) > 1 and args.json:
+        raise ConfigError(
+            "--json writes one profile; with several --candidate use --out DIR (DIR/NAME/"
+            "profile.json per candidate)"
+        )
+    if not (args.startup_timeout > 0):
+        raise ConfigError(f"--startup-timeout must be > 0 s, got {args.startup_timeout!r}")
     options = ProfileOptions(
-        url=args.url,
+        url=args.url or "http://127.0.0.1:8000",
         mode=args.mode,
         model=args.model,
         tokenizer=args.tokenizer,
@@ -206,47 +240,74 @@ def run(args: argparse.Namespace) -> int:
         task = bar.add_task("profile", total=None, stats="")
 
         def progress(p: ProfileProgress) -> None:
-            bar.update(task, total=p.total, completed=p.done, description=p.label)
+            bar.update(task, total=p.total or None, completed=p.done, description=p.label)
 
-        report = run_profile(options, progress)
-    report.command = shlex.join(["kvferry", *getattr(args, "argv", [])])
-    plan = plan_from_args([report], args) if args.ttft is not None else None
+        if candidates:
+            reports = profile_candidates(
+                options, candidates, progress, startup_timeout_s=args.startup_timeout
+            )
+        else:
+            reports = [run_profile(options, progress)]
+    command = shlex.join(["kvferry", *getattr(args, "argv", [])])
+    for report in reports:
+        report.command = command
+    names = [c.name for c in candidates] if candidates else None
+    plan = None
+    if args.ttft is not None and any(r.prefill or r.decode for r in reports):
+        plan = plan_from_args(reports, args, names)
     if args.json == "-":
-        report.write("-")
+        reports[0].write("-")
     else:
-        if report.prefill:
-            print_table(console, prefill_table(report, wide=args.wide))
-            fit = report.prefill_fit()
-            if fit is not None:
-                print(f"TTFT fit (ms): {fit.formula()}  R^2 {fit.r2:.4f}")
-        if report.decode:
-            print_table(console, decode_table(report, wide=args.wide))
-        for s in report.skipped:
-            print(f"skipped {s.mode} {s.label}: {s.reason}")
-        for note in report.notes:
-            print(f"note: {note}")
-        print(
-            f"{len(report.prefill)} prefill + {len(report.decode)} decode points in "
-            f"{report.seconds:.1f} s"
-        )
+        for i, report in enumerate(reports):
+            if names is not None:
+                print(f"candidate {names[i]}: {report.candidate}")
+            _print_profile(console, report, args.wide)
         if plan is not None:
             print_plan(console, plan)
-    if args.out:
-        paths = write_profile(report, args.out)
-        try:
-            from kvferry.bench.profile.plot import write_plots
-
-            paths += write_plots(report, args.out)
-        except MissingDependency as e:
-            print(f"no plots: {e}")
-        if args.json != "-":
-            print(f"out: {args.out} ({', '.join(str(p.relative_to(args.out)) for p in paths)})")
+    for i, report in enumerate(reports):
+        if args.out:
+            out = f"{args.out}/{names[i]}" if names is not None else args.out
+            _write_out(report, out, quiet=args.json == "-")
     if args.json and args.json != "-":
-        report.write(args.json)
+        reports[0].write(args.json)
         print(f"json: {args.json}")
-    if report.aborted:
-        print(f"error: {report.aborted}", file=sys.stderr)
+    failed = [r.aborted for r in reports if r.aborted]
+    for reason in failed:
+        print(f"error: {reason}", file=sys.stderr)
+    if failed:
         return EXIT_FAILED
     if plan is not None and args.strict and not plan.feasible:
         return EXIT_FAILED
     return 0
+
+
+def _print_profile(console: Console, report: ProfileReport, wide: bool) -> None:
+    if report.prefill:
+        print_table(console, prefill_table(report, wide=wide))
+        fit = report.prefill_fit()
+        if fit is not None:
+            print(f"TTFT fit (ms): {fit.formula()}  R^2 {fit.r2:.4f}")
+    if report.decode:
+        print_table(console, decode_table(report, wide=wide))
+    for s in report.skipped:
+        print(f"skipped {s.mode} {s.label}: {s.reason}")
+    for note in report.notes:
+        print(f"note: {note}")
+    print(
+        f"{len(report.prefill)} prefill + {len(report.decode)} decode points in "
+        f"{report.seconds:.1f} s"
+    )
+
+
+def _write_out(report: ProfileReport, out: str, *, quiet: bool) -> None:
+    from kvferry.bench.profile.npz import write_profile
+
+    paths = write_profile(report, out)
+    try:
+        from kvferry.bench.profile.plot import write_plots
+
+        paths += write_plots(report, out)
+    except MissingDependency as e:
+        print(f"no plots: {e}")
+    if not quiet:
+        print(f"out: {out} ({', '.join(str(p.relative_to(out)) for p in paths)})")

@@ -165,7 +165,13 @@ _MOCK_FLAGS: list[tuple[str, str, str]] = [
     ("--max-num-batched-tokens", "mock.max_num_batched_tokens", "tokens per step"),
     ("--max-model-len", "mock.max_model_len", "most tokens of prompt + output (0: KV capacity)"),
     ("--speedup-ratio", "mock.speedup_ratio", "divide every modelled time by this"),
-    ("--profile", "mock.profile", "JSON profile of a real engine to fit the timing to"),
+    (
+        "--profile",
+        "mock.profile",
+        "calibrate from a kvferry profile --out DIR (its TTFT and ITL; its KV capacity and max "
+        "context unless --num-blocks / --max-model-len say otherwise), or a JSON file of step "
+        "samples",
+    ),
     ("--tokenizer", "mock.tokenizer", "local HF tokenizer.json or its directory"),
     (
         "--auth-token",
@@ -311,11 +317,19 @@ class _StopSignals:
 def run_mock(args: argparse.Namespace) -> int:
     import asyncio
 
+    from kvferry.serving.mock.calibrate import is_sla_profile, profile_limits, read_sla_profile
     from kvferry.serving.mock.server import READY, MockServer, describe, serve
 
     flags = {key: getattr(args, key.replace(".", "_")) for _, key, _ in _MOCK_FLAGS}
     names = {key: option for option, key, _ in _MOCK_FLAGS}
     loaded = load_from_args(args, flags, flag_names=names)
+    config = loaded.config.mock
+    if config.profile and is_sla_profile(config.profile):
+        # the profiled engine's limits, unless set (flag, env, file or preset)
+        keep = {
+            k for k in ("num_blocks", "max_model_len") if loaded.sources[f"mock.{k}"] != "default"
+        }
+        config = profile_limits(config, read_sla_profile(config.profile), keep)
 
     def ready(server: MockServer, address: tuple[str, int]) -> None:
         host, port = address
@@ -324,7 +338,7 @@ def run_mock(args: argparse.Namespace) -> int:
             # One unwrapped line: it is a log line, often read by scripts, not a terminal view.
             print(f"mock engine on http://{host}:{port}: {describe(server)}", file=sys.stderr)
 
-    asyncio.run(serve(loaded.config.mock, on_ready=ready))
+    asyncio.run(serve(config, on_ready=ready))
     return 0
 
 

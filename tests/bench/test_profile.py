@@ -6,6 +6,7 @@ mock``: the whole command, a point that times out, an engine killed mid-profile.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from kvferry.bench.profile import decode, prefill
+from kvferry.bench.profile.candidates import parse_candidates
 from kvferry.bench.profile.fit import fit_quadratic, interp_1d, interp_at, interp_grid
 from kvferry.bench.profile.harness import ProfileProgress, run
 from kvferry.bench.profile.npz import (
@@ -27,6 +29,7 @@ from kvferry.bench.profile.npz import (
 from kvferry.bench.profile.options import ProfileError, ProfileOptions
 from kvferry.bench.profile.report import DecodePoint, PrefillPoint, ProfileReport
 from kvferry.bench.profile.select import plan
+from kvferry.bench.profile.simulate import SimulateOptions
 from kvferry.bench.result import load_result
 from kvferry.cli.main import main
 from kvferry.errors import ConfigError
@@ -292,3 +295,106 @@ def test_an_engine_killed_mid_profile_keeps_its_points(tmp_path: Path) -> None:
     assert "went away after 2 point(s)" in report.aborted and "kept" in report.aborted
     write_profile(report, tmp_path)
     assert [p.isl for p in read_profile(tmp_path).prefill] == [p.isl for p in report.prefill]
+
+
+def test_the_automatic_speedup_keeps_the_simulated_load_within_the_token_budget() -> None:
+    def speedup(rate: float, isl: int, osl: int, given: float | None = None) -> float:
+        return SimulateOptions(
+            profile="p", ttft_ms=1, itl_ms=1, request_rate=rate, isl=isl, osl=osl,
+            speedup_ratio=given,
+        ).speedup()  # fmt: skip
+
+    assert speedup(20, 1000, 50) == 2  # 60,000 / 21,000 tokens/s = 2.86, whole
+    assert speedup(1, 100, 10) == 10  # at most 10
+    assert speedup(100, 4000, 100) == 1  # never under 1
+    assert speedup(100, 4000, 100, given=25) == 25  # as given
+
+
+# --- candidates ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("fast", "expected NAME=ARGS"),
+        ("=mock", "expected NAME=ARGS"),
+        ("a/b=mock", "letters, digits"),
+        ("x=", "ARGS is empty"),
+        ("x=sglang --model m", "unknown engine 'sglang'"),
+        ("x=http://127.0.0.1:1 --max-num-seqs 4", "takes no flags"),
+        ("x=ftp://host", "--url must be http"),
+        ("x=vllm --max-num-seqs 4", "needs --model"),
+        ("x=mock --model 'unclosed", "cannot split"),
+    ],
+)
+def test_a_bad_candidate_says_what_is_wrong(spec: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_candidates([spec])
+
+
+def test_candidates_parse_urls_and_engines_and_refuse_a_name_twice() -> None:
+    got = parse_candidates(
+        ["a=http://127.0.0.1:9/", "b=mock --speedup-ratio 20", "c=vllm --model=/m --dtype float"]
+    )
+    assert [(c.name, c.kind, c.args) for c in got] == [
+        ("a", "url", ("http://127.0.0.1:9/",)),
+        ("b", "mock", ("--speedup-ratio", "20")),
+        ("c", "vllm", ("--model=/m", "--dtype", "float")),
+    ]
+    with pytest.raises(ConfigError, match="'a' is given twice"):
+        parse_candidates(["a=mock", "a=mock --speedup-ratio 2"])
+
+
+def test_profile_cli_refuses_url_with_candidates_and_json_with_several(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["profile", "--url", "http://127.0.0.1:9", "--candidate", "a=mock"]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main(["profile", "--candidate", "a=mock", "--candidate", "b=mock", "--json", "-"]) == 2
+    assert "--out DIR" in capsys.readouterr().err
+
+
+def test_candidates_are_started_profiled_stopped_and_planned_among(
+    server: MockServerProcess, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two mocks kvferry starts, a running one by URL, and one that cannot start: each profiled
+    in turn, the plan picks among the candidates by name, the broken one is reported and the
+    exit status says so."""
+    small = "--max-model-len 2048 --num-blocks 512"
+    out = tmp_path / "cands"
+    rc = main([
+        "profile", "--granularity", "3", "--concurrency-points", "1", "--decode-osl", "6",
+        "--warmup-requests", "1", "--startup-timeout", "60", "--out", str(out),
+        "--candidate", f"fast=mock --speedup-ratio 40 {small}",
+        "--candidate", f"slow=mock --speedup-ratio 10 {small}",
+        "--candidate", f"running={server.url}",
+        "--candidate", "broken=mock --num-blocks 0",
+        "--ttft", "1000", "--itl", "1000", "--quiet",
+    ])  # fmt: skip
+    captured = capsys.readouterr()
+    assert rc == 1, captured.out + captured.err
+    fast, slow, running = (read_profile(out / n) for n in ("fast", "slow", "running"))
+    assert fast.candidate.startswith("fast=mock") and running.candidate == f"running={server.url}"
+    assert fast.max_context == slow.max_context == 2048 and running.max_context == 4096
+    assert len(fast.prefill) == len(slow.prefill) == 3 and fast.decode and slow.decode
+    broken = read_profile(out / "broken")
+    assert not broken.prefill and "candidate broken" in broken.aborted
+    assert "num_blocks" in broken.aborted  # the mock's own error, quoted
+    assert "error: candidate broken" in captured.err
+    assert "SLA met" in captured.out
+    assert re.search(r"^prefill: (fast|slow|running) at ISL", captured.out, re.MULTILINE)
+    assert re.search(r"^decode: (fast|slow|running) at ", captured.out, re.MULTILINE)
+    for name in ("fast", "slow", "running", "broken"):
+        assert f"candidate {name}: {name}=" in captured.out
+    # the mocks it started are gone: their ports refuse
+    assert fast.url != slow.url and not _answers(fast.url) and not _answers(slow.url)
+
+
+def _answers(url: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=2):
+            return True
+    except OSError:
+        return False

@@ -79,8 +79,10 @@ class ProfileReport(BenchResult):
     decode: list[DecodePoint] = field(default_factory=list)
     skipped: list[SkippedPoint] = field(default_factory=list)
     aborted: str = ""
-    """Non-empty when the profile stopped early (the engine went away): why. The points before
-    are kept."""
+    """Non-empty when the profile stopped early (the engine went away, or a candidate's engine
+    did not start): why. The points before are kept."""
+    candidate: str = ""
+    """The ``--candidate NAME=ARGS`` it profiled; empty for ``--url``."""
 
     @property
     def name(self) -> str:

@@ -39,6 +39,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 from array import array
 from collections import deque
 from collections.abc import AsyncGenerator
@@ -54,7 +55,14 @@ from kvferry.serving.mock.clock import StepClock
 from kvferry.serving.mock.timing import TimingModel
 from kvferry.serving.mock.tokenizer import MockTokenizer
 
-__all__ = ["EngineCounters", "MockEngine", "MockRequest", "SamplingParams", "TokenOut"]
+__all__ = [
+    "EngineCounters",
+    "MockEngine",
+    "MockRequest",
+    "SamplingParams",
+    "StepWork",
+    "TokenOut",
+]
 
 log = logging.getLogger("kvferry.serving.mock.scheduler")
 
@@ -168,6 +176,18 @@ class MockRequest:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_ids)
+
+
+@dataclass(frozen=True)
+class StepWork:
+    """What one step computed: the timing model's inputs (:class:`TimingModel.step_ms`)."""
+
+    chunks: tuple[tuple[int, int], ...]
+    """``(new_tokens, prior_tokens)`` of each prefill chunk."""
+    batch: int
+    """Requests decoding one token."""
+    context_tokens: int
+    """Their tokens in all."""
 
 
 @dataclass
@@ -335,6 +355,22 @@ class MockEngine:
         """Make :meth:`run` return after the current step; later submissions fail."""
         self._stopping = True
         self._wake.set()
+
+    def dry_step(self) -> StepWork | None:
+        """Schedule the next step and complete it at once, with no clock and every submitted
+        request taken as arrived: a dry run of this scheduler, so that
+        :mod:`kvferry.serving.mock.calibrate` knows which steps a request's TTFT and ITL span.
+        None when nothing is left to run. Not for a running engine (:meth:`run` owns it)."""
+        step = self._schedule(math.inf)
+        if step is None:
+            return None
+        work = StepWork(
+            tuple((n, r.prefill_pos) for r, n in step.prefill),
+            len(step.decode),
+            sum(len(r.tokens) for r, _ in step.decode),
+        )
+        self._complete(step)
+        return work
 
     def _schedule(self, start: float) -> _Step | None:
         """The next step, starting at model time ``start``: requests that arrived after it

@@ -116,6 +116,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 
 from kvferry.config.models import MockConfig
 from kvferry.serving.http_front import HttpFront, connections_closed, decode_json, listen, off_loop
+from kvferry.serving.mock.calibrate import fit_sla_profile, is_sla_profile, read_sla_profile
 from kvferry.serving.mock.kv_events import SUBSCRIBER_QUEUE, EventHub, sse
 from kvferry.serving.mock.openai_api import (
     CompletionFormatter,
@@ -158,14 +159,18 @@ _PATHS: Final = frozenset(
 
 def build_engine(config: MockConfig) -> MockEngine:
     """The engine a ``mock`` config describes: its tokenizer, and its timing model (fitted to
-    ``config.profile`` when set, for the kinds of samples the profile holds).
+    ``config.profile`` when set: a ``kvferry profile`` directory, calibrated by
+    :mod:`kvferry.serving.mock.calibrate`, or a JSON file of step samples, for the kinds of
+    samples it holds).
 
     Raises:
         ConfigError: the profile or tokenizer cannot be loaded or fitted.
         MissingDependency: ``config.tokenizer`` is set and ``tokenizers`` is not installed.
     """
     timing = TimingModel.from_config(config)
-    if config.profile:
+    if config.profile and is_sla_profile(config.profile):
+        timing = fit_sla_profile(read_sla_profile(config.profile), config, base=timing)
+    elif config.profile:
         timing = fit_profile(load_profile(config.profile), base=timing)
     tokenizer = load_tokenizer(config.tokenizer, config.vocab_size)
     return MockEngine(config, tokenizer, timing)

@@ -48,7 +48,14 @@ from kvferry.errors import ConfigError
 if TYPE_CHECKING:
     from kvferry.config.models import MockConfig
 
-__all__ = ["ProfileSample", "TimingModel", "fit_profile", "load_profile", "parse_profile"]
+__all__ = [
+    "ProfileSample",
+    "TimingModel",
+    "fit_profile",
+    "load_profile",
+    "nonneg_lstsq",
+    "parse_profile",
+]
 
 
 @dataclass(frozen=True)
@@ -293,7 +300,7 @@ def fit_profile(
         rows = [[1.0, s.tokens, s.tokens * (s.cached_tokens + s.tokens)] for s in prefill]
         # Without a third distinct size a, b and c are not all determined: fit a and b only.
         use = (0, 1, 2) if len(sizes) >= 3 else (0, 1)
-        a, b, c = _nonneg_lstsq(rows, [s.ms for s in prefill], use)
+        a, b, c = nonneg_lstsq(rows, [s.ms for s in prefill], use)
         model = replace(model, prefill_base_ms=a, prefill_per_token_ms=b, prefill_quadratic_ms=c)
     if decode:
         rows = [[1.0, s.batch, s.context_tokens] for s in decode]
@@ -304,7 +311,7 @@ def fit_profile(
                 f"context per sequence); got {len(decode)} sample(s) with batches "
                 f"{sorted({s.batch for s in decode})}"
             )
-        d, e, f = _nonneg_lstsq(rows, [s.ms for s in decode], (0, 1, 2))
+        d, e, f = nonneg_lstsq(rows, [s.ms for s in decode], (0, 1, 2))
         model = replace(model, decode_base_ms=d, decode_per_seq_ms=e, decode_per_context_token_ms=f)
     return model
 
@@ -315,10 +322,11 @@ def _rank(rows: list[list[float]]) -> int:
     return int(np.linalg.matrix_rank(np.asarray(rows, dtype=np.float64)))
 
 
-def _nonneg_lstsq(
+def nonneg_lstsq(
     rows: list[list[float]], ms: list[float], use: tuple[int, ...]
-) -> tuple[float, float, float]:
-    """Least squares over the columns ``use`` with every coefficient >= 0.
+) -> tuple[float, ...]:
+    """Least squares over the columns ``use`` with every coefficient >= 0 (the other columns'
+    coefficients are 0); one coefficient per column.
 
     Exact for these tiny problems: every subset of the columns is solved unconstrained and the
     best subset whose solution is non-negative wins (an NNLS optimum is the unconstrained
@@ -347,4 +355,4 @@ def _nonneg_lstsq(
     if best is None:  # every subset negative: only when every ms is <= 0, which parse rejects
         raise ConfigError("timing profile: no non-negative fit exists for these samples")
     out = best[1] / norms
-    return float(out[0]), float(out[1]), float(out[2])
+    return tuple(float(v) for v in out)
