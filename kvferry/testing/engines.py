@@ -75,11 +75,15 @@ class VllmServer:
     max_model_len: int = 4096
     dtype: str = "float32"
     port: int = 0
+    host: str = "127.0.0.1"
+    """Where the HTTP server binds; in a network namespace, give that namespace's address."""
+    netns: str = ""
+    """Run inside this network namespace (``ip netns exec NAME ...``); empty: this one."""
     child: Child | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     @property
     def log_path(self) -> Path:
@@ -107,7 +111,7 @@ class VllmServer:
             "--served-model-name",
             SERVED_NAME,
             "--host",
-            "127.0.0.1",
+            self.host,
             "--port",
             str(self.port),
             "--max-model-len",
@@ -118,6 +122,8 @@ class VllmServer:
         ]
         if self.kv_transfer_config is not None:
             cmd += ["--kv-transfer-config", self.kv_transfer_config]
+        if self.netns:
+            cmd = ["ip", "netns", "exec", self.netns, *cmd]
         self.child = Child(cmd, what="vLLM", output="log", log=self.log_path, env=env)
         return self
 
