@@ -18,6 +18,7 @@ instance shares the same two cores, so P/D cannot show its real benefit (separat
 prefill and decode); the table says what it costs and how the hand-off performs.
 
     .venv/bin/python benchmarks/pd_serve.py --json benchmarks/results/pd_serve.json
+    .venv/bin/python benchmarks/pd_serve.py --pin --json benchmarks/results/pd_serve_pinned.json
     .venv/bin/python benchmarks/pd_serve.py --modes agg-1,pd-direct --requests 10   # quick
 """
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -124,6 +126,13 @@ def run_mode(
                 for i, c in enumerate(configs)
             ]
         every = [s for group in servers.values() for s in group]
+        if args.pin and len(every) > 1:
+            # One core per instance, as on separate machines (vLLM's CPU workers otherwise
+            # each run an OpenMP team over every core, and the teams spin against each other).
+            cores = sorted(os.sched_getaffinity(0))
+            for i, s in enumerate(every):
+                core = cores[i % len(cores)]
+                s.env.update(VLLM_CPU_OMP_THREADS_BIND=str(core), OMP_NUM_THREADS="1")
         for s in every:
             s.start()
         router: RouterProcess | None = None
@@ -225,6 +234,11 @@ def main() -> int:
     parser.add_argument("--max-in-flight", type=int, default=16)
     parser.add_argument("--requests", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="give each instance of a multi-instance mode its own core (one instance: all)",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     modes = [m for m in args.modes.split(",") if m]

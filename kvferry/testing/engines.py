@@ -79,6 +79,8 @@ class VllmServer:
     """Where the HTTP server binds; in a network namespace, give that namespace's address."""
     netns: str = ""
     """Run inside this network namespace (``ip netns exec NAME ...``); empty: this one."""
+    env: dict[str, str] = field(default_factory=dict)
+    """More environment for the server (e.g. ``VLLM_CPU_OMP_THREADS_BIND`` to pin it)."""
     child: Child | None = None
 
     @property
@@ -102,6 +104,7 @@ class VllmServer:
             VLLM_NO_USAGE_STATS="1",
             DO_NOT_TRACK="1",
         )
+        env.update(self.env)
         cmd = [
             sys.executable,
             "-m",

@@ -455,15 +455,7 @@ class RouterServer:
         """
         if self._session is None:
             raise HttpError(503, "the router is shutting down")
-        stats = worker.stats
-        stats.requests += 1
-        stats.prompt_blocks += len(hashes)
-        stats.hit_blocks += overlap
-        now = asyncio.get_running_loop().time()
-        ttl = self.config.approx_ttl if worker.kv_source == "approx" else PREDICTION_GRACE_S
-        self.index.store(worker.url, hashes, until=now + ttl)
-        rid = next(self._ids)
-        self.load.start(rid, worker.url, hashes, prompt_tokens)
+        rid = self._sent(worker, hashes, prompt_tokens, overlap)
         try:
             async with self._session.post(
                 worker.url + http.path, data=raw, headers=self._upstream_headers
@@ -537,6 +529,22 @@ class RouterServer:
             )
         raise HttpError(502, f"the request failed on {len(failures)} workers{detail}")
 
+    def _sent(
+        self, worker: Worker, hashes: Sequence[bytes], prompt_tokens: int, overlap: int
+    ) -> int:
+        """Count a request sent to ``worker``, record its blocks as predicted there, and start
+        its load; its load id (``self.load.finish`` it)."""
+        stats = worker.stats
+        stats.requests += 1
+        stats.prompt_blocks += len(hashes)
+        stats.hit_blocks += overlap
+        now = asyncio.get_running_loop().time()
+        ttl = self.config.approx_ttl if worker.kv_source == "approx" else PREDICTION_GRACE_S
+        self.index.store(worker.url, hashes, until=now + ttl)
+        rid = next(self._ids)
+        self.load.start(rid, worker.url, hashes, prompt_tokens)
+        return rid
+
     async def _forward(
         self,
         http: web.Request,
@@ -551,15 +559,7 @@ class RouterServer:
         Raises:
             _Failed: the worker failed before its response started (retry elsewhere).
         """
-        stats = worker.stats
-        stats.requests += 1
-        stats.prompt_blocks += len(hashes)
-        stats.hit_blocks += overlap
-        now = asyncio.get_running_loop().time()
-        ttl = self.config.approx_ttl if worker.kv_source == "approx" else PREDICTION_GRACE_S
-        self.index.store(worker.url, hashes, until=now + ttl)
-        rid = next(self._ids)
-        self.load.start(rid, worker.url, hashes, prompt_tokens)
+        rid = self._sent(worker, hashes, prompt_tokens, overlap)
         try:
             return await self._proxy(http, worker, raw, rid)
         finally:
