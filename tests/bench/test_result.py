@@ -55,6 +55,7 @@ SCRIPT_OUTPUTS = {
     "issue21_hitrate_ab_store.json": "hitrate_speed.py",
     "mooncake_store_baseline.json": "mooncake_store_baseline.py",
     "pd_serve.json": "pd_serve.py",
+    "pd_serve_pinned.json": "pd_serve.py",
     "placement_hitrate.json": "placement_hitrate.py",
     "store_memory.json": "store_memory.py",
     "store_memory_10min.json": "store_memory.py",
