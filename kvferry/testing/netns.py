@@ -5,7 +5,8 @@ address ``host_ip``, and :meth:`NetLab.add` makes a network namespace per "host"
 bridge by a veth pair: one end inside the namespace with the namespace's ``ip`` (and ``lo`` up),
 the other end on the bridge. So the test process and every namespace reach each other by tcp over
 real interfaces (a veth, a bridge, the kernel's whole IP stack), not over loopback, and a server
-in a namespace that is killed, delayed (``tc netem``) or cut off behaves as a remote one would::
+in a namespace that is killed, delayed (``tc netem``), held to a line rate (``tc tbf``) or cut off
+behaves as a remote one would::
 
     with NetLab() as lab:
         a = lab.add("a")
@@ -143,11 +144,12 @@ class Netns:
         ip: its address on the lab's bridge.
     """
 
-    def __init__(self, lab: NetLab, name: str, ip: str, device: str) -> None:
+    def __init__(self, lab: NetLab, name: str, ip: str, device: str, host_device: str) -> None:
         self.name = name
         self.ip = ip
         self._lab = lab
         self._device = device  # the veth end inside the namespace
+        self._host_device = host_device  # its peer on the bridge, in the root namespace
 
     def __repr__(self) -> str:
         return f"Netns({self.name!r}, ip={self.ip!r})"
@@ -190,6 +192,35 @@ class Netns:
             raise RuntimeError(f"cannot set a delay or loss on {self.name}: {why}")
         shape = ["delay", f"{delay_ms}ms", "loss", f"{loss_pct}%"]
         _cmd([*tc, "replace", "dev", self._device, "root", "netem", *shape])
+
+    def set_rate(self, bits_per_s: int) -> None:
+        """Limit this "host's" link to ``bits_per_s`` each way (a NIC's line rate), with a
+        ``tc tbf`` qdisc on both ends of its veth pair (egress of the namespace's end: what it
+        sends; egress of the bridge's end: what it receives); 0 removes the limit.
+
+        A machine's namespaces share its CPUs, so without a limit a "host" is as fast as the
+        whole machine's memory copies; with one, each host has its own bottleneck as separate
+        machines do, and what several hosts give together is what the links give.
+
+        Raises:
+            ValueError: a negative rate, or a positive one under 1 Mbit/s.
+            RuntimeError: tc failed (its message).
+        """
+        if bits_per_s < 0 or 0 < bits_per_s < 1_000_000:
+            raise ValueError(f"a link rate is 0 (none) or at least 1 Mbit/s, got {bits_per_s}")
+        ends = [
+            ["ip", "netns", "exec", self.name, "tc", "qdisc", "%s", "dev", self._device],
+            ["tc", "qdisc", "%s", "dev", self._host_device],
+        ]
+        for argv in ends:
+            if bits_per_s == 0:
+                _cmd([a if a != "%s" else "del" for a in argv] + ["root"], check=False)
+                continue
+            # The bucket holds 4 ms of the rate and at least 256 KiB: veth sends 64 KiB GSO
+            # packets, and a packet larger than the bucket would never pass.
+            burst = max(bits_per_s // 8 // 250, 256 << 10)
+            shape = ["root", "tbf", "rate", f"{bits_per_s}bit", "burst", str(burst)]
+            _cmd([a if a != "%s" else "replace" for a in argv] + [*shape, "latency", "50ms"])
 
 
 class NetLab:
@@ -239,7 +270,9 @@ class NetLab:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def add(self, name: str, *, delay_ms: float = 0.0, loss_pct: float = 0.0) -> Netns:
+    def add(
+        self, name: str, *, delay_ms: float = 0.0, loss_pct: float = 0.0, rate_bps: int = 0
+    ) -> Netns:
         """A new namespace on the bridge, with the next free address of the subnet.
 
         Args:
@@ -247,6 +280,7 @@ class NetLab:
                 lab's tag to it.
             delay_ms, loss_pct: a ``tc netem`` delay and loss on its packets (see
                 :meth:`Netns.set_netem`); 0 sets none.
+            rate_bps: its link's rate each way, bits/s (see :meth:`Netns.set_rate`); 0: none.
 
         Raises:
             ValueError: a bad name, or the subnet is full.
@@ -264,7 +298,7 @@ class NetLab:
         ns_name = f"{self._ns_prefix}-{name}"
         host_end, ns_end = f"kvf{self._tag}h{i}", f"kvf{self._tag}n{i}"
         _ip("netns", "add", ns_name)
-        ns = Netns(self, ns_name, ip, ns_end)
+        ns = Netns(self, ns_name, ip, ns_end, host_end)
         self.namespaces.append(ns)  # from here on, close() removes it
         self._links.append(host_end)
         _ip("link", "add", host_end, "type", "veth", "peer", "name", ns_end, "netns", ns_name)
@@ -274,6 +308,8 @@ class NetLab:
         _ip("-n", ns_name, "link", "set", "lo", "up")
         if delay_ms or loss_pct:
             ns.set_netem(delay_ms, loss_pct)
+        if rate_bps:
+            ns.set_rate(rate_bps)
         return ns
 
     def close(self) -> None:

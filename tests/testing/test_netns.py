@@ -5,8 +5,11 @@ Needs root and iproute2 (CI has both); elsewhere each test skips with the harnes
 
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -66,7 +69,7 @@ def test_a_store_server_in_a_namespace_is_reached_over_tcp(lab: NetLab) -> None:
             outs = [memoryview(bytearray(SLOT)) for _ in keys]
             assert view.get(keys, outs) == [SLOT] * 64
             assert [bytes(o) for o in outs] == vals
-            assert view._mapping(server.address) is None, "tcp, not the server's shm pool"
+            assert view._wire.mapping(server.address) is None, "tcp, not the server's shm pool"
         finally:
             view.close()
         # Another namespace reaches it over the bridge too (namespace to namespace).
@@ -128,3 +131,57 @@ def test_netem_delay_and_loss(lab: NetLab) -> None:
     delayed = lab.add("delayed", delay_ms=5)
     shown = delayed.run(["tc", "qdisc", "show"], capture_output=True, text=True).stdout
     assert "delay 5" in shown
+
+
+def _tbf_sent(shown: str) -> int:
+    """Bytes the tbf qdisc in ``tc -s qdisc show`` output has sent (-1: no tbf)."""
+    lines = shown.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("qdisc tbf"):
+            return int(lines[i + 1].split()[1])  # " Sent N bytes M pkt ..."
+    return -1
+
+
+def test_a_link_rate_shapes_both_directions(lab: NetLab) -> None:
+    ns = lab.add("nic", rate_bps=200_000_000)
+    shown = ns.run(["tc", "qdisc", "show"], capture_output=True, text=True, check=True).stdout
+    assert "tbf" in shown and "rate 200Mbit" in shown
+    # 2 MB from the namespace to this process, over the shaped link: both tbf qdiscs pass it
+    # (the data one way, the acks the other).
+    port = 47000 + os.getpid() % 1000
+    code = (
+        f"import socket;s=socket.create_server(({ns.ip!r},{port}));c,_=s.accept();"
+        "c.sendall(b'x'*2_000_000);c.close()"
+    )
+    sender = ns.popen([sys.executable, "-c", code])
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            conn = socket.create_connection((ns.ip, port), timeout=5)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    got = 0
+    with conn:
+        while chunk := conn.recv(1 << 16):
+            got += len(chunk)
+    sender.wait(timeout=10)
+    assert got == 2_000_000
+    inside = ns.run(
+        ["tc", "-s", "qdisc", "show", "dev", ns._device], capture_output=True, text=True, check=True
+    ).stdout
+    outside = subprocess.run(
+        ["tc", "-s", "qdisc", "show", "dev", ns._host_device],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert _tbf_sent(inside) >= 2_000_000
+    assert _tbf_sent(outside) > 0
+    ns.set_rate(0)
+    shown = ns.run(["tc", "qdisc", "show"], capture_output=True, text=True, check=True).stdout
+    assert "tbf" not in shown
+    with pytest.raises(ValueError, match="1 Mbit"):
+        ns.set_rate(1000)
