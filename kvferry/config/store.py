@@ -276,6 +276,15 @@ class ServerTierConfig(ConfigModel):
         description="Servers each block is written to (the next ones on the ring); reads ask "
         "them in order. 2 = losing one server loses no block.",
     )
+    fanout: int = Field(
+        8,
+        ge=1,
+        le=256,
+        description="Servers one call asks at once: a batch whose blocks live on several "
+        "servers asks them in parallel (its own thread does one share, a pool of fanout - 1 "
+        "threads the others), so it takes as long as the slowest share, not their sum. "
+        "1 = one after another.",
+    )
     transport: Literal["auto", "tcp"] = Field(
         "auto",
         description="auto: copy block bytes through shared memory when the server is on this "

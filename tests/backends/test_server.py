@@ -98,12 +98,12 @@ def test_shm_path_is_used_on_the_same_host(servers: Callable[..., ServerProcess]
     server = servers()
     tier = client(server.address)
     try:
-        assert tier._mapping(server.address) is not None
+        assert tier._wire.mapping(server.address) is not None
         tier.put([key(1)], [value(1, SLOT)])
         out = memoryview(bytearray(SLOT))
         assert tier.get([key(1)], [out]) == [SLOT] and bytes(out) == value(1, SLOT)
         tcp = client(server.address, transport="tcp")
-        assert tcp._mapping(server.address) is None
+        assert tcp._wire.mapping(server.address) is None
         out2 = memoryview(bytearray(SLOT))
         assert tcp.get([key(1)], [out2]) == [SLOT] and bytes(out2) == value(1, SLOT)
         tcp.close()

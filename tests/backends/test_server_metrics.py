@@ -114,7 +114,7 @@ def test_tcp_clients_puts_presence_checks_and_gets_count_as_store_traffic(server
 def test_shared_memory_clients_reserve_and_locate_count_as_store_traffic(server: Server) -> None:
     tier = server.client("auto")
     try:
-        assert tier._mapping(server.address) is not None, "same host: the shm path"
+        assert tier._wire.mapping(server.address) is not None, "same host: the shm path"
         ks = [key(i, 2) for i in range(5)]
         assert tier.put(ks, [value(i, SLOT) for i in range(5)]) == [PutStatus.STORED] * 5
         asked = [*ks, key(100, 2)]

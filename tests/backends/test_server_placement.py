@@ -7,6 +7,7 @@ placement says survives, computed from the same ring.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -90,13 +91,14 @@ def servers() -> Iterator[Callable[[int], list[StoreServerProcess]]]:
         s.kill()
 
 
-def tier(addresses: list[str], chunk_blocks: int, replicas: int = 1) -> ServerTier:
+def tier(addresses: list[str], chunk_blocks: int, replicas: int = 1, fanout: int = 8) -> ServerTier:
     cfg = ServerTierConfig(
         addresses=addresses,
         chunk_blocks=chunk_blocks,
         replicas=replicas,
         transport="tcp",
         timeout=2.0,
+        fanout=fanout,
     )
     return ServerTier(cfg, TierContext(slot_size=SLOT))
 
@@ -226,3 +228,40 @@ def test_bad_placement_config_is_refused_clearly() -> None:
         flags={"server.replicas": "3", "server.membership_url": "redis://x:1/0"}, environ={}
     )
     assert ok.config.server.replicas == 3
+
+
+def test_a_batch_over_several_servers_asks_them_in_parallel_with_the_same_answers(
+    servers: Callable[[int], list[StoreServerProcess]],
+) -> None:
+    procs = servers(3)
+    addrs = [s.address for s in procs]
+    ks = [key(700_000 + i) for i in range(300)]
+    vals = [value(700_000 + i, 512) for i in range(300)]
+    # chunk_blocks=1: every block by its own key, so each call spans all three servers.
+    fanned, serial = tier(addrs, 1), tier(addrs, 1, fanout=1)
+    try:
+        assert fanned.put(ks[:150], vals[:150]) == [PutStatus.STORED] * 150
+        assert serial.put(ks[150:], vals[150:]) == [PutStatus.STORED] * 150
+        for t in (fanned, serial):
+            outs = [memoryview(bytearray(SLOT)) for _ in ks]
+            assert t.get(ks, outs) == [512] * 300
+            assert all(bytes(o[:512]) == v for o, v in zip(outs, vals))
+            assert t.contains([*ks, key(1)]) == [True] * 300 + [False]
+        # The caller's mistake in one server's share is raised, whichever thread asked it.
+        small = [memoryview(bytearray(SLOT)) for _ in ks[:-1]] + [memoryview(bytearray(8))]
+        with pytest.raises(ValueError, match="smaller"):
+            fanned.get(ks, small)
+        # A frozen server (SIGSTOP: connections accepted, never answered) costs its own share
+        # only: the others' blocks come back, and it is marked down.
+        on_frozen = set(fanned._ring.split(ks)[addrs[0]])
+        procs[0].proc.send_signal(signal.SIGSTOP)  # type: ignore[union-attr]
+        outs = [memoryview(bytearray(SLOT)) for _ in ks]
+        got = fanned.get(ks, outs)
+        assert fanned.down_members() == [addrs[0]]
+        live = [i for i in range(300) if i not in on_frozen]
+        assert on_frozen and live
+        assert all(got[i] == 512 and bytes(outs[i][:512]) == vals[i] for i in live)
+    finally:
+        procs[0].proc.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
+        fanned.close()
+        serial.close()

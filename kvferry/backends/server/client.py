@@ -6,7 +6,8 @@ Blocks are spread over the servers by consistent hashing (``ring``), by prefix c
 ``server.addresses`` and from the leases the servers keep in Redis (``server.membership_url``,
 ``membership``), re-read every ``server.membership_poll`` seconds by a watcher thread, so a
 tier call never waits on Redis. Each thread keeps one connection per server (a call is one
-request/reply on it).
+request/reply on it). A call whose blocks live on several servers asks them in parallel
+(``server.fanout``), so it takes as long as its slowest share.
 
 Failure is partial. A call that fails on the wire (refused, reset, timed out after
 ``server.timeout``) marks that server down at once: the ring is rebuilt without it, so the very
@@ -33,19 +34,18 @@ copied out of the shared pool (same host) are checked against it, and a block th
 is a miss, counted (``corrupt``), and reported to the server with CHECK so that it re-checks and
 drops it. A put through the shared pool declares each block's checksum at COMMIT.
 
-Any socket failure closes that connection (a half-read reply must never be parsed as the next
-one); the next call to that server reconnects.
+Connections, framing and same-host mappings are ``conns``'s: any socket failure closes that
+connection (a half-read reply must never be parsed as the next one) and the next call reconnects.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
-import socket
 import threading
 import weakref
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from kvferry.backends.base import (
@@ -58,16 +58,20 @@ from kvferry.backends.base import (
     block_checksum,
 )
 from kvferry.backends.server import protocol as p
+from kvferry.backends.server.conns import (
+    Connections,
+    ServerRefused,
+    Unreachable,
+    parse_address,
+)
 from kvferry.backends.server.membership import read_members
 from kvferry.backends.server.placement import Placement
 from kvferry.backends.server.ring import HashRing
 from kvferry.config.models import ServerTierConfig
-from kvferry.errors import ConfigError, KvferryError, PeerClosed, StorageError
+from kvferry.errors import ConfigError, KvferryError, StorageError
 from kvferry.observe.logs import RateLimitedLog
-from kvferry.transfer import handshake, wire
-from kvferry.transfer.host import boot_id as _boot_id
+from kvferry.transfer import handshake
 from kvferry.transfer.memory import PeerMapping
-from kvferry.transfer.segment import PeerInfo
 
 log = logging.getLogger("kvferry.backends.server")
 _corrupt_log = RateLimitedLog(log)
@@ -80,17 +84,6 @@ _RANK = {PutStatus.NO_SPACE: 0, PutStatus.REJECTED: 1, PutStatus.EXISTS: 2, PutS
 """Which of a block's replica answers is its status: the best (one stored copy is readable)."""
 
 
-class _Conn:
-    __slots__ = ("peer", "sock", "used")
-
-    def __init__(self, sock: socket.socket, peer: PeerInfo) -> None:
-        self.sock = sock
-        self.peer = peer
-        self.used = False
-        """A call has completed on it: it may since have been closed by the server's idle
-        timeout, and a call that finds it so is retried once on a fresh connection."""
-
-
 class ServerTier(Tier):
     """Client of one or more store servers; see the module docstring."""
 
@@ -101,13 +94,9 @@ class ServerTier(Tier):
     def __init__(self, config: ServerTierConfig, context: TierContext) -> None:
         super().__init__(config, context)
         self.cfg = config
-        self._token = config.auth_token.get_secret_value() if config.auth_token else None
-        self._local = threading.local()
+        token = config.auth_token.get_secret_value() if config.auth_token else None
+        self._wire = Connections(token, config.timeout, shm=config.transport == "auto")
         self._lock = threading.Lock()
-        self._conns: set[_Conn] = set()
-        self._maps: dict[tuple[str, int], PeerMapping] = {}
-        self._boot = _boot_id()
-        self._req_ids = itertools.count(1)
         self._closed = False
         self._corrupt = 0
         self._down_misses = 0
@@ -120,6 +109,7 @@ class ServerTier(Tier):
         self._down: dict[str, str | None] = {}  # member -> its instance id when marked down
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
+        self._pool: ThreadPoolExecutor | None = None
         self._placement = Placement(config.chunk_blocks, config.replicas)
         self._ring = self._set_members(self._read_members())
         if self.cfg.membership_url:
@@ -144,7 +134,7 @@ class ServerTier(Tier):
                 "server.membership_url where servers register"
             )
         for m in members:
-            _parse_address(m)
+            parse_address(m)
         return members
 
     def _set_members(self, members: dict[str, str]) -> HashRing:
@@ -235,7 +225,7 @@ class ServerTier(Tier):
             if self._stop.is_set():
                 return
             try:
-                sock, _peer = self._open(member)
+                sock, _peer = self._wire.open(member)
             except StorageError:
                 continue
             sock.close()
@@ -259,27 +249,65 @@ class ServerTier(Tier):
         failed: list[int] = []
         first: StorageError | None = None
         downed = False
-        for member, idx in shares.items():
-            try:
-                answered.append((member, idx, call(member, idx)))
-            except _Unreachable as e:
-                self._mark_down(member, e)
+        bug: BaseException | None = None
+        for member, idx, outcome in self._fan(shares, call):
+            if isinstance(outcome, Unreachable):
+                self._mark_down(member, outcome)
                 downed = True
-                first = first or e
+                first = first or outcome
                 failed.extend(idx)
-            except StorageError as e:
-                _member_log.warning("err", "server tier: %s", e)
-                first = first or e
+            elif isinstance(outcome, StorageError):
+                _member_log.warning("err", "server tier: %s", outcome)
+                first = first or outcome
                 failed.extend(idx)
+            elif isinstance(outcome, BaseException):
+                bug = bug or outcome  # the caller's buffers (ValueError), or a bug: raised
             else:
+                answered.append((member, idx, outcome))
                 if member in self._down:
                     self._mark_up(member)  # asked because no member was live: it answered
+        if bug is not None:
+            raise bug
         if failed:
             with self._lock:
                 self._member_failures += 1
         if first is not None and not answered and not (downed and self._live()):
             raise StorageError(str(first)) from first
         return answered, failed
+
+    def _fan(
+        self, shares: dict[str, list[int]], call: Callable[[str, list[int]], _T]
+    ) -> list[tuple[str, list[int], _T | BaseException]]:
+        """``call(member, indexes)`` for every share, at most ``server.fanout`` at once: this
+        thread does the first share while the pool does the others (each pool thread keeps its
+        own connections, as every thread does). Each outcome is the result or the exception."""
+
+        def one(member: str, idx: list[int]) -> _T | BaseException:
+            try:
+                return call(member, idx)
+            except Exception as e:  # sorted out by _each, which knows what each kind means
+                return e
+
+        items = list(shares.items())
+        pool = self._fan_pool() if len(items) > 1 else None
+        if pool is None:
+            return [(m, idx, one(m, idx)) for m, idx in items]
+        futures = [pool.submit(one, m, idx) for m, idx in items[1:]]
+        head = one(*items[0])
+        return [(items[0][0], items[0][1], head)] + [
+            (m, idx, f.result()) for (m, idx), f in zip(items[1:], futures)
+        ]
+
+    def _fan_pool(self) -> ThreadPoolExecutor | None:
+        """The fan-out pool (made on first use), or None when calls go one after another."""
+        if self.cfg.fanout <= 1:
+            return None
+        with self._lock:
+            if self._pool is None and not self._closed:
+                self._pool = ThreadPoolExecutor(
+                    self.cfg.fanout - 1, thread_name_prefix="kvferry-server-fanout"
+                )
+            return self._pool
 
     def _skip(self) -> set[str]:
         """Members a call passes over: those marked down, unless every member is (then all are
@@ -349,125 +377,6 @@ class ServerTier(Tier):
         """Remember where the blocks of this chain go (``server.chunk_blocks``; ``placement``)."""
         self._placement.note_chain(keys, depth)
 
-    # -- connections ------------------------------------------------------------------------
-    def _conn(self, member: str) -> _Conn:
-        conns: dict[str, _Conn] | None = getattr(self._local, "conns", None)
-        if conns is None:
-            conns = self._local.conns = {}
-        conn = conns.get(member)
-        if conn is None:
-            if self._closed:
-                raise StorageError("server tier is closed")
-            sock, peer = self._open(member)
-            conn = conns[member] = _Conn(sock, peer)
-            with self._lock:
-                self._conns.add(conn)
-        return conn
-
-    def _open(self, member: str) -> tuple[socket.socket, PeerInfo]:
-        """A fresh, handshaken connection to ``member``.
-
-        Raises:
-            _Unreachable: connect or handshake failed (refused, timed out, token refused), or
-                the server speaks another store protocol; names the server.
-        """
-        try:
-            sock, peer = handshake.connect(
-                _parse_address(member), token=self._token, timeout=self.cfg.timeout
-            )
-        except (OSError, KvferryError) as e:
-            raise _Unreachable(f"server tier: store server {member}: {e}") from e
-        version = peer.service.get("store_protocol")
-        if version != p.PROTOCOL_VERSION:
-            sock.close()
-            raise _Unreachable(
-                f"server tier: {member} speaks store protocol {version!r}, this client "
-                f"{p.PROTOCOL_VERSION}: run the same kvferry version on both sides"
-            )
-        try:
-            sock.settimeout(self.cfg.timeout)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        except OSError as e:
-            sock.close()
-            raise _Unreachable(f"server tier: store server {member}: {e}") from e
-        return sock, peer
-
-    def _drop(self, member: str) -> None:
-        conns: dict[str, _Conn] = getattr(self._local, "conns", {})
-        conn = conns.pop(member, None)
-        if conn is not None:
-            with self._lock:
-                self._conns.discard(conn)
-            conn.sock.close()
-
-    def _send(self, conn: _Conn, method: p.Method, parts: list[Buffer]) -> None:
-        size = sum(len(x) for x in parts)
-        head = wire.encode(wire.Op.CALL, region=method, req_id=next(self._req_ids), length=size)
-        out: list[Buffer] = [head, *parts]
-        while out:
-            n = conn.sock.sendmsg(out[:512])
-            while out and n >= len(out[0]):
-                n -= len(out[0])
-                out.pop(0)
-            if n:
-                out[0] = memoryview(out[0])[n:]
-
-    def _reply_header(self, conn: _Conn, member: str) -> int:
-        """Read a reply header; the payload length for OK, StorageError (after reading the
-        message) for ERR.
-
-        Raises:
-            _Stale: the connection was closed before a byte of the reply came.
-        """
-        buf = bytearray(wire.HEADER_SIZE)
-        first = conn.sock.recv_into(buf)
-        if first == 0:
-            raise _Stale("the server closed the connection")
-        if first < wire.HEADER_SIZE:
-            buf[first:] = handshake.recv_exact(conn.sock, wire.HEADER_SIZE - first)
-        header = wire.decode(buf, reply=True, max_length=1 << 40)
-        if header.op is wire.Op.ERR:
-            message = bytes(handshake.recv_exact(conn.sock, header.length)).decode(errors="replace")
-            raise _ServerRefused(f"server tier: store server {member} answered: {message}")
-        return header.length
-
-    def _request(self, member: str, method: p.Method, parts: list[Buffer]) -> tuple[_Conn, int]:
-        """Send a call and read its reply header: (connection, reply payload length).
-
-        A pooled connection the server closed meanwhile (its idle timeout, a restart) fails
-        before any reply byte; the call is then made once more on a fresh connection.
-
-        Raises:
-            _ServerRefused: the server answered ERR (the connection stays good).
-            OSError, KvferryError: the connection failed (the caller drops it).
-        """
-        conn = self._conn(member)
-        try:
-            self._send(conn, method, parts)
-            return conn, self._reply_header(conn, member)
-        except (_Stale, BrokenPipeError, ConnectionResetError):
-            if not conn.used:
-                raise
-        self._drop(member)
-        conn = self._conn(member)
-        self._send(conn, method, parts)
-        return conn, self._reply_header(conn, member)
-
-    def _call(self, member: str, method: p.Method, parts: list[Buffer]) -> bytearray:
-        try:
-            conn, n = self._request(member, method, parts)
-            reply = handshake.recv_exact(conn.sock, n)
-            conn.used = True
-            return reply
-        except _ServerRefused as e:
-            raise StorageError(str(e)) from None
-        except StorageError:  # from _conn (which names the server), or a malformed reply
-            self._drop(member)
-            raise
-        except (OSError, KvferryError) as e:
-            self._drop(member)
-            raise _Unreachable(f"server tier: store server {member}: {e}") from e
-
     # -- sizes ------------------------------------------------------------------------------
     @property
     def capacity_blocks(self) -> None:
@@ -480,7 +389,8 @@ class ServerTier(Tier):
     # -- primitives -------------------------------------------------------------------------
     def contains(self, keys: Sequence[Key]) -> list[bool]:
         def ask(member: str, idx: list[int]) -> list[bool | None]:
-            reply = self._call(member, p.Method.CONTAINS, [p.encode_keys([keys[i] for i in idx])])
+            ks = p.encode_keys([keys[i] for i in idx])
+            reply = self._wire.call(member, p.Method.CONTAINS, [ks])
             if len(reply) != len(idx):
                 raise StorageError(f"server tier: {member} sent a malformed CONTAINS reply")
             return [True if b == 1 else None for b in reply]
@@ -504,11 +414,11 @@ class ServerTier(Tier):
         def put_member(member: str, idx: list[int]) -> list[PutStatus]:
             ks = [keys[i] for i in idx]
             vs = [values[i] for i in idx]
-            mapping = self._mapping(member)
+            mapping = self._wire.mapping(member)
             if mapping is not None:
                 return self._put_shm(member, mapping, ks, vs)
             head = p.encode_keys(ks) + p.encode_u32s([len(v) for v in vs])
-            reply = self._call(member, p.Method.PUT, [head, *vs])
+            reply = self._wire.call(member, p.Method.PUT, [head, *vs])
             return p.decode_statuses(reply, len(ks))
 
         # Each block to its writers (``server.replicas`` of them, on the live ring); the best
@@ -564,7 +474,7 @@ class ServerTier(Tier):
     def _put_shm(
         self, member: str, mapping: PeerMapping, ks: list[Key], vs: list[Buffer]
     ) -> list[PutStatus]:
-        reply = self._call(
+        reply = self._wire.call(
             member, p.Method.RESERVE, [p.encode_keys(ks), p.encode_u32s([len(v) for v in vs])]
         )
         if len(reply) != p.LEASE_REGION.size + p.RES.size * len(ks):
@@ -596,14 +506,14 @@ class ServerTier(Tier):
         if not lease:
             return status
         declared = p.encode_u64s(sums) if sums is not None else bytes(8 * len(ks))
-        final = self._call(member, p.Method.COMMIT, [p.U64.pack(lease), bytes(ok), declared])
+        final = self._wire.call(member, p.Method.COMMIT, [p.U64.pack(lease), bytes(ok), declared])
         return p.decode_statuses(final, len(ks))
 
     def get(self, keys: Sequence[Key], outs: Sequence[memoryview]) -> list[int | None]:
         def get_member(member: str, idx: list[int]) -> list[int | None]:
             ks = [keys[i] for i in idx]
             os_ = [outs[i] for i in idx]
-            mapping = self._mapping(member)
+            mapping = self._wire.mapping(member)
             if mapping is None:
                 return self._get_inline(member, ks, os_)
             got = self._get_shm(member, mapping, ks, os_)
@@ -623,7 +533,7 @@ class ServerTier(Tier):
     def _get_inline(self, member: str, ks: list[Key], outs: list[memoryview]) -> list[int | None]:
         too_small: str | None = None
         try:
-            conn, total = self._request(member, p.Method.GET, [p.encode_keys(ks)])
+            conn, total = self._wire.request(member, p.Method.GET, [p.encode_keys(ks)])
             n_keys = len(ks)
             table = handshake.recv_exact(conn.sock, 1 + 4 * n_keys)
             flags = table[0]
@@ -657,14 +567,14 @@ class ServerTier(Tier):
                     have += k
                 got.append(n)
             conn.used = True
-        except _ServerRefused as e:
+        except ServerRefused as e:
             raise StorageError(str(e)) from None
         except StorageError:  # from _conn (which names the server), or a malformed reply
-            self._drop(member)
+            self._wire.drop(member)
             raise
         except (OSError, KvferryError) as e:
-            self._drop(member)
-            raise _Unreachable(f"server tier: store server {member}: {e}") from e
+            self._wire.drop(member)
+            raise Unreachable(f"server tier: store server {member}: {e}") from e
         if too_small is not None:
             raise ValueError(too_small)
         if sums:
@@ -699,7 +609,7 @@ class ServerTier(Tier):
             member,
         )
         try:
-            self._call(member, p.Method.CHECK, [p.encode_keys(bad)])
+            self._wire.call(member, p.Method.CHECK, [p.encode_keys(bad)])
         except StorageError as e:
             log.warning("server tier: asking %s to re-check blocks failed: %s", member, e)
 
@@ -709,7 +619,7 @@ class ServerTier(Tier):
         for out in outs:
             if len(out) < 1:
                 raise ValueError("server tier: an output buffer is empty")
-        reply = self._call(member, p.Method.LOCATE, [p.encode_keys(ks)])
+        reply = self._wire.call(member, p.Method.LOCATE, [p.encode_keys(ks)])
         size = p.LOCATE_HEAD.size + p.LOC.size * len(ks)
         lease, _region, flags = p.LOCATE_HEAD.unpack_from(reply, 0)
         if len(reply) != size + (9 * len(ks) if flags & p.SUMS else 0):
@@ -739,7 +649,7 @@ class ServerTier(Tier):
                 out[:n] = view[offset : offset + n]
                 got.append(n)
         if lease:
-            self._call(member, p.Method.RELEASE, [p.U64.pack(lease)])
+            self._wire.call(member, p.Method.RELEASE, [p.U64.pack(lease)])
         if error is not None:
             if "smaller" in error:
                 raise ValueError(error)
@@ -748,36 +658,13 @@ class ServerTier(Tier):
             self._check(member, ks, outs, got, sums)
         return got
 
-    def _mapping(self, member: str) -> PeerMapping | None:
-        """The server's pool mapped here when it runs on this host (and transport is auto)."""
-        if self.cfg.transport != "auto":
-            return None
-        conn = self._conn(member)
-        peer = conn.peer
-        if not self._boot or peer.boot_id != self._boot or not peer.regions:
-            return None
-        region = peer.regions[0]
-        if region.shm is None:
-            return None
-        key = (member, peer.pid)
-        with self._lock:
-            mapping = self._maps.get(key)
-            if mapping is None:
-                try:
-                    mapping = PeerMapping(region.shm, region.size)
-                except KvferryError as e:
-                    # Another pid namespace or a restarted server: fall back to tcp, say so.
-                    log.warning("server tier: cannot map %s's pool (%s); using tcp", member, e)
-                    return None
-                self._maps[key] = mapping
-        return mapping
-
     def delete(self, keys: Sequence[Key]) -> int:
         """Delete ``keys`` wherever a read could find them (every reader of each); the number
         deleted from each key's first reader."""
 
         def delete_member(member: str, idx: list[int]) -> int:
-            reply = self._call(member, p.Method.DELETE, [p.encode_keys([keys[i] for i in idx])])
+            ks = p.encode_keys([keys[i] for i in idx])
+            reply = self._wire.call(member, p.Method.DELETE, [ks])
             return int(p.U32.unpack(reply)[0])
 
         readers = self._placement.readers(self._ring, keys)
@@ -812,8 +699,8 @@ class ServerTier(Tier):
         first: StorageError | None = None
         for member in self._live_members():
             try:
-                replies[member] = self._call(member, method, [])
-            except _Unreachable as e:
+                replies[member] = self._wire.call(member, method, [])
+            except Unreachable as e:
                 self._mark_down(member, e)
                 first = first or e
             except StorageError as e:
@@ -862,16 +749,14 @@ class ServerTier(Tier):
             if self._closed:
                 return
             self._closed = True
-            conns, self._conns = self._conns, set()
-            maps, self._maps = self._maps, {}
             watcher = self._watcher
+            pool, self._pool = self._pool, None
         self._stop.set()
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
         if watcher is not None and watcher is not threading.current_thread():
             watcher.join(timeout=self.cfg.timeout + 1)
-        for conn in conns:
-            conn.sock.close()
-        for mapping in maps.values():
-            mapping.close()
+        self._wire.close()
 
 
 def _watch(ref: weakref.ref[ServerTier], stop: threading.Event, interval: float) -> None:
@@ -886,23 +771,3 @@ def _watch(ref: weakref.ref[ServerTier], stop: threading.Event, interval: float)
         except Exception as e:
             _member_log.warning("watch", "server tier: membership poll failed: %s", e)
         del tier
-
-
-class _Unreachable(StorageError):
-    """A call to a server failed on the wire (connect, handshake, send, receive, timeout): the
-    server is marked down."""
-
-
-class _ServerRefused(KvferryError):
-    """The server answered ERR: the reply was read whole, the connection is still good."""
-
-
-class _Stale(PeerClosed):
-    """The connection was closed before a byte of the reply came."""
-
-
-def _parse_address(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"server address {text!r} is not host:port (e.g. 127.0.0.1:15428)")
-    return host.strip("[]"), int(port)
