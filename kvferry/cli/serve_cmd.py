@@ -37,6 +37,12 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     add_config_options(store)
     store.add_argument("--port", type=int, help="listen.port (0 picks a free port)")
     store.add_argument("--bind", help="listen.bind_address (default 127.0.0.1)")
+    store.add_argument(
+        "--advertise",
+        metavar="HOST",
+        help="listen.advertise_address: the host clients dial, as registered with --register "
+        "(default: the bind address; the hostname when bound to 0.0.0.0)",
+    )
     store.add_argument("--capacity", help="cpu.capacity, e.g. 4GiB")
     store.add_argument("--slot-size", help="store.slot_size: bytes of the largest block")
     store.add_argument("--tiers", help="store.tiers: cpu (default) or cpu,disk")
@@ -220,6 +226,7 @@ def run_store(args: argparse.Namespace) -> int:
     flags = {
         "listen.port": args.port,
         "listen.bind_address": args.bind,
+        "listen.advertise_address": args.advertise,
         "cpu.capacity": args.capacity,
         "store.slot_size": args.slot_size,
         "store.tiers": args.tiers,
@@ -234,6 +241,7 @@ def run_store(args: argparse.Namespace) -> int:
     names = {
         "listen.port": "--port",
         "listen.bind_address": "--bind",
+        "listen.advertise_address": "--advertise",
         "cpu.capacity": "--capacity",
         "store.slot_size": "--slot-size",
         "store.tiers": "--tiers",

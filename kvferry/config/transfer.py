@@ -140,6 +140,13 @@ class ListenConfig(ConfigModel):
     port: int = Field(
         15428, ge=0, le=65535, description="TCP port of the transfer target; 0 picks a free port."
     )
+    advertise_address: str = Field(
+        "",
+        pattern=r"^[A-Za-z0-9.\-_\[\]:]*$",
+        description="Host other machines dial to reach this listener, as a store server "
+        "registers it in the membership (server.membership_url); empty = the bind address, or "
+        "this machine's hostname when bound to all interfaces (0.0.0.0, ::).",
+    )
     auth_token: SecretStr | None = Field(
         None, description="Shared token every peer must present in its handshake; none = no auth."
     )

@@ -186,9 +186,15 @@ class StoreServer:
 
     # -- membership -----------------------------------------------------------------------
     def _member(self) -> str:
+        """host:port that clients dial: listen.advertise_address, else the bound address (the
+        hostname when bound to all interfaces, which no other machine could dial)."""
         host, port = self.address
-        if host in ("0.0.0.0", "::"):
+        if self.config.listen.advertise_address:
+            host = self.config.listen.advertise_address
+        elif host in ("0.0.0.0", "::"):
             host = socket.gethostname()
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"  # IPv6: host:port stays parseable
         return f"{host}:{port}"
 
     def _register(self) -> None:

@@ -242,3 +242,33 @@ def test_a_store_prefix_lookup_across_a_dead_server_is_cut_at_its_first_block(
         assert [n is not None for n in got] == [o == a.address for o in owners]
         st = store.stats().tiers["server"]
         assert (st.errors, st.breaker_opens) == (0, 0)
+
+
+def test_a_server_bound_to_every_interface_registers_the_address_it_advertises(
+    redis_server: str, prefix: str
+) -> None:
+    # Bound to 0.0.0.0 it would register its hostname; --advertise names what clients dial.
+    s = StoreServerProcess(
+        "--register",
+        redis_server,
+        "--set",
+        f"server.membership_key={prefix}",
+        "--bind",
+        "0.0.0.0",
+        "--advertise",
+        "localhost",
+        slot_size=SLOT,
+    ).start()
+    try:
+        port = s.address.rpartition(":")[2]
+        assert members(redis_server, prefix) == {f"localhost:{port}"}
+        view = tier(redis_server, prefix)
+        try:
+            assert view.put([key(1)], [value(1, SLOT)]) == [PutStatus.STORED]
+            out = [memoryview(bytearray(SLOT))]
+            assert view.get([key(1)], out) == [SLOT]
+            assert bytes(out[0]) == value(1, SLOT)
+        finally:
+            view.close()
+    finally:
+        s.kill()
