@@ -115,6 +115,14 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="a point taking longer is skipped and recorded (default 120 s)",
     )
     p.add_argument(
+        "--prefill-requests",
+        type=int,
+        default=3,
+        metavar="N",
+        help="requests per prefill point, one at a time; their p50 is the point's TTFT "
+        "(default 3; more where the engine's TTFT is noisy)",
+    )
+    p.add_argument(
         "--warmup-requests",
         type=int,
         default=3,
@@ -232,6 +240,7 @@ def run(args: argparse.Namespace) -> int:
         decode_osl=args.decode_osl,
         point_timeout_s=args.point_timeout,
         warmup_requests=args.warmup_requests,
+        prefill_requests=args.prefill_requests,
         seed=args.seed,
     )
     options.validate()

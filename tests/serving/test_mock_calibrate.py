@@ -110,6 +110,27 @@ def test_profile_errors_and_limits(tmp_path: Path) -> None:
     assert profile_limits(MockConfig(num_blocks=4096), profile, {"num_blocks"}).num_blocks == 4096
 
 
+def test_prefill_points_are_fitted_by_their_median_and_decode_points_by_their_mean(
+    tmp_path: Path,
+) -> None:
+    # One slow request lifts a prefill point's mean, not its median: the model gives every
+    # request of the point the same time, so the median is what it should reproduce.
+    points = {
+        "tool": "profile",
+        "prefill": [
+            {"isl": 100, "ttft_avg_ms": 30.0, "ttft_p50_ms": 10.0, "requests": 8},
+            {"isl": 200, "ttft_avg_ms": 20.0, "requests": 8},  # an older profile: no median
+        ],
+        "decode": [
+            {"isl": 100, "osl": 10, "concurrency": 2, "itl_avg_ms": 4.0, "itl_p50_ms": 3.0}
+        ],
+    }
+    (tmp_path / "profile.json").write_text(json.dumps(points))
+    read = read_sla_profile(tmp_path)
+    assert read.prefill == ((100, 10.0), (200, 20.0))
+    assert read.decode == ((100, 10, 2, 4.0),)
+
+
 # --- a real profile, calibrated -------------------------------------------------------------
 
 SOURCE_SPEEDUP = 4

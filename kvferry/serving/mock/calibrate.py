@@ -12,8 +12,14 @@ runs this mock's own scheduler dry (:meth:`MockEngine.dry_step`, with the calibr
 config) on each point and sums the timing model's inputs over the steps each request spans;
 the request's time is linear in the six coefficients (:mod:`kvferry.serving.mock.timing`), so
 one non-negative least-squares fit over every point gives them, each point weighted by
-1 / its time (relative errors, as the 10% check reads them). Means are fitted (``ttft_avg_ms``,
-``itl_avg_ms``): the mean over a point's requests is linear in the coefficients, a median is not.
+1 / its time (relative errors, as the 10% check reads them). A decode point's mean ITL is
+fitted (``itl_avg_ms``): its requests span different steps, and the mean over them is linear in
+the coefficients, a median is not. A prefill point's median TTFT is fitted (``ttft_p50_ms``;
+the mean where a profile has no median): its requests are alike and alone in the engine, so the
+model gives each the same time and their median is that time too, while the engine's spread
+around it is host noise (an odd slow step) that the mean would fit as if it were the model's.
+Fitting the means there put the mock's TTFT 4-8% above the engine's median at held-out points
+(vLLM on CPU, ``benchmarks/verify_plan.py``).
 
 The profile's times are the engine's as a client saw them (HTTP included, in the base terms),
 at whatever speed it ran: a profile of a sped-up mock gives a fast model. The calibrated mock's
@@ -106,9 +112,9 @@ def read_sla_profile(path: str | os.PathLike[str]) -> SlaProfile:
         raise ConfigError(f"{where}: {file} is not a kvferry profile result (tool 'profile')")
     try:
         prefill = tuple(
-            (int(p["isl"]), float(p["ttft_avg_ms"]))
+            (int(p["isl"]), float(p.get("ttft_p50_ms") or p["ttft_avg_ms"]))
             for p in data.get("prefill") or []
-            if _finite_positive(p["ttft_avg_ms"])
+            if _finite_positive(p.get("ttft_p50_ms") or p["ttft_avg_ms"])
         )
         decode = tuple(
             (int(p["isl"]), int(p["osl"]), int(p["concurrency"]), float(p["itl_avg_ms"]))
