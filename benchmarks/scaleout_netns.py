@@ -15,9 +15,17 @@ namespace) reaches them by tcp over those interfaces (``server.transport: tcp``)
    failed client calls (exceptions out of the store, and tier calls that failed as a whole);
    blocks with wrong bytes; the time from the kill until the dead server is out of the client's
    view, and from the restarted server's ready line until the client uses it again.
-2. Throughput: ``--threads`` client threads doing batch gets of ``--batch`` blocks (each batch
-   one request's prefix) for ``--seconds`` against one server, then against all of them (same
-   run, same blocks): blocks/s and GB/s (1e9 B/s).
+2. Throughput: ``--threads`` client threads doing batch gets of ``--batch`` blocks for
+   ``--seconds`` against one server, then against all of them (same run, same blocks): blocks/s
+   and GB/s (1e9 B/s). Two layouts over all servers: each batch one request's prefix (one
+   chunk, so one server per batch), and each batch spread over every server (blocks placed by
+   their own keys: one call asks all servers at once, ``server.fanout``).
+
+``--link-rate`` gives each server namespace's link a line rate (``tc tbf`` both ways,
+``Netns.set_rate``), as each machine has its own NIC. Without it every "host" shares this
+machine's cores and memory bandwidth with the client and the other servers, so more servers
+cannot give more than the machine: the unlimited run shows the CPU-bound case, the limited one
+whether the aggregate grows with the servers' links as it does across machines.
 
 Smoke run (tiny sizes, not a measurement):
 
@@ -25,7 +33,8 @@ Smoke run (tiny sizes, not a measurement):
         --seconds 1 --threads 2
 
 A recording: ``--requests 3993 --block-size 65536 --capacity 4GiB --seconds 10 --threads 8``
-with and without ``--replicas 2`` (``--json`` writes the numbers).
+with and without ``--replicas 2``, and with ``--link-rate 1gbit`` (``--json`` writes the
+numbers).
 """
 
 from __future__ import annotations
@@ -50,6 +59,21 @@ from kvferry.testing.netns import NetLab, Netns, netns_unavailable
 from kvferry.testing.store_server import StoreServerProcess
 
 REDIS_PORT = 6379
+
+
+def parse_rate(text: str) -> int:
+    """Bits/s of "1gbit", "500mbit", "100000kbit" or a plain number."""
+    units = {"gbit": 10**9, "mbit": 10**6, "kbit": 10**3, "bit": 1}
+    t = text.strip().lower()
+    for unit, mult in units.items():
+        if t.endswith(unit):
+            try:
+                return int(float(t[: -len(unit)]) * mult)
+            except ValueError:
+                break
+    if t.isdigit():
+        return int(t)
+    raise SystemExit(f"--link-rate {text!r}: give a rate like 1gbit, 500mbit or 100000kbit")
 
 
 def value(key: bytes, size: int) -> bytes:
@@ -205,6 +229,15 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=4, help="throughput: client threads")
     ap.add_argument("--batch", type=int, default=32, help="throughput: blocks per get")
     ap.add_argument("--seconds", type=float, default=5.0, help="throughput: per case")
+    ap.add_argument("--fanout", type=int, default=8, help="server.fanout")
+    ap.add_argument(
+        "--link-rate",
+        default="",
+        help="each server's link rate both ways, e.g. 1gbit or 500mbit (default: none)",
+    )
+    ap.add_argument(
+        "--skip-failover", action="store_true", help="throughput only (no replay, no kill)"
+    )
     ap.add_argument("--json", help="write the numbers here")
     args = ap.parse_args()
     why = netns_unavailable()
@@ -217,13 +250,14 @@ def main() -> int:
     size = args.block_size
     kill_at = int(len(requests) * args.kill_at)
     restart_at = int(len(requests) * args.restart_at)
+    rate = parse_rate(args.link_rate) if args.link_rate else 0
     doc: dict[str, Any] = {"argv": sys.argv[1:], "load_average": os.getloadavg()[0]}
     with NetLab() as lab:
         url = start_redis(lab.add("coord"))
         reg = ["--register", url, "--set", f"server.membership_ttl={args.ttl}"]
         servers = [
             StoreServerProcess(
-                *reg, netns=lab.add(f"s{i}"), slot_size=size, capacity=args.capacity
+                *reg, netns=lab.add(f"s{i}", rate_bps=rate), slot_size=size, capacity=args.capacity
             ).start()
             for i in range(args.servers)
         ]
@@ -238,6 +272,7 @@ def main() -> int:
                 replicas=min(args.replicas, len(addresses)) if addresses else args.replicas,
                 transport="tcp",
                 timeout=args.timeout,
+                fanout=args.fanout,
             )
             return ServerTier(cfg, TierContext(slot_size=size))
 
@@ -246,61 +281,73 @@ def main() -> int:
             f"in namespaces ({', '.join(addrs)}), chunk_blocks {args.chunk_blocks}, replicas "
             f"{args.replicas}; kill -9 {addrs[0]} at request {kill_at}, restart at {restart_at}"
         )
-        control_tier = tier()
-        control = replay(requests, control_tier, size, b"C", kill_at, restart_at)
-        control_tier.close()
-        fail_tier = tier()
-        failover = replay(requests, fail_tier, size, b"F", kill_at, restart_at, servers[0])
-        fail_tier.close()
-        rows = []
-        for name in ("before", "during", "after"):
-            c, f = control.phases[name], failover.phases[name]
-            ratio = f.rate() / c.rate() if c.rate() else None
-            rows.append(
-                {
-                    "phase": name,
-                    "requests": f.requests,
-                    "hit_control": round(c.rate(), 4),
-                    "hit_failover": round(f.rate(), 4),
-                    "ratio": None if ratio is None else round(ratio, 3),
-                    "failed_calls": f.failed_calls + c.failed_calls,
-                    "wrong_bytes": f.wrong_bytes + c.wrong_bytes,
-                }
-            )
+        if not args.skip_failover:
+            control_tier = tier()
+            control = replay(requests, control_tier, size, b"C", kill_at, restart_at)
+            control_tier.close()
+            fail_tier = tier()
+            failover = replay(requests, fail_tier, size, b"F", kill_at, restart_at, servers[0])
+            fail_tier.close()
+            rows = []
+            for name in ("before", "during", "after"):
+                c, f = control.phases[name], failover.phases[name]
+                ratio = f.rate() / c.rate() if c.rate() else None
+                rows.append(
+                    {
+                        "phase": name,
+                        "requests": f.requests,
+                        "hit_control": round(c.rate(), 4),
+                        "hit_failover": round(f.rate(), 4),
+                        "ratio": None if ratio is None else round(ratio, 3),
+                        "failed_calls": f.failed_calls + c.failed_calls,
+                        "wrong_bytes": f.wrong_bytes + c.wrong_bytes,
+                    }
+                )
+                print(
+                    f"{name:>7}: {f.requests} requests, hit {f.rate():.4f} (control "
+                    f"{c.rate():.4f}, ratio {'-' if ratio is None else f'{ratio:.3f}'}), failed "
+                    f"calls {f.failed_calls + c.failed_calls}, wrong bytes "
+                    f"{f.wrong_bytes + c.wrong_bytes}"
+                )
             print(
-                f"{name:>7}: {f.requests} requests, hit {f.rate():.4f} (control "
-                f"{c.rate():.4f}, ratio {'-' if ratio is None else f'{ratio:.3f}'}), failed "
-                f"calls {f.failed_calls + c.failed_calls}, wrong bytes "
-                f"{f.wrong_bytes + c.wrong_bytes}"
+                f"dead server out of view {failover.out_of_view_s} s after the kill; back in use "
+                f"{failover.back_in_use_s} s after its ready line; tier calls failed as a whole: "
+                f"{failover.tier_errors}; client counters {failover.stats}"
             )
-        print(
-            f"dead server out of view {failover.out_of_view_s} s after the kill; back in use "
-            f"{failover.back_in_use_s} s after its ready line; tier calls failed as a whole: "
-            f"{failover.tier_errors}; client counters {failover.stats}"
-        )
-        doc.update(
-            phases=rows,
-            out_of_view_s=failover.out_of_view_s,
-            back_in_use_s=failover.back_in_use_s,
-            tier_errors=failover.tier_errors,
-            counters=failover.stats,
-        )
+            doc.update(
+                phases=rows,
+                out_of_view_s=failover.out_of_view_s,
+                back_in_use_s=failover.back_in_use_s,
+                tier_errors=failover.tier_errors,
+                counters=failover.stats,
+            )
         # Throughput: the same blocks, one server vs all of them.
-        # Each batch is the prefix of one request (a chain from depth 0), so it is placed as
-        # the replay's are; a batch of blocks placed each by its own key would ask every server.
+        # "prefix": each batch is the prefix of one request (a chain from depth 0), so it is
+        # placed as the replay's are, on one server per batch; "spread": blocks placed by their
+        # own keys, so every batch asks every server (in parallel, server.fanout).
         n_keys = args.batch * max(args.threads * 4, -(-256 // args.batch))
         keys = [b"T" + i.to_bytes(15, "little") for i in range(n_keys)]
         vals = [value(k, size) for k in keys]
         through: dict[str, Any] = {}
-        for label, addresses in (("1 server", addrs[:1]), (f"{len(addrs)} servers", addrs)):
+        cases = [
+            ("1 server", addrs[:1], True),
+            (f"{len(addrs)} servers, a batch per server", addrs, True),
+            (f"{len(addrs)} servers, batches spread", addrs, False),
+        ]
+        for label, addresses, chained in cases:
             t = tier(addresses)
+            if chained:
+                for g in range(0, n_keys, args.batch):
+                    t.note_chain(keys[g : g + args.batch], 0)
             for g in range(0, n_keys, args.batch):
-                t.note_chain(keys[g : g + args.batch], 0)
-            t.put(keys, vals)
+                t.put(keys[g : g + args.batch], vals[g : g + args.batch])
             bps, gbs = throughput(t, keys, size, args.threads, args.seconds, args.batch)
             t.close()
             through[label] = {"blocks_per_s": round(bps, 1), "gb_per_s": round(gbs, 4)}
             print(f"throughput, {label}: {bps:,.0f} blocks/s, {gbs:.3f} GB/s")
+        one = through["1 server"]["blocks_per_s"]
+        for row in through.values():
+            row["vs_one"] = round(row["blocks_per_s"] / one, 3) if one else None
         doc["throughput"] = through
         for s in servers:
             s.kill()

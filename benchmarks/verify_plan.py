@@ -3,7 +3,7 @@ model of ``kvferry model tiny``), calibrate the mock from the profile, plan on s
 and run 1 and 2 real instances behind the router at the same load to set predicted beside
 measured.
 
-    .venv/bin/python benchmarks/verify_plan.py --json benchmarks/results/verify_plan.json
+    .venv/bin/python benchmarks/verify_plan.py --pin --json benchmarks/results/verify_plan.json
 
 Steps (each prints what it runs; the kvferry commands are the CLI's, called in-process):
 
@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import shlex
 import sys
 import tempfile
@@ -42,7 +43,10 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from kvferry.bench.endpoint import harness as endpoint
+from kvferry.bench.profile.fit import interp_1d, interp_at
 from kvferry.bench.profile.npz import read_profile
 from kvferry.bench.profile.simulate import SimulationReport
 from kvferry.bench.result import load_result
@@ -96,7 +100,14 @@ class Engines:
             self.work / f"vllm{i}",
             extra_args=["--kv-events-config", json.dumps(events)],
             max_model_len=self.args.max_model_len,
-        ).start()
+        )
+        if self.args.pin:
+            # One core per instance, as on separate machines: unpinned, each vLLM CPU worker runs
+            # an OpenMP team over every core and two instances' teams spin against each other.
+            cores = sorted(os.sched_getaffinity(0))
+            core = cores[i % len(cores)]
+            server.env.update(VLLM_CPU_OMP_THREADS_BIND=str(core), OMP_NUM_THREADS="1")
+        server.start()
         self.stack.callback(server.stop)
         server.wait_ready()
         self.block_size = server.cache_block_size()
@@ -165,6 +176,20 @@ def held_out(profile_dir: Path) -> list[tuple[str, int, int, int]]:
     return out
 
 
+def interpolated(profile_dir: Path, stage: str, isl: int, osl: int, concurrency: int) -> float:
+    """What the profile's interpolation says at a held-out point: TTFT p50 (ms) linear between
+    the measured ISLs; ITL p50 (ms) on the decode surface at that point's KV usage and context
+    (``fit.interp_at``, what the planner reads)."""
+    r = read_profile(profile_dir)
+    if stage == "prefill":
+        return interp_1d([p.isl for p in r.prefill], [p.ttft_p50_ms for p in r.prefill], isl)
+    usage = (isl + osl / 2) * concurrency / r.max_kv_tokens
+    x = [p.kv_usage for p in r.decode]
+    y = [float(p.isl) for p in r.decode]
+    z = [p.itl_p50_ms for p in r.decode]
+    return float(interp_at(x, y, z, np.array([usage]), np.array([float(isl)]))[0, 0])
+
+
 def _pct(model: float | None, real: float | None) -> str:
     if model is None or not real:
         return "-"
@@ -179,8 +204,22 @@ def main() -> int:
         default="--speedup-ratio 2 --max-model-len 2048 --num-blocks 1024",
         help="--engine mock: the stand-in engines' kvferry serve mock flags",
     )
+    ap.add_argument(
+        "--pin",
+        action="store_true",
+        help="vLLM: one core per instance (the profile and both fleets), as on separate machines",
+    )
     ap.add_argument("--max-model-len", type=int, default=2048, help="vLLM's (2048)")
     ap.add_argument("--granularity", type=int, default=8, help="profile prefill points (8)")
+    ap.add_argument(
+        "--prefill-requests", type=int, default=8, help="profile: requests per prefill point (8)"
+    )
+    ap.add_argument(
+        "--held-out-requests",
+        type=int,
+        default=8,
+        help="held-out points: requests per prefill point, and at least this many per decode one",
+    )
     ap.add_argument("--rate", type=float, default=2.0, help="load: requests/s (2)")
     ap.add_argument("--isl", type=int, default=512, help="load: prompt tokens (512)")
     ap.add_argument("--osl", type=int, default=32, help="load: output tokens (32)")
@@ -213,6 +252,8 @@ def main() -> int:
             f"tiny={a}",
             "--granularity",
             str(args.granularity),
+            "--prefill-requests",
+            str(args.prefill_requests),
             "--out",
             str(profile_root),
             "--quiet",
@@ -227,9 +268,16 @@ def main() -> int:
 
         say("held-out points: engine A against the mock calibrated from the profile")
         points = held_out(profile)
+        n_held = args.held_out_requests
         real = [
             measure(
-                a, engines.tokenizer, isl, osl, concurrency=c, requests=max(3, c), seed=10**6 + i
+                a,
+                engines.tokenizer,
+                isl,
+                osl,
+                concurrency=c,
+                requests=max(n_held, c),
+                seed=10**6 + i,
             )
             for i, (_, isl, osl, c) in enumerate(points)
         ]
@@ -237,20 +285,38 @@ def main() -> int:
         with ServeProcess("mock", calibrated) as mock:
             sim = [
                 measure(
-                    mock.url, "", isl, osl, concurrency=c, requests=max(3, c), seed=2 * 10**6 + i
+                    mock.url,
+                    "",
+                    isl,
+                    osl,
+                    concurrency=c,
+                    requests=max(n_held, c),
+                    seed=2 * 10**6 + i,
                 )
                 for i, (_, isl, osl, c) in enumerate(points)
             ]
         result["held_out"] = []
-        print(f"{'stage':8} {'ISL':>6} {'conc':>4} {'metric':9} {'engine':>9} {'mock':>9}  error")
+        print(
+            f"{'stage':8} {'ISL':>6} {'conc':>4} {'metric':9} {'engine':>9} {'interp':>9} "
+            f"{'error':>7} {'mock':>9} {'error':>7}"
+        )
         for (stage, isl, osl, c), r, s in zip(points, real, sim, strict=True):
             key = "ttft_p50_ms" if stage == "prefill" else "itl_p50_ms"
+            guess = interpolated(profile, stage, isl, osl, c)
             result["held_out"].append(
-                {"stage": stage, "isl": isl, "osl": osl, "concurrency": c, "engine": r, "mock": s}
+                {
+                    "stage": stage,
+                    "isl": isl,
+                    "osl": osl,
+                    "concurrency": c,
+                    "engine": r,
+                    "interpolated_ms": guess,
+                    "mock": s,
+                }
             )
             print(
-                f"{stage:8} {isl:6} {c:4} {key[:8]:9} {r[key]:9.2f} {s[key]:9.2f}  "
-                f"{_pct(s[key], r[key])}"
+                f"{stage:8} {isl:6} {c:4} {key[:8]:9} {r[key]:9.2f} {guess:9.2f} "
+                f"{_pct(guess, r[key]):>7} {s[key]:9.2f} {_pct(s[key], r[key]):>7}"
             )
 
         sim_json = work / "simulation.json"
