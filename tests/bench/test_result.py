@@ -66,6 +66,7 @@ SCRIPT_OUTPUTS = {
     "store_memory.json": "store_memory.py",
     "store_memory_10min.json": "store_memory.py",
     "verify_plan.json": "verify_plan.py",
+    "verify_plan_light.json": "verify_plan.py",
     "vllm_ttft.json": "vllm_ttft.py",
     "vllm_ttft_aiperf.json": "vllm_ttft_aiperf.py",
 }

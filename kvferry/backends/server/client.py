@@ -45,7 +45,7 @@ import logging
 import threading
 import weakref
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from kvferry.backends.base import (
@@ -288,14 +288,23 @@ class ServerTier(Tier):
             except Exception as e:  # sorted out by _each, which knows what each kind means
                 return e
 
+        def outcome(f: Future[_T | BaseException]) -> _T | BaseException:
+            try:
+                return f.result()
+            except CancelledError:  # close() cancelled it before it ran
+                return StorageError("server tier is closed")
+
         items = list(shares.items())
         pool = self._fan_pool() if len(items) > 1 else None
         if pool is None:
             return [(m, idx, one(m, idx)) for m, idx in items]
-        futures = [pool.submit(one, m, idx) for m, idx in items[1:]]
+        try:
+            futures = [pool.submit(one, m, idx) for m, idx in items[1:]]
+        except RuntimeError:  # the pool was shut down: the tier closed meanwhile
+            raise StorageError("server tier is closed") from None
         head = one(*items[0])
         return [(items[0][0], items[0][1], head)] + [
-            (m, idx, f.result()) for (m, idx), f in zip(items[1:], futures)
+            (m, idx, outcome(f)) for (m, idx), f in zip(items[1:], futures)
         ]
 
     def _fan_pool(self) -> ThreadPoolExecutor | None:
