@@ -9,7 +9,9 @@ analytic plan's prefill + decode counts; every simulated run (TTFT and ITL p50/p
 which target it missed); the analytic plan's choice per stage; and a figure of TTFT and ITL p50
 (p99 dashed) against the fleet size per mode with the SLA lines and the run's identity. Also
 the headline numbers (the smallest fleet per mode) and the findings (an SLA nothing met).
-Nothing is measured here: every cell is read from the result.
+Nothing is measured here: every cell is read from the result. Targets and loads are printed as
+given (``{x:g}``, as ``kvferry plan`` prints them), measured and interpolated times through
+:func:`kvferry.report.fmt.num`, as every section prints them.
 """
 
 from __future__ import annotations
@@ -39,6 +41,19 @@ RUN_COLUMNS = [
     "Requests per instance",
     "SLA",
 ]
+
+
+_ANALYTIC_NOTE = (
+    "The analytic row: TTFT is the profile's average interpolated at the ISL (a lone request), "
+    "ITL the average at context ISL + OSL/2 and the chosen KV usage (that many requests "
+    "decoding), neither with queueing; its instances are prefill and decode counted apart "
+    "(disaggregated)."
+)
+_SIMULATED_NOTE = (
+    "The simulated rows are aggregated engines behind the router at the load, queueing "
+    "included; a fleet meets the SLA when no request failed and its TTFT and ITL p50 are "
+    "within the targets."
+)
 
 
 def _report(item: LoadedResult) -> SimulationReport:
@@ -95,10 +110,6 @@ def _misses(report: SimulationReport, r: SimRun) -> list[str]:
         elif value > target:
             out.append(f"{name} p50 {fmt.num(value)} ms > {target:g} ms (+{_pct(value, target)})")
     return out or ["missed"]
-
-
-# Targets and loads are printed as given (``{x:g}``, as kvferry plan prints them); measured and
-# interpolated times through fmt.num, as every section prints them.
 
 
 def _pct(value: float, target: float) -> str:
@@ -230,13 +241,10 @@ def _choice_table(report: SimulationReport) -> Table | None:
         title="Smallest fleet per routing mode, beside the analytic plan" if both
         else "Smallest fleet per routing mode" if o is not None else "The analytic plan",
         numeric=[False, True, True, True, True, True, False],
-        note=("The analytic row: TTFT is the profile's average interpolated at the ISL, ITL the "
-              "average at context ISL + OSL/2 and the chosen KV usage, and the instances are "
-              "disaggregated prefill + decode counts; the simulated rows are aggregated "
-              "engines behind the router at the load, queueing included."
-              if plan is not None else "")
-        + (" A fleet meets the SLA when no request failed and its TTFT and ITL p50 are within "
-           "the targets." if o is not None else ""),
+        note=" ".join(
+            ([_ANALYTIC_NOTE] if plan is not None else [])
+            + ([_SIMULATED_NOTE] if o is not None else [])
+        ),
     )  # fmt: skip
 
 
