@@ -112,6 +112,10 @@ def _misses(report: SimulationReport, r: SimRun) -> list[str]:
     return out or ["missed"]
 
 
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
 def _pct(value: float, target: float) -> str:
     return f"{100 * (value / target - 1):.0f}%"
 
@@ -311,7 +315,7 @@ def _stages_table(plan: Plan) -> Table | None:
         note="Per stage the highest throughput per instance that meets the target (infeasible: "
         "the closest candidate); instances = ceil(load / tokens/s per instance), prefill load "
         "= rate x ISL, decode load = rate x OSL; margin = capacity over load, minus 1."
-        + (" " + " ".join(plan.notes) if plan.notes else ""),
+        + (" " + _sentence("; ".join(plan.notes)) + "." if plan.notes else ""),
     )  # fmt: skip
 
 
