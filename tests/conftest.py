@@ -1,9 +1,10 @@
-"""Shared fixtures: real target processes and a real redis-server.
+"""Shared fixtures: real target processes, a real redis-server and a real SLA profile.
 
 Nothing here is faked: ``target_process`` starts ``python -m kvferry.testing.target`` in a child
-process (real sockets, real shared memory) and ``redis_server`` starts the real redis-server
-binary. Both are torn down even when the test fails; a target also exits when its stdin closes,
-so none outlives a killed test run.
+process (real sockets, real shared memory), ``redis_server`` starts the real redis-server
+binary and ``mock_profile_dir`` is ``kvferry profile`` of a real ``kvferry serve mock``. The
+processes are torn down even when the test fails; a target also exits when its stdin closes, so
+none outlives a killed test run.
 """
 
 from __future__ import annotations
@@ -108,3 +109,25 @@ def own_redis(tmp_path: Path) -> Iterator[RedisProcesses]:
         yield processes
     finally:
         processes.stop_all()
+
+
+@pytest.fixture(scope="session")
+def mock_profile_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small real profile (``kvferry profile --out``) of a mock at 5x speed, for ``kvferry
+    plan`` (with ``--simulate``) and its report section: made once per session, a few seconds."""
+    from kvferry.bench.profile.harness import run as run_profile
+    from kvferry.bench.profile.npz import write_profile
+    from kvferry.bench.profile.options import ProfileOptions
+    from kvferry.testing.mock_engine import MockServerProcess
+
+    out = tmp_path_factory.mktemp("simprofile")
+    with MockServerProcess.start(
+        "--speedup-ratio", "5", "--max-model-len", "2048", "--num-blocks", "512"
+    ) as source:
+        options = ProfileOptions(
+            url=source.url, granularity=3, concurrency_points=2, decode_osl=10, warmup_requests=1
+        )
+        report = run_profile(options)
+    assert report.prefill and report.decode and not report.aborted
+    write_profile(report, out)
+    return out

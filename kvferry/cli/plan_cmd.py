@@ -5,19 +5,20 @@ Parse flags -> read each ``--profile DIR`` -> :func:`kvferry.bench.profile.selec
 the choice per stage (or ``infeasible`` with the closest candidate and its miss) and the replica
 counts. With ``--simulate``: then :func:`kvferry.bench.profile.simulate.run` (fleets of mocks
 calibrated from the profile behind the router, with a live bar) -> the table of runs and the
-smallest fleet per routing mode. Exit status: 0; 1 with ``--strict`` when the SLA is infeasible
-(with ``--simulate``: when no fleet of any mode meets it); 2 for bad input.
+smallest fleet per routing mode. ``--json`` writes either as a result of tool ``plan`` (a
+:class:`~kvferry.bench.profile.simulate.SimulationReport`, without options or runs for the plain
+plan), which ``kvferry report`` gives its own section. Exit status: 0; 1 with ``--strict`` when
+the SLA is infeasible (with ``--simulate``: when no fleet of any mode meets it); 2 for bad input.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kvferry.bench.result import encode
 from kvferry.cli.common import live_progress
 from kvferry.cli.profile_cmd import EXIT_FAILED, add_plan_options, plan_from_args, print_plan
 from kvferry.errors import ConfigError
@@ -53,7 +54,8 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--json",
         default="",
         metavar="FILE",
-        help="write the plan (with --simulate: the simulation's result) as JSON (- stdout)",
+        help="write the result (tool plan: the plan, with --simulate the simulated fleets "
+        "too; kvferry report reads it) as JSON (- stdout)",
     )
     sim = p.add_argument_group("simulation (--simulate)")
     sim.add_argument(
@@ -99,18 +101,31 @@ def run(args: argparse.Namespace) -> int:
 
     if args.simulate:
         return _simulate(args)
+    from kvferry.bench.profile.simulate import SimulationReport
+
+    started = time.time()
     reports = [read_profile(d) for d in args.profile]
     names = [Path(d).name or d for d in args.profile]
     if len(set(names)) < len(names):
         names = list(args.profile)
     plan = plan_from_args(reports, args, names)
-    text = json.dumps({**encode(plan), "feasible": plan.feasible}, indent=2) + "\n"
+    # the same result model as --simulate's (no options, no runs), so kvferry report reads it
+    result = SimulationReport(
+        plan=plan,
+        profiles=list(args.profile),
+        profile_name=", ".join(names),
+        max_kv_tokens=reports[0].max_kv_tokens if len(reports) == 1 else 0,
+        max_context=reports[0].max_context if len(reports) == 1 else 0,
+        started_at=started,
+        ended_at=time.time(),
+        command=shlex.join(["kvferry", *getattr(args, "argv", [])]),
+    )
     if args.json == "-":
-        print(text, end="")
+        result.write("-")
     else:
         print_plan(output_console(), plan)
         if args.json:
-            Path(args.json).write_text(text)
+            result.write(args.json)
             print(f"json: {args.json}")
     return EXIT_FAILED if args.strict and not plan.feasible else 0
 
@@ -178,6 +193,8 @@ def simulation_table(report: SimulationReport, *, wide: bool = False) -> FitTabl
     from kvferry.bench.profile.simulate import num
 
     o = report.options
+    if o is None:
+        raise ValueError("simulation_table needs a simulated result (options is None)")
     table = FitTable(
         f"simulated fleets: {report.profile_name} at {o.request_rate:g} requests/s, ISL "
         f"{o.isl}, OSL {o.osl} ({report.speedup_ratio:g}x, {o.requests} requests each)",

@@ -38,7 +38,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "report",
         help="build one HTML page (and Markdown) from bench results",
         description="Read result files or run directories of any kvferry bench (transfer, "
-        "store, hitrate, serve, router, doctor, profile) and write one self-contained HTML "
+        "store, hitrate, serve, router, doctor, profile, plan) and write one self-contained HTML "
         "page: the setup, headline metrics with their definitions, a section per bench with "
         "its tables and figures, and findings with the evidence they follow from. In a "
         "directory, JSON files that are not kvferry results are skipped and listed. --compare "

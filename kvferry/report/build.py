@@ -5,8 +5,9 @@ it, then :func:`kvferry.report.html.write_html` and :func:`kvferry.report.markdo
 draw it). The document's sections, in order: headline metrics, setup, bottlenecks and
 recommendations, one section per bench kind present (a subsection per result), sources. Each
 bench's module (:mod:`.doctor`, :mod:`.transfer`, :mod:`.store`, :mod:`.hitrate`, :mod:`.serve`,
-:mod:`.router`, :mod:`.profile`) builds its subsections and headline numbers; this module only
-orders them. A comparison (``--compare``) is added by the caller with :func:`add_section`.
+:mod:`.router`, :mod:`.profile`, :mod:`.plan`) builds its subsections and headline numbers; this
+module only orders them. A comparison (``--compare``) is added by the caller with
+:func:`add_section`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from kvferry.report import (
     findings,
     fmt,
     hitrate,
+    plan,
     profile,
     router,
     serve,
@@ -102,6 +104,14 @@ BENCHES: dict[str, _Bench] = {
         "kvferry profile: TTFT against ISL (prefill) and ITL and throughput against KV usage "
         "and context (decode) of one engine, for SLA planning (kvferry plan).",
         profile,
+    ),
+    "plan": _Bench(
+        "SLA plan",
+        "plan",
+        "kvferry plan: the engine configuration and the fleet that meet a TTFT and ITL SLA at a "
+        "load, from a profile: interpolated (prefill and decode counted apart) and, with "
+        "--simulate, measured on fleets of mocks calibrated from the profile behind the router.",
+        plan,
     ),
     "tune": _Bench(
         "Tuning",

@@ -43,6 +43,9 @@ DPI = 100
 """Pixels per inch of the PNGs: a 9-inch figure is 900 px wide, sharp on a page of ~1000 px,
 and small enough that a report of dozens of figures stays a few megabytes."""
 
+_TOP_LEVEL = frozenset({"doctor", "profile", "plan", "tune"})
+"""Tools that are commands of their own (``kvferry plan``), not ``kvferry bench`` benches."""
+
 DECADE_SPAN = 10.0
 """An axis whose largest positive value is this many times its smallest goes logarithmic: on a
 linear axis the small values would sit flat on the floor."""
@@ -99,7 +102,8 @@ def identity(item: LoadedResult) -> list[str]:
         commit += " (uncommitted changes)"
     host = env.host or "host not recorded"
     started = fmt.utc(r.started_at) if r.started_at else "time not recorded"
-    return [f"kvferry bench {r.tool}, run {item.name}", f"{started} on {host}, {commit}"]
+    command = f"kvferry {r.tool}" if r.tool in _TOP_LEVEL else f"kvferry bench {r.tool}"
+    return [f"{command}, run {item.name}", f"{started} on {host}, {commit}"]
 
 
 def restamp(fig: MplFigure, lines: Sequence[str]) -> None:

@@ -20,7 +20,7 @@ from kvferry.bench.router.harness import RouterBenchReport
 from kvferry.bench.store.report import StoreBenchReport
 from kvferry.bench.transfer.cases import CaseResult
 from kvferry.bench.transfer.report import TransferBenchReport
-from kvferry.report import doctor, fmt
+from kvferry.report import doctor, fmt, plan
 from kvferry.report.hitrate import ceiling
 from kvferry.report.inputs import LoadedResult
 from kvferry.report.model import Candidate, Finding, Section
@@ -649,6 +649,7 @@ RULES: dict[str, Callable[[LoadedResult], Iterable[Finding]]] = {
     "hitrate": _hitrate,
     "serve": _serve,
     "router": _router,
+    "plan": plan.findings,
 }
 """The rules of each tool; a tool without rules gives no finding."""
 
@@ -725,7 +726,8 @@ def findings_section(found: Sequence[Finding]) -> Section:
         f"{fmt.pct(GOODPUT_FLOOR, 0)} of throughput; TTFT p50 up "
         f"{fmt.num(QUEUE_TTFT_GROWTH)}x across the loads while the last step adds < "
         f"{fmt.pct(QUEUE_THROUGHPUT_GAIN - 1, 0)} throughput; kv routing's TTFT not below "
-        "round-robin's; every doctor check that warned or failed. A config change a rule "
+        "round-robin's; an SLA no simulated fleet (or no profiled candidate) met; every doctor "
+        "check that warned or failed. A config change a rule "
         "suggests is listed with the command that measures it; kvferry advise --verify "
         "measures it and keeps only what helped."
     )

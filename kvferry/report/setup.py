@@ -23,8 +23,9 @@ from kvferry.report.model import Figure, Section, Table
 
 __all__ = ["command_of", "config_table", "setup_section", "sources_section"]
 
-CLIENT_TOOLS = frozenset({"serve", "router"})
-"""Benches that measure a server through its URL: they run under no kvferry config."""
+CLIENT_TOOLS = frozenset({"serve", "router", "profile", "plan"})
+"""Tools that measure a server through its URL (or, ``plan``, fleets of mocks and the router
+started as processes of their own): they run under no kvferry config."""
 
 MAX_RUN_NAMES = 8
 """Runs named in a machine's row at most; the rest are counted. A ``make run`` writes seven
@@ -182,8 +183,8 @@ def setup_section(items: Sequence[LoadedResult]) -> Section:
         intro += f" Every config key at its default: {'; '.join(all_default)}."
     if clients:
         intro += (
-            f" {_names(clients)}: no kvferry config (an endpoint bench measures a server "
-            "through its URL; what it sent is in its own section)."
+            f" {_names(clients)}: no kvferry config (they measure servers through their URLs; "
+            "what they sent is in their own sections)."
         )
     if tunes:
         intro += (

@@ -10,30 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from kvferry.bench.profile.harness import run as run_profile
-from kvferry.bench.profile.npz import write_profile
-from kvferry.bench.profile.options import ProfileOptions
 from kvferry.bench.profile.simulate import SimulationReport
 from kvferry.bench.result import load_result
 from kvferry.cli.main import main
-from kvferry.testing.mock_engine import MockServerProcess
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def profile_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("simprofile")
-    with MockServerProcess.start(
-        "--speedup-ratio", "5", "--max-model-len", "2048", "--num-blocks", "512"
-    ) as source:
-        options = ProfileOptions(
-            url=source.url, granularity=3, concurrency_points=2, decode_osl=10, warmup_requests=1
-        )
-        report = run_profile(options)
-    assert report.prefill and report.decode and not report.aborted
-    write_profile(report, out)
-    return out
+def profile_dir(mock_profile_dir: Path) -> Path:
+    """The session's real profile of a mock (tests/conftest.py)."""
+    return mock_profile_dir
 
 
 def _plan(profile: Path, *flags: str) -> list[str]:

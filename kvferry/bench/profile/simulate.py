@@ -3,7 +3,9 @@ fleets of 1, 2, ... ``max_instances`` mocks calibrated from the profile
 (:mod:`kvferry.serving.mock.calibrate`) behind ``kvferry serve router``, per routing mode, at
 the target load; the smallest fleet whose TTFT and ITL p50 meet the SLA.
 
-``SimulateOptions`` -> :func:`run` -> :class:`SimulationReport` (tool ``plan``). Each run is a
+``SimulateOptions`` -> :func:`run` -> :class:`SimulationReport` (tool ``plan``; ``kvferry plan``
+without ``--simulate`` writes one too, with no options and no runs, so the report reads both the
+same way). Each run is a
 fresh fleet (``kvferry serve mock --profile DIR --speedup-ratio S``, the profile's KV capacity
 and max context) and a fresh router, and ``kvferry bench serve``
 (:func:`kvferry.bench.endpoint.harness.run`) through it: ``requests`` requests of ``isl`` +
@@ -179,11 +181,16 @@ class SimRun:
 
 @dataclass(kw_only=True)
 class SimulationReport(BenchResult):
-    """Fleets of calibrated mocks at a load: which smallest one meets the SLA, per mode."""
+    """Fleets of calibrated mocks at a load: which smallest one meets the SLA, per mode; or
+    the analytic plan alone (``options`` None, no runs: ``kvferry plan`` without
+    ``--simulate``), so one tool's results have one class."""
 
     tool = "plan"
 
-    options: SimulateOptions
+    options: SimulateOptions | None = None
+    """The simulation's options; None when nothing was simulated (the plan alone)."""
+    profiles: list[str] = field(default_factory=list)
+    """The ``--profile`` directories the plan read, one per candidate."""
     speedup_ratio: float = 1.0
     """The speed-up the mocks ran at (``options.speedup_ratio`` or the automatic one)."""
     profile_name: str = ""
@@ -204,6 +211,8 @@ class SimulationReport(BenchResult):
     def lines(self) -> list[str]:
         """What the simulation concludes, per mode."""
         o = self.options
+        if o is None:
+            return []
         out = []
         for mode in o.modes:
             best = self.smallest(mode)
@@ -383,6 +392,7 @@ def run(
         )
     report = SimulationReport(
         options=options,
+        profiles=[options.profile],
         profile_name=Path(options.profile).name or options.profile,
         max_kv_tokens=source.max_kv_tokens,
         max_context=source.max_context,
