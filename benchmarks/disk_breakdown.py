@@ -45,7 +45,8 @@ def main() -> None:
     try:
         sources = []
         for _ in range(BATCH):
-            buf = mmap.mmap(-1, BLOCK)
+            # private memory, as fio's: shared anonymous pages come out scattered (disk_vs_fio.py)
+            buf = mmap.mmap(-1, BLOCK, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             buf.write(os.urandom(BLOCK))
             sources.append(memoryview(buf))
         keys = [i.to_bytes(8, "little") + b"breakdwn" for i in range(BLOCKS)]

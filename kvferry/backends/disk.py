@@ -142,7 +142,12 @@ def _byte_view(buf: Buffer, what: str) -> memoryview:
 
 
 class _Bounce:
-    """Page-aligned scratch buffers of one slot each, reused across I/Os (anonymous mmaps)."""
+    """Page-aligned scratch buffers of one slot each, reused across I/Os (anonymous mmaps).
+
+    Private mappings: ``mmap.mmap(-1, n)`` alone is MAP_SHARED (shmem), whose pages come out
+    scattered, and an O_DIRECT I/O over more scattered pages than the device takes segments
+    (virtio-blk: 254) is split into two device requests (~150 us more per 1 MiB read measured).
+    """
 
     def __init__(self, size: int) -> None:
         self.size = size
@@ -152,7 +157,7 @@ class _Bounce:
         try:
             return self._free.pop()  # deque.pop/append are atomic: no lock needed
         except IndexError:
-            return mmap.mmap(-1, self.size)
+            return mmap.mmap(-1, self.size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 
     def give(self, buf: mmap.mmap) -> None:
         self._free.append(buf)
