@@ -6,7 +6,10 @@ page-aligned buffers into fresh slots ("fill"), deletes them all, puts them agai
 slots ("write", the steady state), then gets them all back ("read", checking a sample of the
 bytes); fio runs sequential write and read with the same block size and ``iodepth`` = that value
 (one job, libaio): one pass over a new file (the reference for "fill") and time-based loops.
-GB is 1e9 bytes. Run it on the disk to measure (not a tmpfs)::
+GB is 1e9 bytes. The tier's buffers are slices of one huge-page region (:func:`region_buffers`
+says why), and each row shows the device requests per block of both sides (/proc/diskstats):
+a side above 1.0 had its I/Os split and is not doing the same I/O as the other. Run it on the
+disk to measure (not a tmpfs)::
 
     .venv/bin/python benchmarks/disk_vs_fio.py --threads 1,4
 """
@@ -22,6 +25,8 @@ import sys
 import tempfile
 import time
 
+import numpy as np
+
 from kvferry.backends.base import PutStatus, TierContext
 from kvferry.backends.disk import HEADER_BLOCK, DiskTier, align_up
 from kvferry.bench.fio import FioRw, fio_command, run_fio
@@ -33,18 +38,29 @@ def _key(i: int) -> bytes:
     return i.to_bytes(8, "little") + b"diskbnch"
 
 
-def private_buffers(count: int, block: int) -> list[memoryview]:
-    """``count`` page-aligned buffers of ``block`` bytes in private anonymous memory: the kind
-    fio's buffer is (malloc).
+def region_buffers(count: int, block: int) -> list[memoryview]:
+    """``count`` page-aligned buffers of ``block`` bytes cut from one private anonymous mapping
+    with transparent huge pages asked for, as a KV cache's blocks are slices of one large
+    allocation.
 
-    Why not ``mmap.mmap(-1, n)``: Python maps that MAP_SHARED, i.e. shmem, whose pages come out
-    scattered; an O_DIRECT I/O over more scattered pages than the device takes segments
+    Why: an O_DIRECT I/O over more physically scattered pages than the device takes segments
     (virtio-blk: 254) is split into two device requests, ~150-200 us more per 1 MiB read on the
-    VMs this was measured on (1.5-1.8 requests per block against 1.0 for private memory), so the
-    tier was measured against fio with other memory (req/block, printed below, shows it).
+    VMs this was measured on. Python's ``mmap.mmap(-1, n)`` is MAP_SHARED (shmem), whose pages
+    came out scattered in every run (1.5-1.8 requests per block); small private mappings in
+    about half the runs; huge pages never. fio's one malloc'd buffer mostly is not split: the
+    req/block column printed below shows the runs where either side was.
     """
-    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-    return [memoryview(mmap.mmap(-1, align_up(block), flags=flags))[:block] for _ in range(count)]
+    stride = align_up(block)
+    huge = 2 << 20
+    area = mmap.mmap(-1, count * stride + huge, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    view = memoryview(area)
+    start = (-int(np.frombuffer(view, dtype=np.uint8).ctypes.data)) % huge
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            area.madvise(mmap.MADV_HUGEPAGE, start, count * stride)
+        except OSError:
+            pass  # no transparent huge pages here: plain private pages
+    return [view[start + i * stride : start + i * stride + block] for i in range(count)]
 
 
 def device_reads_writes(directory: str) -> tuple[int, int] | None:
@@ -76,10 +92,10 @@ def bench_tier(
     )
     tier = DiskTier(config, TierContext(slot_size=block, label="bench"))
     try:
-        srcs = private_buffers(batch, block)
+        srcs = region_buffers(batch, block)
         for b, src in enumerate(srcs):  # distinct bytes per buffer
             src[:] = bytes([b % 251 + 1]) * block
-        outs = private_buffers(batch, block)
+        outs = region_buffers(batch, block)
         keys = [_key(i) for i in range(n)]
 
         reqs: dict[str, float] = {}

@@ -31,11 +31,11 @@ each one block after another (at most ``io_threads`` I/Os in flight, like fio's 
 while the calling thread does the checksums: a put's before each block's write is queued, a get's
 as each read completes, the readers going on to the next blocks meanwhile (a get returns only
 once every block it reports is verified). Checksumming in the I/O thread kept the disk idle for
-one pass over the payload per block, 30-40% of a 1 MiB read (``pread``/``pwrite`` and xxh3 of
-more than 64 KiB release the GIL). The header scan at open and wipes cut their jobs into up to
-``io_threads`` contiguous chunks, one done in the calling thread. A slot being read keeps a reader
-count; a deleted slot goes back to the free list only once its readers are gone, so a read never
-sees its slot reused.
+one pass over the payload per block (55-65 us per MiB just read, 10-15% of a 1 MiB read on the
+VMs measured; ``pread``/``pwrite`` and xxh3 of more than 64 KiB release the GIL). The header scan
+at open and wipes cut their jobs into up to ``io_threads`` contiguous chunks, one done in the
+calling thread. A slot being read keeps a reader count; a deleted slot goes back to the free list
+only once its readers are gone, so a read never sees its slot reused.
 
 ``O_DIRECT``: used when ``direct_io`` is set and a probe (open with ``O_DIRECT``, one aligned
 write and read in the directory) succeeds; otherwise buffered I/O, with one warning and
@@ -670,7 +670,7 @@ class DiskTier(Tier):
         pool threads write the ones already checksummed. A job's exception is its result.
 
         Why a pipeline: the checksum reads the whole payload from memory (~50-100 us per MiB
-        the CPU has not touched), which a thread that also writes adds to every block's
+        the CPU has not touched), which a thread that also wrote added to every block's
         syscall; here it overlaps with the writes, at most ``io_threads`` of them in flight.
         """
         n = len(jobs)
@@ -761,8 +761,8 @@ class DiskTier(Tier):
         exception is its result; every block is verified before this returns.
 
         Why a pipeline: a thread that read and then checksummed each block kept the disk idle
-        for the checksum (the whole payload read from memory the device just wrote, ~50-100
-        us per MiB); now a reader goes straight to its next block. Readers run ahead of the
+        for the checksum (the whole payload read from memory the device just wrote, 55-65 us
+        per MiB measured); now a reader goes straight to its next block. Readers run ahead of the
         verifier by at most ``_READ_AHEAD`` blocks per thread (each holds a bounce buffer).
         """
         n = len(jobs)
