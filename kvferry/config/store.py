@@ -195,7 +195,13 @@ class DiskTierConfig(ConfigModel):
     direct_io: bool = Field(
         True, description="O_DIRECT with aligned buffers where the filesystem supports it."
     )
-    io_threads: int = Field(4, ge=1, le=256, description="Threads doing disk reads and writes.")
+    io_threads: int = Field(
+        4,
+        ge=1,
+        le=256,
+        description="Threads doing disk reads and writes, at most one I/O in flight each (the "
+        "calling thread checksums the blocks meanwhile).",
+    )
     files: int = Field(1, ge=1, le=1024, description="Slot files the capacity is spread over.")
     force_capacity: bool = Field(
         False,
