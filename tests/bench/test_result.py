@@ -44,6 +44,7 @@ SCRIPT_OUTPUTS = {
     "disk_vs_fio_fill.json": "disk_vs_fio.py",
     "disk_vs_fio_fill_run2.json": "disk_vs_fio.py",
     "disk_vs_fio_issue27.json": "disk_vs_fio.py",
+    "disk_vs_fio_512k.json": "disk_vs_fio.py",
     "hitrate_bare_reference.json": "hitrate_speed.py",
     "hitrate_speed_conv_bare_stack.json": "hitrate_speed.py",
     "hitrate_speed_direct_bare.json": "hitrate_speed.py",
