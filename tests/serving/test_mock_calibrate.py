@@ -121,9 +121,7 @@ def test_prefill_points_are_fitted_by_their_median_and_decode_points_by_their_me
             {"isl": 100, "ttft_avg_ms": 30.0, "ttft_p50_ms": 10.0, "requests": 8},
             {"isl": 200, "ttft_avg_ms": 20.0, "requests": 8},  # an older profile: no median
         ],
-        "decode": [
-            {"isl": 100, "osl": 10, "concurrency": 2, "itl_avg_ms": 4.0, "itl_p50_ms": 3.0}
-        ],
+        "decode": [{"isl": 100, "osl": 10, "concurrency": 2, "itl_avg_ms": 4.0, "itl_p50_ms": 3.0}],
     }
     (tmp_path / "profile.json").write_text(json.dumps(points))
     read = read_sla_profile(tmp_path)
