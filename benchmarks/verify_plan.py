@@ -48,6 +48,7 @@ import numpy as np
 from kvferry.bench.endpoint import harness as endpoint
 from kvferry.bench.profile.fit import interp_1d, interp_at
 from kvferry.bench.profile.npz import read_profile
+from kvferry.bench.profile.report import ProfileReport
 from kvferry.bench.profile.simulate import SimulationReport
 from kvferry.bench.result import load_result
 from kvferry.bench.router.fleet import ServeProcess, router_stats
@@ -176,11 +177,10 @@ def held_out(profile_dir: Path) -> list[tuple[str, int, int, int]]:
     return out
 
 
-def interpolated(profile_dir: Path, stage: str, isl: int, osl: int, concurrency: int) -> float:
+def interpolated(r: ProfileReport, stage: str, isl: int, osl: int, concurrency: int) -> float:
     """What the profile's interpolation says at a held-out point: TTFT p50 (ms) linear between
     the measured ISLs; ITL p50 (ms) on the decode surface at that point's KV usage and context
     (``fit.interp_at``, what the planner reads)."""
-    r = read_profile(profile_dir)
     if stage == "prefill":
         return interp_1d([p.isl for p in r.prefill], [p.ttft_p50_ms for p in r.prefill], isl)
     usage = (isl + osl / 2) * concurrency / r.max_kv_tokens
@@ -296,13 +296,14 @@ def main() -> int:
                 for i, (_, isl, osl, c) in enumerate(points)
             ]
         result["held_out"] = []
+        report = read_profile(profile)
         print(
             f"{'stage':8} {'ISL':>6} {'conc':>4} {'metric':9} {'engine':>9} {'interp':>9} "
             f"{'error':>7} {'mock':>9} {'error':>7}"
         )
         for (stage, isl, osl, c), r, s in zip(points, real, sim, strict=True):
             key = "ttft_p50_ms" if stage == "prefill" else "itl_p50_ms"
-            guess = interpolated(profile, stage, isl, osl, c)
+            guess = interpolated(report, stage, isl, osl, c)
             result["held_out"].append(
                 {
                     "stage": stage,

@@ -209,18 +209,18 @@ class Netns:
         if bits_per_s < 0 or 0 < bits_per_s < 1_000_000:
             raise ValueError(f"a link rate is 0 (none) or at least 1 Mbit/s, got {bits_per_s}")
         ends = [
-            ["ip", "netns", "exec", self.name, "tc", "qdisc", "%s", "dev", self._device],
-            ["tc", "qdisc", "%s", "dev", self._host_device],
+            (["ip", "netns", "exec", self.name, "tc", "qdisc"], self._device),
+            (["tc", "qdisc"], self._host_device),
         ]
-        for argv in ends:
+        # The bucket holds 4 ms of the rate and at least 256 KiB: veth sends 64 KiB GSO packets,
+        # and a packet larger than the bucket would never pass.
+        burst = max(bits_per_s // 8 // 250, 256 << 10)
+        for tc, device in ends:
             if bits_per_s == 0:
-                _cmd([a if a != "%s" else "del" for a in argv] + ["root"], check=False)
+                _cmd([*tc, "del", "dev", device, "root"], check=False)
                 continue
-            # The bucket holds 4 ms of the rate and at least 256 KiB: veth sends 64 KiB GSO
-            # packets, and a packet larger than the bucket would never pass.
-            burst = max(bits_per_s // 8 // 250, 256 << 10)
-            shape = ["root", "tbf", "rate", f"{bits_per_s}bit", "burst", str(burst)]
-            _cmd([a if a != "%s" else "replace" for a in argv] + [*shape, "latency", "50ms"])
+            shape = ["tbf", "rate", f"{bits_per_s}bit", "burst", str(burst), "latency", "50ms"]
+            _cmd([*tc, "replace", "dev", device, "root", *shape])
 
 
 class NetLab:

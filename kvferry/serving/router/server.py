@@ -69,7 +69,7 @@ import json
 import logging
 import random
 import signal
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -455,19 +455,17 @@ class RouterServer:
         """
         if self._session is None:
             raise HttpError(503, "the router is shutting down")
-        rid = self._sent(worker, hashes, prompt_tokens, overlap)
         try:
-            async with self._session.post(
-                worker.url + http.path, data=raw, headers=self._upstream_headers
-            ) as upstream:
-                payload = await upstream.read()
-                status = upstream.status
+            with self._sent(worker, hashes, prompt_tokens, overlap):
+                async with self._session.post(
+                    worker.url + http.path, data=raw, headers=self._upstream_headers
+                ) as upstream:
+                    payload = await upstream.read()
+                    status = upstream.status
         except aiohttp.ClientConnectorError as e:
             raise _Failed(f"failed before answering: {describe_error(e)}", unreachable=True) from e
         except (aiohttp.ClientError, OSError, TimeoutError) as e:
             raise _Failed(f"failed: {describe_error(e)}") from e
-        finally:
-            self.load.finish(rid)
         text = " ".join(payload[:300].decode(errors="replace").split())
         if status >= 500:
             raise _Failed(f"answered {status}" + (f": {text}" if text else ""))
@@ -529,11 +527,12 @@ class RouterServer:
             )
         raise HttpError(502, f"the request failed on {len(failures)} workers{detail}")
 
+    @contextlib.contextmanager
     def _sent(
         self, worker: Worker, hashes: Sequence[bytes], prompt_tokens: int, overlap: int
-    ) -> int:
-        """Count a request sent to ``worker``, record its blocks as predicted there, and start
-        its load; its load id (``self.load.finish`` it)."""
+    ) -> Iterator[int]:
+        """While a request is at ``worker``: count it sent there, record its blocks as predicted
+        there, and hold its load; yields its load id (the load ends on leaving)."""
         stats = worker.stats
         stats.requests += 1
         stats.prompt_blocks += len(hashes)
@@ -543,7 +542,10 @@ class RouterServer:
         self.index.store(worker.url, hashes, until=now + ttl)
         rid = next(self._ids)
         self.load.start(rid, worker.url, hashes, prompt_tokens)
-        return rid
+        try:
+            yield rid
+        finally:
+            self.load.finish(rid)
 
     async def _forward(
         self,
@@ -559,11 +561,8 @@ class RouterServer:
         Raises:
             _Failed: the worker failed before its response started (retry elsewhere).
         """
-        rid = self._sent(worker, hashes, prompt_tokens, overlap)
-        try:
+        with self._sent(worker, hashes, prompt_tokens, overlap) as rid:
             return await self._proxy(http, worker, raw, rid)
-        finally:
-            self.load.finish(rid)
 
     async def _proxy(
         self, http: web.Request, worker: Worker, raw: bytes, rid: int
